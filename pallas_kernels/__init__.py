@@ -1,0 +1,13 @@
+"""Pallas GPU kernels for Chipmunk, each beside its pure-jnp reference twin.
+
+Imports nothing from the rest of chipmunk_jax (data flows ports -> models -> chipmunk_jax -> here).
+"""
+
+from chipmunk_jax.pallas_kernels.attention import (
+    column_sparse_attention,
+    dense_attention,
+    dense_attention_colsum,
+)
+from chipmunk_jax.pallas_kernels.mlp import sparse_mlp_delta
+
+__all__ = ["dense_attention", "dense_attention_colsum", "column_sparse_attention", "sparse_mlp_delta"]

@@ -1,0 +1,150 @@
+"""Public attention ops: dense (+LSE), dense + column sums, gathered column-sparse attention.
+
+Each op validates its inputs, then dispatches on ``impl``:
+  None         -> "pallas" on GPU, "reference" elsewhere
+  "pallas"     -> the Pallas-Triton kernel, compiled
+  "interpret"  -> the same Pallas kernel in interpret mode (CPU tests)
+  "reference"  -> the pure-jnp twin in attention_reference.py
+q, k, v are [batch, seq, heads, head_dim]; statistics are [batch, heads, ...] float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from chipmunk_jax.pallas_kernels import attention_reference as ref
+
+__all__ = ["dense_attention", "dense_attention_colsum", "column_sparse_attention", "resolve_impl"]
+
+IMPLS = ("pallas", "interpret", "reference")
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def resolve_impl(impl: str | None) -> str:
+    if impl is None:
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    return impl
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"q {q.shape} and k {k.shape} must agree on batch, heads and head_dim ([B, N, H, D] layout)"
+        )
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
+
+
+def _scale(scale, head_dim):
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _check_group_size(group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+
+
+def dense_attention(q, k, v, *, scale: float | None = None, impl: str | None = None):
+    """Dense attention. Returns (o like q, lse [B, H, N_q] float32, natural log)."""
+    _check_qkv(q, k, v)
+    impl = resolve_impl(impl)
+    scale = _scale(scale, q.shape[-1])
+    if impl == "reference":
+        return ref.dense_attention_reference(q, k, v, scale=scale)
+    from chipmunk_jax.pallas_kernels import attention_pallas
+
+    return attention_pallas.dense_attention(q, k, v, scale=scale, interpret=impl == "interpret")
+
+
+def dense_attention_colsum(
+    q, k, v, prev_lse, *, group_size: int = 192, scale: float | None = None, impl: str | None = None
+):
+    """Dense attention plus column sums with the previous LSE (SPEC §1.4).
+
+    Returns (o, lse [B, H, N_q] f32, colsum [B, H, ceil(N_q/group_size), N_k] f32).
+    """
+    _check_qkv(q, k, v)
+    _check_group_size(group_size)
+    b, nq, h, _ = q.shape
+    if getattr(prev_lse, "shape", None) != (b, h, nq):
+        raise ValueError(f"prev_lse must have shape [B, H, N_q] = {(b, h, nq)}, got {getattr(prev_lse, 'shape', None)}")
+    if prev_lse.dtype != jnp.float32:
+        raise TypeError(f"prev_lse must be float32, got {prev_lse.dtype}")
+    impl = resolve_impl(impl)
+    scale = _scale(scale, q.shape[-1])
+    if impl == "reference":
+        return ref.dense_attention_colsum_reference(q, k, v, prev_lse, group_size=group_size, scale=scale)
+    from chipmunk_jax.pallas_kernels import attention_pallas
+
+    return attention_pallas.dense_attention_colsum(
+        q, k, v, prev_lse, group_size=group_size, scale=scale, interpret=impl == "interpret"
+    )
+
+
+def column_sparse_attention(
+    q,
+    k,
+    v,
+    indices,
+    counts,
+    *,
+    group_size: int = 192,
+    scale: float | None = None,
+    base=None,
+    sign: int = 1,
+    impl: str | None = None,
+):
+    """Each query group attends only to its gathered keys indices[b, h, g, :counts[b, h, g]].
+
+    indices [B, H, G, K] int32 with entries in [0, N_k); counts [B, H, G] int32 in [0, K];
+    G = ceil(N_q / group_size). Rows of a group with count 0 give 0. With ``base`` (like q) the
+    result is base + sign * attention, written in place when ``base`` is donated.
+    """
+    _check_qkv(q, k, v)
+    _check_group_size(group_size)
+    b, nq, h, _ = q.shape
+    groups = -(-nq // group_size)
+    if getattr(indices, "ndim", None) != 4 or indices.shape[:3] != (b, h, groups):
+        raise ValueError(
+            f"indices must have shape [B, H, G, K] with (B, H, G) = {(b, h, groups)}, "
+            f"got {getattr(indices, 'shape', None)}"
+        )
+    if indices.dtype != jnp.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    if getattr(counts, "shape", None) != (b, h, groups):
+        raise ValueError(f"counts must have shape [B, H, G] = {(b, h, groups)}, got {getattr(counts, 'shape', None)}")
+    if counts.dtype != jnp.int32:
+        raise TypeError(f"counts must be int32, got {counts.dtype}")
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+    if base is not None:
+        if base.shape != q.shape:
+            raise ValueError(f"base must have the shape of q {q.shape}, got {base.shape}")
+        if base.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"base must be a float array, got {base.dtype}")
+    impl = resolve_impl(impl)
+    scale = _scale(scale, q.shape[-1])
+    if impl == "reference":
+        return ref.column_sparse_attention_reference(
+            q, k, v, indices, counts, group_size=group_size, scale=scale, base=base, sign=sign
+        )
+    from chipmunk_jax.pallas_kernels import attention_pallas
+
+    return attention_pallas.column_sparse_attention(
+        q, k, v, indices, counts, group_size=group_size, scale=scale, base=base, sign=sign,
+        interpret=impl == "interpret",
+    )

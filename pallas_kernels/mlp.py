@@ -1,0 +1,65 @@
+"""Public sparse-delta MLP op (SPEC §2.2) with the same ``impl`` switch as the attention ops."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from chipmunk_jax.pallas_kernels import mlp_reference as ref
+from chipmunk_jax.pallas_kernels.attention import resolve_impl
+
+__all__ = ["sparse_mlp_delta"]
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size):
+    for name, arr, ndim in (
+        ("x", x, 3), ("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2),
+        ("act_cache", act_cache, 3), ("out_cache", out_cache, 3),
+    ):
+        if getattr(arr, "ndim", None) != ndim:
+            raise ValueError(f"{name} must have rank {ndim}, got shape {getattr(arr, 'shape', None)}")
+        if arr.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float array, got {arr.dtype}")
+    b, n, c = x.shape
+    f = w1.shape[1]
+    c_out = w2.shape[1]
+    if w1.shape[0] != c:
+        raise ValueError(f"w1 must be [C, F] with C = {c} (x's features), got {w1.shape}")
+    if b1.shape != (f,):
+        raise ValueError(f"b1 must have shape ({f},), got {b1.shape}")
+    if w2.shape[0] != f:
+        raise ValueError(f"w2 must be [F, C_out] with F = {f}, got {w2.shape}")
+    if act_cache.shape != (b, f, n):
+        raise ValueError(f"act_cache must be [B, F, N] = {(b, f, n)} (feature-major), got {act_cache.shape}")
+    if out_cache.shape != (b, n, c_out):
+        raise ValueError(f"out_cache must be [B, N, C_out] = {(b, n, c_out)}, got {out_cache.shape}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    nb = -(-n // block_size)
+    if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != (b, nb):
+        raise ValueError(f"indices must be [B, NB, K] with (B, NB) = {(b, nb)}, got {getattr(indices, 'shape', None)}")
+    if indices.dtype != jnp.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    if getattr(counts, "shape", None) != (b, nb):
+        raise ValueError(f"counts must be [B, NB] = {(b, nb)}, got {getattr(counts, 'shape', None)}")
+    if counts.dtype != jnp.int32:
+        raise TypeError(f"counts must be int32, got {counts.dtype}")
+
+
+def sparse_mlp_delta(
+    x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128, impl: str | None = None
+):
+    """Sparse MLP delta step; returns the updated (act_cache, out_cache). See mlp_reference."""
+    _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size)
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return ref.sparse_mlp_delta_reference(
+            x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size
+        )
+    from chipmunk_jax.pallas_kernels import mlp_pallas
+
+    return mlp_pallas.sparse_mlp_delta(
+        x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
+        interpret=impl == "interpret",
+    )
