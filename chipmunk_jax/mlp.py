@@ -1,0 +1,172 @@
+"""Sparse-delta MLP (SPEC §2): fc1 -> GELU(tanh) -> fc2 with activation and output caches.
+
+    full step:   A = gelu(x W1 + b1);  Y = A W2 + b2;  caches <- A (feature-major), Y, block means
+    sparse step: per 128-token row block m, features S_m with the largest |fc1(mean x_m) - cached|
+                 A[f, i] <- gelu(x_i W1[:, f] + b1[f]) for f in S_m; Y += (A_new - A_old) W2[S_m]
+
+Invariant after any step: out_cache == act_cache^T W2 + b2 (up to rounding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from chipmunk_jax import selection
+from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.pallas_kernels import mlp as kernels
+from chipmunk_jax.pallas_kernels.mlp_reference import gelu_tanh
+from chipmunk_jax.schedule import MLPStep
+
+__all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@struct.dataclass
+class MLPWeights:
+    """w1 [C, F], b1 [F], w2 [F, C_out], b2 [C_out] or None (FLUX single blocks add the shared
+    proj_out bias once, with the attention half, instead of twice as the original; SPEC §10.2)."""
+
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    b2: jax.Array | None = None
+
+
+@struct.dataclass
+class MLPCache:
+    """Cache of one MLP layer.
+
+    act_cache:       [B, F, N] post-activation cache, feature-major (a feature gather is a row gather).
+    out_cache:       [B, N, C_out] output cache (b2 included).
+    blockmean_cache: [B, NB, F] f32 block means of the pre-activation, the selection baseline.
+    indices:         [B, NB, F] int32 feature sets per row block; counts [B, NB] int32.
+    """
+
+    act_cache: jax.Array
+    out_cache: jax.Array
+    blockmean_cache: jax.Array
+    indices: jax.Array
+    counts: jax.Array
+
+
+def init_mlp_cache(
+    config: ChipmunkConfig,
+    *,
+    batch: int,
+    seq_len: int,
+    in_features: int,
+    hidden_features: int,
+    out_features: int,
+    dtype=jnp.bfloat16,
+) -> MLPCache:
+    del in_features  # part of the signature so call sites read like the layer they cache
+    for name, value in (
+        ("batch", batch), ("seq_len", seq_len), ("hidden_features", hidden_features), ("out_features", out_features)
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    nb = -(-seq_len // config.mlp.block_size)
+    return MLPCache(
+        act_cache=jnp.zeros((batch, hidden_features, seq_len), dtype),
+        out_cache=jnp.zeros((batch, seq_len, out_features), dtype),
+        blockmean_cache=jnp.zeros((batch, nb, hidden_features), jnp.float32),
+        indices=jnp.zeros((batch, nb, hidden_features), jnp.int32),
+        counts=jnp.zeros((batch, nb), jnp.int32),
+    )
+
+
+def _matmul(x, w):
+    return jnp.einsum("...c,cf->...f", x, w, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def _bias(weights: MLPWeights, width: int):
+    return jnp.zeros((width,), jnp.float32) if weights.b2 is None else weights.b2.astype(jnp.float32)
+
+
+def dense_mlp(x, weights: MLPWeights):
+    """gelu_tanh(x W1 + b1) W2 + b2 with f32 accumulation; returns x's dtype."""
+    a = gelu_tanh(_matmul(x, weights.w1) + weights.b1.astype(jnp.float32))
+    y = _matmul(a.astype(x.dtype), weights.w2) + _bias(weights, weights.w2.shape[1])
+    return y.astype(x.dtype)
+
+
+def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfig):
+    if not isinstance(config, ChipmunkConfig):
+        raise TypeError(f"config must be a ChipmunkConfig, got {type(config).__name__}")
+    if not isinstance(weights, MLPWeights):
+        raise TypeError(f"weights must be MLPWeights, got {type(weights).__name__}")
+    if not isinstance(cache, MLPCache):
+        raise TypeError(f"cache must be an MLPCache, got {type(cache).__name__}")
+    kernels._check_mlp_args(
+        x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, cache.indices, cache.counts,
+        config.mlp.block_size,
+    )
+    if weights.b2 is not None and weights.b2.shape != (weights.w2.shape[1],):
+        raise ValueError(f"b2 must have shape ({weights.w2.shape[1]},), got {weights.b2.shape}")
+    expected = cache.indices.shape
+    if cache.blockmean_cache.shape != expected:
+        raise ValueError(f"cache.blockmean_cache has shape {cache.blockmean_cache.shape}, expected {expected}")
+
+
+def _block_preactivation(x, weights: MLPWeights, block_size: int):
+    """fc1 of each row block's mean token (== block mean of fc1(x), by linearity), f32."""
+    return _matmul(selection.block_mean(x, block_size), weights.w1.astype(jnp.float32)) + weights.b1.astype(
+        jnp.float32
+    )
+
+
+def sparse_delta_mlp(
+    x, weights: MLPWeights, cache: MLPCache, step_kind, config: ChipmunkConfig, *, key=None, impl: str | None = None
+):
+    """One Chipmunk MLP call. x: [B, N, C]. step_kind: an MLPStep (static) or a traced int32.
+
+    key: PRNG key for the random features (mlp.random_keys > 0) on steps that re-select.
+    Returns (y [B, N, C_out] in x's dtype, new cache).
+    """
+    _check_inputs(x, weights, cache, config)
+    m = config.mlp
+
+    def always_dense(cache):
+        return dense_mlp(x, weights), cache
+
+    def dense(cache):
+        a = gelu_tanh(_matmul(x, weights.w1) + weights.b1.astype(jnp.float32))
+        y = _matmul(a.astype(x.dtype), weights.w2) + _bias(weights, weights.w2.shape[1])
+        new = cache.replace(
+            act_cache=jnp.swapaxes(a, 1, 2).astype(cache.act_cache.dtype),
+            out_cache=y.astype(cache.out_cache.dtype),
+            blockmean_cache=_block_preactivation(x, weights, m.block_size),
+        )
+        return y.astype(x.dtype), new
+
+    def delta(cache, indices, counts):
+        act, out = kernels.sparse_mlp_delta(
+            x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, indices, counts,
+            block_size=m.block_size, impl=impl,
+        )
+        return out.astype(x.dtype), cache.replace(act_cache=act, out_cache=out, indices=indices, counts=counts)
+
+    def sparse_select(cache):
+        z_blocks = _block_preactivation(x, weights, m.block_size)
+        scores = jnp.abs(z_blocks - cache.blockmean_cache)
+        indices, counts = selection.select_mlp_features(
+            scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key
+        )
+        recomputed = selection.indices_to_mask(indices, counts, scores.shape[-1])
+        cache = cache.replace(blockmean_cache=jnp.where(recomputed, z_blocks, cache.blockmean_cache))
+        return delta(cache, indices, counts)
+
+    def sparse_reuse(cache):
+        return delta(cache, cache.indices, cache.counts)
+
+    branches = (always_dense, dense, sparse_select, sparse_reuse)
+    if isinstance(step_kind, (int, np.integer)):
+        return branches[MLPStep(int(step_kind))](cache)
+    step_kind = jnp.asarray(step_kind)
+    if step_kind.shape != () or not jnp.issubdtype(step_kind.dtype, jnp.integer):
+        raise TypeError(f"step_kind must be an MLPStep or a scalar integer array, got {step_kind!r}")
+    return jax.lax.switch(step_kind, branches, cache)

@@ -1,0 +1,77 @@
+import dataclasses
+
+import pytest
+
+from chipmunk_jax import config as C
+
+
+def test_presets_match_spec_section_5():
+    flux = C.flux()
+    assert flux.attention.top_keys == 0.165 and not flux.attention.recompute_mask
+    assert not flux.attention.compress_indices and flux.attention.counts_multiple_of == 112
+    assert flux.mlp.enabled and flux.mlp.top_keys == 0.3 and flux.mlp.random_keys == 0.05
+    assert flux.reorder.kind == "tiles" and not flux.step_cache.enabled
+    hy = C.hunyuan_video()
+    assert hy.attention.full_step_schedule == (0, 1, 10, 40) and hy.attention.top_keys == 0.05
+    assert hy.attention.compress_indices and not hy.mlp.enabled and hy.step_cache.enabled
+    assert hy.reorder.kind == "voxels" and hy.reorder.voxel == (4, 6, 8)
+    wan = C.wan()
+    assert wan.attention.local_voxels == 5 and wan.attention.top_keys == 0.10
+    assert wan.invocations_per_step == 2 and wan.step_cache.enabled
+    assert len(C.DEFAULT_SKIP_STEP_SCHEDULE) == 25
+
+
+@pytest.mark.parametrize("preset", sorted(C.PRESETS))
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_save_load_round_trip(tmp_path, preset, suffix):
+    cfg = C.PRESETS[preset]()
+    path = tmp_path / f"cfg{suffix}"
+    cfg.save(path)
+    assert C.ChipmunkConfig.load(path) == cfg
+    assert hash(C.ChipmunkConfig.load(path)) == hash(cfg)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_replace_nested():
+    cfg = C.flux().replace(attention__top_keys=1.0, mlp__top_keys=1.0, num_steps=10)
+    assert cfg.attention.top_keys == 1.0 and cfg.mlp.top_keys == 1.0 and cfg.num_steps == 10
+    assert cfg.attention.counts_multiple_of == 112
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(top_keys=1.5)), "attention.top_keys"),
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(random_keys=-0.1)), "attention.random_keys"),
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(group_size=100)), "group_size must be a multiple of 64"),
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(full_step_schedule=(0, 10, 40))), "must contain steps 0 and 1"),
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(full_step_schedule=(1, 0))), "sorted"),
+        (lambda: C.ChipmunkConfig(attention=C.AttentionConfig(full_step_every=0)), "full_step_every"),
+        (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(top_keys=2.0)), "mlp.top_keys"),
+        (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(block_size=96)), "block_size must be a multiple of 64"),
+        (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(counts_multiple_of=0)), "counts_multiple_of"),
+        (lambda: C.ChipmunkConfig(step_cache=C.StepCacheConfig(skip_step_schedule=(0, 3))), "cannot skip step 0"),
+        (lambda: C.ChipmunkConfig(reorder=C.ReorderConfig(kind="spiral")), "reorder.kind"),
+        (lambda: C.ChipmunkConfig(reorder=C.ReorderConfig(tile=8, subtile=3)), "multiple of reorder.subtile"),
+        (lambda: C.ChipmunkConfig(num_steps=0), "num_steps"),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_wrong_section_type_and_unknown_keys():
+    with pytest.raises(TypeError, match="attention must be a AttentionConfig"):
+        C.ChipmunkConfig(attention={"top_keys": 0.1})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        C.ChipmunkConfig.from_dict({"atention": {}})
+    with pytest.raises(ValueError, match="unknown keys in config section 'mlp'"):
+        C.ChipmunkConfig.from_dict({"mlp": {"topkeys": 0.1}})
+    with pytest.raises(ValueError, match="must end in"):
+        C.flux().save("/tmp/cfg.txt")
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        C.flux().num_steps = 3
