@@ -1,0 +1,401 @@
+"""Pallas-Triton attention kernels: dense (+LSE), dense + fused column sums, gathered column-sparse.
+
+Semantics are defined by attention_reference.py; the public op API (validation, impl switch) is
+attention.py. Layout: q, k, v stay [batch, seq, heads, head_dim]; every kernel reads them in place
+through whole-sequence blocks per (batch, head) (a pointer plus strides on the GPU), so the wrapper
+never transposes or pads. Edge rows are handled with masked loads/stores (jax 0.11.2's Triton lowering
+does not mask edge blocks itself), key positions >= N are masked to -inf.
+
+Triton rules honoured here (DESIGN.md §3): every in-kernel array has a power-of-2 size, so a
+192-query group is processed as sub-tiles of ``block_q`` (64) rows that share every K/V chunk they
+load; no scalar prefetch (counts and indices are ordinary inputs, the loop bound is read in the
+kernel); static grids; f32 inputs use precision=HIGHEST dots (TF32 otherwise).
+
+Grids put the query-block / query-group axis first (fastest varying in launch order), so the
+programs in flight at any time work on the same (batch, head) and share its K/V in L2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = [
+    "DenseConfig",
+    "SparseConfig",
+    "dense_attention",
+    "dense_attention_colsum",
+    "column_sparse_attention",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+    """Tiling of the dense kernels.
+
+    Each program owns ``n_sub`` sub-tiles of ``block_q`` query rows (for the colsum kernel: one
+    query group, ``n_sub = ceil(group_size / block_q)``, the field is then ignored) and loops over
+    keys in blocks of ``block_k``.
+    """
+
+    block_q: int = 128
+    n_sub: int = 1
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """Tiling of the gathered sparse kernel.
+
+    A query group is split into ``ceil(group_size / block_q)`` sub-tiles of ``block_q`` rows; they are
+    shared out over ``programs_per_group`` programs (1: one program holds all sub-tiles and gathers
+    each K/V chunk once; 3 for 192/64: one 64-row program per sub-tile, each gathering the chunk).
+    Keys are gathered ``chunk`` at a time.
+    """
+
+    block_q: int = 64
+    programs_per_group: int = 1
+    chunk: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_DENSE = DenseConfig()
+DEFAULT_COLSUM = DenseConfig(block_q=64, block_k=64, num_warps=8, num_stages=2)
+DEFAULT_SPARSE = SparseConfig()
+
+# Every configuration the benchmarks / production may use: the lowering tests cover all of these.
+PRODUCTION_DENSE_CONFIGS = (
+    DEFAULT_DENSE,
+    DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=2),
+    DenseConfig(block_q=64, n_sub=2, block_k=64, num_warps=4, num_stages=3),
+)
+PRODUCTION_COLSUM_CONFIGS = (
+    DEFAULT_COLSUM,
+    DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
+    DenseConfig(block_q=64, block_k=128, num_warps=8, num_stages=2),
+)
+PRODUCTION_SPARSE_CONFIGS = (
+    DEFAULT_SPARSE,
+    SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=8, num_stages=2),
+    SparseConfig(block_q=64, programs_per_group=3, chunk=64, num_warps=4, num_stages=3),
+    SparseConfig(block_q=64, programs_per_group=3, chunk=128, num_warps=4, num_stages=2),
+    SparseConfig(block_q=64, programs_per_group=1, chunk=32, num_warps=4, num_stages=3),
+)
+
+
+def _pow2(x: int) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def _check_head_dim(d: int):
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} is not supported by the Pallas kernels; supported: {SUPPORTED_HEAD_DIMS}")
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _sub_rows(group_size: int, block_q: int) -> tuple[int, int]:
+    """Sub-tile height for a query group and the number of sub-tiles (power-of-2 heights >= 16)."""
+    bq = min(block_q, max(16, pl.next_power_of_2(group_size)))
+    return bq, -(-group_size // bq)
+
+
+def _bh_index(num_heads):
+    """Index map (program, bh) -> block of a [B, N, H, D] array holding one whole (b, h) slice."""
+    return lambda i, bh: (bh // num_heads, 0, bh % num_heads, 0)
+
+
+def _online_update(qk2, v, carry, precision):
+    """One flash-attention step for one sub-tile. qk2: logits in log2 units (masked = -inf)."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(qk2, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(qk2 - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+    return (acc, m_new, l), p
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense (+ colsum)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, group_size, colsum, precision):
+    if colsum:
+        plse_ref, o_ref, lse_ref, cs_ref = refs
+    else:
+        o_ref, lse_ref = refs
+    pid = pl.program_id(0)
+    d = q_ref.shape[-1]
+    if colsum:
+        row0 = pid * group_size
+        row_end = jnp.minimum(row0 + group_size, nq)
+    else:
+        row0 = pid * (bq * n_sub)
+        row_end = nq
+    scale2 = scale * _LOG2E
+
+    starts, oks, qs, plse2 = [], [], [], []
+    for s in range(n_sub):
+        start = row0 + s * bq
+        ok = (start + jnp.arange(bq)) < row_end
+        starts.append(start)
+        oks.append(ok)
+        qs.append(plgpu.load(q_ref.at[pl.ds(start, bq), :], mask=ok[:, None], other=0.0))
+        if colsum:
+            pls = plgpu.load(plse_ref.at[pl.ds(start, bq)], mask=ok, other=float("inf"))
+            plse2.append(pls * _LOG2E)
+
+    def step(kb, carry, masked):
+        kstart = kb * bk
+        kcols = kstart + jnp.arange(bk)
+        if masked:
+            kok = kcols < nk
+            k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+        else:
+            k = k_ref[pl.ds(kstart, bk), :]
+            v = v_ref[pl.ds(kstart, bk), :]
+        new = []
+        csum = None
+        for s in range(n_sub):
+            qk2 = plgpu.dot(qs[s], k, trans_b=True, precision=precision) * scale2
+            if masked:
+                qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
+            c, p = _online_update(qk2, v, carry[s], precision)
+            new.append(c)
+            if colsum:
+                # exp(scale s - prev_lse) = p * exp2(m_new - prev_lse2); rows outside the group: 0.
+                r = jnp.exp2(c[1] - plse2[s])
+                part = jnp.sum(p * r[:, None], axis=0)
+                csum = part if csum is None else csum + part
+        if colsum:
+            if masked:
+                plgpu.store(cs_ref.at[pid, pl.ds(kstart, bk)], csum, mask=kok)
+            else:
+                cs_ref[pid, pl.ds(kstart, bk)] = csum
+        return tuple(new)
+
+    init = tuple(
+        (
+            jnp.zeros((bq, d), jnp.float32),
+            jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+        )
+        for _ in range(n_sub)
+    )
+    n_full, tail = divmod(nk, bk)
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    if tail:  # a one-trip loop keeps the start index traced (static slices are bounds-checked)
+        carry = lax.fori_loop(n_full, n_full + 1, functools.partial(step, masked=True), carry)
+
+    for s in range(n_sub):
+        acc, m, l = carry[s]
+        o = acc / l[:, None]
+        plgpu.store(o_ref.at[pl.ds(starts[s], bq), :], o.astype(o_ref.dtype), mask=oks[s][:, None])
+        plgpu.store(lse_ref.at[pl.ds(starts[s], bq)], (m + jnp.log2(l)) * _LN2, mask=oks[s])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "group_size", "colsum", "interpret", "config"))
+def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, config):
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    _check_head_dim(d)
+    bk = config.block_k
+    if colsum:
+        bq, n_sub = _sub_rows(group_size, config.block_q)
+        n_prog = -(-nq // group_size)
+    else:
+        bq, n_sub = config.block_q, config.n_sub
+        n_prog = -(-nq // (bq * n_sub))
+    assert _pow2(bq) and _pow2(bk), (bq, bk)
+    kernel = functools.partial(
+        _dense_kernel, scale=scale, nq=nq, nk=nk, bq=bq, n_sub=n_sub, bk=bk,
+        group_size=group_size, colsum=colsum, precision=_precision(q.dtype),
+    )
+    bh_map = _bh_index(h)
+    in_specs = [
+        pl.BlockSpec((None, nq, None, d), bh_map),
+        pl.BlockSpec((None, nk, None, d), bh_map),
+        pl.BlockSpec((None, nk, None, d), bh_map),
+    ]
+    stat_spec = pl.BlockSpec((None, None, nq), lambda i, bh: (bh // h, bh % h, 0))
+    out_shape = [q, jax.ShapeDtypeStruct((b, h, nq), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, nq, None, d), bh_map), stat_spec]
+    args = [q, k, v]
+    if colsum:
+        in_specs.append(stat_spec)
+        args.append(prev_lse)
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n_prog, nk), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, n_prog, nk), lambda i, bh: (bh // h, bh % h, 0, 0)))
+    return pl.pallas_call(
+        kernel,
+        grid=(n_prog, b * h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="chipmunk_dense_colsum" if colsum else "chipmunk_dense",
+    )(*args)
+
+
+def dense_attention(q, k, v, *, scale: float, interpret: bool = False, config: DenseConfig | None = None):
+    o, lse = _dense_call(
+        q, k, v, None, scale=scale, group_size=1, colsum=False, interpret=interpret,
+        config=config or DEFAULT_DENSE,
+    )
+    return o, lse
+
+
+def dense_attention_colsum(
+    q, k, v, prev_lse, *, group_size: int, scale: float, interpret: bool = False, config: DenseConfig | None = None
+):
+    o, lse, cs = _dense_call(
+        q, k, v, prev_lse, scale=scale, group_size=group_size, colsum=True, interpret=interpret,
+        config=config or DEFAULT_COLSUM,
+    )
+    return o, lse, cs
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathered column-sparse attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, group_size, bq, n_sub, ppg,
+                   chunk, has_base, sign, precision):
+    if has_base:
+        base_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    pid = pl.program_id(0)
+    g = pid // ppg if ppg > 1 else pid
+    part = pid % ppg if ppg > 1 else 0
+    d = q_ref.shape[-1]
+    row0 = g * group_size + part * (n_sub * bq)
+    row_end = jnp.minimum(g * group_size + group_size, nq)
+    count = cnt_ref[g]
+    scale2 = scale * _LOG2E
+
+    starts, oks, qs = [], [], []
+    for s in range(n_sub):
+        start = row0 + s * bq
+        ok = (start + jnp.arange(bq)) < row_end
+        starts.append(start)
+        oks.append(ok)
+        qs.append(plgpu.load(q_ref.at[pl.ds(start, bq), :], mask=ok[:, None], other=0.0))
+
+    def step(c, carry, masked):
+        j = c * chunk + jnp.arange(chunk)
+        if masked:
+            jok = j < count
+            ids = plgpu.load(idx_ref.at[pl.ds(c * chunk, chunk)], mask=jok, other=0)
+        else:
+            ids = idx_ref[pl.ds(c * chunk, chunk)]
+        k = k_ref[ids, :]
+        v = v_ref[ids, :]
+        new = []
+        for s in range(n_sub):
+            qk2 = plgpu.dot(qs[s], k, trans_b=True, precision=precision) * scale2
+            if masked:
+                qk2 = jnp.where(jok[None, :], qk2, -jnp.inf)
+            cs, _ = _online_update(qk2, v, carry[s], precision)
+            new.append(cs)
+        return tuple(new)
+
+    init = tuple(
+        (
+            jnp.zeros((bq, d), jnp.float32),
+            jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+        )
+        for _ in range(n_sub)
+    )
+    n_full = lax.div(count, chunk)
+    n_all = lax.div(count + (chunk - 1), chunk)
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+
+    for s in range(n_sub):
+        acc, _, l = carry[s]
+        o = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        rows = pl.ds(starts[s], bq)
+        if has_base:
+            base = plgpu.load(base_ref.at[rows, :], mask=oks[s][:, None], other=0.0).astype(jnp.float32)
+            o = base + o if sign == 1 else base - o
+        plgpu.store(o_ref.at[rows, :], o.astype(o_ref.dtype), mask=oks[s][:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "scale", "sign", "interpret", "config"))
+def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, interpret, config):
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    _check_head_dim(d)
+    groups, kmax = indices.shape[2], indices.shape[3]
+    bq, n_sub_total = _sub_rows(group_size, config.block_q)
+    ppg = config.programs_per_group
+    if n_sub_total % ppg:
+        ppg = 1
+    n_sub = n_sub_total // ppg
+    chunk = config.chunk
+    assert _pow2(bq) and _pow2(chunk), (bq, chunk)
+    has_base = base is not None
+    kernel = functools.partial(
+        _sparse_kernel, scale=scale, nq=nq, group_size=group_size, bq=bq, n_sub=n_sub, ppg=ppg,
+        chunk=chunk, has_base=has_base, sign=sign, precision=_precision(q.dtype),
+    )
+    bh_map = _bh_index(h)
+    in_specs = [
+        pl.BlockSpec((None, nq, None, d), bh_map),
+        pl.BlockSpec((None, nk, None, d), bh_map),
+        pl.BlockSpec((None, nk, None, d), bh_map),
+        pl.BlockSpec((None, None, None, kmax), lambda i, bh: (bh // h, bh % h, i // ppg, 0)),
+        pl.BlockSpec((None, None, groups), lambda i, bh: (bh // h, bh % h, 0)),
+    ]
+    args = [q, k, v, indices, counts]
+    aliases = {}
+    if has_base:
+        in_specs.append(pl.BlockSpec((None, nq, None, d), bh_map))
+        args.append(base)
+        aliases = {5: 0}
+    out_dtype = base.dtype if has_base else q.dtype
+    return pl.pallas_call(
+        kernel,
+        grid=(groups * ppg, b * h),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, nq, None, d), bh_map),
+        out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="chipmunk_column_sparse",
+    )(*args)
+
+
+def column_sparse_attention(
+    q, k, v, indices, counts, *, group_size: int, scale: float, base=None, sign: int = 1,
+    interpret: bool = False, config: SparseConfig | None = None,
+):
+    return _sparse_call(
+        q, k, v, indices, counts, base, group_size=group_size, scale=scale, sign=sign,
+        interpret=interpret, config=config or DEFAULT_SPARSE,
+    )

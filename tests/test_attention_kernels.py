@@ -1,0 +1,206 @@
+"""Pallas attention kernels (interpret mode on CPU) against their pure-jnp reference twins.
+
+Fresh random inputs per test, odd sizes (N not a multiple of 64/192), ragged counts, count 0,
+duplicates, heads 3, batch 2; NaN checks (interpret mode fills unwritten outputs with NaN).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax.pallas_kernels import attention as A
+from chipmunk_jax.pallas_kernels import attention_pallas as ap
+
+_SEED = iter(range(10_000))
+
+
+def _key():
+    return jax.random.key(np.random.SeedSequence().entropy % (2**31) + next(_SEED))
+
+
+def _qkv(b, n, h, d, dtype, nk=None):
+    ks = jax.random.split(_key(), 3)
+    nk = n if nk is None else nk
+    q = jax.random.normal(ks[0], (b, n, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, nk, h, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, nk, h, d), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _rel(x, y):
+    x = np.asarray(jnp.asarray(x, jnp.float32))
+    y = np.asarray(jnp.asarray(y, jnp.float32))
+    assert np.all(np.isfinite(x)), "kernel output has NaN/inf (unwritten or invalid elements)"
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == jnp.float32 else 1e-2
+
+
+# ------------------------------------------------------------------ dense
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((2, 301, 3, 64), jnp.float32), ((1, 200, 2, 128), jnp.float32), ((2, 333, 3, 64), jnp.bfloat16)],
+)
+def test_dense_matches_reference(shape, dtype):
+    q, k, v = _qkv(*shape, dtype)
+    o, lse = A.dense_attention(q, k, v, impl="interpret")
+    ro, rl = A.dense_attention(q, k, v, impl="reference")
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert lse.shape == (shape[0], shape[2], shape[1]) and lse.dtype == jnp.float32
+    assert _rel(o, ro) <= _tol(dtype)
+    lse_tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    assert float(jnp.max(jnp.abs(lse - rl))) <= lse_tol
+
+
+def test_dense_other_configs_and_cross_lengths():
+    q, k, v = _qkv(1, 130, 2, 64, jnp.float32, nk=257)
+    ro, rl = A.dense_attention(q, k, v, impl="reference")
+    for cfg in (ap.DenseConfig(block_q=64, n_sub=2, block_k=64), ap.DenseConfig(block_q=32, n_sub=1, block_k=128)):
+        o, lse = ap.dense_attention(q, k, v, scale=0.125, interpret=True, config=cfg)
+        assert _rel(o, ro) <= 1e-5
+        assert float(jnp.max(jnp.abs(lse - rl))) <= 1e-4
+
+
+# ------------------------------------------------------------------ dense + colsum
+
+
+@pytest.mark.parametrize(
+    "shape,group_size,dtype",
+    [
+        ((2, 401, 3, 64), 192, jnp.float32),
+        ((1, 250, 2, 128), 100, jnp.float32),
+        ((1, 450, 3, 64), 192, jnp.bfloat16),
+    ],
+)
+def test_colsum_matches_reference(shape, group_size, dtype):
+    q, k, v = _qkv(*shape, dtype)
+    _, prev = A.dense_attention(q, k, v, impl="reference")
+    prev = prev + 0.3 * jax.random.normal(_key(), prev.shape)  # a "previous step" LSE
+    o, lse, cs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="interpret")
+    ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="reference")
+    groups = -(-shape[1] // group_size)
+    assert cs.shape == (shape[0], shape[2], groups, shape[1]) and cs.dtype == jnp.float32
+    assert _rel(o, ro) <= _tol(dtype)
+    assert float(jnp.max(jnp.abs(lse - rl))) <= (1e-4 if dtype == jnp.float32 else 2e-2)
+    assert _rel(cs, rcs) <= (1e-4 if dtype == jnp.float32 else 1e-2)
+
+
+# ------------------------------------------------------------------ sparse
+
+
+def _random_sets(b, h, g, kmax, n, *, zero_group=True, full=False):
+    ki, kc = jax.random.split(_key())
+    idx = jax.random.randint(ki, (b, h, g, kmax), 0, n, jnp.int32)  # duplicates allowed
+    cnt = jax.random.randint(kc, (b, h, g), 0, kmax + 1, jnp.int32)
+    if zero_group:
+        cnt = cnt.at[0, 0, 0].set(0)
+    if full:
+        cnt = cnt.at[-1, -1, -1].set(kmax)
+    return idx, cnt
+
+
+@pytest.mark.parametrize(
+    "shape,group_size,kmax,dtype,config",
+    [
+        ((2, 401, 3, 64), 192, 150, jnp.float32, None),
+        ((1, 300, 2, 128), 192, 200, jnp.float32, ap.SparseConfig(programs_per_group=3, chunk=64)),
+        ((2, 250, 3, 64), 100, 77, jnp.float32, ap.SparseConfig(chunk=32)),
+        ((1, 389, 3, 64), 192, 129, jnp.bfloat16, None),
+        ((1, 389, 3, 128), 192, 129, jnp.bfloat16, ap.SparseConfig(programs_per_group=3, chunk=128)),
+    ],
+)
+def test_sparse_matches_reference(shape, group_size, kmax, dtype, config):
+    b, n, h, d = shape
+    q, k, v = _qkv(b, n, h, d, dtype)
+    groups = -(-n // group_size)
+    idx, cnt = _random_sets(b, h, groups, kmax, n, full=True)
+    o = ap.column_sparse_attention(q, k, v, idx, cnt, group_size=group_size, scale=d**-0.5, interpret=True,
+                                   config=config)
+    ro = A.column_sparse_attention(q, k, v, idx, cnt, group_size=group_size, impl="reference")
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert _rel(o, ro) <= _tol(dtype)
+    # Rows of the count-0 group are exactly zero.
+    assert float(jnp.max(jnp.abs(o[0, :group_size, 0].astype(jnp.float32)))) == 0.0
+
+
+def test_sparse_all_columns_equals_dense():
+    b, n, h, d = 2, 301, 3, 64
+    q, k, v = _qkv(b, n, h, d, jnp.float32)
+    groups = -(-n // 192)
+    idx = jnp.broadcast_to(jax.random.permutation(_key(), n).astype(jnp.int32), (b, h, groups, n))
+    cnt = jnp.full((b, h, groups), n, jnp.int32)
+    o = A.column_sparse_attention(q, k, v, idx, cnt, impl="interpret")
+    do, _ = A.dense_attention(q, k, v, impl="reference")
+    assert _rel(o, do) <= 1e-5
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_sparse_base_epilogue_in_place(sign):
+    b, n, h, d = 1, 300, 3, 64
+    q, k, v = _qkv(b, n, h, d, jnp.float32)
+    groups = -(-n // 192)
+    idx, cnt = _random_sets(b, h, groups, 90, n)
+    base = jax.random.normal(_key(), q.shape, jnp.float32)
+    expected = A.column_sparse_attention(q, k, v, idx, cnt, base=base, sign=sign, impl="reference")
+
+    @functools.partial(jax.jit, donate_argnums=(5,))
+    def update(q, k, v, idx, cnt, base):
+        return A.column_sparse_attention(q, k, v, idx, cnt, base=base, sign=sign, impl="interpret")
+
+    out = update(q, k, v, idx, cnt, jnp.array(base))
+    assert _rel(out, expected) <= 1e-5
+
+
+def test_sparse_bf16_base_f32_cache():
+    b, n, h, d = 1, 250, 3, 64
+    q, k, v = _qkv(b, n, h, d, jnp.bfloat16)
+    idx, cnt = _random_sets(b, h, 2, 100, n)
+    base = jax.random.normal(_key(), q.shape, jnp.float32)
+    out = A.column_sparse_attention(q, k, v, idx, cnt, base=base, sign=-1, impl="interpret")
+    ref = A.column_sparse_attention(q, k, v, idx, cnt, base=base, sign=-1, impl="reference")
+    assert out.dtype == jnp.float32
+    assert _rel(out, ref) <= 1e-2
+
+
+# ------------------------------------------------------------------ validation
+
+
+def test_validation_errors():
+    q, k, v = _qkv(1, 64, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        A.dense_attention(q[0], k, v, impl="interpret")
+    with pytest.raises(TypeError, match="share a dtype"):
+        A.dense_attention(q, k.astype(jnp.bfloat16), v, impl="interpret")
+    with pytest.raises(TypeError, match="float32, bfloat16"):
+        A.dense_attention(q.astype(jnp.int32), k, v, impl="interpret")
+    with pytest.raises(ValueError, match="must agree"):
+        A.dense_attention(q[:, :, :1], k, v, impl="interpret")
+    with pytest.raises(ValueError, match="impl"):
+        A.dense_attention(q, k, v, impl="cuda")
+    q3, k3, v3 = _qkv(1, 64, 2, 48, jnp.float32)
+    with pytest.raises(ValueError, match="head_dim"):
+        A.dense_attention(q3, k3, v3, impl="interpret")
+    lse = jnp.zeros((1, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="prev_lse"):
+        A.dense_attention_colsum(q, k, v, lse[:, :1], impl="interpret")
+    with pytest.raises(TypeError, match="prev_lse"):
+        A.dense_attention_colsum(q, k, v, lse.astype(jnp.bfloat16), impl="interpret")
+    idx = jnp.zeros((1, 2, 1, 8), jnp.int32)
+    cnt = jnp.zeros((1, 2, 1), jnp.int32)
+    with pytest.raises(TypeError, match="indices must be int32"):
+        A.column_sparse_attention(q, k, v, idx.astype(jnp.int16), cnt, impl="interpret")
+    with pytest.raises(ValueError, match="indices must have shape"):
+        A.column_sparse_attention(q, k, v, idx[:, :, :, 0], cnt, impl="interpret")
+    with pytest.raises(ValueError, match="counts must have shape"):
+        A.column_sparse_attention(q, k, v, idx, cnt[0], impl="interpret")
+    with pytest.raises(ValueError, match="sign"):
+        A.column_sparse_attention(q, k, v, idx, cnt, sign=2, impl="interpret")
+    with pytest.raises(ValueError, match="base"):
+        A.column_sparse_attention(q, k, v, idx, cnt, base=q[:, :5], impl="interpret")

@@ -1,0 +1,77 @@
+"""CUDA lowering tests on CPU: every production block configuration of the attention kernels lowers to the
+Triton custom call for an H100 (reproduces GPU-only lowering errors: power-of-2 shapes, scalar prefetch)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from chipmunk_jax.pallas_kernels import attention_pallas as ap
+
+_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+
+
+def _lower_cuda(f, *specs):
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# Production-like shapes: odd N (Hunyuan 118,800 is not a multiple of 128 or 192), H=24, D=128, bf16.
+N, H, D = 118_800, 24, 128
+G = -(-N // 192)
+
+
+@pytest.mark.parametrize("config", ap.PRODUCTION_DENSE_CONFIGS, ids=str)
+def test_dense_lowers_for_cuda(config):
+    x = _sds((1, N, H, D), jnp.bfloat16)
+    text = _lower_cuda(lambda q, k, v: ap.dense_attention(q, k, v, scale=D**-0.5, config=config), x, x, x)
+    assert "xla.gpu.triton" in text and "chipmunk_dense" in text
+
+
+@pytest.mark.parametrize("config", ap.PRODUCTION_COLSUM_CONFIGS, ids=str)
+def test_colsum_lowers_for_cuda(config):
+    x = _sds((1, N, H, D), jnp.bfloat16)
+    lse = _sds((1, H, N), jnp.float32)
+    text = _lower_cuda(
+        lambda q, k, v, l: ap.dense_attention_colsum(q, k, v, l, group_size=192, scale=D**-0.5, config=config),
+        x, x, x, lse,
+    )
+    assert "xla.gpu.triton" in text and "chipmunk_dense_colsum" in text
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("config", ap.PRODUCTION_SPARSE_CONFIGS, ids=str)
+def test_sparse_lowers_for_cuda(config, with_base):
+    x = _sds((1, N, H, D), jnp.bfloat16)
+    kmax = 8320
+    idx = _sds((1, H, G, kmax), jnp.int32)
+    cnt = _sds((1, H, G), jnp.int32)
+    if with_base:
+        f = lambda q, k, v, i, c, b: ap.column_sparse_attention(
+            q, k, v, i, c, group_size=192, scale=D**-0.5, base=b, sign=-1, config=config)
+        text = _lower_cuda(f, x, x, x, idx, cnt, x)
+    else:
+        f = lambda q, k, v, i, c: ap.column_sparse_attention(
+            q, k, v, i, c, group_size=192, scale=D**-0.5, config=config)
+        text = _lower_cuda(f, x, x, x, idx, cnt)
+    assert "xla.gpu.triton" in text and "chipmunk_column_sparse" in text
+
+
+def test_f32_small_group_lowers_for_cuda():
+    """f32 (HIGHEST dots) and a group size that is not a multiple of 64 also lower."""
+    x = _sds((2, 301, 3, 64), jnp.float32)
+    idx = _sds((2, 3, -(-301 // 100), 50), jnp.int32)
+    cnt = _sds((2, 3, -(-301 // 100)), jnp.int32)
+    text = _lower_cuda(
+        lambda q, k, v, i, c: ap.column_sparse_attention(q, k, v, i, c, group_size=100, scale=0.125), x, x, x, idx, cnt
+    )
+    assert "xla.gpu.triton" in text
+    lse = _sds((2, 3, 301), jnp.float32)
+    text = _lower_cuda(
+        lambda q, k, v, l: ap.dense_attention_colsum(q, k, v, l, group_size=100, scale=0.125), x, x, x, lse
+    )
+    assert "xla.gpu.triton" in text
