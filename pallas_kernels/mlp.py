@@ -12,7 +12,7 @@ __all__ = ["sparse_mlp_delta"]
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size):
+def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed=False):
     for name, arr, ndim in (
         ("x", x, 3), ("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2),
         ("act_cache", act_cache, 3), ("out_cache", out_cache, 3),
@@ -22,10 +22,13 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         if arr.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float array, got {arr.dtype}")
     b, n, c = x.shape
-    f = w1.shape[1]
+    if not isinstance(w1_transposed, bool):
+        raise TypeError(f"w1_transposed must be a bool, got {w1_transposed!r}")
+    f = w1.shape[0] if w1_transposed else w1.shape[1]
     c_out = w2.shape[1]
-    if w1.shape[0] != c:
-        raise ValueError(f"w1 must be [C, F] with C = {c} (x's features), got {w1.shape}")
+    if (w1.shape[1] if w1_transposed else w1.shape[0]) != c:
+        layout = "[F, C] (w1_transposed=True)" if w1_transposed else "[C, F]"
+        raise ValueError(f"w1 must be {layout} with C = {c} (x's features), got {w1.shape}")
     if b1.shape != (f,):
         raise ValueError(f"b1 must have shape ({f},), got {b1.shape}")
     if w2.shape[0] != f:
@@ -48,18 +51,30 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
 
 
 def sparse_mlp_delta(
-    x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128, impl: str | None = None
+    x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128, impl: str | None = None,
+    w1_transposed: bool = False, tiles=None,
 ):
-    """Sparse MLP delta step; returns the updated (act_cache, out_cache). See mlp_reference."""
-    _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size)
+    """Sparse MLP delta step; returns the updated (act_cache, out_cache). See mlp_reference.
+
+    w1_transposed: w1 is given as [F, C] (the layout the Pallas fc1 kernel gathers rows from); with the
+      default [C, F] the Pallas path transposes it on every call (one extra read + write of w1).
+    tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.DEFAULT_TILES).
+    Under jax.jit, donate act_cache and out_cache: the Pallas kernels update them in place.
+    """
+    _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed)
     impl = resolve_impl(impl)
     if impl == "reference":
         return ref.sparse_mlp_delta_reference(
-            x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size
+            x, w1.T if w1_transposed else w1, b1, w2, act_cache, out_cache, indices, counts,
+            block_size=block_size,
         )
     from chipmunk_jax.pallas_kernels import mlp_pallas
 
+    if tiles is None:
+        tiles = mlp_pallas.DEFAULT_TILES
+    elif not isinstance(tiles, mlp_pallas.MlpTiles):
+        raise TypeError(f"tiles must be an mlp_pallas.MlpTiles or None, got {type(tiles).__name__}")
     return mlp_pallas.sparse_mlp_delta(
         x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
-        interpret=impl == "interpret",
+        interpret=impl == "interpret", w1_transposed=w1_transposed, tiles=tiles,
     )

@@ -1,0 +1,190 @@
+"""Sparse-delta MLP Pallas kernels in interpret mode vs the pure-jnp reference (SPEC §2.2)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax.pallas_kernels import mlp as mlp_op
+from chipmunk_jax.pallas_kernels import mlp_pallas
+from chipmunk_jax.pallas_kernels import mlp_reference as ref
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _problem(seed, *, b=1, n=200, c=64, f=256, c_out=64, dtype=jnp.float32, block_size=128):
+    ks = jax.random.split(jax.random.key(seed), 7)
+    x = jax.random.normal(ks[0], (b, n, c), jnp.float32)
+    w1 = jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)
+    b1 = 0.5 * jax.random.normal(ks[2], (f,), jnp.float32)
+    w2 = jax.random.normal(ks[3], (f, c_out), jnp.float32) / np.sqrt(f)
+    b2 = 0.5 * jax.random.normal(ks[4], (c_out,), jnp.float32)
+    act = ref.gelu_tanh(jax.random.normal(ks[5], (b, f, n), jnp.float32))
+    out = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
+    cast = lambda *arrs: tuple(a.astype(dtype) for a in arrs)
+    return dict(zip(("x", "w1", "b1", "w2", "b2", "act", "out"), cast(x, w1, b1, w2, b2, act, out)))
+
+
+def _selection(seed, b, nb, f, counts, k=None):
+    """Random distinct features per row block (a permutation prefix), given counts."""
+    k = f if k is None else k
+    keys = jax.random.split(jax.random.key(seed), b * nb)
+    perms = jnp.stack([jax.random.permutation(kk, f)[:k] for kk in keys]).reshape(b, nb, k)
+    return perms.astype(jnp.int32), jnp.asarray(counts, jnp.int32).reshape(b, nb)
+
+
+def _run(p, indices, counts, impl, **kw):
+    return mlp_op.sparse_mlp_delta(
+        p["x"], p["w1"], p["b1"], p["w2"], p["act"], p["out"], indices, counts, impl=impl, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "b, n, counts, k",
+    [
+        (1, 200, [[150, 0]], None),  # N not a multiple of 128, ragged count, count 0
+        (2, 256, [[256, 37], [128, 1]], None),  # all features, tiny counts
+        (1, 300, [[64, 100, 3]], 100),  # packed axis K shorter than a tile (padded by the wrapper)
+    ],
+)
+def test_interpret_matches_reference_f32(b, n, counts, k):
+    p = _problem(1 + n + b, b=b, n=n)
+    nb = -(-n // 128)
+    indices, counts = _selection(7 + n, b, nb, 256, counts, k)
+    act_k, out_k = _run(p, indices, counts, "interpret")
+    act_r, out_r = _run(p, indices, counts, "reference")
+    assert _rel(out_k, out_r) <= 1e-5
+    assert _rel(out_k - p["out"], out_r - p["out"]) <= 1e-4  # the delta itself, not just the sum
+    assert _rel(act_k, act_r) <= 1e-5
+    # Unselected (feature, token) pairs keep their exact cached value.
+    mask = jnp.repeat(ref.feature_mask(indices, counts, 256), 128, axis=1)[:, :n]
+    untouched = ~jnp.swapaxes(mask, 1, 2)
+    np.testing.assert_array_equal(np.asarray(act_k)[untouched], np.asarray(p["act"])[untouched])
+    assert not np.isnan(np.asarray(out_k)).any()
+
+
+def test_interpret_matches_reference_bf16():
+    p = _problem(3, b=1, n=256, dtype=jnp.bfloat16)
+    indices, counts = _selection(4, 1, 2, 256, [[192, 77]])
+    act_k, out_k = _run(p, indices, counts, "interpret")
+    act_r, out_r = _run(p, indices, counts, "reference")
+    assert act_k.dtype == out_k.dtype == jnp.bfloat16
+    assert _rel(out_k, out_r) <= 1e-2
+    assert _rel(act_k, act_r) <= 1e-2
+
+
+def test_padding_slots_past_counts_are_ignored():
+    """Slots past counts repeat selected features (and an out-of-range id): no effect on the result."""
+    p = _problem(5, n=256)
+    indices, counts = _selection(6, 1, 2, 256, [[90, 40]])
+    dup = jnp.concatenate([indices[..., :128], indices[..., :128]], axis=-1)
+    dup = dup.at[0, 1, 200].set(10_000)
+    act_k, out_k = _run(p, dup, counts, "interpret")
+    act_r, out_r = _run(p, indices, counts, "reference")
+    assert _rel(out_k, out_r) <= 1e-5
+    assert _rel(act_k, act_r) <= 1e-5
+
+
+def test_all_features_selected_equals_dense_mlp():
+    p = _problem(8, n=200)
+    indices, counts = _selection(9, 1, 2, 256, [[256, 256]])
+    act_k, out_k = _run(p, indices, counts, "interpret")
+    a = ref.gelu_tanh(jnp.einsum("bnc,cf->bnf", p["x"], p["w1"], precision=_HI) + p["b1"])
+    y = jnp.einsum("bnf,fc->bnc", a, p["w2"], precision=_HI) + p["b2"]
+    assert _rel(act_k, jnp.swapaxes(a, 1, 2)) <= 1e-5
+    assert _rel(out_k, y) <= 1e-5
+
+
+def test_invariant_out_equals_act_w2_plus_b2_after_several_steps():
+    p = _problem(10, n=200)
+    step = jax.jit(
+        lambda x, act, out, idx, cnt: mlp_op.sparse_mlp_delta(
+            x, p["w1"].T, p["b1"], p["w2"], act, out, idx, cnt, impl="interpret", w1_transposed=True
+        ),
+        donate_argnums=(1, 2),
+    )
+    act, out = jnp.array(p["act"]), jnp.array(p["out"])
+    for s in range(3):
+        x = p["x"] + 0.3 * jax.random.normal(jax.random.key(100 + s), p["x"].shape)
+        indices, counts = _selection(200 + s, 1, 2, 256, [[64 * (s + 1), 40 + s]])
+        act, out = step(x, act, out, indices, counts)
+    expected = jnp.einsum("bfn,fc->bnc", act, p["w2"], precision=_HI) + p["b2"]
+    assert _rel(out, expected) <= 1e-5
+    assert _rel(out, p["out"]) > 1e-2  # the steps did change the output
+
+
+def test_custom_tiles():
+    p = _problem(11, n=256, c=96, c_out=48)
+    indices, counts = _selection(12, 1, 2, 256, [[130, 250]])
+    tiles = mlp_pallas.MlpTiles(fc1_features=64, fc1_k=32, fc2_k=32, fc2_cols=16)
+    act_k, out_k = _run(p, indices, counts, "interpret", tiles=tiles)
+    act_r, out_r = _run(p, indices, counts, "reference")
+    assert _rel(out_k, out_r) <= 1e-5
+    assert _rel(act_k, act_r) <= 1e-5
+
+
+def test_w1_transposed_reference_path():
+    p = _problem(13, n=130)
+    indices, counts = _selection(14, 1, 2, 256, [[100, 20]])
+    a1, o1 = _run(p, indices, counts, "reference")
+    a2, o2 = mlp_op.sparse_mlp_delta(
+        p["x"], p["w1"].T, p["b1"], p["w2"], p["act"], p["out"], indices, counts,
+        impl="reference", w1_transposed=True,
+    )
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6, atol=1e-6)
+
+
+def _bad_call(**overrides):
+    p = _problem(15, n=128)
+    indices, counts = _selection(16, 1, 1, 256, [[64]])
+    args = dict(x=p["x"], w1=p["w1"], b1=p["b1"], w2=p["w2"], act_cache=p["act"], out_cache=p["out"],
+                indices=indices, counts=counts)
+    kw = dict(impl="interpret")
+    for name, value in overrides.items():
+        (args if name in args else kw)[name] = value
+    return mlp_op.sparse_mlp_delta(*args.values(), **kw)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(w1=jnp.ones((256, 64))), ValueError, "w1"),
+        (dict(w1=jnp.ones((64, 256)), w1_transposed=True), ValueError, "w1"),
+        (dict(w1_transposed=1), TypeError, "w1_transposed"),
+        (dict(tiles=(128, 64)), TypeError, "tiles"),
+        (dict(indices=jnp.zeros((1, 1, 8), jnp.int16)), TypeError, "indices"),
+        (dict(counts=jnp.zeros((1, 2), jnp.int32)), ValueError, "counts"),
+        (dict(x=jnp.ones((1, 128, 40)), w1=jnp.ones((40, 256))), ValueError, "multiple of 16"),
+        (dict(block_size=96, indices=jnp.zeros((1, 2, 8), jnp.int32), counts=jnp.zeros((1, 2), jnp.int32)),
+         ValueError, "block_size"),
+    ],
+)
+def test_bad_inputs_raise(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _bad_call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fc1_features=96), "fc1_features"),
+        (dict(fc2_k=8), "fc2_k"),
+        (dict(fc1_features=64, fc2_k=128), "multiple of fc2_k"),
+        (dict(fc1_warps=0), "fc1_warps"),
+    ],
+)
+def test_bad_tiles_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlp_pallas.MlpTiles(**kwargs)
