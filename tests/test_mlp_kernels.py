@@ -188,3 +188,65 @@ def test_bad_inputs_raise(overrides, error, match):
 def test_bad_tiles_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mlp_pallas.MlpTiles(**kwargs)
+
+
+# ---- fast feature selection (mlp_selection) -------------------------------------------------------------
+
+from chipmunk_jax.pallas_kernels import mlp_selection  # noqa: E402
+
+
+@pytest.mark.parametrize("keep", [0, 1, 77, 300])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_selection_interpret_matches_reference_and_exact_topk(keep, with_extra):
+    key_s, key_e = jax.random.split(jax.random.key(keep + 31 * with_extra))
+    scores = jax.random.normal(key_s, (2, 3, 300), jnp.float32)
+    scores = scores.at[0].set(jnp.abs(scores[0]))  # both signs: the bit-pattern keys must keep the order
+    extra = jax.random.bernoulli(key_e, 0.05, scores.shape) if with_extra else None
+    idx_k, cnt_k = mlp_selection.select_top_features(scores, keep, 64, extra=extra, impl="interpret")
+    idx_r, cnt_r = mlp_selection.select_top_features(scores, keep, 64, extra=extra, impl="reference")
+    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
+    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+    # Exactly the top `keep` (OR extra) come first; every row is a permutation of the features.
+    s = np.asarray(scores)
+    top = np.argsort(-s, axis=-1)[..., :keep]
+    chosen = np.zeros(s.shape, bool)
+    np.put_along_axis(chosen, top, True, axis=-1)
+    if extra is not None:
+        chosen |= np.asarray(extra)
+    n_sel = chosen.sum(-1)
+    idx = np.asarray(idx_k)
+    for row in np.ndindex(*s.shape[:-1]):
+        assert sorted(idx[row]) == list(range(300))
+        np.testing.assert_array_equal(idx[row][: n_sel[row]], np.flatnonzero(chosen[row]))
+    np.testing.assert_array_equal(np.asarray(cnt_k), np.minimum(-(-n_sel // 64) * 64, 300))
+
+
+def test_selection_matches_lead_select_mlp_features_layout():
+    from chipmunk_jax import selection
+
+    scores = jnp.abs(jax.random.normal(jax.random.key(41), (1, 2, 512)))
+    idx_k, cnt_k = mlp_selection.select_top_features(scores, 154, 128, impl="interpret")
+    idx_l, cnt_l = selection.select_mlp_features(scores, 0.3, 0.0, 128)
+    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_l))
+    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_l))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(keep=-1), ValueError, "keep"),
+        (dict(keep=2.5), ValueError, "keep"),
+        (dict(multiple_of=0), ValueError, "multiple_of"),
+        (dict(scores=jnp.ones((2, 8), jnp.int32)), TypeError, "scores"),
+        (dict(extra=jnp.ones((2, 9), jnp.bool_)), ValueError, "extra"),
+        (dict(extra=jnp.ones((2, 8), jnp.int8)), TypeError, "extra"),
+        (dict(impl="cuda"), ValueError, "impl"),
+    ],
+)
+def test_selection_bad_inputs_raise(kwargs, error, match):
+    args = dict(scores=jnp.ones((2, 8), jnp.float32), keep=3, multiple_of=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mlp_selection.select_top_features(
+            args.pop("scores"), args.pop("keep"), args.pop("multiple_of"), **args
+        )

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from chipmunk_jax.pallas_kernels import mlp_pallas
+from chipmunk_jax.pallas_kernels import mlp_pallas, mlp_selection
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -52,3 +52,22 @@ def test_f32_lowers_for_cuda():
     )
     step = functools.partial(mlp_pallas.sparse_mlp_delta, block_size=128, w1_transposed=True)
     assert _lower_cuda(step, *specs).count("xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_selection_lowers_for_cuda(shape, with_extra):
+    _, n, _, f, _ = shape
+    scores = jax.ShapeDtypeStruct((1, -(-n // 128), f), jnp.float32)
+    keep = round(0.3 * f)
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        if with_extra:
+            extra = jax.ShapeDtypeStruct(scores.shape, jnp.bool_)
+            fn = lambda s, e: mlp_selection.select_top_features(s, keep, 256, extra=e, impl="pallas")
+            lowered = jax.jit(fn).trace(scores, extra)
+        else:
+            fn = lambda s: mlp_selection.select_top_features(s, keep, 256, impl="pallas")
+            lowered = jax.jit(fn).trace(scores)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "chipmunk_mlp_select" in text
