@@ -203,7 +203,9 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, grou
         for _ in range(n_sub)
     )
     n_full, tail = divmod(nk, bk)
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    carry = init
+    if n_full:
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     if tail:  # a one-trip loop keeps the start index traced (static slices are bounds-checked)
         carry = lax.fori_loop(n_full, n_full + 1, functools.partial(step, masked=True), carry)
 
@@ -295,6 +297,7 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
     row_end = jnp.minimum(g * group_size + group_size, nq)
     count = cnt_ref[g]
     scale2 = scale * _LOG2E
+    kmax = idx_ref.shape[-1]
 
     starts, oks, qs = [], [], []
     for s in range(n_sub):
@@ -332,7 +335,9 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
     )
     n_full = lax.div(count, chunk)
     n_all = lax.div(count + (chunk - 1), chunk)
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    carry = init
+    if kmax >= chunk:  # else count < chunk: only the masked tail can run
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
 
     for s in range(n_sub):

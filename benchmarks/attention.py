@@ -1,0 +1,189 @@
+"""Attention kernel benchmark: cuDNN dense vs our dense, dense+colsum, and gathered column-sparse attention.
+
+One process on the GPU, bf16, B=1, H=24, D=128 by default, random column sets (a random window of a
+per-head random permutation per query group: distinct columns, uniformly spread). Prints ms, useful TFLOP/s
+and the ratio to cuDNN dense of the same shape, and appends a markdown section to --results.
+
+On the device machine:
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/attention.py --sizes 32760,118800 --results $OUT/results.md
+Flags restrict sizes / sparsities / block-config sweeps so that one call fits the 10-minute limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax.pallas_kernels import attention_pallas as ap
+
+
+def _median_ms(f, *args, **kw):
+    try:
+        return _median_ms_raw(f, *args, **kw)
+    except Exception as e:  # a config that fails to compile / run is reported, not fatal
+        print(f"  FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return float("nan"), float("nan")
+
+
+def _median_ms_raw(f, *args, min_reps=5, max_reps=20, budget_s=3.0):
+    """Median wall time of f(*args) in ms after warm-up; short calls are batched back to back per sample."""
+    jax.block_until_ready(f(*args))  # compile + warm-up
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    one = time.perf_counter() - t0
+    inner = max(1, int(0.02 / max(one, 1e-6)))  # >= ~20 ms per sample
+    reps = int(min(max_reps, max(min_reps, budget_s / max(one * inner, 1e-6))))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner * 1e3)
+    return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def random_column_sets(key, b, h, n, group_size, count, kmax):
+    """indices [B, H, G, kmax] int32 (distinct random columns per group), counts [B, H, G] = count."""
+    g = -(-n // group_size)
+    kp, ko = jax.random.split(key)
+    perms = jax.vmap(lambda kk: jax.random.permutation(kk, n).astype(jnp.int32))(jax.random.split(kp, b * h))
+    offs = jax.random.randint(ko, (b * h, g), 0, n, jnp.int32)
+    pos = (offs[:, :, None] + jnp.arange(kmax, dtype=jnp.int32)[None, None, :]) % n
+    idx = jax.vmap(lambda p, q: p[q])(perms, pos)
+    return idx.reshape(b, h, g, kmax), jnp.full((b, h, g), count, jnp.int32)
+
+
+def ceilings():
+    x = jnp.ones((1024, 1024, 1024), jnp.bfloat16) * 1.5  # 2 GiB
+    copy = jax.jit(lambda a: a + 1)
+    ms, _ = _median_ms(copy, x)
+    bw = 2 * x.size * 2 / (ms * 1e-3) / 1e12
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    ms2, _ = _median_ms(mm, a, a)
+    tf = 2 * 8192**3 / (ms2 * 1e-3) / 1e12
+    del x
+    return bw, tf
+
+
+def main(argv=None):
+    ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap_.add_argument("--sizes", default="4608,32760,75600,118800")
+    ap_.add_argument("--sparsities", default="0.80,0.85,0.90,0.93,0.95")
+    ap_.add_argument("--heads", type=int, default=24)
+    ap_.add_argument("--dim", type=int, default=128)
+    ap_.add_argument("--group-size", type=int, default=192)
+    ap_.add_argument("--sweep", default="dense,colsum,sparse", help="which ops sweep all production configs")
+    ap_.add_argument("--sweep-sparsity", type=float, default=0.93)
+    ap_.add_argument("--skip", default="", help="comma list of ops to skip: cudnn,dense,colsum,sparse")
+    ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
+    ap_.add_argument("--results", default="benchmarks/RESULTS.md")
+    ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
+    args = ap_.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    sweep = set(args.sweep.split(","))
+    skip = set(args.skip.split(","))
+    h, d, gs = args.heads, args.dim, args.group_size
+    scale = d**-0.5
+    dev = jax.devices()[0]
+    header = f"{datetime.date.today()} | {dev.device_kind} | jax {jax.__version__} | B=1 H={h} D={d} bf16 group={gs}"
+    print(header, flush=True)
+    rows = []
+
+    def report(n, op, cfg, ms, flops, cudnn_ms, spread):
+        tf = flops / (ms * 1e-3) / 1e12
+        ratio = (cudnn_ms / ms) if cudnn_ms else float("nan")
+        rows.append((n, op, cfg, ms, tf, ratio, spread))
+        print(f"N={n:>6} {op:<22} {cfg:<44} {ms:9.3f} ms {tf:7.1f} TFLOP/s  cuDNN/this={ratio:6.2f}x  spread={spread:.2f}",
+              flush=True)
+
+    if args.ceilings:
+        bw, tf = ceilings()
+        print(f"ceilings: copy {bw:.2f} TB/s (read+write), bf16 GEMM 8192^3 {tf:.0f} TFLOP/s", flush=True)
+        rows.append((0, "ceiling: copy TB/s", "2 GiB a+1", 0.0, bw, float("nan"), 0.0))
+        rows.append((0, "ceiling: GEMM TFLOP/s", "8192^3 bf16", 0.0, tf, float("nan"), 0.0))
+
+    for n in sizes:
+        key = jax.random.key(n)
+        kq, kk, kv, ks, kl = jax.random.split(key, 5)
+        q = jax.random.normal(kq, (1, n, h, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (1, n, h, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (1, n, h, d), jnp.bfloat16)
+        dense_flops = 4.0 * h * n * n * d
+        cudnn_ms = None
+        if "cudnn" not in skip:
+            f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn"))
+            cudnn_ms, sp = _median_ms(f, q, k, v)
+            report(n, "cudnn dense", "jax.nn.dot_product_attention", cudnn_ms, dense_flops, cudnn_ms, sp)
+        if "dense" not in skip:
+            cfgs = ap.PRODUCTION_DENSE_CONFIGS if "dense" in sweep else (ap.DEFAULT_DENSE,)
+            for cfg in cfgs:
+                f = jax.jit(functools.partial(ap.dense_attention, scale=scale, config=cfg, interpret=args.interpret))
+                ms, sp = _median_ms(f, q, k, v)
+                report(n, "dense+lse", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+        if "colsum" not in skip:
+            prev = jnp.asarray(jax.random.normal(kl, (1, h, n), jnp.float32) + 0.5 * math.log(n))
+            cfgs = ap.PRODUCTION_COLSUM_CONFIGS if "colsum" in sweep else (ap.DEFAULT_COLSUM,)
+            for cfg in cfgs:
+                f = jax.jit(functools.partial(ap.dense_attention_colsum, group_size=gs, scale=scale, config=cfg, interpret=args.interpret))
+                ms, sp = _median_ms(f, q, k, v, prev)
+                report(n, "dense+lse+colsum", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+            del prev
+        if "sparse" not in skip:
+            g = -(-n // gs)
+            best_cfg = ap.DEFAULT_SPARSE
+            order = sorted(sparsities, key=lambda s: abs(s - args.sweep_sparsity))  # sweep point first
+            for s in order:
+                count = max(64, int(round((1 - s) * n / 64)) * 64)
+                kmax = count
+                idx, cnt = jax.jit(random_column_sets, static_argnums=(1, 2, 3, 4, 5, 6))(ks, 1, h, n, gs, count, kmax)
+                useful = 4.0 * h * n * count * d
+                swept = "sparse" in sweep and abs(s - args.sweep_sparsity) < 1e-9
+                cfgs = ap.PRODUCTION_SPARSE_CONFIGS if swept else (best_cfg,)
+                best = None
+                for cfg in cfgs:
+                    f = jax.jit(functools.partial(ap.column_sparse_attention, group_size=gs, scale=scale, config=cfg, interpret=args.interpret))
+                    ms, sp = _median_ms(f, q, k, v, idx, cnt)
+                    report(n, f"sparse {100 * s:.0f}% ({count}/{n})", _cfg(cfg), ms, useful, cudnn_ms, sp)
+                    if not math.isnan(ms) and (best is None or ms < best[0]):
+                        best = (ms, cfg)
+                best_cfg = best[1] if best else best_cfg
+                del idx, cnt
+        del q, k, v
+
+    lines = [
+        "",
+        f"### Attention kernels (issue 3) — {header}",
+        "",
+        f"Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/attention.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| N | op | config | ms | useful TFLOP/s | cuDNN ms / this ms | spread |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, op, cfg, ms, tf, ratio, sp in rows:
+        lines.append(f"| {n} | {op} | {cfg} | {ms:.3f} | {tf:.1f} | {ratio:.2f} | {sp:.2f} |")
+    with open(args.results, "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _cfg(cfg):
+    return ",".join(f"{k}={v}" for k, v in cfg.__dict__.items()).replace("programs_per_group", "ppg").replace(
+        "num_", "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Compiled Pallas-Triton attention kernels on the GPU against the reference twins (marker ``gpu``).
+
+Run on the device machine: ``source benchmarks/gpu_env.sh && python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax.pallas_kernels import attention as A
+from chipmunk_jax.pallas_kernels import attention_pallas as ap
+
+pytestmark = pytest.mark.gpu
+
+_SEED = iter(range(10_000))
+
+
+def _key():
+    return jax.random.key(np.random.SeedSequence().entropy % (2**31) + next(_SEED))
+
+
+def _qkv(b, n, h, d, dtype):
+    ks = jax.random.split(_key(), 3)
+    return tuple(jax.random.normal(ks[i], (b, n, h, d), jnp.float32).astype(dtype) for i in range(3))
+
+
+def _rel(x, y):
+    x = np.asarray(jnp.asarray(x, jnp.float32))
+    y = np.asarray(jnp.asarray(y, jnp.float32))
+    assert np.all(np.isfinite(x)), "NaN/inf in kernel output"
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("config", ap.PRODUCTION_DENSE_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape,dtype", [((2, 1001, 3, 128), jnp.bfloat16), ((1, 777, 3, 64), jnp.float32)])
+def test_dense_gpu(shape, dtype, config):
+    q, k, v = _qkv(*shape, dtype)
+    o, lse = ap.dense_attention(q, k, v, scale=shape[-1] ** -0.5, config=config)
+    ro, rl = A.dense_attention(q, k, v, impl="reference")
+    assert _rel(o, ro) <= TOL[dtype]
+    assert float(jnp.max(jnp.abs(lse - rl))) <= (1e-4 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("config", ap.PRODUCTION_COLSUM_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape,dtype", [((2, 1001, 3, 128), jnp.bfloat16), ((1, 777, 3, 64), jnp.float32)])
+def test_colsum_gpu(shape, dtype, config):
+    q, k, v = _qkv(*shape, dtype)
+    _, prev = A.dense_attention(q, k, v, impl="reference")
+    prev = prev + 0.3 * jax.random.normal(_key(), prev.shape)
+    o, lse, cs = ap.dense_attention_colsum(q, k, v, prev, group_size=192, scale=shape[-1] ** -0.5, config=config)
+    ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, impl="reference")
+    assert _rel(o, ro) <= TOL[dtype]
+    assert float(jnp.max(jnp.abs(lse - rl))) <= (1e-4 if dtype == jnp.float32 else 2e-2)
+    assert _rel(cs, rcs) <= (1e-4 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("config", ap.PRODUCTION_SPARSE_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape,dtype", [((2, 1001, 3, 128), jnp.bfloat16), ((1, 777, 3, 64), jnp.float32)])
+def test_sparse_gpu(shape, dtype, config):
+    b, n, h, d = shape
+    q, k, v = _qkv(b, n, h, d, dtype)
+    g = -(-n // 192)
+    kmax = 333
+    ki, kc = jax.random.split(_key())
+    idx = jax.random.randint(ki, (b, h, g, kmax), 0, n, jnp.int32)
+    cnt = jax.random.randint(kc, (b, h, g), 0, kmax + 1, jnp.int32).at[0, 0, 0].set(0).at[0, 0, 1].set(kmax)
+    o = ap.column_sparse_attention(q, k, v, idx, cnt, group_size=192, scale=d**-0.5, config=config)
+    ro = A.column_sparse_attention(q, k, v, idx, cnt, impl="reference")
+    assert _rel(o, ro) <= TOL[dtype]
+    assert float(jnp.max(jnp.abs(o[0, :192, 0].astype(jnp.float32)))) == 0.0
+    base = jax.random.normal(_key(), q.shape, jnp.float32).astype(dtype)
+    f = jax.jit(
+        lambda q, k, v, i, c, bb: A.column_sparse_attention(q, k, v, i, c, base=bb, sign=-1, impl="pallas"),
+        donate_argnums=(5,),
+    )
+    ob = f(q, k, v, idx, cnt, jnp.array(base))
+    rb = A.column_sparse_attention(q, k, v, idx, cnt, base=base, sign=-1, impl="reference")
+    assert _rel(ob, rb) <= TOL[dtype]
+
+
+def test_sparse_all_columns_equals_dense_gpu():
+    b, n, h, d = 1, 4700, 4, 128
+    q, k, v = _qkv(b, n, h, d, jnp.bfloat16)
+    g = -(-n // 192)
+    idx = jnp.broadcast_to(jax.random.permutation(_key(), n).astype(jnp.int32), (b, h, g, n))
+    cnt = jnp.full((b, h, g), n, jnp.int32)
+    o = A.column_sparse_attention(q, k, v, idx, cnt, impl="pallas")
+    do, _ = A.dense_attention(q, k, v, impl="reference")
+    assert _rel(o, do) <= 1e-2
+    o2, lse = A.dense_attention(q, k, v, impl="pallas")
+    assert _rel(o2, do) <= 1e-2
+
+
+def test_default_impl_is_pallas_on_gpu():
+    q, k, v = _qkv(1, 256, 2, 128, jnp.bfloat16)
+    o, _ = A.dense_attention(q, k, v)
+    ro, _ = A.dense_attention(q, k, v, impl="reference")
+    assert _rel(o, ro) <= 1e-2
