@@ -1,0 +1,116 @@
+"""Sparse-delta MLP kernels compiled on the GPU vs the pure-jnp reference (skipped without a CUDA GPU).
+
+    source benchmarks/gpu_env.sh && python3 -P -m pytest -q tests/test_mlp_gpu.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax.pallas_kernels import mlp as mlp_op
+from chipmunk_jax.pallas_kernels import mlp_reference as ref
+from chipmunk_jax.pallas_kernels import mlp_selection
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _problem(seed, b, n, c, f, c_out, dtype):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(ks[0], (b, n, c), jnp.float32)
+    w1 = jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)
+    b1 = 0.5 * jax.random.normal(ks[2], (f,), jnp.float32)
+    w2 = jax.random.normal(ks[3], (f, c_out), jnp.float32) / np.sqrt(f)
+    b2 = 0.5 * jax.random.normal(ks[4], (c_out,), jnp.float32)
+    act = ref.gelu_tanh(jax.random.normal(ks[5], (b, f, n), jnp.float32))
+    out = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
+    return [a.astype(dtype) for a in (x, w1, b1, w2, b2, act, out)]
+
+
+def _selection(seed, b, nb, f, counts):
+    keys = jax.random.split(jax.random.key(seed), b * nb)
+    perms = jnp.stack([jax.random.permutation(k, f) for k in keys]).reshape(b, nb, f).astype(jnp.int32)
+    return perms, jnp.asarray(counts, jnp.int32).reshape(b, nb)
+
+
+def _step(x, w1, b1, w2, act, out, idx, cnt, impl):
+    fn = jax.jit(
+        lambda *a: mlp_op.sparse_mlp_delta(*a, impl=impl, w1_transposed=True), donate_argnums=(4, 5)
+    )
+    return fn(x, w1.T, b1, w2, jnp.array(act), jnp.array(out), idx, cnt)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_compiled_matches_reference(dtype, tol):
+    b, n, c, f, c_out = 2, 1000, 256, 1024, 192  # N not a multiple of 128; C_out not a power of two
+    x, w1, b1, w2, _, act, out = _problem(1, b, n, c, f, c_out, dtype)
+    counts = [[256, 0, 1, 1024, 130, 512, 77, 384], [128, 3, 1000, 256, 0, 640, 200, 17]]
+    idx, cnt = _selection(2, b, 8, f, counts)
+    act_k, out_k = _step(x, w1, b1, w2, act, out, idx, cnt, "pallas")
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    assert not np.isnan(np.asarray(out_k, np.float32)).any()
+    assert _rel(out_k, out_r) <= tol
+    assert _rel(act_k, act_r) <= tol
+    if dtype == jnp.float32:
+        assert _rel(out_k - out, out_r - out) <= 1e-4
+
+
+def test_padding_slots_with_duplicate_ids_are_ignored_on_gpu():
+    b, n, c, f, c_out = 1, 512, 128, 512, 128
+    x, w1, b1, w2, _, act, out = _problem(3, b, n, c, f, c_out, jnp.float32)
+    idx, cnt = _selection(4, b, 4, f, [[100, 200, 37, 0]])
+    dup = jnp.concatenate([idx[..., :256], idx[..., :256]], axis=-1)  # slots past counts repeat selected ids
+    act_k, out_k = _step(x, w1, b1, w2, act, out, dup, cnt, "pallas")
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    assert _rel(out_k, out_r) <= 1e-5
+    assert _rel(act_k, act_r) <= 1e-5
+
+
+def test_invariant_after_several_sparse_steps_on_gpu():
+    b, n, c, f, c_out = 1, 640, 256, 1024, 256
+    x, w1, b1, w2, b2, act, out = _problem(5, b, n, c, f, c_out, jnp.float32)
+    fn = jax.jit(
+        lambda *a: mlp_op.sparse_mlp_delta(*a, impl="pallas", w1_transposed=True), donate_argnums=(4, 5)
+    )
+    for s in range(4):
+        xs = x + 0.3 * jax.random.normal(jax.random.key(10 + s), x.shape)
+        idx, cnt = _selection(20 + s, b, 5, f, [[256 + 128 * s, 128, 384, 0, 1024]])
+        act, out = fn(xs, w1.T, b1, w2, act, out, idx, cnt)
+    expected = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
+    assert _rel(out, expected) <= 1e-5
+
+
+def test_flux_shape_step_bf16_with_selection():
+    n, c, f = 4096, 3072, 12288
+    x, w1, b1, w2, _, act, out = _problem(6, 1, n, c, f, c, jnp.bfloat16)
+    scores = jax.random.uniform(jax.random.key(7), (1, n // 128, f))
+    idx_k, cnt_k = mlp_selection.select_top_features(scores, 3686, 128, impl="pallas")
+    idx_r, cnt_r = mlp_selection.select_top_features(scores, 3686, 128, impl="reference")
+    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
+    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+    act_k, out_k = _step(x, w1, b1, w2, act, out, idx_k, cnt_k, "pallas")
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx_k, cnt_k, "reference")
+    assert _rel(out_k, out_r) <= 1e-2
+    assert _rel(out_k - out, out_r - out) <= 2e-2
+    assert _rel(act_k, act_r) <= 1e-2
+
+
+def test_selection_compiled_with_random_features():
+    scores = jax.random.normal(jax.random.key(8), (2, 36, 13_824))
+    extra = jax.random.bernoulli(jax.random.key(9), 0.035, scores.shape)
+    idx_k, cnt_k = mlp_selection.select_top_features(scores, 4147, 256, extra=extra, impl="pallas")
+    idx_r, cnt_r = mlp_selection.select_top_features(scores, 4147, 256, extra=extra, impl="reference")
+    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
+    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
