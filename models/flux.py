@@ -1,0 +1,443 @@
+"""FLUX.1 transformer (diffusers ``FluxTransformer2DModel``) as pure functions, with Chipmunk inside.
+
+Params: a nested dict whose paths joined by "." are the diffusers state-dict names, with each
+``weight`` renamed ``kernel`` (Linear, transposed to [in, out]) or ``scale`` (RMSNorm). Blocks are
+Python lists (``params["transformer_blocks"][i]``, ``params["single_transformer_blocks"][i]``), not
+stacked: the loop is unrolled so each block can take its own Chipmunk step kind (first_n_dense_layers)
+and its own cache slot; ModuleList indices inside a block stay string keys (``to_out["0"]``,
+``ff["net"]["0"]["proj"]``). See ``chipmunk_jax.ports.flux`` for the converters.
+
+``forward`` mirrors diffusers' keywords and shapes:
+  hidden_states [B, N, in_channels] (packed latents), encoder_hidden_states [B, L, joint_attention_dim],
+  pooled_projections [B, pooled_projection_dim], timestep [B] (sigma in [0, 1]; x1000 inside),
+  img_ids [N, 3], txt_ids [L, 3], guidance [B] for dev (guidance_embeds=True) models.
+It returns [B, N, patch_size^2 * out_channels] in hidden_states' dtype (as diffusers, whose inputs
+come in the model dtype), and with ``chipmunk`` also the new cache. Timestep embeddings, RoPE, norms and modulation are float32; matmuls run in ``dtype``.
+
+Chipmunk (SPEC §5.1): every double and single block's joint attention goes through
+``sparse_delta_attention``; the double-block image MLP and the single-block MLP through
+``sparse_delta_mlp`` (the text MLP stays dense). Layer indices count double blocks 0..num_layers-1 then
+single blocks; the attention and MLP of one block share the index. With ``reorder.kind == "tiles"``
+the image tokens (and their RoPE rows) are permuted to 8x8/4x4 tile order inside ``forward`` and the
+output is permuted back, unless ``tokens_in_tile_order=True`` says the caller already keeps them so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models import mmdit
+from chipmunk_jax.models.layers import layer_norm, linear, rotary_tables, timestep_embedding, timestep_sinusoids
+
+__all__ = ["FluxConfig", "forward", "init_params", "init_cache", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
+
+Params = dict[str, Any]
+FLUX_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """``FluxTransformer2DModel`` constructor arguments (diffusers names and defaults = FLUX.1-schnell)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        if isinstance(self.axes_dims_rope, list):
+            object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        for name in ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+                     "joint_attention_dim", "pooled_projection_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_layers", "num_single_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.out_channels is not None and (
+            isinstance(self.out_channels, bool) or not isinstance(self.out_channels, int) or self.out_channels < 1
+        ):
+            raise ValueError(f"out_channels must be a positive integer or None, got {self.out_channels!r}")
+        if not isinstance(self.guidance_embeds, bool):
+            raise ValueError(f"guidance_embeds must be a bool, got {self.guidance_embeds!r}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
+                f"({self.attention_head_dim})"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return 4 * self.inner_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> "FluxConfig":
+        """From a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown FluxTransformer2DModel config keys: {unknown}")
+        return cls(**data)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["axes_dims_rope"] = list(self.axes_dims_rope)
+        return {"_class_name": "FluxTransformer2DModel", **out}
+
+    @classmethod
+    def dev(cls) -> "FluxConfig":
+        return cls(guidance_embeds=True)
+
+    @classmethod
+    def schnell(cls) -> "FluxConfig":
+        return cls(guidance_embeds=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _linear_init(key, fan_in, fan_out, dtype):
+    # torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+    bound = 1.0 / np.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    return {
+        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
+        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
+    }
+
+
+def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+    """Random parameters with torch's default Linear init (RMSNorm scales = 1); for tests and timing."""
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
+    keys = iter(jax.random.split(key, 16 + 32 * config.num_sparse_layers))
+    lin = lambda i, o: _linear_init(next(keys), i, o, dtype)  # noqa: E731
+    norm = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
+    emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731
+    time_text_embed = {"timestep_embedder": emb(256), "text_embedder": emb(config.pooled_projection_dim)}
+    if config.guidance_embeds:
+        time_text_embed["guidance_embedder"] = emb(256)
+
+    def double():
+        attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+        attn.update({name: norm() for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")})
+        attn.update({"to_out": {"0": lin(d, d)}, "to_add_out": lin(d, d)})
+        ff = lambda: {"net": {"0": {"proj": lin(d, f)}, "2": lin(f, d)}}  # noqa: E731
+        return {"norm1": {"linear": lin(d, 6 * d)}, "norm1_context": {"linear": lin(d, 6 * d)}, "attn": attn,
+                "ff": ff(), "ff_context": ff()}
+
+    def single():
+        attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
+        attn.update({"norm_q": norm(), "norm_k": norm()})
+        return {"norm": {"linear": lin(d, 3 * d)}, "attn": attn, "proj_mlp": lin(d, f), "proj_out": lin(d + f, d)}
+
+    return {
+        "x_embedder": lin(config.in_channels, d),
+        "context_embedder": lin(config.joint_attention_dim, d),
+        "time_text_embed": time_text_embed,
+        "transformer_blocks": [double() for _ in range(config.num_layers)],
+        "single_transformer_blocks": [single() for _ in range(config.num_single_layers)],
+        "norm_out": {"linear": lin(d, 2 * d)},
+        "proj_out": lin(d, config.output_channels),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+def rotary_emb(config: FluxConfig, txt_ids, img_ids) -> tuple[jax.Array, jax.Array]:
+    """``FluxPosEmbed`` tables for ``cat(txt_ids, img_ids)``: ([L+N, head_dim], [L+N, head_dim]) f32.
+
+    Concrete ids are evaluated in float64 (as diffusers); call this outside jit and pass the result as
+    ``forward(..., rotary_emb=...)`` to keep that accuracy for traced ids.
+    """
+    traced = isinstance(txt_ids, jax.core.Tracer) or isinstance(img_ids, jax.core.Tracer)
+    xp = jnp if traced else np
+    ids = xp.concatenate([xp.asarray(txt_ids), xp.asarray(img_ids)], axis=0)
+    return rotary_tables(ids, config.axes_dims_rope, FLUX_THETA)
+
+
+def image_grid_from_ids(img_ids) -> tuple[int, int]:
+    """(height, width) of a raster image-token grid from concrete ``img_ids`` [(0, row, col)]."""
+    if isinstance(img_ids, jax.core.Tracer):
+        raise ValueError("img_ids are traced: pass image_grid=(height, width) to forward")
+    ids = np.asarray(img_ids)
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    rows, cols = np.divmod(np.arange(ids.shape[0]), w)
+    if h * w != ids.shape[0] or not (np.array_equal(ids[:, 1], rows) and np.array_equal(ids[:, 2], cols)):
+        raise ValueError("img_ids are not a raster (0, row, col) grid: pass image_grid=(height, width)")
+    return h, w
+
+
+# ----------------------------------------------------------------------------------------------
+# Chipmunk cache
+
+
+def init_cache(
+    config: FluxConfig,
+    chipmunk: ChipmunkConfig,
+    *,
+    batch: int,
+    num_image_tokens: int,
+    num_text_tokens: int,
+    dtype=jnp.bfloat16,
+) -> dict[str, list]:
+    """Model cache: ``{"attention": [AttentionCache] * (num_layers + num_single_layers),
+    "mlp": [MLPCache] * (same)}``: one slot per block, double blocks first (the image MLP of a
+    double block caches the N image tokens, the single-block MLP all L+N tokens)."""
+    from chipmunk_jax.attention import init_attention_cache
+    from chipmunk_jax.mlp import init_mlp_cache
+
+    _check_configs(config, chipmunk)
+    joint = num_image_tokens + num_text_tokens
+    attention = [
+        init_attention_cache(chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
+                             head_dim=config.attention_head_dim, dtype=dtype)
+        for _ in range(config.num_sparse_layers)
+    ]
+    mlp = [
+        init_mlp_cache(chipmunk, batch=batch, seq_len=num_image_tokens if i < config.num_layers else joint,
+                       in_features=config.inner_dim, hidden_features=config.mlp_hidden_dim,
+                       out_features=config.inner_dim, dtype=dtype)
+        for i in range(config.num_sparse_layers)
+    ]
+    return {"attention": attention, "mlp": mlp}
+
+
+def _check_configs(config, chipmunk):
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    if not isinstance(chipmunk, ChipmunkConfig):
+        raise TypeError(f"chipmunk must be a ChipmunkConfig or None, got {type(chipmunk).__name__}")
+    if chipmunk.reorder.kind not in ("none", "tiles"):
+        raise ValueError(f"FLUX supports chipmunk.reorder.kind 'none' or 'tiles', got {chipmunk.reorder.kind!r}")
+
+
+def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl):
+    """(attention_op, mlp_op) for sparse-capable layer ``layer``; each returns its layer's new cache."""
+    from chipmunk_jax.attention import sparse_delta_attention
+    from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
+    from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
+
+    attn_kind = attention_step_kind(chipmunk, step, layer)
+    mlp_kind = mlp_step_kind(chipmunk, step, layer)
+    if key is None:
+        attn_key = mlp_key = None
+    else:
+        attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
+
+    def attention_op(q, k, v):
+        return sparse_delta_attention(
+            q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key, impl=kernel_impl
+        )
+
+    def mlp_op(x, w1, b1, w2, b2):
+        dtype = x.dtype
+        weights = MLPWeights(w1.astype(dtype), b1.astype(dtype), w2.astype(dtype), None if b2 is None else b2.astype(dtype))
+        return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key, impl=kernel_impl)
+
+    return attention_op, mlp_op
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _check_array(name, x, ndim):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                  guidance):
+    _check_array("hidden_states", hidden_states, 3)
+    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    _check_array("pooled_projections", pooled_projections, 2)
+    _check_array("img_ids", img_ids, 2)
+    _check_array("txt_ids", txt_ids, 2)
+    b, n, c = hidden_states.shape
+    if c != config.in_channels:
+        raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
+    if encoder_hidden_states.shape[0] != b or encoder_hidden_states.shape[2] != config.joint_attention_dim:
+        raise ValueError(
+            f"encoder_hidden_states must be [{b}, L, {config.joint_attention_dim}], got "
+            f"{tuple(encoder_hidden_states.shape)}"
+        )
+    if pooled_projections.shape != (b, config.pooled_projection_dim):
+        raise ValueError(
+            f"pooled_projections must be [{b}, {config.pooled_projection_dim}], got {tuple(pooled_projections.shape)}"
+        )
+    n_axes = len(config.axes_dims_rope)
+    if img_ids.shape != (n, n_axes):
+        raise ValueError(f"img_ids must be [{n}, {n_axes}], got {tuple(img_ids.shape)}")
+    if txt_ids.shape != (encoder_hidden_states.shape[1], n_axes):
+        raise ValueError(f"txt_ids must be [{encoder_hidden_states.shape[1]}, {n_axes}], got {tuple(txt_ids.shape)}")
+    for name, value in (("timestep", timestep), ("guidance", guidance)):
+        if value is None:
+            continue
+        if jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, b)):
+            raise ValueError(f"{name} must be a scalar or have shape [{b}], got shape {jnp.shape(value)}")
+    if config.guidance_embeds and guidance is None:
+        raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
+    if not config.guidance_embeds and guidance is not None:
+        raise ValueError("guidance must be None: this config has guidance_embeds=False (FLUX.1-schnell)")
+
+
+def _batch_vector(value, batch):
+    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
+
+
+def _time_text_embed(params: Params, timestep, guidance, pooled_projections):
+    # The model scales sigma and the guidance scale by 1000 itself; kept in f32 (diffusers casts to the
+    # model dtype first, which in bf16 quantises t*1000 to steps of 4).
+    temb = timestep_embedding(params["timestep_embedder"], timestep_sinusoids(timestep * 1000.0))
+    if guidance is not None:
+        temb = temb + timestep_embedding(params["guidance_embedder"], timestep_sinusoids(guidance * 1000.0))
+    return temb + timestep_embedding(params["text_embedder"], pooled_projections.astype(jnp.float32))
+
+
+def forward(
+    params: Params,
+    config: FluxConfig,
+    *,
+    hidden_states: jax.Array,
+    encoder_hidden_states: jax.Array,
+    pooled_projections: jax.Array,
+    timestep: jax.Array,
+    img_ids: jax.Array,
+    txt_ids: jax.Array,
+    guidance: jax.Array | None = None,
+    chipmunk: ChipmunkConfig | None = None,
+    cache: dict[str, list] | None = None,
+    step=None,
+    key: jax.Array | None = None,
+    image_grid: tuple[int, int] | None = None,
+    tokens_in_tile_order: bool = False,
+    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+    dtype=jnp.bfloat16,
+    attention_impl: str | None = None,
+    kernel_impl: str | None = None,
+):
+    """FLUX.1 transformer forward (see the module docstring for shapes).
+
+    Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``step`` (int or traced int32) and ``cache``
+    (from ``init_cache``; None builds a fresh one, right for step 0); returns ``(output, new_cache)``.
+    ``key`` seeds the random keys/features (per layer via ``fold_in``). ``image_grid=(h, w)`` is the
+    token grid for tile reordering (derived from concrete raster ``img_ids`` when omitted).
+    ``rotary_emb``: precomputed ``rotary_emb(config, txt_ids, img_ids)`` tables (joint raster order).
+    ``attention_impl``: passed to ``jax.nn.dot_product_attention`` for the dense path (None, "xla",
+    "cudnn"); ``kernel_impl``: passed to the Chipmunk ops.
+    """
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
+    _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                  guidance)
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    batch, num_img, _ = hidden_states.shape
+    num_txt = encoder_hidden_states.shape[1]
+    out_dtype = hidden_states.dtype
+
+    if rotary_emb is None:
+        rotary_emb = globals()["rotary_emb"](config, txt_ids, img_ids)
+    elif rotary_emb[0].shape != (num_txt + num_img, config.attention_head_dim):
+        raise ValueError(
+            f"rotary_emb tables must be [{num_txt + num_img}, {config.attention_head_dim}], got {rotary_emb[0].shape}"
+        )
+
+    inverse = None
+    if chipmunk is not None:
+        _check_configs(config, chipmunk)
+        if step is None:
+            raise ValueError("step is required when chipmunk is given")
+        if cache is None:
+            cache = init_cache(config, chipmunk, batch=batch, num_image_tokens=num_img, num_text_tokens=num_txt,
+                               dtype=dtype)
+        if chipmunk.reorder.kind == "tiles" and not tokens_in_tile_order:
+            from chipmunk_jax.reorder import inverse_permutation, joint_permutation, tile_permutation
+
+            grid = image_grid if image_grid is not None else image_grid_from_ids(img_ids)
+            if len(grid) != 2 or grid[0] * grid[1] != num_img:
+                raise ValueError(f"image_grid {grid} does not hold the {num_img} image tokens")
+            perm = tile_permutation(int(grid[0]), int(grid[1]), chipmunk.reorder.tile, chipmunk.reorder.subtile)
+            inverse = inverse_permutation(perm)
+            hidden_states = jnp.take(hidden_states, jnp.asarray(perm), axis=1)
+            joint = jnp.asarray(joint_permutation(perm, num_txt, text_first=True))
+            rotary_emb = (jnp.take(rotary_emb[0], joint, axis=0), jnp.take(rotary_emb[1], joint, axis=0))
+    elif cache is not None or step is not None:
+        raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
+
+    timestep = _batch_vector(timestep, batch)
+    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    temb = _time_text_embed(params["time_text_embed"], timestep, guidance, pooled_projections)
+    img = linear(params["x_embedder"], hidden_states, dtype, jnp.float32)
+    txt = linear(params["context_embedder"], encoder_hidden_states, dtype, jnp.float32)
+
+    block_kw = dict(head_dim=config.attention_head_dim, dtype=dtype, attention_impl=attention_impl)
+    new_attention, new_mlp = [], []
+    for i, block in enumerate(params["transformer_blocks"]):
+        ops = {} if chipmunk is None else dict(zip(("attention_op", "mlp_op"),
+                                                   _chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)))
+        txt, img, (attn_aux, mlp_aux) = mmdit.double_block(block, img, txt, temb, rotary_emb, text_first=True,
+                                                           **block_kw, **ops)
+        new_attention.append(attn_aux)
+        new_mlp.append(mlp_aux)
+
+    joint_states = jnp.concatenate([txt, img], axis=1)
+    for j, block in enumerate(params["single_transformer_blocks"]):
+        layer = config.num_layers + j
+        ops = {} if chipmunk is None else dict(zip(("attention_op", "mlp_op"),
+                                                   _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl)))
+        joint_states, (attn_aux, mlp_aux) = mmdit.single_block(block, joint_states, temb, rotary_emb, **block_kw,
+                                                                **ops)
+        new_attention.append(attn_aux)
+        new_mlp.append(mlp_aux)
+    img = joint_states[:, num_txt:]
+
+    scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)
+    img = layer_norm(img, 1e-6) * (1.0 + scale[:, None]) + shift[:, None]
+    output = linear(params["proj_out"], img, dtype, jnp.float32)
+    if inverse is not None:
+        output = jnp.take(output, jnp.asarray(inverse), axis=1)
+    output = output.astype(out_dtype)
+    if chipmunk is None:
+        return output
+    return output, {"attention": new_attention, "mlp": new_mlp}

@@ -1,0 +1,222 @@
+"""MMDiT double-stream and single-stream blocks (diffusers ``FluxTransformerBlock`` /
+``FluxSingleTransformerBlock``), shared by FLUX.1 and HunyuanVideo (MODELS.md §1.1, §7.1).
+
+Parameters use the diffusers names: a double block holds ``norm1``, ``norm1_context``, ``attn``
+(``to_q/to_k/to_v``, ``add_q_proj/add_k_proj/add_v_proj``, ``norm_q/norm_k/norm_added_q/norm_added_k``,
+``to_out["0"]``, ``to_add_out``), ``ff`` and ``ff_context`` (``net["0"]["proj"]``, ``net["2"]``); a single
+block holds ``norm``, ``attn`` (``to_q/to_k/to_v``, ``norm_q/norm_k``), ``proj_mlp`` and ``proj_out``.
+
+What differs between the models is passed in: the concat order of the joint sequence
+(``text_first``: FLUX puts text first, HunyuanVideo image first), the RoPE tables (already in joint
+order; text rows may be identity), and an optional key mask [B, S_joint] (True = attend).
+
+Chipmunk hooks: ``attention_op(q, k, v) -> (out, aux)`` replaces the joint attention (q/k/v are
+[B, S, H, D] after QK-norm and RoPE) and ``mlp_op(x, w1, b1, w2, b2) -> (y, aux)`` replaces the
+image-stream MLP of a double block or the MLP branch of a single block. Each block returns the aux
+values its ops produced (None for the dense defaults), so caches stay explicit state.
+
+The residual streams are float32; matmul inputs are cast to ``dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from chipmunk_jax.models.layers import (
+    apply_rotary_emb,
+    gelu_tanh,
+    layer_norm,
+    linear,
+    matmul_precision,
+    modulate,
+    rms_norm,
+)
+
+__all__ = ["dense_attention", "dense_mlp", "double_block", "single_block"]
+
+Params = dict[str, Any]
+AttentionOp = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+MLPOp = Callable[..., tuple[jax.Array, Any]]
+
+_EPS = 1e-6
+
+
+def dense_attention(q, k, v, *, key_mask=None, implementation=None):
+    """Softmax attention on [B, S, H, D], scale 1/sqrt(D). float32 runs an explicit HIGHEST-precision
+    einsum (jax.nn.dot_product_attention would use TF32 on GPUs); other dtypes go to
+    ``jax.nn.dot_product_attention`` (cuDNN on GPUs when ``implementation`` allows)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    if q.dtype == jnp.float32:
+        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+        hi = jax.lax.Precision.HIGHEST
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=hi) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=hi)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def dense_mlp(x, w1, b1, w2, b2, *, dtype):
+    """``GELU_tanh(x @ w1 + b1) @ w2 (+ b2)``; returns (y, None) like a Chipmunk MLP op."""
+    precision = matmul_precision(dtype)
+    h = jnp.matmul(x.astype(dtype), w1.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
+    h = gelu_tanh(h + b1.astype(jnp.float32)).astype(dtype)
+    y = jnp.matmul(h, w2.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
+    if b2 is not None:
+        y = y + b2.astype(jnp.float32)
+    return y.astype(dtype), None
+
+
+def _heads(x, head_dim):
+    return x.reshape(*x.shape[:-1], -1, head_dim)
+
+
+def _qkv(attn: Params, x, *, q_name, k_name, v_name, q_norm, k_norm, head_dim, dtype):
+    q = rms_norm(attn[q_norm], _heads(linear(attn[q_name], x, dtype), head_dim), _EPS)
+    k = rms_norm(attn[k_norm], _heads(linear(attn[k_name], x, dtype), head_dim), _EPS)
+    v = _heads(linear(attn[v_name], x, dtype), head_dim)
+    return q, k, v
+
+
+def _joint(first, second):
+    return jnp.concatenate([first, second], axis=1)
+
+
+def _default_attention(key_mask, implementation):
+    def op(q, k, v):
+        return dense_attention(q, k, v, key_mask=key_mask, implementation=implementation), None
+
+    return op
+
+
+def _ada_chunks(params: Params, temb, n):
+    """AdaLayerNormZero modulation: ``linear(SiLU(temb))`` in float32, split into n [B, D] chunks."""
+    return jnp.split(linear(params["linear"], jax.nn.silu(temb), jnp.float32), n, axis=-1)
+
+
+def _rope(x, rotary_emb, dtype):
+    if rotary_emb is None:
+        return x.astype(dtype)
+    return apply_rotary_emb(x, rotary_emb).astype(dtype)
+
+
+def double_block(
+    params: Params,
+    hidden_states: jax.Array,
+    encoder_hidden_states: jax.Array,
+    temb: jax.Array,
+    rotary_emb: tuple[jax.Array, jax.Array] | None,
+    *,
+    head_dim: int,
+    text_first: bool = True,
+    key_mask: jax.Array | None = None,
+    dtype=jnp.bfloat16,
+    attention_op: AttentionOp | None = None,
+    mlp_op: MLPOp | None = None,
+    attention_impl: str | None = None,
+) -> tuple[jax.Array, jax.Array, tuple[Any, Any]]:
+    """One double-stream block. Returns (encoder_hidden_states, hidden_states, (attn_aux, mlp_aux))."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_chunks(params["norm1"], temb, 6)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_chunks(
+        params["norm1_context"], temb, 6
+    )
+    norm_img = modulate(layer_norm(hidden_states, _EPS), shift_msa, scale_msa)
+    norm_txt = modulate(layer_norm(encoder_hidden_states, _EPS), c_shift_msa, c_scale_msa)
+
+    attn = params["attn"]
+    q_img, k_img, v_img = _qkv(
+        attn, norm_img, q_name="to_q", k_name="to_k", v_name="to_v", q_norm="norm_q", k_norm="norm_k",
+        head_dim=head_dim, dtype=dtype,
+    )
+    q_txt, k_txt, v_txt = _qkv(
+        attn, norm_txt, q_name="add_q_proj", k_name="add_k_proj", v_name="add_v_proj",
+        q_norm="norm_added_q", k_norm="norm_added_k", head_dim=head_dim, dtype=dtype,
+    )
+    order = (lambda txt, img: _joint(txt, img)) if text_first else (lambda txt, img: _joint(img, txt))
+    q = _rope(order(q_txt, q_img), rotary_emb, dtype)
+    k = _rope(order(k_txt, k_img), rotary_emb, dtype)
+    v = order(v_txt, v_img).astype(dtype)
+
+    attention_op = attention_op or _default_attention(key_mask, attention_impl)
+    out, attn_aux = attention_op(q, k, v)
+    out = out.reshape(*out.shape[:2], -1)
+    num_txt = encoder_hidden_states.shape[1]
+    num_img = hidden_states.shape[1]
+    if text_first:
+        out_txt, out_img = out[:, :num_txt], out[:, num_txt:]
+    else:
+        out_img, out_txt = out[:, :num_img], out[:, num_img:]
+
+    hidden_states = hidden_states + gate_msa[:, None] * linear(attn["to_out"]["0"], out_img, dtype, jnp.float32)
+    norm_img = modulate(layer_norm(hidden_states, _EPS), shift_mlp, scale_mlp)
+    ff = params["ff"]["net"]
+    weights = (ff["0"]["proj"]["kernel"], ff["0"]["proj"]["bias"], ff["2"]["kernel"], ff["2"]["bias"])
+    if mlp_op is None:
+        ff_out, mlp_aux = dense_mlp(norm_img, *weights, dtype=dtype)
+    else:
+        ff_out, mlp_aux = mlp_op(norm_img.astype(dtype), *weights)
+    hidden_states = hidden_states + gate_mlp[:, None] * ff_out.astype(jnp.float32)
+
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * linear(
+        attn["to_add_out"], out_txt, dtype, jnp.float32
+    )
+    norm_txt = modulate(layer_norm(encoder_hidden_states, _EPS), c_shift_mlp, c_scale_mlp)
+    ffc = params["ff_context"]["net"]
+    ff_txt, _ = dense_mlp(
+        norm_txt, ffc["0"]["proj"]["kernel"], ffc["0"]["proj"]["bias"], ffc["2"]["kernel"], ffc["2"]["bias"],
+        dtype=dtype,
+    )
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * ff_txt.astype(jnp.float32)
+    return encoder_hidden_states, hidden_states, (attn_aux, mlp_aux)
+
+
+def single_block(
+    params: Params,
+    hidden_states: jax.Array,
+    temb: jax.Array,
+    rotary_emb: tuple[jax.Array, jax.Array] | None,
+    *,
+    head_dim: int,
+    key_mask: jax.Array | None = None,
+    dtype=jnp.bfloat16,
+    attention_op: AttentionOp | None = None,
+    mlp_op: MLPOp | None = None,
+    attention_impl: str | None = None,
+) -> tuple[jax.Array, tuple[Any, Any]]:
+    """One single-stream block on the joint sequence [B, S, D] (already concatenated in the model's
+    order; diffusers re-concatenates per block, which is the same math). Returns (hidden_states, aux).
+
+    With an ``mlp_op`` the fused ``proj_out`` is applied in two halves: ``attn @ W[:D] + bias`` and the
+    op's ``mlp @ W[D:]`` without bias, so the bias is added once (the original Chipmunk adds it twice,
+    SPEC §10.2; we keep the FLUX math).
+    """
+    shift, scale, gate = _ada_chunks(params["norm"], temb, 3)
+    norm = modulate(layer_norm(hidden_states, _EPS), shift, scale)
+    q, k, v = _qkv(
+        params["attn"], norm, q_name="to_q", k_name="to_k", v_name="to_v", q_norm="norm_q", k_norm="norm_k",
+        head_dim=head_dim, dtype=dtype,
+    )
+    q, k, v = _rope(q, rotary_emb, dtype), _rope(k, rotary_emb, dtype), v.astype(dtype)
+    attention_op = attention_op or _default_attention(key_mask, attention_impl)
+    attn_out, attn_aux = attention_op(q, k, v)
+    attn_out = attn_out.reshape(*attn_out.shape[:2], -1).astype(dtype)
+
+    proj_out = params["proj_out"]
+    dim = attn_out.shape[-1]
+    if mlp_op is None:
+        mlp_hidden = gelu_tanh(linear(params["proj_mlp"], norm, dtype, jnp.float32)).astype(dtype)
+        update = linear(proj_out, jnp.concatenate([attn_out, mlp_hidden], axis=-1), dtype, jnp.float32)
+        mlp_aux = None
+    else:
+        w_attn, w_mlp = proj_out["kernel"][:dim], proj_out["kernel"][dim:]
+        mlp_y, mlp_aux = mlp_op(
+            norm.astype(dtype), params["proj_mlp"]["kernel"], params["proj_mlp"]["bias"], w_mlp, None
+        )
+        update = linear({"kernel": w_attn, "bias": proj_out["bias"]}, attn_out, dtype, jnp.float32)
+        update = update + mlp_y.astype(jnp.float32)
+    hidden_states = hidden_states + gate[:, None] * update
+    return hidden_states, (attn_aux, mlp_aux)

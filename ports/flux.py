@@ -1,0 +1,339 @@
+"""FLUX.1 weight ports: diffusers and original BFL checkpoints -> ``chipmunk_jax.models.flux`` params.
+
+Names follow MODELS.md §5.1 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
+becomes ``params[a][b]["kernel"]`` [in, out] (an RMSNorm ``weight`` becomes ``scale``), biases are
+copied, and ``transformer_blocks`` / ``single_transformer_blocks`` are lists. The BFL layout is first
+rewritten to diffusers names (fused qkv split in three, single-block ``linear1`` split into q, k, v,
+mlp, the final modulation halves swapped from (shift, scale) to (scale, shift)).
+
+Returned params hold numpy arrays (memory-mapped views where the input was), in the checkpoint dtype
+unless ``dtype`` is given; ``jax.device_put`` them when needed. Every key is checked against the
+config: missing keys, unexpected keys and wrong shapes raise one ValueError that lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from chipmunk_jax.models.flux import FluxConfig, init_params
+from chipmunk_jax.ports.safetensors_io import load_state_dict
+
+__all__ = [
+    "from_diffusers",
+    "from_original",
+    "from_checkpoint",
+    "to_diffusers",
+    "expected_diffusers_shapes",
+    "flatten_params",
+    "unflatten_params",
+    "infer_config",
+    "is_original_layout",
+    "ORIGINAL_PREFIX",
+]
+
+ORIGINAL_PREFIX = "model.diffusion_model."
+_LIST_NODES = ("transformer_blocks", "single_transformer_blocks")
+_NORM_NAMES = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree <-> flat names
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """{"transformer_blocks.0.attn.to_q.kernel": array, ...}: the params tree with "."-joined paths."""
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            items = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:
+            out[prefix[:-1]] = node
+            return
+        for k, v in items:
+            walk(v, f"{prefix}{k}.")
+
+    walk(params, "")
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``flatten_params`` (the two block stacks become lists)."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    for name in _LIST_NODES:
+        if name in tree:
+            blocks = tree[name]
+            indices = sorted(int(i) for i in blocks)
+            if indices != list(range(len(indices))):
+                raise ValueError(f"{name} indices are not contiguous from 0: {indices}")
+            tree[name] = [blocks[str(i)] for i in indices]
+    return tree
+
+
+def _param_to_diffusers_name(name: str) -> str:
+    return re.sub(r"\.(kernel|scale)$", ".weight", name)
+
+
+def expected_diffusers_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers state-dict name: torch shape} for ``config`` (the model's own structure, via eval_shape)."""
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
+    shapes = {}
+    for name, leaf in flatten_params(abstract).items():
+        shape = tuple(leaf.shape)
+        shapes[_param_to_diffusers_name(name)] = shape[::-1] if name.endswith(".kernel") else shape
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Array helpers
+
+
+def _to_numpy(value) -> np.ndarray:
+    """numpy view of a torch tensor (bf16 through an int16 view: numpy has no torch bf16), numpy or JAX array."""
+    if isinstance(value, np.ndarray):
+        return value
+    module = type(value).__module__
+    if module.startswith("torch"):
+        import ml_dtypes
+        import torch
+
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: got {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
+        raise ValueError(f"{what} does not match the FLUX config: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers
+
+
+def _block_count(keys, prefix: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(state: Mapping[str, Any]) -> FluxConfig:
+    """FluxConfig from a diffusers-layout state dict's shapes. axes_dims_rope cannot be seen in the
+    weights: (16, 56, 56) is assumed for head_dim 128 (every released FLUX.1), else pass a config."""
+    try:
+        inner_dim, in_channels = state["x_embedder.weight"].shape
+        head_dim = next(state[k].shape[0] for k in state if k.endswith("attn.norm_q.weight"))
+        out_features = state["proj_out.weight"].shape[0]
+        joint_dim = state["context_embedder.weight"].shape[1]
+        pooled_dim = state["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+    except (KeyError, StopIteration) as e:
+        raise ValueError(f"cannot infer the FLUX config from the state dict (no {e}): pass config=") from None
+    if head_dim != 128:
+        raise ValueError(f"head_dim {head_dim} != 128: axes_dims_rope is unknown, pass config=")
+    if out_features != in_channels:
+        raise ValueError(f"proj_out has {out_features} outputs for {in_channels} inputs: pass config=")
+    return FluxConfig(
+        in_channels=int(in_channels),
+        num_layers=_block_count(state, "transformer_blocks"),
+        num_single_layers=_block_count(state, "single_transformer_blocks"),
+        attention_head_dim=int(head_dim),
+        num_attention_heads=int(inner_dim // head_dim),
+        joint_attention_dim=int(joint_dim),
+        pooled_projection_dim=int(pooled_dim),
+        guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in state),
+    )
+
+
+def from_diffusers(module_or_state_dict, config: FluxConfig | None = None, *, dtype=None):
+    """(FluxConfig, params) from a diffusers ``FluxTransformer2DModel`` or its state dict.
+
+    The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
+    ``dtype`` (e.g. ``jnp.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
+    """
+    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
+        module = module_or_state_dict
+        if config is None and hasattr(module, "config"):
+            config = FluxConfig.from_diffusers(dict(module.config))
+        state = module.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        state = module_or_state_dict
+    else:
+        raise TypeError(
+            "module_or_state_dict must be a diffusers FluxTransformer2DModel or a mapping of tensors, "
+            f"got {type(module_or_state_dict).__name__}"
+        )
+    if config is not None and not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig or None, got {type(config).__name__}")
+    if is_original_layout(state):
+        raise ValueError("this state dict is in the original BFL layout (double_blocks.*): use from_original")
+    state = {k: _to_numpy(v) for k, v in state.items()}
+    config = config or infer_config(state)
+    _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
+    flat = {}
+    for name, value in state.items():
+        stem, kind = name.rsplit(".", 1)
+        if kind == "weight":
+            name, value = (f"{stem}.kernel", value.T) if value.ndim == 2 else (f"{stem}.scale", value)
+        flat[name] = value if dtype is None else value.astype(dtype)
+    return config, unflatten_params(flat)
+
+
+def to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
+    out = {}
+    for name, value in flatten_params(params).items():
+        value = _to_numpy(value)
+        out[_param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Original BFL layout
+
+
+def is_original_layout(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("double_blocks.", "single_blocks.", ORIGINAL_PREFIX + "double_blocks.")) for k in state)
+
+
+_TOP_LEVEL = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_DOUBLE = {
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+_DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+_DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+               "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
+_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def _swap_halves(x: np.ndarray) -> np.ndarray:
+    first, second = np.split(x, 2, axis=0)
+    return np.concatenate([second, first], axis=0)
+
+
+def original_to_diffusers_state(state: Mapping[str, Any], config: FluxConfig) -> dict[str, np.ndarray]:
+    """Rewrites a BFL-layout state dict (``model.diffusion_model.`` prefix optional) to diffusers names.
+    Keys it does not know are reported together with the missing/shape errors of the result."""
+    state = {(k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k): _to_numpy(v) for k, v in state.items()}
+    d = config.inner_dim
+    out: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)$", stem)
+        if stem == "final_layer.adaLN_modulation.1":
+            out[f"norm_out.linear.{kind}"] = _swap_halves(value)
+        elif stem in _TOP_LEVEL:
+            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
+        elif m is None:
+            unknown.append(key)
+        elif m.group(1) == "double_blocks":
+            base, rest = f"transformer_blocks.{m.group(2)}", m.group(3)
+            if rest in _DOUBLE:
+                out[f"{base}.{_DOUBLE[rest]}.{kind}"] = value
+            elif f"{rest}.{kind}" in _DOUBLE_NORMS:
+                out[f"{base}.{_DOUBLE_NORMS[f'{rest}.{kind}']}"] = value
+            elif rest in _DOUBLE_QKV and value.shape[0] == 3 * d:
+                for name, part in zip(_DOUBLE_QKV[rest], np.split(value, 3, axis=0)):
+                    out[f"{base}.{name}.{kind}"] = part
+            else:
+                unknown.append(key)
+        else:
+            base, rest = f"single_transformer_blocks.{m.group(2)}", m.group(3)
+            if rest in _SINGLE:
+                out[f"{base}.{_SINGLE[rest]}.{kind}"] = value
+            elif f"{rest}.{kind}" in _SINGLE_NORMS:
+                out[f"{base}.{_SINGLE_NORMS[f'{rest}.{kind}']}"] = value
+            elif rest == "linear1" and value.shape[0] == 3 * d + config.mlp_hidden_dim:
+                names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+                for name, part in zip(names, np.split(value, [d, 2 * d, 3 * d], axis=0)):
+                    out[f"{base}.{name}.{kind}"] = part
+            else:
+                unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown or malformed keys in the BFL checkpoint ({len(unknown)}): {sorted(unknown)}")
+    return out
+
+
+def from_original(state_dict: Mapping[str, Any], config: FluxConfig, *, dtype=None):
+    """(FluxConfig, params) from a BFL single-file checkpoint's state dict (``flux1-dev.safetensors``)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    try:
+        return from_diffusers(original_to_diffusers_state(state_dict, config), config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"BFL checkpoint (converted to diffusers names): {e}") from None
+
+
+def original_config_guess(state: Mapping[str, Any]) -> FluxConfig:
+    """FLUX.1 config for a BFL checkpoint: dev if it has ``guidance_in``, else schnell; block counts
+    from the keys (the BFL file carries no config)."""
+    keys = [k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k for k in state]
+    return FluxConfig(
+        num_layers=_block_count(keys, "double_blocks"),
+        num_single_layers=_block_count(keys, "single_blocks"),
+        guidance_embeds=any(k.startswith("guidance_in.") for k in keys),
+    )
+
+
+def from_checkpoint(path: str | os.PathLike, config: FluxConfig | None = None, *, dtype=None):
+    """(FluxConfig, params) from a diffusers folder (config.json + safetensors shards) or one
+    .safetensors file in either layout, memory-mapped; pickle formats are refused."""
+    config_dict, state = load_state_dict(path)
+    if config is None and config_dict is not None:
+        config = FluxConfig.from_diffusers(config_dict)
+    if is_original_layout(state):
+        return from_original(state, config or original_config_guess(state), dtype=dtype)
+    return from_diffusers(state, config, dtype=dtype)
