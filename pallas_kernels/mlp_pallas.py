@@ -2,12 +2,12 @@
 
 Two kernels, both gathering only the selected hidden features of each row block:
 
-  fc1: grid (feature chunk j, row block r, batch b). Tile zt[f, t] = w1t[ids_f, :] . x[t, :] + b1[ids_f]
+  fc1: grid (row block r, feature chunk j, batch b), r fastest (MlpTiles.rows_fastest). Tile zt[f, t] = w1t[ids_f, :] . x[t, :] + b1[ids_f]
        for BF gathered features x BM tokens (features are the GEMM's M dimension so the tile is already
        feature-major like the activation cache). Epilogue: GELU-tanh in f32, delta = new - cached, the
        new activations scattered back into act_cache in place, delta written packed and feature-major
        into delta_t [B, Kp, NBxBM] (column c of row block r <-> feature indices[b, r, c]).
-  fc2: grid (output tile n, row block r, batch b). out[t, n-tile] += sum over packed chunks of
+  fc2: grid (row block r, output tile n, batch b), r fastest. out[t, n-tile] += sum over packed chunks of
        delta_t[chunk, t]^T . w2[ids_chunk, n-tile], accumulated in f32 and added to out_cache in place.
 
 Everything the kernels index with program-dependent offsets is passed as a whole-array block (a
@@ -42,9 +42,16 @@ class MlpTiles:
     fc2_cols: int = 128  # BN: output columns per fc2 program
     fc2_warps: int = 4
     fc2_stages: int = 3
+    # Launch order: row blocks fastest. Selections list features ascending, so programs running together
+    # (same packed chunk, different row blocks) gather nearby weight rows and share them through L2.
+    rows_fastest: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.rows_fastest, bool):
+            raise ValueError(f"MlpTiles.rows_fastest must be a bool, got {self.rows_fastest!r}")
         for field in dataclasses.fields(self):
+            if field.name == "rows_fastest":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MlpTiles.{field.name} must be a positive integer, got {value!r}")
@@ -68,6 +75,7 @@ PRODUCTION_TILES = (
              fc2_stages=3),
     MlpTiles(fc1_features=128, fc1_k=128, fc1_warps=8, fc1_stages=3, fc2_cols=128, fc2_k=128, fc2_warps=8,
              fc2_stages=3),
+    MlpTiles(rows_fastest=False),
 )
 
 
@@ -96,9 +104,10 @@ def _precision(dtype):
 
 def _fc1_kernel(
     counts_ref, ids_ref, x_ref, w1t_ref, b1_ref, act_ref, delta_ref, act_out_ref,
-    *, n_tokens, bk, mask_tokens,
+    *, n_tokens, bk, mask_tokens, rows_fastest,
 ):
-    j, r, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r, j = (pl.program_id(0), pl.program_id(1)) if rows_fastest else (pl.program_id(1), pl.program_id(0))
+    b = pl.program_id(2)
     bf, bm = delta_ref.shape
     num_features, c = w1t_ref.shape
     count = counts_ref[b, r]
@@ -156,22 +165,28 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAU
         raise ValueError(f"indices' last dim ({kp}) must be a multiple of fc1_features ({bf})")
     if not _is_pow2(block_size) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16 for the Pallas kernels, got {block_size}")
-    whole = lambda shape: pl.BlockSpec(shape, lambda j, r, bb: (0,) * len(shape))
-    kernel = functools.partial(_fc1_kernel, n_tokens=n, bk=bk, mask_tokens=n % block_size != 0)
+    fast = tiles.rows_fastest
+    # Index maps take the launch grid's ids; `rj` puts them back in (row block, chunk, batch) order.
+    rj = (lambda p0, p1, bb: (p0, p1, bb)) if fast else (lambda p0, p1, bb: (p1, p0, bb))
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    per_batch = lambda shape: pl.BlockSpec((None, *shape), lambda *g: (rj(*g)[2], 0, 0))
+    kernel = functools.partial(
+        _fc1_kernel, n_tokens=n, bk=bk, mask_tokens=n % block_size != 0, rows_fastest=fast
+    )
     delta_t, act_cache = pl.pallas_call(
         kernel,
-        grid=(kp // bf, nb, b),
+        grid=(nb, kp // bf, b) if fast else (kp // bf, nb, b),
         in_specs=[
             whole(counts.shape),
-            pl.BlockSpec((None, None, bf), lambda j, r, bb: (bb, r, j)),
-            pl.BlockSpec((None, n, c), lambda j, r, bb: (bb, 0, 0)),
+            pl.BlockSpec((None, None, bf), lambda *g: (rj(*g)[2], rj(*g)[0], rj(*g)[1])),
+            per_batch((n, c)),
             whole(w1t.shape),
             whole(b1.shape),
-            pl.BlockSpec((None, num_features, n), lambda j, r, bb: (bb, 0, 0)),
+            per_batch((num_features, n)),
         ],
         out_specs=[
-            pl.BlockSpec((None, bf, block_size), lambda j, r, bb: (bb, j, r)),
-            pl.BlockSpec((None, num_features, n), lambda j, r, bb: (bb, 0, 0)),
+            pl.BlockSpec((None, bf, block_size), lambda *g: (rj(*g)[2], rj(*g)[1], rj(*g)[0])),
+            per_batch((num_features, n)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, kp, nb * block_size), w1t.dtype),
@@ -185,8 +200,11 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAU
     return delta_t, act_cache
 
 
-def _fc2_body(counts_ref, ids_ref, delta_ref, w2_ref, out_ref, out_out_ref, *, n_tokens, bk, bm, bn, mask_tokens):
-    nt, r, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _fc2_body(
+    counts_ref, ids_ref, delta_ref, w2_ref, out_ref, out_out_ref, *, n_tokens, bk, bm, bn, mask_tokens, rows_fastest
+):
+    r, nt = (pl.program_id(0), pl.program_id(1)) if rows_fastest else (pl.program_id(1), pl.program_id(0))
+    b = pl.program_id(2)
     count = counts_ref[b, r]
     dtype = w2_ref.dtype
 
@@ -227,13 +245,14 @@ def fc2_delta(delta_t, w2, out_cache, indices, counts, *, block_size, tiles=DEFA
     nb = indices.shape[1]
     bk = tiles.fc2_k
     bn = _pow2_divisor(c_out, tiles.fc2_cols, "C_out (w2's output dim)")
-    whole = lambda shape: pl.BlockSpec(shape, lambda nt, r, bb: (0,) * len(shape))
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     kernel = functools.partial(
-        _fc2_body, n_tokens=n, bk=bk, bm=block_size, bn=bn, mask_tokens=n % block_size != 0
+        _fc2_body, n_tokens=n, bk=bk, bm=block_size, bn=bn, mask_tokens=n % block_size != 0,
+        rows_fastest=tiles.rows_fastest,
     )
     return pl.pallas_call(
         kernel,
-        grid=(c_out // bn, nb, b),
+        grid=(nb, c_out // bn, b) if tiles.rows_fastest else (c_out // bn, nb, b),
         in_specs=[whole(counts.shape), whole(indices.shape), whole(delta_t.shape), whole(w2.shape),
                   whole(out_cache.shape)],
         out_specs=whole(out_cache.shape),

@@ -250,3 +250,13 @@ def test_selection_bad_inputs_raise(kwargs, error, match):
         mlp_selection.select_top_features(
             args.pop("scores"), args.pop("keep"), args.pop("multiple_of"), **args
         )
+
+
+def test_chunk_major_launch_order_matches_reference():
+    p = _problem(17, b=2, n=200)
+    indices, counts = _selection(18, 2, 2, 256, [[200, 0], [64, 131]])
+    tiles = mlp_pallas.MlpTiles(rows_fastest=False)
+    act_k, out_k = _run(p, indices, counts, "interpret", tiles=tiles)
+    act_r, out_r = _run(p, indices, counts, "reference")
+    assert _rel(out_k, out_r) <= 1e-5
+    assert _rel(act_k, act_r) <= 1e-5

@@ -28,7 +28,7 @@ def _lower_cuda(f, *specs):
         return jax.jit(f, donate_argnums=(4, 5)).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}w{t.fc1_warps}")
+@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}r{int(t.rows_fastest)}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_sparse_mlp_delta_lowers_for_cuda(shape, tiles):
     _, n, c, f, c_out = shape
