@@ -33,6 +33,10 @@ __all__ = [
     "unflatten_params",
     "infer_config",
     "is_original_layout",
+    "original_to_diffusers_state",
+    "original_config_guess",
+    "save_params",
+    "load_params",
     "ORIGINAL_PREFIX",
 ]
 
@@ -337,3 +341,52 @@ def from_checkpoint(path: str | os.PathLike, config: FluxConfig | None = None, *
     if is_original_layout(state):
         return from_original(state, config or original_config_guess(state), dtype=dtype)
     return from_diffusers(state, config, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted params on disk
+
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_params(directory: str | os.PathLike, config: FluxConfig, params: Mapping[str, Any]) -> None:
+    """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically; the
+    config is written last, so a folder with a config always has complete params."""
+    import json
+    import tempfile
+
+    from chipmunk_jax.ports.safetensors_io import write_safetensors
+
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    flat = {k: _to_numpy(v) for k, v in flatten_params(params).items()}
+    write_safetensors(os.path.join(directory, PARAMS_FILE), flat, metadata={"format": "chipmunk_jax.flux"})
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-config-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config.to_diffusers(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_params(directory: str | os.PathLike):
+    """(FluxConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    import json
+
+    from chipmunk_jax.ports.safetensors_io import read_safetensors
+
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        config = FluxConfig.from_diffusers(json.load(f))
+    flat = read_safetensors(os.path.join(directory, PARAMS_FILE))
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
+    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+    _check_state(flat, expected, f"params in {directory!r}")
+    return config, unflatten_params(flat)
