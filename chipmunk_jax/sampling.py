@@ -1,0 +1,172 @@
+"""Flow-matching Euler sampling as ONE jitted loop with the Chipmunk caches carried as state.
+
+The sampler is model-agnostic. A model plugs in through a ``Denoiser``:
+
+    compute(params, latents, sigma, cond, cache, step, key) -> (velocity, hidden, cache)
+        the full model call; ``hidden`` is the pre-head hidden state kept for step caching
+    head(params, hidden, sigma, cond) -> velocity
+        only the final layer, conditioned on the current sigma (used on skipped steps, SPEC §4.3)
+
+``sigma`` is the flow-matching noise level in [0, 1]; each model converts it to its own timestep
+convention (FLUX multiplies by 1000 inside the model, HunyuanVideo and Wan take sigma * 1000).
+The loop is ``lax.fori_loop`` over steps with ``lax.cond`` on the step kind; latents, caches and
+the step cache are the carry, and the jitted function donates them so they update in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax.cache import StepCache, select_branch, stack_branches, update_branch
+from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.schedule import ModelStep, model_schedule
+
+__all__ = [
+    "Denoiser",
+    "flux_shift",
+    "flow_sigmas",
+    "sample",
+    "make_sampler",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    compute: Callable[..., tuple[Any, Any, Any]]
+    head: Callable[..., Any]
+
+
+def flux_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
+               base_seq_len: int = 256, max_seq_len: int = 4096) -> float:
+    """FLUX's resolution-dependent ``mu`` (diffusers ``calculate_shift``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flow_sigmas(num_steps: int, *, shift: float | None = None, mu: float | None = None) -> np.ndarray:
+    """num_steps + 1 noise levels from 1 down to 0 (float32).
+
+    ``shift``: fixed shift s (HunyuanVideo 7.0, Wan 5.0): sigma' = s sigma / (1 + (s - 1) sigma).
+    ``mu``: FLUX's exponential time shift: sigma' = e^mu / (e^mu + 1/sigma - 1).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if shift is not None and mu is not None:
+        raise ValueError("pass either shift or mu, not both")
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps, dtype=np.float64)
+    if shift is not None:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    elif mu is not None:
+        sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return np.append(sigmas, 0.0).astype(np.float32)
+
+
+def _guided(v_cond, v_uncond, guidance_scale):
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def make_sampler(
+    denoiser: Denoiser,
+    config: ChipmunkConfig,
+    sigmas,
+    *,
+    guidance_scale: float | None = None,
+    progress: bool = False,
+):
+    """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
+    step_cache), jitted once, with latents/cache/step_cache donated.
+
+    With ``guidance_scale`` (classifier-free guidance) the cache and step cache carry a leading
+    branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``) and ``uncond`` is required.
+    """
+    sigmas = np.asarray(sigmas, np.float32)
+    num_steps = sigmas.size - 1
+    if num_steps < 1:
+        raise ValueError("sigmas must hold at least two noise levels")
+    if num_steps > config.num_steps:
+        raise ValueError(f"{num_steps} sampling steps exceed config.num_steps={config.num_steps}")
+    skip_table = jnp.asarray(model_schedule(config)[:num_steps])
+    sigma_table = jnp.asarray(sigmas)
+    cfg_on = guidance_scale is not None
+    bar = _ProgressBar(num_steps) if progress else None
+
+    def model_call(params, x, sigma, cond, cache, step_cache, step, key):
+        def compute(operand):
+            cache, step_cache = operand
+            v, hidden, cache = denoiser.compute(params, x, sigma, cond, cache, step, key)
+            return v, cache, StepCache(hidden=hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
+
+        def skip(operand):
+            cache, step_cache = operand
+            return denoiser.head(params, step_cache.hidden, sigma, cond), cache, step_cache
+
+        skipping = (skip_table[step] == ModelStep.SKIP) & step_cache.valid
+        return jax.lax.cond(skipping, skip, compute, (cache, step_cache))
+
+    def body(step, carry):
+        params, cond, uncond, x, cache, step_cache, key = carry
+        sigma, sigma_next = sigma_table[step], sigma_table[step + 1]
+        step_key = jax.random.fold_in(key, step)
+        if cfg_on:
+            v_c, c_c, s_c = model_call(params, x, sigma, cond, select_branch(cache, 0),
+                                       select_branch(step_cache, 0), step, step_key)
+            v_u, c_u, s_u = model_call(params, x, sigma, uncond, select_branch(cache, 1),
+                                       select_branch(step_cache, 1), step, step_key)
+            v = _guided(v_c.astype(jnp.float32), v_u.astype(jnp.float32), guidance_scale)
+            cache = update_branch(update_branch(cache, 0, c_c), 1, c_u)
+            step_cache = update_branch(update_branch(step_cache, 0, s_c), 1, s_u)
+        else:
+            v, cache, step_cache = model_call(params, x, sigma, cond, cache, step_cache, step, step_key)
+        x = (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
+        if bar is not None:
+            jax.debug.callback(bar.update, step, ordered=True)
+        return params, cond, uncond, x, cache, step_cache, key
+
+    def run(params, latents, cond, cache, step_cache, key, uncond=None):
+        if cfg_on and uncond is None:
+            raise ValueError("uncond is required when guidance_scale is set")
+        carry = (params, cond, uncond, latents, cache, step_cache, key)
+        _, _, _, x, cache, step_cache, _ = jax.lax.fori_loop(0, num_steps, body, carry)
+        return x, cache, step_cache
+
+    return jax.jit(run, donate_argnums=(1, 3, 4))
+
+
+class _ProgressBar:
+    """tqdm bar driven from inside the jitted loop by a host callback (one per sampler)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = None
+
+    def update(self, step):
+        step = int(step)
+        if step == 0 or self._bar is None:
+            from tqdm.auto import tqdm
+
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=self.total, desc="sampling")
+        self._bar.update(1)
+        if step + 1 == self.total:
+            self._bar.close()
+            self._bar = None
+
+
+def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache, *, sigmas, key,
+           hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False):
+    """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop."""
+    step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
+    if guidance_scale is not None:
+        cache = stack_branches(cache, 2)
+        step_cache = stack_branches(step_cache, 2)
+    run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress)
+    return run(params, latents, cond, cache, step_cache, key, uncond)

@@ -1,0 +1,130 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax import config as C
+from chipmunk_jax import sampling as SA
+from chipmunk_jax.cache import StepCache
+from chipmunk_jax.schedule import ModelStep, model_schedule
+
+B, N, D = 1, 16, 8
+
+
+def _toy(calls=None):
+    """A tiny 'model': hidden = tanh(x W + sigma), velocity = (hidden @ V) * (1 + sigma) + cond.
+    Its cache counts the computed calls, so carrying it through the loop is checked too."""
+    def compute(params, x, sigma, cond, cache, step, key):
+        if calls is not None:
+            jax.debug.callback(lambda s: calls.append(("compute", int(s))), step, ordered=True)
+        hidden = jnp.tanh(x @ params["w"] + sigma)
+        return head(params, hidden, sigma, cond), hidden, cache + 1
+
+    def head(params, hidden, sigma, cond):
+        if calls is not None:
+            jax.debug.callback(lambda: calls.append(("head",)), ordered=True)
+        return (hidden @ params["v"]) * (1.0 + sigma) + cond
+
+    return SA.Denoiser(compute=compute, head=head)
+
+
+def _params():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    return {"w": jax.random.normal(k1, (D, D)) / 3, "v": jax.random.normal(k2, (D, D)) / 3}
+
+
+def _python_euler(params, x, cond, sigmas, guidance=None, uncond=None):
+    den = _toy()
+    for i in range(len(sigmas) - 1):
+        v, _, _ = den.compute(params, x, sigmas[i], cond, 0, i, None)
+        if guidance is not None:
+            vu, _, _ = den.compute(params, x, sigmas[i], uncond, 0, i, None)
+            v = vu + guidance * (v - vu)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def _x(seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, N, D))
+
+
+def test_sigmas():
+    s = SA.flow_sigmas(4)
+    np.testing.assert_allclose(s, [1.0, 0.75, 0.5, 0.25, 0.0])
+    shifted = SA.flow_sigmas(4, shift=7.0)
+    np.testing.assert_allclose(shifted[1], 7 * 0.75 / (1 + 6 * 0.75), rtol=1e-6)
+    mu = SA.flux_shift(4096)
+    np.testing.assert_allclose(mu, 1.15, rtol=1e-6)
+    np.testing.assert_allclose(SA.flow_sigmas(4, mu=mu)[2], np.exp(mu) / (np.exp(mu) + 1.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="num_steps"):
+        SA.flow_sigmas(0)
+    with pytest.raises(ValueError, match="either shift or mu"):
+        SA.flow_sigmas(4, shift=3.0, mu=1.0)
+
+
+def test_sampler_equals_python_euler_loop_without_step_caching():
+    cfg = C.ChipmunkConfig(num_steps=6)
+    sigmas = SA.flow_sigmas(6, shift=3.0)
+    params, x, cond = _params(), _x(), jnp.full((B, N, D), 0.1)
+    out, cache, _ = SA.sample(_toy(), cfg, params, x, cond, jnp.int32(0), sigmas=sigmas,
+                              key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32)
+    ref = _python_euler(params, _x(), cond, sigmas)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+    assert int(cache) == 6
+
+
+def test_cfg_branches_each_carry_their_own_cache():
+    cfg = C.ChipmunkConfig(num_steps=5)
+    sigmas = SA.flow_sigmas(5)
+    params, cond, uncond = _params(), jnp.full((B, N, D), 0.2), jnp.full((B, N, D), -0.1)
+    out, cache, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
+                              hidden_shape=(B, N, D), hidden_dtype=jnp.float32, guidance_scale=4.0, uncond=uncond)
+    ref = _python_euler(params, _x(), cond, sigmas, guidance=4.0, uncond=uncond)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+    assert cache.shape == (2,) and (cache == 5).all()
+
+
+def test_skipped_steps_call_only_the_head_and_trace_once():
+    cfg = C.ChipmunkConfig(num_steps=8, step_cache=C.StepCacheConfig(enabled=True, skip_step_schedule=(2, 3, 6)))
+    calls = []
+    sigmas = SA.flow_sigmas(8)
+    run = SA.make_sampler(_toy(calls), cfg, sigmas)
+    params = _params()
+    def fresh():
+        return StepCache(hidden=jnp.zeros((B, N, D)), valid=jnp.bool_(False))
+    out, cache, sc = run(params, _x(), jnp.zeros((B, N, D)), jnp.int32(0), fresh(), jax.random.PRNGKey(0))
+    jax.block_until_ready(out)
+    computed = [c[1] for c in calls if c[0] == "compute"]
+    assert computed == [0, 1, 4, 5, 7]
+    assert len([c for c in calls if c[0] == "head"]) == 8  # every step runs the head once
+    assert int(cache) == 5 and bool(sc.valid)
+    assert list(model_schedule(cfg)) == [ModelStep.SKIP if s in (2, 3, 6) else ModelStep.COMPUTE for s in range(8)]
+    # expected: on skipped steps the head sees the hidden state of the last computed step
+    den, x, hidden = _toy(), _x(), None
+    for i in range(8):
+        if i in (2, 3, 6):
+            v = den.head(params, hidden, sigmas[i], 0.0)
+        else:
+            v, hidden, _ = den.compute(params, x, sigmas[i], 0.0, 0, i, None)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    assert float(jnp.max(jnp.abs(out - x))) <= 1e-5
+    run(params, _x(2), jnp.zeros((B, N, D)), jnp.int32(0), fresh(), jax.random.PRNGKey(1))
+    assert run._cache_size() == 1  # one trace per shape and config
+
+
+def test_bad_arguments():
+    cfg = C.ChipmunkConfig(num_steps=3)
+    with pytest.raises(ValueError, match="exceed config.num_steps"):
+        SA.make_sampler(_toy(), cfg, SA.flow_sigmas(5))
+    run = SA.make_sampler(_toy(), cfg, SA.flow_sigmas(3), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="uncond is required"):
+        run(_params(), _x(), jnp.zeros((B, N, D)), jnp.zeros((2,), jnp.int32),
+            StepCache(hidden=jnp.zeros((2, B, N, D)), valid=jnp.zeros((2,), bool)), jax.random.PRNGKey(0))
+
+
+def test_progress_bar_from_inside_the_jitted_loop(capsys):
+    cfg = C.ChipmunkConfig(num_steps=3)
+    out, _, _ = SA.sample(_toy(), cfg, _params(), _x(), jnp.zeros((B, N, D)), jnp.int32(0), sigmas=SA.flow_sigmas(3),
+                          key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32, progress=True)
+    jax.block_until_ready(out)
+    assert "3/3" in capsys.readouterr().err
