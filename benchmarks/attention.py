@@ -86,6 +86,8 @@ def main(argv=None):
     ap_.add_argument("--group-size", type=int, default=192)
     ap_.add_argument("--sweep", default="dense,colsum,sparse", help="which ops sweep all production configs")
     ap_.add_argument("--sweep-sparsity", type=float, default=0.93)
+    ap_.add_argument("--sweep-sizes", default="", help="sizes at which to sweep (default: all); other sizes use "
+                     "the fastest config found so far")
     ap_.add_argument("--skip", default="", help="comma list of ops to skip: cudnn,dense,colsum,sparse")
     ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
@@ -94,7 +96,15 @@ def main(argv=None):
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
-    sweep = set(args.sweep.split(","))
+    sweep_all = set(args.sweep.split(","))
+    sweep_sizes = {int(x) for x in args.sweep_sizes.split(",") if x} or set(sizes)
+    best = {"dense": (float("inf"), ap.DEFAULT_DENSE), "colsum": (float("inf"), ap.DEFAULT_COLSUM),
+            "sparse": (float("inf"), ap.DEFAULT_SPARSE)}
+
+    def keep(op, ms, cfg, ref_ms):
+        rel = ms / ref_ms if ref_ms else ms
+        if not math.isnan(rel) and rel < best[op][0]:
+            best[op] = (rel, cfg)
     skip = set(args.skip.split(","))
     h, d, gs = args.heads, args.dim, args.group_size
     scale = d**-0.5
@@ -117,6 +127,7 @@ def main(argv=None):
         rows.append((0, "ceiling: GEMM TFLOP/s", "8192^3 bf16", 0.0, tf, float("nan"), 0.0))
 
     for n in sizes:
+        sweep = sweep_all if n in sweep_sizes else set()
         key = jax.random.key(n)
         kq, kk, kv, ks, kl = jax.random.split(key, 5)
         q = jax.random.normal(kq, (1, n, h, d), jnp.bfloat16)
@@ -129,22 +140,24 @@ def main(argv=None):
             cudnn_ms, sp = _median_ms(f, q, k, v)
             report(n, "cudnn dense", "jax.nn.dot_product_attention", cudnn_ms, dense_flops, cudnn_ms, sp)
         if "dense" not in skip:
-            cfgs = ap.PRODUCTION_DENSE_CONFIGS if "dense" in sweep else (ap.DEFAULT_DENSE,)
+            cfgs = ap.PRODUCTION_DENSE_CONFIGS if "dense" in sweep else (best["dense"][1],)
             for cfg in cfgs:
                 f = jax.jit(functools.partial(ap.dense_attention, scale=scale, config=cfg, interpret=args.interpret))
                 ms, sp = _median_ms(f, q, k, v)
                 report(n, "dense+lse", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+                keep("dense", ms, cfg, cudnn_ms)
         if "colsum" not in skip:
             prev = jnp.asarray(jax.random.normal(kl, (1, h, n), jnp.float32) + 0.5 * math.log(n))
-            cfgs = ap.PRODUCTION_COLSUM_CONFIGS if "colsum" in sweep else (ap.DEFAULT_COLSUM,)
+            cfgs = ap.PRODUCTION_COLSUM_CONFIGS if "colsum" in sweep else (best["colsum"][1],)
             for cfg in cfgs:
                 f = jax.jit(functools.partial(ap.dense_attention_colsum, group_size=gs, scale=scale, config=cfg, interpret=args.interpret))
                 ms, sp = _median_ms(f, q, k, v, prev)
                 report(n, "dense+lse+colsum", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+                keep("colsum", ms, cfg, cudnn_ms)
             del prev
         if "sparse" not in skip:
             g = -(-n // gs)
-            best_cfg = ap.DEFAULT_SPARSE
+            best_cfg = best["sparse"][1]
             order = sorted(sparsities, key=lambda s: abs(s - args.sweep_sparsity))  # sweep point first
             for s in order:
                 count = max(64, int(round((1 - s) * n / 64)) * 64)
@@ -153,14 +166,16 @@ def main(argv=None):
                 useful = 4.0 * h * n * count * d
                 swept = "sparse" in sweep and abs(s - args.sweep_sparsity) < 1e-9
                 cfgs = ap.PRODUCTION_SPARSE_CONFIGS if swept else (best_cfg,)
-                best = None
+                best_s = None
                 for cfg in cfgs:
                     f = jax.jit(functools.partial(ap.column_sparse_attention, group_size=gs, scale=scale, config=cfg, interpret=args.interpret))
                     ms, sp = _median_ms(f, q, k, v, idx, cnt)
                     report(n, f"sparse {100 * s:.0f}% ({count}/{n})", _cfg(cfg), ms, useful, cudnn_ms, sp)
-                    if not math.isnan(ms) and (best is None or ms < best[0]):
-                        best = (ms, cfg)
-                best_cfg = best[1] if best else best_cfg
+                    if not math.isnan(ms) and (best_s is None or ms < best_s[0]):
+                        best_s = (ms, cfg)
+                    if swept:
+                        keep("sparse", ms, cfg, cudnn_ms)
+                best_cfg = best_s[1] if best_s else best_cfg
                 del idx, cnt
         del q, k, v
 

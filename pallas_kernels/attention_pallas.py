@@ -55,6 +55,7 @@ class DenseConfig:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    tiles: tuple[int, ...] = ()  # colsum only: explicit sub-tile heights per group, e.g. (128, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,29 +73,30 @@ class SparseConfig:
     chunk: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    tiles: tuple[int, ...] = ()  # explicit sub-tile heights per group, e.g. (128, 64); implies 1 program/group
 
 
 DEFAULT_DENSE = DenseConfig()
-DEFAULT_COLSUM = DenseConfig(block_q=64, block_k=64, num_warps=8, num_stages=2)
-DEFAULT_SPARSE = SparseConfig()
+DEFAULT_COLSUM = DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)
+DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=3, chunk=64, num_warps=4, num_stages=3)
 
 # Every configuration the benchmarks / production may use: the lowering tests cover all of these.
 PRODUCTION_DENSE_CONFIGS = (
     DEFAULT_DENSE,
-    DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=2),
-    DenseConfig(block_q=64, n_sub=2, block_k=64, num_warps=4, num_stages=3),
+    DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3),
+    DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
-    DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
-    DenseConfig(block_q=64, block_k=128, num_warps=8, num_stages=2),
+    DenseConfig(block_k=64, num_warps=8, num_stages=3, tiles=(128, 64)),
+    DenseConfig(block_k=64, num_warps=8, num_stages=2, tiles=(128, 64)),
 )
 PRODUCTION_SPARSE_CONFIGS = (
     DEFAULT_SPARSE,
-    SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=8, num_stages=2),
-    SparseConfig(block_q=64, programs_per_group=3, chunk=64, num_warps=4, num_stages=3),
-    SparseConfig(block_q=64, programs_per_group=3, chunk=128, num_warps=4, num_stages=2),
-    SparseConfig(block_q=64, programs_per_group=1, chunk=32, num_warps=4, num_stages=3),
+    SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3),
+    SparseConfig(chunk=64, num_warps=8, num_stages=3, tiles=(128, 64)),
+    SparseConfig(chunk=64, num_warps=8, num_stages=2, tiles=(128, 64)),
+    SparseConfig(chunk=128, num_warps=8, num_stages=2, tiles=(128, 64)),
 )
 
 
@@ -117,17 +119,36 @@ def _sub_rows(group_size: int, block_q: int) -> tuple[int, int]:
     return bq, -(-group_size // bq)
 
 
+def _group_tiles(group_size, block_q, tiles):
+    """Sub-tile heights covering one query group: explicit ``tiles`` if they cover it, else equal ones."""
+    if tiles and sum(tiles) >= group_size and all(_pow2(t) and t >= 16 for t in tiles):
+        return tuple(tiles)
+    bq, n = _sub_rows(group_size, block_q)
+    return (bq,) * n
+
+
 def _bh_index(num_heads):
     """Index map (program, bh) -> block of a [B, N, H, D] array holding one whole (b, h) slice."""
     return lambda i, bh: (bh // num_heads, 0, bh % num_heads, 0)
 
 
-def _online_update(qk2, v, carry, precision):
+def _exp2(x, fast):
+    """exp2; on the GPU the single MUFU instruction (jnp.exp2 lowers to libdevice's slower __nv_exp2f)."""
+    if not fast:
+        return jnp.exp2(x)
+    (y,) = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
+
+
+def _online_update(qk2, v, carry, precision, fast):
     """One flash-attention step for one sub-tile. qk2: logits in log2 units (masked = -inf)."""
     acc, m, l = carry
     m_new = jnp.maximum(m, jnp.max(qk2, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(qk2 - m_new[:, None])
+    alpha = _exp2(m - m_new, fast)
+    p = _exp2(qk2 - m_new[:, None], fast)
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return (acc, m_new, l), p
@@ -138,7 +159,7 @@ def _online_update(qk2, v, carry, precision):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, group_size, colsum, precision):
+def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast):
     if colsum:
         plse_ref, o_ref, lse_ref, cs_ref = refs
     else:
@@ -149,13 +170,14 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, grou
         row0 = pid * group_size
         row_end = jnp.minimum(row0 + group_size, nq)
     else:
-        row0 = pid * (bq * n_sub)
+        row0 = pid * sum(tiles)
         row_end = nq
     scale2 = scale * _LOG2E
+    n_sub = len(tiles)
 
     starts, oks, qs, plse2 = [], [], [], []
-    for s in range(n_sub):
-        start = row0 + s * bq
+    for s, bq in enumerate(tiles):
+        start = row0 + sum(tiles[:s])
         ok = (start + jnp.arange(bq)) < row_end
         starts.append(start)
         oks.append(ok)
@@ -180,11 +202,11 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, grou
             qk2 = plgpu.dot(qs[s], k, trans_b=True, precision=precision) * scale2
             if masked:
                 qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
-            c, p = _online_update(qk2, v, carry[s], precision)
+            c, p = _online_update(qk2, v, carry[s], precision, fast)
             new.append(c)
             if colsum:
                 # exp(scale s - prev_lse) = p * exp2(m_new - prev_lse2); rows outside the group: 0.
-                r = jnp.exp2(c[1] - plse2[s])
+                r = _exp2(c[1] - plse2[s], fast)
                 part = jnp.sum(p * r[:, None], axis=0)
                 csum = part if csum is None else csum + part
         if colsum:
@@ -200,7 +222,7 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, grou
             jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32),
         )
-        for _ in range(n_sub)
+        for bq in tiles
     )
     n_full, tail = divmod(nk, bk)
     carry = init
@@ -209,7 +231,7 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, bq, n_sub, bk, grou
     if tail:  # a one-trip loop keeps the start index traced (static slices are bounds-checked)
         carry = lax.fori_loop(n_full, n_full + 1, functools.partial(step, masked=True), carry)
 
-    for s in range(n_sub):
+    for s, bq in enumerate(tiles):
         acc, m, l = carry[s]
         o = acc / l[:, None]
         plgpu.store(o_ref.at[pl.ds(starts[s], bq), :], o.astype(o_ref.dtype), mask=oks[s][:, None])
@@ -223,15 +245,15 @@ def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, conf
     _check_head_dim(d)
     bk = config.block_k
     if colsum:
-        bq, n_sub = _sub_rows(group_size, config.block_q)
+        tiles = _group_tiles(group_size, config.block_q, config.tiles)
         n_prog = -(-nq // group_size)
     else:
-        bq, n_sub = config.block_q, config.n_sub
-        n_prog = -(-nq // (bq * n_sub))
-    assert _pow2(bq) and _pow2(bk), (bq, bk)
+        tiles = (config.block_q,) * config.n_sub
+        n_prog = -(-nq // sum(tiles))
+    assert all(_pow2(t) for t in tiles) and _pow2(bk), (tiles, bk)
     kernel = functools.partial(
-        _dense_kernel, scale=scale, nq=nq, nk=nk, bq=bq, n_sub=n_sub, bk=bk,
-        group_size=group_size, colsum=colsum, precision=_precision(q.dtype),
+        _dense_kernel, scale=scale, nq=nq, nk=nk, tiles=tiles, bk=bk,
+        group_size=group_size, colsum=colsum, precision=_precision(q.dtype), fast=not interpret,
     )
     bh_map = _bh_index(h)
     in_specs = [
@@ -283,8 +305,8 @@ def dense_attention_colsum(
 # ----------------------------------------------------------------------------------------------
 
 
-def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, group_size, bq, n_sub, ppg,
-                   chunk, has_base, sign, precision):
+def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, group_size, tiles, ppg,
+                   chunk, has_base, sign, precision, fast):
     if has_base:
         base_ref, o_ref = refs
     else:
@@ -293,15 +315,16 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
     g = pid // ppg if ppg > 1 else pid
     part = pid % ppg if ppg > 1 else 0
     d = q_ref.shape[-1]
-    row0 = g * group_size + part * (n_sub * bq)
+    row0 = g * group_size + part * sum(tiles)
     row_end = jnp.minimum(g * group_size + group_size, nq)
     count = cnt_ref[g]
     scale2 = scale * _LOG2E
     kmax = idx_ref.shape[-1]
+    n_sub = len(tiles)
 
     starts, oks, qs = [], [], []
-    for s in range(n_sub):
-        start = row0 + s * bq
+    for s, bq in enumerate(tiles):
+        start = row0 + sum(tiles[:s])
         ok = (start + jnp.arange(bq)) < row_end
         starts.append(start)
         oks.append(ok)
@@ -321,7 +344,7 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
             qk2 = plgpu.dot(qs[s], k, trans_b=True, precision=precision) * scale2
             if masked:
                 qk2 = jnp.where(jok[None, :], qk2, -jnp.inf)
-            cs, _ = _online_update(qk2, v, carry[s], precision)
+            cs, _ = _online_update(qk2, v, carry[s], precision, fast)
             new.append(cs)
         return tuple(new)
 
@@ -331,7 +354,7 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
             jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32),
         )
-        for _ in range(n_sub)
+        for bq in tiles
     )
     n_full = lax.div(count, chunk)
     n_all = lax.div(count + (chunk - 1), chunk)
@@ -340,7 +363,7 @@ def _sparse_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs, scale, nq, grou
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
 
-    for s in range(n_sub):
+    for s, bq in enumerate(tiles):
         acc, _, l = carry[s]
         o = acc / jnp.where(l > 0, l, 1.0)[:, None]
         rows = pl.ds(starts[s], bq)
@@ -356,17 +379,17 @@ def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, int
     nk = k.shape[1]
     _check_head_dim(d)
     groups, kmax = indices.shape[2], indices.shape[3]
-    bq, n_sub_total = _sub_rows(group_size, config.block_q)
+    all_tiles = _group_tiles(group_size, config.block_q, config.tiles)
     ppg = config.programs_per_group
-    if n_sub_total % ppg:
+    if len(set(all_tiles)) != 1 or len(all_tiles) % ppg:
         ppg = 1
-    n_sub = n_sub_total // ppg
+    tiles = all_tiles[: len(all_tiles) // ppg]
     chunk = config.chunk
-    assert _pow2(bq) and _pow2(chunk), (bq, chunk)
+    assert all(_pow2(t) for t in tiles) and _pow2(chunk), (tiles, chunk)
     has_base = base is not None
     kernel = functools.partial(
-        _sparse_kernel, scale=scale, nq=nq, group_size=group_size, bq=bq, n_sub=n_sub, ppg=ppg,
-        chunk=chunk, has_base=has_base, sign=sign, precision=_precision(q.dtype),
+        _sparse_kernel, scale=scale, nq=nq, group_size=group_size, tiles=tiles, ppg=ppg,
+        chunk=chunk, has_base=has_base, sign=sign, precision=_precision(q.dtype), fast=not interpret,
     )
     bh_map = _bh_index(h)
     in_specs = [

@@ -77,13 +77,18 @@ def test_dense_other_configs_and_cross_lengths():
         ((2, 401, 3, 64), 192, jnp.float32),
         ((1, 250, 2, 128), 100, jnp.float32),
         ((1, 450, 3, 64), 192, jnp.bfloat16),
+        ((2, 401, 3, 64), -192, jnp.float32),  # negative: explicit (128, 64) sub-tiles
     ],
 )
 def test_colsum_matches_reference(shape, group_size, dtype):
     q, k, v = _qkv(*shape, dtype)
     _, prev = A.dense_attention(q, k, v, impl="reference")
     prev = prev + 0.3 * jax.random.normal(_key(), prev.shape)  # a "previous step" LSE
-    o, lse, cs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="interpret")
+    cfg = None
+    if group_size < 0:
+        group_size, cfg = -group_size, ap.DenseConfig(tiles=(128, 64), num_warps=8)
+    o, lse, cs = ap.dense_attention_colsum(q, k, v, prev, group_size=group_size, scale=shape[-1] ** -0.5,
+                                           interpret=True, config=cfg)
     ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="reference")
     groups = -(-shape[1] // group_size)
     assert cs.shape == (shape[0], shape[2], groups, shape[1]) and cs.dtype == jnp.float32
@@ -114,6 +119,7 @@ def _random_sets(b, h, g, kmax, n, *, zero_group=True, full=False):
         ((2, 250, 3, 64), 100, 77, jnp.float32, ap.SparseConfig(chunk=32)),
         ((1, 389, 3, 64), 192, 129, jnp.bfloat16, None),
         ((1, 389, 3, 128), 192, 129, jnp.bfloat16, ap.SparseConfig(programs_per_group=3, chunk=128)),
+        ((2, 401, 3, 64), 192, 150, jnp.float32, ap.SparseConfig(tiles=(128, 64), num_warps=8)),
     ],
 )
 def test_sparse_matches_reference(shape, group_size, kmax, dtype, config):
