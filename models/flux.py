@@ -252,8 +252,17 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl):
     from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
     from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
 
-    attn_kind = attention_step_kind(chipmunk, step, layer)
-    mlp_kind = mlp_step_kind(chipmunk, step, layer)
+    from chipmunk_jax.schedule import AttentionStep, MLPStep
+
+    # Always-dense layers are known statically even when the step is traced: no lax.switch for them.
+    if layer < chipmunk.attention.first_n_dense_layers:
+        attn_kind = AttentionStep.ALWAYS_DENSE
+    else:
+        attn_kind = attention_step_kind(chipmunk, step, layer)
+    if layer < chipmunk.mlp.first_n_dense_layers:
+        mlp_kind = MLPStep.ALWAYS_DENSE
+    else:
+        mlp_kind = mlp_step_kind(chipmunk, step, layer)
     if key is None:
         attn_key = mlp_key = None
     else:
