@@ -346,3 +346,52 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
             np.testing.assert_array_equal(cache["attention"][0].out_cache, previous_cache["attention"][0].out_cache)
         previous_cache = cache
     assert step_fn._cache_size() == 1  # one compilation for every step kind
+
+
+# ----------------------------------------------------------------------------------------------
+# MMDiT blocks as HunyuanVideo will use them: image-first order and a key mask for padded text
+
+from chipmunk_jax.models import mmdit  # noqa: E402
+
+
+def _block_inputs(seed, num_img=10, num_txt=6, dim=32, head_dim=16):
+    config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 1, "num_single_layers": 1})
+    params = flux.init_params(config, jax.random.key(seed), dtype=jnp.float32)
+    rng = np.random.default_rng(seed)
+    img = jnp.asarray(rng.standard_normal((2, num_img, dim)), jnp.float32)
+    txt = jnp.asarray(rng.standard_normal((2, num_txt, dim)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, dim)), jnp.float32)
+    ids = rng.integers(0, 5, (num_txt + num_img, 3)).astype(np.float32)
+    rope = flux.rotary_emb(config, ids[:num_txt], ids[num_txt:])  # text rows first
+    return params, img, txt, temb, rope
+
+
+def test_mmdit_blocks_image_first_order_matches_text_first():
+    params, img, txt, temb, rope = _block_inputs(30)
+    n_txt = txt.shape[1]
+    kw = dict(head_dim=16, dtype=jnp.float32)
+    txt_a, img_a, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope, text_first=True, **kw)
+    rope_image_first = tuple(jnp.concatenate([t[n_txt:], t[:n_txt]]) for t in rope)
+    txt_b, img_b, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope_image_first,
+                                         text_first=False, **kw)
+    assert max_rel_err(img_b, img_a) <= 1e-5 and max_rel_err(txt_b, txt_a) <= 1e-5
+    joint_a, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([txt, img], 1), temb,
+                                    rope, **kw)
+    joint_b, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([img, txt], 1), temb,
+                                    rope_image_first, **kw)
+    assert max_rel_err(jnp.concatenate([joint_b[:, -n_txt:], joint_b[:, :-n_txt]], 1), joint_a) <= 1e-5
+
+
+def test_mmdit_key_mask_equals_dropping_padded_text():
+    params, img, txt, temb, rope = _block_inputs(31)
+    n_txt, keep = txt.shape[1], 4
+    kw = dict(head_dim=16, dtype=jnp.float32, text_first=False)
+    rope_if = tuple(jnp.concatenate([t[n_txt:], t[:n_txt]]) for t in rope)
+    text_valid = jnp.broadcast_to(jnp.arange(n_txt)[None, :] < keep, (2, n_txt))
+    mask = jnp.concatenate([jnp.ones((2, img.shape[1]), bool), text_valid], axis=1)
+    _, img_masked, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope_if, key_mask=mask, **kw)
+    rope_short = tuple(t[: img.shape[1] + keep] for t in rope_if)
+    _, img_short, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt[:, :keep], temb, rope_short, **kw)
+    assert max_rel_err(img_masked, img_short) <= 1e-5
+    _, img_unmasked, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope_if, **kw)
+    assert max_rel_err(img_unmasked, img_short) > 1e-3
