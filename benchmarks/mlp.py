@@ -79,13 +79,14 @@ def block_scores(x, w1t, b1, blockmean_cache):
     return jnp.abs(z - blockmean_cache)
 
 
-def make_sparse_step(keep, tiles, selector="pallas"):
+def make_sparse_step(keep, tiles, selector="pallas", sel_warps=8):
     def step(state, x, w1t, b1, w2, blockmean_cache):
         act, out = state
         scores = block_scores(x, w1t, b1, blockmean_cache)
         if selector == "pallas":
             indices, counts = mlp_selection.select_top_features(
-                scores, keep, tiles.fc1_features, impl="interpret" if INTERPRET else "pallas"
+                scores, keep, tiles.fc1_features, impl="interpret" if INTERPRET else "pallas",
+                num_warps=sel_warps,
             )
         else:  # XLA top_k + mask compaction, as chipmunk_jax.selection.select_mlp_features
             from chipmunk_jax import selection
@@ -151,6 +152,75 @@ def bench_shape(name, sparsities, tiles_list, log, extra_selection=False):
     return rows
 
 
+FC1_VARIANTS = [  # (fc1_features, fc1_k, warps, stages)
+    (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 5),
+]
+FC2_VARIANTS = [  # (fc2_cols, fc2_k, warps, stages)
+    (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 5),
+]
+
+
+def breakdown(log, sparsity=0.7, name="flux_double"):
+    """Times each part of the sparse step separately, fc1/fc2 tile variants independently, then the full
+    step with the best fc1 + best fc2 tiles, against the dense MLP timed in the same process."""
+    import dataclasses
+
+    n, c, f, c_out = SHAPES[name]
+    keep = round((1 - sparsity) * f)
+    xs, w1, b1, w2, b2 = _inputs(n, c, f, c_out)
+    w1t = jnp.asarray(w1.T)
+    nb = -(-n // BLOCK)
+    bm_cache = jnp.einsum("bmc,fc->bmf", xs[0][:, : nb * BLOCK : BLOCK].astype(jnp.float32),
+                          w1t.astype(jnp.float32))
+    dense = jax.jit(lambda y, x: dense_mlp(x, w1, b1, w2, b2))
+    dense_ms, _ = _time(dense, jnp.zeros((1, n, c_out), jnp.bfloat16), lambda i: (xs[i % 3],))
+    log(f"breakdown {name} sparsity {sparsity}: dense XLA MLP {dense_ms:.3f} ms")
+    sc = jax.jit(lambda st, x: block_scores(x, w1t, b1, bm_cache))
+    ms, _ = _time(sc, None, lambda i: (xs[i % 3],))
+    log(f"  scores (block means + fc1 of means + |.-cache|): {ms:.3f} ms")
+    scores = block_scores(xs[0], w1t, b1, bm_cache)
+    for warps in (8, 16, 32):
+        sel = jax.jit(lambda st, s, w=warps: mlp_selection.select_top_features(
+            s, keep, 128, num_warps=w, impl="interpret" if INTERPRET else "pallas"))
+        ms, _ = _time(sel, None, lambda i: (scores,))
+        log(f"  selection pallas num_warps={warps}: {ms:.3f} ms")
+    indices, counts = mlp_selection.select_top_features(scores, keep, 128, impl="interpret" if INTERPRET else "pallas")
+    indices = mlp_pallas.pad_indices(indices, 256)
+    act0 = jnp.swapaxes(jax.nn.gelu(jnp.dot(xs[2], w1) + b1, approximate=True), 1, 2)
+    out0 = dense_mlp(xs[2], w1, b1, w2, b2)
+    best1 = best2 = None
+    delta_t = None
+    for bf, bk, w, st in FC1_VARIANTS:
+        t = dataclasses.replace(DEFAULT_TILES_, fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st)
+        fn = jax.jit(lambda act, x, t=t: mlp_pallas.fc1_delta(x, w1t, b1, act, indices, counts, block_size=BLOCK,
+                                                               tiles=t, interpret=INTERPRET)[1], donate_argnums=(0,))
+        ms, _ = _time(fn, jnp.array(act0), lambda i: (xs[i % 3],))
+        log(f"  fc1 BF={bf} BK={bk} warps={w} stages={st}: {ms:.3f} ms")
+        best1 = min(best1 or (ms, t), (ms, t), key=lambda z: z[0])
+    delta_t, _ = mlp_pallas.fc1_delta(xs[0], w1t, b1, jnp.array(act0), indices, counts, block_size=BLOCK,
+                                      tiles=DEFAULT_TILES_, interpret=INTERPRET)
+    for bn, bk, w, st in FC2_VARIANTS:
+        t = dataclasses.replace(DEFAULT_TILES_, fc2_cols=bn, fc2_k=bk, fc2_warps=w, fc2_stages=st)
+        fn = jax.jit(lambda out, d, t=t: mlp_pallas.fc2_delta(d, w2, out, indices, counts, block_size=BLOCK,
+                                                              tiles=t, interpret=INTERPRET), donate_argnums=(0,))
+        ms, _ = _time(fn, jnp.array(out0), lambda i: (delta_t,))
+        log(f"  fc2 BN={bn} BK={bk} warps={w} stages={st}: {ms:.3f} ms")
+        best2 = min(best2 or (ms, t), (ms, t), key=lambda z: z[0])
+    b1t, b2t = best1[1], best2[1]
+    best = dataclasses.replace(b1t, fc2_cols=b2t.fc2_cols, fc2_k=b2t.fc2_k, fc2_warps=b2t.fc2_warps,
+                               fc2_stages=b2t.fc2_stages)
+    for warps in (8, 16):
+        step = make_sparse_step(keep, best, sel_warps=warps)
+        ms, _ = _time(step, (jnp.array(act0), jnp.array(out0)), lambda i: (xs[i % 3], w1t, b1, w2, bm_cache))
+        log(f"  full sparse step, tiles {_tiles_str(best)}, selection warps {warps}: {ms:.3f} ms, "
+            f"dense/sparse {dense_ms / ms:.2f}x")
+    ms2, _ = _time(dense, jnp.zeros((1, n, c_out), jnp.bfloat16), lambda i: (xs[i % 3],))
+    log(f"  dense XLA MLP again: {ms2:.3f} ms")
+
+
+DEFAULT_TILES_ = mlp_pallas.DEFAULT_TILES
+
+
 def _tiles_str(t):
     return (f"fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages} / "
             f"fc2 {t.fc2_cols}x{t.fc2_k} w{t.fc2_warps}s{t.fc2_stages}")
@@ -160,6 +230,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="write the markdown results section here")
     parser.add_argument("--quick", action="store_true", help="FLUX double block at 70%% only")
+    parser.add_argument("--breakdown", action="store_true", help="per-part timings + fc1/fc2 tile variants only")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, interpret mode (no GPU)")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -174,6 +245,12 @@ def main():
 
     dev = jax.devices()[0]
     log(f"device {dev.device_kind}, jax {jax.__version__}, date {datetime.date.today()}")
+    if args.breakdown:
+        breakdown(log)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n".join(["```", *lines, "```", ""]))
+        return 0
     # Tile sweep on the FLUX double block at 70%, then the best tiles everywhere.
     sweep = bench_shape("flux_double", (0.7,), mlp_pallas.PRODUCTION_TILES, log, extra_selection=True)
     best = min(sweep, key=lambda r: r[5])[3]

@@ -138,7 +138,9 @@ def _fc1_kernel(
         zt = jax.lax.fori_loop(0, c // bk, k_step, jnp.zeros((bf, bm), jnp.float32))
         zt = zt + b1_ref[gather_ids].astype(jnp.float32)[:, None]
         new = _gelu_tanh(zt)
-        valid = feat_valid[:, None] & token_valid[None, :]
+        valid = (feat_valid[:, None] & token_valid[None, :]) if mask_tokens else jnp.broadcast_to(
+            feat_valid[:, None], (bf, bm)
+        )
         # Invalid slots point past the array: masked on the GPU, dropped by interpret mode's scatter, so a
         # padding id equal to a selected one can never overwrite it.
         feat_idx = jnp.broadcast_to(jnp.where(feat_valid, ids, num_features)[:, None], (bf, bm))

@@ -102,12 +102,16 @@ def select_top_features_reference(scores, keep: int, multiple_of: int, *, extra=
     return indices, counts
 
 
-def select_top_features(scores, keep: int, multiple_of: int, *, extra=None, impl: str | None = None):
+def select_top_features(
+    scores, keep: int, multiple_of: int, *, extra=None, impl: str | None = None, num_warps: int = 8
+):
     """Per row of scores [..., F]: the ``keep`` highest scores (exact threshold) OR ``extra`` (bool, e.g. a
     Bernoulli mask of random features). Returns (indices [..., F] int32, counts [...] int32): selected
     features ascending, then unselected ascending; counts = min(ceil(selected / multiple_of) * multiple_of, F).
     """
     _check(scores, keep, multiple_of, extra)
+    if num_warps not in (4, 8, 16, 32):
+        raise ValueError(f"num_warps must be 4, 8, 16 or 32, got {num_warps!r}")
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl not in _IMPLS:
@@ -135,7 +139,7 @@ def select_top_features(scores, keep: int, multiple_of: int, *, extra=None, impl
         in_specs=in_specs,
         out_specs=[whole, pl.BlockSpec((1,), lambda r: (r,))],
         out_shape=[jax.ShapeDtypeStruct((rows, f), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=impl == "interpret",
         name="chipmunk_mlp_select",
     )(*args)
