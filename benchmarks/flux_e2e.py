@@ -140,10 +140,10 @@ def time_torch(model, inputs, reps, compiled):
 
 
 def trajectory(inputs, step):
-    """Inputs of sampling step ``step``: the latents drift a little from step to step, as in sampling,
-    so the MLP feature scores and the sparse deltas are not trivially zero."""
-    noise = jax.random.normal(jax.random.key(1000 + step), inputs["hidden_states"].shape, jnp.float32)
-    moved = inputs["hidden_states"].astype(jnp.float32) + 0.05 * step * noise
+    """Inputs of sampling step ``step``: the latents drift along one fixed direction, 2% of their scale
+    per step, as in sampling, so MLP feature scores and sparse deltas are not trivially zero."""
+    direction = jax.random.normal(jax.random.key(1000), inputs["hidden_states"].shape, jnp.float32)
+    moved = inputs["hidden_states"].astype(jnp.float32) + 0.02 * step * direction
     return dict(inputs, hidden_states=moved.astype(inputs["hidden_states"].dtype),
                 timestep=jnp.asarray([1.0 - step / 50], inputs["timestep"].dtype))
 
@@ -176,7 +176,7 @@ def time_chipmunk(params, config, inputs, rope, grid, chipmunk, reps, kernel_imp
     times, errors = {}, {}
     state = {"cache": cache}
     for kind, s in representative.items():
-        x = trajectory(inputs, max(s, 2))
+        x = trajectory(inputs, s)
 
         def call():
             out, state["cache"] = fn(params, x, state["cache"], jnp.int32(s))

@@ -246,39 +246,40 @@ def _check_configs(config, chipmunk):
         raise ValueError(f"FLUX supports chipmunk.reorder.kind 'none' or 'tiles', got {chipmunk.reorder.kind!r}")
 
 
-def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl):
-    """(attention_op, mlp_op) for sparse-capable layer ``layer``; each returns its layer's new cache."""
+def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
+    """{"attention_op", "mlp_op"} for sparse-capable layer ``layer``; each op returns its new cache slot.
+
+    Layers that are dense at every step (below first_n_dense_layers, or the op disabled) get no op:
+    they run the model's own dense path (cuDNN attention on GPUs), and their cache slots pass through.
+    """
     from chipmunk_jax.attention import sparse_delta_attention
     from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
     from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
 
-    from chipmunk_jax.schedule import AttentionStep, MLPStep
-
-    # Always-dense layers are known statically even when the step is traced: no lax.switch for them.
-    if layer < chipmunk.attention.first_n_dense_layers:
-        attn_kind = AttentionStep.ALWAYS_DENSE
-    else:
-        attn_kind = attention_step_kind(chipmunk, step, layer)
-    if layer < chipmunk.mlp.first_n_dense_layers:
-        mlp_kind = MLPStep.ALWAYS_DENSE
-    else:
-        mlp_kind = mlp_step_kind(chipmunk, step, layer)
-    if key is None:
-        attn_key = mlp_key = None
-    else:
+    ops = {}
+    attn_key = mlp_key = None
+    if key is not None:
         attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
+    if chipmunk.attention.enabled and layer >= chipmunk.attention.first_n_dense_layers:
+        attn_kind = attention_step_kind(chipmunk, step, layer)
 
-    def attention_op(q, k, v):
-        return sparse_delta_attention(
-            q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key, impl=kernel_impl
-        )
+        def attention_op(q, k, v):
+            return sparse_delta_attention(
+                q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key, impl=kernel_impl
+            )
 
-    def mlp_op(x, w1, b1, w2, b2):
-        dtype = x.dtype
-        weights = MLPWeights(w1.astype(dtype), b1.astype(dtype), w2.astype(dtype), None if b2 is None else b2.astype(dtype))
-        return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key, impl=kernel_impl)
+        ops["attention_op"] = attention_op
+    if chipmunk.mlp.enabled and layer >= chipmunk.mlp.first_n_dense_layers:
+        mlp_kind = mlp_step_kind(chipmunk, step, layer)
 
-    return attention_op, mlp_op
+        def mlp_op(x, w1, b1, w2, b2):
+            cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
+            weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2))
+            return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key,
+                                    impl=kernel_impl)
+
+        ops["mlp_op"] = mlp_op
+    return ops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,23 +423,24 @@ def forward(
 
     block_kw = dict(head_dim=config.attention_head_dim, dtype=dtype, attention_impl=attention_impl)
     new_attention, new_mlp = [], []
+    def keep_cache(layer, attn_aux, mlp_aux):
+        if chipmunk is not None:
+            new_attention.append(cache["attention"][layer] if attn_aux is None else attn_aux)
+            new_mlp.append(cache["mlp"][layer] if mlp_aux is None else mlp_aux)
+
     for i, block in enumerate(params["transformer_blocks"]):
-        ops = {} if chipmunk is None else dict(zip(("attention_op", "mlp_op"),
-                                                   _chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)))
+        ops = {} if chipmunk is None else _chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)
         txt, img, (attn_aux, mlp_aux) = mmdit.double_block(block, img, txt, temb, rotary_emb, text_first=True,
                                                            **block_kw, **ops)
-        new_attention.append(attn_aux)
-        new_mlp.append(mlp_aux)
+        keep_cache(i, attn_aux, mlp_aux)
 
     joint_states = jnp.concatenate([txt, img], axis=1)
     for j, block in enumerate(params["single_transformer_blocks"]):
         layer = config.num_layers + j
-        ops = {} if chipmunk is None else dict(zip(("attention_op", "mlp_op"),
-                                                   _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl)))
+        ops = {} if chipmunk is None else _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl)
         joint_states, (attn_aux, mlp_aux) = mmdit.single_block(block, joint_states, temb, rotary_emb, **block_kw,
                                                                 **ops)
-        new_attention.append(attn_aux)
-        new_mlp.append(mlp_aux)
+        keep_cache(layer, attn_aux, mlp_aux)
     img = joint_states[:, num_txt:]
 
     scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)

@@ -304,6 +304,15 @@ def test_chipmunk_reorder_is_invisible_at_io():
     out_none, _ = flux.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="none"), step=0,
                                dtype=jnp.float32)
     assert max_rel_err(out_none, dense) <= 1e-5
+    # a disabled MLP runs the model's dense MLP and hands its cache slots back untouched
+    no_mlp = chipmunk.replace(mlp__enabled=False)
+    cache = flux.init_cache(config, no_mlp, batch=1, num_image_tokens=256, num_text_tokens=TEXT_LEN,
+                            dtype=jnp.float32)
+    out_no_mlp, new_cache = flux.forward(params, config, **inputs, chipmunk=no_mlp, cache=cache, step=0,
+                                         dtype=jnp.float32)
+    assert max_rel_err(out_no_mlp, dense) <= 1e-5
+    assert all(a is b for a, b in zip(new_cache["mlp"], cache["mlp"]))
+    assert not np.array_equal(new_cache["attention"][0].lse, cache["attention"][0].lse)
     with pytest.raises(ValueError, match="image_grid"):
         flux.forward(params, config, **inputs, chipmunk=chipmunk, step=0, image_grid=(8, 8))
     with pytest.raises(ValueError, match="reorder.kind"):
