@@ -17,7 +17,9 @@ come in the model dtype), and with ``chipmunk`` also the new cache. Timestep emb
 Chipmunk (SPEC §5.1): every double and single block's joint attention goes through
 ``sparse_delta_attention``; the double-block image MLP and the single-block MLP through
 ``sparse_delta_mlp`` (the text MLP stays dense). Layer indices count double blocks 0..num_layers-1 then
-single blocks; the attention and MLP of one block share the index. With ``reorder.kind == "tiles"``
+single blocks; the attention and MLP of one block share the index. Layers below first_n_dense_layers
+(or with the op disabled) run the dense path (cuDNN attention on GPUs) and hand their cache slots back
+unchanged, so the cache keeps one uniform slot per block. With ``reorder.kind == "tiles"``
 the image tokens (and their RoPE rows) are permuted to 8x8/4x4 tile order inside ``forward`` and the
 output is permuted back, unless ``tokens_in_tile_order=True`` says the caller already keeps them so.
 """
