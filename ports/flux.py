@@ -21,6 +21,8 @@ import jax
 import numpy as np
 
 from chipmunk_jax.models.flux import FluxConfig, init_params
+from chipmunk_jax.ports import common
+from chipmunk_jax.ports.common import flatten_params
 from chipmunk_jax.ports.safetensors_io import load_state_dict
 
 __all__ = [
@@ -46,107 +48,31 @@ _NORM_NAMES = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 # ----------------------------------------------------------------------------------------------
-# Tree <-> flat names
-
-
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """{"transformer_blocks.0.attn.to_q.kernel": array, ...}: the params tree with "."-joined paths."""
-    out: dict[str, Any] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            items = node.items()
-        elif isinstance(node, (list, tuple)):
-            items = ((str(i), v) for i, v in enumerate(node))
-        else:
-            out[prefix[:-1]] = node
-            return
-        for k, v in items:
-            walk(v, f"{prefix}{k}.")
-
-    walk(params, "")
-    return out
+# Tree <-> flat names, checks
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of ``flatten_params`` (the two block stacks become lists)."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    for name in _LIST_NODES:
-        if name in tree:
-            blocks = tree[name]
-            indices = sorted(int(i) for i in blocks)
-            if indices != list(range(len(indices))):
-                raise ValueError(f"{name} indices are not contiguous from 0: {indices}")
-            tree[name] = [blocks[str(i)] for i in indices]
-    return tree
-
-
-def _param_to_diffusers_name(name: str) -> str:
-    return re.sub(r"\.(kernel|scale)$", ".weight", name)
+    return common.unflatten_params(flat, _LIST_NODES)
 
 
 def expected_diffusers_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     """{diffusers state-dict name: torch shape} for ``config`` (the model's own structure, via eval_shape)."""
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
-    shapes = {}
-    for name, leaf in flatten_params(abstract).items():
-        shape = tuple(leaf.shape)
-        shapes[_param_to_diffusers_name(name)] = shape[::-1] if name.endswith(".kernel") else shape
-    return shapes
+    return common.expected_diffusers_shapes(lambda key: init_params(config, key))
 
 
-# ----------------------------------------------------------------------------------------------
-# Array helpers
-
-
-def _to_numpy(value) -> np.ndarray:
-    """numpy view of a torch tensor (bf16 through an int16 view: numpy has no torch bf16), numpy or JAX array."""
-    if isinstance(value, np.ndarray):
-        return value
-    module = type(value).__module__
-    if module.startswith("torch"):
-        import ml_dtypes
-        import torch
-
-        t = value.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(value)
+_to_numpy = common.to_numpy
 
 
 def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: got {tuple(state[k].shape)}, expected {expected[k]}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != expected[k]
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
-        raise ValueError(f"{what} does not match the FLUX config: " + "; ".join(parts))
+    common.check_state(state, expected, what, "FLUX")
 
 
 # ----------------------------------------------------------------------------------------------
 # diffusers
 
 
-def _block_count(keys, prefix: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
+_block_count = common.block_count
 
 
 def infer_config(state: Mapping[str, Any]) -> FluxConfig:
@@ -215,7 +141,7 @@ def to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in flatten_params(params).items():
         value = _to_numpy(value)
-        out[_param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
+        out[common.param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
     return out
 
 
@@ -346,47 +272,23 @@ def from_checkpoint(path: str | os.PathLike, config: FluxConfig | None = None, *
 # ----------------------------------------------------------------------------------------------
 # Converted params on disk
 
-PARAMS_FILE = "params.safetensors"
-CONFIG_FILE = "config.json"
+PARAMS_FILE = common.PARAMS_FILE
+CONFIG_FILE = common.CONFIG_FILE
 
 
 def save_params(directory: str | os.PathLike, config: FluxConfig, params: Mapping[str, Any]) -> None:
     """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically; the
     config is written last, so a folder with a config always has complete params."""
-    import json
-    import tempfile
-
-    from chipmunk_jax.ports.safetensors_io import write_safetensors
-
     if not isinstance(config, FluxConfig):
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    flat = {k: _to_numpy(v) for k, v in flatten_params(params).items()}
-    write_safetensors(os.path.join(directory, PARAMS_FILE), flat, metadata={"format": "chipmunk_jax.flux"})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-config-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(config.to_diffusers(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.flux")
 
 
 def load_params(directory: str | os.PathLike):
     """(FluxConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    import json
-
-    from chipmunk_jax.ports.safetensors_io import read_safetensors
-
-    directory = os.fspath(directory)
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        config = FluxConfig.from_diffusers(json.load(f))
-    flat = read_safetensors(os.path.join(directory, PARAMS_FILE))
+    config_dict, flat = common.read_params_folder(directory)
+    config = FluxConfig.from_diffusers(config_dict)
     abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
     expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
-    _check_state(flat, expected, f"params in {directory!r}")
+    _check_state(flat, expected, f"params in {os.fspath(directory)!r}")
     return config, unflatten_params(flat)

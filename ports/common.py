@@ -1,0 +1,153 @@
+"""Model-independent pieces of the weight ports: param trees <-> flat names, state-dict checks, arrays
+from torch/numpy/JAX, and the converted-params folder format (params.safetensors + config.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from chipmunk_jax.ports.safetensors_io import read_safetensors, write_safetensors
+
+__all__ = [
+    "flatten_params",
+    "unflatten_params",
+    "param_to_diffusers_name",
+    "expected_diffusers_shapes",
+    "to_numpy",
+    "check_state",
+    "block_count",
+    "write_params_folder",
+    "read_params_folder",
+    "PARAMS_FILE",
+    "CONFIG_FILE",
+]
+
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """{"transformer_blocks.0.attn.to_q.kernel": array, ...}: the params tree with "."-joined paths."""
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            items = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:
+            out[prefix[:-1]] = node
+            return
+        for k, v in items:
+            walk(v, f"{prefix}{k}.")
+
+    walk(params, "")
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any], list_nodes: Iterable[str] = ()) -> dict[str, Any]:
+    """Inverse of ``flatten_params``; the top-level nodes named in ``list_nodes`` become lists."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    for name in list_nodes:
+        if name in tree:
+            blocks = tree[name]
+            indices = sorted(int(i) for i in blocks)
+            if indices != list(range(len(indices))):
+                raise ValueError(f"{name} indices are not contiguous from 0: {indices}")
+            tree[name] = [blocks[str(i)] for i in indices]
+    return tree
+
+
+def param_to_diffusers_name(name: str) -> str:
+    return re.sub(r"\.(kernel|scale)$", ".weight", name)
+
+
+def expected_diffusers_shapes(init_params: Callable[[jax.Array], Any]) -> dict[str, tuple[int, ...]]:
+    """{diffusers state-dict name: torch shape} of the params ``init_params(key)`` builds (via
+    eval_shape: nothing is allocated). Dense kernels are [in, out] here, [out, in] in torch."""
+    abstract = jax.eval_shape(init_params, jax.ShapeDtypeStruct((2,), np.uint32))
+    shapes = {}
+    for name, leaf in flatten_params(abstract).items():
+        shape = tuple(leaf.shape)
+        shapes[param_to_diffusers_name(name)] = shape[::-1] if name.endswith(".kernel") else shape
+    return shapes
+
+
+def to_numpy(value) -> np.ndarray:
+    """numpy view of a torch tensor (bf16 through an int16 view: numpy has no torch bf16), numpy or JAX array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.startswith("torch"):
+        import ml_dtypes
+        import torch
+
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str, model: str) -> None:
+    """One ValueError listing every missing key, unexpected key and wrong shape."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: got {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
+        raise ValueError(f"{what} does not match the {model} config: " + "; ".join(parts))
+
+
+def block_count(keys: Iterable[str], prefix: str) -> int:
+    """Number of ``prefix.N.`` blocks among ``keys`` (max N + 1)."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def write_params_folder(directory: str | os.PathLike, config_dict: Mapping[str, Any], params, fmt: str) -> None:
+    """Writes ``params.safetensors`` (flattened names) then ``config.json``, each atomically; the config
+    goes last, so a folder with a config always has complete params."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    flat = {k: to_numpy(v) for k, v in flatten_params(params).items()}
+    write_safetensors(os.path.join(directory, PARAMS_FILE), flat, metadata={"format": fmt})
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-config-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(config_dict), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_params_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config dict, flat memory-mapped params) of a folder written by ``write_params_folder``."""
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        config_dict = json.load(f)
+    return config_dict, read_safetensors(os.path.join(directory, PARAMS_FILE))
