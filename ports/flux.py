@@ -39,6 +39,7 @@ __all__ = [
     "original_config_guess",
     "save_params",
     "load_params",
+    "convert_checkpoint",
     "ORIGINAL_PREFIX",
 ]
 
@@ -292,3 +293,17 @@ def load_params(directory: str | os.PathLike):
     expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
     _check_state(flat, expected, f"params in {os.fspath(directory)!r}")
     return config, unflatten_params(flat)
+
+
+def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
+    """The convert CLI's FLUX entry: checkpoint at ``src`` -> params folder at ``dst``."""
+    import json
+
+    config = None
+    if config_path is not None:
+        with open(config_path) as f:
+            config = FluxConfig.from_diffusers(json.load(f))
+    config, params = from_checkpoint(src, config, dtype=dtype)
+    save_params(dst, config, params)
+    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
+    return f"FLUX ({'dev' if config.guidance_embeds else 'schnell'}-style, {count:,} parameters)"
