@@ -25,7 +25,7 @@ import numpy as np
 
 from chipmunk_jax.cache import StepCache, select_branch, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.schedule import ModelStep, model_schedule
+from chipmunk_jax.schedule import ModelStep, attention_schedule, mlp_schedule, model_schedule
 
 __all__ = [
     "Denoiser",
@@ -73,6 +73,16 @@ def _guided(v_cond, v_uncond, guidance_scale):
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def _step_signatures(config: ChipmunkConfig, num_steps: int):
+    """Groups the steps by their (attention, MLP) schedule kinds: (group index per step, one
+    representative step per group). Steps of one group run the same per-layer code."""
+    kinds = list(zip(attention_schedule(config)[:num_steps].tolist(), mlp_schedule(config)[:num_steps].tolist()))
+    unique = sorted(set(kinds), key=kinds.index)
+    group = np.array([unique.index(k) for k in kinds], np.int32)
+    representative = [kinds.index(u) for u in unique]
+    return group, representative
+
+
 def make_sampler(
     denoiser: Denoiser,
     config: ChipmunkConfig,
@@ -80,12 +90,19 @@ def make_sampler(
     *,
     guidance_scale: float | None = None,
     progress: bool = False,
+    static_step_dispatch: bool = False,
 ):
     """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
     step_cache), jitted once, with latents/cache/step_cache donated.
 
     With ``guidance_scale`` (classifier-free guidance) the cache and step cache carry a leading
     branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``) and ``uncond`` is required.
+
+    ``static_step_dispatch``: instead of passing the traced step to the model (each layer then
+    switches on its own kind), switch ONCE per step over the distinct (attention, MLP) kind pairs of
+    the schedule and call the model with a representative Python-int step of that pair, so every
+    layer dispatches statically. One model body is compiled per distinct pair (5 for FLUX). The
+    model must use ``step`` only to look up schedule kinds.
     """
     sigmas = np.asarray(sigmas, np.float32)
     num_steps = sigmas.size - 1
@@ -98,18 +115,29 @@ def make_sampler(
     cfg_on = guidance_scale is not None
     bar = _ProgressBar(num_steps) if progress else None
 
+    if static_step_dispatch:
+        group_table, representatives = _step_signatures(config, num_steps)
+        group_table = jnp.asarray(group_table)
+
     def model_call(params, x, sigma, cond, cache, step_cache, step, key):
-        def compute(operand):
-            cache, step_cache = operand
-            v, hidden, cache = denoiser.compute(params, x, sigma, cond, cache, step, key)
-            return v, cache, StepCache(hidden=hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
+        def compute_at(model_step):
+            def compute(operand):
+                cache, step_cache = operand
+                v, hidden, cache = denoiser.compute(params, x, sigma, cond, cache, model_step, key)
+                return v, cache, StepCache(hidden=hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
+
+            return compute
 
         def skip(operand):
             cache, step_cache = operand
             return denoiser.head(params, step_cache.hidden, sigma, cond), cache, step_cache
 
         skipping = (skip_table[step] == ModelStep.SKIP) & step_cache.valid
-        return jax.lax.cond(skipping, skip, compute, (cache, step_cache))
+        if not static_step_dispatch:
+            return jax.lax.cond(skipping, skip, compute_at(step), (cache, step_cache))
+        branches = [skip] + [compute_at(rep) for rep in representatives]
+        index = jnp.where(skipping, 0, 1 + group_table[step])
+        return jax.lax.switch(index, branches, (cache, step_cache))
 
     def body(step, carry):
         params, cond, uncond, x, cache, step_cache, key = carry
@@ -162,11 +190,13 @@ class _ProgressBar:
 
 
 def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache, *, sigmas, key,
-           hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False):
+           hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False,
+           static_step_dispatch=False):
     """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop."""
     step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
     if guidance_scale is not None:
         cache = stack_branches(cache, 2)
         step_cache = stack_branches(step_cache, 2)
-    run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress)
+    run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress,
+                       static_step_dispatch=static_step_dispatch)
     return run(params, latents, cond, cache, step_cache, key, uncond)

@@ -128,3 +128,27 @@ def test_progress_bar_from_inside_the_jitted_loop(capsys):
                           key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32, progress=True)
     jax.block_until_ready(out)
     assert "3/3" in capsys.readouterr().err
+
+
+def test_static_step_dispatch_calls_the_model_with_python_int_steps():
+    cfg = C.flux().replace(num_steps=12, step_cache=C.StepCacheConfig(enabled=True, skip_step_schedule=(7,)))
+    seen = []
+    base = _toy()
+
+    def compute(params, x, sigma, cond, cache, step, key):
+        seen.append(step)  # runs at trace time: one entry per compiled branch
+        return base.compute(params, x, sigma, cond, cache, jnp.int32(step), key)
+
+    den = SA.Denoiser(compute=compute, head=base.head)
+    sigmas = SA.flow_sigmas(12)
+    params, cond = _params(), jnp.full((B, N, D), 0.1)
+    out, cache, _ = SA.sample(den, cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
+                              hidden_shape=(B, N, D), hidden_dtype=jnp.float32, static_step_dispatch=True)
+    assert all(isinstance(s, int) for s in seen)
+    groups, reps = SA._step_signatures(cfg, 12)
+    assert sorted(seen) == sorted(reps) and len(reps) == 5  # (dense,dense) (colsum,select) (sparse,select)
+    # (refresh,dense) (sparse,reuse) for the FLUX schedule over 12 steps
+    ref, _, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
+                          hidden_shape=(B, N, D), hidden_dtype=jnp.float32)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-6
+    assert int(cache) == 11  # step 7 skipped
