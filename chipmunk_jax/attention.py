@@ -133,7 +133,7 @@ def sparse_delta_attention(
     opts = dict(group_size=a.group_size, scale=scale, impl=impl)
 
     def always_dense(cache):
-        return kernels.dense_attention(q, k, v, scale=scale, impl=impl)[0], cache
+        return kernels.dense_attention_output(q, k, v, scale=scale, impl=impl), cache
 
     def dense(cache):
         o, lse = kernels.dense_attention(q, k, v, scale=scale, impl=impl)
@@ -152,7 +152,7 @@ def sparse_delta_attention(
         return o, new
 
     def dense_refresh(cache):
-        o, _ = kernels.dense_attention(q, k, v, scale=scale, impl=impl)
+        o = kernels.dense_attention_output(q, k, v, scale=scale, impl=impl)  # the LSE is kept (SPEC §1.2)
         indices, counts = _column_sets(cache, config, n)
         out_cache = kernels.column_sparse_attention(q, k, v, indices, counts, base=o, sign=-1, **opts)
         return o, cache.replace(out_cache=out_cache)

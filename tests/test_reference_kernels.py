@@ -152,3 +152,12 @@ def test_sparse_mlp_reference_matches_float64():
             o64[bi, rows] += delta @ np.asarray(w2, np.float64)[feats]
     np.testing.assert_allclose(new_act, a64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new_out, o64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_dense_attention_output_matches_dense_attention(impl):
+    q, k, v = _qkv(8, n=130, d=32)
+    o = K.dense_attention_output(q, k, v, impl=impl)
+    np.testing.assert_allclose(o, K.dense_attention(q, k, v, impl="reference")[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q must be"):
+        K.dense_attention_output(q[0], k, v)
