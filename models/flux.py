@@ -37,7 +37,7 @@ from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import layer_norm, linear, rotary_tables, timestep_embedding, timestep_sinusoids
 
-__all__ = ["FluxConfig", "forward", "init_params", "init_cache", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
+__all__ = ["FluxConfig", "forward", "head", "denoiser", "sampling_permutation", "sampling_cond", "init_params", "init_cache", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
 
 Params = dict[str, Any]
 FLUX_THETA = 10000.0
@@ -364,6 +364,7 @@ def forward(
     dtype=jnp.bfloat16,
     attention_impl: str | None = None,
     kernel_impl: str | None = None,
+    return_hidden: bool = False,
 ):
     """FLUX.1 transformer forward (see the module docstring for shapes).
 
@@ -374,6 +375,11 @@ def forward(
     ``rotary_emb``: precomputed ``rotary_emb(config, txt_ids, img_ids)`` tables (joint raster order).
     ``attention_impl``: passed to ``jax.nn.dot_product_attention`` for the dense path (None, "xla",
     "cudnn"); ``kernel_impl``: passed to the Chipmunk ops.
+    ``return_hidden``: also return the pre-head image hidden state [B, N, inner_dim] (float32, after
+    the last single block, before ``norm_out``), i.e. ``(output, hidden)`` or ``(output, hidden,
+    new_cache)``. It is in the token order the blocks ran in: tile order when Chipmunk reorders tiles
+    (whether ``forward`` permuted the tokens or the caller did), else the input order. ``head`` turns it
+    back into the output for any timestep (step caching, SPEC §4.3).
     """
     if not isinstance(config, FluxConfig):
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
@@ -443,14 +449,195 @@ def forward(
         joint_states, (attn_aux, mlp_aux) = mmdit.single_block(block, joint_states, temb, rotary_emb, **block_kw,
                                                                 **ops)
         keep_cache(layer, attn_aux, mlp_aux)
-    img = joint_states[:, num_txt:]
+    hidden = joint_states[:, num_txt:]
 
-    scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)
-    img = layer_norm(img, 1e-6) * (1.0 + scale[:, None]) + shift[:, None]
-    output = linear(params["proj_out"], img, dtype, jnp.float32)
+    output = _final_layer(params, hidden, temb, dtype)
     if inverse is not None:
         output = jnp.take(output, jnp.asarray(inverse), axis=1)
     output = output.astype(out_dtype)
-    if chipmunk is None:
-        return output
-    return output, {"attention": new_attention, "mlp": new_mlp}
+    result = (output, hidden) if return_hidden else (output,)
+    if chipmunk is not None:
+        result += ({"attention": new_attention, "mlp": new_mlp},)
+    return result[0] if len(result) == 1 else result
+
+
+def _final_layer(params: Params, hidden, temb, dtype):
+    """norm_out (AdaLayerNormContinuous, scale first) + proj_out; float32 result."""
+    scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)
+    hidden = layer_norm(hidden.astype(jnp.float32), 1e-6) * (1.0 + scale[:, None]) + shift[:, None]
+    return linear(params["proj_out"], hidden, dtype, jnp.float32)
+
+
+def head(
+    params: Params,
+    config: FluxConfig,
+    *,
+    hidden: jax.Array,
+    timestep: jax.Array,
+    pooled_projections: jax.Array,
+    guidance: jax.Array | None = None,
+    chipmunk: ChipmunkConfig | None = None,
+    image_grid: tuple[int, int] | None = None,
+    tokens_in_tile_order: bool = False,
+    dtype=jnp.bfloat16,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """Only the final layer: the output of ``forward`` for a stored ``forward(..., return_hidden=True)``
+    hidden state, with the conditioning recomputed from the CURRENT ``timestep`` / ``guidance`` (the
+    skipped steps of step caching, SPEC §4.3).
+
+    ``hidden`` [B, N, inner_dim] is in forward's internal token order. Pass the same ``chipmunk``,
+    ``image_grid`` and ``tokens_in_tile_order`` as to ``forward``: when forward permuted the tokens to
+    tile order itself, the output is permuted back to raster order here too (``image_grid`` required).
+    Returns [B, N, output_channels] in ``out_dtype``.
+    """
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
+    _check_array("hidden", hidden, 3)
+    _check_array("pooled_projections", pooled_projections, 2)
+    batch, num_img, width = hidden.shape
+    if width != config.inner_dim:
+        raise ValueError(f"hidden must be [B, N, {config.inner_dim}], got {tuple(hidden.shape)}")
+    if pooled_projections.shape != (batch, config.pooled_projection_dim):
+        raise ValueError(
+            f"pooled_projections must be [{batch}, {config.pooled_projection_dim}], got {tuple(pooled_projections.shape)}"
+        )
+    for name, value in (("timestep", timestep), ("guidance", guidance)):
+        if value is not None and (jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, batch))):
+            raise ValueError(f"{name} must be a scalar or have shape [{batch}], got shape {jnp.shape(value)}")
+    if config.guidance_embeds and guidance is None:
+        raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
+    if not config.guidance_embeds and guidance is not None:
+        raise ValueError("guidance must be None: this config has guidance_embeds=False (FLUX.1-schnell)")
+    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    temb = _time_text_embed(params["time_text_embed"], _batch_vector(timestep, batch), guidance, pooled_projections)
+    output = _final_layer(params, hidden, temb, jnp.dtype(dtype))
+    if chipmunk is not None:
+        _check_configs(config, chipmunk)
+        if chipmunk.reorder.kind == "tiles" and not tokens_in_tile_order:
+            from chipmunk_jax.reorder import inverse_permutation, tile_permutation
+
+            if image_grid is None or len(image_grid) != 2 or image_grid[0] * image_grid[1] != num_img:
+                raise ValueError(f"image_grid {image_grid} must be (height, width) holding the {num_img} image tokens")
+            perm = tile_permutation(int(image_grid[0]), int(image_grid[1]), chipmunk.reorder.tile,
+                                    chipmunk.reorder.subtile)
+            output = jnp.take(output, jnp.asarray(inverse_permutation(perm)), axis=1)
+    return output.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling adapter (chipmunk_jax.sampling)
+
+
+def sampling_permutation(chipmunk: ChipmunkConfig | None, image_grid: tuple[int, int]) -> np.ndarray | None:
+    """Token order the sampler keeps the latents in: the tile permutation (raster -> tile) when
+    ``chipmunk`` reorders tiles, else None (raster). The Euler update is elementwise (SPEC §3.2), so
+    the latents are permuted once before the loop and back once after it, not at every step."""
+    if chipmunk is None or chipmunk.reorder.kind != "tiles":
+        return None
+    from chipmunk_jax.reorder import tile_permutation
+
+    return tile_permutation(int(image_grid[0]), int(image_grid[1]), chipmunk.reorder.tile, chipmunk.reorder.subtile)
+
+
+def image_ids(image_grid: tuple[int, int]) -> np.ndarray:
+    """Raster ``img_ids`` [(0, row, col)] float32 for a (height, width) token grid."""
+    h, w = image_grid
+    rows, cols = np.divmod(np.arange(h * w), w)
+    return np.stack([np.zeros(h * w), rows, cols], axis=1).astype(np.float32)
+
+
+def sampling_cond(
+    config: FluxConfig,
+    chipmunk: ChipmunkConfig | None,
+    *,
+    encoder_hidden_states,
+    pooled_projections,
+    image_grid: tuple[int, int],
+    guidance=None,
+) -> dict[str, Any]:
+    """The ``cond`` pytree of ``denoiser``: text states, pooled CLIP, ids and RoPE tables, with the image
+    ids and RoPE rows in ``sampling_permutation`` order (tables computed here in float64, as diffusers).
+    ``guidance``: the embedded guidance scale of FLUX.1-dev models (required iff guidance_embeds)."""
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    _check_grid(image_grid)
+    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    _check_array("pooled_projections", pooled_projections, 2)
+    if config.guidance_embeds and guidance is None:
+        raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
+    if not config.guidance_embeds and guidance is not None:
+        raise ValueError("guidance must be None: this config has guidance_embeds=False (FLUX.1-schnell)")
+    img_ids = image_ids(image_grid)
+    perm = sampling_permutation(chipmunk, image_grid)
+    if perm is not None:
+        img_ids = img_ids[perm]
+    txt_ids = np.zeros((encoder_hidden_states.shape[1], 3), np.float32)
+    cond = dict(
+        encoder_hidden_states=jnp.asarray(encoder_hidden_states),
+        pooled_projections=jnp.asarray(pooled_projections),
+        img_ids=jnp.asarray(img_ids),
+        txt_ids=jnp.asarray(txt_ids),
+        rotary_emb=rotary_emb(config, txt_ids, img_ids),
+    )
+    if guidance is not None:
+        cond["guidance"] = _batch_vector(guidance, encoder_hidden_states.shape[0])
+    return cond
+
+
+def _check_grid(image_grid):
+    if (not isinstance(image_grid, (tuple, list)) or len(image_grid) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in image_grid)):
+        raise ValueError(f"image_grid must be (height, width) in tokens, positive integers; got {image_grid!r}")
+
+
+def denoiser(
+    config: FluxConfig,
+    chipmunk: ChipmunkConfig | None = None,
+    *,
+    image_grid: tuple[int, int],
+    dtype=jnp.bfloat16,
+    attention_impl: str | None = None,
+    kernel_impl: str | None = None,
+):
+    """FLUX as a ``chipmunk_jax.sampling.Denoiser``.
+
+    ``chipmunk=None`` runs the dense model (the cache passes through untouched; use ``None``). With
+    ``chipmunk`` the cache is ``init_cache(...)``. The latents and ``cond`` (``sampling_cond``) must be
+    in ``sampling_permutation`` order for the whole loop. compute returns the velocity (float32), the
+    pre-head hidden state (float32, [B, N, inner_dim]) and the new cache; head re-runs only the final
+    layer for the current sigma. sigma is FLUX's timestep (the model multiplies by 1000 itself).
+    """
+    from chipmunk_jax.sampling import Denoiser
+
+    if not isinstance(config, FluxConfig):
+        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
+    if chipmunk is not None:
+        _check_configs(config, chipmunk)
+    _check_grid(image_grid)
+    image_grid = (int(image_grid[0]), int(image_grid[1]))
+    model_kw = dict(dtype=dtype, attention_impl=attention_impl)
+    if chipmunk is not None:
+        model_kw.update(chipmunk=chipmunk, image_grid=image_grid, tokens_in_tile_order=True, kernel_impl=kernel_impl)
+
+    def model_inputs(cond):
+        return {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")}
+
+    def compute(params, latents, sigma, cond, cache, step, key):
+        inputs = dict(model_inputs(cond), hidden_states=latents, timestep=sigma, guidance=cond.get("guidance"),
+                      rotary_emb=cond.get("rotary_emb"))
+        if chipmunk is None:
+            velocity, hidden = forward(params, config, **inputs, return_hidden=True, **model_kw)
+        else:
+            velocity, hidden, cache = forward(params, config, **inputs, cache=cache, step=step, key=key,
+                                              return_hidden=True, **model_kw)
+        return velocity.astype(jnp.float32), hidden, cache
+
+    def final_layer(params, hidden, sigma, cond):
+        # hidden is in the latents' (sampling) order, so no permutation here
+        return head(params, config, hidden=hidden, timestep=sigma, pooled_projections=cond["pooled_projections"],
+                    guidance=cond.get("guidance"), dtype=dtype, out_dtype=jnp.float32)
+
+    return Denoiser(compute=compute, head=final_layer)
