@@ -156,7 +156,7 @@ def sparse_delta_mlp(
         z_blocks = _block_preactivation(x, weights, m.block_size)
         scores = jnp.abs(z_blocks - cache.blockmean_cache)
         indices, counts = selection.select_mlp_features(
-            scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key
+            scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key, impl=impl
         )
         recomputed = selection.indices_to_mask(indices, counts, scores.shape[-1])
         cache = cache.replace(blockmean_cache=jnp.where(recomputed, z_blocks, cache.blockmean_cache))

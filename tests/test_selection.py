@@ -143,3 +143,13 @@ def test_block_mean_partial_last_block():
     assert m.shape == (2, 3, 4)
     np.testing.assert_allclose(m[:, 2], x[:, 256:].mean(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m[:, 0], x[:, :128].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_selection_kernel_path_matches_reference():
+    scores = jax.random.uniform(jax.random.PRNGKey(7), (1, 3, 300))
+    for random_keys in (0.0, 0.1):
+        ref = S.select_mlp_features(scores, 0.3, random_keys, 64, key=jax.random.PRNGKey(8), impl="reference")
+        fast = S.select_mlp_features(scores, 0.3, random_keys, 64, key=jax.random.PRNGKey(8), impl="interpret")
+        assert jnp.array_equal(ref[1], fast[1])
+        for r, f_, c in zip(np.asarray(ref[0])[0], np.asarray(fast[0])[0], np.asarray(ref[1])[0]):
+            assert np.array_equal(r[:c], f_[:c])
