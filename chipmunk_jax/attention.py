@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from chipmunk_jax import selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import attention as kernels
-from chipmunk_jax.schedule import AttentionStep
+from chipmunk_jax.schedule import AttentionStep, dispatch
 
 __all__ = ["AttentionCache", "init_attention_cache", "sparse_delta_attention", "attention_cache_bytes"]
 
@@ -164,9 +163,4 @@ def sparse_delta_attention(
 
     branches = (always_dense, dense, dense_colsum, dense_refresh, sparse)
     cache = cache.replace(out_cache=cache.out_cache.astype(q.dtype))
-    if isinstance(step_kind, (int, np.integer)):
-        return branches[AttentionStep(int(step_kind))](cache)
-    step_kind = jnp.asarray(step_kind)
-    if step_kind.shape != () or not jnp.issubdtype(step_kind.dtype, jnp.integer):
-        raise TypeError(f"step_kind must be an AttentionStep or a scalar integer array, got {step_kind!r}")
-    return jax.lax.switch(step_kind, branches, cache)
+    return dispatch(step_kind, branches, cache, AttentionStep)

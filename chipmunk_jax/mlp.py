@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from chipmunk_jax import selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import mlp as kernels
 from chipmunk_jax.pallas_kernels.mlp_reference import gelu_tanh
-from chipmunk_jax.schedule import MLPStep
+from chipmunk_jax.schedule import MLPStep, dispatch
 
 __all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp"]
 
@@ -166,9 +165,4 @@ def sparse_delta_mlp(
         return delta(cache, cache.indices, cache.counts)
 
     branches = (always_dense, dense, sparse_select, sparse_reuse)
-    if isinstance(step_kind, (int, np.integer)):
-        return branches[MLPStep(int(step_kind))](cache)
-    step_kind = jnp.asarray(step_kind)
-    if step_kind.shape != () or not jnp.issubdtype(step_kind.dtype, jnp.integer):
-        raise TypeError(f"step_kind must be an MLPStep or a scalar integer array, got {step_kind!r}")
-    return jax.lax.switch(step_kind, branches, cache)
+    return dispatch(step_kind, branches, cache, MLPStep)

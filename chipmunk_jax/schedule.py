@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,7 @@ __all__ = [
     "attention_schedule",
     "mlp_schedule",
     "model_schedule",
+    "dispatch",
 ]
 
 
@@ -146,3 +148,14 @@ def mlp_step_kind(config: ChipmunkConfig, step, layer):
 def model_step_kind(config: ChipmunkConfig, step):
     """ModelStep at ``step`` (int or traced)."""
     return _lookup(model_schedule(config), step, 0, 0, ModelStep.COMPUTE, ModelStep)
+
+
+def dispatch(step_kind, branches, operand, kind_enum: type[enum.IntEnum]):
+    """``branches[step_kind](operand)``: a Python call for a concrete kind, ``lax.switch`` for a traced
+    one (then every branch is traced and must return the same structure)."""
+    if isinstance(step_kind, (int, np.integer)):
+        return branches[kind_enum(int(step_kind))](operand)
+    step_kind = jnp.asarray(step_kind)
+    if step_kind.shape != () or not jnp.issubdtype(step_kind.dtype, jnp.integer):
+        raise TypeError(f"step_kind must be an {kind_enum.__name__} or a scalar integer array, got {step_kind!r}")
+    return jax.lax.switch(step_kind, branches, operand)
