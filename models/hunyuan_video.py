@@ -1,0 +1,723 @@
+"""HunyuanVideo transformer (diffusers ``HunyuanVideoTransformer3DModel``) as pure functions, with Chipmunk.
+
+Params: a nested dict whose paths joined by "." are the diffusers state-dict names, with each Linear
+``weight`` renamed ``kernel`` ([in, out]) and each norm ``weight`` renamed ``scale``. The patch embedding
+``x_embedder.proj`` (a Conv3d with kernel = stride = (pt, p, p)) is kept as patchify + Linear:
+``kernel`` [C*pt*p*p, D] with patch features ordered (c, pt, ph, pw) (``W.reshape(D, -1).T``). Blocks are
+Python lists (``transformer_blocks``, ``single_transformer_blocks``,
+``context_embedder.token_refiner.refiner_blocks``). See ``chipmunk_jax.ports.hunyuan_video``.
+
+``forward`` mirrors diffusers' keywords and shapes (MODELS.md §2):
+  hidden_states [B, C, F, H, W], timestep [B] (in [0, 1000], no scaling inside), encoder_hidden_states
+  [B, L, text_embed_dim], encoder_attention_mask [B, L] (1 = valid, right-padded), pooled_projections
+  [B, pooled_projection_dim], guidance [B] (guidance_scale * 1000) when guidance_embeds=True.
+It returns [B, out_channels, F, H, W] in hidden_states' dtype. The double/single blocks are the shared
+MMDiT blocks (``models/mmdit.py``) in image-first order; RoPE (theta 256, axes (t, h, w)) rotates image
+tokens only (text rows of the joint tables are the identity); padded text keys are masked out (a
+valid-length prefix of the joint sequence). I2V ``latent_concat`` needs nothing beyond in_channels=33;
+``token_replace`` is not implemented (ValueError).
+
+Chipmunk (SPEC §5.2): the joint attention of all num_layers + num_single_layers blocks goes through
+``sparse_delta_attention`` (no MLP sparsity, as the original); layers below first_n_dense_layers run the
+dense path and pass their cache slot through. Image tokens are put in voxel order (``reorder.voxel``,
+tails in raster order, SPEC §3.1) inside ``forward`` with their RoPE rows permuted identically, text is
+appended unpermuted, and the output is permuted back. Chipmunk runs on the prefix [image; valid text]
+(as the original, which cuts at ``cu_seqlens_q[1]``); the padded text queries attend densely to that
+prefix (their values never reach a valid token: padded keys are masked). The valid text length must
+therefore be static and equal over the batch: ``text_length=`` (or derived from a concrete mask;
+different lengths in one batch raise). The static mask (text keys, dense text query groups, static
+random keys; SPEC §1.6) is built once per generation by ``init_cache`` and kept bit-packed in the cache
+(``cache["static_mask_bits"]``), as are the column sets between full steps (``mask_bits``).
+
+Memory per sparse layer at 720x1280x129 (118,800 image + 256 text tokens, B=1, bf16 out_cache), measured
+with ``chipmunk_jax.cache.cache_bytes`` on ``jax.eval_shape(init_cache)`` (``cache_bytes_per_layer``):
+  out_cache 731.4 MB, packed mask 221.7 MB, LSE 11.4 MB, counts 0.06 MB: 964.5 MB per layer,
+  56.0 GB for the 58 sparse layers of the preset (2 always-dense layers keep unused slots of the same
+  size: 57.9 GB allocated), plus the per-generation static mask 9.2 MB packed.
+That does not fit next to 23.9 GiB of weights on one 80 GB GPU: host offload of out_cache and the packed
+masks between full steps (the original offloads both) is the next step and not done here.
+
+Step caching (SPEC §4.3): ``forward(..., return_hidden=True)`` also returns the pre-head image hidden
+state (voxel order under Chipmunk); ``head`` re-runs only the final layer on it with the current
+timestep; ``make_denoiser`` wires both into ``chipmunk_jax.sampling``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models import mmdit
+from chipmunk_jax.models.layers import (
+    layer_norm,
+    linear,
+    matmul_precision,
+    rotary_tables,
+    timestep_embedding,
+    timestep_sinusoids,
+)
+
+__all__ = [
+    "HunyuanVideoConfig",
+    "forward",
+    "head",
+    "init_params",
+    "init_cache",
+    "cache_bytes_per_layer",
+    "rotary_emb",
+    "token_grid",
+    "text_length_from_mask",
+    "patchify",
+    "unpatchify",
+    "make_denoiser",
+]
+
+Params = dict[str, Any]
+_EPS = 1e-6
+# fold_in stream of the static random keys, apart from the per-layer streams 0..num_sparse_layers-1
+_STATIC_MASK_STREAM = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class HunyuanVideoConfig:
+    """``HunyuanVideoTransformer3DModel`` constructor arguments (diffusers names and defaults =
+    HunyuanVideo T2V 720p, "HYVideo-T/2-cfgdistill")."""
+
+    in_channels: int = 16
+    out_channels: int | None = 16
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    num_layers: int = 20
+    num_single_layers: int = 40
+    num_refiner_layers: int = 2
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    patch_size_t: int = 1
+    qk_norm: str = "rms_norm"
+    guidance_embeds: bool = True
+    text_embed_dim: int = 4096
+    pooled_projection_dim: int = 768
+    rope_theta: float = 256.0
+    rope_axes_dim: tuple[int, ...] = (16, 56, 56)
+    image_condition_type: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rope_axes_dim, list):
+            object.__setattr__(self, "rope_axes_dim", tuple(self.rope_axes_dim))
+        for name in ("in_channels", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t",
+                     "text_embed_dim", "pooled_projection_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_layers", "num_single_layers", "num_refiner_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.out_channels is not None and (
+            isinstance(self.out_channels, bool) or not isinstance(self.out_channels, int) or self.out_channels < 1
+        ):
+            raise ValueError(f"out_channels must be a positive integer or None, got {self.out_channels!r}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.qk_norm != "rms_norm":
+            raise ValueError(f"qk_norm must be 'rms_norm' (the only released variant), got {self.qk_norm!r}")
+        if not isinstance(self.guidance_embeds, bool):
+            raise ValueError(f"guidance_embeds must be a bool, got {self.guidance_embeds!r}")
+        if self.image_condition_type not in (None, "latent_concat"):
+            raise ValueError(
+                f"image_condition_type must be None or 'latent_concat' ('token_replace' is not implemented), "
+                f"got {self.image_condition_type!r}"
+            )
+        if (len(self.rope_axes_dim) != 3 or any(not isinstance(d, int) or d < 2 or d % 2 for d in self.rope_axes_dim)
+                or sum(self.rope_axes_dim) != self.attention_head_dim):
+            raise ValueError(
+                f"rope_axes_dim {self.rope_axes_dim} must be three even sizes summing to attention_head_dim "
+                f"({self.attention_head_dim})"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.inner_dim * self.mlp_ratio)
+
+    @property
+    def refiner_mlp_hidden_dim(self) -> int:
+        # diffusers builds the refiner with its own default mlp_ratio 4.0, whatever config.mlp_ratio says
+        return int(self.inner_dim * 4.0)
+
+    @property
+    def patch_features(self) -> int:
+        return self.in_channels * self.patch_size_t * self.patch_size * self.patch_size
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> "HunyuanVideoConfig":
+        """From a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown HunyuanVideoTransformer3DModel config keys: {unknown}")
+        return cls(**data)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rope_axes_dim"] = list(self.rope_axes_dim)
+        return {"_class_name": "HunyuanVideoTransformer3DModel", **out}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _linear_init(key, fan_in, fan_out, dtype):
+    # torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+    bound = 1.0 / np.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    return {
+        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
+        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
+    }
+
+
+def init_params(config: HunyuanVideoConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+    """Random parameters with torch's default Linear init (norm scales 1, biases 0); for tests and timing."""
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
+    n_keys = 32 + 32 * (config.num_sparse_layers + config.num_refiner_layers)
+    keys = iter(jax.random.split(key, n_keys))
+    lin = lambda i, o: _linear_init(next(keys), i, o, dtype)  # noqa: E731
+    rms = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
+    ln = lambda: {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}  # noqa: E731
+    emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731
+    ff = lambda hidden: {"net": {"0": {"proj": lin(d, hidden)}, "2": lin(hidden, d)}}  # noqa: E731
+
+    def refiner_block():
+        attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
+        attn["to_out"] = {"0": lin(d, d)}
+        return {"norm1": ln(), "attn": attn, "norm2": ln(), "ff": ff(config.refiner_mlp_hidden_dim),
+                "norm_out": {"linear": lin(d, 2 * d)}}
+
+    def double():
+        attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+        attn.update({name: rms() for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")})
+        attn.update({"to_out": {"0": lin(d, d)}, "to_add_out": lin(d, d)})
+        return {"norm1": {"linear": lin(d, 6 * d)}, "norm1_context": {"linear": lin(d, 6 * d)}, "attn": attn,
+                "ff": ff(f), "ff_context": ff(f)}
+
+    def single():
+        attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
+        attn.update({"norm_q": rms(), "norm_k": rms()})
+        return {"norm": {"linear": lin(d, 3 * d)}, "attn": attn, "proj_mlp": lin(d, f), "proj_out": lin(d + f, d)}
+
+    time_text_embed = {"timestep_embedder": emb(256), "text_embedder": emb(config.pooled_projection_dim)}
+    if config.guidance_embeds:
+        time_text_embed["guidance_embedder"] = emb(256)
+    context_embedder = {
+        "time_text_embed": {"timestep_embedder": emb(256), "text_embedder": emb(config.text_embed_dim)},
+        "proj_in": lin(config.text_embed_dim, d),
+        "token_refiner": {"refiner_blocks": [refiner_block() for _ in range(config.num_refiner_layers)]},
+    }
+    return {
+        "x_embedder": {"proj": lin(config.patch_features, d)},
+        "context_embedder": context_embedder,
+        "time_text_embed": time_text_embed,
+        "transformer_blocks": [double() for _ in range(config.num_layers)],
+        "single_transformer_blocks": [single() for _ in range(config.num_single_layers)],
+        "norm_out": {"linear": lin(d, 2 * d)},
+        "proj_out": lin(d, config.patch_size_t * config.patch_size ** 2 * config.output_channels),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Patches and positions
+
+
+def token_grid(config: HunyuanVideoConfig, latent_shape) -> tuple[int, int, int]:
+    """(frames, height, width) of the patch-token grid for latents [B, C, F, H, W] (or their shape)."""
+    shape = tuple(getattr(latent_shape, "shape", latent_shape))
+    if len(shape) != 5:
+        raise ValueError(f"latent_shape must be [B, C, F, H, W], got {shape}")
+    _, _, f, h, w = shape
+    pt, p = config.patch_size_t, config.patch_size
+    if f % pt or h % p or w % p:
+        raise ValueError(f"hidden_states frames/height/width {(f, h, w)} must divide by the patch ({pt}, {p}, {p})")
+    return f // pt, h // p, w // p
+
+
+def patchify(x, patch_size_t: int, patch_size: int):
+    """[B, C, F, H, W] -> [B, N, C*pt*p*p]: tokens in raster (t, h, w) order, features (c, pt, ph, pw)
+    (the Conv3d input order, so ``x_embedder.proj`` is a Linear)."""
+    b, c, f, h, w = x.shape
+    pt, p = patch_size_t, patch_size
+    x = x.reshape(b, c, f // pt, pt, h // p, p, w // p, p).transpose(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (f // pt) * (h // p) * (w // p), c * pt * p * p)
+
+
+def unpatchify(x, grid, patch_size_t: int, patch_size: int):
+    """[B, N, C*pt*p*p] (features (c, pt, ph, pw), diffusers' ``proj_out`` order) -> [B, C, F, H, W]."""
+    tf, th, tw = grid
+    pt, p = patch_size_t, patch_size
+    b = x.shape[0]
+    x = x.reshape(b, tf, th, tw, -1, pt, p, p).transpose(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, -1, tf * pt, th * p, tw * p)
+
+
+def rotary_emb(config: HunyuanVideoConfig, grid) -> tuple[jax.Array, jax.Array]:
+    """``HunyuanVideoRotaryPosEmbed`` tables for the image tokens in raster order: ([N, head_dim],) * 2,
+    f32 (angles from float64 numpy, as diffusers)."""
+    tf, th, tw = (int(g) for g in grid)
+    t, h, w = np.meshgrid(np.arange(tf), np.arange(th), np.arange(tw), indexing="ij")
+    ids = np.stack([t.reshape(-1), h.reshape(-1), w.reshape(-1)], axis=1).astype(np.float32)
+    return rotary_tables(ids, config.rope_axes_dim, float(config.rope_theta))
+
+
+def _joint_rotary(image_tables, num_text):
+    # Text tokens are not rotated: identity rows (cos 1, sin 0) after the image rows.
+    cos, sin = image_tables
+    d = cos.shape[-1]
+    return (jnp.concatenate([cos, jnp.ones((num_text, d), cos.dtype)], axis=0),
+            jnp.concatenate([sin, jnp.zeros((num_text, d), sin.dtype)], axis=0))
+
+
+def text_length_from_mask(encoder_attention_mask) -> int:
+    """The valid text length of a concrete right-padded mask [B, L], equal over the batch (Chipmunk
+    needs a static one)."""
+    if isinstance(encoder_attention_mask, jax.core.Tracer):
+        raise ValueError("encoder_attention_mask is traced: pass text_length= (the valid text length)")
+    m = np.asarray(encoder_attention_mask).astype(bool)
+    if m.ndim != 2:
+        raise ValueError(f"encoder_attention_mask must be [B, L], got shape {m.shape}")
+    lengths = m.sum(axis=1)
+    if not np.array_equal(m, np.arange(m.shape[1])[None, :] < lengths[:, None]):
+        raise ValueError("encoder_attention_mask must be right-padded (valid tokens first)")
+    if np.any(lengths != lengths[0]):
+        raise ValueError(
+            f"Chipmunk needs one valid text length for the whole batch, got {sorted(set(lengths.tolist()))}: "
+            "run the prompts in separate calls (or pad their embeddings to one length)"
+        )
+    return int(lengths[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings and the token refiner
+
+
+def _affine_layer_norm(params: Params, x):
+    return layer_norm(x, _EPS) * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+
+
+def _refiner_attention(attn: Params, x, mask, *, head_dim, dtype):
+    """Self-attention with a [B, L, L] bool mask; logits and softmax in f32."""
+    b, length, _ = x.shape
+    q, k, v = (linear(attn[n], x, dtype).reshape(b, length, -1, head_dim) for n in ("to_q", "to_k", "to_v"))
+    precision = matmul_precision(dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None], logits / np.sqrt(head_dim), -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=precision, preferred_element_type=jnp.float32)
+    return linear(attn["to_out"]["0"], out.reshape(b, length, -1), dtype, jnp.float32)
+
+
+def token_refiner(params: Params, config: HunyuanVideoConfig, encoder_hidden_states, timestep,
+                  encoder_attention_mask, dtype):
+    """``HunyuanVideoTokenRefiner``: masked-mean pooled text + t conditions 2-D-masked refiner blocks."""
+    m = encoder_attention_mask.astype(jnp.float32)
+    ehs = encoder_hidden_states.astype(jnp.float32)
+    pooled = jnp.sum(ehs * m[..., None], axis=1) / jnp.sum(m, axis=1, keepdims=True)
+    tte = params["time_text_embed"]
+    temb = (timestep_embedding(tte["timestep_embedder"], timestep_sinusoids(timestep))
+            + timestep_embedding(tte["text_embedder"], pooled))
+    h = linear(params["proj_in"], encoder_hidden_states, dtype, jnp.float32)
+    valid = jnp.asarray(encoder_attention_mask).astype(bool)
+    # diffusers: mask[i, j] = valid_i & valid_j, with key 0 always visible (no all-masked rows)
+    mask = (valid[:, :, None] & valid[:, None, :]).at[:, :, 0].set(True)
+    for block in params.get("token_refiner", {}).get("refiner_blocks", []):
+        gate_msa, gate_mlp = jnp.split(linear(block["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, -1)
+        attn_out = _refiner_attention(block["attn"], _affine_layer_norm(block["norm1"], h), mask,
+                                      head_dim=config.attention_head_dim, dtype=dtype)
+        h = h + attn_out * gate_msa[:, None]
+        ff = block["ff"]["net"]
+        hidden = jax.nn.silu(linear(ff["0"]["proj"], _affine_layer_norm(block["norm2"], h), dtype, jnp.float32))
+        h = h + linear(ff["2"], hidden, dtype, jnp.float32) * gate_mlp[:, None]
+    return h
+
+
+def _condition_embedding(params: Params, timestep, pooled_projections, guidance):
+    # HunyuanVideoConditionEmbedding: timestep in [0, 1000] as given (no x1000 inside), all in f32
+    temb = timestep_embedding(params["timestep_embedder"], timestep_sinusoids(timestep))
+    if guidance is not None:
+        temb = temb + timestep_embedding(params["guidance_embedder"], timestep_sinusoids(guidance))
+    return temb + timestep_embedding(params["text_embedder"], pooled_projections.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chipmunk cache
+
+
+def _check_configs(config, chipmunk):
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    if not isinstance(chipmunk, ChipmunkConfig):
+        raise TypeError(f"chipmunk must be a ChipmunkConfig or None, got {type(chipmunk).__name__}")
+    if chipmunk.reorder.kind not in ("none", "voxels"):
+        raise ValueError(f"HunyuanVideo supports chipmunk.reorder.kind 'voxels' or 'none', got "
+                         f"{chipmunk.reorder.kind!r}")
+    if chipmunk.mlp.enabled:
+        raise ValueError("HunyuanVideo runs Chipmunk on attention only (as the original): set mlp.enabled=False")
+    a = chipmunk.attention
+    if a.compress_indices and int(np.prod(chipmunk.reorder.voxel)) != a.group_size:
+        raise ValueError(f"reorder.voxel {chipmunk.reorder.voxel} must hold attention.group_size={a.group_size} "
+                         "tokens (the static mask maps query groups to voxels)")
+    if chipmunk.reorder.kind == "none" and a.local_voxels > 0:
+        raise ValueError("attention.local_voxels needs reorder.kind='voxels'")
+
+
+def _check_grid(grid):
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 3
+            or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1 for g in grid)):
+        raise ValueError(f"grid must be three positive integers (token frames, height, width), got {grid!r}")
+    return tuple(int(g) for g in grid)
+
+
+def init_cache(
+    config: HunyuanVideoConfig,
+    chipmunk: ChipmunkConfig,
+    *,
+    batch: int,
+    grid: tuple[int, int, int],
+    text_length: int,
+    key: jax.Array | None = None,
+    dtype=jnp.bfloat16,
+) -> dict[str, Any]:
+    """Model cache for one generation over the token ``grid`` (``token_grid(config, latents)``) and
+    ``text_length`` valid text tokens: ``{"attention": [AttentionCache] * num_sparse_layers,
+    "static_mask_bits": uint8 [G, ceil(P/8)] or None, "eligible": bool [G] or None}`` with
+    P = image tokens + text_length. ``key`` draws the static random keys (needed when
+    attention.random_keys > 0 on the compressed path)."""
+    from chipmunk_jax.attention import init_attention_cache
+    from chipmunk_jax.selection import pack_mask, static_video_mask
+
+    _check_configs(config, chipmunk)
+    grid = _check_grid(grid)
+    if isinstance(text_length, bool) or not isinstance(text_length, (int, np.integer)) or text_length < 0:
+        raise ValueError(f"text_length must be a non-negative integer, got {text_length!r}")
+    prefix = int(np.prod(grid)) + int(text_length)
+    attention = [
+        init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
+                             head_dim=config.attention_head_dim, dtype=dtype)
+        for _ in range(config.num_sparse_layers)
+    ]
+    static_bits = eligible = None
+    if chipmunk.attention.compress_indices:
+        mask, eligible = static_video_mask(grid, int(text_length), chipmunk.attention,
+                                           voxel=chipmunk.reorder.voxel, key=key)
+        static_bits = pack_mask(mask)
+    return {"attention": attention, "static_mask_bits": static_bits, "eligible": eligible}
+
+
+def cache_bytes_per_layer(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, *, grid, text_length,
+                          batch: int = 1, dtype=jnp.bfloat16) -> dict[str, int]:
+    """Bytes of one layer's attention cache by field (plus "total" and the per-generation
+    "static_mask_bits"), from abstract shapes (``jax.eval_shape``: nothing is allocated)."""
+    from chipmunk_jax.cache import cache_bytes
+
+    one_layer = dataclasses.replace(config, num_layers=1, num_single_layers=0)
+    abstract = jax.eval_shape(lambda key: init_cache(one_layer, chipmunk, batch=batch, grid=grid,
+                                                     text_length=text_length, key=key, dtype=dtype),
+                              jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    layer = abstract["attention"][0]
+    out = {f.name: cache_bytes(getattr(layer, f.name)) for f in dataclasses.fields(layer)
+           if getattr(layer, f.name) is not None}
+    out["total"] = cache_bytes(layer)
+    out["static_mask_bits"] = cache_bytes(abstract["static_mask_bits"])
+    return out
+
+
+def _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mask, kernel_impl, attention_impl):
+    """Chipmunk attention on the [image; valid text] prefix, dense attention for padded text queries;
+    None for always-dense layers (they take the model's masked dense path)."""
+    from chipmunk_jax.attention import sparse_delta_attention
+    from chipmunk_jax.schedule import attention_step_kind
+
+    if not chipmunk.attention.enabled or layer < chipmunk.attention.first_n_dense_layers:
+        return None
+    kind = attention_step_kind(chipmunk, step, layer)
+    layer_key = None if key is None else jax.random.fold_in(key, layer)
+
+    def attention_op(q, k, v):
+        qp, kp, vp = q[:, :prefix], k[:, :prefix], v[:, :prefix]
+        out, new_cache = sparse_delta_attention(
+            qp, kp, vp, cache["attention"][layer], kind, chipmunk, key=layer_key, static_mask=static_mask,
+            eligible=cache["eligible"], impl=kernel_impl,
+        )
+        if prefix < q.shape[1]:
+            tail = mmdit.dense_attention(q[:, prefix:], kp, vp, implementation=attention_impl)
+            out = jnp.concatenate([out, tail.astype(out.dtype)], axis=1)
+        return out, new_cache
+
+    return attention_op
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _check_array(name, x, ndim):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                  pooled_projections, guidance):
+    _check_array("hidden_states", hidden_states, 5)
+    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    _check_array("encoder_attention_mask", encoder_attention_mask, 2)
+    _check_array("pooled_projections", pooled_projections, 2)
+    b, c = hidden_states.shape[:2]
+    if c != config.in_channels:
+        raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
+    token_grid(config, hidden_states.shape)
+    if encoder_hidden_states.shape[0] != b or encoder_hidden_states.shape[2] != config.text_embed_dim:
+        raise ValueError(f"encoder_hidden_states must be [{b}, L, {config.text_embed_dim}], got "
+                         f"{tuple(encoder_hidden_states.shape)}")
+    if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
+        raise ValueError(f"encoder_attention_mask must be {tuple(encoder_hidden_states.shape[:2])} (like "
+                         f"encoder_hidden_states), got {tuple(encoder_attention_mask.shape)}")
+    if pooled_projections.shape != (b, config.pooled_projection_dim):
+        raise ValueError(f"pooled_projections must be [{b}, {config.pooled_projection_dim}], got "
+                         f"{tuple(pooled_projections.shape)}")
+    for name, value in (("timestep", timestep), ("guidance", guidance)):
+        if value is None:
+            continue
+        if jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, b)):
+            raise ValueError(f"{name} must be a scalar or have shape [{b}], got shape {jnp.shape(value)}")
+    if config.guidance_embeds and guidance is None:
+        raise ValueError("guidance is required: this config has guidance_embeds=True")
+    if not config.guidance_embeds and guidance is not None:
+        raise ValueError("guidance must be None: this config has guidance_embeds=False")
+
+
+def _batch_vector(value, batch):
+    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
+
+
+def _check_dtype(dtype):
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def head(params: Params, config: HunyuanVideoConfig, hidden, *, timestep, pooled_projections, guidance=None,
+         grid, chipmunk: ChipmunkConfig | None = None, dtype=jnp.bfloat16, out_dtype=None):
+    """Final layer only (a skipped step, SPEC §4.3): ``norm_out`` with the current conditioning, ``proj_out``,
+    the inverse voxel permutation (when ``chipmunk`` reorders) and unpatchify -> [B, C, F, H, W]."""
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    _check_array("hidden", hidden, 3)
+    grid = _check_grid(grid)
+    if hidden.shape[1:] != (int(np.prod(grid)), config.inner_dim):
+        raise ValueError(f"hidden must be [B, {int(np.prod(grid))}, {config.inner_dim}], got {tuple(hidden.shape)}")
+    dtype = _check_dtype(dtype)
+    batch = hidden.shape[0]
+    timestep = _batch_vector(timestep, batch)
+    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
+    return _final_layer(params, config, hidden, temb, grid, _voxel_perm(chipmunk, grid), dtype,
+                        out_dtype or hidden.dtype)
+
+
+def _voxel_perm(chipmunk, grid):
+    if chipmunk is None or chipmunk.reorder.kind != "voxels":
+        return None
+    from chipmunk_jax.reorder import voxel_permutation
+
+    return voxel_permutation(*grid, voxel=chipmunk.reorder.voxel)
+
+
+def _final_layer(params, config, hidden, temb, grid, perm, dtype, out_dtype):
+    scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)
+    x = layer_norm(hidden, _EPS) * (1.0 + scale[:, None]) + shift[:, None]
+    out = linear(params["proj_out"], x, dtype, jnp.float32)
+    if perm is not None:
+        from chipmunk_jax.reorder import inverse_permutation
+
+        out = jnp.take(out, jnp.asarray(inverse_permutation(perm)), axis=1)
+    return unpatchify(out, grid, config.patch_size_t, config.patch_size).astype(out_dtype)
+
+
+def forward(
+    params: Params,
+    config: HunyuanVideoConfig,
+    *,
+    hidden_states: jax.Array,
+    timestep: jax.Array,
+    encoder_hidden_states: jax.Array,
+    encoder_attention_mask: jax.Array,
+    pooled_projections: jax.Array,
+    guidance: jax.Array | None = None,
+    chipmunk: ChipmunkConfig | None = None,
+    cache: dict[str, Any] | None = None,
+    step=None,
+    key: jax.Array | None = None,
+    text_length: int | None = None,
+    return_hidden: bool = False,
+    dtype=jnp.bfloat16,
+    attention_impl: str | None = None,
+    kernel_impl: str | None = None,
+):
+    """HunyuanVideo transformer forward (see the module docstring for shapes).
+
+    Chipmunk: pass ``chipmunk`` (a ChipmunkConfig, e.g. ``chipmunk_jax.config.hunyuan_video()``),
+    ``step`` (int or traced int32) and ``cache`` (``init_cache``; None builds a fresh one, right for
+    step 0, drawing the static random keys from ``key``); returns ``(output, new_cache)``. ``key`` also
+    seeds the dynamic random keys (per layer via ``fold_in``); ``text_length`` is the static valid text
+    length (derived from a concrete ``encoder_attention_mask`` when omitted).
+    ``return_hidden``: also return the pre-head image hidden state [B, N, D] f32 (voxel order under
+    Chipmunk) for step caching: ``(output, hidden)`` or ``(output, hidden, new_cache)``.
+    ``attention_impl``: the dense path's ``jax.nn.dot_product_attention`` implementation; ``kernel_impl``:
+    passed to the Chipmunk ops.
+    """
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
+    _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                  pooled_projections, guidance)
+    dtype = _check_dtype(dtype)
+    batch = hidden_states.shape[0]
+    num_txt = encoder_hidden_states.shape[1]
+    grid = token_grid(config, hidden_states.shape)
+    num_img = int(np.prod(grid))
+    out_dtype = hidden_states.dtype
+
+    tokens = patchify(hidden_states, config.patch_size_t, config.patch_size)
+    image_rope = rotary_emb(config, grid)
+    perm = None
+    static_mask = None
+    if chipmunk is not None:
+        _check_configs(config, chipmunk)
+        if step is None:
+            raise ValueError("step is required when chipmunk is given")
+        if text_length is None:
+            text_length = text_length_from_mask(encoder_attention_mask)
+        elif isinstance(text_length, bool) or not isinstance(text_length, (int, np.integer)) \
+                or not 0 <= text_length <= num_txt:
+            raise ValueError(f"text_length must be an integer in [0, {num_txt}], got {text_length!r}")
+        elif not isinstance(encoder_attention_mask, jax.core.Tracer) and \
+                text_length_from_mask(encoder_attention_mask) != text_length:
+            raise ValueError(f"text_length={text_length} does not match encoder_attention_mask")
+        prefix = num_img + int(text_length)
+        if prefix < chipmunk.attention.group_size:
+            raise ValueError(f"Chipmunk needs at least attention.group_size={chipmunk.attention.group_size} "
+                             f"image + valid text tokens, got {prefix}")
+        if cache is None:
+            cache = init_cache(config, chipmunk, batch=batch, grid=grid, text_length=int(text_length),
+                               key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
+        if cache["static_mask_bits"] is not None:
+            from chipmunk_jax.selection import unpack_mask
+
+            static_mask = unpack_mask(cache["static_mask_bits"], prefix)
+        perm = _voxel_perm(chipmunk, grid)
+        if perm is not None:
+            tokens = jnp.take(tokens, jnp.asarray(perm), axis=1)
+            image_rope = tuple(jnp.take(jnp.asarray(t), jnp.asarray(perm), axis=0) for t in image_rope)
+    elif cache is not None or step is not None:
+        raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
+
+    timestep = _batch_vector(timestep, batch)
+    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
+    img = linear(params["x_embedder"]["proj"], tokens, dtype, jnp.float32)
+    txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, timestep,
+                        encoder_attention_mask, dtype)
+    rope = _joint_rotary(image_rope, num_txt)
+    # Right-padded text after the image: the valid keys are a prefix of the joint sequence.
+    valid_len = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
+    key_mask = jnp.arange(num_img + num_txt)[None, :] < valid_len[:, None]
+
+    block_kw = dict(head_dim=config.attention_head_dim, key_mask=key_mask, dtype=dtype,
+                    attention_impl=attention_impl)
+    new_attention = []
+
+    def ops(layer):
+        if chipmunk is None:
+            return {}
+        op = _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mask, kernel_impl,
+                                    attention_impl)
+        return {} if op is None else {"attention_op": op}
+
+    def keep_cache(layer, attn_aux):
+        if chipmunk is not None:
+            new_attention.append(cache["attention"][layer] if attn_aux is None else attn_aux)
+
+    for i, block in enumerate(params.get("transformer_blocks", [])):
+        txt, img, (attn_aux, _) = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
+                                                     **ops(i))
+        keep_cache(i, attn_aux)
+    joint = jnp.concatenate([img, txt], axis=1)
+    for j, block in enumerate(params.get("single_transformer_blocks", [])):
+        layer = config.num_layers + j
+        joint, (attn_aux, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, **ops(layer))
+        keep_cache(layer, attn_aux)
+    hidden = joint[:, :num_img]
+
+    output = _final_layer(params, config, hidden, temb, grid, perm, dtype, out_dtype)
+    result = (output, hidden) if return_hidden else (output,)
+    if chipmunk is not None:
+        result = result + ({**cache, "attention": new_attention},)
+    return result[0] if len(result) == 1 else result
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def make_denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None, *, grid, text_length: int,
+                  dtype=jnp.bfloat16, kernel_impl: str | None = None):
+    """A ``chipmunk_jax.sampling.Denoiser`` for flow-matching sampling with step caching.
+
+    ``cond`` is a dict with encoder_hidden_states, encoder_attention_mask, pooled_projections and (for
+    guidance_embeds) guidance; the sampler's sigma in [0, 1] becomes timestep = 1000 * sigma (the
+    pipeline's scheduler timesteps). The hidden state kept for skipped steps is in voxel order.
+    """
+    from chipmunk_jax.sampling import Denoiser
+
+    grid = _check_grid(grid)
+
+    def compute(params, latents, sigma, cond, cache, step, key):
+        kwargs = dict(hidden_states=latents, timestep=sigma * 1000.0, **cond, return_hidden=True, dtype=dtype)
+        if chipmunk is None:
+            velocity, hidden = forward(params, config, **kwargs)
+            return velocity, hidden, cache
+        return forward(params, config, **kwargs, chipmunk=chipmunk, cache=cache, step=step, key=key,
+                       text_length=text_length, kernel_impl=kernel_impl)
+
+    def head_fn(params, hidden, sigma, cond):
+        return head(params, config, hidden, timestep=sigma * 1000.0, pooled_projections=cond["pooled_projections"],
+                    guidance=cond.get("guidance"), grid=grid, chipmunk=chipmunk, dtype=dtype, out_dtype=jnp.float32)
+
+    return Denoiser(compute=compute, head=head_fn)

@@ -1,0 +1,337 @@
+"""HunyuanVideo weight ports: diffusers and original Tencent checkpoints -> ``chipmunk_jax.models.hunyuan_video``.
+
+Names follow MODELS.md §5.2 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
+becomes ``params[a][b]["kernel"]`` [in, out], a norm ``weight`` becomes ``scale``, biases are copied, and
+the Conv3d patch embedding ``x_embedder.proj.weight`` [D, C, pt, p, p] becomes a Linear kernel
+``W.reshape(D, -1).T`` (patch features (c, pt, ph, pw)). The Tencent layout is first rewritten to diffusers
+names: fused ``*_qkv`` split in three, single-block ``linear1`` split into q, k, v, mlp, the refiner and
+embedder names renamed, and the final modulation halves swapped from (shift, scale) to (scale, shift).
+
+Returned params hold numpy arrays in the checkpoint dtype unless ``dtype`` is given. Every key is checked
+against the config: missing keys, unexpected keys and wrong shapes raise one ValueError listing them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from chipmunk_jax.models.hunyuan_video import HunyuanVideoConfig, init_params
+from chipmunk_jax.ports import common
+from chipmunk_jax.ports.common import flatten_params
+from chipmunk_jax.ports.safetensors_io import load_state_dict
+
+__all__ = [
+    "from_diffusers",
+    "from_original",
+    "from_checkpoint",
+    "to_diffusers",
+    "expected_diffusers_shapes",
+    "flatten_params",
+    "unflatten_params",
+    "infer_config",
+    "is_original_layout",
+    "original_to_diffusers_state",
+    "save_params",
+    "load_params",
+    "convert_checkpoint",
+    "ORIGINAL_PREFIX",
+]
+
+ORIGINAL_PREFIX = "model.diffusion_model."
+_MODEL = "HunyuanVideo"
+_LIST_NODES = ("transformer_blocks", "single_transformer_blocks")
+_REFINER = "context_embedder.token_refiner.refiner_blocks"
+_PATCH = "x_embedder.proj"
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``flatten_params`` (the block stacks, refiner blocks included, become lists)."""
+    tree = common.unflatten_params(flat, _LIST_NODES)
+    refiner = tree.get("context_embedder", {}).get("token_refiner")
+    if refiner is not None and "refiner_blocks" in refiner:
+        refiner.update(common.unflatten_params(
+            {f"refiner_blocks.{k}": v for k, v in flatten_params(refiner["refiner_blocks"]).items()},
+            ("refiner_blocks",)))
+    return tree
+
+
+def _patch_shape(config: HunyuanVideoConfig) -> tuple[int, ...]:
+    return (config.inner_dim, config.in_channels, config.patch_size_t, config.patch_size, config.patch_size)
+
+
+def expected_diffusers_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers state-dict name: torch shape} for ``config`` (the model's own structure, via eval_shape)."""
+    shapes = common.expected_diffusers_shapes(lambda key: init_params(config, key))
+    shapes[f"{_PATCH}.weight"] = _patch_shape(config)
+    return shapes
+
+
+def _expected_param_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int, ...]]:
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
+    return {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+
+
+def _check_state(state, expected, what):
+    common.check_state(state, expected, what, _MODEL)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers
+
+
+def infer_config(state: Mapping[str, Any]) -> HunyuanVideoConfig:
+    """HunyuanVideoConfig from a diffusers-layout state dict's shapes. rope_axes_dim cannot be seen in the
+    weights: (16, 56, 56) is assumed for head_dim 128 (every released model), else pass a config."""
+    try:
+        inner_dim, in_channels, patch_t, patch, _ = state[f"{_PATCH}.weight"].shape
+        head_dim = next(state[k].shape[0] for k in state if k.endswith("attn.norm_q.weight"))
+        out_features = state["proj_out.weight"].shape[0]
+        text_dim = state["context_embedder.proj_in.weight"].shape[1]
+        pooled_dim = state["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+        mlp_dim = next(state[k].shape[0] for k in state if k.endswith("ff.net.0.proj.weight")
+                       and k.startswith("transformer_blocks."))
+    except (KeyError, StopIteration, ValueError) as e:
+        raise ValueError(f"cannot infer the HunyuanVideo config from the state dict ({e!r}): pass config=") from None
+    if head_dim != 128:
+        raise ValueError(f"head_dim {head_dim} != 128: rope_axes_dim is unknown, pass config=")
+    per_patch = patch_t * patch * patch
+    if out_features % per_patch:
+        raise ValueError(f"proj_out has {out_features} outputs, not a multiple of the patch {per_patch}: pass config=")
+    return HunyuanVideoConfig(
+        in_channels=int(in_channels),
+        out_channels=int(out_features // per_patch),
+        num_attention_heads=int(inner_dim // head_dim),
+        attention_head_dim=int(head_dim),
+        num_layers=common.block_count(state, "transformer_blocks"),
+        num_single_layers=common.block_count(state, "single_transformer_blocks"),
+        num_refiner_layers=common.block_count(state, _REFINER),
+        mlp_ratio=float(mlp_dim / inner_dim),
+        patch_size=int(patch),
+        patch_size_t=int(patch_t),
+        guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in state),
+        text_embed_dim=int(text_dim),
+        pooled_projection_dim=int(pooled_dim),
+    )
+
+
+def from_diffusers(module_or_state_dict, config: HunyuanVideoConfig | None = None, *, dtype=None):
+    """(HunyuanVideoConfig, params) from a diffusers ``HunyuanVideoTransformer3DModel`` or its state dict.
+
+    The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
+    ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
+    """
+    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
+        module = module_or_state_dict
+        if config is None and hasattr(module, "config"):
+            config = HunyuanVideoConfig.from_diffusers(dict(module.config))
+        state = module.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        state = module_or_state_dict
+    else:
+        raise TypeError(
+            "module_or_state_dict must be a diffusers HunyuanVideoTransformer3DModel or a mapping of tensors, "
+            f"got {type(module_or_state_dict).__name__}"
+        )
+    if config is not None and not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig or None, got {type(config).__name__}")
+    if is_original_layout(state):
+        raise ValueError("this state dict is in the original Tencent layout (double_blocks.*): use from_original")
+    state = {k: common.to_numpy(v) for k, v in state.items()}
+    config = config or infer_config(state)
+    _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
+    flat = {}
+    for name, value in state.items():
+        stem, kind = name.rsplit(".", 1)
+        if name == f"{_PATCH}.weight":
+            name, value = f"{stem}.kernel", value.reshape(value.shape[0], -1).T
+        elif kind == "weight":
+            name, value = (f"{stem}.kernel", value.T) if value.ndim == 2 else (f"{stem}.scale", value)
+        flat[name] = value if dtype is None else value.astype(dtype)
+    return config, unflatten_params(flat)
+
+
+def to_diffusers(params: Mapping[str, Any], config: HunyuanVideoConfig) -> dict[str, np.ndarray]:
+    """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    out = {}
+    for name, value in flatten_params(params).items():
+        value = common.to_numpy(value)
+        if name == f"{_PATCH}.kernel":
+            value = value.T.reshape(_patch_shape(config))
+        elif name.endswith(".kernel"):
+            value = value.T
+        out[common.param_to_diffusers_name(name)] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Original Tencent layout
+
+
+def is_original_layout(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("double_blocks.", "single_blocks.", "txt_in.", ORIGINAL_PREFIX)) for k in state)
+
+
+_TOP_LEVEL = {
+    "img_in.proj": _PATCH,
+    "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "txt_in.input_embedder": "context_embedder.proj_in",
+    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_DOUBLE = {
+    "img_mod.linear": "norm1.linear",
+    "txt_mod.linear": "norm1_context.linear",
+    "img_attn_q_norm": "attn.norm_q",
+    "img_attn_k_norm": "attn.norm_k",
+    "txt_attn_q_norm": "attn.norm_added_q",
+    "txt_attn_k_norm": "attn.norm_added_k",
+    "img_attn_proj": "attn.to_out.0",
+    "txt_attn_proj": "attn.to_add_out",
+    "img_mlp.fc1": "ff.net.0.proj",
+    "img_mlp.fc2": "ff.net.2",
+    "txt_mlp.fc1": "ff_context.net.0.proj",
+    "txt_mlp.fc2": "ff_context.net.2",
+}
+_DOUBLE_QKV = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+               "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_SINGLE = {"modulation.linear": "norm.linear", "linear2": "proj_out", "q_norm": "attn.norm_q",
+           "k_norm": "attn.norm_k"}
+_REFINER_NAMES = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "self_attn_proj": "attn.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "adaLN_modulation.1": "norm_out.linear",
+}
+_BLOCK = re.compile(r"(double_blocks|single_blocks|txt_in\.individual_token_refiner\.blocks)\.(\d+)\.(.+)$")
+
+
+def _swap_halves(x: np.ndarray) -> np.ndarray:
+    first, second = np.split(x, 2, axis=0)
+    return np.concatenate([second, first], axis=0)
+
+
+def original_to_diffusers_state(state: Mapping[str, Any], config: HunyuanVideoConfig) -> dict[str, np.ndarray]:
+    """Rewrites a Tencent-layout state dict (``model.diffusion_model.`` prefix optional) to diffusers
+    names. Unknown or malformed keys raise one ValueError listing them."""
+    state = {(k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k): common.to_numpy(v)
+             for k, v in state.items()}
+    d = config.inner_dim
+    out: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        m = _BLOCK.match(stem)
+        if stem == "final_layer.adaLN_modulation.1":
+            out[f"norm_out.linear.{kind}"] = _swap_halves(value)
+        elif stem in _TOP_LEVEL:
+            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
+        elif m is None:
+            unknown.append(key)
+        elif m.group(1) == "double_blocks":
+            base, rest = f"transformer_blocks.{m.group(2)}", m.group(3)
+            if rest in _DOUBLE:
+                out[f"{base}.{_DOUBLE[rest]}.{kind}"] = value
+            elif rest in _DOUBLE_QKV and value.shape[0] == 3 * d:
+                for name, part in zip(_DOUBLE_QKV[rest], np.split(value, 3, axis=0)):
+                    out[f"{base}.{name}.{kind}"] = part
+            else:
+                unknown.append(key)
+        elif m.group(1) == "single_blocks":
+            base, rest = f"single_transformer_blocks.{m.group(2)}", m.group(3)
+            if rest in _SINGLE:
+                out[f"{base}.{_SINGLE[rest]}.{kind}"] = value
+            elif rest == "linear1" and value.shape[0] == 3 * d + config.mlp_hidden_dim:
+                names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+                for name, part in zip(names, np.split(value, [d, 2 * d, 3 * d], axis=0)):
+                    out[f"{base}.{name}.{kind}"] = part
+            else:
+                unknown.append(key)
+        else:
+            base, rest = f"{_REFINER}.{m.group(2)}", m.group(3)
+            if rest in _REFINER_NAMES:
+                out[f"{base}.{_REFINER_NAMES[rest]}.{kind}"] = value
+            elif rest == "self_attn_qkv" and value.shape[0] == 3 * d:
+                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v"), np.split(value, 3, axis=0)):
+                    out[f"{base}.{name}.{kind}"] = part
+            else:
+                unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown or malformed keys in the Tencent checkpoint ({len(unknown)}): {sorted(unknown)}")
+    return out
+
+
+def from_original(state_dict: Mapping[str, Any], config: HunyuanVideoConfig | None = None, *, dtype=None):
+    """(HunyuanVideoConfig, params) from an original Tencent checkpoint's state dict
+    (``mp_rank_00_model_states.pt`` re-saved as safetensors, or a ComfyUI repack). ``config`` defaults to
+    the released T2V model (``HunyuanVideoConfig()``)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
+    if config is None:
+        config = HunyuanVideoConfig()
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig or None, got {type(config).__name__}")
+    try:
+        return from_diffusers(original_to_diffusers_state(state_dict, config), config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"Tencent checkpoint (converted to diffusers names): {e}") from None
+
+
+def from_checkpoint(path: str | os.PathLike, config: HunyuanVideoConfig | None = None, *, dtype=None):
+    """(HunyuanVideoConfig, params) from a diffusers folder (config.json + safetensors shards; a pipeline
+    folder's ``transformer/`` works) or one .safetensors file in either layout, memory-mapped; pickle
+    formats are refused."""
+    config_dict, state = load_state_dict(path)
+    if config is None and config_dict is not None:
+        config = HunyuanVideoConfig.from_diffusers(config_dict)
+    if is_original_layout(state):
+        return from_original(state, config, dtype=dtype)
+    return from_diffusers(state, config, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted params on disk
+
+
+def save_params(directory: str | os.PathLike, config: HunyuanVideoConfig, params: Mapping[str, Any]) -> None:
+    """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically."""
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.hunyuan_video")
+
+
+def load_params(directory: str | os.PathLike):
+    """(HunyuanVideoConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    config_dict, flat = common.read_params_folder(directory)
+    config = HunyuanVideoConfig.from_diffusers(config_dict)
+    _check_state(flat, _expected_param_shapes(config), f"params in {os.fspath(directory)!r}")
+    return config, unflatten_params(flat)
+
+
+def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
+    """The convert CLI's HunyuanVideo entry: checkpoint at ``src`` -> params folder at ``dst``."""
+    config = None
+    if config_path is not None:
+        with open(config_path) as f:
+            config = HunyuanVideoConfig.from_diffusers(json.load(f))
+    config, params = from_checkpoint(src, config, dtype=dtype)
+    save_params(dst, config, params)
+    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
+    return f"HunyuanVideo ({count:,} parameters)"

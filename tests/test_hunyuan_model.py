@@ -1,0 +1,283 @@
+"""HunyuanVideo model: fp32 parity with diffusers' own HunyuanVideoTransformer3DModel (random weights, CPU)
+from the diffusers and the original Tencent layouts, patchify/RoPE orders, input validation, and Chipmunk
+inside the model (all keys kept == dense, voxel order invisible at I/O, the preset under jit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from chipmunk_jax.models import hunyuan_video as hv  # noqa: E402
+from chipmunk_jax.ports import hunyuan_video as hv_ports  # noqa: E402
+
+RTOL = 1e-5
+
+TEST_SUITE_CONFIG = dict(  # diffusers tests/models/transformers/test_models_transformer_hunyuan_video.py
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+    num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+    text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
+)
+# patch 2, two blocks of each kind, two refiner blocks
+P2_CONFIG = dict(TEST_SUITE_CONFIG, patch_size=2, num_layers=2, num_single_layers=2, num_refiner_layers=2)
+NO_GUIDANCE_CONFIG = dict(P2_CONFIG, guidance_embeds=False, in_channels=9, image_condition_type="latent_concat")
+
+
+def max_rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def make_torch_model(kwargs, seed):
+    """diffusers model with every parameter (zero biases, unit norm scales included) randomised."""
+    torch.manual_seed(seed)
+    model = diffusers.HunyuanVideoTransformer3DModel(**kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_inputs(rng, config: hv.HunyuanVideoConfig, *, batch, frames, height, width, text_len, valid=None):
+    """Random inputs; ``valid`` lists the valid text length per sample (right padding), default all."""
+    valid = [text_len] * batch if valid is None else valid
+    mask = (np.arange(text_len)[None, :] < np.asarray(valid)[:, None]).astype(np.float32)
+    inputs = dict(
+        hidden_states=rng.standard_normal((batch, config.in_channels, frames, height, width)).astype(np.float32),
+        timestep=rng.uniform(0.0, 1000.0, batch).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, text_len, config.text_embed_dim)).astype(np.float32),
+        encoder_attention_mask=mask,
+        pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim)).astype(np.float32),
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = rng.uniform(1000.0, 8000.0, batch).astype(np.float32)
+    return inputs
+
+
+def torch_forward(model, inputs):
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
+    return out.numpy()
+
+
+def diffusers_to_tencent(state):
+    """The inverse of diffusers' convert_hunyuan_video_to_diffusers, written out here independently of
+    the port's tables (fused qkv, fused linear1, refiner names, final modulation halves swapped)."""
+    s = {k: v.numpy() for k, v in state.items()}
+    out = {}
+    top = {"x_embedder.proj": "img_in.proj", "proj_out": "final_layer.linear",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "context_embedder.proj_in": "txt_in.input_embedder",
+           "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
+           "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
+           "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
+           "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2"}
+    for src, dst in top.items():
+        for kind in ("weight", "bias"):
+            if f"{src}.{kind}" in s:
+                out[f"{dst}.{kind}"] = s[f"{src}.{kind}"]
+    for kind in ("weight", "bias"):
+        scale, shift = np.split(s[f"norm_out.linear.{kind}"], 2)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = np.concatenate([shift, scale])
+    i = 0
+    while f"context_embedder.token_refiner.refiner_blocks.{i}.norm1.weight" in s:
+        d, b = f"context_embedder.token_refiner.refiner_blocks.{i}.", f"txt_in.individual_token_refiner.blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{b}self_attn_qkv.{kind}"] = np.concatenate([s[f"{d}attn.to_{x}.{kind}"] for x in "qkv"])
+            for src, dst in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.to_out.0", "self_attn_proj"),
+                             ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                             ("norm_out.linear", "adaLN_modulation.1")):
+                out[f"{b}{dst}.{kind}"] = s[f"{d}{src}.{kind}"]
+        i += 1
+    i = 0
+    while f"transformer_blocks.{i}.norm1.linear.weight" in s:
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{b}img_attn_qkv.{kind}"] = np.concatenate([s[f"{d}attn.to_{x}.{kind}"] for x in "qkv"])
+            out[f"{b}txt_attn_qkv.{kind}"] = np.concatenate([s[f"{d}attn.add_{x}_proj.{kind}"] for x in "qkv"])
+            for src, dst in (("norm1.linear", "img_mod.linear"), ("norm1_context.linear", "txt_mod.linear"),
+                             ("attn.to_out.0", "img_attn_proj"), ("attn.to_add_out", "txt_attn_proj"),
+                             ("ff.net.0.proj", "img_mlp.fc1"), ("ff.net.2", "img_mlp.fc2"),
+                             ("ff_context.net.0.proj", "txt_mlp.fc1"), ("ff_context.net.2", "txt_mlp.fc2")):
+                out[f"{b}{dst}.{kind}"] = s[f"{d}{src}.{kind}"]
+        for src, dst in (("norm_q", "img_attn_q_norm"), ("norm_k", "img_attn_k_norm"),
+                         ("norm_added_q", "txt_attn_q_norm"), ("norm_added_k", "txt_attn_k_norm")):
+            out[f"{b}{dst}.weight"] = s[f"{d}attn.{src}.weight"]
+        i += 1
+    i = 0
+    while f"single_transformer_blocks.{i}.norm.linear.weight" in s:
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{b}linear1.{kind}"] = np.concatenate(
+                [s[f"{d}attn.to_q.{kind}"], s[f"{d}attn.to_k.{kind}"], s[f"{d}attn.to_v.{kind}"], s[f"{d}proj_mlp.{kind}"]]
+            )
+            out[f"{b}linear2.{kind}"] = s[f"{d}proj_out.{kind}"]
+            out[f"{b}modulation.linear.{kind}"] = s[f"{d}norm.linear.{kind}"]
+        out[f"{b}q_norm.weight"] = s[f"{d}attn.norm_q.weight"]
+        out[f"{b}k_norm.weight"] = s[f"{d}attn.norm_k.weight"]
+        i += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite_model():
+    return make_torch_model(TEST_SUITE_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def p2_model():
+    return make_torch_model(P2_CONFIG, seed=1)
+
+
+def test_parity_diffusers_test_suite_config(suite_model):
+    rng = np.random.default_rng(10)
+    config, params = hv_ports.from_diffusers(suite_model)
+    assert config == hv.HunyuanVideoConfig(**{**TEST_SUITE_CONFIG, "rope_axes_dim": (2, 4, 4)})
+    inputs = make_inputs(rng, config, batch=1, frames=1, height=16, width=16, text_len=12)
+    expected = torch_forward(suite_model, inputs)
+    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.shape == expected.shape == (1, 4, 1, 16, 16)
+    assert max_rel_err(out, expected) <= RTOL
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "tencent", "tencent_prefixed"])
+def test_parity_patch2_three_frames_padded_text(p2_model, layout):
+    rng = np.random.default_rng(11)
+    config = hv.HunyuanVideoConfig.from_diffusers(dict(p2_model.config))
+    if layout == "diffusers":
+        config, params = hv_ports.from_diffusers(p2_model.state_dict(), config)
+    else:
+        original = diffusers_to_tencent(p2_model.state_dict())
+        if layout == "tencent_prefixed":
+            original = {"model.diffusion_model." + k: v for k, v in original.items()}
+        config, params = hv_ports.from_original(original, config)
+    # batch 2 with different valid text lengths (the dense model takes them; Chipmunk does not)
+    inputs = make_inputs(rng, config, batch=2, frames=3, height=8, width=12, text_len=12, valid=[7, 12])
+    expected = torch_forward(p2_model, inputs)
+    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.shape == (2, 4, 3, 8, 12)
+    assert max_rel_err(out, expected) <= RTOL
+    # the comparison can fail: a different timestep or text padding moves the output far past the tolerance
+    moved = hv.forward(params, config, **{**inputs, "timestep": inputs["timestep"] * 0.5}, dtype=jnp.float32)
+    assert max_rel_err(moved, expected) > 100 * RTOL
+    unmasked = hv.forward(params, config, **{**inputs, "encoder_attention_mask": np.ones((2, 12), np.float32)},
+                          dtype=jnp.float32)
+    assert max_rel_err(unmasked[0], expected[0]) > 100 * RTOL
+
+
+def test_parity_no_guidance_latent_concat():
+    model = make_torch_model(NO_GUIDANCE_CONFIG, seed=2)
+    config, params = hv_ports.from_diffusers(model)
+    assert not config.guidance_embeds and config.image_condition_type == "latent_concat"
+    inputs = make_inputs(np.random.default_rng(12), config, batch=1, frames=2, height=6, width=4, text_len=5,
+                         valid=[3])
+    expected = torch_forward(model, inputs)
+    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    assert max_rel_err(out, expected) <= RTOL
+
+
+def test_jit_bf16_close_to_f32(p2_model):
+    config, params = hv_ports.from_diffusers(p2_model)
+    inputs = make_inputs(np.random.default_rng(13), config, batch=1, frames=2, height=4, width=4, text_len=6,
+                         valid=[4])
+    run = jax.jit(lambda params, inputs: hv.forward(params, config, **inputs, dtype=jnp.bfloat16))
+    out = run(params, inputs)
+    reference = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+    assert max_rel_err(out, reference) < 5e-2
+
+
+def test_patchify_matches_conv3d_and_unpatchify_inverts():
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 3, 4, 6, 8)).astype(np.float32)
+    conv = torch.nn.Conv3d(3, 5, kernel_size=(2, 2, 2), stride=(2, 2, 2))
+    with torch.no_grad():
+        expected = conv(torch.from_numpy(x)).flatten(2).transpose(1, 2).numpy()
+    kernel = conv.weight.detach().numpy().reshape(5, -1).T
+    ours = hv.patchify(jnp.asarray(x), 2, 2) @ kernel + conv.bias.detach().numpy()
+    assert max_rel_err(ours, expected) <= 1e-6
+    np.testing.assert_array_equal(hv.unpatchify(hv.patchify(jnp.asarray(x), 2, 2), (2, 3, 4), 2, 2), x)
+
+
+def test_rotary_tables_match_diffusers():
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoRotaryPosEmbed
+
+    config = hv.HunyuanVideoConfig(**P2_CONFIG)
+    rope = HunyuanVideoRotaryPosEmbed(2, 1, list(config.rope_axes_dim), 256.0)
+    cos, sin = rope(torch.zeros(1, 4, 3, 10, 14))
+    ours = hv.rotary_emb(config, (3, 5, 7))
+    np.testing.assert_allclose(ours[0], cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours[1], sin.numpy(), atol=1e-6)
+
+
+def test_init_params_matches_diffusers_structure():
+    config = hv.HunyuanVideoConfig(**P2_CONFIG)
+    params = hv.init_params(config, jax.random.key(0), dtype=jnp.float32)
+    model = diffusers.HunyuanVideoTransformer3DModel(**P2_CONFIG)
+    torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in hv_ports.to_diffusers(params, config).items()} == torch_shapes
+
+
+def test_full_size_config_parameter_count():
+    shapes = hv_ports.expected_diffusers_shapes(hv.HunyuanVideoConfig())
+    assert len(shapes) == 1264  # MODELS.md §2.2
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 12_821_012_544
+
+
+def test_config_validation():
+    config = hv.HunyuanVideoConfig.from_diffusers(
+        {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": "0.42.1", "guidance_embeds": True})
+    assert config == hv.HunyuanVideoConfig()
+    assert hv.HunyuanVideoConfig.from_diffusers(config.to_diffusers()) == config
+    with pytest.raises(ValueError, match="num_heads"):
+        hv.HunyuanVideoConfig.from_diffusers({"num_heads": 3})
+    with pytest.raises(ValueError, match="rope_axes_dim"):
+        hv.HunyuanVideoConfig(attention_head_dim=64)
+    with pytest.raises(ValueError, match="token_replace"):
+        hv.HunyuanVideoConfig(image_condition_type="token_replace")
+    with pytest.raises(ValueError, match="qk_norm"):
+        hv.HunyuanVideoConfig(qk_norm="layer_norm")
+    with pytest.raises(TypeError, match="config"):
+        hv.HunyuanVideoConfig.from_diffusers([("guidance_embeds", True)])
+
+
+def test_forward_validates_inputs():
+    config = hv.HunyuanVideoConfig(**TEST_SUITE_CONFIG)
+    params = hv.init_params(config, jax.random.key(1), dtype=jnp.float32)
+    inputs = make_inputs(np.random.default_rng(15), config, batch=2, frames=1, height=2, width=3, text_len=4)
+    bad = {
+        "hidden_states": (inputs["hidden_states"][:, :3], "channels"),
+        "encoder_hidden_states": (inputs["encoder_hidden_states"][:1], "encoder_hidden_states"),
+        "encoder_attention_mask": (inputs["encoder_attention_mask"][:, :3], "encoder_attention_mask"),
+        "pooled_projections": (inputs["pooled_projections"][:, :5], "pooled_projections"),
+        "timestep": (np.zeros((3,), np.float32), "timestep"),
+        "guidance": (np.zeros((2, 2), np.float32), "guidance"),
+    }
+    for name, (value, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            hv.forward(params, config, **{**inputs, name: value}, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="hidden_states must have 5"):
+        hv.forward(params, config, **{**inputs, "hidden_states": inputs["hidden_states"][:, :, 0]})
+    p2 = hv.HunyuanVideoConfig(**P2_CONFIG)
+    with pytest.raises(ValueError, match="divide by the patch"):
+        hv.forward(hv.init_params(p2, jax.random.key(1)), p2, **inputs)
+    with pytest.raises(ValueError, match="guidance is required"):
+        hv.forward(params, config, **{k: v for k, v in inputs.items() if k != "guidance"})
+    with pytest.raises(TypeError, match="dtype"):
+        hv.forward(params, config, **inputs, dtype=jnp.int32)
+    with pytest.raises(TypeError, match="config"):
+        hv.forward(params, dict(TEST_SUITE_CONFIG), **inputs)
+    with pytest.raises(TypeError, match="params"):
+        hv.forward([params], config, **inputs)
+    with pytest.raises(ValueError, match="only used with chipmunk"):
+        hv.forward(params, config, **inputs, step=0)
