@@ -1,0 +1,274 @@
+"""Wan 2.1 weight ports: diffusers and original Wan-AI checkpoints -> ``chipmunk_jax.models.wan`` params.
+
+Names follow MODELS.md §5.3 / §5.5. The diffusers state dict maps one to one: a ``weight`` with two or
+more axes becomes ``kernel`` with its axes reversed (Linear [out, in] -> [in, out], the patch Conv3d
+[out, in, pt, ph, pw] -> [pw, ph, pt, in, out]), a 1-D ``weight`` (RMSNorm, affine LayerNorm) becomes
+``scale``; biases, ``scale_shift_table`` and ``pos_embed`` are copied. The unused
+``attn2.norm_added_q.weight`` some I2V checkpoints carry is dropped (diffusers ignores it too). RoPE
+tables are no checkpoint entries: the model recomputes them.
+
+The original layout (``blocks.N.self_attn.q``, ``head.head``, ...) is first rewritten to diffusers
+names; its affine cross-attention norm ``norm3`` becomes ``norm2``. A ``model.diffusion_model.`` or
+``diffusion_model.`` prefix (ComfyUI repacks) is stripped.
+
+Returned params hold numpy arrays (memory-mapped views where the input was), in the checkpoint dtype
+unless ``dtype`` is given. Every key is checked against the config: missing keys, unexpected keys and
+wrong shapes raise one ValueError that lists them all. Pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from chipmunk_jax.models.wan import WanConfig, init_params
+from chipmunk_jax.ports import common
+from chipmunk_jax.ports.common import flatten_params
+from chipmunk_jax.ports.safetensors_io import load_state_dict
+
+__all__ = [
+    "from_diffusers",
+    "from_original",
+    "from_checkpoint",
+    "to_diffusers",
+    "expected_diffusers_shapes",
+    "flatten_params",
+    "unflatten_params",
+    "infer_config",
+    "is_original_layout",
+    "original_to_diffusers_state",
+    "save_params",
+    "load_params",
+    "convert_checkpoint",
+    "ORIGINAL_PREFIXES",
+]
+
+ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_LIST_NODES = ("blocks",)
+_IGNORED = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight$")
+_RAW = ("scale_shift_table", "pos_embed")
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``flatten_params`` (``blocks`` becomes a list)."""
+    return common.unflatten_params(flat, _LIST_NODES)
+
+
+def expected_diffusers_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers state-dict name: torch shape} for ``config`` (the model's own structure, via eval_shape)."""
+    return common.expected_diffusers_shapes(lambda key: init_params(config, key))
+
+
+def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    common.check_state(state, expected, what, "Wan")
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ORIGINAL_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers
+
+
+def infer_config(state: Mapping[str, Any]) -> WanConfig:
+    """WanConfig from a diffusers-layout state dict's shapes. The head size cannot be seen in the weights
+    (q/k norms run across heads): 128 is assumed (every released Wan 2.1), else pass a config."""
+    try:
+        inner_dim, in_channels, *patch_size = state["patch_embedding.weight"].shape
+        freq_dim = state["condition_embedder.time_embedder.linear_1.weight"].shape[1]
+        text_dim = state["condition_embedder.text_embedder.linear_1.weight"].shape[1]
+        ffn_dim = state["blocks.0.ffn.net.0.proj.weight"].shape[0]
+        out_features = state["proj_out.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"cannot infer the Wan config from the state dict (no {e}): pass config=") from None
+    if inner_dim % 128:
+        raise ValueError(f"inner dim {inner_dim} is not a multiple of 128: the head size is unknown, pass config=")
+    image = "condition_embedder.image_embedder.norm1.weight"
+    add_k = "blocks.0.attn2.add_k_proj.weight"
+    pos = "condition_embedder.image_embedder.pos_embed"
+    return WanConfig(
+        patch_size=tuple(int(p) for p in patch_size),
+        num_attention_heads=int(inner_dim // 128),
+        attention_head_dim=128,
+        in_channels=int(in_channels),
+        out_channels=int(out_features // int(np.prod(patch_size))),
+        text_dim=int(text_dim),
+        freq_dim=int(freq_dim),
+        ffn_dim=int(ffn_dim),
+        num_layers=common.block_count(state, "blocks"),
+        cross_attn_norm="blocks.0.norm2.weight" in state,
+        image_dim=int(state[image].shape[0]) if image in state else None,
+        added_kv_proj_dim=int(state[add_k].shape[1]) if add_k in state else None,
+        pos_embed_seq_len=int(state[pos].shape[1]) if pos in state else None,
+    )
+
+
+def from_diffusers(module_or_state_dict, config: WanConfig | None = None, *, dtype=None):
+    """(WanConfig, params) from a diffusers ``WanTransformer3DModel`` or its state dict.
+
+    The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
+    ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
+    """
+    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
+        module = module_or_state_dict
+        if config is None and hasattr(module, "config"):
+            config = WanConfig.from_diffusers(dict(module.config))
+        state = module.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        state = module_or_state_dict
+    else:
+        raise TypeError(
+            "module_or_state_dict must be a diffusers WanTransformer3DModel or a mapping of tensors, "
+            f"got {type(module_or_state_dict).__name__}"
+        )
+    if config is not None and not isinstance(config, WanConfig):
+        raise TypeError(f"config must be a WanConfig or None, got {type(config).__name__}")
+    if is_original_layout(state):
+        raise ValueError("this state dict is in the original Wan-AI layout (blocks.N.self_attn.*): use from_original")
+    state = {_strip_prefix(k): common.to_numpy(v) for k, v in state.items() if not _IGNORED.search(k)}
+    config = config or infer_config(state)
+    _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
+    flat = {}
+    for name, value in state.items():
+        stem, _, kind = name.rpartition(".")
+        if kind == "weight":
+            name, value = (f"{stem}.kernel", value.T) if value.ndim >= 2 else (f"{stem}.scale", value)
+        flat[name] = value if dtype is None else value.astype(dtype)
+    return config, unflatten_params(flat)
+
+
+def to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
+    out = {}
+    for name, value in flatten_params(params).items():
+        value = common.to_numpy(value)
+        out[common.param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Original Wan-AI layout
+
+
+def is_original_layout(state: Mapping[str, Any]) -> bool:
+    return any(re.match(r"blocks\.\d+\.(self_attn|cross_attn)\.", _strip_prefix(k)) for k in state)
+
+
+_TOP_LEVEL = {
+    "patch_embedding": "patch_embedding",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+}
+_TOP_LEVEL_RAW = {"head.modulation": "scale_shift_table", "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+_ATTENTION = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "norm_q": "norm_q", "norm_k": "norm_k",
+              "k_img": "add_k_proj", "v_img": "add_v_proj", "norm_k_img": "norm_added_k"}
+_BLOCK = {"norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+
+
+def original_to_diffusers_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Rewrites an original-layout state dict (prefix optional) to diffusers names. Unknown keys raise one
+    ValueError listing them; missing keys and shapes are checked afterwards against the config."""
+    out: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        key = _strip_prefix(key)
+        value = common.to_numpy(value)
+        if key in _TOP_LEVEL_RAW:
+            out[_TOP_LEVEL_RAW[key]] = value
+            continue
+        stem, _, kind = key.rpartition(".")
+        m = re.match(r"blocks\.(\d+)\.(.+)$", stem)
+        if stem in _TOP_LEVEL:
+            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
+        elif re.match(r"blocks\.\d+\.modulation$", key):
+            out[key.replace(".modulation", ".scale_shift_table")] = value
+        elif m is None:
+            unknown.append(key)
+        else:
+            base, rest = f"blocks.{m.group(1)}", m.group(2)
+            attn = re.match(r"(self_attn|cross_attn)\.(.+)$", rest)
+            if rest in _BLOCK:
+                out[f"{base}.{_BLOCK[rest]}.{kind}"] = value
+            elif attn and attn.group(2) in _ATTENTION:
+                which = "attn1" if attn.group(1) == "self_attn" else "attn2"
+                out[f"{base}.{which}.{_ATTENTION[attn.group(2)]}.{kind}"] = value
+            else:
+                unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown keys in the original Wan checkpoint ({len(unknown)}): {sorted(unknown)}")
+    return out
+
+
+def from_original(state_dict: Mapping[str, Any], config: WanConfig | None = None, *, dtype=None):
+    """(WanConfig, params) from an original Wan-AI (or ComfyUI) state dict. The config is inferred from the
+    shapes when not given (head size 128 assumed)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of tensors, got {type(state_dict).__name__}")
+    if config is not None and not isinstance(config, WanConfig):
+        raise TypeError(f"config must be a WanConfig or None, got {type(config).__name__}")
+    try:
+        return from_diffusers(original_to_diffusers_state(state_dict), config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"original Wan checkpoint (converted to diffusers names): {e}") from None
+
+
+def from_checkpoint(path: str | os.PathLike, config: WanConfig | None = None, *, dtype=None):
+    """(WanConfig, params) from a diffusers folder (config.json + safetensors shards; a pipeline folder
+    with ``transformer/`` works too) or one .safetensors file in either layout, memory-mapped."""
+    config_dict, state = load_state_dict(path)
+    if config is None and config_dict is not None:
+        config = WanConfig.from_diffusers(config_dict)
+    if is_original_layout(state):
+        return from_original(state, config, dtype=dtype)
+    return from_diffusers(state, config, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted params on disk
+
+
+def save_params(directory: str | os.PathLike, config: WanConfig, params: Mapping[str, Any]) -> None:
+    """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically."""
+    if not isinstance(config, WanConfig):
+        raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
+    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.wan")
+
+
+def load_params(directory: str | os.PathLike):
+    """(WanConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    config_dict, flat = common.read_params_folder(directory)
+    config = WanConfig.from_diffusers(config_dict)
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
+    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+    _check_state(flat, expected, f"params in {os.fspath(directory)!r}")
+    return config, unflatten_params(flat)
+
+
+def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
+    """The convert CLI's Wan entry: checkpoint at ``src`` -> params folder at ``dst``."""
+    config = None
+    if config_path is not None:
+        with open(config_path) as f:
+            config = WanConfig.from_diffusers(json.load(f))
+    config, params = from_checkpoint(src, config, dtype=dtype)
+    save_params(dst, config, params)
+    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
+    kind = "I2V" if config.image_dim is not None else "T2V"
+    return f"Wan 2.1 {kind} ({config.num_layers} blocks, {count:,} parameters)"

@@ -1,0 +1,275 @@
+"""Wan 2.1 model: fp32 parity with diffusers' own WanTransformer3DModel (random weights, CPU) from the
+diffusers and the original Wan-AI layouts, T2V and I2V, bf16/jit smoke tests, input validation, and
+Chipmunk inside the model (every key kept == dense, voxel order invisible, CFG branch caches)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from chipmunk_jax.models import wan  # noqa: E402
+from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
+
+RTOL = 1e-5
+
+TEST_SUITE_CONFIG = dict(  # diffusers tests/models/transformers/test_models_transformer_wan.py
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+    text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+I2V_CONFIG = dict(TEST_SUITE_CONFIG, in_channels=12, image_dim=8, added_kv_proj_dim=24)
+I2V_TEXT_LEN = 512  # diffusers' I2V processor hard-codes the text length
+
+
+def max_rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def make_torch_model(kwargs, seed):
+    """diffusers model with every parameter (zero biases, unit norm scales, scale_shift_table) randomised."""
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel(**kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_inputs(rng, config: wan.WanConfig, *, batch, frames, height, width, text_len, image_len=257):
+    inputs = dict(
+        hidden_states=rng.standard_normal((batch, config.in_channels, frames, height, width)).astype(np.float32),
+        timestep=rng.uniform(0.0, 1000.0, batch).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, text_len, config.text_dim)).astype(np.float32),
+    )
+    if config.image_dim is not None:
+        inputs["encoder_hidden_states_image"] = rng.standard_normal((batch, image_len, config.image_dim)).astype(
+            np.float32)
+    return inputs
+
+
+def torch_forward(model, inputs):
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
+    return out.numpy()
+
+
+def diffusers_to_original(state):
+    """The inverse of diffusers' convert_wan_to_diffusers, written out here independently of the port's
+    tables (diffusers norm2 is the original norm3; norm_added_q has no original counterpart)."""
+    top = {
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+        "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+        "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+        "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+        "proj_out": "head.head",
+        "patch_embedding": "patch_embedding",
+    }
+    inner = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "norm_q": "norm_q", "norm_k": "norm_k",
+             "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img"}
+    block = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+    out = {}
+    for key, value in state.items():
+        value = value.numpy() if hasattr(value, "numpy") else value
+        if key == "scale_shift_table":
+            out["head.modulation"] = value
+            continue
+        stem, _, kind = key.rpartition(".")
+        if stem in top:
+            out[f"{top[stem]}.{kind}"] = value
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest == "scale_shift_table":
+            out[f"blocks.{index}.modulation"] = value
+            continue
+        stem, _, kind = rest.rpartition(".")
+        if stem.startswith(("attn1.", "attn2.")):
+            which = "self_attn" if stem.startswith("attn1.") else "cross_attn"
+            out[f"blocks.{index}.{which}.{inner[stem[6:]]}.{kind}"] = value
+        else:
+            out[f"blocks.{index}.{block[stem]}.{kind}"] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def t2v_model():
+    return make_torch_model(TEST_SUITE_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def i2v_model():
+    return make_torch_model(I2V_CONFIG, seed=1)
+
+
+def _params(model, layout):
+    config = wan.WanConfig.from_diffusers(dict(model.config))
+    if layout == "diffusers":
+        return wan_ports.from_diffusers(model)
+    original = diffusers_to_original(model.state_dict())
+    assert "blocks.0.norm3.weight" in original and "blocks.0.norm2.weight" not in original
+    if layout == "original_prefixed":
+        original = {"model.diffusion_model." + k: v for k, v in original.items()}
+    return wan_ports.from_original(original, config)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_parity_diffusers_test_suite_config(t2v_model, layout):
+    rng = np.random.default_rng(10)
+    config, params = _params(t2v_model, layout)
+    assert config == wan.WanConfig(**TEST_SUITE_CONFIG)
+    inputs = make_inputs(rng, config, batch=1, frames=2, height=16, width=16, text_len=12)
+    inputs["timestep"] = np.asarray([999], np.int64)  # the test suite's int timestep
+    expected = torch_forward(t2v_model, inputs)
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.shape == expected.shape == (1, 4, 2, 16, 16)
+    assert max_rel_err(out, expected) <= RTOL
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original", "original_prefixed"])
+def test_parity_i2v_batch2_non_square(i2v_model, layout):
+    rng = np.random.default_rng(11)
+    config, params = _params(i2v_model, layout)
+    assert config.added_kv_proj_dim == 24 and config.image_dim == 8
+    inputs = make_inputs(rng, config, batch=2, frames=3, height=8, width=12, text_len=I2V_TEXT_LEN)
+    expected = torch_forward(i2v_model, inputs)
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.shape == expected.shape == (2, 4, 3, 8, 12)
+    assert max_rel_err(out, expected) <= RTOL
+    # the comparison can fail: dropping the image branch moves the output well past the tolerance
+    no_image = dict(params, blocks=[dict(b, attn2={k: v for k, v in b["attn2"].items()
+                                                   if k not in ("add_k_proj", "add_v_proj", "norm_added_k")})
+                                    for b in params["blocks"]])
+    moved = wan.forward(no_image, config.__class__(**{**I2V_CONFIG, "added_kv_proj_dim": None}),
+                        **inputs, dtype=jnp.float32)
+    assert max_rel_err(moved, expected) > 100 * RTOL
+
+
+def test_parity_non_square_frames_and_image_tokens_in_text_context():
+    """T2V on a non-square, odd-sized token grid with patch (1, 2, 2) and batch 2; and image_dim without
+    added_kv_proj_dim (the I2V pipeline-test config), where the image tokens join the text context."""
+    rng = np.random.default_rng(12)
+    model = make_torch_model(dict(TEST_SUITE_CONFIG, num_layers=1, cross_attn_norm=False), seed=2)
+    config, params = wan_ports.from_diffusers(model)
+    assert not config.cross_attn_norm
+    inputs = make_inputs(rng, config, batch=2, frames=5, height=6, width=14, text_len=7)
+    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+
+    model = make_torch_model(dict(TEST_SUITE_CONFIG, num_layers=1, in_channels=12, image_dim=4), seed=3)
+    config, params = wan_ports.from_diffusers(model)
+    inputs = make_inputs(rng, config, batch=1, frames=2, height=10, width=6, text_len=9, image_len=5)
+    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+
+
+def test_jit_bf16_close_to_f32(t2v_model):
+    rng = np.random.default_rng(13)
+    config, params = wan_ports.from_diffusers(t2v_model)
+    inputs = make_inputs(rng, config, batch=2, frames=2, height=8, width=8, text_len=6)
+    rope = wan.rotary_emb(config, (2, 4, 4))
+
+    @jax.jit
+    def run(params, inputs, rope):
+        return wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.bfloat16)
+
+    out = run(params, inputs, rope)
+    reference = wan.forward(params, config, **inputs, dtype=jnp.float32)
+    assert out.dtype == jnp.float32  # the input dtype
+    assert np.all(np.isfinite(out))
+    assert max_rel_err(out, reference) < 5e-2
+
+
+def test_init_params_matches_diffusers_structure():
+    for kwargs in (TEST_SUITE_CONFIG, I2V_CONFIG, dict(I2V_CONFIG, pos_embed_seq_len=514, cross_attn_norm=False)):
+        params = wan.init_params(wan.WanConfig(**kwargs), jax.random.key(0), dtype=jnp.float32)
+        model = diffusers.WanTransformer3DModel(**kwargs)
+        torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: v.shape for k, v in wan_ports.to_diffusers(params).items()} == torch_shapes
+
+
+@pytest.mark.parametrize("preset, tensors, count", [
+    ("t2v_1_3b", None, 1_418_996_800),
+    ("t2v_14b", 1095, 14_288_491_584),
+    ("i2v_14b", 1303, 16_394_878_784),
+])
+def test_full_size_config_parameter_counts(preset, tensors, count):  # MODELS.md §3.2
+    shapes = wan_ports.expected_diffusers_shapes(getattr(wan.WanConfig, preset)())
+    assert tensors is None or len(shapes) == tensors
+    assert sum(int(np.prod(s)) for s in shapes.values()) == count
+
+
+def test_rope_dims_and_tables():
+    assert wan.rope_dims(128) == (44, 42, 42)
+    config = wan.WanConfig(**TEST_SUITE_CONFIG)
+    cos, sin = wan.rotary_emb(config, (2, 3, 4))
+    torch_rope = diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed(12, (1, 2, 2), 32)
+    ref_cos, ref_sin = torch_rope(torch.zeros(1, 1, 2, 6, 8))
+    np.testing.assert_allclose(cos, ref_cos[0, :, 0].numpy(), atol=1e-7)
+    np.testing.assert_allclose(sin, ref_sin[0, :, 0].numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match="rope_max_seq_len"):
+        wan.rotary_emb(config, (2, 3, 33))
+
+
+def test_config_validation():
+    config = wan.WanConfig.from_diffusers({"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1",
+                                           **TEST_SUITE_CONFIG, "patch_size": [1, 2, 2]})
+    assert config == wan.WanConfig(**TEST_SUITE_CONFIG)
+    assert wan.WanConfig.from_diffusers(config.to_diffusers()) == config
+    with pytest.raises(ValueError, match="num_heads"):
+        wan.WanConfig.from_diffusers({"num_heads": 3})
+    with pytest.raises(TypeError, match="config"):
+        wan.WanConfig.from_diffusers([("num_layers", 1)])
+    with pytest.raises(ValueError, match="qk_norm"):
+        wan.WanConfig(qk_norm="rms_norm")
+    with pytest.raises(ValueError, match="added_kv_proj_dim"):
+        wan.WanConfig(added_kv_proj_dim=5120)
+    with pytest.raises(ValueError, match="added_kv_proj_dim"):
+        wan.WanConfig(image_dim=1280, added_kv_proj_dim=1280)
+    with pytest.raises(ValueError, match="patch_size"):
+        wan.WanConfig(patch_size=(1, 2))
+    with pytest.raises(ValueError, match="num_layers"):
+        wan.WanConfig(num_layers=-1)
+
+
+def test_forward_validates_inputs():
+    config = wan.WanConfig(**I2V_CONFIG)
+    params = wan.init_params(config, jax.random.key(1), dtype=jnp.float32)
+    inputs = make_inputs(np.random.default_rng(14), config, batch=2, frames=1, height=4, width=6, text_len=5,
+                         image_len=3)
+    bad = {
+        "hidden_states": (inputs["hidden_states"][:, :3], "channels"),
+        "encoder_hidden_states": (inputs["encoder_hidden_states"][:1], "encoder_hidden_states"),
+        "encoder_hidden_states_image": (inputs["encoder_hidden_states_image"][..., :5], "encoder_hidden_states_image"),
+        "timestep": (np.zeros((2, 7), np.float32), "timestep"),
+    }
+    for name, (value, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            wan.forward(params, config, **{**inputs, name: value}, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        wan.forward(params, config, **{**inputs, "hidden_states": inputs["hidden_states"][..., :5]})
+    with pytest.raises(ValueError, match="hidden_states must have 5 dimensions"):
+        wan.forward(params, config, **{**inputs, "hidden_states": inputs["hidden_states"][:, :, 0]})
+    with pytest.raises(ValueError, match="encoder_hidden_states_image is required"):
+        wan.forward(params, config, **{k: v for k, v in inputs.items() if k != "encoder_hidden_states_image"})
+    t2v = wan.WanConfig(**{**TEST_SUITE_CONFIG, "in_channels": 12})
+    with pytest.raises(ValueError, match="no image_dim"):
+        wan.forward(wan.init_params(t2v, jax.random.key(2), dtype=jnp.float32), t2v, **inputs)
+    with pytest.raises(TypeError, match="dtype"):
+        wan.forward(params, config, **inputs, dtype=jnp.int32)
+    with pytest.raises(TypeError, match="config"):
+        wan.forward(params, dict(I2V_CONFIG), **inputs)
+    with pytest.raises(TypeError, match="params"):
+        wan.forward([params], config, **inputs)
+    with pytest.raises(ValueError, match="only used with chipmunk"):
+        wan.forward(params, config, **inputs, step=0)
+    with pytest.raises(ValueError, match="rotary_emb"):
+        wan.forward(params, config, **inputs, rotary_emb=wan.rotary_emb(config, (1, 2, 2)))
