@@ -56,6 +56,15 @@ class DenseConfig:
     num_warps: int = 8
     num_stages: int = 3
     tiles: tuple[int, ...] = ()  # colsum only: explicit sub-tile heights per group, e.g. (128, 64)
+    # colsum only, "seq" layout (v3): one program owns ``groups_per_program`` whole query groups (default:
+    # lcm(group, block_q) rows, e.g. 2 groups = 3 tiles of 128 for 192/128) and runs them as sequential
+    # ``block_q``-row flash passes, each exactly the fast dense tile; the column sums of a pass are one small
+    # MMA W[16, block_q] @ P[block_q, block_k] (row j of W = the rows' weights of the j-th group the tile
+    # touches) and are added into the [G, N] output (read-modify-write by the same program for a group
+    # that straddles two tiles). cs_dot: "wp" = W @ P (M=16), "pw" = (P^T @ W^T)^T (M=block_k).
+    seq: bool = False
+    cs_dot: str = "wp"
+    groups_per_program: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +86,8 @@ class SparseConfig:
 
 
 DEFAULT_DENSE = DenseConfig()
-DEFAULT_COLSUM = DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)
+# v3 default: sequential 128-row passes with the MMA column sums (see DenseConfig.seq).
+DEFAULT_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
 # Run 2 (H100): 3x64-row sub-tiles in one program, C=64, 4 warps: 32.1 ms at N=118,800 (9.45x cuDNN), 2.92 ms
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
 DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3)
@@ -90,8 +100,11 @@ PRODUCTION_DENSE_CONFIGS = (
 )
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
-    DenseConfig(block_k=64, num_warps=8, num_stages=3, tiles=(128, 64)),
-    DenseConfig(block_k=64, num_warps=8, num_stages=2, tiles=(128, 64)),
+    DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, cs_dot="pw"),
+    DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=3, seq=True),
+    DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=4, seq=True),
+    # v1/v2 layout: one program per group, parallel sub-tiles, jnp.sum column reduction (run 2: 3.3x cuDNN).
+    DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
 )
 PRODUCTION_SPARSE_CONFIGS = (
     DEFAULT_SPARSE,
@@ -240,12 +253,107 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
         plgpu.store(lse_ref.at[pl.ds(starts[s], bq)], (m + jnp.log2(l)) * _LN2, mask=oks[s])
 
 
+def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *, scale, nq, nk, bq, bk,
+                       group_size, groups_per_prog, slots, cs_dot, precision, fast):
+    """Dense attention + column sums, "seq" layout (DenseConfig.seq): sequential ``bq``-row passes.
+
+    The program's rows [row0, row0 + groups_per_prog * group_size) start and end on group boundaries; pass t
+    covers rows row0 + t*bq ..., touching groups g_first .. g_first + slots - 1. Per key block the column sums
+    of all touched groups come from one MMA: part[j, :] = sum_i W[j, i] P[i, :], W[j, i] = r_i if row i is in
+    group g_first + j, with r_i = exp2(m_i - prev_lse2_i) (so W @ P sums exp(s - prev_lse), SPEC §1.4).
+    A group that began in an earlier pass of this program is read back and added (same program, a whole key
+    pass later); a group's first pass stores.
+    """
+    pid = pl.program_id(0)
+    d = q_ref.shape[-1]
+    prog_row0 = pid * (groups_per_prog * group_size)
+    prog_end = jnp.minimum(prog_row0 + groups_per_prog * group_size, nq)
+    n_tiles = lax.div(prog_end - prog_row0 + (bq - 1), bq)
+    scale2 = scale * _LOG2E
+    cdt = v_ref.dtype
+    slot_ids = jnp.arange(slots, dtype=jnp.int32)
+    n_full, tail = divmod(nk, bk)
+
+    def tile(t, tile_carry):
+        start = prog_row0 + t * bq
+        rows = start + jnp.arange(bq, dtype=jnp.int32)
+        ok = rows < prog_end
+        q = plgpu.load(q_ref.at[pl.ds(start, bq), :], mask=ok[:, None], other=0.0)
+        plse2 = plgpu.load(plse_ref.at[pl.ds(start, bq)], mask=ok, other=float("inf")) * _LOG2E
+        g_first = lax.div(start, group_size)
+        rel = lax.div(rows, group_size) - g_first
+        sel = (rel[None, :] == slot_ids[:, None]) & ok[None, :]  # [slots, bq]
+        tile_end = jnp.minimum(start + bq, prog_end)
+        g_start = (g_first + slot_ids) * group_size
+        slot_ok = g_start < tile_end  # the group has rows in this pass
+        cont = slot_ok & (g_start < start)  # ... and rows in an earlier pass: accumulate
+
+        def step(kb, carry, masked):
+            kstart = kb * bk
+            kcols = kstart + jnp.arange(bk)
+            if masked:
+                kok = kcols < nk
+                k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+                v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+            else:
+                kok = None
+                k = k_ref[pl.ds(kstart, bk), :]
+                v = v_ref[pl.ds(kstart, bk), :]
+            qk2 = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
+            if masked:
+                qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
+            c, p = _online_update(qk2, v, carry, precision, fast)
+            r = _exp2(c[1] - plse2, fast)
+            w = jnp.where(sel, r[None, :], 0.0).astype(cdt)
+            pc = p.astype(cdt)
+            if cs_dot == "wp":
+                part = plgpu.dot(w, pc, precision=precision)
+            else:
+                part = plgpu.dot(pc, w, trans_a=True, trans_b=True, precision=precision).T
+            at = cs_ref.at[pl.ds(g_first, slots), pl.ds(kstart, bk)]
+            smask = slot_ok[:, None] if kok is None else slot_ok[:, None] & kok[None, :]
+            lmask = cont[:, None] if kok is None else cont[:, None] & kok[None, :]
+            prev = plgpu.load(at, mask=lmask, other=0.0)
+            plgpu.store(at, prev + part, mask=smask)
+            return c
+
+        carry = (
+            jnp.zeros((bq, d), jnp.float32),
+            jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+        )
+        if n_full:
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        if tail:
+            carry = lax.fori_loop(n_full, n_full + 1, functools.partial(step, masked=True), carry)
+        acc, m, l = carry
+        plgpu.store(o_ref.at[pl.ds(start, bq), :], (acc / l[:, None]).astype(o_ref.dtype), mask=ok[:, None])
+        plgpu.store(lse_ref.at[pl.ds(start, bq)], (m + jnp.log2(l)) * _LN2, mask=ok)
+        return tile_carry
+
+    lax.fori_loop(0, n_tiles, tile, jnp.int32(0))
+
+
+def _seq_layout(group_size, config):
+    """(groups per program, slots) of the "seq" colsum layout."""
+    bq = config.block_q
+    gpp = config.groups_per_program
+    if gpp <= 0:
+        lcm = group_size * bq // math.gcd(group_size, bq)
+        gpp = lcm // group_size if lcm // bq <= 8 else 1
+    slots = max(16, pl.next_power_of_2(min(gpp, bq // group_size + 2)))
+    return gpp, slots
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "group_size", "colsum", "interpret", "config"))
 def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, config):
     b, nq, h, d = q.shape
     nk = k.shape[1]
     _check_head_dim(d)
     bk = config.block_k
+    if colsum and config.seq:
+        return _colsum_seq_call(q, k, v, prev_lse, scale=scale, group_size=group_size, interpret=interpret,
+                                config=config)
     if colsum:
         tiles = _group_tiles(group_size, config.block_q, config.tiles)
         n_prog = -(-nq // group_size)
@@ -282,6 +390,48 @@ def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, conf
         interpret=interpret,
         name="chipmunk_dense_colsum" if colsum else "chipmunk_dense",
     )(*args)
+
+
+def _colsum_seq_call(q, k, v, prev_lse, *, scale, group_size, interpret, config):
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    bq, bk = config.block_q, config.block_k
+    assert _pow2(bq) and bq >= 16 and _pow2(bk) and bk >= 16, (bq, bk)
+    if config.cs_dot not in ("wp", "pw"):
+        raise ValueError(f"cs_dot must be 'wp' or 'pw', got {config.cs_dot!r}")
+    gpp, slots = _seq_layout(group_size, config)
+    n_groups = -(-nq // group_size)
+    n_prog = -(-n_groups // gpp)
+    kernel = functools.partial(
+        _colsum_seq_kernel, scale=scale, nq=nq, nk=nk, bq=bq, bk=bk, group_size=group_size,
+        groups_per_prog=gpp, slots=slots, cs_dot=config.cs_dot, precision=_precision(q.dtype),
+        fast=not interpret,
+    )
+    bh_map = _bh_index(h)
+    stat_spec = pl.BlockSpec((None, None, nq), lambda i, bh: (bh // h, bh % h, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(n_prog, b * h),
+        in_specs=[
+            pl.BlockSpec((None, nq, None, d), bh_map),
+            pl.BlockSpec((None, nk, None, d), bh_map),
+            pl.BlockSpec((None, nk, None, d), bh_map),
+            stat_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, nq, None, d), bh_map),
+            stat_spec,
+            pl.BlockSpec((None, None, n_groups, nk), lambda i, bh: (bh // h, bh % h, 0, 0)),
+        ],
+        out_shape=[
+            q,
+            jax.ShapeDtypeStruct((b, h, nq), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, n_groups, nk), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="chipmunk_dense_colsum",
+    )(q, k, v, prev_lse)
 
 
 def dense_attention(q, k, v, *, scale: float, interpret: bool = False, config: DenseConfig | None = None):

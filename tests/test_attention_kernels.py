@@ -81,10 +81,28 @@ def test_dense_other_configs_and_cross_lengths():
     ],
 )
 def test_colsum_matches_reference(shape, group_size, dtype):
+    _check_colsum(shape, group_size, dtype, None)
+
+
+# "seq" layout (v3): sequential 128-row passes, MMA column sums, read-modify-write of straddling groups.
+@pytest.mark.parametrize(
+    "shape,group_size,dtype,config",
+    [
+        ((1, 450, 3, 64), 192, jnp.bfloat16, ap.DenseConfig(block_q=128, block_k=64, seq=True, cs_dot="pw")),
+        ((1, 333, 2, 64), 40, jnp.float32, ap.DenseConfig(block_q=128, block_k=64, seq=True)),  # 5 groups/tile
+        ((1, 300, 2, 64), 192, jnp.float32, ap.DenseConfig(block_q=64, block_k=128, seq=True,
+                                                            groups_per_program=3)),
+        ((1, 401, 2, 64), 192, jnp.float32, ap.DenseConfig(block_q=64, block_k=64, num_warps=4)),  # v2 layout
+    ],
+)
+def test_colsum_seq_and_legacy_layouts(shape, group_size, dtype, config):
+    _check_colsum(shape, group_size, dtype, config)
+
+
+def _check_colsum(shape, group_size, dtype, cfg):
     q, k, v = _qkv(*shape, dtype)
     _, prev = A.dense_attention(q, k, v, impl="reference")
     prev = prev + 0.3 * jax.random.normal(_key(), prev.shape)  # a "previous step" LSE
-    cfg = None
     if group_size < 0:
         group_size, cfg = -group_size, ap.DenseConfig(tiles=(128, 64), num_warps=8)
     o, lse, cs = ap.dense_attention_colsum(q, k, v, prev, group_size=group_size, scale=shape[-1] ** -0.5,
