@@ -91,6 +91,7 @@ def make_sampler(
     guidance_scale: float | None = None,
     progress: bool = False,
     static_step_dispatch: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ):
     """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
     step_cache), jitted once, with latents/cache/step_cache donated.
@@ -103,6 +104,10 @@ def make_sampler(
     the schedule and call the model with a representative Python-int step of that pair, so every
     layer dispatches statically. One model body is compiled per distinct pair (5 for FLUX). The
     model must use ``step`` only to look up schedule kinds.
+
+    ``on_step(step)``: host callback after each step's Euler update. It depends on the new latents,
+    so it runs once that step's work is done: per-step wall times (the CLI); it syncs every step, so
+    leave it off in benchmarks.
     """
     sigmas = np.asarray(sigmas, np.float32)
     num_steps = sigmas.size - 1
@@ -156,6 +161,8 @@ def make_sampler(
         x = (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
         if bar is not None:
             jax.debug.callback(bar.update, step, ordered=True)
+        if on_step is not None:
+            jax.debug.callback(lambda s, _: on_step(int(s)), step, x.reshape(-1)[0], ordered=True)
         return params, cond, uncond, x, cache, step_cache, key
 
     def run(params, latents, cond, cache, step_cache, key, uncond=None):

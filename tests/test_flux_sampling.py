@@ -130,9 +130,12 @@ def test_skipped_steps_run_only_the_final_layer(monkeypatch):
     sigmas = SA.flow_sigmas(6)
     cond = flux.sampling_cond(TINY, None, encoder_hidden_states=text, pooled_projections=pooled, image_grid=grid,
                               guidance=GUIDANCE)
-    run = SA.make_sampler(flux.denoiser(TINY, None, image_grid=grid, dtype=jnp.float32), sampler_config, sigmas)
+    finished = []
+    run = SA.make_sampler(flux.denoiser(TINY, None, image_grid=grid, dtype=jnp.float32), sampler_config, sigmas,
+                          on_step=finished.append)
     out, _, _ = run(params, jnp.copy(latents), cond, None, _fresh_step_cache(latents), jax.random.key(0))
     jax.block_until_ready(out)
+    assert finished == list(range(6))
     assert calls.count("double") == 3 * TINY.num_layers and calls.count("single") == 3 * TINY.num_single_layers
     assert calls.count("final") == 6  # every step ends with the final layer, skipped ones with it alone
     ref = _python_euler(params, latents, text, pooled, grid, sigmas, skip=(2, 3, 5))
