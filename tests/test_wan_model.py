@@ -190,10 +190,12 @@ def test_jit_bf16_close_to_f32(t2v_model):
 
 def test_init_params_matches_diffusers_structure():
     for kwargs in (TEST_SUITE_CONFIG, I2V_CONFIG, dict(I2V_CONFIG, pos_embed_seq_len=514, cross_attn_norm=False)):
-        params = wan.init_params(wan.WanConfig(**kwargs), jax.random.key(0), dtype=jnp.float32)
         model = diffusers.WanTransformer3DModel(**kwargs)
         torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        assert {k: v.shape for k, v in wan_ports.to_diffusers(params).items()} == torch_shapes
+        assert wan_ports.expected_diffusers_shapes(wan.WanConfig(**kwargs)) == torch_shapes
+    params = wan.init_params(wan.WanConfig(**I2V_CONFIG), jax.random.key(0), dtype=jnp.float32)
+    assert {k: v.shape for k, v in wan_ports.to_diffusers(params).items()} == \
+        wan_ports.expected_diffusers_shapes(wan.WanConfig(**I2V_CONFIG))
 
 
 @pytest.mark.parametrize("preset, tensors, count", [
@@ -273,3 +275,151 @@ def test_forward_validates_inputs():
         wan.forward(params, config, **inputs, step=0)
     with pytest.raises(ValueError, match="rotary_emb"):
         wan.forward(params, config, **inputs, rotary_emb=wan.rotary_emb(config, (1, 2, 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chipmunk inside Wan
+
+from chipmunk_jax import cache as chipmunk_cache  # noqa: E402
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, attention_schedule  # noqa: E402
+
+# latents (5, 26, 32) -> tokens (5, 13, 16) = 1,040: four full (4, 6, 8) voxels (768 tokens) plus a frame
+# tail (208) and a row tail (64), six 192-query groups, the last one ragged.
+LATENT, GRID = (5, 26, 32), (5, 13, 16)
+CHIPMUNK_CONFIG = dict(TEST_SUITE_CONFIG, num_layers=2)
+
+
+def chipmunk_inputs(config, step, text_seed=20):
+    rng = np.random.default_rng(text_seed)
+    inputs = make_inputs(rng, config, batch=1, frames=LATENT[0], height=LATENT[1], width=LATENT[2], text_len=8)
+    # a slowly moving trajectory, as in sampling: small but non-zero deltas between steps
+    base = np.random.default_rng(0).standard_normal(inputs["hidden_states"].shape).astype(np.float32)
+    drift = np.random.default_rng(1000 + step).standard_normal(base.shape).astype(np.float32)
+    inputs["hidden_states"] = base + 0.05 * step * drift
+    inputs["timestep"] = np.asarray([1000.0 - 100.0 * step], np.float32)
+    return inputs
+
+
+def all_keys_kept():
+    # Compressed selection keeps a group's dynamic top-k only while static + top-k stays below N
+    # (eligibility, SPEC §1.6), so "every key" is top-k = N (0.995 * 1040 rounds up to 1040 in steps of 16)
+    # over an empty static mask (no local window, no static random keys; the last group is dense anyway).
+    return chipmunk_config.wan().replace(
+        attention__top_keys=0.995, attention__counts_multiple_of=16, attention__local_voxels=0,
+        attention__random_keys=0.0, attention__first_n_dense_layers=0, attention__full_step_every=3,
+        mlp__enabled=True, mlp__top_keys=1.0, mlp__random_keys=0.0, mlp__first_n_dense_layers=0,
+        mlp__full_step_every=3, mlp__mask_cache_after_step=0,
+    )
+
+
+def test_chipmunk_all_keys_kept_equals_dense_every_step_kind():
+    config = wan.WanConfig(**CHIPMUNK_CONFIG)
+    params = wan.init_params(config, jax.random.key(5), dtype=jnp.float32)
+    chipmunk = all_keys_kept()
+    assert chipmunk.reorder.kind == "voxels" and chipmunk.attention.compress_indices
+    steps = range(5)
+    kinds = {AttentionStep(int(attention_schedule(chipmunk)[s])) for s in steps}
+    assert kinds >= {AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.SPARSE}
+    rope = wan.rotary_emb(config, GRID)
+    dense_fn = jax.jit(lambda inputs: wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.float32))
+    chipmunk_fn = jax.jit(lambda inputs, cache, step, key: wan.forward(
+        params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, rotary_emb=rope,
+        dtype=jnp.float32))
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0), dtype=jnp.float32)
+    for step in steps:
+        inputs = chipmunk_inputs(config, step)
+        out, cache = chipmunk_fn(inputs, cache, jnp.int32(step), jax.random.key(step))
+        assert max_rel_err(out, dense_fn(inputs)) <= 1e-5, step
+    assert len(cache["mlp"]) == config.num_layers
+
+
+def test_chipmunk_voxel_order_is_invisible_and_head_reproduces_output():
+    config = wan.WanConfig(**CHIPMUNK_CONFIG)
+    params = wan.init_params(config, jax.random.key(6), dtype=jnp.float32)
+    inputs = chipmunk_inputs(config, 0)
+    dense, dense_hidden = wan.forward(params, config, **inputs, return_hidden=True, dtype=jnp.float32)
+    chipmunk = all_keys_kept().replace(mlp__enabled=False)
+    out, cache, hidden = wan.forward(params, config, **inputs, chipmunk=chipmunk, step=0, key=jax.random.key(1),
+                                     return_hidden=True, dtype=jnp.float32)
+    assert max_rel_err(out, dense) <= 1e-5
+    assert max_rel_err(hidden, dense_hidden) <= 1e-5  # the stored hidden state is back in raster order
+    assert cache["mlp"] == []
+    # step caching: the head alone on the stored hidden state gives the same output
+    from_head = wan.head(params, config, hidden, inputs["timestep"], latent_shape=LATENT, dtype=jnp.float32)
+    assert max_rel_err(from_head, out) <= 1e-6
+    later = wan.head(params, config, hidden, inputs["timestep"] - 500.0, latent_shape=LATENT, dtype=jnp.float32)
+    assert max_rel_err(later, out) > 1e-3  # conditioned on the current timestep
+    # without reordering (and no local window) the model is the same function
+    plain = chipmunk.replace(reorder__kind="none")
+    out_plain, _ = wan.forward(params, config, **inputs, chipmunk=plain, step=0, key=jax.random.key(1),
+                               dtype=jnp.float32)
+    assert max_rel_err(out_plain, dense) <= 1e-5
+    with pytest.raises(ValueError, match="reorder.kind"):
+        wan.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="tiles"), step=0)
+    preset = chipmunk_config.wan()
+    with pytest.raises(ValueError, match="local_voxels"):
+        wan.forward(params, config, **inputs, chipmunk=preset.replace(reorder__kind="none"), step=0)
+    with pytest.raises(ValueError, match="step is required"):
+        wan.forward(params, config, **inputs, chipmunk=chipmunk)
+    with pytest.raises(ValueError, match="key"):
+        wan.init_cache(config, preset, batch=1, grid=GRID)  # static random keys need a key
+    with pytest.raises(ValueError, match="group"):
+        wan.init_cache(config, chipmunk, batch=1, grid=(1, 4, 4), key=jax.random.key(0))
+    branches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="select a branch"):
+        wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, step=0)
+    with pytest.raises(TypeError, match="config"):
+        wan.head(params, dict(CHIPMUNK_CONFIG), hidden, inputs["timestep"], latent_shape=LATENT)
+    with pytest.raises(ValueError, match="hidden must be"):
+        wan.head(params, config, hidden[:, :-1], inputs["timestep"], latent_shape=LATENT)
+
+
+def test_chipmunk_cfg_branches_keep_separate_caches():
+    """Wan preset (sparse steps from step 2), cond then uncond each step, one cache slot per branch: each
+    branch's outputs equal a run of that branch alone, and sharing one cache between branches would not."""
+    config = wan.WanConfig(**CHIPMUNK_CONFIG)
+    params = wan.init_params(config, jax.random.key(7), dtype=jnp.float32)
+    # a one-voxel window so the static mask leaves room for sparsity at this small size; layer 0 dense
+    chipmunk = chipmunk_config.wan().replace(attention__local_voxels=1, attention__first_n_dense_layers=1)
+    assert chipmunk.invocations_per_step == 2
+    rope = wan.rotary_emb(config, GRID)
+    mask_key = jax.random.key(42)
+
+    @jax.jit
+    def call(inputs, cache, step, key):
+        return wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key,
+                           rotary_emb=rope, dtype=jnp.float32)
+
+    def branch_inputs(step, branch):
+        return chipmunk_inputs(config, step, text_seed=20 + branch)  # cond / uncond text
+
+    caches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
+    assert caches["attention"][1].lse.shape[0] == 2
+    alone = [wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32) for _ in range(2)]
+    shared = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
+    for step in range(4):  # dense, dense + column sums, sparse, sparse
+        key = jax.random.key(100 + step)
+        for branch in range(2):
+            inputs = branch_inputs(step, branch)
+            out, new = call(inputs, chipmunk_cache.select_branch(caches, branch), jnp.int32(step), key)
+            caches = chipmunk_cache.update_branch(caches, branch, new)
+            out_alone, alone[branch] = call(inputs, alone[branch], jnp.int32(step), key)
+            out_shared, shared = call(inputs, shared, jnp.int32(step), key)
+            assert max_rel_err(out, out_alone) <= 1e-6, (step, branch)
+            err = max_rel_err(out, wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.float32))
+            if step < 2:
+                assert err <= 1e-5, (step, branch, err)
+            else:  # sparse: close to dense, yet not equal (something was skipped)
+                assert 1e-5 < err < 5e-2, (step, branch, err)
+        # the two branches hold different caches; the always-dense layer 0 keeps its slot untouched
+        lse = caches["attention"][1].lse
+        assert not np.allclose(lse[0], lse[1])
+        np.testing.assert_array_equal(caches["attention"][0].lse, 0.0)
+        np.testing.assert_array_equal(caches["static_mask"][0], caches["static_mask"][1])
+    # sharing one cache mixes the branches: at a sparse step the cond output moves off its own run
+    inputs = branch_inputs(3, 0)
+    out_from_shared, _ = call(inputs, shared, jnp.int32(3), jax.random.key(103))
+    out_own, _ = call(inputs, chipmunk_cache.select_branch(caches, 0), jnp.int32(3), jax.random.key(103))
+    assert max_rel_err(out_from_shared, out_own) > 1e-4
+    assert call._cache_size() == 1  # one compilation for every step kind
