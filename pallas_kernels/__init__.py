@@ -9,5 +9,12 @@ from chipmunk_jax.pallas_kernels.attention import (
     dense_attention_colsum,
 )
 from chipmunk_jax.pallas_kernels.mlp import sparse_mlp_delta
+from chipmunk_jax.pallas_kernels.selection_fast import select_columns_fast
 
-__all__ = ["dense_attention", "dense_attention_colsum", "column_sparse_attention", "sparse_mlp_delta"]
+__all__ = [
+    "dense_attention",
+    "dense_attention_colsum",
+    "column_sparse_attention",
+    "sparse_mlp_delta",
+    "select_columns_fast",
+]

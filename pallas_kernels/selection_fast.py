@@ -1,0 +1,327 @@
+"""Fast attention column selection (SPEC §1.5): column sums -> (indices, counts[, mask]) at video scale.
+
+Computes what ``chipmunk_jax.selection.select_attention_columns`` computes (this package must not import it:
+it takes plain arguments), without ``lax.top_k`` over 118,800 columns for 14,904 rows:
+
+1. Threshold (pure jnp, XLA): per row the exact k-th largest column sum, found by a 32-step greedy bisection on
+   order-preserving int32 keys of the f32 values (the idea of mlp_selection.py), then n_gt = #{key > t}. Each
+   step is one fused compare+count pass over the column sums (33 passes of B*H*G*N*4 bytes).
+2. Compaction (Pallas-Triton, one program per (b, h, g) row, ``width`` columns at a time; or pure jnp): the
+   top-k set is {key > t} plus the first k - n_gt columns with key == t in column order, so EXACTLY k columns
+   are kept, ties broken towards the lowest column index (lax.top_k's order for equal values). Then
+   compressed path: mask = ((top-k OR random) AND eligible[g]) OR static[g]; indices [.., N] = selected
+   columns ascending, then the lowest-numbered unselected ones (a permutation of 0..N-1, every slot valid);
+   counts = min(ceil(popcount / multiple_of) * multiple_of, N). Two passes per row (count, then write).
+   Uncompressed path: indices [.., k] = the top-k columns in ascending column order (the reference returns
+   lax.top_k's descending-score order: same set, and the order is irrelevant to attention), counts = k.
+
+Ties: none kept extra (unlike mlp_selection.py, which keeps all ties at the threshold). NaN column sums sort
+above +inf (they should not occur). Float inputs of any dtype are compared as f32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["select_columns_fast", "row_thresholds"]
+
+_INT_MIN = -(2**31)
+_IMPLS = ("pallas", "interpret", "jnp")
+_MAX_ELEMS = 2**31 - 1  # keep every in-kernel flat offset in int32
+
+
+def _sortable_key(x):
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def row_thresholds(scores, k: int):
+    """scores [R, N] -> (t [R] int32 key of the k-th largest value, need [R] int32 = k - #{key > t}).
+
+    The top-k set is {key > t} plus the first ``need`` columns with key == t. k = 0 gives need = 0 and no
+    column above t; k >= N keeps every column.
+    """
+    n = scores.shape[-1]
+    k = max(0, min(int(k), n))
+
+    def bit_step(i, t):
+        cand = t | lax.shift_left(jnp.int32(1), 31 - i)
+        n_ge = jnp.sum(_sortable_key(scores) >= (cand ^ jnp.int32(_INT_MIN))[:, None], axis=-1, dtype=jnp.int32)
+        return jnp.where(n_ge >= k, cand, t)
+
+    t = lax.fori_loop(0, 32, bit_step, jnp.zeros(scores.shape[:-1], jnp.int32)) ^ jnp.int32(_INT_MIN)
+    n_gt = jnp.sum(_sortable_key(scores) > t[:, None], axis=-1, dtype=jnp.int32)
+    return t, (k - n_gt).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure jnp compaction (CPU default; also the twin the Pallas kernel is tested against)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _topk_mask_jnp(scores, t, need):
+    key = _sortable_key(scores)
+    tie = key == t[:, None]
+    rank = jnp.cumsum(tie, axis=-1, dtype=jnp.int32)
+    return (key > t[:, None]) | (tie & (rank <= need[:, None]))
+
+
+def _mask_to_indices_jnp(mask, multiple_of, capacity):
+    n = mask.shape[-1]
+    selected = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    counts = jnp.minimum(-(-selected // multiple_of) * multiple_of, min(n, capacity)).astype(jnp.int32)
+    slot = jnp.where(
+        mask,
+        jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1,
+        selected[:, None] + jnp.cumsum(~mask, axis=-1, dtype=jnp.int32) - 1,
+    )
+    rows = jnp.arange(mask.shape[0])[:, None]
+    cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), mask.shape)
+    indices = jnp.zeros((mask.shape[0], capacity), jnp.int32).at[rows, slot].set(cols, mode="drop")
+    return indices, counts
+
+
+def _select_jnp(flat, t, need, k, multiple_of, compress, rand, static, elig, n_groups):
+    top = _topk_mask_jnp(flat, t, need)
+    if not compress:
+        idx, _ = _mask_to_indices_jnp(top, 1, k)
+        return idx, jnp.full(flat.shape[:1], k, jnp.int32), None
+    g = jnp.arange(flat.shape[0]) % n_groups
+    dyn = top
+    if rand is not None:
+        dyn = dyn | rand
+    if elig is not None:
+        dyn = dyn & elig[g][:, None]
+    if static is not None:
+        dyn = dyn | static[g]
+    idx, cnt = _mask_to_indices_jnp(dyn, multiple_of, flat.shape[-1])
+    return idx, cnt, dyn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pallas-Triton compaction
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compact_kernel(cs_ref, thr_ref, need_ref, *refs, n, width, n_groups, capacity, multiple_of, compress,
+                    has_rand, has_static, has_elig):
+    refs = list(refs)
+    rand_ref = refs.pop(0) if has_rand else None
+    static_ref = refs.pop(0) if has_static else None
+    elig_ref = refs.pop(0) if has_elig else None
+    idx_ref, cnt_ref = refs[0], refs[1]
+    mask_ref = refs[2] if compress else None
+    row = pl.program_id(0)
+    thr = thr_ref[row]
+    need = need_ref[row]
+    elig = (elig_ref[row % n_groups] != 0) if has_elig else None
+    n_chunks = -(-n // width)
+    lanes = jnp.arange(width, dtype=jnp.int32)
+
+    def chosen(c, ties_before):
+        cols = c * width + lanes
+        valid = cols < n
+        win = pl.ds(c * width, width)
+        key = _sortable_key(plgpu.load(cs_ref.at[win], mask=valid, other=0.0))
+        tie = valid & (key == thr)
+        rank = ties_before + jnp.cumsum(tie.astype(jnp.int32))
+        sel = valid & ((key > thr) | (tie & (rank <= need)))
+        if compress:
+            if has_rand:
+                sel = sel | (valid & (plgpu.load(rand_ref.at[win], mask=valid, other=0) != 0))
+            if has_elig:
+                sel = sel & elig
+            if has_static:
+                sel = sel | (valid & (plgpu.load(static_ref.at[win], mask=valid, other=0) != 0))
+        return cols, valid, sel, ties_before + jnp.sum(tie.astype(jnp.int32))
+
+    zero = jnp.int32(0)
+    if compress:
+        def count(c, carry):
+            ties, nsel = carry
+            _, _, sel, ties = chosen(c, ties)
+            return ties, nsel + jnp.sum(sel.astype(jnp.int32))
+
+        _, n_sel = lax.fori_loop(0, n_chunks, count, (zero, zero))
+    else:
+        n_sel = jnp.int32(capacity)
+
+    def write(c, carry):
+        ties, sel_before, unsel_before = carry
+        cols, valid, sel, ties = chosen(c, ties)
+        rest = valid & ~sel
+        sel_i = sel.astype(jnp.int32)
+        rest_i = rest.astype(jnp.int32)
+        slot = jnp.where(sel, sel_before + jnp.cumsum(sel_i) - 1, n_sel + unsel_before + jnp.cumsum(rest_i) - 1)
+        ok = sel | rest if compress else sel
+        plgpu.store(idx_ref.at[jnp.where(ok, slot, capacity)], cols, mask=ok)
+        if compress:
+            plgpu.store(mask_ref.at[pl.ds(c * width, width)], sel.astype(jnp.int8), mask=valid)
+        return ties, sel_before + jnp.sum(sel_i), unsel_before + jnp.sum(rest_i)
+
+    lax.fori_loop(0, n_chunks, write, (zero, zero, zero))
+    if compress:
+        padded = jnp.minimum((n_sel + multiple_of - 1) // multiple_of * multiple_of, n)
+    else:
+        padded = n_sel
+    cnt_ref[...] = jnp.full((1,), padded, jnp.int32)
+
+
+def _select_pallas(flat, t, need, k, multiple_of, compress, rand, static, elig, n_groups, *, interpret, width,
+                   num_warps):
+    rows, n = flat.shape
+    capacity = n if compress else k
+    kernel = functools.partial(
+        _compact_kernel, n=n, width=width, n_groups=n_groups, capacity=capacity, multiple_of=multiple_of,
+        compress=compress, has_rand=compress and rand is not None, has_static=compress and static is not None,
+        has_elig=compress and elig is not None,
+    )
+    row_spec = pl.BlockSpec((None, n), lambda r: (r, 0))
+    whole_rows = pl.BlockSpec((rows,), lambda r: (0,))
+    args = [flat, t, need]
+    in_specs = [row_spec, whole_rows, whole_rows]
+    if compress and rand is not None:
+        args.append(rand.astype(jnp.int8))
+        in_specs.append(row_spec)
+    if compress and static is not None:
+        args.append(static.astype(jnp.int8))
+        in_specs.append(pl.BlockSpec((None, n), lambda r: (r % n_groups, 0)))
+    if compress and elig is not None:
+        args.append(elig.astype(jnp.int32))
+        in_specs.append(pl.BlockSpec((n_groups,), lambda r: (0,)))
+    out_shape = [jax.ShapeDtypeStruct((rows, capacity), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)]
+    out_specs = [pl.BlockSpec((None, capacity), lambda r: (r, 0)), pl.BlockSpec((1,), lambda r: (r,))]
+    if compress:
+        out_shape.append(jax.ShapeDtypeStruct((rows, n), jnp.int8))
+        out_specs.append(row_spec)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="chipmunk_select_columns",
+    )(*args)
+    if compress:
+        return outs[0], outs[1], outs[2] != 0
+    return outs[0], outs[1], None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check(colsum, k, multiple_of, compress, random_mask, eligible, static_mask, width, num_warps):
+    if getattr(colsum, "ndim", None) != 4:
+        raise ValueError(f"colsum must be [B, H, G, N], got shape {getattr(colsum, 'shape', None)}")
+    if colsum.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"colsum must be a float array, got {colsum.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    g, n = colsum.shape[2], colsum.shape[3]
+    if random_mask is not None:
+        if getattr(random_mask, "shape", None) != colsum.shape or random_mask.dtype != jnp.bool_:
+            raise ValueError(f"random_mask must be a bool array of shape {colsum.shape}")
+    if eligible is not None:
+        if getattr(eligible, "shape", None) != (g,) or eligible.dtype != jnp.bool_:
+            raise ValueError(f"eligible must be a bool array of shape ({g},)")
+    if static_mask is not None:
+        if getattr(static_mask, "shape", None) != (g, n) or static_mask.dtype != jnp.bool_:
+            raise ValueError(f"static_mask must be a bool array of shape ({g}, {n})")
+    if not compress and (random_mask is not None or eligible is not None or static_mask is not None):
+        raise ValueError("random / eligible / static masks belong to the compressed path (compress=True)")
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"width must be a power of 2 >= 16, got {width!r}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of 2 <= 32, got {num_warps!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("k", "multiple_of", "compress", "random_p", "impl", "width",
+                                             "num_warps"))
+def _select(colsum, key, random_mask, eligible, static_mask, *, k, multiple_of, compress, random_p, impl, width,
+            num_warps):
+    b, h, g, n = colsum.shape
+    if compress and random_p > 0:
+        drawn = jax.random.bernoulli(key, random_p, colsum.shape)
+        random_mask = drawn if random_mask is None else random_mask | drawn
+    flat = colsum.reshape(b * h * g, n)
+    rand = None if random_mask is None else random_mask.reshape(b * h * g, n)
+    t, need = row_thresholds(flat, k)
+    if impl == "jnp":
+        idx, cnt, mask = _select_jnp(flat, t, need, k, multiple_of, compress, rand, static_mask, eligible, g)
+    else:
+        # Split the rows so that every flat in-kernel offset stays within int32 (pieces of whole G-row blocks).
+        per = max(1, _MAX_ELEMS // (n * g)) * g
+        outs = []
+        for r0 in range(0, b * h * g, per):
+            sl = slice(r0, min(r0 + per, b * h * g))
+            outs.append(_select_pallas(
+                flat[sl], t[sl], need[sl], k, multiple_of, compress, None if rand is None else rand[sl],
+                static_mask, eligible, g, interpret=impl == "interpret", width=width, num_warps=num_warps))
+        idx = jnp.concatenate([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        cnt = jnp.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+        mask = None if not compress else (jnp.concatenate([o[2] for o in outs]) if len(outs) > 1 else outs[0][2])
+    cap = idx.shape[-1]
+    idx = idx.reshape(b, h, g, cap)
+    cnt = cnt.reshape(b, h, g)
+    return idx, cnt, None if mask is None else mask.reshape(b, h, g, n)
+
+
+def select_columns_fast(
+    colsum,
+    k: int,
+    multiple_of: int,
+    *,
+    compress: bool,
+    key=None,
+    random_p: float = 0.0,
+    random_mask=None,
+    eligible=None,
+    static_mask=None,
+    impl: str | None = None,
+    width: int = 2048,
+    num_warps: int = 4,
+):
+    """Column sets from column sums [B, H, G, N] (the semantics of selection.select_attention_columns).
+
+    k: top-k count per row (the caller's ``attention_column_count``, capped at N here). multiple_of: counts
+    granularity of the compressed path. compress=False: returns (indices [B, H, G, max(k, 1)] int32, the
+    top-k columns ascending (zeros if k = 0), counts [B, H, G] = k, None). compress=True: mask =
+    ((top-k OR random) AND eligible[g]) OR static_mask[g]; random = ``random_mask`` (bool [B, H, G, N]) and/or
+    jax.random.bernoulli(key, random_p, colsum.shape) (the reference's draw: identical given the same key);
+    returns (indices [B, H, G, N], counts [B, H, G], mask bool [B, H, G, N]). ``impl``: "pallas" (GPU
+    default), "interpret" (the Pallas kernel on CPU), "jnp" (CPU default).
+    """
+    compress = bool(compress)
+    _check(colsum, k, multiple_of, compress, random_mask, eligible, static_mask, width, num_warps)
+    random_p = float(random_p)
+    if not 0.0 <= random_p <= 1.0:
+        raise ValueError(f"random_p must be in [0, 1], got {random_p!r}")
+    if compress and random_p > 0 and key is None:
+        raise ValueError("key (a PRNG key) is required when random_p > 0")
+    if not compress and random_p > 0:
+        raise ValueError("random_p belongs to the compressed path (compress=True)")
+    if impl is None:
+        impl = "pallas" if jax.default_backend() == "gpu" else "jnp"
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
+    n = colsum.shape[-1]
+    k = min(int(k), n)
+    if not compress and k == 0:
+        b, h, g, _ = colsum.shape
+        return jnp.zeros((b, h, g, 1), jnp.int32), jnp.zeros((b, h, g), jnp.int32), None
+    return _select(colsum, key if random_p > 0 else None, random_mask, eligible, static_mask, k=k,
+                   multiple_of=multiple_of, compress=compress, random_p=random_p if compress else 0.0, impl=impl,
+                   width=width, num_warps=num_warps)
