@@ -59,6 +59,23 @@ def make_inputs(rng, config: hv.HunyuanVideoConfig, *, batch, frames, height, wi
     return inputs
 
 
+def dense_forward(params, config, inputs):
+    """The model under one jit (eager dispatch of the many small ops is several times slower on CPU)."""
+    fn = _DENSE_FNS.setdefault(config, jax.jit(lambda p, x: hv.forward(p, config, **x, dtype=jnp.float32)))
+    return fn(params, inputs)
+
+
+_DENSE_FNS: dict = {}
+
+
+def random_params(config, seed):
+    """Random f32 params with the model's structure, drawn in numpy (compiling init_params' thousands of
+    random ops takes seconds on CPU)."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda key: hv.init_params(config, key, dtype=jnp.float32), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
+
+
 def torch_forward(model, inputs):
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
@@ -145,7 +162,7 @@ def test_parity_diffusers_test_suite_config(suite_model):
     assert config == hv.HunyuanVideoConfig(**{**TEST_SUITE_CONFIG, "rope_axes_dim": (2, 4, 4)})
     inputs = make_inputs(rng, config, batch=1, frames=1, height=16, width=16, text_len=12)
     expected = torch_forward(suite_model, inputs)
-    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    out = dense_forward(params, config, inputs)
     assert out.shape == expected.shape == (1, 4, 1, 16, 16)
     assert max_rel_err(out, expected) <= RTOL
 
@@ -164,14 +181,13 @@ def test_parity_patch2_three_frames_padded_text(p2_model, layout):
     # batch 2 with different valid text lengths (the dense model takes them; Chipmunk does not)
     inputs = make_inputs(rng, config, batch=2, frames=3, height=8, width=12, text_len=12, valid=[7, 12])
     expected = torch_forward(p2_model, inputs)
-    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    out = dense_forward(params, config, inputs)
     assert out.shape == (2, 4, 3, 8, 12)
     assert max_rel_err(out, expected) <= RTOL
     # the comparison can fail: a different timestep or text padding moves the output far past the tolerance
-    moved = hv.forward(params, config, **{**inputs, "timestep": inputs["timestep"] * 0.5}, dtype=jnp.float32)
+    moved = dense_forward(params, config, {**inputs, "timestep": inputs["timestep"] * 0.5})
     assert max_rel_err(moved, expected) > 100 * RTOL
-    unmasked = hv.forward(params, config, **{**inputs, "encoder_attention_mask": np.ones((2, 12), np.float32)},
-                          dtype=jnp.float32)
+    unmasked = dense_forward(params, config, {**inputs, "encoder_attention_mask": np.ones((2, 12), np.float32)})
     assert max_rel_err(unmasked[0], expected[0]) > 100 * RTOL
 
 
@@ -182,7 +198,7 @@ def test_parity_no_guidance_latent_concat():
     inputs = make_inputs(np.random.default_rng(12), config, batch=1, frames=2, height=6, width=4, text_len=5,
                          valid=[3])
     expected = torch_forward(model, inputs)
-    out = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    out = dense_forward(params, config, inputs)
     assert max_rel_err(out, expected) <= RTOL
 
 
@@ -192,7 +208,7 @@ def test_jit_bf16_close_to_f32(p2_model):
                          valid=[4])
     run = jax.jit(lambda params, inputs: hv.forward(params, config, **inputs, dtype=jnp.bfloat16))
     out = run(params, inputs)
-    reference = hv.forward(params, config, **inputs, dtype=jnp.float32)
+    reference = dense_forward(params, config, inputs)
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
     assert max_rel_err(out, reference) < 5e-2
 
@@ -222,10 +238,9 @@ def test_rotary_tables_match_diffusers():
 
 def test_init_params_matches_diffusers_structure():
     config = hv.HunyuanVideoConfig(**P2_CONFIG)
-    params = hv.init_params(config, jax.random.key(0), dtype=jnp.float32)
     model = diffusers.HunyuanVideoTransformer3DModel(**P2_CONFIG)
     torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert {k: v.shape for k, v in hv_ports.to_diffusers(params, config).items()} == torch_shapes
+    assert hv_ports.expected_diffusers_shapes(config) == torch_shapes
 
 
 def test_full_size_config_parameter_count():
@@ -253,7 +268,7 @@ def test_config_validation():
 
 def test_forward_validates_inputs():
     config = hv.HunyuanVideoConfig(**TEST_SUITE_CONFIG)
-    params = hv.init_params(config, jax.random.key(1), dtype=jnp.float32)
+    params = random_params(config, 1)
     inputs = make_inputs(np.random.default_rng(15), config, batch=2, frames=1, height=2, width=3, text_len=4)
     bad = {
         "hidden_states": (inputs["hidden_states"][:, :3], "channels"),
@@ -270,7 +285,7 @@ def test_forward_validates_inputs():
         hv.forward(params, config, **{**inputs, "hidden_states": inputs["hidden_states"][:, :, 0]})
     p2 = hv.HunyuanVideoConfig(**P2_CONFIG)
     with pytest.raises(ValueError, match="divide by the patch"):
-        hv.forward(hv.init_params(p2, jax.random.key(1)), p2, **inputs)
+        hv.forward(random_params(p2, 1), p2, **inputs)
     with pytest.raises(ValueError, match="guidance is required"):
         hv.forward(params, config, **{k: v for k, v in inputs.items() if k != "guidance"})
     with pytest.raises(TypeError, match="dtype"):
