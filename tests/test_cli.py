@@ -1,0 +1,130 @@
+"""``chipmunk-jax generate`` end to end on CPU: a tiny random diffusers FLUX transformer + AutoencoderKL
+saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; bad arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from chipmunk_jax import cli  # noqa: E402
+from chipmunk_jax import config as C  # noqa: E402
+from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
+
+LATENT_CHANNELS = 4  # packed 2x2 -> the transformer's in_channels = 16
+TRANSFORMER = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1,
+                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                   axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+TEXT_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A pipeline-like folder (transformer/ + vae/), its converted params, prompt embeddings."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(**TRANSFORMER).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    # 4 blocks: VAE factor 8 as FLUX's, so 16 pixels per packed token; FLUX's scaling and shift
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+        latent_channels=LATENT_CHANNELS, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    pipeline = root / "pipeline"
+    transformer.save_pretrained(pipeline / "transformer", safe_serialization=True)
+    vae.save_pretrained(pipeline / "vae", safe_serialization=True)
+    weights = root / "weights"
+    flux_ports.save_params(weights, *flux_ports.from_checkpoint(pipeline / "transformer"))
+    rng = np.random.default_rng(1)
+    embeds = root / "prompt.npz"
+    np.savez(embeds, prompt_embeds=rng.standard_normal((1, TEXT_LEN, 32)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((1, 32)).astype(np.float32))
+    chipmunk = root / "chipmunk.yaml"
+    C.flux().replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1, attention__full_step_every=3,
+                     mlp__full_step_every=3, step_cache__skip_step_schedule=(2,)).save(chipmunk)
+    return dict(root=root, pipeline=str(pipeline), weights=str(weights), embeds=str(embeds), chipmunk=str(chipmunk))
+
+
+def _generate(*args):
+    return cli.main(["generate", "--no-progress", "--dtype", "float32", *map(str, args)])
+
+
+def test_pipeline_folder_to_png_with_chipmunk_and_step_caching(files, capsys):
+    from PIL import Image
+
+    out = files["root"] / "image.png"
+    code = _generate("--diffusers", files["pipeline"], "--prompt-embeds", files["embeds"], "--height", 256,
+                     "--width", 256, "--steps", 4, "--chipmunk", files["chipmunk"], "--step-cache", "--out", out)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    image = Image.open(out)
+    image.load()
+    assert image.format == "PNG" and image.size == (256, 256) and image.mode == "RGB"
+    assert np.asarray(image).std() > 0
+    # per step kind: step 0 dense, 1 colsum, 2 skipped, 3 a full (refresh) step
+    assert "skipped (final layer only)" in captured.out and "attention dense_colsum" in captured.out
+    assert "total sampling wall time" in captured.out
+
+
+def test_converted_weights_without_vae_write_latents(files, capsys):
+    out_weights, out_diffusers = files["root"] / "w.npy", files["root"] / "d.npy"
+    common = ("--prompt-embeds", files["embeds"], "--height", 64, "--width", 48, "--steps", 3, "--dense",
+              "--seed", 7, "--guidance", 2.0)
+    assert _generate("--weights", files["weights"], *common, "--out", out_weights) == 0
+    assert _generate("--diffusers", files["pipeline"] + "/transformer", *common, "--out", out_diffusers) == 0
+    latents = np.load(out_weights)
+    assert latents.shape == (1, LATENT_CHANNELS, 8, 6) and np.all(np.isfinite(latents))
+    np.testing.assert_allclose(np.load(out_diffusers), latents, rtol=0, atol=1e-6)  # on-the-fly == converted
+    assert "dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--weights", "W", "--diffusers", "D"), "not allowed with argument"),
+    (("--weights", "W", "--height", 100), "--height must be a positive multiple of 16"),
+    (("--weights", "W", "--steps", 0), "--steps must be >= 1"),
+    (("--weights", "W", "--out", "x.jpg"), "--out must end in .png or .npy"),
+    (("--weights", "W", "--dense", "--chipmunk", "flux"), "not allowed with argument"),
+])
+def test_bad_arguments_exit_2(args, needle, capsys):
+    base = {"--prompt-embeds": "p.npz", "--out": "x.npy"}
+    extra = [str(a) for k, v in base.items() if k not in args for a in (k, v)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", *map(str, args), *extra])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_files_exit_1(files, tmp_path, capsys):
+    bad_npz = tmp_path / "bad.npz"
+    np.savez(bad_npz, prompt_embeds=np.zeros((1, TEXT_LEN, 32), np.float32))
+    wrong_width = tmp_path / "wrong.npz"
+    np.savez(wrong_width, prompt_embeds=np.zeros((1, TEXT_LEN, 31), np.float32),
+             pooled_prompt_embeds=np.zeros((1, 32), np.float32))
+    npy = str(tmp_path / "x.npy")
+    cases = [
+        (("--weights", tmp_path / "missing", "--prompt-embeds", files["embeds"], "--out", npy), "no such folder"),
+        (("--weights", files["weights"], "--prompt-embeds", tmp_path / "none.npz", "--out", npy), "no such file"),
+        (("--weights", files["weights"], "--prompt-embeds", bad_npz, "--out", npy), "lacks ['pooled_prompt_embeds']"),
+        (("--weights", files["weights"], "--prompt-embeds", wrong_width, "--out", npy), "must be [1, L, 32]"),
+        (("--weights", files["weights"], "--prompt-embeds", files["embeds"], "--chipmunk", "nope", "--out", npy),
+         "unknown preset 'nope'"),
+        (("--weights", files["weights"], "--prompt-embeds", files["embeds"], "--out", tmp_path / "x.png"),
+         "needs a VAE"),
+        (("--weights", files["weights"], "--prompt-embeds", files["embeds"], "--out", tmp_path / "no" / "x.npy"),
+         "does not exist"),
+        (("--weights", files["pipeline"], "--prompt-embeds", files["embeds"], "--out", npy), "--weights"),
+        # the FLUX preset needs >= 192 joint tokens (one query group): 4x4 tokens + 8 text are too few
+        (("--weights", files["weights"], "--prompt-embeds", files["embeds"], "--height", 64, "--width", 64,
+          "--out", npy), "shorter than one query group"),
+        (("--weights", files["weights"], "--prompt", "a cat", "--out", npy), "--prompt needs"),
+    ]
+    for args, needle in cases:
+        assert _generate(*args) == 1, args
+        err = capsys.readouterr().err
+        assert needle in err, (needle, err)
