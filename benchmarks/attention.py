@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.pallas_kernels import attention_pallas as ap
+from chipmunk_jax.pallas_kernels import selection_fast as sf
 
 
 def _median_ms(f, *args, **kw):
@@ -89,12 +90,17 @@ def main(argv=None):
     ap_.add_argument("--sweep-sizes", default="", help="sizes at which to sweep (default: all); other sizes use "
                      "the fastest config found so far")
     ap_.add_argument("--skip", default="", help="comma list of ops to skip: cudnn,dense,colsum,sparse")
+    ap_.add_argument("--select-sizes", default="", help="sizes N at which to time the selection fast path on "
+                     "column sums [1, H, ceil((N + 256) / group), N] (Hunyuan: N=118,800 -> G=621)")
+    ap_.add_argument("--select-top-keys", type=float, default=0.05, help="Hunyuan preset: top_keys 0.05, "
+                     "dynamic random 0.01, counts multiple of 128, compressed")
     ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
     args = ap_.parse_args(argv)
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    select_sizes = {int(s) for s in args.select_sizes.split(",") if s}
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     sweep_all = set(args.sweep.split(","))
     sweep_sizes = {int(x) for x in args.sweep_sizes.split(",") if x} or set(sizes)
@@ -178,6 +184,8 @@ def main(argv=None):
                 best_cfg = best_s[1] if best_s else best_cfg
                 del idx, cnt
         del q, k, v
+        if n in select_sizes:
+            time_selection(n, h, gs, args.select_top_keys, cudnn_ms, report, args.interpret)
 
     lines = [
         "",
@@ -193,6 +201,32 @@ def main(argv=None):
     with open(args.results, "a") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret):
+    """Selection fast path at Hunyuan scale: column sums [1, H, G, N] f32 -> indices/counts (+ mask)."""
+    g = -(-(n + 256) // gs)
+    mult = 128
+    k = int(mult * round(top_keys * n / mult))
+    kc, ks, kr = jax.random.split(jax.random.key(7), 3)
+    cs = jax.jit(lambda kk: jnp.exp(2.0 * jax.random.normal(kk, (1, h, g, n), jnp.float32)))(kc)
+    # Static part like Hunyuan's (SPEC §1.6, lv=0): the last 256 columns (text) + 1% random, last group dense.
+    static = jax.random.bernoulli(ks, 0.01, (g, n)).at[:, n - 256:].set(True).at[-1].set(True)
+    eligible = jnp.arange(g) < g - 1
+    impl = "interpret" if interpret else "pallas"
+    rows = [
+        ("select compressed", "k=%d m=%d rand 1%% static+eligible %s" % (k, mult, impl),
+         jax.jit(lambda c, kk: sf.select_columns_fast(c, k, mult, compress=True, key=kk, random_p=0.01,
+                                                       static_mask=static, eligible=eligible, impl=impl)), (cs, kr)),
+        ("select threshold only", "k=%d (33 jnp count passes)" % k,
+         jax.jit(lambda c: sf.row_thresholds(c.reshape(-1, n), k)), (cs,)),
+        ("select uncompressed", "k=%d %s" % (k, impl),
+         jax.jit(lambda c: sf.select_columns_fast(c, k, mult, compress=False, impl=impl)), (cs,)),
+    ]
+    for op, cfg, f, a in rows:
+        ms, sp = _median_ms(f, *a, min_reps=3, max_reps=10, budget_s=2.0)
+        report(n, f"{op} G={g}", cfg, ms, 0.0, cudnn_ms, sp)
+    del cs
 
 
 def _cfg(cfg):

@@ -117,3 +117,25 @@ def test_kernel_lowers_for_cuda(compress):
         text = jax.jit(f).trace(spec, jax.ShapeDtypeStruct((g, n), jnp.bool_),
                                 jax.ShapeDtypeStruct((g,), jnp.bool_)).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text and "chipmunk_select_columns" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ties", [False, True])
+def test_pallas_matches_reference_gpu(ties):
+    """Compiled kernel on the GPU vs the reference selection (compressed Hunyuan-like path, 2 heads)."""
+    b, h, g, n = 1, 2, 7, 20_000
+    cs = _colsum((b, h, g, n), ties)
+    static = jax.random.bernoulli(_key(), 0.01, (g, n)).at[-1].set(True)
+    eligible = jnp.arange(g) < g - 1
+    cfg = _cfg(top_keys=0.05, counts_multiple_of=128, compress_indices=True, dynamic_random_keys=0.01)
+    key = _key()
+    ref = S.select_attention_columns(cs, cfg, key=key, static_mask=static, eligible=eligible)
+    k = S.attention_column_count(cfg.top_keys, n, 128)
+    idx, cnt, mask = F.select_columns_fast(cs, k, 128, compress=True, key=key, random_p=0.01, eligible=eligible,
+                                           static_mask=static, impl="pallas")
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref.mask))
+    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref.counts))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.indices))
+    idx, cnt, _ = F.select_columns_fast(cs, k, 128, compress=False, impl="pallas")
+    ref = S.select_attention_columns(cs, dataclasses.replace(cfg, compress_indices=False, dynamic_random_keys=0.0))
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref.indices), -1))
