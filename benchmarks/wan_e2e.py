@@ -1,0 +1,271 @@
+"""Wan2.1-T2V-14B end to end with classifier-free guidance: per-invocation transformer time of our dense
+JAX model and of the Chipmunk model per step kind (dense, dense + column sums, sparse, skipped = head
+only), the 50-step totals composed from the Wan schedule (2 invocations per step: cond, uncond) with
+and without step caching, and peak GPU memory. Prints a markdown section; --results appends it.
+
+On the device machine (720p needs the H200: 26.6 GiB of weights + one branch's caches ~37 GiB):
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py --results benchmarks/RESULTS.md
+Smaller runs: --sizes 480p (or WxH), --frames 41, --layers 8, --reps 3, --no-chipmunk, --no-step-cache.
+On a CPU: python benchmarks/wan_e2e.py --tiny (a 2-block model, 320 tokens, to check the script itself).
+
+Method: weights come from ``wan.init_params`` (torch's default inits) in bf16 on the device. Times are
+medians of --reps calls after warm-up (block_until_ready). The Chipmunk invocation is compiled once
+with a traced step index (``lax.switch`` per layer) and the cache donated; each step kind of the
+schedule is timed on a drifting trajectory (steps 0 and 1 run first, so the column sets exist). Both
+CFG branches run the same shapes, so one branch's cache is timed and a step counts two invocations;
+the second branch's cache is reported as memory (it is what a full run holds in addition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax import cache as chipmunk_cache
+from chipmunk_jax import config as chipmunk_config
+from chipmunk_jax.models import wan
+from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
+
+SIZES = {"480p": (832, 480), "720p": (1280, 720)}  # width x height in pixels
+VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames (1 + 4k -> 1 + k), height, width
+INVOCATIONS = 2  # CFG: cond + uncond per step
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def median_ms(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def peak_gb():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def latent_shape(width, height, frames):
+    if (frames - 1) % VAE_STRIDE[0] or height % 16 or width % 16:
+        raise SystemExit(f"frames must be 1 + 4k and width/height multiples of 16, got {width}x{height}x{frames}")
+    return (frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+
+
+def make_inputs(config, latent, text_len, seed):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    return dict(
+        hidden_states=jax.random.normal(keys[0], (1, config.in_channels, *latent), jnp.bfloat16),
+        timestep=jnp.asarray([1000.0], jnp.float32),
+        encoder_hidden_states=jax.random.normal(keys[1], (1, text_len, config.text_dim), jnp.bfloat16),
+    )
+
+
+def trajectory(inputs, step, num_steps=50):
+    """Inputs of sampling step ``step``: latents drift along one fixed direction (2% of their scale per
+    step), so sparse deltas are not trivially zero; the timestep falls from 1000."""
+    direction = jax.random.normal(jax.random.key(1000), inputs["hidden_states"].shape, jnp.float32)
+    moved = inputs["hidden_states"].astype(jnp.float32) + 0.02 * step * direction
+    return dict(inputs, hidden_states=moved.astype(jnp.bfloat16),
+                timestep=jnp.asarray([1000.0 * (1.0 - step / num_steps)], jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def time_dense(params, config, inputs, rope, reps):
+    # the RoPE tables travel as an argument: as closed-over constants they would be folded into the HLO
+    jitted = jax.jit(lambda p, x, r: wan.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
+    fn = lambda p, x: jitted(p, x, rope)  # noqa: E731
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, inputs))
+    compile_s = time.perf_counter() - t0
+    return median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps), compile_s, fn
+
+
+def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn):
+    grid = wan.token_grid(config, latent)
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16)
+    cache_gb = chipmunk_cache.cache_bytes(cache) / 2**30
+
+    def step_fn(params, x, cache, step, rope):
+        return wan.forward(params, config, **x, chipmunk=chipmunk, cache=cache, step=step, key=jax.random.key(0),
+                           rotary_emb=rope, return_hidden=True, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+
+    jitted = jax.jit(step_fn, donate_argnums=(2,))
+    fn = lambda p, x, c, s: jitted(p, x, c, s, rope)  # noqa: E731
+    t0 = time.perf_counter()
+    out0, cache, hidden = fn(params, trajectory(inputs, 0), cache, jnp.int32(0))
+    jax.block_until_ready(out0)
+    compile_s = time.perf_counter() - t0
+    err0 = rel_err(out0, dense_fn(params, trajectory(inputs, 0)))
+    _, cache, hidden = fn(params, trajectory(inputs, 1), cache, jnp.int32(1))
+
+    attn = attention_schedule(chipmunk)
+    kinds = [AttentionStep(int(attn[s])) for s in range(chipmunk.num_steps)]
+    representative = {}
+    for s, kind in enumerate(kinds):
+        representative.setdefault(kind, s)
+    times, errors = {}, {}
+    state = {"cache": cache}
+    for kind, s in representative.items():
+        x = trajectory(inputs, s)
+
+        def call():
+            out, state["cache"], _ = fn(params, x, state["cache"], jnp.int32(s))
+            return jax.block_until_ready(out)
+
+        times[kind.name] = median_ms(call, reps)
+        errors[kind.name] = rel_err(call(), dense_fn(params, x))
+
+    head = jax.jit(lambda p, h, t: wan.head(p, config, h, t, latent_shape=latent, out_dtype=jnp.bfloat16))
+    t_skip = jnp.asarray([500.0], jnp.float32)
+    times["SKIP (head)"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t_skip)), reps)
+
+    skip = model_schedule(chipmunk)
+    per_step_cached = [times["SKIP (head)"] if skip[s] == ModelStep.SKIP else times[kinds[s].name]
+                       for s in range(chipmunk.num_steps)]
+    counts = {k.name: kinds.count(k) for k in representative}
+    counts_cached = {k.name: sum(1 for s in range(chipmunk.num_steps) if kinds[s] == k and skip[s] != ModelStep.SKIP)
+                     for k in representative}
+    counts_cached["SKIP (head)"] = int(np.sum(skip == ModelStep.SKIP))
+    return dict(
+        times=times, errors=errors, err0=err0, compile_s=compile_s, cache_gb=cache_gb, counts=counts,
+        counts_cached=counts_cached,
+        total=INVOCATIONS * sum(times[k.name] for k in kinds),
+        total_cached=INVOCATIONS * sum(per_step_cached),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="480p,720p", help="480p, 720p or WxH in pixels, comma separated")
+    parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k)")
+    parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the 14B model's 40")
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-chipmunk", action="store_true")
+    parser.add_argument("--no-step-cache", action="store_true", help="preset without step caching")
+    parser.add_argument("--tiny", action="store_true", help="2-block model, 320 tokens: a CPU check of the script")
+    parser.add_argument("--results", default=None, help="append the markdown section to this file")
+    args = parser.parse_args()
+    for name in ("frames", "text_len", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    chipmunk = chipmunk_config.wan()
+    if args.no_step_cache:
+        chipmunk = chipmunk.replace(step_cache__enabled=False)
+    if args.tiny:
+        config = wan.WanConfig(num_attention_heads=2, attention_head_dim=24, text_dim=64, ffn_dim=96, num_layers=2)
+        sizes, frames, text_len, reps, kernel_impl = [(128, 128)], 17, 16, 1, "reference"
+        chipmunk = chipmunk.replace(attention__first_n_dense_layers=1)
+    else:
+        config = wan.WanConfig.t2v_14b()
+        if args.layers is not None:
+            if args.layers < 1:
+                parser.error("--layers must be >= 1")
+            config = dataclasses.replace(config, num_layers=args.layers)
+        sizes = []
+        for s in args.sizes.split(","):
+            try:
+                sizes.append(SIZES[s] if s in SIZES else tuple(int(v) for v in s.split("x")))
+            except ValueError:
+                parser.error(f"--sizes: {s!r} is neither 480p/720p nor WxH")
+        frames, text_len, reps, kernel_impl = args.frames, args.text_len, args.reps, None
+    device = jax.devices()[0]
+    log(f"device {device.device_kind}, jax {jax.__version__}, {config.num_layers} blocks, D {config.inner_dim}")
+
+    t0 = time.perf_counter()
+    params = wan.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
+    jax.block_until_ready(params)
+    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gb():.1f} GiB")
+
+    rows = []
+    for width, height in sizes:
+        latent = latent_shape(width, height, frames)
+        grid = wan.token_grid(config, latent)
+        tokens = int(np.prod(grid))
+        inputs = make_inputs(config, latent, text_len, seed=0)
+        rope = wan.rotary_emb(config, grid)
+        dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
+        label = f"{width}x{height}x{frames}"
+        log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
+            f"peak {peak_gb():.1f} GiB")
+        row = {"size": label, "tokens": tokens, "dense": dense_ms, "peak": peak_gb()}
+        rows.append(row)
+        if not args.no_chipmunk:
+            r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn)
+            log(f"[{label}] Chipmunk compile {r['compile_s']:.0f} s; step-0 output vs dense {r['err0']:.2e}; "
+                f"one branch's cache {r['cache_gb']:.1f} GiB")
+            for kind, ms in r["times"].items():
+                err = r["errors"].get(kind)
+                log(f"  {kind:>13}: {ms:.1f} ms/invocation" + ("" if err is None else f", output vs dense {err:.2e}"))
+            row.update(chipmunk=r, peak=peak_gb())
+            dense_total = INVOCATIONS * 50 * dense_ms
+            log(f"[{label}] 50 steps x {INVOCATIONS}: dense {dense_total / 1e3:.1f} s, Chipmunk "
+                f"{r['total'] / 1e3:.1f} s ({dense_total / r['total']:.2f}x), + step caching "
+                f"{r['total_cached'] / 1e3:.1f} s ({dense_total / r['total_cached']:.2f}x)")
+
+    lines = [
+        f"## Wan2.1-T2V-14B end to end, CFG ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})",
+        "",
+        "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py " + " ".join(sys.argv[1:])
+        + f"`. Random bf16 weights (torch default inits), {config.num_layers} blocks, batch 1 per invocation, "
+        f"text length {text_len}, Chipmunk preset `config.wan()`"
+        + (" without step caching" if args.no_step_cache else "")
+        + f"; per-invocation times in ms (median of {reps}); 50-step totals composed from the schedule with "
+        f"{INVOCATIONS} invocations (cond, uncond) per step.",
+        "",
+        "| size | tokens | dense ms | dense 50-step (s) | Chipmunk 50-step (s) | speedup | + step caching (s) "
+        "| speedup | peak GiB | 2nd branch cache GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dense_total = INVOCATIONS * 50 * r["dense"]
+        c = r.get("chipmunk")
+        cells = (f"{c['total'] / 1e3:.1f} | {dense_total / c['total']:.2f}x | {c['total_cached'] / 1e3:.1f} | "
+                 f"{dense_total / c['total_cached']:.2f}x" if c else "- | - | - | -")
+        lines.append(f"| {r['size']} | {r['tokens']} | {r['dense']:.1f} | {dense_total / 1e3:.1f} | {cells} | "
+                     f"{r['peak']:.1f} | {c['cache_gb']:.1f} |" if c else
+                     f"| {r['size']} | {r['tokens']} | {r['dense']:.1f} | {dense_total / 1e3:.1f} | {cells} | "
+                     f"{r['peak']:.1f} | - |")
+    for r in rows:
+        if "chipmunk" in r:
+            c = r["chipmunk"]
+            lines += ["", f"Chipmunk step kinds at {r['size']} (ms per invocation; invocations of 50 steps without "
+                          "/ with step caching, per branch):"]
+            for kind, ms in c["times"].items():
+                err = c["errors"].get(kind)
+                lines.append(f"- {kind}: {ms:.1f} ms x {c['counts'].get(kind, 0)} / {c['counts_cached'].get(kind, 0)}"
+                             + ("" if err is None else f" (output vs dense {err:.1e})"))
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
