@@ -1,0 +1,48 @@
+"""A tiny FLUX-architecture model trained by the project on its own procedural shapes dataset.
+
+It runs through the same ``chipmunk_jax.models.flux`` code as FLUX.1 (smaller width and depth), in
+pixel space: 64x64 RGB images packed into 2x2 patches give a 32x32 grid of 1,024 image tokens with
+12 channels, plus 8 text tokens. Trained weights ship in ``chipmunk_jax/tiny/weights``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from chipmunk_jax.models.flux import FluxConfig
+
+__all__ = ["tiny_config", "WEIGHTS_DIR", "load_shipped", "IMAGE_GRID"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+IMAGE_GRID = (32, 32)
+
+
+def tiny_config() -> FluxConfig:
+    """2 heads x 32 (width 64), 2 double + 2 single blocks, MLP 256, 12 pixel-patch channels: sized to
+    train on two shared CPU cores in under an hour (attention over 1,032 tokens dominates the cost)."""
+    return FluxConfig(
+        patch_size=1,
+        in_channels=12,
+        out_channels=12,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def load_shipped(directory: str | os.PathLike | None = None):
+    """(FluxConfig, params) of the shipped model (or of a ``train`` output folder)."""
+    from chipmunk_jax.ports.flux import load_params
+
+    directory = WEIGHTS_DIR if directory is None else Path(directory)
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no trained tiny model in {os.fspath(directory)!r}: run `python -m chipmunk_jax.tiny.train` first"
+        )
+    return load_params(directory)

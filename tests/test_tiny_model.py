@@ -1,0 +1,158 @@
+"""The tiny FLUX model: deterministic dataset, shipped weights load and sample, quality metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from chipmunk_jax import quality as Q
+from chipmunk_jax.tiny import IMAGE_GRID, WEIGHTS_DIR, load_shipped, tiny_config
+from chipmunk_jax.tiny import dataset as D
+from chipmunk_jax.tiny import generate, train
+
+
+# ---- dataset
+
+
+def test_dataset_is_deterministic_per_seed_and_index():
+    a, labels_a = D.make_batch(3, 10, 4)
+    b, labels_b = D.make_batch(3, 10, 4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    # image i does not depend on where the batch starts
+    c, _ = D.make_batch(3, 12, 2)
+    np.testing.assert_array_equal(a[2:], c)
+    other, _ = D.make_batch(4, 10, 4, labels_a)
+    assert np.abs(other - a).max() > 0.1
+    assert a.shape == (4, 64, 64, 3) and a.dtype == np.float32
+    assert a.min() >= -1.0 and a.max() <= 1.0
+
+
+def test_dataset_labels_control_shape_and_colour():
+    labels = np.array([[0, 0], [1, 2]], np.int32)
+    images, out_labels = D.make_batch(0, 0, 2, labels)
+    np.testing.assert_array_equal(out_labels, labels)
+    check = Q.NearestNeighbourCheck(bank_size=300)
+    np.testing.assert_array_equal(check.predict(images), labels)
+
+
+def test_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        D.make_image(0, 0, len(D.SHAPES), 0)
+    with pytest.raises(ValueError, match="seed"):
+        D.make_image(-1, 0, 0, 0)
+    with pytest.raises(ValueError, match="batch"):
+        D.make_batch(0, 0, 0)
+    with pytest.raises(ValueError, match="labels"):
+        D.make_batch(0, 0, 2, [[0, 0]])
+    with pytest.raises(ValueError, match="out of range"):
+        D.text_embeddings([[0, len(D.COLOURS)]])
+
+
+def test_pack_is_flux_patch_order_and_round_trips():
+    images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    tokens = D.pack(images)
+    assert tokens.shape == (2, 1024, 12)
+    # token (row 0, col 1), channel order (c, ph, pw)
+    np.testing.assert_array_equal(tokens[0, 1].reshape(3, 2, 2), images[0, 0:2, 2:4].transpose(2, 0, 1))
+    np.testing.assert_array_equal(D.unpack(tokens), images)
+
+
+def test_text_embeddings_are_fixed_and_label_dependent():
+    text, pooled = D.text_embeddings([[0, 1], [0, 2]])
+    assert text.shape == (2, D.NUM_TEXT_TOKENS, D.TEXT_DIM) and pooled.shape == (2, D.TEXT_DIM)
+    np.testing.assert_array_equal(text[:, :4], D.text_embeddings([[0, 1], [0, 2]])[0][:, :4])
+    np.testing.assert_array_equal(text[0, :4], text[1, :4])  # same shape tokens
+    assert np.abs(text[0, 4:] - text[1, 4:]).max() > 0.1  # different colour tokens
+
+
+# ---- metrics
+
+
+def test_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (2, 32, 32, 3))
+    assert Q.ssim(a, a) == pytest.approx(1.0)
+    assert Q.psnr(a, a) > 100
+    b = np.clip(a + 0.02, -1, 1)  # 0.01 on [0, 1] -> 40 dB where unclipped
+    assert 39 < Q.psnr(b, a) < 41
+    assert Q.ssim(rng.uniform(-1, 1, a.shape), a) < 0.1
+    with pytest.raises(ValueError, match="shape"):
+        Q.psnr(a, a[:1])
+    with pytest.raises(ValueError, match="at least"):
+        Q.ssim(a[:, :8, :8], a[:, :8, :8])
+
+
+def test_change_fractions():
+    prev = np.zeros(10)
+    cur = np.array([7.0, 2.0, 1.0] + [0.0] * 7)
+    assert Q.change_fractions(prev, cur, (0.7, 0.9)) == [0.1, 0.2]
+    assert Q.change_fractions(prev, prev) == [0.0, 0.0]
+    uniform = np.ones(100)
+    assert Q.change_fractions(np.zeros(100), uniform, (0.7,))[0] == pytest.approx(0.7)
+
+
+def test_average_sparsity_counts_dense_steps_and_layers():
+    model = tiny_config()
+    dense_everywhere = Q.tiny_chipmunk_config(10, attention__enabled=False, mlp__enabled=False)
+    assert Q.average_sparsity(dense_everywhere, model, 10, 1032)["attention"] == 0.0
+    s = Q.average_sparsity(Q.tiny_chipmunk_config(50), model, 50, 1032)
+    assert 0.5 < s["attention_sparse_step"] < 0.9 and 0 < s["attention"] < s["attention_sparse_step"]
+
+
+def test_png_writer(tmp_path):
+    image = np.zeros((3, 5, 3), np.uint8)
+    image[1, 2] = (255, 0, 0)
+    Q.write_png(tmp_path / "x.png", image)
+    data = (tmp_path / "x.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82")
+    with pytest.raises(ValueError):
+        Q.write_png(tmp_path / "y.png", np.zeros((3, 5), np.uint8))
+
+
+# ---- shipped model
+
+
+def test_shipped_weights_load_and_sample_two_steps():
+    assert (WEIGHTS_DIR / "params.safetensors").stat().st_size <= 20 * 2**20
+    config, params = load_shipped()
+    assert config == tiny_config()
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    labels = np.array([[0, 0], [2, 3]], np.int32)
+    text, pooled = D.text_embeddings(labels)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 1024, 12)))
+    dense, _ = Q.sample_images(params, config, text, pooled, noise, num_steps=2)
+    sparse, _ = Q.sample_images(params, config, text, pooled, noise, num_steps=2,
+                                chipmunk=Q.tiny_chipmunk_config(2))
+    assert dense.shape == (2, 1024, 12) and np.isfinite(dense).all()
+    # steps 0 and 1 are dense in Chipmunk's schedule: the same samples up to float rounding
+    np.testing.assert_allclose(sparse, dense, atol=2e-3)
+    # the trained model moved the noise towards images: not the noise itself, within the data range
+    assert np.abs(dense - noise).mean() > 0.3
+    assert np.abs(dense).mean() < 1.5
+
+
+def test_load_shipped_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_shipped(tmp_path)
+
+
+def test_cli_arguments_are_validated():
+    with pytest.raises(SystemExit):
+        generate._parse(["--images", "0"])
+    with pytest.raises(SystemExit):
+        generate._parse(["--labels", "blob:red"])
+    with pytest.raises(SystemExit):
+        train._parse(["--out", "x", "--steps", "10", "--warmup", "20"])
+    with pytest.raises(ValueError, match="shape:colour"):
+        generate.parse_labels("circle", 1)
+    np.testing.assert_array_equal(generate.parse_labels("ring:blue", 2), [[3, 2], [3, 2]])
+
+
+def test_tiny_config_is_big_enough_for_chipmunk_blocks():
+    config = tiny_config()
+    assert IMAGE_GRID[0] * IMAGE_GRID[1] >= 1024  # 192-query groups, 8x8 tiles, 128-token MLP blocks
+    assert config.in_channels == 12 and config.output_channels == 12
