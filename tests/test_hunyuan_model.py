@@ -296,3 +296,166 @@ def test_forward_validates_inputs():
         hv.forward([params], config, **inputs)
     with pytest.raises(ValueError, match="only used with chipmunk"):
         hv.forward(params, config, **inputs, step=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chipmunk inside HunyuanVideo
+
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
+from chipmunk_jax.reorder import inverse_permutation, voxel_permutation  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, attention_schedule  # noqa: E402
+from chipmunk_jax.selection import static_video_mask, unpack_mask  # noqa: E402
+
+# Latent 4x12x16 with patch 1: 768 image tokens = four (4, 6, 8) voxels = four 192-query groups; 12 text
+# tokens of which 7 are valid, so Chipmunk runs on a 775-token prefix (a fifth, ragged group).
+LATENT, TEXT_LEN, VALID = (4, 12, 16), 12, 7
+SMALL_CONFIG = dict(TEST_SUITE_CONFIG)  # 1 double + 1 single block
+
+
+def all_keys_kept(**changes):
+    # static random keys with probability 1: every group's static mask is every key
+    return chipmunk_config.hunyuan_video().replace(
+        attention__random_keys=1.0, attention__first_n_dense_layers=0, attention__full_step_schedule=(0, 1, 4),
+        **changes)
+
+
+def trajectory_inputs(config, step, latent=LATENT, seed=20):
+    rng = np.random.default_rng(seed)
+    inputs = make_inputs(rng, config, batch=1, frames=latent[0], height=latent[1], width=latent[2],
+                         text_len=TEXT_LEN, valid=[VALID])
+    drift = np.random.default_rng(1000 + step).standard_normal(inputs["hidden_states"].shape).astype(np.float32)
+    inputs["hidden_states"] = inputs["hidden_states"] + 0.05 * step * drift
+    inputs["timestep"] = np.asarray([1000.0 - 100.0 * step], np.float32)
+    return inputs
+
+
+def chipmunk_step_fn(config, chipmunk):
+    return jax.jit(lambda params, inputs, cache, step, key: hv.forward(
+        params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, text_length=VALID,
+        return_hidden=True, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("latent", [LATENT, (5, 7, 9)], ids=["voxels", "tails"])
+def test_chipmunk_all_keys_kept_equals_dense_every_step_kind(latent):
+    """Every step kind on the sparse-capable layers, with voxel reorder (and tails on 5x7x9: one main voxel
+    + 123 tail tokens) inside and RoPE permuted with the tokens: all equal the dense model."""
+    config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
+    params = random_params(config, 5)
+    chipmunk = all_keys_kept()
+    kinds = {AttentionStep(int(k)) for k in attention_schedule(chipmunk)[:6]}
+    assert kinds == {AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.SPARSE}
+    step_fn = chipmunk_step_fn(config, chipmunk)
+    grid = hv.token_grid(config, (1, config.in_channels) + latent)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=VALID, key=jax.random.key(9),
+                          dtype=jnp.float32)
+    for step in range(6):
+        inputs = trajectory_inputs(config, step, latent)
+        out, hidden, cache = step_fn(params, inputs, cache, jnp.int32(step), jax.random.key(step))
+        assert max_rel_err(out, dense_forward(params, config, inputs)) <= RTOL, step
+    # a skipped step re-runs only the final layer on the kept (voxel-order) hidden state
+    skipped = hv.head(params, config, hidden, timestep=inputs["timestep"], pooled_projections=inputs["pooled_projections"],
+                      guidance=inputs["guidance"], grid=grid, chipmunk=chipmunk, dtype=jnp.float32)
+    assert max_rel_err(skipped, out) <= 1e-6
+
+
+def test_voxel_reorder_with_tails_is_exact():
+    config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
+    x = np.random.default_rng(21).standard_normal((2, 4, 5, 7, 9)).astype(np.float32)
+    tokens = hv.patchify(jnp.asarray(x), 1, 1)
+    perm = voxel_permutation(5, 7, 9)
+    assert sorted(perm.tolist()) == list(range(315)) and perm[0] == 0 and perm[192] != 192
+    back = hv.unpatchify(jnp.take(jnp.take(tokens, perm, axis=1), inverse_permutation(perm), axis=1), (5, 7, 9), 1, 1)
+    np.testing.assert_array_equal(back, x)
+    # the RoPE rows travel with their tokens
+    cos, _ = hv.rotary_emb(config, (5, 7, 9))
+    np.testing.assert_array_equal(np.asarray(cos)[perm][:192], np.asarray(hv.rotary_emb(config, (4, 6, 8))[0]))
+
+
+def test_chipmunk_static_mask_in_cache_matches_spec():
+    config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
+    chipmunk = chipmunk_config.hunyuan_video().replace(attention__random_keys=0.1)
+    grid, n_img = LATENT, 768
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=VALID, key=jax.random.key(3),
+                          dtype=jnp.float32)
+    prefix = n_img + VALID  # the padded text tail is not part of Chipmunk's sequence
+    mask = np.asarray(unpack_mask(cache["static_mask_bits"], prefix))
+    assert mask.shape == (5, prefix) and cache["attention"][0].lse.shape == (1, 2, prefix)
+    expected, eligible = static_video_mask(grid, VALID, chipmunk.attention, key=jax.random.key(3))
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(cache["eligible"], eligible)
+    assert mask[:, n_img:].all()  # every group sees the valid text keys
+    assert mask[-1].all() and not eligible[-1]  # the group holding the text queries is dense
+    assert eligible[:-1].all()
+    density = mask[:-1, :n_img].mean()  # static random keys, shared over heads and layers
+    assert 0.05 < density < 0.15
+    with pytest.raises(ValueError, match="key"):
+        hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=VALID)
+
+
+def test_chipmunk_preset_step_by_step_under_jit():
+    config = hv.HunyuanVideoConfig(**{**SMALL_CONFIG, "num_layers": 2})
+    params = random_params(config, 7)
+    chipmunk = chipmunk_config.hunyuan_video()
+    assert chipmunk.attention.first_n_dense_layers == 2 and chipmunk.attention.full_step_schedule == (0, 1, 10, 40)
+    assert not chipmunk.mlp.enabled and chipmunk.reorder.kind == "voxels"
+    step_fn = chipmunk_step_fn(config, chipmunk)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=LATENT, text_length=VALID, key=jax.random.key(1),
+                          dtype=jnp.float32)
+    previous = None
+    for step in range(4):  # dense, colsum, sparse, sparse
+        inputs = trajectory_inputs(config, step)
+        out, _, cache = step_fn(params, inputs, cache, jnp.int32(step), jax.random.key(step))
+        err = max_rel_err(out, dense_forward(params, config, inputs))
+        assert np.all(np.isfinite(out))
+        # full steps are dense; sparse steps keep ~1/6 of the keys at this size (measured 3e-2 to 5e-2)
+        if step < 2:
+            assert err <= RTOL, (step, err)
+        else:
+            assert 1e-4 < err < 0.2, (step, err)
+            np.testing.assert_array_equal(cache["attention"][2].mask_bits, previous["attention"][2].mask_bits)
+        # always-dense layers (0, 1) hand their slots back untouched
+        np.testing.assert_array_equal(cache["attention"][0].out_cache, 0.0)
+        previous = cache
+    assert step_fn._cache_size() == 1  # one compilation for every step kind
+
+
+def test_chipmunk_input_validation():
+    config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
+    params = random_params(config, 8)
+    chipmunk = all_keys_kept()
+    inputs = trajectory_inputs(config, 0)
+    two = make_inputs(np.random.default_rng(2), config, batch=2, frames=4, height=12, width=16, text_len=TEXT_LEN,
+                      valid=[5, 7])
+    with pytest.raises(ValueError, match="one valid text length"):
+        hv.forward(params, config, **two, chipmunk=chipmunk, step=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="right-padded"):
+        hv.text_length_from_mask(np.asarray([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="does not match"):
+        hv.forward(params, config, **inputs, chipmunk=chipmunk, step=0, text_length=VALID + 1)
+    with pytest.raises(ValueError, match="text_length"):
+        hv.forward(params, config, **inputs, chipmunk=chipmunk, step=0, text_length=TEXT_LEN + 1)
+    with pytest.raises(ValueError, match="text_length"):
+        jax.jit(lambda x: hv.forward(params, config, **x, chipmunk=chipmunk, step=0))(inputs)
+    with pytest.raises(ValueError, match="step is required"):
+        hv.forward(params, config, **inputs, chipmunk=chipmunk)
+    with pytest.raises(ValueError, match="reorder.kind"):
+        hv.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="tiles"), step=0)
+    with pytest.raises(ValueError, match="mlp.enabled"):
+        hv.forward(params, config, **inputs, chipmunk=chipmunk.replace(mlp__enabled=True), step=0)
+    with pytest.raises(TypeError, match="chipmunk"):
+        hv.init_cache(config, {"attention": 1}, batch=1, grid=LATENT, text_length=VALID)
+    with pytest.raises(ValueError, match="grid"):
+        hv.init_cache(config, chipmunk, batch=1, grid=(4, 12), text_length=VALID)
+    small = make_inputs(np.random.default_rng(3), config, batch=1, frames=1, height=8, width=8, text_len=4)
+    with pytest.raises(ValueError, match="group_size"):
+        hv.forward(params, config, **small, chipmunk=chipmunk, step=0, key=jax.random.key(0))
+
+
+def test_cache_bytes_per_layer_at_720p():
+    sizes = hv.cache_bytes_per_layer(hv.HunyuanVideoConfig(), chipmunk_config.hunyuan_video(), grid=(33, 45, 80),
+                                     text_length=256)
+    n, g = 118_800 + 256, -(-(118_800 + 256) // 192)
+    assert sizes["out_cache"] == 24 * n * 128 * 2  # bf16
+    assert sizes["mask_bits"] == 24 * g * -(-n // 8)  # bit-packed column sets
+    assert sizes["lse"] == 24 * n * 4 and sizes["counts"] == 24 * g * 4
+    assert sizes["total"] == 964_770_384  # the module docstring's 964.8 MB
