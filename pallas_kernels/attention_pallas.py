@@ -86,7 +86,9 @@ class SparseConfig:
 
 
 DEFAULT_DENSE = DenseConfig()
-# v3 default: sequential 128-row passes with the MMA column sums (see DenseConfig.seq).
+# v3 default: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at
+# N=118,800 (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2
+# layout (3x64 sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
 DEFAULT_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
 # Run 2 (H100): 3x64-row sub-tiles in one program, C=64, 4 warps: 32.1 ms at N=118,800 (9.45x cuDNN), 2.92 ms
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
@@ -101,7 +103,8 @@ PRODUCTION_DENSE_CONFIGS = (
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
     DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, cs_dot="pw"),
-    DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=3, seq=True),
+    # block_k=128 with 3 stages needs 274 KB of shared memory (run 4: fails on the H100); 2 stages not measured yet.
+    DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=2, seq=True),
     DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=4, seq=True),
     # v1/v2 layout: one program per group, parallel sub-tiles, jnp.sum column reduction (run 2: 3.3x cuDNN).
     DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
