@@ -54,6 +54,7 @@ __all__ = [
     "init_params",
     "init_cache",
     "init_branch_caches",
+    "denoiser",
     "rotary_emb",
     "rope_dims",
     "token_grid",
@@ -688,3 +689,36 @@ def head(
     cond = params["condition_embedder"]["time_embedder"]
     temb = timestep_embedding(cond, timestep_sinusoids(timestep, config.freq_dim))
     return _head(params, config, hidden.astype(jnp.float32), temb, grid, dtype).astype(out_dtype)
+
+
+def denoiser(
+    config: WanConfig,
+    chipmunk: ChipmunkConfig,
+    *,
+    latent_shape: tuple[int, int, int],
+    latent_dtype=jnp.float32,
+    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+    dtype=jnp.bfloat16,
+    attention_impl: str | None = None,
+    kernel_impl: str | None = None,
+):
+    """``chipmunk_jax.sampling.Denoiser`` for this model: ``cond`` is a dict with
+    ``encoder_hidden_states`` (and ``encoder_hidden_states_image`` for I2V); sigma in [0, 1] becomes the
+    timestep sigma * 1000 (diffusers' flow-matching scheduler). ``latent_shape`` is (F, H, W) and
+    ``latent_dtype`` the latents' dtype (the skipped-step head must return it too)."""
+    from chipmunk_jax.sampling import Denoiser
+
+    _check_configs(config, chipmunk)
+    token_grid(config, latent_shape)
+    kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl, kernel_impl=kernel_impl)
+
+    def compute(params, latents, sigma, cond, cache, step, key):
+        out, cache, hidden = forward(params, config, hidden_states=latents, timestep=sigma * 1000.0, **cond,
+                                     chipmunk=chipmunk, cache=cache, step=step, key=key, return_hidden=True, **kw)
+        return out, hidden, cache
+
+    def head_fn(params, hidden, sigma, cond):
+        return head(params, config, hidden, sigma * 1000.0, latent_shape=latent_shape, out_dtype=latent_dtype,
+                    dtype=dtype)
+
+    return Denoiser(compute=compute, head=head_fn)
