@@ -156,8 +156,8 @@ def test_parity_i2v_batch2_non_square(i2v_model, layout):
 
 
 def test_parity_non_square_frames_and_image_tokens_in_text_context():
-    """T2V on a non-square, odd-sized token grid with patch (1, 2, 2) and batch 2; and image_dim without
-    added_kv_proj_dim (the I2V pipeline-test config), where the image tokens join the text context."""
+    """T2V on a non-square, odd-sized token grid with patch (1, 2, 2) and batch 2; image_dim without
+    added_kv_proj_dim (the I2V pipeline-test config), where the image tokens join the text context; FLF2V."""
     rng = np.random.default_rng(12)
     model = make_torch_model(dict(TEST_SUITE_CONFIG, num_layers=1, cross_attn_norm=False), seed=2)
     config, params = wan_ports.from_diffusers(model)
@@ -168,6 +168,13 @@ def test_parity_non_square_frames_and_image_tokens_in_text_context():
     model = make_torch_model(dict(TEST_SUITE_CONFIG, num_layers=1, in_channels=12, image_dim=4), seed=3)
     config, params = wan_ports.from_diffusers(model)
     inputs = make_inputs(rng, config, batch=1, frames=2, height=10, width=6, text_len=9, image_len=5)
+    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+
+    # FLF2V: pos_embed on the first- and last-frame CLIP states, which diffusers joins per sample
+    model = make_torch_model(dict(I2V_CONFIG, num_layers=1, pos_embed_seq_len=6), seed=4)
+    config, params = wan_ports.from_diffusers(model)
+    inputs = make_inputs(rng, config, batch=1, frames=1, height=4, width=6, text_len=I2V_TEXT_LEN)
+    inputs["encoder_hidden_states_image"] = rng.standard_normal((2, 3, config.image_dim)).astype(np.float32)
     assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
 
 
