@@ -586,6 +586,7 @@ def forward(
     key: jax.Array | None = None,
     text_length: int | None = None,
     return_hidden: bool = False,
+    image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
     dtype=jnp.bfloat16,
     attention_impl: str | None = None,
     kernel_impl: str | None = None,
@@ -599,6 +600,8 @@ def forward(
     length (derived from a concrete ``encoder_attention_mask`` when omitted).
     ``return_hidden``: also return the pre-head image hidden state [B, N, D] f32 (voxel order under
     Chipmunk) for step caching: ``(output, hidden)`` or ``(output, hidden, new_cache)``.
+    ``image_rotary_emb``: precomputed ``rotary_emb(config, grid)`` (raster order), e.g. passed as a jit
+    argument so large tables are not folded into the program as constants.
     ``attention_impl``: the dense path's ``jax.nn.dot_product_attention`` implementation; ``kernel_impl``:
     passed to the Chipmunk ops.
     """
@@ -616,7 +619,13 @@ def forward(
     out_dtype = hidden_states.dtype
 
     tokens = patchify(hidden_states, config.patch_size_t, config.patch_size)
-    image_rope = rotary_emb(config, grid)
+    if image_rotary_emb is None:
+        image_rope = rotary_emb(config, grid)
+    elif tuple(image_rotary_emb[0].shape) != (num_img, config.attention_head_dim):
+        raise ValueError(f"image_rotary_emb tables must be [{num_img}, {config.attention_head_dim}], got "
+                         f"{tuple(image_rotary_emb[0].shape)}")
+    else:
+        image_rope = image_rotary_emb
     perm = None
     static_mask = None
     if chipmunk is not None:
@@ -659,6 +668,8 @@ def forward(
     # Right-padded text after the image: the valid keys are a prefix of the joint sequence.
     valid_len = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
     key_mask = jnp.arange(num_img + num_txt)[None, :] < valid_len[:, None]
+    if not isinstance(encoder_attention_mask, jax.core.Tracer) and np.all(np.asarray(encoder_attention_mask)):
+        key_mask = None  # nothing padded: the unmasked (faster) dense attention path
 
     block_kw = dict(head_dim=config.attention_head_dim, key_mask=key_mask, dtype=dtype,
                     attention_impl=attention_impl)

@@ -1,0 +1,253 @@
+"""HunyuanVideo end to end: per-step transformer time of our dense JAX model and of the Chipmunk model per
+step kind (dense, dense+colsum, sparse, skipped), the 50-step totals composed from the preset's schedule
+(with and without step caching), and peak GPU memory. Prints a markdown section; --results appends it.
+
+NOT RUN YET (written for issue 8 without GPU time). Full size is 720x1280x129 pixels: latent 16x33x90x160,
+118,800 image + 256 text tokens, 12.8 B parameters (23.9 GiB bf16). Chipmunk's caches at that size are
+~56 GB (models/hunyuan_video.py docstring), so the Chipmunk phase needs the 141 GB H200 (no host offload
+yet); the dense phase fits the H100. One dense step is ~20 s (60 x ~0.3 s attention), so one 10-minute
+device command holds one phase:
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py --phase dense --results $OUT/hy.md
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py --phase chipmunk --results $OUT/hy.md
+(kind nvidia-h200 for the second). Smaller: --frames 33 --height 480 --width 848; fewer blocks:
+--blocks 4,8 (times then cover those blocks only; say so). On a CPU: --tiny checks the script itself.
+
+Method: weights from ``hunyuan_video.init_params`` (torch's default Linear init) in bf16; inputs random
+bf16 with a fully valid text mask (a concrete constant, so the dense path runs unmasked). RoPE tables are
+jit arguments (not folded constants). Times are medians of --reps calls after warm-up with
+block_until_ready. The Chipmunk step is compiled once with a traced step (``lax.switch`` per layer) and
+its cache donated; steps 0 and 1 run first (LSE, column sets), then each kind is timed on its own
+trajectory state; the skipped step times ``head`` alone. The 50-step totals sum the schedule:
+``model_schedule`` (skip or compute) x ``attention_schedule`` (kind of the sparse-capable layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax import config as chipmunk_config
+from chipmunk_jax.models import hunyuan_video as hv
+from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def median_ms(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def peak_gib():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def latent_shape(config, frames, height, width):
+    # the HunyuanVideo VAE: 4x in time (plus the first frame), 8x in space
+    if (frames - 1) % 4 or height % 16 or width % 16:
+        raise SystemExit("--frames must be 4k+1 and --height/--width multiples of 16")
+    return (1, config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def make_inputs(config, shape, text_len, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    inputs = dict(
+        hidden_states=jax.random.normal(keys[0], shape, dtype),
+        encoder_hidden_states=jax.random.normal(keys[1], (1, text_len, config.text_embed_dim), dtype),
+        pooled_projections=jax.random.normal(keys[2], (1, config.pooled_projection_dim), dtype),
+        timestep=jnp.asarray([1000.0], jnp.float32),
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = jnp.asarray([6000.0], jnp.float32)
+    return inputs
+
+
+def trajectory(inputs, step):
+    """Inputs at sampling step ``step``: latents drift along one fixed direction (2% of their scale per
+    step) so the sparse deltas are not trivially zero; the timestep walks down from 1000."""
+    direction = jax.random.normal(jax.random.key(1000), inputs["hidden_states"].shape, jnp.float32)
+    moved = inputs["hidden_states"].astype(jnp.float32) + 0.02 * step * direction
+    return dict(inputs, hidden_states=moved.astype(inputs["hidden_states"].dtype),
+                timestep=jnp.asarray([1000.0 * (1.0 - step / 50)], jnp.float32))
+
+
+def dense_step(params, config, text_mask, rope):
+    jitted = jax.jit(lambda p, x, r: hv.forward(p, config, **x, encoder_attention_mask=text_mask,
+                                                 image_rotary_emb=r, dtype=jnp.bfloat16))
+    return lambda p, x: jitted(p, x, rope)
+
+
+def time_dense(params, config, inputs, text_mask, rope, reps):
+    fn = dense_step(params, config, text_mask, rope)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, inputs))
+    compile_s = time.perf_counter() - t0
+    ms = median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps)
+    return ms, compile_s, fn
+
+
+def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check):
+    grid = hv.token_grid(config, inputs["hidden_states"].shape)
+    text_len = int(text_mask.shape[1])
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=text_len, key=jax.random.key(1),
+                          dtype=jnp.bfloat16)
+    log(f"  cache {sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / 1e9:.1f} GB, "
+        f"peak {peak_gib():.1f} GiB")
+
+    def step_fn(params, x, cache, step, rope):
+        return hv.forward(params, config, **x, encoder_attention_mask=text_mask, chipmunk=chipmunk, cache=cache,
+                          step=step, key=jax.random.fold_in(jax.random.key(0), step), text_length=text_len,
+                          return_hidden=True, image_rotary_emb=rope, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+
+    jitted = jax.jit(step_fn, donate_argnums=(2,))
+    state = {"cache": cache}
+
+    def run(step):
+        out, hidden, state["cache"] = jitted(params, trajectory(inputs, step), state["cache"], jnp.int32(step), rope)
+        return jax.block_until_ready(out), hidden
+
+    t0 = time.perf_counter()
+    run(0)
+    compile_s = time.perf_counter() - t0
+    run(1)
+    kinds = {AttentionStep.DENSE: 0, AttentionStep.DENSE_COLSUM: 1, AttentionStep.SPARSE: 2}
+    times, errors = {}, {}
+    for kind, step in kinds.items():
+        times[kind.name] = median_ms(lambda: run(step), reps)
+        if check:
+            errors[kind.name] = rel_err(run(step)[0], dense_fn(params, trajectory(inputs, step)))
+    _, hidden = run(2)
+    head = jax.jit(lambda p, h, t: hv.head(p, config, h, timestep=t, pooled_projections=inputs["pooled_projections"],
+                                           guidance=inputs.get("guidance"), grid=grid, chipmunk=chipmunk))
+    t = jnp.asarray([500.0], jnp.float32)
+    times["SKIPPED"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t)), max(reps, 5))
+    return times, errors, compile_s
+
+
+def compose(chipmunk, times, dense_ms):
+    attn = attention_schedule(chipmunk)
+    skip = model_schedule(chipmunk)
+    n = chipmunk.num_steps
+    computed = [times[AttentionStep(int(attn[s])).name] for s in range(n)]
+    with_skip = sum(times["SKIPPED"] if skip[s] == ModelStep.SKIP else computed[s] for s in range(n))
+    counts = {k: sum(1 for s in range(n) if skip[s] != ModelStep.SKIP and AttentionStep(int(attn[s])).name == k)
+              for k in ("DENSE", "DENSE_COLSUM", "SPARSE")}
+    counts["SKIPPED"] = int(np.sum(skip == ModelStep.SKIP))
+    return {"dense": n * dense_ms, "chipmunk": sum(computed), "chipmunk+step_cache": with_skip, "counts": counts}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=129, help="video frames in pixels (4k+1)")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--text-len", type=int, default=256, help="valid text tokens (all valid)")
+    parser.add_argument("--blocks", default="20,40", help="double,single block counts (default: full model)")
+    parser.add_argument("--phase", default="all", choices=["all", "dense", "chipmunk"])
+    parser.add_argument("--dense-ms", type=float, default=None,
+                        help="dense ms/step measured by an earlier --phase dense run (for the composition)")
+    parser.add_argument("--check", action="store_true", help="also compare each Chipmunk kind to the dense model")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="2+2 blocks, 2 heads, 17x96x128: a CPU check of the script")
+    parser.add_argument("--results", default=None, help="append the markdown section to this file")
+    args = parser.parse_args()
+
+    if args.tiny:
+        config = hv.HunyuanVideoConfig(num_layers=2, num_single_layers=2, num_refiner_layers=1, num_attention_heads=2,
+                                       text_embed_dim=64, pooled_projection_dim=32)
+        args.frames, args.height, args.width, args.text_len, args.reps = 17, 96, 128, 16, 1
+        kernel_impl = "reference"
+    else:
+        double, single = (int(v) for v in args.blocks.split(","))
+        config = hv.HunyuanVideoConfig(num_layers=double, num_single_layers=single)
+        kernel_impl = None
+    chipmunk = chipmunk_config.hunyuan_video()
+    shape = latent_shape(config, args.frames, args.height, args.width)
+    grid = hv.token_grid(config, shape)
+    tokens = f"{int(np.prod(grid)):,} + {args.text_len}"
+    device = jax.devices()[0]
+    log(f"device {device.device_kind}, jax {jax.__version__}, latent {shape}, tokens {tokens}, config {config}")
+
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(hv.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
+    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gib():.1f} GiB")
+    inputs = make_inputs(config, shape, args.text_len, jnp.bfloat16)
+    text_mask = np.ones((1, args.text_len), np.float32)  # concrete: closed over, not traced
+    rope = tuple(jnp.asarray(t) for t in hv.rotary_emb(config, grid))
+
+    dense_ms, dense_fn, row = args.dense_ms, None, {}
+    if args.phase in ("all", "dense") or args.check:
+        ms, compile_s, dense_fn = time_dense(params, config, inputs, text_mask, rope, args.reps)
+        if args.phase != "chipmunk":
+            dense_ms = ms
+        row["dense_peak"] = peak_gib()
+        log(f"dense {ms:.1f} ms/step (compile {compile_s:.0f} s), peak {row['dense_peak']:.1f} GiB")
+    if args.phase in ("all", "chipmunk"):
+        times, errors, compile_s = time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, args.reps,
+                                                 kernel_impl, dense_fn, args.check)
+        row["chipmunk_peak"] = peak_gib()
+        log(f"Chipmunk compile {compile_s:.0f} s, peak {row['chipmunk_peak']:.1f} GiB")
+        for kind, ms in times.items():
+            log(f"  {kind:>13}: {ms:.1f} ms" + (f", output vs dense {errors[kind]:.2e}" if kind in errors else ""))
+        row["times"] = times
+        if dense_ms is not None:
+            row["composed"] = compose(chipmunk, times, dense_ms)
+
+    lines = [
+        f"## HunyuanVideo end to end ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})",
+        "",
+        "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py " + " ".join(sys.argv[1:])
+        + f"`. Random bf16 weights, batch 1, latent {shape[1:]}, tokens {tokens} (image + text), blocks "
+        f"{config.num_layers}+{config.num_single_layers}, Chipmunk preset `config.hunyuan_video()`; per-step "
+        f"transformer times in ms (median of {args.reps}); 50-step totals composed from the schedule (a full "
+        "generation does not fit one 10-minute command).",
+        "",
+    ]
+    if dense_ms is not None:
+        lines.append(f"- dense: {dense_ms:.1f} ms/step, peak {row.get('dense_peak', float('nan')):.1f} GiB")
+    if "times" in row:
+        lines.append(f"- Chipmunk peak {row['chipmunk_peak']:.1f} GiB; per step kind (ms): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in row["times"].items()))
+    if "composed" in row:
+        c = row["composed"]
+        lines += [
+            "",
+            "| 50 steps | seconds | speedup vs dense |",
+            "|---|---|---|",
+            f"| dense | {c['dense'] / 1e3:.1f} | 1.00x |",
+            f"| Chipmunk | {c['chipmunk'] / 1e3:.1f} | {c['dense'] / c['chipmunk']:.2f}x |",
+            f"| Chipmunk + step caching | {c['chipmunk+step_cache'] / 1e3:.1f} | "
+            f"{c['dense'] / c['chipmunk+step_cache']:.2f}x |",
+            "",
+            "Steps per kind with step caching: " + ", ".join(f"{k} {v}" for k, v in c["counts"].items()),
+        ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
