@@ -45,7 +45,12 @@ class ColumnSelection(NamedTuple):
 
 
 def attention_column_count(top_keys: float, num_keys: int, multiple_of: int) -> int:
-    """``tk = m * round(top_keys * N / m)`` with Python's round, as the original (SPEC §1.5)."""
+    """``tk = m * round(top_keys * N / m)`` with Python's round, as the original (SPEC §1.5).
+
+    ``top_keys >= 1`` keeps every key: the rounding would otherwise drop up to m/2 keys when N is not
+    a multiple of m, and "all columns" must mean the dense result."""
+    if top_keys >= 1.0:
+        return int(num_keys)
     return int(multiple_of * round(top_keys * num_keys / multiple_of))
 
 

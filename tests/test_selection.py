@@ -13,6 +13,7 @@ def test_column_count_uses_bankers_rounding_like_the_original():
     assert S.attention_column_count(0.5, 640, 128) == 256  # round(2.5) == 2
     assert S.attention_column_count(2.5 / 128, 128, 1) == 2  # round(2.5) == 2
     assert S.attention_column_count(0.0, 1000, 128) == 0
+    assert S.attention_column_count(1.0, 1032, 112) == 1032  # all keys, although 112 * round(9.2) = 1008
 
 
 @pytest.mark.parametrize("multiple", [1, 8, 128])
