@@ -296,6 +296,14 @@ def test_forward_validates_inputs():
         hv.forward([params], config, **inputs)
     with pytest.raises(ValueError, match="only used with chipmunk"):
         hv.forward(params, config, **inputs, step=0)
+    with pytest.raises(ValueError, match="image_rotary_emb"):
+        hv.forward(params, config, **inputs, image_rotary_emb=hv.rotary_emb(config, (1, 2, 2)))
+    head_kw = dict(timestep=inputs["timestep"], pooled_projections=inputs["pooled_projections"],
+                   guidance=inputs["guidance"])
+    with pytest.raises(ValueError, match="hidden must be"):
+        hv.head(params, config, np.zeros((2, 5, 20), np.float32), grid=(1, 2, 3), **head_kw)
+    with pytest.raises(ValueError, match="grid"):
+        hv.head(params, config, np.zeros((2, 6, 20), np.float32), grid=(2, 3), **head_kw)
 
 
 # ----------------------------------------------------------------------------------------------
