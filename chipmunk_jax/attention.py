@@ -140,7 +140,9 @@ def sparse_delta_attention(
 
     def dense_colsum(cache):
         o, lse, colsum = kernels.dense_attention_colsum(q, k, v, cache.lse, **opts)
-        sel = selection.select_attention_columns(colsum, a, key=key, static_mask=static_mask, eligible=eligible)
+        sel = selection.select_attention_columns(
+            colsum, a, key=key, static_mask=static_mask, eligible=eligible, impl=impl
+        )
         out_cache = kernels.column_sparse_attention(q, k, v, sel.indices, sel.counts, base=o, sign=-1, **opts)
         if sel.mask is None:
             new = cache.replace(lse=lse, indices=sel.indices, counts=sel.counts, out_cache=out_cache)

@@ -154,3 +154,21 @@ def test_mlp_selection_kernel_path_matches_reference():
         assert jnp.array_equal(ref[1], fast[1])
         for r, f_, c in zip(np.asarray(ref[0])[0], np.asarray(fast[0])[0], np.asarray(ref[1])[0]):
             assert np.array_equal(r[:c], f_[:c])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_attention_selection_kernel_path_matches_reference(compress):
+    cfg = C.AttentionConfig(top_keys=0.1, dynamic_random_keys=0.05, counts_multiple_of=32, compress_indices=compress)
+    g, n = 3, 300
+    colsum = jax.random.uniform(jax.random.PRNGKey(11), (1, 2, g, n))
+    static = jnp.zeros((g, n), bool).at[:, 290:].set(True) if compress else None
+    eligible = jnp.array([True, False, True]) if compress else None
+    kw = dict(key=jax.random.PRNGKey(12), static_mask=static, eligible=eligible)
+    ref = S.select_attention_columns(colsum, cfg, impl="reference", **kw)
+    fast = S.select_attention_columns(colsum, cfg, impl="interpret", **kw)
+    assert jnp.array_equal(ref.counts, fast.counts)
+    ref_sets = np.asarray(S.indices_to_mask(ref.indices, ref.counts, n))
+    fast_sets = np.asarray(S.indices_to_mask(fast.indices, fast.counts, n))
+    assert np.array_equal(ref_sets, fast_sets)
+    if compress:
+        assert jnp.array_equal(ref.mask, fast.mask)
