@@ -4,9 +4,11 @@
                                          [--dtype keep|bfloat16|float32]
 
 SRC is a diffusers folder (config.json + safetensors, sharded or not; a pipeline folder with a
-``transformer/`` subfolder works too) or one .safetensors file in the diffusers or the original BFL
-layout. DST receives ``params.safetensors`` (flattened Flax param names) and ``config.json``, each
-written atomically (config last). Pickle checkpoints (.bin, .pt, .ckpt) are refused.
+``transformer/`` subfolder works too) or one .safetensors file in the diffusers layout or the model's
+original layout (BFL for FLUX, Tencent for HunyuanVideo, Wan-AI for Wan; a ``model.diffusion_model.``
+prefix is stripped). DST receives ``params.safetensors`` (flattened Flax param names) and
+``config.json``, each written atomically (config last). Pickle checkpoints (.bin, .pt, .ckpt, the
+original Tencent .pt) are refused: re-save them as safetensors first.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, choices=_available_models())
     parser.add_argument("--src", required=True, help="diffusers folder or .safetensors file")
     parser.add_argument("--dst", required=True, help="output folder")
-    parser.add_argument("--config", default=None, help="diffusers config.json (needed for a single file "
-                        "whose sizes differ from the released FLUX.1)")
+    parser.add_argument("--config", default=None, help="diffusers config.json (needed for a single "
+                        "file whose sizes differ from the released model, or for HunyuanVideo I2V, whose weights "
+                        "look like T2V)")
     parser.add_argument("--dtype", default="keep", choices=sorted(_DTYPES))
     args = parser.parse_args(argv)
     start = time.perf_counter()
