@@ -7,7 +7,7 @@ Sweeps attention top-k, MLP top-k, the full-step interval and step caching aroun
 sparsity over all steps and sparse-capable layers, the label accuracy of a nearest-neighbour check, and
 the sampling time. It also measures the paper's statistic (arXiv 2506.03275: "5-25% of attention/MLP
 values explain 70-90% of the cross-step change") on the dense trajectory. Writes ``sweep.md``,
-``results.json``, sample grids (PNG) and, when matplotlib is importable, plots (PNG) to ``--out``.
+``results.json``, sample grids (PNG) and plots (PNG; matplotlib when importable, else Pillow) to ``--out``.
 
 Metrics (images in [-1, 1], compared on [0, 1]):
   PSNR: 10 log10(1 / MSE) per image, averaged over images.
@@ -49,6 +49,7 @@ __all__ = [
     "NearestNeighbourCheck",
     "write_png",
     "image_grid",
+    "line_chart",
     "main",
 ]
 
@@ -372,32 +373,98 @@ def _sweep_settings(quick: bool):
     return settings
 
 
-def _plot(out: Path, change: dict) -> list[str]:
+def line_chart(path, title: str, series, *, x_label: str, y_label: str, size=(640, 400)) -> None:
+    """A plain line chart with Pillow's ImageDraw (used when matplotlib is not installed).
+
+    series: [(label, xs, ys, (r, g, b), marker_only)], drawn in a shared axis box with a legend."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, w - 170, 48, h - 45
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs_all = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys_all = np.concatenate([np.asarray(s[2], float) for s in series])
+    x0, x1 = float(xs_all.min()), float(xs_all.max())
+    y0, y1 = min(0.0, float(ys_all.min())), float(ys_all.max()) * 1.08 or 1.0
+    x1 = x1 if x1 > x0 else x0 + 1
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)  # noqa: E731
+    py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+    for t in np.linspace(y0, y1, 5):
+        draw.line([(left, py(t)), (right, py(t))], fill=(225, 225, 225))
+        draw.text((5, py(t) - 6), f"{t:.3g}", fill="black")
+    for t in np.linspace(x0, x1, 5):
+        draw.text((px(t) - 10, bottom + 5), f"{t:.3g}", fill="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((left + right) // 2 - 40, h - 20), x_label, fill="black")
+    draw.text((5, 26), y_label, fill="black")
+    for i, (label, xs, ys, colour, marker_only) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if not marker_only and len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.line([(right + 10, top + 10 + 16 * i), (right + 30, top + 10 + 16 * i)], fill=colour, width=3)
+        draw.text((right + 35, top + 4 + 16 * i), label, fill="black")
+    img.save(path)
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _plot(out: Path, results: dict) -> list[str]:
+    """cross_step_change.png (per step, per layer) and sweep_psnr.png (PSNR vs average sparsity);
+    matplotlib when importable, else Pillow, else none."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not importable: no plots (the data is in results.json)")
-        return []
-    written = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, op in zip(axes, ("attention", "mlp")):
+        plt = None
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            print("neither matplotlib nor Pillow is importable: no plots (the data is in results.json)")
+            return []
+    change = results["cross_step_change"]
+    charts = {}
+    for op in ("attention", "mlp"):
+        series = []
         for layer, pairs in enumerate(change[op]):
-            pairs = np.asarray(pairs)
+            pairs = 100 * np.asarray(pairs)
             steps = np.arange(1, len(pairs) + 1)
-            ax.plot(steps, 100 * pairs[:, 0], label=f"layer {layer}: 70%", lw=1.2)
-            ax.plot(steps, 100 * pairs[:, 1], "--", label=f"layer {layer}: 90%", lw=1.2)
-        ax.set_title(f"{op}: % of entries explaining 70% / 90% of |change|")
-        ax.set_xlabel("step t (change t-1 -> t)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("% of entries")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "cross_step_change.png", dpi=120)
-    written.append("cross_step_change.png")
-    plt.close(fig)
+            series.append((f"layer {layer} 70%", steps, pairs[:, 0], _COLOURS[layer % 6], False))
+            series.append((f"layer {layer} 90%", steps, pairs[:, 1], _COLOURS[layer % 6], True))
+        charts[f"cross_step_change_{op}.png"] = (
+            f"{op}: % of entries holding 70% (line) / 90% (dots) of the step-to-step |change|", series,
+            "sampling step t (change t-1 -> t)", "% of entries")
+    sweeps = {"attention top-k": "attention", "MLP top-k": "mlp", "full step every": "attention"}
+    series = []
+    for i, (prefix, axis) in enumerate(sweeps.items()):
+        rows = [s for s in results["settings"] if s["name"].startswith(prefix) or s["name"] == "FLUX preset (tiny)"]
+        rows.sort(key=lambda s: s["sparsity"][axis])
+        series.append((f"{prefix} ({axis} sparsity)", [100 * s["sparsity"][axis] for s in rows],
+                       [s["psnr"] for s in rows], _COLOURS[i], False))
+    charts["sweep_psnr.png"] = ("PSNR vs dense samples, by the swept setting's average sparsity", series,
+                                "average sparsity over all steps and layers (%)", "PSNR (dB)")
+    written = []
+    for name, (title, series, x_label, y_label) in charts.items():
+        if plt is None:
+            line_chart(out / name, title, series, x_label=x_label, y_label=y_label)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for label, xs, ys, colour, marker_only in series:
+                ax.plot(xs, ys, "o" if marker_only else "o-", color=np.asarray(colour) / 255, label=label, ms=3)
+            ax.set(title=title, xlabel=x_label, ylabel=y_label)
+            ax.title.set_fontsize(8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+        written.append(name)
     return written
 
 
@@ -461,7 +528,7 @@ def main(argv=None):
                                noise[:args.change_images], num_steps=args.steps)
     results["cross_step_change"] = change
     write_png(out / "samples_real_dense_chipmunk.png", image_grid(rows))
-    results["plots"] = _plot(out, change)
+    results["plots"] = _plot(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "sweep.md").write_text(markdown_report(results))
     print(markdown_report(results))
