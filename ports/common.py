@@ -151,3 +151,57 @@ def read_params_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], di
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         config_dict = json.load(f)
     return config_dict, read_safetensors(os.path.join(directory, PARAMS_FILE))
+
+
+def module_state(module_or_state_dict, config, config_cls, module_class: str):
+    """(state mapping, config) from a diffusers module (its state dict, and its config unless one is
+    given) or a plain mapping of tensors; ``config`` must be a ``config_cls`` or None."""
+    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
+        module = module_or_state_dict
+        if config is None and hasattr(module, "config"):
+            config = config_cls.from_diffusers(dict(module.config))
+        state = module.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        state = module_or_state_dict
+    else:
+        raise TypeError(
+            f"module_or_state_dict must be a diffusers {module_class} or a mapping of tensors, "
+            f"got {type(module_or_state_dict).__name__}"
+        )
+    if config is not None and not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__} or None, got {type(config).__name__}")
+    return state, config
+
+
+def expected_param_shapes(init_params: Callable[[jax.Array], Any]) -> dict[str, tuple[int, ...]]:
+    """{flat param name: shape} of the params ``init_params(key)`` builds (via eval_shape)."""
+    abstract = jax.eval_shape(init_params, jax.ShapeDtypeStruct((2,), np.uint32))
+    return {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+
+
+def save_model_params(directory, config, params, config_cls, fmt: str) -> None:
+    """``write_params_folder`` for a model config with ``to_diffusers()``, type-checked."""
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__}, got {type(config).__name__}")
+    write_params_folder(directory, config.to_diffusers(), params, fmt)
+
+
+def load_model_params(directory, config_cls, expected_shapes: Callable[[Any], Mapping], model: str):
+    """(config, flat params) of a folder written by ``save_model_params``, every key and shape checked
+    against ``expected_shapes(config)``."""
+    config_dict, flat = read_params_folder(directory)
+    config = config_cls.from_diffusers(config_dict)
+    check_state(flat, expected_shapes(config), f"params in {os.fspath(directory)!r}", model)
+    return config, flat
+
+
+def read_config_file(config_path: str | None, config_cls):
+    """``config_cls.from_diffusers`` of a diffusers config.json, or None without a path."""
+    if config_path is None:
+        return None
+    with open(config_path) as f:
+        return config_cls.from_diffusers(json.load(f))
+
+
+def parameter_count(params) -> int:
+    return sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())

@@ -17,7 +17,6 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from chipmunk_jax.models.flux import FluxConfig, init_params
@@ -109,20 +108,7 @@ def from_diffusers(module_or_state_dict, config: FluxConfig | None = None, *, dt
     The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
     ``dtype`` (e.g. ``jnp.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
     """
-    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
-        module = module_or_state_dict
-        if config is None and hasattr(module, "config"):
-            config = FluxConfig.from_diffusers(dict(module.config))
-        state = module.state_dict()
-    elif isinstance(module_or_state_dict, Mapping):
-        state = module_or_state_dict
-    else:
-        raise TypeError(
-            "module_or_state_dict must be a diffusers FluxTransformer2DModel or a mapping of tensors, "
-            f"got {type(module_or_state_dict).__name__}"
-        )
-    if config is not None and not isinstance(config, FluxConfig):
-        raise TypeError(f"config must be a FluxConfig or None, got {type(config).__name__}")
+    state, config = common.module_state(module_or_state_dict, config, FluxConfig, "FluxTransformer2DModel")
     if is_original_layout(state):
         raise ValueError("this state dict is in the original BFL layout (double_blocks.*): use from_original")
     state = {k: _to_numpy(v) for k, v in state.items()}
@@ -280,30 +266,20 @@ CONFIG_FILE = common.CONFIG_FILE
 def save_params(directory: str | os.PathLike, config: FluxConfig, params: Mapping[str, Any]) -> None:
     """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically; the
     config is written last, so a folder with a config always has complete params."""
-    if not isinstance(config, FluxConfig):
-        raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
-    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.flux")
+    common.save_model_params(directory, config, params, FluxConfig, "chipmunk_jax.flux")
 
 
 def load_params(directory: str | os.PathLike):
     """(FluxConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config_dict, flat = common.read_params_folder(directory)
-    config = FluxConfig.from_diffusers(config_dict)
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
-    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
-    _check_state(flat, expected, f"params in {os.fspath(directory)!r}")
+    config, flat = common.load_model_params(
+        directory, FluxConfig, lambda c: common.expected_param_shapes(lambda key: init_params(c, key)), "FLUX"
+    )
     return config, unflatten_params(flat)
 
 
 def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
     """The convert CLI's FLUX entry: checkpoint at ``src`` -> params folder at ``dst``."""
-    import json
-
-    config = None
-    if config_path is not None:
-        with open(config_path) as f:
-            config = FluxConfig.from_diffusers(json.load(f))
-    config, params = from_checkpoint(src, config, dtype=dtype)
+    config, params = from_checkpoint(src, common.read_config_file(config_path, FluxConfig), dtype=dtype)
     save_params(dst, config, params)
-    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
-    return f"FLUX ({'dev' if config.guidance_embeds else 'schnell'}-style, {count:,} parameters)"
+    kind = "dev" if config.guidance_embeds else "schnell"
+    return f"FLUX ({kind}-style, {common.parameter_count(params):,} parameters)"

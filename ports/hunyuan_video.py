@@ -13,12 +13,10 @@ against the config: missing keys, unexpected keys and wrong shapes raise one Val
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from chipmunk_jax.models.hunyuan_video import HunyuanVideoConfig, init_params
@@ -73,8 +71,7 @@ def expected_diffusers_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int
 
 
 def _expected_param_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int, ...]]:
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
-    return {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
+    return common.expected_param_shapes(lambda key: init_params(config, key))
 
 
 def _check_state(state, expected, what):
@@ -126,20 +123,9 @@ def from_diffusers(module_or_state_dict, config: HunyuanVideoConfig | None = Non
     The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
     ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
     """
-    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
-        module = module_or_state_dict
-        if config is None and hasattr(module, "config"):
-            config = HunyuanVideoConfig.from_diffusers(dict(module.config))
-        state = module.state_dict()
-    elif isinstance(module_or_state_dict, Mapping):
-        state = module_or_state_dict
-    else:
-        raise TypeError(
-            "module_or_state_dict must be a diffusers HunyuanVideoTransformer3DModel or a mapping of tensors, "
-            f"got {type(module_or_state_dict).__name__}"
-        )
-    if config is not None and not isinstance(config, HunyuanVideoConfig):
-        raise TypeError(f"config must be a HunyuanVideoConfig or None, got {type(config).__name__}")
+    state, config = common.module_state(
+        module_or_state_dict, config, HunyuanVideoConfig, "HunyuanVideoTransformer3DModel"
+    )
     if is_original_layout(state):
         raise ValueError("this state dict is in the original Tencent layout (double_blocks.*): use from_original")
     state = {k: common.to_numpy(v) for k, v in state.items()}
@@ -312,26 +298,17 @@ def from_checkpoint(path: str | os.PathLike, config: HunyuanVideoConfig | None =
 
 def save_params(directory: str | os.PathLike, config: HunyuanVideoConfig, params: Mapping[str, Any]) -> None:
     """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically."""
-    if not isinstance(config, HunyuanVideoConfig):
-        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
-    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.hunyuan_video")
+    common.save_model_params(directory, config, params, HunyuanVideoConfig, "chipmunk_jax.hunyuan_video")
 
 
 def load_params(directory: str | os.PathLike):
     """(HunyuanVideoConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config_dict, flat = common.read_params_folder(directory)
-    config = HunyuanVideoConfig.from_diffusers(config_dict)
-    _check_state(flat, _expected_param_shapes(config), f"params in {os.fspath(directory)!r}")
+    config, flat = common.load_model_params(directory, HunyuanVideoConfig, _expected_param_shapes, _MODEL)
     return config, unflatten_params(flat)
 
 
 def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
     """The convert CLI's HunyuanVideo entry: checkpoint at ``src`` -> params folder at ``dst``."""
-    config = None
-    if config_path is not None:
-        with open(config_path) as f:
-            config = HunyuanVideoConfig.from_diffusers(json.load(f))
-    config, params = from_checkpoint(src, config, dtype=dtype)
+    config, params = from_checkpoint(src, common.read_config_file(config_path, HunyuanVideoConfig), dtype=dtype)
     save_params(dst, config, params)
-    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
-    return f"HunyuanVideo ({count:,} parameters)"
+    return f"HunyuanVideo ({common.parameter_count(params):,} parameters)"

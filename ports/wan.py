@@ -18,12 +18,10 @@ wrong shapes raise one ValueError that lists them all. Pickle checkpoints are re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from chipmunk_jax.models.wan import WanConfig, init_params
@@ -118,20 +116,7 @@ def from_diffusers(module_or_state_dict, config: WanConfig | None = None, *, dty
     The config comes from ``config``, else the module's ``config``, else the state dict's shapes.
     ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps the checkpoint's dtypes.
     """
-    if hasattr(module_or_state_dict, "state_dict") and callable(module_or_state_dict.state_dict):
-        module = module_or_state_dict
-        if config is None and hasattr(module, "config"):
-            config = WanConfig.from_diffusers(dict(module.config))
-        state = module.state_dict()
-    elif isinstance(module_or_state_dict, Mapping):
-        state = module_or_state_dict
-    else:
-        raise TypeError(
-            "module_or_state_dict must be a diffusers WanTransformer3DModel or a mapping of tensors, "
-            f"got {type(module_or_state_dict).__name__}"
-        )
-    if config is not None and not isinstance(config, WanConfig):
-        raise TypeError(f"config must be a WanConfig or None, got {type(config).__name__}")
+    state, config = common.module_state(module_or_state_dict, config, WanConfig, "WanTransformer3DModel")
     if is_original_layout(state):
         raise ValueError("this state dict is in the original Wan-AI layout (blocks.N.self_attn.*): use from_original")
     state = {_strip_prefix(k): common.to_numpy(v) for k, v in state.items() if not _IGNORED.search(k)}
@@ -246,29 +231,20 @@ def from_checkpoint(path: str | os.PathLike, config: WanConfig | None = None, *,
 
 def save_params(directory: str | os.PathLike, config: WanConfig, params: Mapping[str, Any]) -> None:
     """Writes ``params.safetensors`` (flattened param names) then ``config.json``, each atomically."""
-    if not isinstance(config, WanConfig):
-        raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
-    common.write_params_folder(directory, config.to_diffusers(), params, "chipmunk_jax.wan")
+    common.save_model_params(directory, config, params, WanConfig, "chipmunk_jax.wan")
 
 
 def load_params(directory: str | os.PathLike):
     """(WanConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config_dict, flat = common.read_params_folder(directory)
-    config = WanConfig.from_diffusers(config_dict)
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.ShapeDtypeStruct((2,), np.uint32))
-    expected = {k: tuple(v.shape) for k, v in flatten_params(abstract).items()}
-    _check_state(flat, expected, f"params in {os.fspath(directory)!r}")
+    config, flat = common.load_model_params(
+        directory, WanConfig, lambda c: common.expected_param_shapes(lambda key: init_params(c, key)), "Wan"
+    )
     return config, unflatten_params(flat)
 
 
 def convert_checkpoint(src: str, dst: str, config_path: str | None, dtype) -> str:
     """The convert CLI's Wan entry: checkpoint at ``src`` -> params folder at ``dst``."""
-    config = None
-    if config_path is not None:
-        with open(config_path) as f:
-            config = WanConfig.from_diffusers(json.load(f))
-    config, params = from_checkpoint(src, config, dtype=dtype)
+    config, params = from_checkpoint(src, common.read_config_file(config_path, WanConfig), dtype=dtype)
     save_params(dst, config, params)
-    count = sum(int(np.prod(np.shape(v))) for v in flatten_params(params).values())
     kind = "I2V" if config.image_dim is not None else "T2V"
-    return f"Wan 2.1 {kind} ({config.num_layers} blocks, {count:,} parameters)"
+    return f"Wan 2.1 {kind} ({config.num_layers} blocks, {common.parameter_count(params):,} parameters)"
