@@ -27,13 +27,14 @@ output is permuted back, unless ``tokens_in_tile_order=True`` says the caller al
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import layer_norm, linear, rotary_tables, timestep_embedding, timestep_sinusoids
 
@@ -44,8 +45,10 @@ FLUX_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(DiffusersConfig):
     """``FluxTransformer2DModel`` constructor arguments (diffusers names and defaults = FLUX.1-schnell)."""
+
+    DIFFUSERS_CLASS: ClassVar[str] = "FluxTransformer2DModel"
 
     patch_size: int = 1
     in_channels: int = 64
@@ -99,22 +102,6 @@ class FluxConfig:
     def num_sparse_layers(self) -> int:
         return self.num_layers + self.num_single_layers
 
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "FluxConfig":
-        """From a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown FluxTransformer2DModel config keys: {unknown}")
-        return cls(**data)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["axes_dims_rope"] = list(self.axes_dims_rope)
-        return {"_class_name": "FluxTransformer2DModel", **out}
 
     @classmethod
     def dev(cls) -> "FluxConfig":

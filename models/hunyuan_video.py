@@ -46,13 +46,14 @@ timestep; ``make_denoiser`` wires both into ``chipmunk_jax.sampling``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import (
     layer_norm,
@@ -85,9 +86,11 @@ _STATIC_MASK_STREAM = 1_000_003
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanVideoConfig:
+class HunyuanVideoConfig(DiffusersConfig):
     """``HunyuanVideoTransformer3DModel`` constructor arguments (diffusers names and defaults =
     HunyuanVideo T2V 720p, "HYVideo-T/2-cfgdistill")."""
+
+    DIFFUSERS_CLASS: ClassVar[str] = "HunyuanVideoTransformer3DModel"
 
     in_channels: int = 16
     out_channels: int | None = 16
@@ -168,22 +171,6 @@ class HunyuanVideoConfig:
     def num_sparse_layers(self) -> int:
         return self.num_layers + self.num_single_layers
 
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "HunyuanVideoConfig":
-        """From a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown HunyuanVideoTransformer3DModel config keys: {unknown}")
-        return cls(**data)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["rope_axes_dim"] = list(self.rope_axes_dim)
-        return {"_class_name": "HunyuanVideoTransformer3DModel", **out}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.layers import (
     apply_rotary_emb,
     gelu_tanh,
@@ -72,8 +73,10 @@ def _positive_int(name, value):
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(DiffusersConfig):
     """``WanTransformer3DModel`` constructor arguments (diffusers names and defaults = Wan2.1-T2V-14B)."""
+
+    DIFFUSERS_CLASS: ClassVar[str] = "WanTransformer3DModel"
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 40
@@ -143,22 +146,6 @@ class WanConfig:
     def num_sparse_layers(self) -> int:
         return self.num_layers
 
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "WanConfig":
-        """From a diffusers ``config.json`` dict; ``_``-prefixed bookkeeping keys are ignored."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown WanTransformer3DModel config keys: {unknown}")
-        return cls(**data)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["patch_size"] = list(self.patch_size)
-        return {"_class_name": "WanTransformer3DModel", **out}
 
     @classmethod
     def t2v_1_3b(cls) -> "WanConfig":
