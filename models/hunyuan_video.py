@@ -653,12 +653,11 @@ def forward(
                         encoder_attention_mask, dtype)
     rope = _joint_rotary(image_rope, num_txt)
     # Right-padded text after the image: the valid keys are a prefix of the joint sequence.
-    valid_len = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
-    key_mask = jnp.arange(num_img + num_txt)[None, :] < valid_len[:, None]
+    key_lengths = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
     if not isinstance(encoder_attention_mask, jax.core.Tracer) and np.all(np.asarray(encoder_attention_mask)):
-        key_mask = None  # nothing padded: the unmasked (faster) dense attention path
+        key_lengths = None  # nothing padded: the unmasked (faster) dense attention path
 
-    block_kw = dict(head_dim=config.attention_head_dim, key_mask=key_mask, dtype=dtype,
+    block_kw = dict(head_dim=config.attention_head_dim, key_lengths=key_lengths, dtype=dtype,
                     attention_impl=attention_impl)
     new_attention = []
 

@@ -8,7 +8,7 @@ block holds ``norm``, ``attn`` (``to_q/to_k/to_v``, ``norm_q/norm_k``), ``proj_m
 
 What differs between the models is passed in: the concat order of the joint sequence
 (``text_first``: FLUX puts text first, HunyuanVideo image first), the RoPE tables (already in joint
-order; text rows may be identity), and an optional key mask [B, S_joint] (True = attend).
+order; text rows may be identity), and optional key lengths [B] (a valid prefix of the joint keys).
 
 Chipmunk hooks: ``attention_op(q, k, v) -> (out, aux)`` replaces the joint attention (q/k/v are
 [B, S, H, D] after QK-norm and RoPE) and ``mlp_op(x, w1, b1, w2, b2) -> (y, aux)`` replaces the
@@ -53,23 +53,26 @@ def _default_implementation(q):
     return None
 
 
-def dense_attention(q, k, v, *, key_mask=None, implementation=None):
-    """Softmax attention on [B, S, H, D], scale 1/sqrt(D). float32 runs an explicit HIGHEST-precision
-    einsum (jax.nn.dot_product_attention would use TF32 on GPUs); other dtypes go to
+def dense_attention(q, k, v, *, key_lengths=None, implementation=None):
+    """Softmax attention on [B, S, H, D], scale 1/sqrt(D). ``key_lengths`` [B] int: only the first
+    ``key_lengths[b]`` keys are valid (right-padded text after the image, HunyuanVideo), passed to
+    cuDNN as ``key_value_seq_lengths`` rather than as a dense mask. float32 runs an explicit
+    HIGHEST-precision einsum (jax.nn.dot_product_attention would use TF32 on GPUs); other dtypes go to
     ``jax.nn.dot_product_attention`` with ``implementation`` ("xla", "cudnn"; None = cuDNN on GPUs
     where it applies, else XLA)."""
-    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
     if q.dtype == jnp.float32:
         scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
         hi = jax.lax.Precision.HIGHEST
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=hi) * scale
-        if mask is not None:
-            logits = jnp.where(mask, logits, -jnp.inf)
+        if key_lengths is not None:
+            valid = jnp.arange(k.shape[1])[None, :] < key_lengths[:, None]
+            logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=hi)
     if implementation is None:
         implementation = _default_implementation(q)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
 def dense_mlp(x, w1, b1, w2, b2, *, dtype):
@@ -98,9 +101,9 @@ def _joint(first, second):
     return jnp.concatenate([first, second], axis=1)
 
 
-def _default_attention(key_mask, implementation):
+def _default_attention(key_lengths, implementation):
     def op(q, k, v):
-        return dense_attention(q, k, v, key_mask=key_mask, implementation=implementation), None
+        return dense_attention(q, k, v, key_lengths=key_lengths, implementation=implementation), None
 
     return op
 
@@ -125,7 +128,7 @@ def double_block(
     *,
     head_dim: int,
     text_first: bool = True,
-    key_mask: jax.Array | None = None,
+    key_lengths: jax.Array | None = None,
     dtype=jnp.bfloat16,
     attention_op: AttentionOp | None = None,
     mlp_op: MLPOp | None = None,
@@ -153,7 +156,7 @@ def double_block(
     k = _rope(order(k_txt, k_img), rotary_emb, dtype)
     v = order(v_txt, v_img).astype(dtype)
 
-    attention_op = attention_op or _default_attention(key_mask, attention_impl)
+    attention_op = attention_op or _default_attention(key_lengths, attention_impl)
     out, attn_aux = attention_op(q, k, v)
     out = out.reshape(*out.shape[:2], -1)
     num_txt = encoder_hidden_states.shape[1]
@@ -193,7 +196,7 @@ def single_block(
     rotary_emb: tuple[jax.Array, jax.Array] | None,
     *,
     head_dim: int,
-    key_mask: jax.Array | None = None,
+    key_lengths: jax.Array | None = None,
     dtype=jnp.bfloat16,
     attention_op: AttentionOp | None = None,
     mlp_op: MLPOp | None = None,
@@ -213,7 +216,7 @@ def single_block(
         head_dim=head_dim, dtype=dtype,
     )
     q, k, v = _rope(q, rotary_emb, dtype), _rope(k, rotary_emb, dtype), v.astype(dtype)
-    attention_op = attention_op or _default_attention(key_mask, attention_impl)
+    attention_op = attention_op or _default_attention(key_lengths, attention_impl)
     attn_out, attn_aux = attention_op(q, k, v)
     attn_out = attn_out.reshape(*attn_out.shape[:2], -1).astype(dtype)
 
