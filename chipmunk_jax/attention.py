@@ -18,7 +18,13 @@ from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import attention as kernels
 from chipmunk_jax.schedule import AttentionStep, dispatch
 
-__all__ = ["AttentionCache", "init_attention_cache", "sparse_delta_attention", "attention_cache_bytes"]
+__all__ = [
+    "AttentionCache",
+    "init_attention_cache",
+    "sparse_delta_attention",
+    "attention_cache_bytes",
+    "check_seq_len",
+]
 
 
 @struct.dataclass
@@ -43,8 +49,9 @@ def _num_groups(seq_len: int, group_size: int) -> int:
     return -(-seq_len // group_size)
 
 
-def _check_seq_len(seq_len: int, config: ChipmunkConfig) -> None:
-    if seq_len < config.attention.group_size:
+def check_seq_len(seq_len: int, config: ChipmunkConfig) -> None:
+    """Chipmunk attention needs at least one full query group."""
+    if config.attention.enabled and seq_len < config.attention.group_size:
         raise ValueError(
             f"sequence length {seq_len} is shorter than one query group "
             f"(attention.group_size={config.attention.group_size})"
@@ -58,7 +65,7 @@ def init_attention_cache(
     for name, value in (("batch", batch), ("seq_len", seq_len), ("heads", heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    _check_seq_len(seq_len, config)
+    check_seq_len(seq_len, config)
     a = config.attention
     g = _num_groups(seq_len, a.group_size)
     common = dict(
@@ -82,7 +89,7 @@ def _check_inputs(q, k, v, cache: AttentionCache, config: ChipmunkConfig):
     kernels._check_qkv(q, k, v)
     if q.shape != k.shape:
         raise ValueError(f"sparse-delta attention is self-attention: q {q.shape} and k {k.shape} must match")
-    _check_seq_len(q.shape[1], config)
+    check_seq_len(q.shape[1], config)
     if not isinstance(cache, AttentionCache):
         raise TypeError(f"cache must be an AttentionCache, got {type(cache).__name__}")
     b, n, h, d = q.shape

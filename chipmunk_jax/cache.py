@@ -26,6 +26,7 @@ __all__ = [
     "update_branch",
     "cache_bytes",
     "attention_cache_bytes",
+    "layer_is_sparse",
 ]
 
 
@@ -62,6 +63,12 @@ def select_branch(cache, branch):
 def update_branch(cache, branch, new_branch_cache):
     """``cache`` with branch ``branch`` replaced by ``new_branch_cache``."""
     return jax.tree_util.tree_map(lambda full, one: full.at[branch].set(one), cache, new_branch_cache)
+
+
+def layer_is_sparse(section, layer: int) -> bool:
+    """Whether sparse-capable layer ``layer`` ever leaves the dense path under ``section``
+    (``config.attention`` or ``config.mlp``); layers that never do need no cache slot (None)."""
+    return bool(section.enabled) and layer >= section.first_n_dense_layers
 
 
 def cache_bytes(cache) -> int:

@@ -206,21 +206,26 @@ def init_cache(
 ) -> dict[str, list]:
     """Model cache: ``{"attention": [AttentionCache] * (num_layers + num_single_layers),
     "mlp": [MLPCache] * (same)}``: one slot per block, double blocks first (the image MLP of a
-    double block caches the N image tokens, the single-block MLP all L+N tokens)."""
-    from chipmunk_jax.attention import init_attention_cache
+    double block caches the N image tokens, the single-block MLP all L+N tokens); None for the
+    layers that are dense at every step (below first_n_dense_layers, or the op disabled)."""
+    from chipmunk_jax.attention import check_seq_len, init_attention_cache
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.mlp import init_mlp_cache
 
     _check_configs(config, chipmunk)
     joint = num_image_tokens + num_text_tokens
+    check_seq_len(joint, chipmunk)  # also when every layer is dense: the config asks for Chipmunk
     attention = [
         init_attention_cache(chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
                              head_dim=config.attention_head_dim, dtype=dtype)
-        for _ in range(config.num_sparse_layers)
+        if layer_is_sparse(chipmunk.attention, i) else None
+        for i in range(config.num_sparse_layers)
     ]
     mlp = [
         init_mlp_cache(chipmunk, batch=batch, seq_len=num_image_tokens if i < config.num_layers else joint,
                        in_features=config.inner_dim, hidden_features=config.mlp_hidden_dim,
                        out_features=config.inner_dim, dtype=dtype)
+        if layer_is_sparse(chipmunk.mlp, i) else None
         for i in range(config.num_sparse_layers)
     ]
     return {"attention": attention, "mlp": mlp}
@@ -242,6 +247,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
     they run the model's own dense path (cuDNN attention on GPUs), and their cache slots pass through.
     """
     from chipmunk_jax.attention import sparse_delta_attention
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
     from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
 
@@ -249,7 +255,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
     attn_key = mlp_key = None
     if key is not None:
         attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
-    if chipmunk.attention.enabled and layer >= chipmunk.attention.first_n_dense_layers:
+    if layer_is_sparse(chipmunk.attention, layer):
         attn_kind = attention_step_kind(chipmunk, step, layer)
 
         def attention_op(q, k, v):
@@ -258,7 +264,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
             )
 
         ops["attention_op"] = attention_op
-    if chipmunk.mlp.enabled and layer >= chipmunk.mlp.first_n_dense_layers:
+    if layer_is_sparse(chipmunk.mlp, layer):
         mlp_kind = mlp_step_kind(chipmunk, step, layer)
 
         def mlp_op(x, w1, b1, w2, b2):

@@ -404,6 +404,7 @@ def init_cache(
     P = image tokens + text_length. ``key`` draws the static random keys (needed when
     attention.random_keys > 0 on the compressed path)."""
     from chipmunk_jax.attention import init_attention_cache
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.selection import pack_mask, static_video_mask
 
     _check_configs(config, chipmunk)
@@ -414,7 +415,8 @@ def init_cache(
     attention = [
         init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
                              head_dim=config.attention_head_dim, dtype=dtype)
-        for _ in range(config.num_sparse_layers)
+        if layer_is_sparse(chipmunk.attention, i) else None  # always-dense layers keep no cache
+        for i in range(config.num_sparse_layers)
     ]
     static_bits = eligible = None
     if chipmunk.attention.compress_indices:
@@ -431,7 +433,8 @@ def cache_bytes_per_layer(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, 
     from chipmunk_jax.cache import cache_bytes
 
     one_layer = dataclasses.replace(config, num_layers=1, num_single_layers=0)
-    abstract = jax.eval_shape(lambda key: init_cache(one_layer, chipmunk, batch=batch, grid=grid,
+    sparse_layer = chipmunk.replace(attention__first_n_dense_layers=0)  # a layer that keeps a cache
+    abstract = jax.eval_shape(lambda key: init_cache(one_layer, sparse_layer, batch=batch, grid=grid,
                                                      text_length=text_length, key=key, dtype=dtype),
                               jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
     layer = abstract["attention"][0]
@@ -446,9 +449,10 @@ def _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mas
     """Chipmunk attention on the [image; valid text] prefix, dense attention for padded text queries;
     None for always-dense layers (they take the model's masked dense path)."""
     from chipmunk_jax.attention import sparse_delta_attention
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.schedule import attention_step_kind
 
-    if not chipmunk.attention.enabled or layer < chipmunk.attention.first_n_dense_layers:
+    if not layer_is_sparse(chipmunk.attention, layer):
         return None
     kind = attention_step_kind(chipmunk, step, layer)
     layer_key = None if key is None else jax.random.fold_in(key, layer)

@@ -293,6 +293,7 @@ def init_cache(
     once per generation, from ``key`` (required when attention.random_keys > 0).
     """
     from chipmunk_jax.attention import init_attention_cache
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.mlp import init_mlp_cache
     from chipmunk_jax.selection import static_video_mask
 
@@ -303,16 +304,19 @@ def init_cache(
     for g in grid:
         _positive_int("grid", g)
     n = math.prod(grid)
+    # always-dense layers (below first_n_dense_layers, or the op disabled) keep no cache: None
     attention = [
         init_attention_cache(chipmunk, batch=batch, seq_len=n, heads=config.num_attention_heads,
                              head_dim=config.attention_head_dim, dtype=dtype)
-        for _ in range(config.num_layers)
+        if layer_is_sparse(chipmunk.attention, i) else None
+        for i in range(config.num_layers)
     ]
     mlp = []
     if chipmunk.mlp.enabled:
         mlp = [init_mlp_cache(chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim,
                               hidden_features=config.ffn_dim, out_features=config.inner_dim, dtype=dtype)
-               for _ in range(config.num_layers)]
+               if layer_is_sparse(chipmunk.mlp, i) else None
+               for i in range(config.num_layers)]
     static_mask, eligible = static_video_mask(grid, 0, chipmunk.attention, voxel=chipmunk.reorder.voxel, key=key)
     return {"attention": attention, "mlp": mlp, "static_mask": static_mask, "eligible": eligible}
 
@@ -340,6 +344,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
     """{"attention_op", "mlp_op"} for block ``layer``; each op returns its new cache slot. Layers that
     are dense at every step get no op: they run the model's dense path and pass their slots through."""
     from chipmunk_jax.attention import sparse_delta_attention
+    from chipmunk_jax.cache import layer_is_sparse
     from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
     from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
 
@@ -347,7 +352,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
     attn_key = mlp_key = None
     if key is not None:
         attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
-    if chipmunk.attention.enabled and layer >= chipmunk.attention.first_n_dense_layers:
+    if layer_is_sparse(chipmunk.attention, layer):
         attn_kind = attention_step_kind(chipmunk, step, layer)
 
         def attention_op(q, k, v):
@@ -357,7 +362,7 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
             )
 
         ops["attention_op"] = attention_op
-    if chipmunk.mlp.enabled and layer >= chipmunk.mlp.first_n_dense_layers:
+    if layer_is_sparse(chipmunk.mlp, layer):
         mlp_kind = mlp_step_kind(chipmunk, step, layer)
 
         def mlp_op(x, w1, b1, w2, b2):

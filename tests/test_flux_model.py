@@ -352,7 +352,7 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
             # sparse steps read the caches written before: the attention column sets stay fixed
             # (recompute_mask=False) and the layers below first_n_dense_layers stay untouched
             np.testing.assert_array_equal(cache["attention"][3].indices, previous_cache["attention"][3].indices)
-            np.testing.assert_array_equal(cache["attention"][0].out_cache, previous_cache["attention"][0].out_cache)
+            assert cache["attention"][0] is None and cache["mlp"][1] is None  # always-dense layers keep no cache
         previous_cache = cache
     assert step_fn._cache_size() == 1  # one compilation for every step kind
 

@@ -387,7 +387,8 @@ def test_chipmunk_static_mask_in_cache_matches_spec():
                           dtype=jnp.float32)
     prefix = n_img + VALID  # the padded text tail is not part of Chipmunk's sequence
     mask = np.asarray(unpack_mask(cache["static_mask_bits"], prefix))
-    assert mask.shape == (5, prefix) and cache["attention"][0].lse.shape == (1, 2, prefix)
+    sparse_layers = [c for c in cache["attention"] if c is not None]
+    assert mask.shape == (5, prefix) and all(c.lse.shape == (1, 2, prefix) for c in sparse_layers)
     expected, eligible = static_video_mask(grid, VALID, chipmunk.attention, key=jax.random.key(3))
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(cache["eligible"], eligible)
@@ -421,8 +422,8 @@ def test_chipmunk_preset_step_by_step_under_jit():
         else:
             assert 1e-4 < err < 0.2, (step, err)
             np.testing.assert_array_equal(cache["attention"][2].mask_bits, previous["attention"][2].mask_bits)
-        # always-dense layers (0, 1) hand their slots back untouched
-        np.testing.assert_array_equal(cache["attention"][0].out_cache, 0.0)
+        # always-dense layers (0, 1) keep no cache
+        assert cache["attention"][0] is None and cache["attention"][1] is None
         previous = cache
     assert step_fn._cache_size() == 1  # one compilation for every step kind
 
