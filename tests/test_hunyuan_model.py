@@ -388,7 +388,7 @@ def test_chipmunk_static_mask_in_cache_matches_spec():
     prefix = n_img + VALID  # the padded text tail is not part of Chipmunk's sequence
     mask = np.asarray(unpack_mask(cache["static_mask_bits"], prefix))
     sparse_layers = [c for c in cache["attention"] if c is not None]
-    assert mask.shape == (5, prefix) and all(c.lse.shape == (1, 2, prefix) for c in sparse_layers)
+    assert mask.shape == (5, prefix) and sparse_layers and all(c.lse.shape == (1, 2, prefix) for c in sparse_layers)
     expected, eligible = static_video_mask(grid, VALID, chipmunk.attention, key=jax.random.key(3))
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(cache["eligible"], eligible)
