@@ -87,6 +87,7 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--init", default=None, help="start from the weights in this params folder (a further run)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "warmup", "checkpoint_every", "log_every"):
@@ -118,6 +119,13 @@ def main(argv=None):
     key = jax.random.PRNGKey(args.seed)
     init_key, key = jax.random.split(key)
     params = init_tiny_params(config, init_key)
+    if args.init is not None:
+        from chipmunk_jax.tiny import load_shipped
+
+        init_config, loaded = load_shipped(args.init)
+        if init_config != config:
+            raise ValueError(f"--init {args.init!r} holds a different model config: {init_config}")
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loaded)
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=0.1 * args.lr)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99, weight_decay=0.01))
