@@ -128,8 +128,8 @@ def test_shipped_weights_load_and_sample_two_steps():
     sparse, _ = Q.sample_images(params, config, text, pooled, noise, num_steps=2,
                                 chipmunk=Q.tiny_chipmunk_config(2))
     assert dense.shape == (2, 1024, 12) and np.isfinite(dense).all()
-    # steps 0 and 1 are dense in Chipmunk's schedule: the same samples up to float rounding
-    np.testing.assert_allclose(sparse, dense, atol=2e-3)
+    # step 0 is dense, step 1 runs the sparse MLP (MLP full steps: step % 10 == 0): close, not equal
+    assert 30.0 < Q.psnr(D.unpack(sparse), D.unpack(dense)) < 100.0
     # the trained model moved the noise towards images: not the noise itself, within the data range
     assert np.abs(dense - noise).mean() > 0.3
     assert np.abs(dense).mean() < 1.5
