@@ -538,12 +538,13 @@ def main(argv=None):
 def markdown_report(results: dict) -> str:
     lines = [f"Tiny FLUX, {results['images']} images x {results['steps']} Euler steps, f32 CPU, same noise as dense.",
              "", "| setting | PSNR vs dense (dB) | SSIM vs dense | attn sparsity (avg) | MLP sparsity (avg) | "
-             "NN label check (both) | time (s) |", "|---|---|---|---|---|---|---|"]
+             "label check shape / colour / both | time (s) |", "|---|---|---|---|---|---|---|"]
     d = results["dense"]
-    lines.append(f"| dense | inf | 1.0000 | 0% | 0% | {100 * d['nn_check']['both']:.0f}% | {d['seconds']:.1f} |")
+    check = lambda c: f"{100 * c['shape']:.0f}% / {100 * c['colour']:.0f}% / {100 * c['both']:.0f}%"  # noqa: E731
+    lines.append(f"| dense | inf | 1.0000 | 0% | 0% | {check(d['nn_check'])} | {d['seconds']:.1f} |")
     for s in results["settings"]:
         lines.append(f"| {s['name']} | {s['psnr']:.2f} | {s['ssim']:.4f} | {100 * s['sparsity']['attention']:.1f}% | "
-                     f"{100 * s['sparsity']['mlp']:.1f}% | {100 * s['nn_check']['both']:.0f}% | {s['seconds']:.1f} |")
+                     f"{100 * s['sparsity']['mlp']:.1f}% | {check(s['nn_check'])} | {s['seconds']:.1f} |")
     real = results["nn_check_on_real"]
     lines += ["", f"NN label check on 200 held-out real images (ceiling): shape {100 * real['shape']:.0f}%, "
               f"colour {100 * real['colour']:.0f}%, both {100 * real['both']:.0f}%.", ""]
