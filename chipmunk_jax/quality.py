@@ -380,7 +380,7 @@ def line_chart(path, title: str, series, *, x_label: str, y_label: str, size=(64
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 60, w - 170, 48, h - 45
+    left, right, top, bottom = 60, w - 200, 48, h - 45
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     xs_all = np.concatenate([np.asarray(s[1], float) for s in series])
@@ -445,7 +445,7 @@ def _plot(out: Path, results: dict) -> list[str]:
     for i, (prefix, axis) in enumerate(sweeps.items()):
         rows = [s for s in results["settings"] if s["name"].startswith(prefix) or s["name"] == "FLUX preset (tiny)"]
         rows.sort(key=lambda s: s["sparsity"][axis])
-        series.append((f"{prefix} ({axis} sparsity)", [100 * s["sparsity"][axis] for s in rows],
+        series.append((f"{prefix} (x: {axis})", [100 * s["sparsity"][axis] for s in rows],
                        [s["psnr"] for s in rows], _COLOURS[i], False))
     charts["sweep_psnr.png"] = ("PSNR vs dense samples, by the swept setting's average sparsity", series,
                                 "average sparsity over all steps and layers (%)", "PSNR (dB)")
