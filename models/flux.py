@@ -36,7 +36,14 @@ import numpy as np
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models import mmdit
-from chipmunk_jax.models.layers import layer_norm, linear, rotary_tables, timestep_embedding, timestep_sinusoids
+from chipmunk_jax.models.layers import (
+    layer_norm,
+    linear,
+    linear_init,
+    rotary_tables,
+    timestep_embedding,
+    timestep_sinusoids,
+)
 
 __all__ = ["FluxConfig", "forward", "head", "denoiser", "sampling_permutation", "sampling_cond", "init_params", "init_cache", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
 
@@ -116,23 +123,13 @@ class FluxConfig(DiffusersConfig):
 # Parameters
 
 
-def _linear_init(key, fan_in, fan_out, dtype):
-    # torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
-    bound = 1.0 / np.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return {
-        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
-        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
-    }
-
-
 def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
     """Random parameters with torch's default Linear init (RMSNorm scales = 1); for tests and timing."""
     if not isinstance(config, FluxConfig):
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
     d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
     keys = iter(jax.random.split(key, 16 + 32 * config.num_sparse_layers))
-    lin = lambda i, o: _linear_init(next(keys), i, o, dtype)  # noqa: E731
+    lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
     norm = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
     emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731
     time_text_embed = {"timestep_embedder": emb(256), "text_embedder": emb(config.pooled_projection_dim)}

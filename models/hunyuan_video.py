@@ -56,6 +56,7 @@ from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import (
+    linear_init,
     layer_norm,
     linear,
     matmul_precision,
@@ -177,16 +178,6 @@ class HunyuanVideoConfig(DiffusersConfig):
 # Parameters
 
 
-def _linear_init(key, fan_in, fan_out, dtype):
-    # torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
-    bound = 1.0 / np.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return {
-        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
-        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
-    }
-
-
 def init_params(config: HunyuanVideoConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
     """Random parameters with torch's default Linear init (norm scales 1, biases 0); for tests and timing."""
     if not isinstance(config, HunyuanVideoConfig):
@@ -194,7 +185,7 @@ def init_params(config: HunyuanVideoConfig, key: jax.Array, dtype=jnp.bfloat16) 
     d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
     n_keys = 32 + 32 * (config.num_sparse_layers + config.num_refiner_layers)
     keys = iter(jax.random.split(key, n_keys))
-    lin = lambda i, o: _linear_init(next(keys), i, o, dtype)  # noqa: E731
+    lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
     rms = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
     ln = lambda: {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}  # noqa: E731
     emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731

@@ -39,6 +39,16 @@ def matmul_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+def linear_init(key: jax.Array, fan_in: int, fan_out: int, dtype) -> Params:
+    """Random Dense params with torch's nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    return {
+        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
+        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
+    }
+
+
 def linear(params: Params, x: jax.Array, dtype=jnp.bfloat16, out_dtype=None) -> jax.Array:
     """``x @ kernel + bias`` with inputs cast to ``dtype``; f32 accumulation, result in ``out_dtype``."""
     out_dtype = dtype if out_dtype is None else out_dtype

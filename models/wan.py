@@ -37,6 +37,7 @@ import numpy as np
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.layers import (
+    linear_init,
     apply_rotary_emb,
     gelu_tanh,
     layer_norm,
@@ -180,16 +181,6 @@ def token_grid(config: WanConfig, latent_shape) -> tuple[int, int, int]:
 # Parameters
 
 
-def _linear_init(key, fan_in, fan_out, dtype):
-    # torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
-    bound = 1.0 / np.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return {
-        "kernel": jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound),
-        "bias": jax.random.uniform(kb, (fan_out,), dtype, -bound, bound),
-    }
-
-
 def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
     """Random parameters with torch's default inits (norm scales 1, biases 0, scale_shift_table
     randn / sqrt(D) as diffusers); for tests and timing."""
@@ -197,7 +188,7 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
         raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
     d, f = config.inner_dim, config.ffn_dim
     keys = iter(jax.random.split(key, 16 + 16 * config.num_layers))
-    lin = lambda i, o: _linear_init(next(keys), i, o, dtype)  # noqa: E731
+    lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
     rms = lambda: {"scale": jnp.ones((d,), dtype)}  # noqa: E731
     affine = lambda n: {"scale": jnp.ones((n,), dtype), "bias": jnp.zeros((n,), dtype)}  # noqa: E731
     table = lambda n: jax.random.normal(next(keys), (1, n, d), dtype) / np.sqrt(d)  # noqa: E731
@@ -218,7 +209,7 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
         return out
 
     patch_in = config.in_channels * config.patch_features
-    patch = _linear_init(next(keys), patch_in, d, dtype)
+    patch = linear_init(next(keys), patch_in, d, dtype)
     pt, ph, pw = config.patch_size
     patch["kernel"] = patch["kernel"].reshape(pw, ph, pt, config.in_channels, d)
     condition_embedder = {
