@@ -29,30 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.models import flux
 from chipmunk_jax.ports import flux as flux_ports
 from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule
 
 
-def log(msg):
-    print(msg, flush=True)
 
 
-def median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def make_inputs(config, height, width, text_len, dtype, seed=0):
@@ -70,9 +57,6 @@ def make_inputs(config, height, width, text_len, dtype, seed=0):
     ), (h, w)
 
 
-def peak_gb():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +69,7 @@ def time_jax_dense(params, config, inputs, rope, reps):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(params, inputs))
     compile_s = time.perf_counter() - t0
-    ms = median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps)
+    ms = median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps, warmup=2)
     return ms, compile_s, out, fn
 
 
@@ -101,7 +85,7 @@ def torch_model(params, config):
         t = torch.from_dlpack(value)
         if name.endswith(".kernel"):
             t = t.t().contiguous()
-        state[flux_ports._param_to_diffusers_name(name)] = t
+        state[flux_ports.common.param_to_diffusers_name(name)] = t
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
@@ -135,7 +119,7 @@ def time_torch(model, inputs, reps, compiled):
             samples.append(start.elapsed_time(end))
         ms = statistics.median(samples)
     else:
-        ms = median_ms(call, reps)
+        ms = median_ms(call, reps, warmup=2)
     return ms, first_s, out.float().cpu().numpy()
 
 
@@ -182,7 +166,7 @@ def time_chipmunk(params, config, inputs, rope, grid, chipmunk, reps, kernel_imp
             out, state["cache"] = fn(params, x, state["cache"], jnp.int32(s))
             return jax.block_until_ready(out)
 
-        times[kind] = median_ms(call, reps)
+        times[kind] = median_ms(call, reps, warmup=2)
         errors[kind] = rel_err(call(), dense_fn(params, x))
     total = sum(times[k] for k in kinds)
     counts = {k: kinds.count(k) for k in representative}
@@ -220,7 +204,7 @@ def main():
     t0 = time.perf_counter()
     params = flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
     jax.block_until_ready(params)
-    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; JAX peak {peak_gb():.1f} GiB")
+    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; JAX peak {peak_gib():.1f} GiB")
 
     chipmunk = chipmunk_config.flux()
     rows = []
@@ -229,8 +213,8 @@ def main():
         rope = flux.rotary_emb(config, inputs["txt_ids"], inputs["img_ids"])
         tokens = f"{grid[0] * grid[1]} + {text_len}"
         dense_ms, compile_s, dense_out, dense_fn = time_jax_dense(params, config, inputs, rope, reps)
-        log(f"[{height}x{width}] JAX dense {dense_ms:.1f} ms/step (compile {compile_s:.0f} s), peak {peak_gb():.1f} GiB")
-        row = {"size": f"{height}x{width}", "tokens": tokens, "jax_dense": dense_ms, "jax_peak": peak_gb()}
+        log(f"[{height}x{width}] JAX dense {dense_ms:.1f} ms/step (compile {compile_s:.0f} s), peak {peak_gib():.1f} GiB")
+        row = {"size": f"{height}x{width}", "tokens": tokens, "jax_dense": dense_ms, "jax_peak": peak_gib()}
         rows.append(row)
         model = torch_model(params, config) if torch_modes else None
 
@@ -256,9 +240,9 @@ def main():
             for kind, ms in times.items():
                 log(f"  {kind[0].name:>13} attn + {kind[1].name:>13} mlp (e.g. step {representative[kind]:2d}, "
                     f"x{counts[kind]:2d}): {ms:.1f} ms, output vs dense {errors[kind]:.2e}")
-            row.update(chipmunk_steps=times, chipmunk_counts=counts, chipmunk_total=total, chipmunk_peak=peak_gb())
+            row.update(chipmunk_steps=times, chipmunk_counts=counts, chipmunk_total=total, chipmunk_peak=peak_gib())
             log(f"[{height}x{width}] 50 steps: dense {50 * dense_ms / 1e3:.2f} s, Chipmunk {total / 1e3:.2f} s, "
-                f"speedup {50 * dense_ms / total:.2f}x, JAX peak {peak_gb():.1f} GiB")
+                f"speedup {50 * dense_ms / total:.2f}x, JAX peak {peak_gib():.1f} GiB")
         if "compile" in torch_modes:
             run_torch("compile")
         del model

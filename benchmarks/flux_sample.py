@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.timing import log, peak_gib
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax import sampling
 from chipmunk_jax.cache import init_step_cache
@@ -38,13 +39,8 @@ from chipmunk_jax.schedule import model_schedule
 VARIANTS = ("dense", "chipmunk", "chipmunk+cache")
 
 
-def log(msg):
-    print(msg, flush=True)
 
 
-def peak_gib():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 def variant_configs(name, steps, tiny):

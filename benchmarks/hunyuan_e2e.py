@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import time
 
@@ -33,34 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.models import hunyuan_video as hv
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
 
 
-def log(msg):
-    print(msg, flush=True)
 
 
-def median_ms(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def peak_gib():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 def latent_shape(config, frames, height, width):

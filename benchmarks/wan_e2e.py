@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
 from chipmunk_jax import cache as chipmunk_cache
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.models import wan
@@ -39,29 +39,12 @@ VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames (1 + 4k -> 1 + k), height, width
 INVOCATIONS = 2  # CFG: cond + uncond per step
 
 
-def log(msg):
-    print(msg, flush=True)
 
 
-def median_ms(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def peak_gb():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 def latent_shape(width, height, frames):
@@ -200,7 +183,7 @@ def main():
     t0 = time.perf_counter()
     params = wan.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
     jax.block_until_ready(params)
-    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gb():.1f} GiB")
+    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gib():.1f} GiB")
 
     rows = []
     for width, height in sizes:
@@ -212,8 +195,8 @@ def main():
         dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
         label = f"{width}x{height}x{frames}"
         log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
-            f"peak {peak_gb():.1f} GiB")
-        row = {"size": label, "tokens": tokens, "dense": dense_ms, "peak": peak_gb()}
+            f"peak {peak_gib():.1f} GiB")
+        row = {"size": label, "tokens": tokens, "dense": dense_ms, "peak": peak_gib()}
         rows.append(row)
         if not args.no_chipmunk:
             r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn)
@@ -222,7 +205,7 @@ def main():
             for kind, ms in r["times"].items():
                 err = r["errors"].get(kind)
                 log(f"  {kind:>13}: {ms:.1f} ms/invocation" + ("" if err is None else f", output vs dense {err:.2e}"))
-            row.update(chipmunk=r, peak=peak_gb())
+            row.update(chipmunk=r, peak=peak_gib())
             dense_total = INVOCATIONS * 50 * dense_ms
             log(f"[{label}] 50 steps x {INVOCATIONS}: dense {dense_total / 1e3:.1f} s, Chipmunk "
                 f"{r['total'] / 1e3:.1f} s ({dense_total / r['total']:.2f}x), + step caching "
