@@ -1,0 +1,29 @@
+"""The GPU benchmark scripts run end to end on CPU with --tiny, so a refactor cannot break them unseen."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("flux_e2e.py", "SPARSE + SPARSE_REUSE"),
+        ("hunyuan_e2e.py", "SKIPPED"),
+        ("wan_e2e.py", "SKIP (head)"),
+        ("flux_sample.py", "chipmunk+cache"),
+    ],
+)
+def test_benchmark_script_runs_tiny_on_cpu(tmp_path, script, expected):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", script), "--tiny"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expected in proc.stdout, proc.stdout[-3000:]
+    assert not list(tmp_path.iterdir())  # nothing written without --results
