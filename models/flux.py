@@ -35,6 +35,7 @@ import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import (
     layer_norm,
@@ -278,20 +279,13 @@ def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
 # Forward
 
 
-def _check_array(name, x, ndim):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-
-
 def _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance):
-    _check_array("hidden_states", hidden_states, 3)
-    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
-    _check_array("pooled_projections", pooled_projections, 2)
-    _check_array("img_ids", img_ids, 2)
-    _check_array("txt_ids", txt_ids, 2)
+    check_array("hidden_states", hidden_states, 3)
+    check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    check_array("pooled_projections", pooled_projections, 2)
+    check_array("img_ids", img_ids, 2)
+    check_array("txt_ids", txt_ids, 2)
     b, n, c = hidden_states.shape
     if c != config.in_channels:
         raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
@@ -309,19 +303,16 @@ def _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projectio
         raise ValueError(f"img_ids must be [{n}, {n_axes}], got {tuple(img_ids.shape)}")
     if txt_ids.shape != (encoder_hidden_states.shape[1], n_axes):
         raise ValueError(f"txt_ids must be [{encoder_hidden_states.shape[1]}, {n_axes}], got {tuple(txt_ids.shape)}")
-    for name, value in (("timestep", timestep), ("guidance", guidance)):
-        if value is None:
-            continue
-        if jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, b)):
-            raise ValueError(f"{name} must be a scalar or have shape [{b}], got shape {jnp.shape(value)}")
+    check_batch_scalar("timestep", timestep, b)
+    check_batch_scalar("guidance", guidance, b)
+    _check_guidance(config, guidance)
+
+
+def _check_guidance(config: FluxConfig, guidance) -> None:
     if config.guidance_embeds and guidance is None:
         raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
     if not config.guidance_embeds and guidance is not None:
         raise ValueError("guidance must be None: this config has guidance_embeds=False (FLUX.1-schnell)")
-
-
-def _batch_vector(value, batch):
-    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
 
 
 def _time_text_embed(params: Params, timestep, guidance, pooled_projections):
@@ -377,9 +368,7 @@ def forward(
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance)
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    dtype = check_compute_dtype(dtype)
     batch, num_img, _ = hidden_states.shape
     num_txt = encoder_hidden_states.shape[1]
     out_dtype = hidden_states.dtype
@@ -413,8 +402,8 @@ def forward(
     elif cache is not None or step is not None:
         raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
 
-    timestep = _batch_vector(timestep, batch)
-    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    timestep = batch_vector(timestep, batch)
+    guidance = None if guidance is None else batch_vector(guidance, batch)
     temb = _time_text_embed(params["time_text_embed"], timestep, guidance, pooled_projections)
     img = linear(params["x_embedder"], hidden_states, dtype, jnp.float32)
     txt = linear(params["context_embedder"], encoder_hidden_states, dtype, jnp.float32)
@@ -485,8 +474,8 @@ def head(
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
-    _check_array("hidden", hidden, 3)
-    _check_array("pooled_projections", pooled_projections, 2)
+    check_array("hidden", hidden, 3)
+    check_array("pooled_projections", pooled_projections, 2)
     batch, num_img, width = hidden.shape
     if width != config.inner_dim:
         raise ValueError(f"hidden must be [B, N, {config.inner_dim}], got {tuple(hidden.shape)}")
@@ -494,15 +483,11 @@ def head(
         raise ValueError(
             f"pooled_projections must be [{batch}, {config.pooled_projection_dim}], got {tuple(pooled_projections.shape)}"
         )
-    for name, value in (("timestep", timestep), ("guidance", guidance)):
-        if value is not None and (jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, batch))):
-            raise ValueError(f"{name} must be a scalar or have shape [{batch}], got shape {jnp.shape(value)}")
-    if config.guidance_embeds and guidance is None:
-        raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
-    if not config.guidance_embeds and guidance is not None:
-        raise ValueError("guidance must be None: this config has guidance_embeds=False (FLUX.1-schnell)")
-    guidance = None if guidance is None else _batch_vector(guidance, batch)
-    temb = _time_text_embed(params["time_text_embed"], _batch_vector(timestep, batch), guidance, pooled_projections)
+    check_batch_scalar("timestep", timestep, batch)
+    check_batch_scalar("guidance", guidance, batch)
+    _check_guidance(config, guidance)
+    guidance = None if guidance is None else batch_vector(guidance, batch)
+    temb = _time_text_embed(params["time_text_embed"], batch_vector(timestep, batch), guidance, pooled_projections)
     output = _final_layer(params, hidden, temb, jnp.dtype(dtype))
     if chipmunk is not None:
         _check_configs(config, chipmunk)
@@ -554,8 +539,8 @@ def sampling_cond(
     if not isinstance(config, FluxConfig):
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
     _check_grid(image_grid)
-    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
-    _check_array("pooled_projections", pooled_projections, 2)
+    check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    check_array("pooled_projections", pooled_projections, 2)
     if config.guidance_embeds and guidance is None:
         raise ValueError("guidance is required: this config has guidance_embeds=True (FLUX.1-dev)")
     if not config.guidance_embeds and guidance is not None:
@@ -573,7 +558,7 @@ def sampling_cond(
         rotary_emb=rotary_emb(config, txt_ids, img_ids),
     )
     if guidance is not None:
-        cond["guidance"] = _batch_vector(guidance, encoder_hidden_states.shape[0])
+        cond["guidance"] = batch_vector(guidance, encoder_hidden_states.shape[0])
     return cond
 
 

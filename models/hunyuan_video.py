@@ -54,6 +54,7 @@ import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.layers import (
     linear_init,
@@ -466,19 +467,12 @@ def _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mas
 # Forward
 
 
-def _check_array(name, x, ndim):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-
-
 def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                   pooled_projections, guidance):
-    _check_array("hidden_states", hidden_states, 5)
-    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
-    _check_array("encoder_attention_mask", encoder_attention_mask, 2)
-    _check_array("pooled_projections", pooled_projections, 2)
+    check_array("hidden_states", hidden_states, 5)
+    check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    check_array("encoder_attention_mask", encoder_attention_mask, 2)
+    check_array("pooled_projections", pooled_projections, 2)
     b, c = hidden_states.shape[:2]
     if c != config.in_channels:
         raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
@@ -492,26 +486,12 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
     if pooled_projections.shape != (b, config.pooled_projection_dim):
         raise ValueError(f"pooled_projections must be [{b}, {config.pooled_projection_dim}], got "
                          f"{tuple(pooled_projections.shape)}")
-    for name, value in (("timestep", timestep), ("guidance", guidance)):
-        if value is None:
-            continue
-        if jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, b)):
-            raise ValueError(f"{name} must be a scalar or have shape [{b}], got shape {jnp.shape(value)}")
+    check_batch_scalar("timestep", timestep, b)
+    check_batch_scalar("guidance", guidance, b)
     if config.guidance_embeds and guidance is None:
         raise ValueError("guidance is required: this config has guidance_embeds=True")
     if not config.guidance_embeds and guidance is not None:
         raise ValueError("guidance must be None: this config has guidance_embeds=False")
-
-
-def _batch_vector(value, batch):
-    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
-
-
-def _check_dtype(dtype):
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 def head(params: Params, config: HunyuanVideoConfig, hidden, *, timestep, pooled_projections, guidance=None,
@@ -520,14 +500,14 @@ def head(params: Params, config: HunyuanVideoConfig, hidden, *, timestep, pooled
     the inverse voxel permutation (when ``chipmunk`` reorders) and unpatchify -> [B, C, F, H, W]."""
     if not isinstance(config, HunyuanVideoConfig):
         raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
-    _check_array("hidden", hidden, 3)
+    check_array("hidden", hidden, 3)
     grid = _check_grid(grid)
     if hidden.shape[1:] != (int(np.prod(grid)), config.inner_dim):
         raise ValueError(f"hidden must be [B, {int(np.prod(grid))}, {config.inner_dim}], got {tuple(hidden.shape)}")
-    dtype = _check_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     batch = hidden.shape[0]
-    timestep = _batch_vector(timestep, batch)
-    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    timestep = batch_vector(timestep, batch)
+    guidance = None if guidance is None else batch_vector(guidance, batch)
     temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
     return _final_layer(params, config, hidden, temb, grid, _voxel_perm(chipmunk, grid), dtype,
                         out_dtype or hidden.dtype)
@@ -593,7 +573,7 @@ def forward(
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                   pooled_projections, guidance)
-    dtype = _check_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     batch = hidden_states.shape[0]
     num_txt = encoder_hidden_states.shape[1]
     grid = token_grid(config, hidden_states.shape)
@@ -640,8 +620,8 @@ def forward(
     elif cache is not None or step is not None:
         raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
 
-    timestep = _batch_vector(timestep, batch)
-    guidance = None if guidance is None else _batch_vector(guidance, batch)
+    timestep = batch_vector(timestep, batch)
+    guidance = None if guidance is None else batch_vector(guidance, batch)
     temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
     img = linear(params["x_embedder"]["proj"], tokens, dtype, jnp.float32)
     txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, timestep,

@@ -36,6 +36,7 @@ import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_compute_dtype
 from chipmunk_jax.models.layers import (
     linear_init,
     apply_rotary_emb,
@@ -486,16 +487,9 @@ def _head(params, config, hidden, temb, grid, dtype):
 # Forward
 
 
-def _check_array(name, x, ndim):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-
-
 def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image):
-    _check_array("hidden_states", hidden_states, 5)
-    _check_array("encoder_hidden_states", encoder_hidden_states, 3)
+    check_array("hidden_states", hidden_states, 5)
+    check_array("encoder_hidden_states", encoder_hidden_states, 3)
     b, c = hidden_states.shape[:2]
     if c != config.in_channels:
         raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
@@ -510,7 +504,7 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
     if encoder_hidden_states_image is not None:
         if config.image_dim is None:
             raise ValueError("encoder_hidden_states_image is given but this config has no image_dim (T2V model)")
-        _check_array("encoder_hidden_states_image", encoder_hidden_states_image, 3)
+        check_array("encoder_hidden_states_image", encoder_hidden_states_image, 3)
         # FLF2V (pos_embed) joins two CLIP states per sample
         image_batch = 2 * b if config.pos_embed_seq_len is not None else b
         if encoder_hidden_states_image.shape[0] != image_batch or encoder_hidden_states_image.shape[2] != config.image_dim:
@@ -525,17 +519,6 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
         raise ValueError(f"timestep must be a scalar or have shape [{b}] (per-token Wan 2.2 timesteps are not "
                          f"supported), got shape {jnp.shape(timestep)}")
     return grid
-
-
-def _batch_vector(value, batch):
-    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
-
-
-def _check_dtype(dtype):
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 def forward(
@@ -573,7 +556,7 @@ def forward(
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     grid = _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
-    dtype = _check_dtype(dtype)
+    dtype = check_compute_dtype(dtype)
     batch, num_tokens = hidden_states.shape[0], math.prod(grid)
     out_dtype = hidden_states.dtype
 
@@ -599,7 +582,7 @@ def forward(
     elif cache is not None or step is not None:
         raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
 
-    timestep = _batch_vector(timestep, batch)
+    timestep = batch_vector(timestep, batch)
     temb, timestep_proj, text, image = _condition_embedder(
         params["condition_embedder"], config, timestep, encoder_hidden_states, encoder_hidden_states_image, dtype
     )
@@ -664,11 +647,11 @@ def head(
     if not isinstance(config, WanConfig):
         raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
     grid = token_grid(config, latent_shape)
-    _check_array("hidden", hidden, 3)
+    check_array("hidden", hidden, 3)
     if hidden.shape[1:] != (math.prod(grid), config.inner_dim):
         raise ValueError(f"hidden must be [B, {math.prod(grid)}, {config.inner_dim}], got {tuple(hidden.shape)}")
-    dtype = _check_dtype(dtype)
-    timestep = _batch_vector(timestep, hidden.shape[0])
+    dtype = check_compute_dtype(dtype)
+    timestep = batch_vector(timestep, hidden.shape[0])
     cond = params["condition_embedder"]["time_embedder"]
     temb = timestep_embedding(cond, timestep_sinusoids(timestep, config.freq_dim))
     return _head(params, config, hidden.astype(jnp.float32), temb, grid, dtype).astype(out_dtype)

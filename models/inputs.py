@@ -1,0 +1,35 @@
+"""Input checks and conversions shared by the models' forward functions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype"]
+
+
+def check_array(name: str, x, ndim: int) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_batch_scalar(name: str, value, batch: int) -> None:
+    """``value`` (timestep, guidance) is a scalar or one value per batch element (or None)."""
+    if value is None:
+        return
+    if jnp.ndim(value) > 1 or (jnp.ndim(value) == 1 and jnp.shape(value)[0] not in (1, batch)):
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}], got shape {jnp.shape(value)}")
+
+
+def batch_vector(value, batch: int) -> jax.Array:
+    """A scalar or [1] / [B] value as a float32 [B] vector."""
+    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
+
+
+def check_compute_dtype(dtype):
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
