@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models.chipmunk_ops import chipmunk_ops
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype
 from chipmunk_jax.models import mmdit
@@ -238,43 +239,6 @@ def _check_configs(config, chipmunk):
         raise ValueError(f"FLUX supports chipmunk.reorder.kind 'none' or 'tiles', got {chipmunk.reorder.kind!r}")
 
 
-def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
-    """{"attention_op", "mlp_op"} for sparse-capable layer ``layer``; each op returns its new cache slot.
-
-    Layers that are dense at every step (below first_n_dense_layers, or the op disabled) get no op:
-    they run the model's own dense path (cuDNN attention on GPUs), and their cache slots pass through.
-    """
-    from chipmunk_jax.attention import sparse_delta_attention
-    from chipmunk_jax.cache import layer_is_sparse
-    from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
-    from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
-
-    ops = {}
-    attn_key = mlp_key = None
-    if key is not None:
-        attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
-    if layer_is_sparse(chipmunk.attention, layer):
-        attn_kind = attention_step_kind(chipmunk, step, layer)
-
-        def attention_op(q, k, v):
-            return sparse_delta_attention(
-                q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key, impl=kernel_impl
-            )
-
-        ops["attention_op"] = attention_op
-    if layer_is_sparse(chipmunk.mlp, layer):
-        mlp_kind = mlp_step_kind(chipmunk, step, layer)
-
-        def mlp_op(x, w1, b1, w2, b2):
-            cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
-            weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2))
-            return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key,
-                                    impl=kernel_impl)
-
-        ops["mlp_op"] = mlp_op
-    return ops
-
-
 # ----------------------------------------------------------------------------------------------
 # Forward
 
@@ -416,7 +380,7 @@ def forward(
             new_mlp.append(cache["mlp"][layer] if mlp_aux is None else mlp_aux)
 
     for i, block in enumerate(params["transformer_blocks"]):
-        ops = {} if chipmunk is None else _chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)
+        ops = {} if chipmunk is None else chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)
         txt, img, (attn_aux, mlp_aux) = mmdit.double_block(block, img, txt, temb, rotary_emb, text_first=True,
                                                            **block_kw, **ops)
         keep_cache(i, attn_aux, mlp_aux)
@@ -424,7 +388,7 @@ def forward(
     joint_states = jnp.concatenate([txt, img], axis=1)
     for j, block in enumerate(params["single_transformer_blocks"]):
         layer = config.num_layers + j
-        ops = {} if chipmunk is None else _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl)
+        ops = {} if chipmunk is None else chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl)
         joint_states, (attn_aux, mlp_aux) = mmdit.single_block(block, joint_states, temb, rotary_emb, **block_kw,
                                                                 **ops)
         keep_cache(layer, attn_aux, mlp_aux)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.models.chipmunk_ops import chipmunk_ops
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_compute_dtype
 from chipmunk_jax.models.layers import (
@@ -332,40 +333,6 @@ def init_branch_caches(
     return stack_branches(one, chipmunk.invocations_per_step)
 
 
-def _chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl) -> dict:
-    """{"attention_op", "mlp_op"} for block ``layer``; each op returns its new cache slot. Layers that
-    are dense at every step get no op: they run the model's dense path and pass their slots through."""
-    from chipmunk_jax.attention import sparse_delta_attention
-    from chipmunk_jax.cache import layer_is_sparse
-    from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
-    from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
-
-    ops = {}
-    attn_key = mlp_key = None
-    if key is not None:
-        attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
-    if layer_is_sparse(chipmunk.attention, layer):
-        attn_kind = attention_step_kind(chipmunk, step, layer)
-
-        def attention_op(q, k, v):
-            return sparse_delta_attention(
-                q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key,
-                static_mask=cache["static_mask"], eligible=cache["eligible"], impl=kernel_impl,
-            )
-
-        ops["attention_op"] = attention_op
-    if layer_is_sparse(chipmunk.mlp, layer):
-        mlp_kind = mlp_step_kind(chipmunk, step, layer)
-
-        def mlp_op(x, w1, b1, w2, b2):
-            cast = lambda w: w.astype(x.dtype)  # noqa: E731
-            return sparse_delta_mlp(x, MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2)), cache["mlp"][layer],
-                                    mlp_kind, chipmunk, key=mlp_key, impl=kernel_impl)
-
-        ops["mlp_op"] = mlp_op
-    return ops
-
-
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -598,7 +565,9 @@ def forward(
 
     new_attention, new_mlp = [], []
     for i, block in enumerate(params["blocks"]):
-        ops = {} if chipmunk is None else _chipmunk_ops(chipmunk, cache, step, key, i, kernel_impl)
+        ops = {} if chipmunk is None else chipmunk_ops(
+            chipmunk, cache, step, key, i, kernel_impl, static_mask=cache["static_mask"], eligible=cache["eligible"]
+        )
         x, (attn_aux, mlp_aux) = _block(block, x, text, image, timestep_proj, rotary_emb, config=config, dtype=dtype,
                                         attention_op=ops.get("attention_op"), mlp_op=ops.get("mlp_op"),
                                         attention_impl=attention_impl)
