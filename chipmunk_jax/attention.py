@@ -102,12 +102,12 @@ def _check_inputs(q, k, v, cache: AttentionCache, config: ChipmunkConfig):
         raise ValueError("cache layout does not match attention.compress_indices; build it with init_attention_cache")
 
 
-def _column_sets(cache: AttentionCache, config: ChipmunkConfig, num_keys: int):
+def _column_sets(cache: AttentionCache, config: ChipmunkConfig, num_keys: int, impl):
     if cache.mask_bits is None:
         return cache.indices, cache.counts
-    mask = selection.unpack_mask(cache.mask_bits, num_keys)
-    sel = selection.mask_to_indices(mask, config.attention.counts_multiple_of)
-    return sel.indices, sel.counts
+    return selection.mask_bits_to_indices(
+        cache.mask_bits, cache.counts, num_keys, config.attention.counts_multiple_of, impl=impl
+    )
 
 
 def sparse_delta_attention(
@@ -161,12 +161,12 @@ def sparse_delta_attention(
 
     def dense_refresh(cache):
         o = kernels.dense_attention_output(q, k, v, scale=scale, impl=impl)  # the LSE is kept (SPEC §1.2)
-        indices, counts = _column_sets(cache, config, n)
+        indices, counts = _column_sets(cache, config, n, impl)
         out_cache = kernels.column_sparse_attention(q, k, v, indices, counts, base=o, sign=-1, **opts)
         return o, cache.replace(out_cache=out_cache)
 
     def sparse(cache):
-        indices, counts = _column_sets(cache, config, n)
+        indices, counts = _column_sets(cache, config, n, impl)
         o = kernels.column_sparse_attention(q, k, v, indices, counts, base=cache.out_cache, sign=1, **opts)
         return o.astype(q.dtype), cache
 

@@ -28,6 +28,7 @@ __all__ = [
     "mlp_feature_count",
     "topk_mask",
     "mask_to_indices",
+    "mask_bits_to_indices",
     "indices_to_mask",
     "pack_mask",
     "unpack_mask",
@@ -117,6 +118,21 @@ def pack_mask(mask):
 
 def unpack_mask(bits, num_columns: int):
     return jnp.unpackbits(bits, axis=-1, count=num_columns, bitorder="little").astype(jnp.bool_)
+
+
+def mask_bits_to_indices(bits, counts, num_columns: int, multiple_of: int, *, impl: str | None = None):
+    """Index lists of a bit-packed mask kept between full steps: ``mask_to_indices(unpack_mask(bits))``.
+
+    ``counts`` are the padded counts stored with the mask. Returns (indices [..., N], counts). With
+    impl "pallas"/"interpret" the index lists come from ``pallas_kernels.selection_fast``'s kernel, which
+    writes only the first ``counts`` slots (all the sparse kernels read): no cumsum + scatter over N on
+    every sparse step. "reference": the plain jnp composition above (every slot written).
+    """
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        sel = mask_to_indices(unpack_mask(bits, num_columns), multiple_of)
+        return sel.indices, sel.counts
+    return selection_fast.mask_bits_to_indices(bits, counts, num_columns, impl=impl), counts
 
 
 def select_attention_columns(

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["select_columns_fast", "row_thresholds"]
+__all__ = ["select_columns_fast", "row_thresholds", "mask_bits_to_indices"]
 
 _INT_MIN = -(2**31)
 _IMPLS = ("pallas", "interpret", "jnp")
@@ -325,3 +325,107 @@ def select_columns_fast(
     return _select(colsum, key if random_p > 0 else None, random_mask, eligible, static_mask, k=k,
                    multiple_of=multiple_of, compress=compress, random_p=random_p if compress else 0.0, impl=impl,
                    width=width, num_warps=num_warps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sparse steps: bit-packed mask -> index lists
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bits_kernel(bits_ref, cnt_ref, idx_ref, *, n, width, capacity):
+    row = pl.program_id(0)
+    count = cnt_ref[row]
+    lanes = jnp.arange(width, dtype=jnp.int32)
+
+    def chunk(c):
+        cols = c * width + lanes
+        valid = cols < n
+        byte = plgpu.load(bits_ref.at[c * (width // 8) + lanes // 8], mask=valid, other=0).astype(jnp.int32)
+        sel = valid & (lax.shift_right_logical(byte, lanes % 8) & 1 != 0)
+        return cols, valid, sel
+
+    n_chunks = -(-n // width)
+    zero = jnp.int32(0)
+    n_sel = lax.fori_loop(0, n_chunks, lambda c, acc: acc + jnp.sum(chunk(c)[2].astype(jnp.int32)), zero)
+
+    def write(c, carry):
+        sel_before, rest_before = carry
+        cols, valid, sel = chunk(c)
+        rest = valid & ~sel
+        sel_i, rest_i = sel.astype(jnp.int32), rest.astype(jnp.int32)
+        slot = jnp.where(sel, sel_before + jnp.cumsum(sel_i) - 1, n_sel + rest_before + jnp.cumsum(rest_i) - 1)
+        ok = (sel | rest) & (slot < count)
+        plgpu.store(idx_ref.at[jnp.where(ok, slot, capacity)], cols, mask=ok)
+        return sel_before + jnp.sum(sel_i), rest_before + jnp.sum(rest_i)
+
+    lax.fori_loop(0, n_chunks, write, (zero, zero))
+
+
+def _bits_to_indices_jnp(bits, counts, n):
+    mask = jnp.unpackbits(bits, axis=-1, count=n, bitorder="little").astype(jnp.bool_)
+    idx, _ = _mask_to_indices_jnp(mask, 1, n)
+    return idx
+
+
+def _bits_to_indices_pallas(bits, counts, n, *, interpret, width, num_warps):
+    rows, nb = bits.shape
+    kernel = functools.partial(_bits_kernel, n=n, width=width, capacity=n)
+    return pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((None, nb), lambda r: (r, 0)), pl.BlockSpec((rows,), lambda r: (0,))],
+        out_specs=pl.BlockSpec((None, n), lambda r: (r, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, n), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="chipmunk_mask_bits_to_indices",
+    )(bits, counts)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "impl", "width", "num_warps"))
+def _bits_to_indices(bits, counts, *, n, impl, width, num_warps):
+    lead = bits.shape[:-1]
+    flat_bits = bits.reshape(-1, bits.shape[-1])
+    flat_counts = counts.reshape(-1).astype(jnp.int32)
+    if impl == "jnp":
+        idx = _bits_to_indices_jnp(flat_bits, flat_counts, n)
+    else:
+        per = max(1, _MAX_ELEMS // n)  # rows per call: flat in-kernel offsets stay within int32
+        pieces = [
+            _bits_to_indices_pallas(flat_bits[r0:r0 + per], flat_counts[r0:r0 + per], n,
+                                    interpret=impl == "interpret", width=width, num_warps=num_warps)
+            for r0 in range(0, flat_bits.shape[0], per)
+        ]
+        idx = jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    return idx.reshape(*lead, n)
+
+
+def mask_bits_to_indices(bits, counts, num_columns: int, *, impl: str | None = None, width: int = 1024,
+                         num_warps: int = 4):
+    """Index lists of a bit-packed column mask (the compressed path's cache, between full steps).
+
+    bits: uint8 [..., ceil(N / 8)] (little-endian bits, ``jnp.packbits(..., bitorder="little")``);
+    counts: int32 [...], the padded counts stored with the mask (>= its popcount). Returns int32
+    [..., N] whose first ``counts`` slots are what ``chipmunk_jax.selection.mask_to_indices`` puts there:
+    the set columns ascending, then the lowest-numbered unset columns as padding. The Pallas kernel writes
+    ONLY those slots (slots >= counts are left unwritten: the sparse kernels never read them), so a sparse
+    step reads ~N/8 bytes and writes ``counts`` indices per row instead of a cumsum + scatter over N.
+    ``impl``: "pallas" (GPU default), "interpret", "jnp" (CPU default; writes every slot).
+    """
+    if getattr(bits, "ndim", 0) < 1 or bits.dtype != jnp.uint8:
+        raise TypeError(f"bits must be a uint8 array [..., ceil(N / 8)], got {getattr(bits, 'dtype', None)} "
+                        f"{getattr(bits, 'shape', None)}")
+    if isinstance(num_columns, bool) or not isinstance(num_columns, int) or num_columns < 1:
+        raise ValueError(f"num_columns must be a positive integer, got {num_columns!r}")
+    if bits.shape[-1] != -(-num_columns // 8):
+        raise ValueError(f"bits has {bits.shape[-1]} bytes per row, expected ceil({num_columns} / 8)")
+    if getattr(counts, "shape", None) != bits.shape[:-1] or not jnp.issubdtype(counts.dtype, jnp.integer):
+        raise ValueError(f"counts must be an integer array of shape {bits.shape[:-1]}, got "
+                         f"{getattr(counts, 'dtype', None)} {getattr(counts, 'shape', None)}")
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"width must be a power of 2 >= 16, got {width!r}")
+    if impl is None:
+        impl = "pallas" if jax.default_backend() == "gpu" else "jnp"
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
+    return _bits_to_indices(bits, counts, n=num_columns, impl=impl, width=width, num_warps=num_warps)

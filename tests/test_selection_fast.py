@@ -139,3 +139,66 @@ def test_pallas_matches_reference_gpu(ties):
     idx, cnt, _ = F.select_columns_fast(cs, k, 128, compress=False, impl="pallas")
     ref = S.select_attention_columns(cs, dataclasses.replace(cfg, compress_indices=False, dynamic_random_keys=0.0))
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref.indices), -1))
+
+
+def _bits_case(shape, p):
+    """A random mask (fresh each run), its packed bits and the reference index lists / counts."""
+    mask = jax.random.bernoulli(_key(), p, shape)
+    ref = S.mask_to_indices(mask, 128)
+    return S.pack_mask(mask), ref
+
+
+def _assert_prefix_equal(idx, ref):
+    idx, ref_idx, counts = np.asarray(idx), np.asarray(ref.indices), np.asarray(ref.counts)
+    for row in np.ndindex(counts.shape):
+        c = counts[row]
+        np.testing.assert_array_equal(idx[row][:c], ref_idx[row][:c], err_msg=f"row {row}, count {c}")
+
+
+@pytest.mark.parametrize("impl", ["interpret", "jnp"])
+@pytest.mark.parametrize("p", [0.0, 0.03, 0.5])
+def test_mask_bits_to_indices_matches_mask_to_indices(impl, p):
+    """Odd N (not a multiple of 8 or of the chunk width), batch 2, 3 heads, ragged counts, empty rows."""
+    shape = (2, 3, 5, 1_234)
+    bits, ref = _bits_case(shape, p)
+    mask = np.array(S.unpack_mask(bits, shape[-1]))
+    mask[0, 0, 0] = False  # a row with count 0
+    mask[1, 2, 4] = True  # a full row (count capped at N)
+    ref = S.mask_to_indices(jnp.asarray(mask), 128)
+    idx = F.mask_bits_to_indices(S.pack_mask(jnp.asarray(mask)), ref.counts, shape[-1], impl=impl, width=256)
+    assert idx.shape == shape and idx.dtype == jnp.int32
+    _assert_prefix_equal(idx, ref)
+
+
+def test_mask_bits_to_indices_validation():
+    bits = jnp.zeros((2, 4), jnp.uint8)
+    counts = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(TypeError, match="uint8"):
+        F.mask_bits_to_indices(bits.astype(jnp.int32), counts, 30)
+    with pytest.raises(ValueError, match="bytes per row"):
+        F.mask_bits_to_indices(bits, counts, 40)
+    with pytest.raises(ValueError, match="counts must be"):
+        F.mask_bits_to_indices(bits, jnp.zeros((3,), jnp.int32), 30)
+    with pytest.raises(ValueError, match="width"):
+        F.mask_bits_to_indices(bits, counts, 30, width=100)
+    with pytest.raises(ValueError, match="impl"):
+        F.mask_bits_to_indices(bits, counts, 30, impl="cuda")
+
+
+def test_mask_bits_to_indices_lowers_for_cuda():
+    """Hunyuan scale (24 heads x 621 groups x 118,800 keys) lowers to the Triton custom call."""
+    g, n = 621, 118_800
+    bits = jax.ShapeDtypeStruct((1, 24, g, -(-n // 8)), jnp.uint8)
+    counts = jax.ShapeDtypeStruct((1, 24, g), jnp.int32)
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(lambda b, c: F.mask_bits_to_indices(b, c, n, impl="pallas")).trace(bits, counts).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "chipmunk_mask_bits_to_indices" in text
+
+
+@pytest.mark.gpu
+def test_mask_bits_to_indices_gpu():
+    shape = (1, 2, 7, 20_000)
+    bits, ref = _bits_case(shape, 0.07)
+    _assert_prefix_equal(F.mask_bits_to_indices(bits, ref.counts, shape[-1], impl="pallas"), ref)
