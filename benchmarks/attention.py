@@ -220,6 +220,12 @@ def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret):
                                                        static_mask=static, eligible=eligible, impl=impl)), (cs, kr)),
         ("select threshold only", "k=%d (33 jnp count passes)" % k,
          jax.jit(lambda c: sf.row_thresholds(c.reshape(-1, n), k)), (cs,)),
+        ("select threshold only", "k=%d (Pallas radix, 8 passes of 4 bits) %s" % (k, impl),
+         jax.jit(lambda c: sf._row_thresholds_pallas(c.reshape(-1, n), k, interpret=interpret)), (cs,)),
+        ("bits -> indices (sparse step)", "m=%d %s" % (mult, impl),
+         jax.jit(lambda b, c: sf.mask_bits_to_indices(b, c, n, impl=impl)),
+         (jnp.packbits(jax.random.bernoulli(kr, 0.07, (1, h, g, n)), axis=-1, bitorder="little"),
+          jnp.full((1, h, g), mult * round(0.07 * n / mult), jnp.int32))),
         ("select uncompressed", "k=%d %s" % (k, impl),
          jax.jit(lambda c: sf.select_columns_fast(c, k, mult, compress=False, impl=impl)), (cs,)),
     ]

@@ -61,6 +61,69 @@ def row_thresholds(scores, k: int):
     return t, (k - n_gt).astype(jnp.int32)
 
 
+_RADIX_BITS = 4
+_RADIX = 1 << _RADIX_BITS
+
+
+def _to_i32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _radix_kernel(cs_ref, thr_ref, need_ref, *, n, k, width):
+    """One row: the k-th largest key by 8 radix passes of 4 bits, most significant first.
+
+    Works on u = key ^ INT_MIN (unsigned order in int32 bits). Pass p histograms the next 4-bit digit
+    of the elements whose higher digits equal the prefix found so far, then keeps the largest digit d
+    with (#elements above the prefix) + #{digit >= d} >= k. After 8 passes the prefix is the k-th
+    largest key and ``above`` counts the keys strictly greater."""
+    lanes = jnp.arange(width, dtype=jnp.int32)
+    digits = jnp.arange(_RADIX, dtype=jnp.int32)
+    n_chunks = -(-n // width)
+    prefix = jnp.int32(0)
+    above = jnp.int32(0)
+    for p in range(32 // _RADIX_BITS):
+        shift = 32 - _RADIX_BITS * (p + 1)
+        hi_mask = jnp.int32(_to_i32(~((1 << (32 - _RADIX_BITS * p)) - 1)))
+
+        def hist_step(c, hist, prefix=prefix, shift=shift, hi_mask=hi_mask):
+            cols = c * width + lanes
+            valid = cols < n
+            u = _sortable_key(plgpu.load(cs_ref.at[pl.ds(c * width, width)], mask=valid, other=0.0))
+            u = u ^ jnp.int32(_INT_MIN)
+            live = valid & ((u & hi_mask) == (prefix & hi_mask))
+            digit = lax.shift_right_logical(u, jnp.int32(shift)) & (_RADIX - 1)
+            onehot = live[:, None] & (digit[:, None] == digits[None, :])
+            return hist + jnp.sum(onehot.astype(jnp.int32), axis=0)
+
+        hist = lax.fori_loop(0, n_chunks, hist_step, jnp.zeros((_RADIX,), jnp.int32))
+        # suffix[d] = #{digit >= d}; keep the largest d with above + suffix[d] >= k
+        suffix = jnp.sum(jnp.where(digits[None, :] >= digits[:, None], hist[None, :], 0), axis=1)
+        best = jnp.max(jnp.where(above + suffix >= k, digits, 0))
+        above = above + jnp.sum(jnp.where(digits > best, hist, 0))
+        prefix = prefix | lax.shift_left(best, jnp.int32(shift))
+    thr_ref[...] = jnp.full((1,), prefix ^ jnp.int32(_INT_MIN), jnp.int32)
+    need_ref[...] = jnp.full((1,), k - above, jnp.int32)
+
+
+def _row_thresholds_pallas(scores, k: int, *, interpret: bool, width: int = 2048, num_warps: int = 8):
+    """The Pallas twin of ``row_thresholds`` (same (t, need), bit for bit): 8 reads of each row instead of 33."""
+    rows, n = scores.shape
+    k = max(0, min(int(k), n))
+    kernel = functools.partial(_radix_kernel, n=n, k=k, width=width)
+    t, need = pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((None, n), lambda r: (r, 0))],
+        out_specs=[pl.BlockSpec((1,), lambda r: (r,)), pl.BlockSpec((1,), lambda r: (r,))],
+        out_shape=[jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="chipmunk_row_thresholds",
+    )(scores.astype(jnp.float32))
+    return t, need
+
+
 # ----------------------------------------------------------------------------------------------------------
 # pure jnp compaction (CPU default; also the twin the Pallas kernel is tested against)
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +321,14 @@ def _select(colsum, key, random_mask, eligible, static_mask, *, k, multiple_of, 
         random_mask = drawn if random_mask is None else random_mask | drawn
     flat = colsum.reshape(b * h * g, n)
     rand = None if random_mask is None else random_mask.reshape(b * h * g, n)
-    t, need = row_thresholds(flat, k)
+    if impl == "jnp":
+        t, need = row_thresholds(flat, k)
+    else:
+        per = max(1, _MAX_ELEMS // n)
+        parts = [_row_thresholds_pallas(flat[r0:r0 + per], k, interpret=impl == "interpret")
+                 for r0 in range(0, flat.shape[0], per)]
+        t = jnp.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        need = jnp.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     if impl == "jnp":
         idx, cnt, mask = _select_jnp(flat, t, need, k, multiple_of, compress, rand, static_mask, eligible, g)
     else:

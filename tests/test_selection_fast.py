@@ -116,7 +116,7 @@ def test_kernel_lowers_for_cuda(compress):
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(f).trace(spec, jax.ShapeDtypeStruct((g, n), jnp.bool_),
                                 jax.ShapeDtypeStruct((g,), jnp.bool_)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text and "chipmunk_select_columns" in text
+    assert "xla.gpu.triton" in text and "chipmunk_select_columns" in text and "chipmunk_row_thresholds" in text
 
 
 @pytest.mark.gpu
@@ -202,3 +202,17 @@ def test_mask_bits_to_indices_gpu():
     shape = (1, 2, 7, 20_000)
     bits, ref = _bits_case(shape, 0.07)
     _assert_prefix_equal(F.mask_bits_to_indices(bits, ref.counts, shape[-1], impl="pallas"), ref)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_radix_thresholds_match_bisection(ties):
+    """The Pallas radix threshold kernel (interpret) gives row_thresholds' (t, need) bit for bit: odd N,
+    negative values, ties, k = 0, 1, N - 1, N."""
+    rows, n = 6, 1_237
+    x = _colsum((rows, n), ties)
+    x = x.at[1].multiply(-1.0).at[2].set(0.5)  # a negative row and a constant row
+    for k in (0, 1, 77, n - 1, n):
+        t_ref, need_ref = F.row_thresholds(x, k)
+        t, need = F._row_thresholds_pallas(x, k, interpret=True, width=256)
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(t_ref), err_msg=f"k={k}")
+        np.testing.assert_array_equal(np.asarray(need), np.asarray(need_ref), err_msg=f"k={k}")
