@@ -90,7 +90,7 @@ def time_dense(params, config, inputs, text_mask, rope, reps):
     return ms, compile_s, fn
 
 
-def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check):
+def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check, warmup=1):
     grid = hv.token_grid(config, inputs["hidden_states"].shape)
     text_len = int(text_mask.shape[1])
     cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=text_len, key=jax.random.key(1),
@@ -117,7 +117,7 @@ def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kerne
     kinds = {AttentionStep.DENSE: 0, AttentionStep.DENSE_COLSUM: 1, AttentionStep.SPARSE: 2}
     times, errors = {}, {}
     for kind, step in kinds.items():
-        times[kind.name] = median_ms(lambda: run(step), reps)
+        times[kind.name] = median_ms(lambda: run(step), reps, warmup=warmup)
         if check:
             errors[kind.name] = rel_err(run(step)[0], dense_fn(params, trajectory(inputs, step)))
     _, hidden = run(2)
@@ -152,6 +152,8 @@ def main():
                         help="dense ms/step measured by an earlier --phase dense run (for the composition)")
     parser.add_argument("--check", action="store_true", help="also compare each Chipmunk kind to the dense model")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per Chipmunk step kind before timing "
+                        "(0: the step function is already compiled by steps 0 and 1)")
     parser.add_argument("--tiny", action="store_true", help="2+2 blocks, 2 heads, 17x96x128: a CPU check of the script")
     parser.add_argument("--results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
@@ -188,7 +190,7 @@ def main():
         log(f"dense {ms:.1f} ms/step (compile {compile_s:.0f} s), peak {row['dense_peak']:.1f} GiB")
     if args.phase in ("all", "chipmunk"):
         times, errors, compile_s = time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, args.reps,
-                                                 kernel_impl, dense_fn, args.check)
+                                                 kernel_impl, dense_fn, args.check, warmup=args.warmup)
         row["chipmunk_peak"] = peak_gib()
         log(f"Chipmunk compile {compile_s:.0f} s, peak {row['chipmunk_peak']:.1f} GiB")
         for kind, ms in times.items():
@@ -203,7 +205,9 @@ def main():
         "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py " + " ".join(sys.argv[1:])
         + f"`. Random bf16 weights, batch 1, latent {shape[1:]}, tokens {tokens} (image + text), blocks "
         f"{config.num_layers}+{config.num_single_layers}, Chipmunk preset `config.hunyuan_video()`; per-step "
-        f"transformer times in ms (median of {args.reps}); 50-step totals composed from the schedule (a full "
+        f"transformer times in ms (median of {args.reps}, {args.warmup} warm-up per kind"
+        + (f"; dense ms/step {args.dense_ms} given by --dense-ms from an earlier run" if args.dense_ms and args.phase == "chipmunk" else "")
+        + "); 50-step totals composed from the schedule (a full "
         "generation does not fit one 10-minute command).",
         "",
     ]

@@ -84,7 +84,7 @@ def time_dense(params, config, inputs, rope, reps):
     return median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps), compile_s, fn
 
 
-def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn):
+def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1):
     grid = wan.token_grid(config, latent)
     cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16)
     cache_gb = chipmunk_cache.cache_bytes(cache) / 2**30
@@ -99,7 +99,7 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
     out0, cache, hidden = fn(params, trajectory(inputs, 0), cache, jnp.int32(0))
     jax.block_until_ready(out0)
     compile_s = time.perf_counter() - t0
-    err0 = rel_err(out0, dense_fn(params, trajectory(inputs, 0)))
+    err0 = float("nan") if dense_fn is None else rel_err(out0, dense_fn(params, trajectory(inputs, 0)))
     _, cache, hidden = fn(params, trajectory(inputs, 1), cache, jnp.int32(1))
 
     attn = attention_schedule(chipmunk)
@@ -116,12 +116,13 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
             out, state["cache"], _ = fn(params, x, state["cache"], jnp.int32(s))
             return jax.block_until_ready(out)
 
-        times[kind.name] = median_ms(call, reps)
-        errors[kind.name] = rel_err(call(), dense_fn(params, x))
+        times[kind.name] = median_ms(call, reps, warmup=warmup)
+        if dense_fn is not None:
+            errors[kind.name] = rel_err(call(), dense_fn(params, x))
 
     head = jax.jit(lambda p, h, t: wan.head(p, config, h, t, latent_shape=latent, out_dtype=jnp.bfloat16))
     t_skip = jnp.asarray([500.0], jnp.float32)
-    times["SKIP (head)"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t_skip)), reps)
+    times["SKIP (head)"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t_skip)), max(reps, 5))
 
     skip = model_schedule(chipmunk)
     per_step_cached = [times["SKIP (head)"] if skip[s] == ModelStep.SKIP else times[kinds[s].name]
@@ -148,6 +149,10 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the 14B model's 40")
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per Chipmunk step kind before timing "
+                        "(0: the step function is already compiled by steps 0 and 1)")
+    parser.add_argument("--dense-ms", type=float, default=None, help="dense ms/invocation from an earlier run on "
+                        "the same device kind: skips the dense timing and the output checks (one size only)")
     parser.add_argument("--no-chipmunk", action="store_true")
     parser.add_argument("--no-step-cache", action="store_true", help="preset without step caching")
     parser.add_argument("--tiny", action="store_true", help="2-block model, 320 tokens: a CPU check of the script")
@@ -156,6 +161,10 @@ def main():
     for name in ("frames", "text_len", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.dense_ms is not None and ("," in args.sizes or args.dense_ms <= 0):
+        parser.error("--dense-ms needs one --sizes entry and a positive value")
 
     chipmunk = chipmunk_config.wan()
     if args.no_step_cache:
@@ -192,14 +201,19 @@ def main():
         tokens = int(np.prod(grid))
         inputs = make_inputs(config, latent, text_len, seed=0)
         rope = wan.rotary_emb(config, grid)
-        dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
         label = f"{width}x{height}x{frames}"
-        log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
-            f"peak {peak_gib():.1f} GiB")
+        if args.dense_ms is None:
+            dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
+            log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
+                f"peak {peak_gib():.1f} GiB")
+        else:
+            dense_ms, dense_fn = args.dense_ms, None
+            log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (--dense-ms, earlier run)")
         row = {"size": label, "tokens": tokens, "dense": dense_ms, "peak": peak_gib()}
         rows.append(row)
         if not args.no_chipmunk:
-            r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn)
+            r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn,
+                              warmup=args.warmup)
             log(f"[{label}] Chipmunk compile {r['compile_s']:.0f} s; step-0 output vs dense {r['err0']:.2e}; "
                 f"one branch's cache {r['cache_gb']:.1f} GiB")
             for kind, ms in r["times"].items():
@@ -218,7 +232,10 @@ def main():
         + f"`. Random bf16 weights (torch default inits), {config.num_layers} blocks, batch 1 per invocation, "
         f"text length {text_len}, Chipmunk preset `config.wan()`"
         + (" without step caching" if args.no_step_cache else "")
-        + f"; per-invocation times in ms (median of {reps}); 50-step totals composed from the schedule with "
+        + f"; per-invocation times in ms (median of {reps}"
+        + (f", {args.warmup} warm-up" if args.warmup != 1 else "")
+        + (f"; dense ms/invocation {args.dense_ms} given by --dense-ms from an earlier run" if args.dense_ms else "")
+        + f"); 50-step totals composed from the schedule with "
         f"{INVOCATIONS} invocations (cond, uncond) per step.",
         "",
         "| size | tokens | dense ms | dense 50-step (s) | Chipmunk 50-step (s) | speedup | + step caching (s) "
