@@ -9,6 +9,8 @@ Invariant after any step: out_cache == act_cache^T W2 + b2 (up to rounding).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -16,23 +18,44 @@ from flax import struct
 from chipmunk_jax import selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import mlp as kernels
+from chipmunk_jax.pallas_kernels import mlp_selection
+from chipmunk_jax.pallas_kernels.attention import resolve_impl
 from chipmunk_jax.pallas_kernels.mlp_reference import gelu_tanh
 from chipmunk_jax.schedule import MLPStep, dispatch
 
-__all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp"]
+__all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp", "expected_feature_count"]
 
 _HI = jax.lax.Precision.HIGHEST
 
 
 @struct.dataclass
 class MLPWeights:
-    """w1 [C, F], b1 [F], w2 [F, C_out], b2 [C_out] or None (FLUX single blocks add the shared
-    proj_out bias once, with the attention half, instead of twice as the original; SPEC §10.2)."""
+    """MLP weights: w1, b1 [F], w2 [F, C_out], b2 [C_out] or None (FLUX single blocks add the shared
+    proj_out bias once, with the attention half, instead of twice as the original; SPEC §10.2).
+
+    w1 layout: [C, F] by default (Flax Dense kernel). With ``w1_transposed=True`` (a static pytree field,
+    part of the treedef, not traced) w1 is stored [F, C] (torch's Linear.weight layout): the layout the
+    Pallas fc1 kernel gathers rows from, so the sparse step never transposes W1 per call; the dense and
+    selection matmuls read either layout through einsum (a dot_general contraction, no transposed copy).
+    Convert once at load time, e.g. ``MLPWeights(w1=kernel.T, b1=..., w2=..., b2=..., w1_transposed=True)``
+    (or ``weights.with_w1_transposed()``).
+    """
 
     w1: jax.Array
     b1: jax.Array
     w2: jax.Array
     b2: jax.Array | None = None
+    w1_transposed: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def hidden_features(self) -> int:
+        return self.w1.shape[0] if self.w1_transposed else self.w1.shape[1]
+
+    def with_w1_transposed(self) -> "MLPWeights":
+        """The same weights with w1 stored [F, C] (one transpose, at load time)."""
+        if self.w1_transposed:
+            return self
+        return self.replace(w1=jnp.asarray(self.w1.T), w1_transposed=True)
 
 
 @struct.dataclass
@@ -82,13 +105,19 @@ def _matmul(x, w):
     return jnp.einsum("...c,cf->...f", x, w, precision=_HI, preferred_element_type=jnp.float32)
 
 
+def _fc1(x, weights: MLPWeights):
+    """x @ W1 in f32 for either W1 layout ([F, C] is contracted on its last axis: no transposed copy)."""
+    spec = "...c,fc->...f" if weights.w1_transposed else "...c,cf->...f"
+    return jnp.einsum(spec, x, weights.w1, precision=_HI, preferred_element_type=jnp.float32)
+
+
 def _bias(weights: MLPWeights, width: int):
     return jnp.zeros((width,), jnp.float32) if weights.b2 is None else weights.b2.astype(jnp.float32)
 
 
 def dense_mlp(x, weights: MLPWeights):
     """gelu_tanh(x W1 + b1) W2 + b2 with f32 accumulation; returns x's dtype."""
-    a = gelu_tanh(_matmul(x, weights.w1) + weights.b1.astype(jnp.float32))
+    a = gelu_tanh(_fc1(x, weights) + weights.b1.astype(jnp.float32))
     y = _matmul(a.astype(x.dtype), weights.w2) + _bias(weights, weights.w2.shape[1])
     return y.astype(x.dtype)
 
@@ -98,11 +127,13 @@ def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfi
         raise TypeError(f"config must be a ChipmunkConfig, got {type(config).__name__}")
     if not isinstance(weights, MLPWeights):
         raise TypeError(f"weights must be MLPWeights, got {type(weights).__name__}")
+    if not isinstance(weights.w1_transposed, bool):
+        raise TypeError(f"weights.w1_transposed must be a bool, got {weights.w1_transposed!r}")
     if not isinstance(cache, MLPCache):
         raise TypeError(f"cache must be an MLPCache, got {type(cache).__name__}")
     kernels._check_mlp_args(
         x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, cache.indices, cache.counts,
-        config.mlp.block_size,
+        config.mlp.block_size, weights.w1_transposed,
     )
     if weights.b2 is not None and weights.b2.shape != (weights.w2.shape[1],):
         raise ValueError(f"b2 must have shape ({weights.w2.shape[1]},), got {weights.b2.shape}")
@@ -111,13 +142,28 @@ def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfi
         raise ValueError(f"cache.blockmean_cache has shape {cache.blockmean_cache.shape}, expected {expected}")
 
 
-def _block_preactivation(x, weights: MLPWeights, block_size: int):
-    """fc1 of each row block's mean token (== block mean of fc1(x), by linearity), f32.
+def _block_preactivation(x, weights: MLPWeights, block_size: int, impl: str):
+    """fc1 of each row block's mean token (== block mean of fc1(x), by linearity), f32 [B, NB, F].
 
     The means are rounded to x's dtype so that bf16 models run this small product on bf16 inputs
-    with f32 accumulation (an f32 copy of W1 made it ~3x slower than its floor on the H100)."""
+    with f32 accumulation (an f32 copy of W1 made it ~3x slower than its floor on the H100). The Pallas
+    paths use mlp_selection.block_preactivation (one pass over W1, either layout)."""
     means = selection.block_mean(x, block_size).astype(x.dtype)
-    return _matmul(means, weights.w1) + weights.b1.astype(jnp.float32)
+    if impl == "reference":
+        return _fc1(means, weights) + weights.b1.astype(jnp.float32)
+    return mlp_selection.block_preactivation(
+        means, weights.w1, weights.b1, w1_transposed=weights.w1_transposed, impl=impl
+    )
+
+
+def expected_feature_count(top_keys: float, random_keys: float, num_features: int, multiple_of: int) -> int:
+    """A static bound on a typical per-row-block count (kept + random features, 3 sigma over the mean of the
+    random ones, rounded up to multiple_of): the fc1 kernel's programs per row block (mlp_pallas.fc1_delta)."""
+    keep = selection.mlp_feature_count(top_keys, num_features)
+    rest = num_features - keep
+    extra = random_keys * rest + 3.0 * math.sqrt(random_keys * (1.0 - random_keys) * rest)
+    count = keep + int(math.ceil(extra))
+    return min(num_features, -(-count // multiple_of) * multiple_of)
 
 
 def sparse_delta_mlp(
@@ -130,29 +176,44 @@ def sparse_delta_mlp(
     """
     _check_inputs(x, weights, cache, config)
     m = config.mlp
+    impl = resolve_impl(impl)
+    num_features = weights.hidden_features
+    expected = expected_feature_count(m.top_keys, m.random_keys, num_features, m.counts_multiple_of)
 
     def always_dense(cache):
         return dense_mlp(x, weights), cache
 
     def dense(cache):
-        a = gelu_tanh(_matmul(x, weights.w1) + weights.b1.astype(jnp.float32))
+        a = gelu_tanh(_fc1(x, weights) + weights.b1.astype(jnp.float32))
         y = _matmul(a.astype(x.dtype), weights.w2) + _bias(weights, weights.w2.shape[1])
         new = cache.replace(
             act_cache=jnp.swapaxes(a, 1, 2).astype(cache.act_cache.dtype),
             out_cache=y.astype(cache.out_cache.dtype),
-            blockmean_cache=_block_preactivation(x, weights, m.block_size),
+            blockmean_cache=_block_preactivation(x, weights, m.block_size, impl),
         )
         return y.astype(x.dtype), new
 
     def delta(cache, indices, counts):
         act, out = kernels.sparse_mlp_delta(
             x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, indices, counts,
-            block_size=m.block_size, impl=impl,
+            block_size=m.block_size, impl=impl, w1_transposed=weights.w1_transposed, expected_count=expected,
         )
         return out.astype(x.dtype), cache.replace(act_cache=act, out_cache=out, indices=indices, counts=counts)
 
     def sparse_select(cache):
-        z_blocks = _block_preactivation(x, weights, m.block_size)
+        z_blocks = _block_preactivation(x, weights, m.block_size, impl)
+        if impl != "reference":
+            # One kernel: scores |z - baseline|, exact top-k (+ random), index lists and the baseline update.
+            extra = None
+            if m.random_keys > 0:
+                if key is None:
+                    raise ValueError("key (a PRNG key) is required when mlp.random_keys > 0")
+                extra = jax.random.bernoulli(key, m.random_keys, z_blocks.shape)
+            keep = selection.mlp_feature_count(m.top_keys, num_features)
+            indices, counts, baseline = mlp_selection.select_from_preactivation(
+                z_blocks, cache.blockmean_cache, keep, m.counts_multiple_of, extra=extra, impl=impl
+            )
+            return delta(cache.replace(blockmean_cache=baseline), indices, counts)
         scores = jnp.abs(z_blocks - cache.blockmean_cache)
         indices, counts = selection.select_mlp_features(
             scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key, impl=impl

@@ -12,6 +12,7 @@ and writes the index list: selected features ascending, then the unselected ones
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -20,7 +21,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["select_top_features", "select_top_features_reference"]
+__all__ = [
+    "select_top_features", "select_top_features_reference", "select_from_preactivation",
+    "select_from_preactivation_reference", "block_preactivation", "block_preactivation_reference",
+    "ScoreTiles", "DEFAULT_SCORE_TILES",
+]
 
 _INT_MIN = -(2**31)
 _IMPLS = ("pallas", "interpret", "reference")
@@ -31,13 +36,22 @@ def _sortable_key(bits):
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _select_kernel(scores_ref, extra_ref, indices_ref, counts_ref, *, num_features, keep, multiple_of, width):
+def _select_kernel(
+    scores_ref, base_ref, extra_ref, indices_ref, counts_ref, new_base_ref, *, num_features, keep, multiple_of, width
+):
+    """One row: exact keep-th largest score by bisection, OR extra, compaction. With base_ref (fused
+    scoring), scores_ref holds the new block pre-activations z: scores = |z - base|, and the new baseline
+    where(recomputed, z, base) is written to new_base_ref (recomputed = the first counts index slots)."""
     row = pl.program_id(0)
     cols = jnp.arange(width, dtype=jnp.int32)
     valid = cols < num_features
     window = pl.ds(0, width)
-    scores = plgpu.load(scores_ref.at[row, window], mask=valid, other=0.0)
-    keys = _sortable_key(jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32))
+    scores = plgpu.load(scores_ref.at[row, window], mask=valid, other=0.0).astype(jnp.float32)
+    if base_ref is not None:
+        z = scores
+        base = plgpu.load(base_ref.at[row, window], mask=valid, other=0.0).astype(jnp.float32)
+        scores = jnp.abs(z - base)
+    keys = _sortable_key(jax.lax.bitcast_convert_type(scores, jnp.int32))
 
     # Greedy bit-by-bit search, in the biased (unsigned) order, of the largest t with
     # #{key >= t} >= keep: the keep-th largest key. (t ^ INT_MIN) maps the biased value back to int32.
@@ -60,6 +74,9 @@ def _select_kernel(scores_ref, extra_ref, indices_ref, counts_ref, *, num_featur
     plgpu.store(indices_ref.at[row, jnp.where(valid, slot, num_features)], cols, mask=valid)
     padded = jnp.minimum((n_sel + multiple_of - 1) // multiple_of * multiple_of, num_features)
     counts_ref[...] = jnp.full((1,), padded, jnp.int32)
+    if new_base_ref is not None:
+        new_base = jnp.where(slot < padded, z, base)
+        plgpu.store(new_base_ref.at[row, window], new_base.astype(new_base_ref.dtype), mask=valid)
 
 
 def _check(scores, keep, multiple_of, extra):
@@ -110,41 +127,195 @@ def select_top_features(
     features ascending, then unselected ascending; counts = min(ceil(selected / multiple_of) * multiple_of, F).
     """
     _check(scores, keep, multiple_of, extra)
+    impl = _resolve(impl, num_warps)
+    if impl == "reference":
+        return select_top_features_reference(scores, keep, multiple_of, extra=extra)
+    indices, counts, _ = _select_call(scores, None, keep, multiple_of, extra, impl, num_warps)
+    return indices, counts
+
+
+def select_from_preactivation_reference(z, base, keep: int, multiple_of: int, *, extra=None):
+    """Pure-jnp twin of select_from_preactivation."""
+    scores = jnp.abs(z.astype(jnp.float32) - base.astype(jnp.float32))
+    indices, counts = select_top_features_reference(scores, keep, multiple_of, extra=extra)
+    # recomputed[f] <=> f sits in the first counts slots of its row's index list.
+    pos = jnp.argsort(indices, axis=-1)  # inverse permutation: slot of each feature
+    recomputed = pos < counts[..., None]
+    new_base = jnp.where(recomputed, z.astype(base.dtype), base)
+    return indices, counts, new_base
+
+
+def select_from_preactivation(
+    z, base, keep: int, multiple_of: int, *, extra=None, impl: str | None = None, num_warps: int = 8
+):
+    """Fused MLP selection step (SPEC §2.2): scores = |z - base| per row of [..., F] (z: the new block
+    pre-activations, base: the cached ones), then select_top_features on them, and the new baseline
+    where(recomputed, z, base) with recomputed = the features in the first counts slots of the index list
+    (selected + padding: exactly the (block, feature) pairs fc1 recomputes). One kernel: no scores array,
+    no index-to-mask scatter. Returns (indices, counts, new_base in base's dtype); under jit donate base
+    (the Pallas path writes the new baseline in place).
+    """
+    _check(z, keep, multiple_of, extra)
+    if getattr(base, "shape", None) != z.shape:
+        raise ValueError(f"base must have the shape of z {z.shape}, got {getattr(base, 'shape', None)}")
+    if base.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"base must be a float array, got {base.dtype}")
+    impl = _resolve(impl, num_warps)
+    if impl == "reference":
+        return select_from_preactivation_reference(z, base, keep, multiple_of, extra=extra)
+    return _select_call(z, base, keep, multiple_of, extra, impl, num_warps)
+
+
+def _resolve(impl, num_warps):
     if num_warps not in (4, 8, 16, 32):
         raise ValueError(f"num_warps must be 4, 8, 16 or 32, got {num_warps!r}")
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
-    if impl == "reference":
-        return select_top_features_reference(scores, keep, multiple_of, extra=extra)
+    return impl
+
+
+def _select_call(scores, base, keep, multiple_of, extra, impl, num_warps):
     lead, f = scores.shape[:-1], scores.shape[-1]
     rows = math.prod(lead)
-    flat = scores.reshape(rows, f)
     width = max(16, 1 << (f - 1).bit_length())
     kernel = functools.partial(
         _select_kernel, num_features=f, keep=min(keep, f), multiple_of=multiple_of, width=width
     )
     whole = pl.BlockSpec((rows, f), lambda r: (0, 0))
-    args = [flat]
-    in_specs = [whole]
+    names = ["scores", "base", "extra"]
+    args = {"scores": scores.reshape(rows, f)}
+    if base is not None:
+        args["base"] = base.reshape(rows, f)
     if extra is not None:
-        args.append(extra.reshape(rows, f).astype(jnp.int8))
-        in_specs.append(whole)
-    else:
-        kernel = functools.partial(_drop_extra, kernel)
-    indices, counts = pl.pallas_call(
-        kernel,
+        args["extra"] = extra.reshape(rows, f).astype(jnp.int8)
+    present = [name for name in names if name in args]
+
+    def body(*refs):
+        ins = dict(zip(present, refs[: len(present)]))
+        outs = refs[len(present):]
+        new_base_ref = outs[2] if base is not None else None
+        return kernel(ins["scores"], ins.get("base"), ins.get("extra"), outs[0], outs[1], new_base_ref)
+
+    out_specs = [whole, pl.BlockSpec((1,), lambda r: (r,))]
+    out_shape = [jax.ShapeDtypeStruct((rows, f), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)]
+    aliases = {}
+    if base is not None:
+        out_specs.append(whole)
+        out_shape.append(jax.ShapeDtypeStruct((rows, f), base.dtype))
+        aliases = {present.index("base"): 2}
+    outs = pl.pallas_call(
+        body,
         grid=(rows,),
-        in_specs=in_specs,
-        out_specs=[whole, pl.BlockSpec((1,), lambda r: (r,))],
-        out_shape=[jax.ShapeDtypeStruct((rows, f), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)],
+        in_specs=[whole] * len(present),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=impl == "interpret",
         name="chipmunk_mlp_select",
-    )(*args)
-    return indices.reshape(*lead, f), counts.reshape(lead)
+    )(*[args[name] for name in present])
+    indices, counts = outs[0].reshape(*lead, f), outs[1].reshape(lead)
+    new_base = outs[2].reshape(*lead, f) if base is not None else None
+    return indices, counts, new_base
 
 
-def _drop_extra(kernel, scores_ref, indices_ref, counts_ref):
-    return kernel(scores_ref, None, indices_ref, counts_ref)
+# ---- block pre-activations: z[b, m, f] = means[b, m, :] . W1[:, f] + b1[f] ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreTiles:
+    """Tiles of the block pre-activation kernel: a program computes features x row blocks tiles."""
+
+    features: int = 64  # BF (W1 rows per program): F / BF programs stream W1 once
+    k: int = 128  # K step over C
+    warps: int = 4
+    stages: int = 3
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ScoreTiles.{field.name} must be a positive integer, got {value!r}")
+        for name in ("features", "k"):
+            value = getattr(self, name)
+            if value & (value - 1) or value < 16:
+                raise ValueError(f"ScoreTiles.{name} must be a power of two >= 16 (Triton tiles), got {value}")
+
+
+DEFAULT_SCORE_TILES = ScoreTiles()
+
+
+def block_preactivation_reference(means, w1, b1, *, w1_transposed: bool = False):
+    """Pure-jnp twin: means [B, NB, C] (x's dtype) @ W1 + b1 with f32 accumulation -> [B, NB, F] f32."""
+    spec = "bmc,fc->bmf" if w1_transposed else "bmc,cf->bmf"
+    z = jnp.einsum(spec, means, w1, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return z + b1.astype(jnp.float32)
+
+
+def _preact_kernel(means_ref, w_ref, b1_ref, z_ref, *, nb, bf, nbt, bk, w1_transposed):
+    fi, mi, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    c = means_ref.shape[-1]
+    feats = pl.ds(pl.multiple_of(fi * bf, bf), bf)
+    blocks = pl.ds(pl.multiple_of(mi * nbt, nbt), nbt)
+    dtype = w_ref.dtype
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def k_step(kk, acc):
+        cols = pl.ds(pl.multiple_of(kk * bk, bk), bk)
+        m = means_ref[b, blocks, cols].astype(dtype)  # [nbt, bk]
+        if w1_transposed:
+            w, dims = w_ref[feats, cols], (((1,), (1,)), ((), ()))  # [bf, bk]
+        else:
+            w, dims = w_ref[cols, feats], (((0,), (1,)), ((), ()))  # [bk, bf]
+        return acc + jax.lax.dot_general(w, m, dims, preferred_element_type=jnp.float32, precision=precision)
+
+    zt = jax.lax.fori_loop(0, c // bk, k_step, jnp.zeros((bf, nbt), jnp.float32))  # [features, blocks]
+    zt = zt + b1_ref[feats].astype(jnp.float32)[:, None]
+    f_idx = jnp.broadcast_to((fi * bf + jnp.arange(bf, dtype=jnp.int32))[:, None], (bf, nbt))
+    m_ids = mi * nbt + jnp.arange(nbt, dtype=jnp.int32)
+    m_idx = jnp.broadcast_to(jnp.where(m_ids < nb, m_ids, z_ref.shape[1])[None, :], (bf, nbt))
+    plgpu.store(z_ref.at[b, m_idx, f_idx], zt, mask=m_idx < nb)
+
+
+def block_preactivation(
+    means, w1, b1, *, w1_transposed: bool = False, impl: str | None = None, tiles: ScoreTiles = DEFAULT_SCORE_TILES
+):
+    """z = means @ W1 + b1 for the selection scores (SPEC §2.2): means [B, NB, C] (block means of x, in x's
+    dtype), W1 [C, F] or [F, C] (w1_transposed=True), b1 [F]. Returns z [B, NB, F] f32 (f32 accumulation;
+    bf16 operands for bf16 weights). The Pallas kernel streams W1 once (F / tiles.features programs)."""
+    for name, arr, ndim in (("means", means, 3), ("w1", w1, 2), ("b1", b1, 1)):
+        if getattr(arr, "ndim", None) != ndim:
+            raise ValueError(f"{name} must have rank {ndim}, got shape {getattr(arr, 'shape', None)}")
+    b, nb, c = means.shape
+    f = w1.shape[0] if w1_transposed else w1.shape[1]
+    if (w1.shape[1] if w1_transposed else w1.shape[0]) != c:
+        raise ValueError(f"w1 {w1.shape} does not match means' C = {c} (w1_transposed={w1_transposed})")
+    if b1.shape != (f,):
+        raise ValueError(f"b1 must have shape ({f},), got {b1.shape}")
+    if not isinstance(tiles, ScoreTiles):
+        raise TypeError(f"tiles must be a ScoreTiles, got {type(tiles).__name__}")
+    impl = _resolve(impl, 8)
+    bf = tiles.features
+    if impl == "reference" or f % bf or c % 16:
+        return block_preactivation_reference(means, w1, b1, w1_transposed=w1_transposed)
+    bk = tiles.k if jnp.dtype(w1.dtype).itemsize <= 2 else min(tiles.k, 32)  # f32: half the smem per stage
+    while c % bk:
+        bk //= 2
+    nbt = min(128, max(16, 1 << (nb - 1).bit_length()))
+    nbp = -(-nb // nbt) * nbt
+    if nbp != nb:  # the means are tiny: pad the row-block axis to whole tiles
+        means = jnp.pad(means, ((0, 0), (0, nbp - nb), (0, 0)))
+    kernel = functools.partial(_preact_kernel, nb=nb, bf=bf, nbt=nbt, bk=bk, w1_transposed=w1_transposed)
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    return pl.pallas_call(
+        kernel,
+        grid=(f // bf, nbp // nbt, b),
+        in_specs=[whole(means.shape), whole(w1.shape), whole(b1.shape)],
+        out_specs=whole((b, nb, f)),
+        out_shape=jax.ShapeDtypeStruct((b, nb, f), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages),
+        interpret=impl == "interpret",
+        name="chipmunk_mlp_block_preact",
+    )(means, w1, b1)

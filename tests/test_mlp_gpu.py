@@ -114,3 +114,78 @@ def test_selection_compiled_with_random_features():
     idx_r, cnt_r = mlp_selection.select_top_features(scores, 4147, 256, extra=extra, impl="reference")
     np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
     np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+
+
+# ---- issue 4 speed work: candidate tiles, the expected_count grid, block pre-activations, fused selection ----
+
+from chipmunk_jax.pallas_kernels import mlp_pallas  # noqa: E402
+
+
+@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES,
+                         ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}s{t.fc1_stages}"
+                                       f"-bn{t.fc2_cols}w{t.fc2_warps}s{t.fc2_stages}r{int(t.rows_fastest)}")
+def test_production_tiles_compiled_bf16(tiles):
+    b, n, c, f, c_out = 1, 1000, 256, 1024, 512  # N not a multiple of 128
+    x, w1, b1, w2, _, act, out = _problem(21, b, n, c, f, c_out, jnp.bfloat16)
+    idx, cnt = _selection(22, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
+    fn = jax.jit(lambda *a, ec: mlp_op.sparse_mlp_delta(*a, impl="pallas", w1_transposed=True, tiles=tiles,
+                                                         expected_count=ec), donate_argnums=(4, 5),
+                 static_argnames="ec")
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    for ec in (300,):  # programs loop over further chunks where counts exceed it (None: the benchmark checks it)
+        act_k, out_k = fn(x, w1.T, b1, w2, jnp.array(act), jnp.array(out), idx, cnt, ec=ec)
+        assert _rel(out_k - out, out_r - out) <= 2e-2, ec
+        assert _rel(act_k, act_r) <= 1e-2, ec
+
+
+@pytest.mark.parametrize("w1_transposed", [False, True])
+@pytest.mark.parametrize("nb, c, f", [(32, 3072, 12288), (36, 3072, 12288), (3, 256, 512)])
+def test_block_preactivation_compiled(nb, c, f, w1_transposed):
+    ks = jax.random.split(jax.random.key(nb + f), 3)
+    means = jax.random.normal(ks[0], (1, nb, c), jnp.float32).astype(jnp.bfloat16)
+    w1 = (jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)).astype(jnp.bfloat16)
+    w1 = w1.T if w1_transposed else w1
+    b1 = jax.random.normal(ks[2], (f,), jnp.float32).astype(jnp.bfloat16)
+    z_k = mlp_selection.block_preactivation(means, w1, b1, w1_transposed=w1_transposed, impl="pallas")
+    z_r = mlp_selection.block_preactivation(means, w1, b1, w1_transposed=w1_transposed, impl="reference")
+    assert _rel(z_k, z_r) <= 1e-5  # same bf16 operands, f32 accumulation: only the summation order differs
+    # f32 operands (HIGHEST precision dots), C cut to 256.
+    w_small = w1[:, :256] if w1_transposed else w1[:256]
+    args = (means[:, :, :256].astype(jnp.float32), w_small.astype(jnp.float32), b1.astype(jnp.float32))
+    z_k = mlp_selection.block_preactivation(*args, w1_transposed=w1_transposed, impl="pallas")
+    z_r = mlp_selection.block_preactivation(*args, w1_transposed=w1_transposed, impl="reference")
+    assert _rel(z_k, z_r) <= 1e-5
+
+
+@pytest.mark.parametrize("num_warps", [8, 16])
+def test_fused_selection_compiled(num_warps):
+    z = jax.random.normal(jax.random.key(30), (1, 36, 12288))
+    base = jax.random.normal(jax.random.key(31), z.shape)
+    extra = jax.random.bernoulli(jax.random.key(32), 0.035, z.shape)
+    got = jax.jit(lambda z, b, e: mlp_selection.select_from_preactivation(
+        z, b, 3686, 256, extra=e, impl="pallas", num_warps=num_warps), donate_argnums=(1,))(z, jnp.array(base), extra)
+    want = mlp_selection.select_from_preactivation(z, base, 3686, 256, extra=extra, impl="reference")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_model_op_pallas_matches_reference_with_pretransposed_w1():
+    from chipmunk_jax import config as C
+    from chipmunk_jax.mlp import MLPWeights, init_mlp_cache, sparse_delta_mlp
+    from chipmunk_jax.schedule import mlp_step_kind
+
+    b, n, c, f, c_out = 1, 640, 256, 1024, 256
+    x, w1, b1, w2, b2, _, _ = _problem(40, b, n, c, f, c_out, jnp.float32)
+    w = MLPWeights(w1=w1, b1=b1, w2=w2, b2=b2)
+    wt = w.with_w1_transposed()
+    cfg = C.ChipmunkConfig(mlp=C.MLPConfig(enabled=True, first_n_dense_layers=0, top_keys=0.3, random_keys=0.05,
+                                           counts_multiple_of=128, mask_cache_after_step=3))
+    caches = [init_mlp_cache(cfg, batch=b, seq_len=n, in_features=c, hidden_features=f, out_features=c_out,
+                             dtype=jnp.float32) for _ in range(2)]
+    for step in range(6):
+        xs = x + 0.2 * step * jax.random.normal(jax.random.key(50 + step), x.shape)
+        kind = mlp_step_kind(cfg, step, 0)
+        y_r, caches[0] = sparse_delta_mlp(xs, w, caches[0], kind, cfg, key=jax.random.key(step), impl="reference")
+        y_k, caches[1] = sparse_delta_mlp(xs, wt, caches[1], kind, cfg, key=jax.random.key(step), impl="pallas")
+        assert _rel(y_k, y_r) <= 1e-5, step
+        np.testing.assert_array_equal(np.asarray(caches[1].indices), np.asarray(caches[0].indices))
