@@ -59,6 +59,8 @@ def variant_configs(name, steps, tiny):
 
 def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, static_dispatch, kernel_impl):
     model_chipmunk, sampler_config = variant_configs(name, steps, tiny)
+    if model_chipmunk is not None:  # fc1 stored [F, C] and proj_out split once, not per sparse step
+        params = flux.prepare_params(params, config, model_chipmunk)
     num_img, num_txt = grid[0] * grid[1], text.shape[1]
     cond = flux.sampling_cond(config, model_chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
                               image_grid=grid, guidance=3.5)

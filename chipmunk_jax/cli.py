@@ -335,6 +335,8 @@ def generate(args) -> int:
         cache = None if model_chipmunk is None else flux.init_cache(
             config, model_chipmunk, batch=1, num_image_tokens=num_img, num_text_tokens=num_txt, dtype=dtype)
         denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=dtype)
+        if model_chipmunk is not None:  # the sparse MLP layers' layout, made once (the plain copy is dropped)
+            params = flux.prepare_params(params, config, model_chipmunk)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--chipmunk {args.chipmunk!r} with this model and size: {e}") from None
     sigmas = sampling.flow_sigmas(args.steps, mu=sampling.flux_shift(num_img))

@@ -38,9 +38,9 @@ def chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl, *, static_mask=
     if layer_is_sparse(chipmunk.mlp, layer):
         mlp_kind = mlp_step_kind(chipmunk, step, layer)
 
-        def mlp_op(x, w1, b1, w2, b2):
+        def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
             cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
-            weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2))
+            weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed)
             return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key,
                                     impl=kernel_impl)
 

@@ -47,7 +47,8 @@ from chipmunk_jax.models.layers import (
     timestep_sinusoids,
 )
 
-__all__ = ["FluxConfig", "forward", "head", "denoiser", "sampling_permutation", "sampling_cond", "init_params", "init_cache", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
+__all__ = ["FluxConfig", "forward", "head", "denoiser", "sampling_permutation", "sampling_cond", "init_params",
+           "init_cache", "prepare_params", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
 
 Params = dict[str, Any]
 FLUX_THETA = 10000.0
@@ -228,6 +229,48 @@ def init_cache(
         for i in range(config.num_sparse_layers)
     ]
     return {"attention": attention, "mlp": mlp}
+
+
+def prepare_params(params: Params, config: FluxConfig, chipmunk: ChipmunkConfig) -> Params:
+    """Params laid out for the sparse MLP kernels, made ONCE before sampling (the same function).
+
+    For every layer whose MLP is sparse-capable: fc1 (``ff.net.0.proj`` of a double block,
+    ``proj_mlp`` of a single block) is stored transposed as ``kernel_t`` [F, C], the layout the Pallas
+    fc1 kernel gathers rows from, and a single block's fused ``proj_out`` kernel is stored as its
+    attention rows ``kernel_attn`` [D, D] and MLP rows ``kernel_mlp`` [F, D]. Otherwise every sparse
+    step would transpose W1 and slice ``proj_out`` (two copies of ~75 MB per layer at FLUX.1 size).
+    Other layers are returned as they are (shared, not copied). Converted checkpoints keep the plain
+    layout: call this on loaded params; drop the originals to keep one copy on the device.
+    """
+    from chipmunk_jax.cache import layer_is_sparse
+
+    _check_configs(config, chipmunk)
+    dim = config.inner_dim
+    doubles = list(params["transformer_blocks"])
+    singles = list(params["single_transformer_blocks"])
+    for i in range(config.num_sparse_layers):
+        if not layer_is_sparse(chipmunk.mlp, i):
+            continue
+        if i < config.num_layers:
+            block = doubles[i]
+            net = dict(block["ff"]["net"])
+            net["0"] = {"proj": _transposed_fc1(net["0"]["proj"])}
+            doubles[i] = dict(block, ff=dict(block["ff"], net=net))
+        else:
+            j = i - config.num_layers
+            block = singles[j]
+            proj_out = block["proj_out"]
+            if "kernel" in proj_out:
+                proj_out = {"kernel_attn": proj_out["kernel"][:dim], "kernel_mlp": proj_out["kernel"][dim:],
+                            "bias": proj_out["bias"]}
+            singles[j] = dict(block, proj_mlp=_transposed_fc1(block["proj_mlp"]), proj_out=proj_out)
+    return dict(params, transformer_blocks=doubles, single_transformer_blocks=singles)
+
+
+def _transposed_fc1(proj: Params) -> Params:
+    if "kernel_t" in proj:
+        return proj
+    return {"kernel_t": jnp.asarray(proj["kernel"]).T, **{k: v for k, v in proj.items() if k != "kernel"}}
 
 
 def _check_configs(config, chipmunk):

@@ -50,10 +50,18 @@ def linear_init(key: jax.Array, fan_in: int, fan_out: int, dtype) -> Params:
 
 
 def linear(params: Params, x: jax.Array, dtype=jnp.bfloat16, out_dtype=None) -> jax.Array:
-    """``x @ kernel + bias`` with inputs cast to ``dtype``; f32 accumulation, result in ``out_dtype``."""
+    """``x @ kernel + bias`` with inputs cast to ``dtype``; f32 accumulation, result in ``out_dtype``.
+
+    ``params`` holds ``kernel`` [in, out] or ``kernel_t`` [out, in] (weights prepared for a kernel that
+    gathers rows of W^T, e.g. ``flux.prepare_params``): the same product, contracted without a copy."""
     out_dtype = dtype if out_dtype is None else out_dtype
-    kernel = params["kernel"].astype(dtype)
-    y = jnp.matmul(x.astype(dtype), kernel, precision=matmul_precision(dtype), preferred_element_type=jnp.float32)
+    precision = matmul_precision(dtype)
+    if "kernel_t" in params:
+        y = jnp.einsum("...i,oi->...o", x.astype(dtype), params["kernel_t"].astype(dtype), precision=precision,
+                       preferred_element_type=jnp.float32)
+    else:
+        y = jnp.matmul(x.astype(dtype), params["kernel"].astype(dtype), precision=precision,
+                       preferred_element_type=jnp.float32)
     if "bias" in params:
         y = y + params["bias"].astype(jnp.float32)
     return y.astype(out_dtype)

@@ -75,15 +75,22 @@ def dense_attention(q, k, v, *, key_lengths=None, implementation=None):
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
-def dense_mlp(x, w1, b1, w2, b2, *, dtype):
-    """``GELU_tanh(x @ w1 + b1) @ w2 (+ b2)``; returns (y, None) like a Chipmunk MLP op."""
+def dense_mlp(x, w1, b1, w2, b2, *, dtype, w1_transposed=False):
+    """``GELU_tanh(x @ w1 + b1) @ w2 (+ b2)``; returns (y, None) like a Chipmunk MLP op.
+    ``w1_transposed``: w1 is stored [F, C] (see ``_fc1_weight``)."""
+    h = linear({"kernel_t" if w1_transposed else "kernel": w1, "bias": b1}, x, dtype, jnp.float32)
+    h = gelu_tanh(h).astype(dtype)
     precision = matmul_precision(dtype)
-    h = jnp.matmul(x.astype(dtype), w1.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
-    h = gelu_tanh(h + b1.astype(jnp.float32)).astype(dtype)
     y = jnp.matmul(h, w2.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
     if b2 is not None:
         y = y + b2.astype(jnp.float32)
     return y.astype(dtype), None
+
+
+def _fc1_weight(proj: Params):
+    """(w1, w1_transposed) of an MLP's first Linear: ``kernel`` [C, F], or ``kernel_t`` [F, C] when the
+    params were prepared for the sparse MLP kernel (it gathers rows of W1^T; no transpose per call)."""
+    return (proj["kernel_t"], True) if "kernel_t" in proj else (proj["kernel"], False)
 
 
 def _heads(x, head_dim):
@@ -169,11 +176,12 @@ def double_block(
     hidden_states = hidden_states + gate_msa[:, None] * linear(attn["to_out"]["0"], out_img, dtype, jnp.float32)
     norm_img = modulate(layer_norm(hidden_states, _EPS), shift_mlp, scale_mlp)
     ff = params["ff"]["net"]
-    weights = (ff["0"]["proj"]["kernel"], ff["0"]["proj"]["bias"], ff["2"]["kernel"], ff["2"]["bias"])
+    w1, w1_transposed = _fc1_weight(ff["0"]["proj"])
+    weights = (w1, ff["0"]["proj"]["bias"], ff["2"]["kernel"], ff["2"]["bias"])
     if mlp_op is None:
-        ff_out, mlp_aux = dense_mlp(norm_img, *weights, dtype=dtype)
+        ff_out, mlp_aux = dense_mlp(norm_img, *weights, dtype=dtype, w1_transposed=w1_transposed)
     else:
-        ff_out, mlp_aux = mlp_op(norm_img.astype(dtype), *weights)
+        ff_out, mlp_aux = mlp_op(norm_img.astype(dtype), *weights, w1_transposed=w1_transposed)
     hidden_states = hidden_states + gate_mlp[:, None] * ff_out.astype(jnp.float32)
 
     encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * linear(
@@ -222,15 +230,24 @@ def single_block(
 
     proj_out = params["proj_out"]
     dim = attn_out.shape[-1]
+    # prepared params (flux.prepare_params) hold proj_out's attention and MLP row halves apart, so the
+    # sparse step does not slice (copy) the fused kernel on every call
+    if "kernel" in proj_out:
+        w_attn, w_mlp = proj_out["kernel"][:dim], proj_out["kernel"][dim:]
+    else:
+        w_attn, w_mlp = proj_out["kernel_attn"], proj_out["kernel_mlp"]
     if mlp_op is None:
         mlp_hidden = gelu_tanh(linear(params["proj_mlp"], norm, dtype, jnp.float32)).astype(dtype)
-        update = linear(proj_out, jnp.concatenate([attn_out, mlp_hidden], axis=-1), dtype, jnp.float32)
+        if "kernel" in proj_out:
+            update = linear(proj_out, jnp.concatenate([attn_out, mlp_hidden], axis=-1), dtype, jnp.float32)
+        else:
+            update = linear({"kernel": w_attn, "bias": proj_out["bias"]}, attn_out, dtype, jnp.float32)
+            update = update + linear({"kernel": w_mlp}, mlp_hidden, dtype, jnp.float32)
         mlp_aux = None
     else:
-        w_attn, w_mlp = proj_out["kernel"][:dim], proj_out["kernel"][dim:]
-        mlp_y, mlp_aux = mlp_op(
-            norm.astype(dtype), params["proj_mlp"]["kernel"], params["proj_mlp"]["bias"], w_mlp, None
-        )
+        w1, w1_transposed = _fc1_weight(params["proj_mlp"])
+        mlp_y, mlp_aux = mlp_op(norm.astype(dtype), w1, params["proj_mlp"]["bias"], w_mlp, None,
+                                w1_transposed=w1_transposed)
         update = linear({"kernel": w_attn, "bias": proj_out["bias"]}, attn_out, dtype, jnp.float32)
         update = update + mlp_y.astype(jnp.float32)
     hidden_states = hidden_states + gate[:, None] * update

@@ -357,6 +357,38 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
     assert step_fn._cache_size() == 1  # one compilation for every step kind
 
 
+def test_prepare_params_same_outputs_dense_and_chipmunk():
+    """prepare_params (fc1 stored [F, C], proj_out split) changes the layout, not the function: the dense
+    forward and every Chipmunk step kind give the plain params' outputs; layers below
+    first_n_dense_layers keep their plain layout."""
+    config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 2, "num_single_layers": 2})
+    params = flux.init_params(config, jax.random.key(8), dtype=jnp.float32)
+    chipmunk = chipmunk_config.flux().replace(attention__full_step_every=4, mlp__full_step_every=4,
+                                              mlp__first_n_dense_layers=1)
+    prepared = flux.prepare_params(params, config, chipmunk)
+    first = prepared["transformer_blocks"][0]["ff"]["net"]["0"]["proj"]
+    second = prepared["transformer_blocks"][1]["ff"]["net"]["0"]["proj"]
+    assert "kernel" in first and "kernel_t" not in first  # dense-only layer 0 untouched
+    np.testing.assert_array_equal(second["kernel_t"], params["transformer_blocks"][1]["ff"]["net"]["0"]["proj"]["kernel"].T)
+    single = prepared["single_transformer_blocks"][0]
+    assert set(single["proj_out"]) == {"kernel_attn", "kernel_mlp", "bias"} and "kernel_t" in single["proj_mlp"]
+    inputs = chipmunk_inputs(config, 0)
+    dense = flux.forward(params, config, **inputs, dtype=jnp.float32)
+    assert max_rel_err(flux.forward(prepared, config, **inputs, dtype=jnp.float32), dense) <= 1e-6
+
+    step_fn = jax.jit(lambda p, inputs, cache, step, key: flux.forward(
+        p, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, image_grid=GRID, dtype=jnp.float32))
+    caches = [flux.init_cache(config, chipmunk, batch=1, num_image_tokens=GRID[0] * GRID[1],
+                              num_text_tokens=TEXT_LEN, dtype=jnp.float32) for _ in range(2)]
+    for step in range(6):
+        inputs = chipmunk_inputs(config, step)
+        out_plain, caches[0] = step_fn(params, inputs, caches[0], jnp.int32(step), jax.random.key(step))
+        out_prep, caches[1] = step_fn(prepared, inputs, caches[1], jnp.int32(step), jax.random.key(step))
+        assert max_rel_err(out_prep, out_plain) <= 1e-5, step
+    with pytest.raises(TypeError, match="ChipmunkConfig"):
+        flux.prepare_params(params, config, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # MMDiT blocks as HunyuanVideo will use them: image-first order and a key mask for padded text
 
