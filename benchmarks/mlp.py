@@ -11,10 +11,10 @@ the baseline) donated, updated in place; w1 stored [F, C]. No random features. T
 step sees a zero delta.
 
 One run does, in this order (each part with its own timings, in the same process as the dense baseline):
-  1. variant sweep on the FLUX double block at 70%: block pre-activation (XLA einsum in either W1 layout vs
-     the Pallas kernel), selection (scores + select_top_features vs the fused select_from_preactivation),
-     fc1 tiles (+ the expected_count grid), fc2 tiles; every fc1/fc2 variant is checked against the f32
-     reference on the same inputs (a variant that fails is never picked);
+  1. variant sweep on the FLUX double block at 70%: block pre-activation (XLA einsum reading W1 [F, C] or
+     [C, F]), selection (scores + select_top_features vs the fused select_from_preactivation), fc1 tiles,
+     fc2 tiles; every fc1/fc2 variant is checked against the f32 reference on the same inputs (a variant
+     that fails is never picked); the step always reads W1 [F, C] (the layout a model stores);
   2. the full step with the old choices (XLA scores, unfused selection, old default tiles) vs the best of
      each part, a per-kernel device-time breakdown of the best step (jax.profiler trace);
   3. the table: flux_double / flux_single / wan14b at 50/70/85% with the best choices;
@@ -69,7 +69,6 @@ FC1_VARIANTS = {  # most promising first (the sweep skips the rest when the time
     "64x64 w4s3": (64, 64, 4, 3),
     "256x64 w8s4": (256, 64, 8, 4),
 }
-FC1_EXPECTED = ("256x64 w16s3", "128x64 w4s3", "256x64 w8s3")  # also timed with the expected_count grid
 # fc2 variants: (fc2_cols, fc2_k, warps, stages)
 FC2_VARIANTS = {
     "256x64 w16s3": (256, 64, 16, 3),
@@ -80,12 +79,9 @@ FC2_VARIANTS = {
     "256x64 w8s4": (256, 64, 8, 4),
     "256x64 w16s4": (256, 64, 16, 4),
 }
-SCORE_VARIANTS = {  # block pre-activation z: name -> None (XLA einsum) or ScoreTiles
+SCORE_VARIANTS = {  # block pre-activation z = fc1(block means): XLA einsum reading W1 in either layout
     "xla einsum, w1 [F,C]": "xla_fc",
     "xla einsum, w1 [C,F]": "xla_cf",
-    "pallas 64x128 w4s3": mlp_selection.ScoreTiles(features=64, k=128, warps=4, stages=3),
-    "pallas 128x64 w4s4": mlp_selection.ScoreTiles(features=128, k=64, warps=4, stages=4),
-    "pallas 32x128 w4s3": mlp_selection.ScoreTiles(features=32, k=128, warps=4, stages=3),
 }
 SELECT_VARIANTS = {  # name -> (fused, num_warps)
     "scores + select_top_features w8": (False, 8),
@@ -96,11 +92,10 @@ SELECT_VARIANTS = {  # name -> (fused, num_warps)
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    scores: object = "xla_fc"  # "xla_fc" | "xla_cf" | ScoreTiles
+    scores: str = "xla_fc"  # "xla_fc" | "xla_cf" (W1 layout read by the z einsum)
     fused_select: bool = False
     select_warps: int = 8
     tiles: mlp_pallas.MlpTiles = T()
-    expected: bool = False  # pass expected_count to fc1 (grid of ceil(count / fc1_features) chunks per row)
 
 
 OLD_CONFIG = StepConfig(tiles=T(fc1_features=128, fc1_k=64, fc1_warps=4, fc1_stages=3, fc2_cols=128, fc2_k=64,
@@ -205,10 +200,8 @@ def preactivation(kind, x, w1, w1t, b1):
     means = block_means(x).astype(x.dtype)
     if kind == "xla_fc":
         z = jnp.einsum("bmc,fc->bmf", means, w1t, preferred_element_type=jnp.float32)
-    elif kind == "xla_cf":
-        z = jnp.einsum("bmc,cf->bmf", means, w1, preferred_element_type=jnp.float32)
     else:
-        return mlp_selection.block_preactivation(means, w1t, b1, w1_transposed=True, impl=_impl(), tiles=kind)
+        z = jnp.einsum("bmc,cf->bmf", means, w1, preferred_element_type=jnp.float32)
     return z + b1.astype(jnp.float32)
 
 
@@ -223,10 +216,6 @@ def select(cfg: StepConfig, z, base, keep):
     return idx, cnt, base  # (the unfused path of this benchmark never updated the baseline)
 
 
-def expected_count(keep, f):
-    return min(f, -(-keep // MULTIPLE) * MULTIPLE)
-
-
 def make_sparse_step(keep, f, cfg: StepConfig):
     def step(state, x, w1, w1t, b1, w2):
         act, out, base = state
@@ -234,7 +223,7 @@ def make_sparse_step(keep, f, cfg: StepConfig):
         idx, cnt, base = select(cfg, z, base, keep)
         act, out = mlp_pallas.sparse_mlp_delta(
             x, w1t, b1, w2, act, out, idx, cnt, block_size=BLOCK, w1_transposed=True, tiles=cfg.tiles,
-            interpret=INTERPRET, expected_count=expected_count(keep, f) if cfg.expected else None,
+            interpret=INTERPRET,
         )
         return act, out, base
 
@@ -250,11 +239,9 @@ def time_step(p: Problem, keep, cfg: StepConfig, state=None):
 
 def _cfg_str(cfg: StepConfig):
     t = cfg.tiles
-    scores = cfg.scores if isinstance(cfg.scores, str) else (
-        f"pallas {cfg.scores.features}x{cfg.scores.k} w{cfg.scores.warps}s{cfg.scores.stages}")
     sel = f"{'fused' if cfg.fused_select else 'unfused'} w{cfg.select_warps}"
-    return (f"scores {scores}, select {sel}, fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages}"
-            f"{' +expected_count' if cfg.expected else ''}, fc2 {t.fc2_cols}x{t.fc2_k} w{t.fc2_warps}s{t.fc2_stages}")
+    return (f"scores {cfg.scores}, select {sel}, fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages}, "
+            f"fc2 {t.fc2_cols}x{t.fc2_k} w{t.fc2_warps}s{t.fc2_stages}")
 
 
 # ---- part sweep ---------------------------------------------------------------------------------------------
@@ -324,35 +311,30 @@ def sweep_parts(p: Problem, keep, log, budget):
     fc1_rows = []
     delta_default = None
     for name, (bf, bk, w, st) in FC1_VARIANTS.items():
-        for expected in (False, True):
-            if expected and name not in FC1_EXPECTED:
-                continue
-            if budget.left() < 170:
-                log(f"  fc1 {name}: skipped (time budget)")
-                continue
-            label = name + (" +expected_count" if expected else "")
-            try:
-                t = dataclasses.replace(T(), fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st)
-                ec = expected_count(keep, p.f) if expected else None
-                fn = jax.jit(lambda act, x, w1t, b1, i, c, t=t, ec=ec: mlp_pallas.fc1_delta(
-                    x, w1t, b1, act, i, c, block_size=BLOCK, tiles=t, interpret=INTERPRET, expected_count=ec),
-                    donate_argnums=(0,))
-                delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt_ref)
-                out = fc2_default(jnp.array(out0), delta, p.w2, idx_p, cnt_ref)
-                e_act = _rel(act, act_r)
-                e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
-                ok = e_act <= 1e-2 and e_delta <= 2e-2
-                if name == "128x64 w4s3" and not expected:
-                    delta_default = delta
-                ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
-                              lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt_ref))
-                tflops = 2 * p.n * p.c * int(cnt_ref.sum()) / p.nb / ms / 1e9
-                log(f"  fc1 {label}: {ms:.3f} ms ({tflops:.0f} TFLOP/s), rel err act {e_act:.1e} delta {e_delta:.1e}"
-                    f"{'' if ok else '  FAILED'}")
-                if ok:
-                    fc1_rows.append((ms, t, expected))
-            except Exception as e:  # noqa: BLE001
-                log(f"  fc1 {label}: ERROR {type(e).__name__}: {str(e)[:300]}")
+        if budget.left() < 170:
+            log(f"  fc1 {name}: skipped (time budget)")
+            continue
+        try:
+            t = dataclasses.replace(T(), fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st)
+            fn = jax.jit(lambda act, x, w1t, b1, i, c, t=t: mlp_pallas.fc1_delta(
+                x, w1t, b1, act, i, c, block_size=BLOCK, tiles=t, interpret=INTERPRET),
+                donate_argnums=(0,))
+            delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt_ref)
+            out = fc2_default(jnp.array(out0), delta, p.w2, idx_p, cnt_ref)
+            e_act = _rel(act, act_r)
+            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
+            ok = e_act <= 1e-2 and e_delta <= 2e-2
+            if name == "128x64 w4s3":
+                delta_default = delta
+            ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
+                          lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt_ref))
+            tflops = 2 * p.n * p.c * int(cnt_ref.sum()) / p.nb / ms / 1e9
+            log(f"  fc1 {name}: {ms:.3f} ms ({tflops:.0f} TFLOP/s), rel err act {e_act:.1e} delta {e_delta:.1e}"
+                f"{'' if ok else '  FAILED'}")
+            if ok:
+                fc1_rows.append((ms, t))
+        except Exception as e:  # noqa: BLE001
+            log(f"  fc1 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
     if delta_default is None:
         delta_default, _ = mlp_pallas.fc1_delta(x0, p.w1t, p.b1, jnp.array(act0), idx_p, cnt_ref, block_size=BLOCK,
                                                 interpret=INTERPRET)
@@ -376,15 +358,15 @@ def sweep_parts(p: Problem, keep, log, budget):
         except Exception as e:  # noqa: BLE001
             log(f"  fc2 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
 
-    t1 = min(fc1_rows, key=lambda r: r[0]) if fc1_rows else (None, OLD_CONFIG.tiles, False)
+    t1 = min(fc1_rows, key=lambda r: r[0]) if fc1_rows else (None, OLD_CONFIG.tiles)
     t2 = min(fc2_rows, key=lambda r: r[0])[1] if fc2_rows else OLD_CONFIG.tiles
     tiles = dataclasses.replace(t1[1], fc2_cols=t2.fc2_cols, fc2_k=t2.fc2_k, fc2_warps=t2.fc2_warps,
                                 fc2_stages=t2.fc2_stages)
     if tiles.fc1_features % tiles.fc2_k:
         tiles = dataclasses.replace(tiles, fc2_k=64)
     fused, warps = SELECT_VARIANTS[best_sel[0]]
-    return StepConfig(scores=SCORE_VARIANTS[best_scores[0]], fused_select=fused, select_warps=warps, tiles=tiles,
-                      expected=t1[2])
+    # z reads W1 [F, C], the only copy a model keeps (the [C, F] einsum is timed for reference only).
+    return StepConfig(scores="xla_fc", fused_select=fused, select_warps=warps, tiles=tiles)
 
 
 # ---- device-time breakdown ----------------------------------------------------------------------------------
@@ -456,15 +438,13 @@ def time_model_op(p: Problem, keep, log):
 
 
 def _cfg_to_dict(cfg: StepConfig):
-    scores = cfg.scores if isinstance(cfg.scores, str) else dataclasses.asdict(cfg.scores)
-    return dict(scores=scores, fused_select=cfg.fused_select, select_warps=cfg.select_warps,
-                tiles=dataclasses.asdict(cfg.tiles), expected=cfg.expected)
+    return dict(scores=cfg.scores, fused_select=cfg.fused_select, select_warps=cfg.select_warps,
+                tiles=dataclasses.asdict(cfg.tiles))
 
 
 def _cfg_from_dict(d):
-    scores = d["scores"] if isinstance(d["scores"], str) else mlp_selection.ScoreTiles(**d["scores"])
-    return StepConfig(scores=scores, fused_select=d["fused_select"], select_warps=d["select_warps"],
-                      tiles=T(**d["tiles"]), expected=d["expected"])
+    return StepConfig(scores=d["scores"], fused_select=d["fused_select"], select_warps=d["select_warps"],
+                      tiles=T(**d["tiles"]))
 
 
 def probe(path):
@@ -476,10 +456,9 @@ def probe(path):
     act, out, base = initial_state(p)
     z = jax.jit(lambda x, w1, w1t, b1: preactivation(cfg.scores, x, w1, w1t, b1))(p.xs[0], p.w1, p.w1t, p.b1)
     idx, cnt, base = jax.jit(lambda z, b: select(cfg, z, b, keep))(z, base)
-    ec = expected_count(keep, p.f) if cfg.expected else None
     idx_p = mlp_pallas.pad_indices(idx, cfg.tiles.fc1_features)
     delta, act = jax.jit(lambda act, x: mlp_pallas.fc1_delta(x, p.w1t, p.b1, act, idx_p, cnt, block_size=BLOCK,
-                                                             tiles=cfg.tiles, expected_count=ec,
+                                                             tiles=cfg.tiles,
                                                              interpret=INTERPRET))(act, p.xs[0])
     out = jax.jit(lambda out, d: mlp_pallas.fc2_delta(d, p.w2, out, idx_p, cnt, block_size=BLOCK, tiles=cfg.tiles,
                                                     interpret=INTERPRET))(out, delta)
@@ -510,7 +489,7 @@ def main():
         SHAPES.update(flux_double=(256, 64, 512, 64), flux_single=(384, 64, 512, 64), wan14b=(200, 64, 256, 64))
         for table, keep_names in ((FC1_VARIANTS, ("128x64 w4s3", "256x64 w16s3")),
                                   (FC2_VARIANTS, ("128x64 w4s3", "256x64 w8s3")),
-                                  (SCORE_VARIANTS, ("xla einsum, w1 [F,C]", "pallas 64x128 w4s3")),
+                                  (SCORE_VARIANTS, ("xla einsum, w1 [F,C]",)),
                                   (SELECT_VARIANTS, ("scores + select_top_features w8",
                                                      "fused select_from_preactivation w8"))):
             for k in list(table):
@@ -537,8 +516,7 @@ def main():
     dense_ms = time_dense(p)
     log(f"flux_double: dense XLA MLP {dense_ms:.3f} ms ({4 * p.n * p.c * p.f / dense_ms / 1e9:.0f} TFLOP/s)")
     if args.no_sweep:
-        best = StepConfig(scores=mlp_selection.DEFAULT_SCORE_TILES, fused_select=True, tiles=mlp_pallas.DEFAULT_TILES,
-                          expected=True)
+        best = StepConfig(scores="xla_fc", fused_select=True, tiles=mlp_pallas.DEFAULT_TILES)
     else:
         log(f"part sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
         best = sweep_parts(p, keep70, log, budget)

@@ -5,11 +5,13 @@
                  A[f, i] <- gelu(x_i W1[:, f] + b1[f]) for f in S_m; Y += (A_new - A_old) W2[S_m]
 
 Invariant after any step: out_cache == act_cache^T W2 + b2 (up to rounding).
+
+Weights: ``MLPWeights`` holds W1 as [C, F] (default) or, with the static flag ``w1_transposed=True``, as
+[F, C]. Store [F, C] for the Pallas path (the fc1 kernel gathers W1 rows); [C, F] still works but the sparse
+steps then transpose W1 on every call (~0.07 ms for FLUX's 3072 x 12288 on the H100).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from chipmunk_jax.pallas_kernels.attention import resolve_impl
 from chipmunk_jax.pallas_kernels.mlp_reference import gelu_tanh
 from chipmunk_jax.schedule import MLPStep, dispatch
 
-__all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp", "expected_feature_count"]
+__all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -142,28 +144,15 @@ def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfi
         raise ValueError(f"cache.blockmean_cache has shape {cache.blockmean_cache.shape}, expected {expected}")
 
 
-def _block_preactivation(x, weights: MLPWeights, block_size: int, impl: str):
-    """fc1 of each row block's mean token (== block mean of fc1(x), by linearity), f32 [B, NB, F].
+def _block_preactivation(x, weights: MLPWeights, block_size: int):
+    """fc1 of each row block's mean token (== block mean of fc1(x), by linearity), f32.
 
     The means are rounded to x's dtype so that bf16 models run this small product on bf16 inputs
-    with f32 accumulation (an f32 copy of W1 made it ~3x slower than its floor on the H100). The Pallas
-    paths use mlp_selection.block_preactivation (one pass over W1, either layout)."""
+    with f32 accumulation (an f32 copy of W1 made it ~3x slower than its floor on the H100). XLA's einsum
+    reads either W1 layout; on the H100 (FLUX double block) block means + this product take ~42 us of
+    device time, near the ~30 us floor of one pass over W1 and x (a Pallas kernel for it was slower)."""
     means = selection.block_mean(x, block_size).astype(x.dtype)
-    if impl == "reference":
-        return _fc1(means, weights) + weights.b1.astype(jnp.float32)
-    return mlp_selection.block_preactivation(
-        means, weights.w1, weights.b1, w1_transposed=weights.w1_transposed, impl=impl
-    )
-
-
-def expected_feature_count(top_keys: float, random_keys: float, num_features: int, multiple_of: int) -> int:
-    """A static bound on a typical per-row-block count (kept + random features, 3 sigma over the mean of the
-    random ones, rounded up to multiple_of): the fc1 kernel's programs per row block (mlp_pallas.fc1_delta)."""
-    keep = selection.mlp_feature_count(top_keys, num_features)
-    rest = num_features - keep
-    extra = random_keys * rest + 3.0 * math.sqrt(random_keys * (1.0 - random_keys) * rest)
-    count = keep + int(math.ceil(extra))
-    return min(num_features, -(-count // multiple_of) * multiple_of)
+    return _fc1(means, weights) + weights.b1.astype(jnp.float32)
 
 
 def sparse_delta_mlp(
@@ -172,13 +161,15 @@ def sparse_delta_mlp(
     """One Chipmunk MLP call. x: [B, N, C]. step_kind: an MLPStep (static) or a traced int32.
 
     key: PRNG key for the random features (mlp.random_keys > 0) on steps that re-select.
+    impl: "pallas" | "interpret" | "reference" | None (pallas on GPU, reference elsewhere). The Pallas paths
+      select with mlp_selection.select_from_preactivation (scores, top-k and the block-mean baseline update
+      in one kernel) and run the fc1/fc2 delta kernels; weights.w1_transposed=True avoids a per-call W1
+      transpose there (see MLPWeights).
     Returns (y [B, N, C_out] in x's dtype, new cache).
     """
     _check_inputs(x, weights, cache, config)
     m = config.mlp
     impl = resolve_impl(impl)
-    num_features = weights.hidden_features
-    expected = expected_feature_count(m.top_keys, m.random_keys, num_features, m.counts_multiple_of)
 
     def always_dense(cache):
         return dense_mlp(x, weights), cache
@@ -189,27 +180,28 @@ def sparse_delta_mlp(
         new = cache.replace(
             act_cache=jnp.swapaxes(a, 1, 2).astype(cache.act_cache.dtype),
             out_cache=y.astype(cache.out_cache.dtype),
-            blockmean_cache=_block_preactivation(x, weights, m.block_size, impl),
+            blockmean_cache=_block_preactivation(x, weights, m.block_size),
         )
         return y.astype(x.dtype), new
 
     def delta(cache, indices, counts):
         act, out = kernels.sparse_mlp_delta(
             x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, indices, counts,
-            block_size=m.block_size, impl=impl, w1_transposed=weights.w1_transposed, expected_count=expected,
+            block_size=m.block_size, impl=impl, w1_transposed=weights.w1_transposed,
         )
         return out.astype(x.dtype), cache.replace(act_cache=act, out_cache=out, indices=indices, counts=counts)
 
     def sparse_select(cache):
-        z_blocks = _block_preactivation(x, weights, m.block_size, impl)
+        z_blocks = _block_preactivation(x, weights, m.block_size)
         if impl != "reference":
-            # One kernel: scores |z - baseline|, exact top-k (+ random), index lists and the baseline update.
+            # One kernel: scores |z - baseline|, exact top-k (+ random), index lists and the baseline update
+            # (no scores array, no index-to-mask scatter). Same sets as the reference path except exact ties.
             extra = None
             if m.random_keys > 0:
                 if key is None:
                     raise ValueError("key (a PRNG key) is required when mlp.random_keys > 0")
                 extra = jax.random.bernoulli(key, m.random_keys, z_blocks.shape)
-            keep = selection.mlp_feature_count(m.top_keys, num_features)
+            keep = selection.mlp_feature_count(m.top_keys, weights.hidden_features)
             indices, counts, baseline = mlp_selection.select_from_preactivation(
                 z_blocks, cache.blockmean_cache, keep, m.counts_multiple_of, extra=extra, impl=impl
             )

@@ -52,16 +52,13 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
 
 def sparse_mlp_delta(
     x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128, impl: str | None = None,
-    w1_transposed: bool = False, tiles=None, expected_count: int | None = None,
+    w1_transposed: bool = False, tiles=None,
 ):
     """Sparse MLP delta step; returns the updated (act_cache, out_cache). See mlp_reference.
 
     w1_transposed: w1 is given as [F, C] (the layout the Pallas fc1 kernel gathers rows from); with the
       default [C, F] the Pallas path transposes it on every call (one extra read + write of w1).
-    tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.default_tiles(w1.dtype)).
-    expected_count: static hint, the typical count per row block (keep + expected random features): the
-      Pallas fc1 then launches ceil(expected_count / fc1_features) programs per row block instead of one
-      per possible chunk (most of which would exit at once); larger counts are still handled in full.
+    tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.DEFAULT_TILES).
     Under jax.jit, donate act_cache and out_cache: the Pallas kernels update them in place.
     """
     _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed)
@@ -73,10 +70,10 @@ def sparse_mlp_delta(
     from chipmunk_jax.pallas_kernels import mlp_pallas
 
     if tiles is None:
-        tiles = mlp_pallas.default_tiles(w1.dtype)
+        tiles = mlp_pallas.DEFAULT_TILES
     elif not isinstance(tiles, mlp_pallas.MlpTiles):
         raise TypeError(f"tiles must be an mlp_pallas.MlpTiles or None, got {type(tiles).__name__}")
     return mlp_pallas.sparse_mlp_delta(
         x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
-        interpret=impl == "interpret", w1_transposed=w1_transposed, tiles=tiles, expected_count=expected_count,
+        interpret=impl == "interpret", w1_transposed=w1_transposed, tiles=tiles,
     )

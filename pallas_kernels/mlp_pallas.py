@@ -27,10 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = [
-    "MlpTiles", "DEFAULT_TILES", "DEFAULT_TILES_F32", "PRODUCTION_TILES", "default_tiles", "sparse_mlp_delta",
-    "fc1_delta", "fc2_delta", "fc1_chunk_programs",
-]
+__all__ = ["MlpTiles", "DEFAULT_TILES", "PRODUCTION_TILES", "sparse_mlp_delta", "fc1_delta", "fc2_delta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,24 +66,20 @@ class MlpTiles:
 
 
 DEFAULT_TILES = MlpTiles()
-# f32 operands take twice the shared memory per stage: the 128 x 64 tiles, 3 stages, still fit (196 KB).
-DEFAULT_TILES_F32 = MlpTiles()
 
-
-def default_tiles(dtype) -> MlpTiles:
-    """DEFAULT_TILES for 2-byte operands (bf16/f16), DEFAULT_TILES_F32 for f32."""
-    return DEFAULT_TILES_F32 if jnp.dtype(dtype).itemsize > 2 else DEFAULT_TILES
-
-
-# Candidate configurations (2-byte operands) the benchmark sweeps on the H100 and the lowering tests cover.
+# Configurations the benchmark has swept on the H100 (benchmarks/NOTES_mlp.md) and the lowering tests cover. The
+# default (first) stayed the fastest full step: larger tiles (256 features, 8-16 warps, one CTA per SM) were slower.
 PRODUCTION_TILES = (
-    MlpTiles(),
+    DEFAULT_TILES,
     MlpTiles(fc1_warps=8, fc2_warps=8),
     MlpTiles(fc1_features=256, fc1_warps=8, fc2_cols=256, fc2_warps=8),
     MlpTiles(fc1_features=256, fc1_warps=16, fc2_cols=256, fc2_warps=16),
     MlpTiles(fc1_features=256, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=4),
     MlpTiles(fc1_features=256, fc1_k=32, fc1_warps=16, fc1_stages=4, fc2_cols=128, fc2_warps=8, fc2_stages=4),
     MlpTiles(fc1_features=64, fc2_cols=256, fc2_warps=16, fc2_stages=4),
+    MlpTiles(fc1_features=128, fc1_k=64, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=4),
+    MlpTiles(fc1_features=128, fc1_k=128, fc1_warps=8, fc1_stages=3, fc2_cols=128, fc2_k=128, fc2_warps=8,
+             fc2_stages=3),
     MlpTiles(rows_fastest=False),
 )
 
@@ -105,19 +98,8 @@ def _is_pow2(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_LOG2E = 1.4426950408889634
-
-
 def _gelu_tanh(z):
-    """GELU-tanh of f32 z as z * sigmoid(2u) = z / (1 + 2^(-2u log2 e)), u = sqrt(2/pi) (z + 0.044715 z^3).
-
-    Same function as 0.5 z (1 + tanh(u)) (jax.nn.gelu(approximate=True)); on the GPU one exp2 + one divide
-    instead of libdevice tanhf, whose branches per element cost registers (spills) and instructions in
-    the fc1 epilogue. For very negative z the power overflows to inf and the result is -0 (the exact value
-    underflows as well); it is more accurate than the tanh form there (no 1 + tanh cancellation)."""
-    u = _SQRT_2_OVER_PI * (z + 0.044715 * (z * z * z))
-    return z / (1.0 + jnp.exp2((-2.0 * _LOG2E) * u))
+    return jax.nn.gelu(z, approximate=True)
 
 
 def _precision(dtype):
@@ -127,29 +109,28 @@ def _precision(dtype):
 
 def _fc1_kernel(
     counts_ref, ids_ref, x_ref, w1t_ref, b1_ref, act_ref, delta_ref, act_out_ref,
-    *, n_tokens, bf, bm, bk, stride, mask_tokens, rows_fastest,
+    *, n_tokens, bk, mask_tokens, rows_fastest,
 ):
     r, j = (pl.program_id(0), pl.program_id(1)) if rows_fastest else (pl.program_id(1), pl.program_id(0))
     b = pl.program_id(2)
+    bf, bm = delta_ref.shape
     num_features, c = w1t_ref.shape
-    kp = ids_ref.shape[-1]
     count = counts_ref[b, r]
-    tokens = r * bm + jnp.arange(bm, dtype=jnp.int32)
-    token_valid = tokens < n_tokens
-    rows = pl.ds(pl.multiple_of(r * bm, bm), bm)
-    dtype = w1t_ref.dtype
 
-    def chunk(jj):
-        """Packed features [jj*bf, (jj+1)*bf) of row block r: gathered fc1 tile, GELU, delta, cache update."""
-        start = pl.multiple_of(jj * bf, bf)
-        pos = start + jnp.arange(bf, dtype=jnp.int32)
+    @pl.when(j * bf < count)
+    def _():
+        pos = j * bf + jnp.arange(bf, dtype=jnp.int32)
         feat_valid = pos < count
-        ids = ids_ref[b, r, pl.ds(start, bf)]
+        ids = ids_ref[...]
         gather_ids = jnp.where(feat_valid, ids, 0)
+        tokens = r * bm + jnp.arange(bm, dtype=jnp.int32)
+        token_valid = tokens < n_tokens
+        dtype = w1t_ref.dtype
 
         def k_step(kk, acc):
             cols = pl.ds(pl.multiple_of(kk * bk, bk), bk)
             w = w1t_ref[gather_ids, cols]
+            rows = pl.ds(pl.multiple_of(r * bm, bm), bm)
             if mask_tokens:
                 xs = plgpu.load(x_ref.at[rows, cols], mask=token_valid[:, None], other=0)
             else:
@@ -170,48 +151,18 @@ def _fc1_kernel(
         feat_idx = jnp.broadcast_to(jnp.where(feat_valid, ids, num_features)[:, None], (bf, bm))
         tok_idx = jnp.broadcast_to(tokens[None, :], (bf, bm))
         cached = plgpu.load(act_ref.at[feat_idx, tok_idx], mask=valid, other=0).astype(jnp.float32)
-        delta_ref[b, pl.ds(start, bf), rows] = jnp.where(valid, new - cached, 0.0).astype(delta_ref.dtype)
+        delta_ref[...] = jnp.where(valid, new - cached, 0.0).astype(delta_ref.dtype)
         plgpu.store(act_out_ref.at[feat_idx, tok_idx], new.astype(act_out_ref.dtype), mask=valid)
 
-    n_chunks = (count + bf - 1) // bf
-    if stride * bf >= kp:  # one chunk per program (the grid covers every chunk slot)
-        pl.when(j < n_chunks)(lambda: chunk(j))
-    else:  # chunks j, j + stride, j + 2 stride, ... below n_chunks
-        n_iter = jnp.where(j < n_chunks, (n_chunks - j - 1) // stride + 1, 0)
 
-        def outer(t, carry):
-            chunk(j + t * stride)
-            return carry
-
-        jax.lax.fori_loop(0, n_iter, outer, jnp.int32(0))
-
-
-def fc1_chunk_programs(kp: int, bf: int, expected_count: int | None) -> int:
-    """fc1 programs per row block: all kp / bf chunk slots, or ceil(expected_count / bf) (at least 1), each
-    program then looping over chunks with that stride (so any count is still covered)."""
-    slots = kp // bf
-    if expected_count is None:
-        return slots
-    if isinstance(expected_count, bool) or not isinstance(expected_count, int) or expected_count < 0:
-        raise ValueError(f"expected_count must be a non-negative integer or None, got {expected_count!r}")
-    return max(1, min(slots, -(-expected_count // bf)))
-
-
-def fc1_delta(
-    x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=None, interpret=False,
-    expected_count=None,
-):
+def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAULT_TILES, interpret=False):
     """Gathered fc1 + bias + GELU-tanh + delta; updates act_cache in place (donate it under jit).
 
     x [B, N, C], w1t [F, C] (fc1 weight pre-transposed), b1 [F], act_cache [B, F, N],
     indices [B, NB, Kp] int32 with Kp a multiple of tiles.fc1_features, counts [B, NB] int32.
-    expected_count: a static typical count (e.g. keep + expected random features): the grid then has
-    ceil(expected_count / fc1_features) programs per row block instead of Kp / fc1_features (most of which
-    exit at once at 70% sparsity); programs loop over further chunks when a count is larger.
     Returns (delta_t [B, Kp, NB*block_size] in w1t's dtype, new act_cache). delta_t entries of chunks
     at or past ceil(counts / fc1_features) are left unwritten; within written chunks, invalid slots are 0.
     """
-    tiles = default_tiles(w1t.dtype) if tiles is None else tiles
     b, n, c = x.shape
     num_features = w1t.shape[0]
     nb, kp = indices.shape[1], indices.shape[2]
@@ -221,31 +172,31 @@ def fc1_delta(
         raise ValueError(f"indices' last dim ({kp}) must be a multiple of fc1_features ({bf})")
     if not _is_pow2(block_size) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16 for the Pallas kernels, got {block_size}")
-    stride = fc1_chunk_programs(kp, bf, expected_count)
     fast = tiles.rows_fastest
     # Index maps take the launch grid's ids; `rj` puts them back in (row block, chunk, batch) order.
     rj = (lambda p0, p1, bb: (p0, p1, bb)) if fast else (lambda p0, p1, bb: (p1, p0, bb))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     per_batch = lambda shape: pl.BlockSpec((None, *shape), lambda *g: (rj(*g)[2], 0, 0))
     kernel = functools.partial(
-        _fc1_kernel, n_tokens=n, bf=bf, bm=block_size, bk=bk, stride=stride, mask_tokens=n % block_size != 0,
-        rows_fastest=fast,
+        _fc1_kernel, n_tokens=n, bk=bk, mask_tokens=n % block_size != 0, rows_fastest=fast
     )
-    delta_shape = (b, kp, nb * block_size)
     delta_t, act_cache = pl.pallas_call(
         kernel,
-        grid=(nb, stride, b) if fast else (stride, nb, b),
+        grid=(nb, kp // bf, b) if fast else (kp // bf, nb, b),
         in_specs=[
             whole(counts.shape),
-            whole(indices.shape),
+            pl.BlockSpec((None, None, bf), lambda *g: (rj(*g)[2], rj(*g)[0], rj(*g)[1])),
             per_batch((n, c)),
             whole(w1t.shape),
             whole(b1.shape),
             per_batch((num_features, n)),
         ],
-        out_specs=[whole(delta_shape), per_batch((num_features, n))],
+        out_specs=[
+            pl.BlockSpec((None, bf, block_size), lambda *g: (rj(*g)[2], rj(*g)[1], rj(*g)[0])),
+            per_batch((num_features, n)),
+        ],
         out_shape=[
-            jax.ShapeDtypeStruct(delta_shape, w1t.dtype),
+            jax.ShapeDtypeStruct((b, kp, nb * block_size), w1t.dtype),
             jax.ShapeDtypeStruct(act_cache.shape, act_cache.dtype),
         ],
         input_output_aliases={5: 1},
@@ -292,12 +243,11 @@ def _fc2_body(
             out_out_ref[b, tok, cols] = (old.astype(jnp.float32) + acc).astype(out_out_ref.dtype)
 
 
-def fc2_delta(delta_t, w2, out_cache, indices, counts, *, block_size, tiles=None, interpret=False):
+def fc2_delta(delta_t, w2, out_cache, indices, counts, *, block_size, tiles=DEFAULT_TILES, interpret=False):
     """out_cache[b, rows of block r] += delta_t[b, :counts, rows]^T @ w2[indices[b, r, :counts]], in place.
 
     delta_t [B, Kp, NB*block_size] from fc1_delta, w2 [F, C_out], out_cache [B, N, C_out].
     """
-    tiles = default_tiles(w2.dtype) if tiles is None else tiles
     b, n, c_out = out_cache.shape
     nb = indices.shape[1]
     bk = tiles.fc2_k
@@ -332,15 +282,13 @@ def pad_indices(indices, multiple: int):
 
 def sparse_mlp_delta(
     x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size=128, interpret=False,
-    w1_transposed=False, tiles=None, expected_count=None,
+    w1_transposed=False, tiles=DEFAULT_TILES,
 ):
     """fc1_delta then fc2_delta; returns (act_cache, out_cache). Arguments as in mlp.sparse_mlp_delta."""
-    tiles = default_tiles(w1.dtype) if tiles is None else tiles
     w1t = w1 if w1_transposed else w1.T
     indices = pad_indices(indices, tiles.fc1_features)
     delta_t, act_cache = fc1_delta(
-        x, w1t, b1, act_cache, indices, counts, block_size=block_size, tiles=tiles, interpret=interpret,
-        expected_count=expected_count,
+        x, w1t, b1, act_cache, indices, counts, block_size=block_size, tiles=tiles, interpret=interpret
     )
     out_cache = fc2_delta(
         delta_t, w2, out_cache, indices, counts, block_size=block_size, tiles=tiles, interpret=interpret

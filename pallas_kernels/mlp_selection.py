@@ -12,7 +12,6 @@ and writes the index list: selected features ascending, then the unselected ones
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -23,8 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = [
     "select_top_features", "select_top_features_reference", "select_from_preactivation",
-    "select_from_preactivation_reference", "block_preactivation", "block_preactivation_reference",
-    "ScoreTiles", "DEFAULT_SCORE_TILES",
+    "select_from_preactivation_reference",
 ]
 
 _INT_MIN = -(2**31)
@@ -220,102 +218,3 @@ def _select_call(scores, base, keep, multiple_of, extra, impl, num_warps):
     new_base = outs[2].reshape(*lead, f) if base is not None else None
     return indices, counts, new_base
 
-
-# ---- block pre-activations: z[b, m, f] = means[b, m, :] . W1[:, f] + b1[f] ----------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreTiles:
-    """Tiles of the block pre-activation kernel: a program computes features x row blocks tiles."""
-
-    features: int = 64  # BF (W1 rows per program): F / BF programs stream W1 once
-    k: int = 128  # K step over C
-    warps: int = 4
-    stages: int = 3
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ScoreTiles.{field.name} must be a positive integer, got {value!r}")
-        for name in ("features", "k"):
-            value = getattr(self, name)
-            if value & (value - 1) or value < 16:
-                raise ValueError(f"ScoreTiles.{name} must be a power of two >= 16 (Triton tiles), got {value}")
-
-
-DEFAULT_SCORE_TILES = ScoreTiles()
-
-
-def block_preactivation_reference(means, w1, b1, *, w1_transposed: bool = False):
-    """Pure-jnp twin: means [B, NB, C] (x's dtype) @ W1 + b1 with f32 accumulation -> [B, NB, F] f32."""
-    spec = "bmc,fc->bmf" if w1_transposed else "bmc,cf->bmf"
-    z = jnp.einsum(spec, means, w1, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return z + b1.astype(jnp.float32)
-
-
-def _preact_kernel(means_ref, w_ref, b1_ref, z_ref, *, nb, bf, nbt, bk, w1_transposed):
-    fi, mi, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    c = means_ref.shape[-1]
-    feats = pl.ds(pl.multiple_of(fi * bf, bf), bf)
-    blocks = pl.ds(pl.multiple_of(mi * nbt, nbt), nbt)
-    dtype = w_ref.dtype
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-    def k_step(kk, acc):
-        cols = pl.ds(pl.multiple_of(kk * bk, bk), bk)
-        m = means_ref[b, blocks, cols].astype(dtype)  # [nbt, bk]
-        if w1_transposed:
-            w, dims = w_ref[feats, cols], (((1,), (1,)), ((), ()))  # [bf, bk]
-        else:
-            w, dims = w_ref[cols, feats], (((0,), (1,)), ((), ()))  # [bk, bf]
-        return acc + jax.lax.dot_general(w, m, dims, preferred_element_type=jnp.float32, precision=precision)
-
-    zt = jax.lax.fori_loop(0, c // bk, k_step, jnp.zeros((bf, nbt), jnp.float32))  # [features, blocks]
-    zt = zt + b1_ref[feats].astype(jnp.float32)[:, None]
-    f_idx = jnp.broadcast_to((fi * bf + jnp.arange(bf, dtype=jnp.int32))[:, None], (bf, nbt))
-    m_ids = mi * nbt + jnp.arange(nbt, dtype=jnp.int32)
-    m_idx = jnp.broadcast_to(jnp.where(m_ids < nb, m_ids, z_ref.shape[1])[None, :], (bf, nbt))
-    plgpu.store(z_ref.at[b, m_idx, f_idx], zt, mask=m_idx < nb)
-
-
-def block_preactivation(
-    means, w1, b1, *, w1_transposed: bool = False, impl: str | None = None, tiles: ScoreTiles = DEFAULT_SCORE_TILES
-):
-    """z = means @ W1 + b1 for the selection scores (SPEC §2.2): means [B, NB, C] (block means of x, in x's
-    dtype), W1 [C, F] or [F, C] (w1_transposed=True), b1 [F]. Returns z [B, NB, F] f32 (f32 accumulation;
-    bf16 operands for bf16 weights). The Pallas kernel streams W1 once (F / tiles.features programs)."""
-    for name, arr, ndim in (("means", means, 3), ("w1", w1, 2), ("b1", b1, 1)):
-        if getattr(arr, "ndim", None) != ndim:
-            raise ValueError(f"{name} must have rank {ndim}, got shape {getattr(arr, 'shape', None)}")
-    b, nb, c = means.shape
-    f = w1.shape[0] if w1_transposed else w1.shape[1]
-    if (w1.shape[1] if w1_transposed else w1.shape[0]) != c:
-        raise ValueError(f"w1 {w1.shape} does not match means' C = {c} (w1_transposed={w1_transposed})")
-    if b1.shape != (f,):
-        raise ValueError(f"b1 must have shape ({f},), got {b1.shape}")
-    if not isinstance(tiles, ScoreTiles):
-        raise TypeError(f"tiles must be a ScoreTiles, got {type(tiles).__name__}")
-    impl = _resolve(impl, 8)
-    bf = tiles.features
-    if impl == "reference" or f % bf or c % 16:
-        return block_preactivation_reference(means, w1, b1, w1_transposed=w1_transposed)
-    bk = tiles.k if jnp.dtype(w1.dtype).itemsize <= 2 else min(tiles.k, 32)  # f32: half the smem per stage
-    while c % bk:
-        bk //= 2
-    nbt = min(128, max(16, 1 << (nb - 1).bit_length()))
-    nbp = -(-nb // nbt) * nbt
-    if nbp != nb:  # the means are tiny: pad the row-block axis to whole tiles
-        means = jnp.pad(means, ((0, 0), (0, nbp - nb), (0, 0)))
-    kernel = functools.partial(_preact_kernel, nb=nb, bf=bf, nbt=nbt, bk=bk, w1_transposed=w1_transposed)
-    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-    return pl.pallas_call(
-        kernel,
-        grid=(f // bf, nbp // nbt, b),
-        in_specs=[whole(means.shape), whole(w1.shape), whole(b1.shape)],
-        out_specs=whole((b, nb, f)),
-        out_shape=jax.ShapeDtypeStruct((b, nb, f), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages),
-        interpret=impl == "interpret",
-        name="chipmunk_mlp_block_preact",
-    )(means, w1, b1)

@@ -116,45 +116,7 @@ def test_selection_compiled_with_random_features():
     np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
 
 
-# ---- issue 4 speed work: candidate tiles, the expected_count grid, block pre-activations, fused selection ----
-
-from chipmunk_jax.pallas_kernels import mlp_pallas  # noqa: E402
-
-
-@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES,
-                         ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}s{t.fc1_stages}"
-                                       f"-bn{t.fc2_cols}w{t.fc2_warps}s{t.fc2_stages}r{int(t.rows_fastest)}")
-def test_production_tiles_compiled_bf16(tiles):
-    b, n, c, f, c_out = 1, 1000, 256, 1024, 512  # N not a multiple of 128
-    x, w1, b1, w2, _, act, out = _problem(21, b, n, c, f, c_out, jnp.bfloat16)
-    idx, cnt = _selection(22, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
-    fn = jax.jit(lambda *a, ec: mlp_op.sparse_mlp_delta(*a, impl="pallas", w1_transposed=True, tiles=tiles,
-                                                         expected_count=ec), donate_argnums=(4, 5),
-                 static_argnames="ec")
-    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
-    for ec in (300,):  # programs loop over further chunks where counts exceed it (None: the benchmark checks it)
-        act_k, out_k = fn(x, w1.T, b1, w2, jnp.array(act), jnp.array(out), idx, cnt, ec=ec)
-        assert _rel(out_k - out, out_r - out) <= 2e-2, ec
-        assert _rel(act_k, act_r) <= 1e-2, ec
-
-
-@pytest.mark.parametrize("w1_transposed", [False, True])
-@pytest.mark.parametrize("nb, c, f", [(32, 3072, 12288), (36, 3072, 12288), (3, 256, 512)])
-def test_block_preactivation_compiled(nb, c, f, w1_transposed):
-    ks = jax.random.split(jax.random.key(nb + f), 3)
-    means = jax.random.normal(ks[0], (1, nb, c), jnp.float32).astype(jnp.bfloat16)
-    w1 = (jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)).astype(jnp.bfloat16)
-    w1 = w1.T if w1_transposed else w1
-    b1 = jax.random.normal(ks[2], (f,), jnp.float32).astype(jnp.bfloat16)
-    z_k = mlp_selection.block_preactivation(means, w1, b1, w1_transposed=w1_transposed, impl="pallas")
-    z_r = mlp_selection.block_preactivation(means, w1, b1, w1_transposed=w1_transposed, impl="reference")
-    assert _rel(z_k, z_r) <= 1e-5  # same bf16 operands, f32 accumulation: only the summation order differs
-    # f32 operands (HIGHEST precision dots), C cut to 256.
-    w_small = w1[:, :256] if w1_transposed else w1[:256]
-    args = (means[:, :, :256].astype(jnp.float32), w_small.astype(jnp.float32), b1.astype(jnp.float32))
-    z_k = mlp_selection.block_preactivation(*args, w1_transposed=w1_transposed, impl="pallas")
-    z_r = mlp_selection.block_preactivation(*args, w1_transposed=w1_transposed, impl="reference")
-    assert _rel(z_k, z_r) <= 1e-5
+# ---- issue 4: fused selection, W1 stored [F, C] -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_warps", [8, 16])

@@ -73,52 +73,6 @@ def test_selection_lowers_for_cuda(shape, with_extra):
     assert "xla.gpu.triton" in text and "chipmunk_mlp_select" in text
 
 
-@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES[:4], ids=lambda t: f"bf{t.fc1_features}w{t.fc1_warps}")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
-def test_fc1_expected_count_grid_lowers_for_cuda(shape, tiles):
-    _, n, c, f, c_out = shape
-    nb = -(-n // 128)
-    sds, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-    specs = (
-        sds((1, n, c), bf16), sds((f, c), bf16), sds((f,), bf16), sds((f, c_out), bf16),
-        sds((1, f, n), bf16), sds((1, n, c_out), bf16), sds((1, nb, f), jnp.int32), sds((1, nb), jnp.int32),
-    )
-    step = functools.partial(mlp_pallas.sparse_mlp_delta, block_size=128, w1_transposed=True, tiles=tiles,
-                             expected_count=round(0.3 * f))
-    assert _lower_cuda(step, *specs).count("xla.gpu.triton") == 2
-
-
-@pytest.mark.parametrize("w1_transposed", [False, True])
-@pytest.mark.parametrize(
-    "tiles",
-    [mlp_selection.ScoreTiles(), mlp_selection.ScoreTiles(features=128, k=64, stages=4),
-     mlp_selection.ScoreTiles(features=32)],
-    ids=lambda t: f"f{t.features}k{t.k}",
-)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
-def test_block_preactivation_lowers_for_cuda(shape, tiles, w1_transposed):
-    _, n, c, f, _ = shape
-    nb = -(-n // 128)
-    sds, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-    w_shape = (f, c) if w1_transposed else (c, f)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    fn = functools.partial(mlp_selection.block_preactivation, w1_transposed=w1_transposed, impl="pallas", tiles=tiles)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(sds((1, nb, c), bf16), sds(w_shape, bf16), sds((f,), bf16)).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text and "chipmunk_mlp_block_preact" in text
-
-
-def test_block_preactivation_f32_lowers_for_cuda():
-    sds, f32 = jax.ShapeDtypeStruct, jnp.float32
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    fn = functools.partial(mlp_selection.block_preactivation, w1_transposed=True, impl="pallas")
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(sds((1, 130, 256), f32), sds((512, 256), f32), sds((512,), f32)).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert "chipmunk_mlp_block_preact" in text
-
-
 @pytest.mark.parametrize("num_warps", [8, 16])
 @pytest.mark.parametrize("with_extra", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
