@@ -27,3 +27,18 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path, script, expected):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout[-3000:]
     assert not list(tmp_path.iterdir())  # nothing written without --results
+
+
+def test_flux_profile_runs_tiny_on_cpu(tmp_path):
+    """The profiler script parses its own perfetto trace (CPU thunks stand in for GPU kernels)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "profile.md"
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "flux_profile.py"), "--tiny", "--calls", "1",
+         "--dispatch", "static", "--kinds", "SPARSE+SPARSE_REUSE", "--trace-dir", str(tmp_path / "traces"),
+         "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "### dense model" in text and "SPARSE+SPARSE_REUSE (step" in text and "| category | ms/call |" in text

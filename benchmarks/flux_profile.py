@@ -1,0 +1,223 @@
+"""Where one FLUX.1-dev step spends its time: a device-side kernel profile of the dense model and of
+Chipmunk step kinds, summed per kernel and per category (GEMM, cuDNN attention, Pallas kernels, XLA
+fusions, copies), with the wall time per step beside it (the gap = launch / dispatch overhead).
+
+Why: the Chipmunk sparse steps measured 117-125 ms against ~104 ms predicted from the kernel tables
+(RESULTS.md, issue 5): this names the kernels that make up the difference, e.g. copies of cache
+buffers around the per-layer ``lax.switch`` (compare --dispatch traced with --dispatch static).
+
+On the device machine (one command, ~4 min at 1024^2):
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_profile.py --out $OUT/flux_profile.md
+On a CPU: python benchmarks/flux_profile.py --tiny (checks the script; CPU "kernels" are XLA thunks).
+
+Method: random bf16 weights (``flux.init_params``), Chipmunk preset ``config.flux()`` with
+``flux.prepare_params``; the Chipmunk step is jitted with a traced step (as in sampling) or, with
+--dispatch static, one jit per step kind with a Python-int step. Steps 0 and 1 run first (LSE, column
+sets, MLP selection). Each profiled phase runs --calls calls inside ``jax.profiler.trace`` (perfetto
+trace), after one untimed call; device events are summed per kernel name and divided by --calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_e2e's input builders
+
+from flux_e2e import make_inputs, trajectory  # noqa: E402
+
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
+from chipmunk_jax.models import flux  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule  # noqa: E402
+from chipmunk_jax.timing import log  # noqa: E402
+
+CATEGORIES = (  # first match wins; kernel names as the CUDA / XLA profilers report them
+    ("pallas", re.compile(r"chipmunk_|triton", re.I)),
+    ("cudnn attention", re.compile(r"cudnn|fmha|flash|sm90_.*attn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|cublas|sm90_xmma|nvjet|matmul|dot", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|transpose|dynamic.update.slice|bitcast", re.I)),
+    ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|convert|add|multiply", re.I)),
+)
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def device_events(trace_dir: str):
+    """(name, duration us) of every complete event on a device (GPU) process of the perfetto trace;
+    on a CPU backend, of the XLA executor threads."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        raise RuntimeError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        events = json.load(f)["traceEvents"]
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {pid for pid, name in process.items() if "GPU" in name or "device" in name.lower()}
+    # a GPU process has one line per CUDA stream (kernels) plus summary lines (XLA modules / ops) that
+    # repeat the same time: keep the stream lines where the trace names them
+    streams = {key for key, name in thread.items() if key[0] in gpu and "stream" in name.lower()}
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if gpu:
+            key = (e["pid"], e.get("tid"))
+            if e["pid"] in gpu and (key in streams if streams else "module" not in thread.get(key, "").lower()):
+                out.append((e["name"], float(e["dur"])))
+        elif "XLA" in thread.get((e["pid"], e.get("tid")), "") and "Eigen" not in thread.get((e["pid"], e.get("tid")), ""):
+            out.append((e["name"], float(e["dur"])))
+    return out
+
+
+def profile(fn, calls: int, trace_dir: str):
+    """Run fn once untimed, then ``calls`` times under the profiler; returns (wall ms per call, events)."""
+    fn()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    return wall_ms, device_events(trace_dir)
+
+
+def summarise(label: str, wall_ms: float, events, calls: int, top: int) -> list[str]:
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for name, dur in events:
+        per_kernel[name][0] += 1
+        per_kernel[name][1] += dur
+    device_ms = sum(d for _, d in events) / 1e3 / calls
+    per_cat = collections.Counter()
+    for name, (_, dur) in per_kernel.items():
+        per_cat[category(name)] += dur / 1e3 / calls
+    lines = [f"### {label}", "",
+             f"wall {wall_ms:.2f} ms/call; device kernels {device_ms:.2f} ms/call "
+             f"(gap {wall_ms - device_ms:.2f} ms: launches, host work, idle)", "",
+             "| category | ms/call | % of device time |", "|---|---|---|"]
+    for cat, ms in per_cat.most_common():
+        lines.append(f"| {cat} | {ms:.2f} | {100 * ms / max(device_ms, 1e-9):.1f} |")
+    lines += ["", f"Top {top} kernels:", "", "| kernel | category | launches/call | ms/call |", "|---|---|---|---|"]
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
+    for name, (count, dur) in ranked:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short}` | {category(name)} | {count / calls:g} | {dur / 1e3 / calls:.3f} |")
+    return lines + [""]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1024x1024", help="HxW in pixels")
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--kinds", default="SPARSE+SPARSE_SELECT,SPARSE+SPARSE_REUSE",
+                        help="Chipmunk (attention+MLP) step kinds to profile, comma separated")
+    parser.add_argument("--dispatch", default="traced,static", help="traced (lax.switch per layer), static, or both")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's profile")
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace-dir", default=None, help="where the raw traces go (default: a temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="2+2-block model, 256x256: a CPU check of the script")
+    parser.add_argument("--out", default=None, help="append the markdown section to this file")
+    args = parser.parse_args()
+    if args.calls < 1:
+        parser.error("--calls must be >= 1")
+    dispatches = args.dispatch.split(",")
+    if not set(dispatches) <= {"traced", "static"}:
+        parser.error("--dispatch takes traced, static or both")
+
+    chipmunk = chipmunk_config.flux()
+    if args.tiny:
+        config = flux.FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, joint_attention_dim=64,
+                                 pooled_projection_dim=32, guidance_embeds=True)
+        height = width = 256
+        text_len, kernel_impl = 32, "reference"
+        chipmunk = chipmunk.replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1)
+    else:
+        config = flux.FluxConfig.dev()
+        height, width = (int(v) for v in args.size.split("x"))
+        text_len, kernel_impl = args.text_len, None
+    attn_table, mlp_table = attention_schedule(chipmunk), mlp_schedule(chipmunk)
+    steps_of = {}
+    for s in range(chipmunk.num_steps):
+        steps_of.setdefault(f"{AttentionStep(int(attn_table[s])).name}+{MLPStep(int(mlp_table[s])).name}", s)
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in steps_of]
+    if unknown:
+        parser.error(f"--kinds {unknown}: the FLUX schedule has {sorted(steps_of)}")
+    trace_root = args.trace_dir or tempfile.mkdtemp(prefix="flux_profile_")
+    device = jax.devices()[0]
+    log(f"device {device.device_kind}, jax {jax.__version__}, {height}x{width}, traces in {trace_root}")
+
+    params = jax.block_until_ready(flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
+    prepared = flux.prepare_params(params, config, chipmunk)
+    inputs, grid = make_inputs(config, height, width, text_len, jnp.bfloat16)
+    rope = flux.rotary_emb(config, inputs["txt_ids"], inputs["img_ids"])
+    lines = [f"## FLUX.1 step profile ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})", "",
+             "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_profile.py "
+             + " ".join(sys.argv[1:]) + f"`. {height}x{width}, text {text_len}, random bf16 weights, Chipmunk preset "
+             f"`config.flux()` with `flux.prepare_params`; per call averages over {args.calls} profiled calls.", ""]
+
+    if not args.no_dense:
+        dense = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
+        wall, events = profile(lambda: jax.block_until_ready(dense(params, inputs, rope)), args.calls,
+                               os.path.join(trace_root, "dense"))
+        lines += summarise("dense model", wall, events, args.calls, args.top)
+        log(f"dense: {wall:.1f} ms/call")
+
+    def chipmunk_fn(step_arg):
+        def step_fn(p, x, cache, step, r):
+            return flux.forward(p, config, **x, chipmunk=chipmunk, cache=cache, step=step, key=jax.random.key(0),
+                                image_grid=grid, rotary_emb=r, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        if step_arg == "traced":
+            return jax.jit(step_fn, donate_argnums=(2,))
+        return jax.jit(lambda p, x, cache, r: step_fn(p, x, cache, step_arg, r), donate_argnums=(2,))
+
+    for dispatch in dispatches:
+        traced = chipmunk_fn("traced")
+        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=grid[0] * grid[1],
+                                num_text_tokens=text_len, dtype=jnp.bfloat16)
+        for s in (0, 1):  # LSE, column sets and MLP selections exist after these
+            _, cache = traced(prepared, trajectory(inputs, s), cache, jnp.int32(s), rope)
+        state = {"cache": cache}
+        for kind in kinds:
+            s = steps_of[kind]
+            x = trajectory(inputs, s)
+            fn = traced if dispatch == "traced" else chipmunk_fn(s)
+
+            def call():
+                if dispatch == "traced":
+                    out, state["cache"] = fn(prepared, x, state["cache"], jnp.int32(s), rope)
+                else:
+                    out, state["cache"] = fn(prepared, x, state["cache"], rope)
+                jax.block_until_ready(out)
+
+            wall, events = profile(call, args.calls, os.path.join(trace_root, f"{dispatch}_{kind}"))
+            lines += summarise(f"Chipmunk {kind} (step {s}), {dispatch} dispatch", wall, events, args.calls, args.top)
+            log(f"{kind} {dispatch}: {wall:.1f} ms/call")
+        del state, cache
+
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
