@@ -31,6 +31,35 @@ def test_dataset_is_deterministic_per_seed_and_index():
     assert a.min() >= -1.0 and a.max() <= 1.0
 
 
+def test_dataset_renders_the_same_with_jax_numpy():
+    # the trainer renders scene_batch on the accelerator with jax.numpy: same images as numpy's make_batch
+    scene = D.scene_batch(5, 20, 6)
+    images, labels = D.make_batch(5, 20, 6)
+    np.testing.assert_array_equal(np.stack([scene["shape"], scene["colour"]], 1), labels)
+    rendered = np.asarray(jax.jit(lambda s: D.render(s, jnp))(scene))
+    np.testing.assert_allclose(rendered, images, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(D.pack(jnp.asarray(images), jnp)), D.pack(images), atol=0)
+
+
+def test_train_schedule_is_warmup_stable_decay():
+    lr = lambda s: train.learning_rate(s, 100, peak=1.0, warmup=10, decay=0.2)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(9) == 1.0 and lr(50) == 1.0 and lr(79) == 1.0
+    assert lr(80) == pytest.approx(1.0) and lr(90) == pytest.approx(0.5) and lr(99) == pytest.approx(0.05)
+
+
+def test_train_runs_and_saves_a_loadable_model(tmp_path):
+    assert train.main(["--out", str(tmp_path), "--steps", "3", "--warmup", "1", "--batch", "2",
+                       "--log-every", "1"]) == 0
+    config, params = load_shipped(tmp_path)
+    assert config == tiny_config()
+    _, raw = load_shipped(tmp_path / "raw")
+    assert jax.tree.structure(params) == jax.tree.structure(raw)
+    import json
+
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["steps_done"] == 3 and [h["step"] for h in log["history"]] == [2, 3] and np.isfinite(log["final_loss"])
+
+
 def test_dataset_labels_control_shape_and_colour():
     labels = np.array([[0, 0], [1, 2]], np.int32)
     images, out_labels = D.make_batch(0, 0, 2, labels)
@@ -135,6 +164,19 @@ def test_shipped_weights_load_and_sample_two_steps():
     assert np.abs(dense).mean() < 1.5
 
 
+def test_cross_step_change_runs_on_the_shipped_model():
+    # the recording forward re-runs FLUX's blocks: keeps it in step with the model code
+    config, params = load_shipped()
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    text, pooled = D.text_embeddings(np.array([[1, 2]], np.int32))
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (1, 1024, 12)))
+    change = Q.cross_step_change(params, config, text, pooled, noise, num_steps=3)
+    for op in ("attention", "mlp"):
+        fractions = np.asarray(change[op])
+        assert fractions.shape == (config.num_sparse_layers, 2, 2)
+        assert ((fractions > 0) & (fractions <= 1)).all() and (fractions[..., 0] <= fractions[..., 1]).all()
+
+
 def test_load_shipped_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         load_shipped(tmp_path)
@@ -147,6 +189,10 @@ def test_cli_arguments_are_validated():
         generate._parse(["--labels", "blob:red"])
     with pytest.raises(SystemExit):
         train._parse(["--out", "x", "--steps", "10", "--warmup", "20"])
+    with pytest.raises(SystemExit):
+        train._parse(["--out", "x", "--time-budget", "0"])
+    with pytest.raises(SystemExit):
+        train._parse(["--out", "x", "--decay", "1.5"])
     with pytest.raises(ValueError, match="shape:colour"):
         generate.parse_labels("circle", 1)
     np.testing.assert_array_equal(generate.parse_labels("ring:blue", 2), [[3, 2], [3, 2]])

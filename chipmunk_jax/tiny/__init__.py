@@ -19,20 +19,21 @@ IMAGE_GRID = (32, 32)
 
 
 def tiny_config() -> FluxConfig:
-    """2 heads x 32 (width 64), 2 double + 2 single blocks, MLP 256, 12 pixel-patch channels: sized to
-    train on two shared CPU cores in under an hour (attention over 1,032 tokens dominates the cost)."""
+    """2 heads x 64 (width 128), 2 double + 4 single blocks (FLUX's 1:2 ratio), MLP 512, 12 pixel-patch
+    channels, RoPE axes 8/28/28 (FLUX's 16/56/56 halved): 2.3M parameters (8.8 MB float32). Trained on
+    one GPU in minutes; samples on two CPU cores at ~25 ms per image and step."""
     return FluxConfig(
         patch_size=1,
         in_channels=12,
         out_channels=12,
         num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=32,
+        num_single_layers=4,
+        attention_head_dim=64,
         num_attention_heads=2,
         joint_attention_dim=64,
         pooled_projection_dim=64,
         guidance_embeds=False,
-        axes_dims_rope=(8, 12, 12),
+        axes_dims_rope=(8, 28, 28),
     )
 
 

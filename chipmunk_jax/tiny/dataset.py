@@ -4,7 +4,8 @@ Each image: a two-colour linear gradient background (random direction) with a fa
 and one anti-aliased foreground shape of a given class and colour at a jittered position and size.
 The label is ``(shape, colour)``; ``text_embeddings`` turns it into FLUX's text inputs.
 
-Deterministic: image ``i`` of seed ``s`` depends only on ``(s, i)`` (its own numpy Generator), so any
+Deterministic: image ``i`` of seed ``s`` depends only on ``(s, i)`` (its own numpy Generator draws its
+scene parameters, ``scene_params``; ``render`` draws them with numpy or, jitted on a GPU, jax.numpy), so any
 slice of the stream can be regenerated anywhere.
 
 Pixel values are float32 in [-1, 1], layout [H, W, 3]. ``pack`` / ``unpack`` convert to FLUX's packed
@@ -24,6 +25,9 @@ __all__ = [
     "TEXT_DIM",
     "make_image",
     "make_batch",
+    "scene_params",
+    "scene_batch",
+    "render",
     "random_labels",
     "text_embedding_table",
     "text_embeddings",
@@ -58,60 +62,90 @@ def _check_index(name, value, upper=None):
         raise ValueError(f"{name} must be < {upper}, got {value}")
 
 
-def _shape_mask(shape: str, yy, xx, cy, cx, radius):
-    """Soft coverage in [0, 1] from a signed distance (pixels; negative inside), 1-pixel edge."""
-    dy, dx = yy - cy, xx - cx
-    if shape == "circle":
-        dist = np.hypot(dx, dy) - radius
-    elif shape == "square":
-        dist = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * radius
-    elif shape == "ring":
-        dist = np.abs(np.hypot(dx, dy) - 0.75 * radius) - 0.28 * radius
-    elif shape == "cross":
-        arm = 0.3 * radius
-        horizontal = np.maximum(np.abs(dx) - radius, np.abs(dy) - arm)
-        vertical = np.maximum(np.abs(dy) - radius, np.abs(dx) - arm)
-        dist = np.minimum(horizontal, vertical)
-    elif shape == "diamond":
-        dist = (np.abs(dx) + np.abs(dy) - 1.1 * radius) / np.sqrt(2.0)
-    elif shape == "triangle":
-        # upward equilateral triangle: max of the three edge half-plane distances
-        r = 1.1 * radius
-        n = np.array([[0.0, 1.0], [np.sqrt(3) / 2, -0.5], [-np.sqrt(3) / 2, -0.5]])
-        # with image y pointing down, "up" is -y: the bottom edge has normal (0, +1) in (x, y)
-        dists = [dx * nx + dy * ny - 0.5 * r for nx, ny in n]
-        dist = np.maximum(np.maximum(dists[0], dists[1]), dists[2])
-    else:  # pragma: no cover - guarded by make_image
-        raise ValueError(shape)
-    return np.clip(0.5 - dist, 0.0, 1.0)
+_SCENE_FIELDS = ("c0", "c1", "angle", "freq", "phase", "tex_angle", "radius", "cy", "cx", "brightness",
+                 "shape", "colour")
 
 
-def make_image(seed: int, index: int, shape: int, colour: int) -> np.ndarray:
-    """Image ``index`` of stream ``seed`` with the given shape and colour ids: [64, 64, 3] float32 in [-1, 1]."""
+def scene_params(seed: int, index: int, shape: int, colour: int) -> dict:
+    """The random draws of image ``index`` of stream ``seed`` (its own Generator, in a fixed order):
+    background colours ``c0``/``c1`` [3], gradient ``angle``, texture ``freq``/``phase``/``tex_angle``,
+    shape ``radius`` and centre ``cy``/``cx`` (pixels), colour ``brightness``; plus the given ids."""
     _check_index("seed", seed)
     _check_index("index", index)
     _check_index("shape", shape, len(SHAPES))
     _check_index("colour", colour, len(COLOURS))
     rng = np.random.default_rng([seed, index])
-    size = IMAGE_SIZE
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-
-    # background: dark-to-mid gradient so every foreground colour stays visible
-    c0, c1 = rng.uniform(0.05, 0.45, size=(2, 3)).astype(np.float32)
+    c0, c1 = rng.uniform(0.05, 0.45, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5
-    ramp = np.clip(ramp, 0.0, 1.0)[..., None]
-    image = c0 * (1 - ramp) + c1 * ramp
     freq, phase, tex_angle = rng.uniform(0.15, 0.45), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
-    texture = np.sin(freq * (xx * np.cos(tex_angle) + yy * np.sin(tex_angle)) + phase)
-    image = image + 0.05 * texture[..., None]
-
     radius = rng.uniform(10.0, 15.0)
-    cy, cx = size / 2 + rng.uniform(-8, 8, size=2)
-    mask = _shape_mask(SHAPES[shape], yy, xx, cy, cx, radius)[..., None]
-    shade = np.asarray(list(COLOURS.values())[colour], np.float32) * rng.uniform(0.85, 1.0)
-    image = image * (1 - mask) + shade * mask
-    return (np.clip(image, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+    cy, cx = IMAGE_SIZE / 2 + rng.uniform(-8, 8, size=2)
+    brightness = rng.uniform(0.85, 1.0)
+    return dict(c0=c0, c1=c1, angle=angle, freq=freq, phase=phase, tex_angle=tex_angle, radius=radius, cy=cy,
+                cx=cx, brightness=brightness, shape=int(shape), colour=int(colour))
+
+
+def scene_batch(seed: int, start: int, batch: int, labels=None) -> dict:
+    """``scene_params`` of images ``start .. start+batch-1`` stacked into arrays with a leading [B] axis
+    (float32; ``shape``/``colour`` int32): the input of ``render``. ``labels`` as in ``make_batch``."""
+    labels = _batch_labels(seed, start, batch, labels)
+    scenes = [scene_params(seed, start + i, int(s), int(c)) for i, (s, c) in enumerate(labels)]
+    out = {k: np.asarray([sc[k] for sc in scenes], np.float32) for k in _SCENE_FIELDS[:-2]}
+    out["shape"], out["colour"] = labels[:, 0].copy(), labels[:, 1].copy()
+    return out
+
+
+def _signed_distances(dy, dx, radius, xp):
+    """[6, ...] signed distances (pixels; negative inside) of the six shapes, in ``SHAPES`` order."""
+    circle = xp.sqrt(dx * dx + dy * dy) - radius
+    square = xp.maximum(xp.abs(dx), xp.abs(dy)) - 0.85 * radius
+    ring = xp.abs(circle + 0.25 * radius) - 0.28 * radius  # |hypot - 0.75 r| - 0.28 r
+    arm = 0.3 * radius
+    horizontal = xp.maximum(xp.abs(dx) - radius, xp.abs(dy) - arm)
+    vertical = xp.maximum(xp.abs(dy) - radius, xp.abs(dx) - arm)
+    cross = xp.minimum(horizontal, vertical)
+    diamond = (xp.abs(dx) + xp.abs(dy) - 1.1 * radius) / np.sqrt(2.0)
+    # upward equilateral triangle (image y points down): max of the three edge half-plane distances
+    half = 0.55 * radius
+    s3 = np.sqrt(3) / 2
+    triangle = xp.maximum(xp.maximum(dy - half, s3 * dx - 0.5 * dy - half), -s3 * dx - 0.5 * dy - half)
+    return xp.stack([circle, square, triangle, ring, cross, diamond])
+
+
+def render(scene: dict, xp=np):
+    """Images [B, 64, 64, 3] in [-1, 1] of a ``scene_batch`` (arrays with a leading [B] axis), float32.
+
+    ``xp`` is ``numpy`` or ``jax.numpy`` (the same code renders on the host and, jitted, on a GPU).
+    Background: dark-to-mid two-colour gradient along ``angle`` plus 0.05 x a sinusoidal texture;
+    foreground: the shape's anti-aliased coverage (clip(0.5 - distance, 0, 1)) in ``brightness`` x its
+    palette colour."""
+    f32 = np.float32
+    size = IMAGE_SIZE
+    grid = xp.arange(size, dtype=f32) + f32(0.5)
+    yy, xx = grid[None, :, None], grid[None, None, :]  # [1, H, 1], [1, 1, W]
+    col = lambda v: xp.asarray(v, f32)[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
+    angle, tex_angle = col(scene["angle"]), col(scene["tex_angle"])
+    ramp = ((xx - size / 2) * xp.cos(angle) + (yy - size / 2) * xp.sin(angle)) / size + 0.5
+    ramp = xp.clip(ramp, 0.0, 1.0)[..., None]
+    c0 = xp.asarray(scene["c0"], f32)[:, None, None, :]
+    c1 = xp.asarray(scene["c1"], f32)[:, None, None, :]
+    image = c0 * (1 - ramp) + c1 * ramp
+    texture = xp.sin(col(scene["freq"]) * (xx * xp.cos(tex_angle) + yy * xp.sin(tex_angle)) + col(scene["phase"]))
+    image = image + 0.05 * texture[..., None]
+    dists = _signed_distances(yy - col(scene["cy"]), xx - col(scene["cx"]), col(scene["radius"]), xp)
+    shape = xp.asarray(scene["shape"], np.int32)
+    dist = sum(xp.where((shape == i)[:, None, None], dists[i], 0.0) for i in range(len(SHAPES)))
+    mask = xp.clip(0.5 - dist, 0.0, 1.0)[..., None]
+    palette = xp.asarray(np.asarray(list(COLOURS.values()), f32))
+    shade = palette[xp.asarray(scene["colour"], np.int32)] * xp.asarray(scene["brightness"], f32)[:, None]
+    image = image * (1 - mask) + shade[:, None, None, :] * mask
+    return (xp.clip(image, 0.0, 1.0) * 2.0 - 1.0).astype(f32)
+
+
+def make_image(seed: int, index: int, shape: int, colour: int) -> np.ndarray:
+    """Image ``index`` of stream ``seed`` with the given shape and colour ids: [64, 64, 3] float32 in [-1, 1]."""
+    scene = scene_params(seed, index, shape, colour)
+    return render({k: np.asarray(v)[None] for k, v in scene.items()})[0]
 
 
 def random_labels(seed: int, index: int) -> tuple[int, int]:
@@ -122,11 +156,7 @@ def random_labels(seed: int, index: int) -> tuple[int, int]:
     return int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS)))
 
 
-def make_batch(seed: int, start: int, batch: int, labels=None) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``start .. start+batch-1`` of stream ``seed``: ([B, 64, 64, 3] float32, [B, 2] int32 labels).
-
-    ``labels`` [B, 2] fixes the (shape, colour) per image; default: ``random_labels`` of each index.
-    """
+def _batch_labels(seed, start, batch, labels):
     _check_index("start", start)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -135,8 +165,16 @@ def make_batch(seed: int, start: int, batch: int, labels=None) -> tuple[np.ndarr
     labels = np.asarray(labels, np.int32)
     if labels.shape != (batch, 2):
         raise ValueError(f"labels must be [{batch}, 2] (shape, colour) ids, got shape {labels.shape}")
-    images = np.stack([make_image(seed, start + i, int(s), int(c)) for i, (s, c) in enumerate(labels)])
-    return images, labels
+    return labels
+
+
+def make_batch(seed: int, start: int, batch: int, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``start .. start+batch-1`` of stream ``seed``: ([B, 64, 64, 3] float32, [B, 2] int32 labels).
+
+    ``labels`` [B, 2] fixes the (shape, colour) per image; default: ``random_labels`` of each index.
+    """
+    scene = scene_batch(seed, start, batch, labels)
+    return render(scene), np.stack([scene["shape"], scene["colour"]], axis=1)
 
 
 def text_embedding_table() -> np.ndarray:
@@ -171,9 +209,10 @@ def text_embeddings(labels, table: np.ndarray | None = None) -> tuple[np.ndarray
     return tokens.astype(np.float32), pooled.astype(np.float32)
 
 
-def pack(images) -> np.ndarray:
-    """[B, H, W, C] -> [B, (H/2)(W/2), C*4] tokens, raster token order, channel order (c, ph, pw)."""
-    images = np.asarray(images)
+def pack(images, xp=np):
+    """[B, H, W, C] -> [B, (H/2)(W/2), C*4] tokens, raster token order, channel order (c, ph, pw).
+    ``xp``: numpy or jax.numpy."""
+    images = xp.asarray(images)
     b, h, w, c = images.shape
     if h % PATCH or w % PATCH:
         raise ValueError(f"image size {h}x{w} must be divisible by the patch size {PATCH}")
