@@ -85,7 +85,10 @@ class SparseConfig:
     tiles: tuple[int, ...] = ()  # explicit sub-tile heights per group, e.g. (128, 64); implies 1 program/group
 
 
-DEFAULT_DENSE = DenseConfig()
+# block_k=128 (run 3, H100): 0.613 vs 0.643 ms for block_k=64 at N=4,608 in the same sweep; 28.1 ms (1.22x cuDNN) at
+# 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 has not
+# been timed at 118,800 yet.
+DEFAULT_DENSE = DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3)
 # v3 default: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at
 # N=118,800 (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2
 # layout (3x64 sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
@@ -97,7 +100,7 @@ DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_wa
 # Every configuration the benchmarks / production may use: the lowering tests cover all of these.
 PRODUCTION_DENSE_CONFIGS = (
     DEFAULT_DENSE,
-    DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3),
+    DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=3),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
 PRODUCTION_COLSUM_CONFIGS = (
