@@ -2,15 +2,14 @@
 step kind (dense, dense+colsum, sparse, skipped), the 50-step totals composed from the preset's schedule
 (with and without step caching), and peak GPU memory. Prints a markdown section; --results appends it.
 
-NOT RUN YET (written for issue 8 without GPU time). Full size is 720x1280x129 pixels: latent 16x33x90x160,
-118,800 image + 256 text tokens, 12.8 B parameters (23.9 GiB bf16). Chipmunk's caches at that size are
-~56 GB (models/hunyuan_video.py docstring), so the Chipmunk phase needs the 141 GB H200 (no host offload
-yet); the dense phase fits the H100. One dense step is ~20 s (60 x ~0.3 s attention), so one 10-minute
-device command holds one phase:
-  source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py --phase dense --results $OUT/hy.md
-  source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py --phase chipmunk --results $OUT/hy.md
-(kind nvidia-h200 for the second). Smaller: --frames 33 --height 480 --width 848; fewer blocks:
---blocks 4,8 (times then cover those blocks only; say so). On a CPU: --tiny checks the script itself.
+Full size is 720x1280x129 pixels: latent 16x33x90x160, 118,800 image + 256 text tokens, 12.8 B parameters
+(23.9 GiB bf16). Chipmunk's caches at that size are 56 GB, so on the 141 GB H200 everything stays on the
+device (run 1: peak 99.8 GiB; both phases in one command with --reps 1, ~6.5 min); on an 80 GB H100 pass
+--offload (layer caches in pinned host memory, chipmunk_jax.memory; not yet measured):
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py --reps 1 --results $OUT/hy.md
+Reuse a dense figure from an earlier run on the same device kind with --phase chipmunk --dense-ms MS.
+Smaller: --frames 33 --height 480 --width 848; fewer blocks: --blocks 4,8 (times then cover those blocks
+only; say so). On a CPU: --tiny checks the script itself.
 
 Method: weights from ``hunyuan_video.init_params`` (torch's default Linear init) in bf16; inputs random
 bf16 with a fully valid text mask (a concrete constant, so the dense path runs unmasked). RoPE tables are
@@ -34,6 +33,7 @@ import numpy as np
 
 from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
 from chipmunk_jax import config as chipmunk_config
+from chipmunk_jax.memory import offload_layer_caches
 from chipmunk_jax.models import hunyuan_video as hv
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
 
@@ -90,11 +90,14 @@ def time_dense(params, config, inputs, text_mask, rope, reps):
     return ms, compile_s, fn
 
 
-def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check, warmup=1):
+def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check, warmup=1,
+                  offload=False):
     grid = hv.token_grid(config, inputs["hidden_states"].shape)
     text_len = int(text_mask.shape[1])
     cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=text_len, key=jax.random.key(1),
                           dtype=jnp.bfloat16)
+    if offload:  # per-layer caches in pinned host memory; each layer's visits the device for its op
+        cache = offload_layer_caches(cache)
     log(f"  cache {sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / 1e9:.1f} GB, "
         f"peak {peak_gib():.1f} GiB")
 
@@ -152,6 +155,8 @@ def main():
                         help="dense ms/step measured by an earlier --phase dense run (for the composition)")
     parser.add_argument("--check", action="store_true", help="also compare each Chipmunk kind to the dense model")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--offload", action="store_true", help="keep the layer caches in pinned host memory "
+                        "(chipmunk_jax.memory): what lets 720p fit an 80 GB H100")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per Chipmunk step kind before timing "
                         "(0: the step function is already compiled by steps 0 and 1)")
     parser.add_argument("--tiny", action="store_true", help="2+2 blocks, 2 heads, 17x96x128: a CPU check of the script")
@@ -190,7 +195,8 @@ def main():
         log(f"dense {ms:.1f} ms/step (compile {compile_s:.0f} s), peak {row['dense_peak']:.1f} GiB")
     if args.phase in ("all", "chipmunk"):
         times, errors, compile_s = time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, args.reps,
-                                                 kernel_impl, dense_fn, args.check, warmup=args.warmup)
+                                                 kernel_impl, dense_fn, args.check, warmup=args.warmup,
+                                                 offload=args.offload)
         row["chipmunk_peak"] = peak_gib()
         log(f"Chipmunk compile {compile_s:.0f} s, peak {row['chipmunk_peak']:.1f} GiB")
         for kind, ms in times.items():
@@ -204,7 +210,8 @@ def main():
         "",
         "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/hunyuan_e2e.py " + " ".join(sys.argv[1:])
         + f"`. Random bf16 weights, batch 1, latent {shape[1:]}, tokens {tokens} (image + text), blocks "
-        f"{config.num_layers}+{config.num_single_layers}, Chipmunk preset `config.hunyuan_video()`; per-step "
+        f"{config.num_layers}+{config.num_single_layers}, Chipmunk preset `config.hunyuan_video()`"
+        + ("; layer caches offloaded to pinned host memory" if args.offload else "") + "; per-step "
         f"transformer times in ms (median of {args.reps}, {args.warmup} warm-up per kind"
         + (f"; dense ms/step {args.dense_ms} given by --dense-ms from an earlier run" if args.dense_ms and args.phase == "chipmunk" else "")
         + "); 50-step totals composed from the schedule (a full "

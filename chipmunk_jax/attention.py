@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from chipmunk_jax import selection
+from chipmunk_jax import memory, selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import attention as kernels
 from chipmunk_jax.schedule import AttentionStep, dispatch
@@ -134,6 +134,9 @@ def sparse_delta_attention(
     Returns (o like q, new cache).
     """
     _check_inputs(q, k, v, cache, config)
+    host = memory.on_host(cache)  # a host-resident cache (memory.offload_layer_caches) visits the device
+    if host:
+        cache = memory.to_device(cache)
     a = config.attention
     n = q.shape[1]
     opts = dict(group_size=a.group_size, scale=scale, impl=impl)
@@ -172,4 +175,5 @@ def sparse_delta_attention(
 
     branches = (always_dense, dense, dense_colsum, dense_refresh, sparse)
     cache = cache.replace(out_cache=cache.out_cache.astype(q.dtype))
-    return dispatch(step_kind, branches, cache, AttentionStep)
+    out, new_cache = dispatch(step_kind, branches, cache, AttentionStep)
+    return out, memory.to_host(new_cache) if host else new_cache

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from chipmunk_jax.attention import AttentionCache, attention_cache_bytes, init_attention_cache
+from chipmunk_jax.memory import offload_layer_caches
 from chipmunk_jax.mlp import MLPCache, init_mlp_cache
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "cache_bytes",
     "attention_cache_bytes",
     "layer_is_sparse",
+    "offload_layer_caches",
 ]
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from chipmunk_jax import selection
+from chipmunk_jax import memory, selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import mlp as kernels
 from chipmunk_jax.pallas_kernels import mlp_selection
@@ -168,6 +168,9 @@ def sparse_delta_mlp(
     Returns (y [B, N, C_out] in x's dtype, new cache).
     """
     _check_inputs(x, weights, cache, config)
+    host = memory.on_host(cache)  # a host-resident cache (memory.offload_layer_caches) visits the device
+    if host:
+        cache = memory.to_device(cache)
     m = config.mlp
     impl = resolve_impl(impl)
 
@@ -218,4 +221,5 @@ def sparse_delta_mlp(
         return delta(cache, cache.indices, cache.counts)
 
     branches = (always_dense, dense, sparse_select, sparse_reuse)
-    return dispatch(step_kind, branches, cache, MLPStep)
+    out, new_cache = dispatch(step_kind, branches, cache, MLPStep)
+    return out, memory.to_host(new_cache) if host else new_cache

@@ -1,0 +1,43 @@
+"""Where cache arrays live: device memory (the default) or pinned host memory (``jax.memory.Space.Host``).
+
+A layer cache placed on the host (``offload_layer_caches``) stays there between steps; each Chipmunk op
+fetches its own layer's cache to the device, runs, and writes the new cache back to the host, so only
+one layer's cache occupies device memory at a time (SPEC §6.5: HunyuanVideo at 720p keeps ~56 GB of
+caches, more than an 80 GB H100 holds beside 24 GiB of weights). The placement is read from the arrays'
+abstract values (``jax.typeof(x).memory_space``), so it needs no flag and works under ``jit``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+__all__ = ["on_host", "to_device", "to_host", "offload_layer_caches"]
+
+_HOST = jax.memory.Space.Host
+_DEVICE = jax.memory.Space.Device
+
+
+def on_host(tree) -> bool:
+    """Whether any array of ``tree`` lives in host memory (traced or concrete)."""
+    return any(jax.typeof(x).memory_space == _HOST for x in jax.tree_util.tree_leaves(tree))
+
+
+def to_device(tree):
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, _DEVICE), tree)
+
+
+def to_host(tree):
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, _HOST), tree)
+
+
+def offload_layer_caches(cache: dict) -> dict:
+    """A model cache (``{"attention": [...], "mlp": [...], ...}`` from a model's ``init_cache``) with
+    its per-layer caches moved to pinned host memory; shared entries (static masks) stay on the device.
+    Run it outside ``jit`` before sampling; the ops then keep each layer's cache on the host."""
+    if not isinstance(cache, dict) or "attention" not in cache:
+        raise TypeError("cache must be a model cache dict with an 'attention' list (a model's init_cache)")
+    out = dict(cache)
+    for name in ("attention", "mlp"):
+        if name in out:
+            out[name] = [None if slot is None else to_host(slot) for slot in out[name]]
+    return out

@@ -1,0 +1,136 @@
+"""Host-resident layer caches (chipmunk_jax.memory): the ops fetch a host cache to the device, run, and put the
+new cache back on the host; results equal the device-resident run. On the CPU both memory kinds are the same
+RAM, so these tests check placement bookkeeping and numerics; the GPU test measures what it saves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipmunk_jax import config as chipmunk_config
+from chipmunk_jax import memory
+from chipmunk_jax.attention import init_attention_cache, sparse_delta_attention
+from chipmunk_jax.cache import offload_layer_caches
+from chipmunk_jax.models import hunyuan_video as hv
+from chipmunk_jax.schedule import AttentionStep, attention_step_kind
+
+HOST = "pinned_host"
+
+
+def _kinds(tree):
+    return {x.sharding.memory_kind for x in jax.tree_util.tree_leaves(tree)}
+
+
+def test_attention_op_host_cache_every_step_kind_under_jit():
+    cfg = chipmunk_config.hunyuan_video().replace(attention__first_n_dense_layers=0,
+                                                  attention__full_step_schedule=(0, 1, 3))
+    b, n, h, d = 1, 400, 2, 16
+    keys = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 3)
+    device_cache = init_attention_cache(cfg, batch=b, seq_len=n, heads=h, head_dim=d, dtype=jnp.float32)
+    host_cache = memory.to_host(device_cache)
+    assert _kinds(host_cache) == {HOST} and memory.on_host(host_cache) and not memory.on_host(device_cache)
+
+    @jax.jit
+    def step(q, k, v, cache, s):
+        return sparse_delta_attention(q, k, v, cache, attention_step_kind(cfg, s, 0), cfg, key=jax.random.key(1))
+
+    seen = set()
+    for s in range(5):
+        q, k, v = (jax.random.normal(jax.random.fold_in(kk, s), (b, n, h, d)) for kk in keys)
+        seen.add(AttentionStep(int(attention_step_kind(cfg, s, 0))))
+        o_dev, device_cache = step(q, k, v, device_cache, jnp.int32(s))
+        o_host, host_cache = step(q, k, v, host_cache, jnp.int32(s))
+        np.testing.assert_array_equal(np.asarray(o_host), np.asarray(o_dev))
+        assert _kinds(host_cache) == {HOST}, s
+        for a, c in zip(jax.tree_util.tree_leaves(host_cache), jax.tree_util.tree_leaves(device_cache)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert seen == {AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.SPARSE}
+
+
+def test_hunyuan_offloaded_layer_caches_match_device_caches():
+    config = hv.HunyuanVideoConfig(num_layers=1, num_single_layers=1, num_refiner_layers=1, num_attention_heads=2,
+                                   attention_head_dim=10, text_embed_dim=16, pooled_projection_dim=8, in_channels=4,
+                                   out_channels=4, rope_axes_dim=(2, 4, 4))
+    params = hv.init_params(config, jax.random.key(2), dtype=jnp.float32)
+    chipmunk = chipmunk_config.hunyuan_video().replace(attention__first_n_dense_layers=1)
+    latent, text_len = (1, 4, 4, 12, 16), 7
+    grid = hv.token_grid(config, latent)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=text_len, key=jax.random.key(3),
+                          dtype=jnp.float32)
+    offloaded = offload_layer_caches(cache)
+    assert offloaded["attention"][0] is None and _kinds(offloaded["attention"][1]) == {HOST}
+    assert _kinds(offloaded["static_mask_bits"]) != {HOST}  # shared masks stay on the device
+    rng = np.random.default_rng(4)
+    step_fn = jax.jit(lambda c, x, s: hv.forward(
+        params, config, hidden_states=x, timestep=jnp.asarray([900.0]), encoder_hidden_states=jnp.ones((1, 9, 16)),
+        encoder_attention_mask=jnp.asarray([[1.0] * text_len + [0.0] * 2]), pooled_projections=jnp.ones((1, 8)),
+        guidance=jnp.asarray([6000.0]), chipmunk=chipmunk, cache=c, step=s, key=jax.random.key(0),
+        text_length=text_len, dtype=jnp.float32))
+    for s in range(3):  # dense, colsum, sparse
+        x = jnp.asarray(rng.standard_normal(latent), jnp.float32)
+        out_dev, cache = step_fn(cache, x, jnp.int32(s))
+        out_host, offloaded = step_fn(offloaded, x, jnp.int32(s))
+        np.testing.assert_allclose(np.asarray(out_host), np.asarray(out_dev), rtol=0, atol=0)
+        assert _kinds(offloaded["attention"][1]) == {HOST}
+
+
+def test_offload_layer_caches_rejects_other_trees():
+    with pytest.raises(TypeError, match="model cache"):
+        offload_layer_caches([jnp.zeros(3)])
+
+
+def test_one_jit_sampler_carries_host_caches():
+    """The sampler's fori_loop carries host-resident layer caches (FLUX tiny, the FLUX preset, step caching):
+    same final latents as device caches, and the returned caches are still on the host."""
+    from chipmunk_jax import sampling
+    from chipmunk_jax.cache import StepCache
+    from chipmunk_jax.models import flux
+
+    config = flux.FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+    grid, text_len, steps = (16, 16), 8, 6
+    keys = jax.random.split(jax.random.key(11), 4)
+    params = flux.init_params(config, keys[0], dtype=jnp.float32)
+    noise = jax.random.normal(keys[1], (1, 256, 16), jnp.float32)
+    text = jax.random.normal(keys[2], (1, text_len, 32), jnp.float32)
+    pooled = jax.random.normal(keys[3], (1, 32), jnp.float32)
+    chipmunk = chipmunk_config.flux().replace(num_steps=steps, attention__first_n_dense_layers=1,
+                                              mlp__first_n_dense_layers=1, attention__full_step_every=3,
+                                              mlp__full_step_every=3, step_cache__skip_step_schedule=(4,))
+    cond = flux.sampling_cond(config, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
+                              image_grid=grid, guidance=3.5)
+    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=grid, dtype=jnp.float32), chipmunk,
+                                sampling.flow_sigmas(steps, mu=sampling.flux_shift(256)))
+    perm = flux.sampling_permutation(chipmunk, grid)
+    results = []
+    for offload in (False, True):
+        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=text_len,
+                                dtype=jnp.float32)
+        if offload:
+            cache = offload_layer_caches(cache)
+        step_cache = StepCache(hidden=jnp.zeros((1, 256, config.inner_dim)), valid=jnp.bool_(False))
+        out, cache, _ = run(params, noise[:, perm], cond, cache, step_cache, jax.random.key(0))
+        results.append((np.asarray(out), cache))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    assert _kinds(results[1][1]["attention"][1]) == {HOST} and _kinds(results[1][1]["mlp"][1]) == {HOST}
+
+
+@pytest.mark.gpu
+def test_host_cache_on_gpu_pallas_path():
+    """On the GPU the host cache really lives in pinned host memory and the Pallas path gives the device
+    cache's results (bf16, Hunyuan-like compressed selection, every step kind)."""
+    cfg = chipmunk_config.hunyuan_video().replace(attention__first_n_dense_layers=0,
+                                                  attention__full_step_schedule=(0, 1, 3))
+    b, n, h, d = 1, 4_000, 4, 128
+    keys = jax.random.split(jax.random.key(5), 3)
+    device_cache = init_attention_cache(cfg, batch=b, seq_len=n, heads=h, head_dim=d)
+    host_cache = memory.to_host(device_cache)
+    step = jax.jit(lambda q, k, v, c, s: sparse_delta_attention(q, k, v, c, attention_step_kind(cfg, s, 0), cfg,
+                                                                 key=jax.random.key(1)))
+    for s in range(5):
+        q, k, v = (jax.random.normal(jax.random.fold_in(kk, s), (b, n, h, d), jnp.bfloat16) for kk in keys)
+        o_dev, device_cache = step(q, k, v, device_cache, jnp.int32(s))
+        o_host, host_cache = step(q, k, v, host_cache, jnp.int32(s))
+        np.testing.assert_array_equal(np.asarray(o_host, np.float32), np.asarray(o_dev, np.float32))
+        assert _kinds(host_cache) == {HOST}
