@@ -32,11 +32,11 @@ random keys; SPEC §1.6) is built once per generation by ``init_cache`` and kept
 Memory per sparse layer at 720x1280x129 (118,800 image + 256 text tokens, B=1, bf16 out_cache), measured
 with ``chipmunk_jax.cache.cache_bytes`` on ``jax.eval_shape(init_cache)`` (``cache_bytes_per_layer``):
   out_cache 731.5 MB, packed mask 221.8 MB, LSE 11.4 MB, counts 0.06 MB: 964.8 MB per layer,
-  56.0 GB for the 58 sparse layers of the preset (the 2 always-dense layers keep unused slots of the same
-  size: 57.9 GB allocated), plus the per-generation static mask, 9.2 MB packed.
-With 23.9 GiB of bf16 weights that exceeds one 80 GB H100 (it fits a 141 GB H200): host offload of
-out_cache and the packed masks between full steps (the original offloads both) is the next step, not done
-here.
+  56.0 GB for the 58 sparse layers of the preset (the 2 always-dense layers keep no cache: None slots),
+  plus the per-generation static mask, 9.2 MB packed.
+With 23.9 GiB of bf16 weights that fits a 141 GB H200 (measured peak 99.8 GiB) but not an 80 GB H100: there,
+``chipmunk_jax.memory.offload_layer_caches(cache)`` keeps every layer's cache in pinned host memory and each
+op brings its own layer's cache to the device (the original offloads out_cache and the masks too).
 
 Step caching (SPEC §4.3): ``forward(..., return_hidden=True)`` also returns the pre-head image hidden
 state (voxel order under Chipmunk); ``head`` re-runs only the final layer on it with the current
