@@ -37,6 +37,19 @@ _IMPLS = ("pallas", "interpret", "jnp")
 _MAX_ELEMS = 2**31 - 1  # keep every in-kernel flat offset in int32
 
 
+def _by_row_pieces(fn, per: int, *row_arrays):
+    """``fn`` over consecutive slices of ``per`` rows of ``row_arrays`` (None passes through), outputs joined
+    along rows: keeps every in-kernel flat offset of a Pallas call within int32. ``fn`` returns an array or a
+    tuple of arrays / None."""
+    rows = row_arrays[0].shape[0]
+    outs = [fn(*(None if a is None else a[r0:r0 + per] for a in row_arrays)) for r0 in range(0, rows, per)]
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], tuple):
+        return tuple(None if parts[0] is None else jnp.concatenate(parts) for parts in zip(*outs))
+    return jnp.concatenate(outs)
+
+
 def _sortable_key(x):
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
@@ -324,25 +337,17 @@ def _select(colsum, key, random_mask, eligible, static_mask, *, k, multiple_of, 
     if impl == "jnp":
         t, need = row_thresholds(flat, k)
     else:
-        per = max(1, _MAX_ELEMS // n)
-        parts = [_row_thresholds_pallas(flat[r0:r0 + per], k, interpret=impl == "interpret")
-                 for r0 in range(0, flat.shape[0], per)]
-        t = jnp.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        need = jnp.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        t, need = _by_row_pieces(lambda rows: _row_thresholds_pallas(rows, k, interpret=impl == "interpret"),
+                                 max(1, _MAX_ELEMS // n), flat)
     if impl == "jnp":
         idx, cnt, mask = _select_jnp(flat, t, need, k, multiple_of, compress, rand, static_mask, eligible, g)
     else:
-        # Split the rows so that every flat in-kernel offset stays within int32 (pieces of whole G-row blocks).
-        per = max(1, _MAX_ELEMS // (n * g)) * g
-        outs = []
-        for r0 in range(0, b * h * g, per):
-            sl = slice(r0, min(r0 + per, b * h * g))
-            outs.append(_select_pallas(
-                flat[sl], t[sl], need[sl], k, multiple_of, compress, None if rand is None else rand[sl],
-                static_mask, eligible, g, interpret=impl == "interpret", width=width, num_warps=num_warps))
-        idx = jnp.concatenate([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
-        cnt = jnp.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
-        mask = None if not compress else (jnp.concatenate([o[2] for o in outs]) if len(outs) > 1 else outs[0][2])
+        # pieces of whole G-row blocks: the kernel maps row r to static-mask row r % G
+        idx, cnt, mask = _by_row_pieces(
+            lambda rows, t_, need_, rand_: _select_pallas(
+                rows, t_, need_, k, multiple_of, compress, rand_, static_mask, eligible, g,
+                interpret=impl == "interpret", width=width, num_warps=num_warps),
+            max(1, _MAX_ELEMS // (n * g)) * g, flat, t, need, rand)
     cap = idx.shape[-1]
     idx = idx.reshape(b, h, g, cap)
     cnt = cnt.reshape(b, h, g)
@@ -460,13 +465,10 @@ def _bits_to_indices(bits, counts, *, n, impl, width, num_warps):
     if impl == "jnp":
         idx = _bits_to_indices_jnp(flat_bits, flat_counts, n)
     else:
-        per = max(1, _MAX_ELEMS // n)  # rows per call: flat in-kernel offsets stay within int32
-        pieces = [
-            _bits_to_indices_pallas(flat_bits[r0:r0 + per], flat_counts[r0:r0 + per], n,
-                                    interpret=impl == "interpret", width=width, num_warps=num_warps)
-            for r0 in range(0, flat_bits.shape[0], per)
-        ]
-        idx = jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        idx = _by_row_pieces(
+            lambda bits_, counts_: _bits_to_indices_pallas(bits_, counts_, n, interpret=impl == "interpret",
+                                                           width=width, num_warps=num_warps),
+            max(1, _MAX_ELEMS // n), flat_bits, flat_counts)
     return idx.reshape(*lead, n)
 
 

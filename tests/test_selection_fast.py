@@ -216,3 +216,22 @@ def test_radix_thresholds_match_bisection(ties):
         t, need = F._row_thresholds_pallas(x, k, interpret=True, width=256)
         np.testing.assert_array_equal(np.asarray(t), np.asarray(t_ref), err_msg=f"k={k}")
         np.testing.assert_array_equal(np.asarray(need), np.asarray(need_ref), err_msg=f"k={k}")
+
+
+def test_row_pieces_split_gives_the_same_result(monkeypatch):
+    """Calls split into row pieces (the int32 offset guard, hit for real only at ~2**31 elements) match one call:
+    a tiny limit forces several pieces here (shapes unique to this test, so no earlier trace is reused)."""
+    b, h, g, n = 1, 3, 3, 401
+    cs = _colsum((b, h, g, n), ties=True)
+    cfg = _cfg(top_keys=0.1, counts_multiple_of=16, compress_indices=True, dynamic_random_keys=0.0)
+    k = S.attention_column_count(cfg.top_keys, n, 16)
+    bits = S.pack_mask(jax.random.bernoulli(_key(), 0.2, (b, h, g, n)))
+    counts = S.mask_to_indices(S.unpack_mask(bits, n), 16).counts
+    whole = (F.select_columns_fast(cs, k, 16, compress=True, impl="interpret"),
+             F.mask_bits_to_indices(bits, counts, n, impl="interpret"))
+    monkeypatch.setattr(F, "_MAX_ELEMS", 2 * n * g)  # two G-row blocks / 2 * 3 rows per piece
+    split = (F.select_columns_fast(cs, k, 16, compress=True, impl="interpret", width=512),
+             F.mask_bits_to_indices(bits, counts, n, impl="interpret", width=512))
+    for a, c in zip(jax.tree_util.tree_leaves(whole[0]), jax.tree_util.tree_leaves(split[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    _assert_prefix_equal(split[1], S.ColumnSelection(whole[1], counts, None))
