@@ -93,6 +93,17 @@ def _fc1_weight(proj: Params):
     return (proj["kernel_t"], True) if "kernel_t" in proj else (proj["kernel"], False)
 
 
+def _proj_out_halves(proj_out: Params, dim: int):
+    """A single block's fused proj_out as (attention-rows Linear with the bias, MLP rows [F, D]). Prepared
+    params (flux.prepare_params) hold the halves apart, so a sparse step does not slice (copy) the fused
+    kernel on every call; plain params are sliced here (unused slices cost nothing under jit)."""
+    if "kernel" in proj_out:
+        kernel_attn, kernel_mlp = proj_out["kernel"][:dim], proj_out["kernel"][dim:]
+    else:
+        kernel_attn, kernel_mlp = proj_out["kernel_attn"], proj_out["kernel_mlp"]
+    return {"kernel": kernel_attn, "bias": proj_out["bias"]}, kernel_mlp
+
+
 def _heads(x, head_dim):
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
@@ -229,26 +240,19 @@ def single_block(
     attn_out = attn_out.reshape(*attn_out.shape[:2], -1).astype(dtype)
 
     proj_out = params["proj_out"]
-    dim = attn_out.shape[-1]
-    # prepared params (flux.prepare_params) hold proj_out's attention and MLP row halves apart, so the
-    # sparse step does not slice (copy) the fused kernel on every call
-    if "kernel" in proj_out:
-        w_attn, w_mlp = proj_out["kernel"][:dim], proj_out["kernel"][dim:]
-    else:
-        w_attn, w_mlp = proj_out["kernel_attn"], proj_out["kernel_mlp"]
+    attn_proj, w_mlp = _proj_out_halves(proj_out, attn_out.shape[-1])
     if mlp_op is None:
         mlp_hidden = gelu_tanh(linear(params["proj_mlp"], norm, dtype, jnp.float32)).astype(dtype)
-        if "kernel" in proj_out:
+        if "kernel" in proj_out:  # one GEMM over [attn, mlp], as diffusers
             update = linear(proj_out, jnp.concatenate([attn_out, mlp_hidden], axis=-1), dtype, jnp.float32)
         else:
-            update = linear({"kernel": w_attn, "bias": proj_out["bias"]}, attn_out, dtype, jnp.float32)
+            update = linear(attn_proj, attn_out, dtype, jnp.float32)
             update = update + linear({"kernel": w_mlp}, mlp_hidden, dtype, jnp.float32)
         mlp_aux = None
     else:
         w1, w1_transposed = _fc1_weight(params["proj_mlp"])
         mlp_y, mlp_aux = mlp_op(norm.astype(dtype), w1, params["proj_mlp"]["bias"], w_mlp, None,
                                 w1_transposed=w1_transposed)
-        update = linear({"kernel": w_attn, "bias": proj_out["bias"]}, attn_out, dtype, jnp.float32)
-        update = update + mlp_y.astype(jnp.float32)
+        update = linear(attn_proj, attn_out, dtype, jnp.float32) + mlp_y.astype(jnp.float32)
     hidden_states = hidden_states + gate[:, None] * update
     return hidden_states, (attn_aux, mlp_aux)
