@@ -23,6 +23,8 @@ __all__ = [
     "init_mlp_cache",
     "init_step_cache",
     "stack_branches",
+    "split_branches",
+    "BranchCaches",
     "select_branch",
     "update_branch",
     "cache_bytes",
@@ -57,14 +59,42 @@ def stack_branches(cache, num_branches: int):
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_branches,) + x.shape), cache)
 
 
+class BranchCaches(tuple):
+    """One cache per CFG branch kept as separate pytrees instead of stacked on a leading axis
+    (``split_branches``): taking a branch is Python indexing, not an array slice, so branch caches held
+    in host memory (``memory.offload_layer_caches``) are never sliced on the host. The sampler accepts
+    either layout."""
+
+
+jax.tree_util.register_pytree_node(BranchCaches, lambda b: (tuple(b), None), lambda _, kids: BranchCaches(kids))
+
+
+def split_branches(cache, num_branches: int) -> BranchCaches:
+    """``num_branches`` independent copies of ``cache`` (the unstacked twin of ``stack_branches``)."""
+    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
+        raise ValueError(f"num_branches must be a positive integer, got {num_branches!r}")
+    return BranchCaches([cache] + [jax.tree_util.tree_map(jnp.copy, cache) for _ in range(num_branches - 1)])
+
+
 def select_branch(cache, branch):
-    """The cache of one branch (``branch`` may be traced)."""
+    """The cache of one branch (``branch`` may be traced for stacked caches; a Python int for BranchCaches)."""
+    if isinstance(cache, BranchCaches):
+        return cache[_branch_index(cache, branch)]
     return jax.tree_util.tree_map(lambda x: x[branch], cache)
 
 
 def update_branch(cache, branch, new_branch_cache):
     """``cache`` with branch ``branch`` replaced by ``new_branch_cache``."""
+    if isinstance(cache, BranchCaches):
+        i = _branch_index(cache, branch)
+        return BranchCaches(new_branch_cache if j == i else c for j, c in enumerate(cache))
     return jax.tree_util.tree_map(lambda full, one: full.at[branch].set(one), cache, new_branch_cache)
+
+
+def _branch_index(cache: BranchCaches, branch) -> int:
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < len(cache):
+        raise ValueError(f"BranchCaches take a Python int branch in [0, {len(cache)}), got {branch!r}")
+    return branch
 
 
 def layer_is_sparse(section, layer: int) -> bool:

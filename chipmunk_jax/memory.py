@@ -31,9 +31,12 @@ def to_host(tree):
 
 
 def offload_layer_caches(cache: dict) -> dict:
-    """A model cache (``{"attention": [...], "mlp": [...], ...}`` from a model's ``init_cache``) with
+    """A model cache (``{"attention": [...], "mlp": [...], ...}`` from a model's ``init_cache``, or a
+    ``cache.BranchCaches`` of them: stacked CFG caches would be sliced on the host, split them first) with
     its per-layer caches moved to pinned host memory; shared entries (static masks) stay on the device.
     Run it outside ``jit`` before sampling; the ops then keep each layer's cache on the host."""
+    if isinstance(cache, tuple) and not hasattr(cache, "_fields"):  # cache.BranchCaches: one per CFG branch
+        return type(cache)(offload_layer_caches(branch) for branch in cache)
     if not isinstance(cache, dict) or "attention" not in cache:
         raise TypeError("cache must be a model cache dict with an 'attention' list (a model's init_cache)")
     out = dict(cache)

@@ -97,7 +97,8 @@ def make_sampler(
     step_cache), jitted once, with latents/cache/step_cache donated.
 
     With ``guidance_scale`` (classifier-free guidance) the cache and step cache carry a leading
-    branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``) and ``uncond`` is required.
+    branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``), or the cache is a
+    ``BranchCaches`` pair (``split_branches``: the layout for host-resident caches), and ``uncond`` is required.
 
     ``static_step_dispatch``: instead of passing the traced step to the model (each layer then
     switches on its own kind), switch ONCE per step over the distinct (attention, MLP) kind pairs of

@@ -134,3 +134,80 @@ def test_host_cache_on_gpu_pallas_path():
         o_host, host_cache = step(q, k, v, host_cache, jnp.int32(s))
         np.testing.assert_array_equal(np.asarray(o_host, np.float32), np.asarray(o_dev, np.float32))
         assert _kinds(host_cache) == {HOST}
+
+
+def test_cfg_branch_caches_split_and_offloaded_match_stacked():
+    """CFG with one cache per branch: stacked (leading axis), split (BranchCaches) and split + offloaded to the
+    host give the same latents; the split caches stay separate pytrees on the host."""
+    from chipmunk_jax import sampling
+    from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, split_branches, stack_branches, update_branch
+    from chipmunk_jax.models import flux
+
+    config = flux.FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+    grid, text_len, steps = (16, 16), 8, 5
+    keys = jax.random.split(jax.random.key(12), 4)
+    params = flux.init_params(config, keys[0], dtype=jnp.float32)
+    noise = jax.random.normal(keys[1], (1, 256, 16), jnp.float32)
+    text = jax.random.normal(keys[2], (1, text_len, 32), jnp.float32)
+    pooled = jax.random.normal(keys[3], (1, 32), jnp.float32)
+    chipmunk = chipmunk_config.flux().replace(num_steps=steps, attention__first_n_dense_layers=1,
+                                              mlp__first_n_dense_layers=1, attention__full_step_every=3,
+                                              mlp__full_step_every=3, step_cache__enabled=False)
+    cond = flux.sampling_cond(config, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
+                              image_grid=grid, guidance=3.5)
+    uncond = dict(cond, encoder_hidden_states=jnp.zeros_like(text))
+    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=grid, dtype=jnp.float32), chipmunk,
+                                sampling.flow_sigmas(steps, mu=sampling.flux_shift(256)), guidance_scale=2.0)
+    perm = flux.sampling_permutation(chipmunk, grid)
+    outs = {}
+    for layout in ("stacked", "split", "offloaded"):
+        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=text_len,
+                                dtype=jnp.float32)
+        cache = stack_branches(cache, 2) if layout == "stacked" else split_branches(cache, 2)
+        if layout == "offloaded":
+            cache = offload_layer_caches(cache)
+        step_cache = stack_branches(StepCache(hidden=jnp.zeros((1, 256, config.inner_dim)), valid=jnp.bool_(False)), 2)
+        out, cache, _ = run(params, noise[:, perm], cond, cache, step_cache, jax.random.key(0), uncond)
+        outs[layout] = (np.asarray(out), cache)
+    np.testing.assert_allclose(outs["split"][0], outs["stacked"][0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(outs["offloaded"][0], outs["split"][0])
+    split_cache, offloaded_cache = outs["split"][1], outs["offloaded"][1]
+    assert isinstance(offloaded_cache, BranchCaches) and len(offloaded_cache) == 2
+    assert _kinds(offloaded_cache[0]["attention"][1]) == {HOST} and _kinds(offloaded_cache[1]["mlp"][1]) == {HOST}
+    assert not np.array_equal(split_cache[0]["attention"][1].lse, split_cache[1]["attention"][1].lse)
+    # the split layout's branch helpers take Python ints
+    assert select_branch(split_cache, 1) is split_cache[1]
+    assert update_branch(split_cache, 0, split_cache[1])[0] is split_cache[1]
+    with pytest.raises(ValueError, match="Python int"):
+        select_branch(split_cache, jnp.int32(0))
+    with pytest.raises(ValueError, match="positive integer"):
+        split_branches(split_cache[0], 0)
+
+
+def test_wan_branch_caches_offloaded():
+    """wan.init_branch_caches(offload=True): per-branch caches, layer caches on the host, the shared static
+    mask on the device; a CFG branch's forward equals the stacked layout's."""
+    from chipmunk_jax.cache import BranchCaches, select_branch
+    from chipmunk_jax.models import wan
+
+    config = wan.WanConfig(num_attention_heads=2, attention_head_dim=24, text_dim=64, ffn_dim=96, num_layers=2)
+    chipmunk = chipmunk_config.wan().replace(attention__first_n_dense_layers=1)
+    latent = (4, 12, 16)  # 4 x 6 x 8 tokens = one voxel group
+    grid = wan.token_grid(config, latent)
+    params = wan.init_params(config, jax.random.key(3), dtype=jnp.float32)
+    stacked = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32)
+    split = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32,
+                                   offload=True)
+    assert isinstance(split, BranchCaches) and len(split) == 2
+    assert _kinds(split[1]["attention"][1]) == {HOST} and HOST not in _kinds(split[1]["static_mask"])
+    keys = jax.random.split(jax.random.key(5), 2)
+    inputs = dict(hidden_states=jax.random.normal(keys[0], (1, config.in_channels, *latent)),
+                  timestep=jnp.asarray([900.0]), encoder_hidden_states=jax.random.normal(keys[1], (1, 16, 64)))
+    call = jax.jit(lambda c: wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=c, step=0,
+                                         key=jax.random.key(0), dtype=jnp.float32))
+    out_stacked, _ = call(select_branch(stacked, 1))
+    out_split, new = call(select_branch(split, 1))
+    np.testing.assert_array_equal(np.asarray(out_split), np.asarray(out_stacked))
+    assert _kinds(new["attention"][1]) == {HOST}
