@@ -31,6 +31,7 @@ import numpy as np
 from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
 from chipmunk_jax import cache as chipmunk_cache
 from chipmunk_jax import config as chipmunk_config
+from chipmunk_jax.memory import offload_layer_caches
 from chipmunk_jax.models import wan
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
 
@@ -84,9 +85,12 @@ def time_dense(params, config, inputs, rope, reps):
     return median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps), compile_s, fn
 
 
-def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1):
+def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1,
+                  offload=False):
     grid = wan.token_grid(config, latent)
     cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16)
+    if offload:  # layer caches in pinned host memory (what two 720p branches need on an 80 GB H100)
+        cache = offload_layer_caches(cache)
     cache_gb = chipmunk_cache.cache_bytes(cache) / 2**30
 
     def step_fn(params, x, cache, step, rope):
@@ -153,6 +157,8 @@ def main():
                         "(0: the step function is already compiled by steps 0 and 1)")
     parser.add_argument("--dense-ms", type=float, default=None, help="dense ms/invocation from an earlier run on "
                         "the same device kind: skips the dense timing and the output checks (one size only)")
+    parser.add_argument("--offload", action="store_true", help="layer caches in pinned host memory "
+                        "(chipmunk_jax.memory)")
     parser.add_argument("--no-chipmunk", action="store_true")
     parser.add_argument("--no-step-cache", action="store_true", help="preset without step caching")
     parser.add_argument("--tiny", action="store_true", help="2-block model, 320 tokens: a CPU check of the script")
@@ -213,7 +219,7 @@ def main():
         rows.append(row)
         if not args.no_chipmunk:
             r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn,
-                              warmup=args.warmup)
+                              warmup=args.warmup, offload=args.offload)
             log(f"[{label}] Chipmunk compile {r['compile_s']:.0f} s; step-0 output vs dense {r['err0']:.2e}; "
                 f"one branch's cache {r['cache_gb']:.1f} GiB")
             for kind, ms in r["times"].items():
@@ -232,6 +238,7 @@ def main():
         + f"`. Random bf16 weights (torch default inits), {config.num_layers} blocks, batch 1 per invocation, "
         f"text length {text_len}, Chipmunk preset `config.wan()`"
         + (" without step caching" if args.no_step_cache else "")
+        + ("; layer caches offloaded to pinned host memory" if args.offload else "")
         + f"; per-invocation times in ms (median of {reps}"
         + (f", {args.warmup} warm-up" if args.warmup != 1 else "")
         + (f"; dense ms/invocation {args.dense_ms} given by --dense-ms from an earlier run" if args.dense_ms else "")
