@@ -21,6 +21,32 @@ def _kinds(tree):
     return {x.sharding.memory_kind for x in jax.tree_util.tree_leaves(tree)}
 
 
+_TINY_FLUX = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+
+
+def _tiny_flux_sampling(seed, steps, **chipmunk_changes):
+    """A 1+1-block FLUX on a 16x16 grid with 8 text tokens, the FLUX preset (first layer dense, full step
+    every 3): (config, params, noise in sampling order, cond, chipmunk, sigmas)."""
+    from chipmunk_jax import sampling
+    from chipmunk_jax.models import flux
+
+    config = flux.FluxConfig(**_TINY_FLUX)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = flux.init_params(config, keys[0], dtype=jnp.float32)
+    noise = jax.random.normal(keys[1], (1, 256, 16), jnp.float32)
+    text = jax.random.normal(keys[2], (1, 8, 32), jnp.float32)
+    pooled = jax.random.normal(keys[3], (1, 32), jnp.float32)
+    chipmunk = chipmunk_config.flux().replace(num_steps=steps, attention__first_n_dense_layers=1,
+                                              mlp__first_n_dense_layers=1, attention__full_step_every=3,
+                                              mlp__full_step_every=3, **chipmunk_changes)
+    cond = flux.sampling_cond(config, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
+                              image_grid=(16, 16), guidance=3.5)
+    perm = flux.sampling_permutation(chipmunk, (16, 16))
+    sigmas = sampling.flow_sigmas(steps, mu=sampling.flux_shift(256))
+    return config, params, noise[:, perm], cond, chipmunk, sigmas
+
+
 def test_attention_op_host_cache_every_step_kind_under_jit():
     cfg = chipmunk_config.hunyuan_video().replace(attention__first_n_dense_layers=0,
                                                   attention__full_step_schedule=(0, 1, 3))
@@ -86,31 +112,17 @@ def test_one_jit_sampler_carries_host_caches():
     from chipmunk_jax.cache import StepCache
     from chipmunk_jax.models import flux
 
-    config = flux.FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                             axes_dims_rope=(4, 4, 8), guidance_embeds=True)
-    grid, text_len, steps = (16, 16), 8, 6
-    keys = jax.random.split(jax.random.key(11), 4)
-    params = flux.init_params(config, keys[0], dtype=jnp.float32)
-    noise = jax.random.normal(keys[1], (1, 256, 16), jnp.float32)
-    text = jax.random.normal(keys[2], (1, text_len, 32), jnp.float32)
-    pooled = jax.random.normal(keys[3], (1, 32), jnp.float32)
-    chipmunk = chipmunk_config.flux().replace(num_steps=steps, attention__first_n_dense_layers=1,
-                                              mlp__first_n_dense_layers=1, attention__full_step_every=3,
-                                              mlp__full_step_every=3, step_cache__skip_step_schedule=(4,))
-    cond = flux.sampling_cond(config, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
-                              image_grid=grid, guidance=3.5)
-    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=grid, dtype=jnp.float32), chipmunk,
-                                sampling.flow_sigmas(steps, mu=sampling.flux_shift(256)))
-    perm = flux.sampling_permutation(chipmunk, grid)
+    config, params, noise, cond, chipmunk, sigmas = _tiny_flux_sampling(11, 6, step_cache__skip_step_schedule=(4,))
+    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=(16, 16), dtype=jnp.float32), chipmunk,
+                                sigmas)
     results = []
     for offload in (False, True):
-        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=text_len,
+        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=8,
                                 dtype=jnp.float32)
         if offload:
             cache = offload_layer_caches(cache)
         step_cache = StepCache(hidden=jnp.zeros((1, 256, config.inner_dim)), valid=jnp.bool_(False))
-        out, cache, _ = run(params, noise[:, perm], cond, cache, step_cache, jax.random.key(0))
+        out, cache, _ = run(params, jnp.copy(noise), cond, cache, step_cache, jax.random.key(0))  # donated
         results.append((np.asarray(out), cache))
     np.testing.assert_array_equal(results[1][0], results[0][0])
     assert _kinds(results[1][1]["attention"][1]) == {HOST} and _kinds(results[1][1]["mlp"][1]) == {HOST}
@@ -143,33 +155,19 @@ def test_cfg_branch_caches_split_and_offloaded_match_stacked():
     from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, split_branches, stack_branches, update_branch
     from chipmunk_jax.models import flux
 
-    config = flux.FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                             axes_dims_rope=(4, 4, 8), guidance_embeds=True)
-    grid, text_len, steps = (16, 16), 8, 5
-    keys = jax.random.split(jax.random.key(12), 4)
-    params = flux.init_params(config, keys[0], dtype=jnp.float32)
-    noise = jax.random.normal(keys[1], (1, 256, 16), jnp.float32)
-    text = jax.random.normal(keys[2], (1, text_len, 32), jnp.float32)
-    pooled = jax.random.normal(keys[3], (1, 32), jnp.float32)
-    chipmunk = chipmunk_config.flux().replace(num_steps=steps, attention__first_n_dense_layers=1,
-                                              mlp__first_n_dense_layers=1, attention__full_step_every=3,
-                                              mlp__full_step_every=3, step_cache__enabled=False)
-    cond = flux.sampling_cond(config, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
-                              image_grid=grid, guidance=3.5)
-    uncond = dict(cond, encoder_hidden_states=jnp.zeros_like(text))
-    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=grid, dtype=jnp.float32), chipmunk,
-                                sampling.flow_sigmas(steps, mu=sampling.flux_shift(256)), guidance_scale=2.0)
-    perm = flux.sampling_permutation(chipmunk, grid)
+    config, params, noise, cond, chipmunk, sigmas = _tiny_flux_sampling(12, 5, step_cache__enabled=False)
+    uncond = dict(cond, encoder_hidden_states=jnp.zeros_like(cond["encoder_hidden_states"]))
+    run = sampling.make_sampler(flux.denoiser(config, chipmunk, image_grid=(16, 16), dtype=jnp.float32), chipmunk,
+                                sigmas, guidance_scale=2.0)
     outs = {}
     for layout in ("stacked", "split", "offloaded"):
-        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=text_len,
+        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=256, num_text_tokens=8,
                                 dtype=jnp.float32)
         cache = stack_branches(cache, 2) if layout == "stacked" else split_branches(cache, 2)
         if layout == "offloaded":
             cache = offload_layer_caches(cache)
         step_cache = stack_branches(StepCache(hidden=jnp.zeros((1, 256, config.inner_dim)), valid=jnp.bool_(False)), 2)
-        out, cache, _ = run(params, noise[:, perm], cond, cache, step_cache, jax.random.key(0), uncond)
+        out, cache, _ = run(params, jnp.copy(noise), cond, cache, step_cache, jax.random.key(0), uncond)
         outs[layout] = (np.asarray(out), cache)
     np.testing.assert_allclose(outs["split"][0], outs["stacked"][0], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(outs["offloaded"][0], outs["split"][0])
