@@ -15,7 +15,8 @@ It returns [B, out_channels, F, H, W] in hidden_states' dtype. The double/single
 MMDiT blocks (``models/mmdit.py``) in image-first order; RoPE (theta 256, axes (t, h, w)) rotates image
 tokens only (text rows of the joint tables are the identity); padded text keys are masked out (a
 valid-length prefix of the joint sequence). I2V ``latent_concat`` needs nothing beyond in_channels=33;
-``token_replace`` is not implemented (ValueError).
+I2V ``token_replace`` modulates the first latent frame's image tokens with the embedding of timestep 0
+(plus the pooled text), every block, as diffusers' ``HunyuanVideoTokenReplace*`` blocks.
 
 Chipmunk (SPEC §5.2): the joint attention of all num_layers + num_single_layers blocks goes through
 ``sparse_delta_attention`` (no MLP sparsity, as the original); layers below first_n_dense_layers run the
@@ -136,10 +137,10 @@ class HunyuanVideoConfig(DiffusersConfig):
             raise ValueError(f"qk_norm must be 'rms_norm' (the only released variant), got {self.qk_norm!r}")
         if not isinstance(self.guidance_embeds, bool):
             raise ValueError(f"guidance_embeds must be a bool, got {self.guidance_embeds!r}")
-        if self.image_condition_type not in (None, "latent_concat"):
+        if self.image_condition_type not in (None, "latent_concat", "token_replace"):
             raise ValueError(
-                f"image_condition_type must be None or 'latent_concat' ('token_replace' is not implemented), "
-                f"got {self.image_condition_type!r}"
+                f"image_condition_type must be None, 'latent_concat' or 'token_replace', got "
+                f"{self.image_condition_type!r}"
             )
         if (len(self.rope_axes_dim) != 3 or any(not isinstance(d, int) or d < 2 or d % 2 for d in self.rope_axes_dim)
                 or sum(self.rope_axes_dim) != self.attention_head_dim):
@@ -623,6 +624,17 @@ def forward(
     timestep = batch_vector(timestep, batch)
     guidance = None if guidance is None else batch_vector(guidance, batch)
     temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
+    double_replace = single_replace = None
+    if config.image_condition_type == "token_replace":
+        # diffusers' token_replace_emb: timestep 0, no guidance, plus the pooled text
+        embed = params["time_text_embed"]
+        replace_emb = timestep_embedding(embed["timestep_embedder"], timestep_sinusoids(jnp.zeros_like(timestep)))
+        replace_emb = replace_emb + timestep_embedding(embed["text_embedder"], pooled_projections.astype(jnp.float32))
+        first_frame = np.arange(num_img) < grid[1] * grid[2]  # raster order: latent frame 0 first
+        if perm is not None:
+            first_frame = first_frame[perm]
+        double_replace = (replace_emb, jnp.asarray(first_frame))
+        single_replace = (replace_emb, jnp.asarray(np.concatenate([first_frame, np.zeros(num_txt, bool)])))
     img = linear(params["x_embedder"]["proj"], tokens, dtype, jnp.float32)
     txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, timestep,
                         encoder_attention_mask, dtype)
@@ -649,12 +661,13 @@ def forward(
 
     for i, block in enumerate(params.get("transformer_blocks", [])):
         txt, img, (attn_aux, _) = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
-                                                     **ops(i))
+                                                     token_replace=double_replace, **ops(i))
         keep_cache(i, attn_aux)
     joint = jnp.concatenate([img, txt], axis=1)
     for j, block in enumerate(params.get("single_transformer_blocks", [])):
         layer = config.num_layers + j
-        joint, (attn_aux, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, **ops(layer))
+        joint, (attn_aux, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace,
+                                                  **ops(layer))
         keep_cache(layer, attn_aux)
     hidden = joint[:, :num_img]
 

@@ -83,8 +83,14 @@ def rms_norm(params: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x * (1 + scale) + shift`` with per-sample [B, D] shift/scale broadcast over the sequence."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+    """``x * (1 + scale) + shift`` with per-sample [B, D] shift/scale broadcast over the sequence, or
+    per-token [B, S, D] ones (HunyuanVideo-I2V token replace)."""
+    return x * (1.0 + per_token(scale)) + per_token(shift)
+
+
+def per_token(v: jax.Array) -> jax.Array:
+    """A modulation vector as [B, 1, D] (per sample) or [B, S, D] (per token), for broadcasting over x."""
+    return v[:, None, :] if v.ndim == 2 else v
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

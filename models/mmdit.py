@@ -32,6 +32,7 @@ from chipmunk_jax.models.layers import (
     linear,
     matmul_precision,
     modulate,
+    per_token,
     rms_norm,
 )
 
@@ -126,9 +127,18 @@ def _default_attention(key_lengths, implementation):
     return op
 
 
-def _ada_chunks(params: Params, temb, n):
-    """AdaLayerNormZero modulation: ``linear(SiLU(temb))`` in float32, split into n [B, D] chunks."""
-    return jnp.split(linear(params["linear"], jax.nn.silu(temb), jnp.float32), n, axis=-1)
+def _ada_chunks(params: Params, temb, n, token_replace=None):
+    """AdaLayerNormZero modulation: ``linear(SiLU(temb))`` in float32, split into n [B, D] chunks.
+
+    ``token_replace`` = (emb [B, D], mask [S] bool): HunyuanVideo-I2V's token replace, whose first-frame
+    tokens (mask True) take their modulation from ``emb`` (the embedding of timestep 0): chunks are then
+    per token, [B, S, D]."""
+    chunks = jnp.split(linear(params["linear"], jax.nn.silu(temb), jnp.float32), n, axis=-1)
+    if token_replace is None:
+        return chunks
+    emb, mask = token_replace
+    replaced = jnp.split(linear(params["linear"], jax.nn.silu(emb), jnp.float32), n, axis=-1)
+    return [jnp.where(mask[None, :, None], r[:, None], c[:, None]) for c, r in zip(chunks, replaced)]
 
 
 def _rope(x, rotary_emb, dtype):
@@ -151,9 +161,12 @@ def double_block(
     attention_op: AttentionOp | None = None,
     mlp_op: MLPOp | None = None,
     attention_impl: str | None = None,
+    token_replace: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, tuple[Any, Any]]:
-    """One double-stream block. Returns (encoder_hidden_states, hidden_states, (attn_aux, mlp_aux))."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_chunks(params["norm1"], temb, 6)
+    """One double-stream block. Returns (encoder_hidden_states, hidden_states, (attn_aux, mlp_aux)).
+    ``token_replace`` = (emb [B, D], mask [N_img] bool): per-token image-stream modulation (``_ada_chunks``)."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_chunks(params["norm1"], temb, 6,
+                                                                                 token_replace)
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_chunks(
         params["norm1_context"], temb, 6
     )
@@ -184,7 +197,7 @@ def double_block(
     else:
         out_img, out_txt = out[:, :num_img], out[:, num_img:]
 
-    hidden_states = hidden_states + gate_msa[:, None] * linear(attn["to_out"]["0"], out_img, dtype, jnp.float32)
+    hidden_states = hidden_states + per_token(gate_msa) * linear(attn["to_out"]["0"], out_img, dtype, jnp.float32)
     norm_img = modulate(layer_norm(hidden_states, _EPS), shift_mlp, scale_mlp)
     ff = params["ff"]["net"]
     w1, w1_transposed = _fc1_weight(ff["0"]["proj"])
@@ -193,7 +206,7 @@ def double_block(
         ff_out, mlp_aux = dense_mlp(norm_img, *weights, dtype=dtype, w1_transposed=w1_transposed)
     else:
         ff_out, mlp_aux = mlp_op(norm_img.astype(dtype), *weights, w1_transposed=w1_transposed)
-    hidden_states = hidden_states + gate_mlp[:, None] * ff_out.astype(jnp.float32)
+    hidden_states = hidden_states + per_token(gate_mlp) * ff_out.astype(jnp.float32)
 
     encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * linear(
         attn["to_add_out"], out_txt, dtype, jnp.float32
@@ -220,6 +233,7 @@ def single_block(
     attention_op: AttentionOp | None = None,
     mlp_op: MLPOp | None = None,
     attention_impl: str | None = None,
+    token_replace: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, tuple[Any, Any]]:
     """One single-stream block on the joint sequence [B, S, D] (already concatenated in the model's
     order; diffusers re-concatenates per block, which is the same math). Returns (hidden_states, aux).
@@ -228,7 +242,7 @@ def single_block(
     op's ``mlp @ W[D:]`` without bias, so the bias is added once (the original Chipmunk adds it twice,
     SPEC §10.2; we keep the FLUX math).
     """
-    shift, scale, gate = _ada_chunks(params["norm"], temb, 3)
+    shift, scale, gate = _ada_chunks(params["norm"], temb, 3, token_replace)
     norm = modulate(layer_norm(hidden_states, _EPS), shift, scale)
     q, k, v = _qkv(
         params["attn"], norm, q_name="to_q", k_name="to_k", v_name="to_v", q_norm="norm_q", k_norm="norm_k",
@@ -254,5 +268,5 @@ def single_block(
         mlp_y, mlp_aux = mlp_op(norm.astype(dtype), w1, params["proj_mlp"]["bias"], w_mlp, None,
                                 w1_transposed=w1_transposed)
         update = linear(attn_proj, attn_out, dtype, jnp.float32) + mlp_y.astype(jnp.float32)
-    hidden_states = hidden_states + gate[:, None] * update
+    hidden_states = hidden_states + per_token(gate) * update
     return hidden_states, (attn_aux, mlp_aux)

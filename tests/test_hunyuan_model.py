@@ -4,6 +4,7 @@ inside the model (all keys kept == dense, voxel order invisible at I/O, the pres
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ TEST_SUITE_CONFIG = dict(  # diffusers tests/models/transformers/test_models_tra
 # patch 2, two blocks of each kind, two refiner blocks
 P2_CONFIG = dict(TEST_SUITE_CONFIG, patch_size=2, num_layers=2, num_single_layers=2, num_refiner_layers=2)
 NO_GUIDANCE_CONFIG = dict(P2_CONFIG, guidance_embeds=False, in_channels=9, image_condition_type="latent_concat")
+TOKEN_REPLACE_CONFIG = dict(P2_CONFIG, image_condition_type="token_replace")
 
 
 def max_rel_err(a, b) -> float:
@@ -202,6 +204,41 @@ def test_parity_no_guidance_latent_concat():
     assert max_rel_err(out, expected) <= RTOL
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "tencent"])
+def test_parity_token_replace_i2v(layout):
+    """I2V token replace (HunyuanVideo-I2V): the first latent frame's tokens take the timestep-0 modulation in
+    every block; batch 2, 3 frames, padded text, a non-square frame."""
+    model = make_torch_model(TOKEN_REPLACE_CONFIG, seed=3)
+    config = hv.HunyuanVideoConfig.from_diffusers(dict(model.config))
+    assert config.image_condition_type == "token_replace"
+    if layout == "diffusers":
+        config, params = hv_ports.from_diffusers(model.state_dict(), config)
+    else:
+        config, params = hv_ports.from_original(diffusers_to_tencent(model.state_dict()), config)
+    inputs = make_inputs(np.random.default_rng(11), config, batch=2, frames=3, height=8, width=12, text_len=12,
+                         valid=[7, 12])
+    expected = torch_forward(model, inputs)
+    out = dense_forward(params, config, inputs)
+    assert max_rel_err(out, expected) <= RTOL
+    # the replaced modulation matters: the same weights without it are far off
+    plain = dataclasses.replace(config, image_condition_type=None)
+    assert max_rel_err(dense_forward(params, plain, inputs), expected) > 100 * RTOL
+
+
+def test_chipmunk_token_replace_all_keys_kept_equals_dense():
+    """Under Chipmunk the image tokens are in voxel order: the first-frame mask travels with them."""
+    config = hv.HunyuanVideoConfig(**dict(SMALL_CONFIG, image_condition_type="token_replace"))
+    params = random_params(config, 8)
+    chipmunk = all_keys_kept()
+    step_fn = chipmunk_step_fn(config, chipmunk)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=LATENT, text_length=VALID, key=jax.random.key(9),
+                          dtype=jnp.float32)
+    for step in range(3):
+        inputs = trajectory_inputs(config, step)
+        out, _, cache = step_fn(params, inputs, cache, jnp.int32(step), jax.random.key(step))
+        assert max_rel_err(out, dense_forward(params, config, inputs)) <= RTOL, step
+
+
 def test_jit_bf16_close_to_f32(p2_model):
     config, params = hv_ports.from_diffusers(p2_model)
     inputs = make_inputs(np.random.default_rng(13), config, batch=1, frames=2, height=4, width=4, text_len=6,
@@ -258,8 +295,8 @@ def test_config_validation():
         hv.HunyuanVideoConfig.from_diffusers({"num_heads": 3})
     with pytest.raises(ValueError, match="rope_axes_dim"):
         hv.HunyuanVideoConfig(attention_head_dim=64)
-    with pytest.raises(ValueError, match="token_replace"):
-        hv.HunyuanVideoConfig(image_condition_type="token_replace")
+    with pytest.raises(ValueError, match="image_condition_type"):
+        hv.HunyuanVideoConfig(image_condition_type="token_concat")
     with pytest.raises(ValueError, match="qk_norm"):
         hv.HunyuanVideoConfig(qk_norm="layer_norm")
     with pytest.raises(TypeError, match="config"):
