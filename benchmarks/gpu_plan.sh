@@ -1,8 +1,9 @@
-# The device calls still owed to the open issues, one plan per 10-minute call (source it from the repo root on
+# The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
 # the device machine, after `source benchmarks/gpu_env.sh`):
-#   bash benchmarks/gpu_plan.sh video    # nvidia-h200: issues 8, 9 (~7 min)
-#   bash benchmarks/gpu_plan.sh flux     # nvidia-h100-x1: issue 5 (~8 min)
-#   bash benchmarks/gpu_plan.sh kernels  # nvidia-h100-x1: issues 3, 4 (~8 min)
+#   bash benchmarks/gpu_plan.sh video         # nvidia-h200: issues 8, 9 (~7 min)
+#   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler traced vs static (~7 min)
+#   bash benchmarks/gpu_plan.sh flux_profile  # nvidia-h100-x1: issue 5, where a sparse step's time goes (~4 min)
+#   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4 (~8 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
 # the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
@@ -18,8 +19,12 @@ video)
   run python3 -P benchmarks/wan_e2e.py --sizes 720p --dense-ms 11461.8 --reps 1 --warmup 0 --results "$OUT/wan.md"
   ;;
 flux)
+  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --reps 1 --results "$OUT/flux_sample.md"
+  run python3 -P benchmarks/flux_sample.py --variants chipmunk --static-step-dispatch --reps 1 \
+    --results "$OUT/flux_sample_static.md"
+  ;;
+flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
-  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk,chipmunk+cache --reps 1 --results "$OUT/flux_sample.md"
   ;;
 kernels)
   run timeout 150 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py
@@ -28,7 +33,7 @@ kernels)
   run python3 -P benchmarks/mlp.py --no-sweep --budget 200 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video|flux|kernels" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video|flux|flux_profile|kernels" >&2
   exit 2
   ;;
 esac
