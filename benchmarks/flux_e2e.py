@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.models import flux
 from chipmunk_jax.ports import flux as flux_ports
@@ -281,11 +281,7 @@ def main():
             lines += ["", f"Chipmunk step kinds at {r['size']} (attention kind + MLP kind: ms, steps of 50):"]
             for kind, ms in r["chipmunk_steps"].items():
                 lines.append(f"- {kind[0].name} + {kind[1].name}: {ms:.1f} ms x {r['chipmunk_counts'][kind]}")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+    emit_section(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from flux_e2e import make_inputs, trajectory  # noqa: E402
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.models import flux  # noqa: E402
 from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule  # noqa: E402
-from chipmunk_jax.timing import log  # noqa: E402
+from chipmunk_jax.timing import emit_section, log  # noqa: E402
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA / XLA profilers report them
     ("pallas", re.compile(r"chipmunk_|triton", re.I)),
@@ -212,11 +212,7 @@ def main():
             log(f"{kind} {dispatch}: {wall:.1f} ms/call")
         del state, cache
 
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit_section(lines, args.out)
 
 
 if __name__ == "__main__":

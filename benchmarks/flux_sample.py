@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.timing import log, peak_gib
+from chipmunk_jax.timing import log, peak_gib, emit_section
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax import sampling
 from chipmunk_jax.cache import init_step_cache
@@ -169,11 +169,7 @@ def main():
             diff = f"{float(np.abs(r['latents'] - ref).max() / np.abs(ref).max()):.2e}"
         lines.append(f"| {r['name']} | {r['computed']}/{steps} | {r['seconds']:.2f} | {1e3 * r['seconds'] / steps:.1f} "
                      f"| {speedup} | {r['spread']:.2f} | {r['compile_s']:.0f} | {diff} | {r['peak']:.1f} |")
-    text_out = "\n".join(lines) + "\n"
-    print("\n" + text_out)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text_out)
+    emit_section(lines, args.results)
 
 
 if __name__ == "__main__":

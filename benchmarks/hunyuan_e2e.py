@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.memory import offload_layer_caches
 from chipmunk_jax.models import hunyuan_video as hv
@@ -236,11 +236,7 @@ def main():
             "",
             "Steps per kind with step caching: " + ", ".join(f"{k} {v}" for k, v in c["counts"].items()),
         ]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+    emit_section(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib
+from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import cache as chipmunk_cache
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.memory import offload_layer_caches
@@ -267,11 +267,7 @@ def main():
                 err = c["errors"].get(kind)
                 lines.append(f"- {kind}: {ms:.1f} ms x {c['counts'].get(kind, 0)} / {c['counts_cached'].get(kind, 0)}"
                              + ("" if err is None else f" (output vs dense {err:.1e})"))
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+    emit_section(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-__all__ = ["log", "median_ms", "rel_err", "peak_gib"]
+__all__ = ["log", "median_ms", "rel_err", "peak_gib", "emit_section"]
 
 
 def log(msg):
@@ -38,3 +38,12 @@ def peak_gib():
     """Peak device memory in GiB since the process started (NaN where the backend does not say)."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def emit_section(lines, path=None):
+    """Print a markdown results section (a list of lines) and, with ``path``, append it to that file."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if path:
+        with open(path, "a") as f:
+            f.write("\n" + text)
