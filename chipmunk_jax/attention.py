@@ -134,9 +134,6 @@ def sparse_delta_attention(
     Returns (o like q, new cache).
     """
     _check_inputs(q, k, v, cache, config)
-    host = memory.on_host(cache)  # a host-resident cache (memory.offload_layer_caches) visits the device
-    if host:
-        cache = memory.to_device(cache)
     a = config.attention
     n = q.shape[1]
     opts = dict(group_size=a.group_size, scale=scale, impl=impl)
@@ -174,6 +171,8 @@ def sparse_delta_attention(
         return o.astype(q.dtype), cache
 
     branches = (always_dense, dense, dense_colsum, dense_refresh, sparse)
-    cache = cache.replace(out_cache=cache.out_cache.astype(q.dtype))
-    out, new_cache = dispatch(step_kind, branches, cache, AttentionStep)
-    return out, memory.to_host(new_cache) if host else new_cache
+    # a host-resident cache (memory.offload_layer_caches) visits the device for this call
+    return memory.with_device_cache(
+        lambda c: dispatch(step_kind, branches, c.replace(out_cache=c.out_cache.astype(q.dtype)), AttentionStep),
+        cache,
+    )

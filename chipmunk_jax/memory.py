@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["on_host", "to_device", "to_host", "offload_layer_caches"]
+__all__ = ["on_host", "to_device", "to_host", "with_device_cache", "offload_layer_caches"]
 
 _HOST = jax.memory.Space.Host
 _DEVICE = jax.memory.Space.Device
@@ -28,6 +28,15 @@ def to_device(tree):
 
 def to_host(tree):
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, _HOST), tree)
+
+
+def with_device_cache(fn, cache):
+    """``fn(cache) -> (out, new_cache)`` on the device: a host-resident cache (``offload_layer_caches``) is
+    fetched first and the new cache written back to the host; a device cache goes straight through."""
+    if not on_host(cache):
+        return fn(cache)
+    out, new_cache = fn(to_device(cache))
+    return out, to_host(new_cache)
 
 
 def offload_layer_caches(cache: dict) -> dict:

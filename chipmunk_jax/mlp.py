@@ -168,9 +168,6 @@ def sparse_delta_mlp(
     Returns (y [B, N, C_out] in x's dtype, new cache).
     """
     _check_inputs(x, weights, cache, config)
-    host = memory.on_host(cache)  # a host-resident cache (memory.offload_layer_caches) visits the device
-    if host:
-        cache = memory.to_device(cache)
     m = config.mlp
     impl = resolve_impl(impl)
 
@@ -221,5 +218,5 @@ def sparse_delta_mlp(
         return delta(cache, cache.indices, cache.counts)
 
     branches = (always_dense, dense, sparse_select, sparse_reuse)
-    out, new_cache = dispatch(step_kind, branches, cache, MLPStep)
-    return out, memory.to_host(new_cache) if host else new_cache
+    # a host-resident cache (memory.offload_layer_caches) visits the device for this call
+    return memory.with_device_cache(lambda c: dispatch(step_kind, branches, c, MLPStep), cache)
