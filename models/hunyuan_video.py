@@ -626,10 +626,9 @@ def forward(
     temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
     double_replace = single_replace = None
     if config.image_condition_type == "token_replace":
-        # diffusers' token_replace_emb: timestep 0, no guidance, plus the pooled text
-        embed = params["time_text_embed"]
-        replace_emb = timestep_embedding(embed["timestep_embedder"], timestep_sinusoids(jnp.zeros_like(timestep)))
-        replace_emb = replace_emb + timestep_embedding(embed["text_embedder"], pooled_projections.astype(jnp.float32))
+        # diffusers' token_replace_emb: the conditioning of timestep 0 without guidance
+        replace_emb = _condition_embedding(params["time_text_embed"], jnp.zeros_like(timestep), pooled_projections,
+                                           None)
         first_frame = np.arange(num_img) < grid[1] * grid[2]  # raster order: latent frame 0 first
         if perm is not None:
             first_frame = first_frame[perm]
