@@ -20,16 +20,10 @@ trace), after one untimed call; device events are summed per kernel name and div
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
-import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,89 +31,12 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_e2e's input builders
 
 from flux_e2e import make_inputs, trajectory  # noqa: E402
+from trace_profile import profile, summarise  # noqa: E402
 
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.models import flux  # noqa: E402
 from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule  # noqa: E402
 from chipmunk_jax.timing import emit_section, log  # noqa: E402
-
-CATEGORIES = (  # first match wins; kernel names as the CUDA / XLA profilers report them
-    ("pallas", re.compile(r"chipmunk_|triton", re.I)),
-    ("cudnn attention", re.compile(r"cudnn|fmha|flash|sm90_.*attn", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|cublas|sm90_xmma|nvjet|matmul|dot", re.I)),
-    ("copy", re.compile(r"copy|memcpy|memset|transpose|dynamic.update.slice|bitcast", re.I)),
-    ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|convert|add|multiply", re.I)),
-)
-
-
-def category(name: str) -> str:
-    for label, pattern in CATEGORIES:
-        if pattern.search(name):
-            return label
-    return "other"
-
-
-def device_events(trace_dir: str):
-    """(name, duration us) of every complete event on a device (GPU) process of the perfetto trace;
-    on a CPU backend, of the XLA executor threads."""
-    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        raise RuntimeError(f"no perfetto trace under {trace_dir}")
-    with gzip.open(max(files, key=os.path.getmtime)) as f:
-        events = json.load(f)["traceEvents"]
-    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu = {pid for pid, name in process.items() if "GPU" in name or "device" in name.lower()}
-    # a GPU process has one line per CUDA stream (kernels) plus summary lines (XLA modules / ops) that
-    # repeat the same time: keep the stream lines where the trace names them
-    streams = {key for key, name in thread.items() if key[0] in gpu and "stream" in name.lower()}
-    out = []
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        if gpu:
-            key = (e["pid"], e.get("tid"))
-            if e["pid"] in gpu and (key in streams if streams else "module" not in thread.get(key, "").lower()):
-                out.append((e["name"], float(e["dur"])))
-        elif "XLA" in thread.get((e["pid"], e.get("tid")), "") and "Eigen" not in thread.get((e["pid"], e.get("tid")), ""):
-            out.append((e["name"], float(e["dur"])))
-    return out
-
-
-def profile(fn, calls: int, trace_dir: str):
-    """Run fn once untimed, then ``calls`` times under the profiler; returns (wall ms per call, events)."""
-    fn()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / calls
-    return wall_ms, device_events(trace_dir)
-
-
-def summarise(label: str, wall_ms: float, events, calls: int, top: int) -> list[str]:
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for name, dur in events:
-        per_kernel[name][0] += 1
-        per_kernel[name][1] += dur
-    device_ms = sum(d for _, d in events) / 1e3 / calls
-    per_cat = collections.Counter()
-    for name, (_, dur) in per_kernel.items():
-        per_cat[category(name)] += dur / 1e3 / calls
-    lines = [f"### {label}", "",
-             f"wall {wall_ms:.2f} ms/call; device kernels {device_ms:.2f} ms/call "
-             f"(gap {wall_ms - device_ms:.2f} ms: launches, host work, idle)", "",
-             "| category | ms/call | % of device time |", "|---|---|---|"]
-    for cat, ms in per_cat.most_common():
-        lines.append(f"| {cat} | {ms:.2f} | {100 * ms / max(device_ms, 1e-9):.1f} |")
-    lines += ["", f"Top {top} kernels:", "", "| kernel | category | launches/call | ms/call |", "|---|---|---|---|"]
-    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
-    for name, (count, dur) in ranked:
-        short = name if len(name) <= 90 else name[:87] + "..."
-        lines.append(f"| `{short}` | {category(name)} | {count / calls:g} | {dur / 1e3 / calls:.3f} |")
-    return lines + [""]
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

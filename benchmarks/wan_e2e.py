@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -35,17 +37,12 @@ from chipmunk_jax.memory import offload_layer_caches
 from chipmunk_jax.models import wan
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_profile import profile, summarise  # noqa: E402
+
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}  # width x height in pixels
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames (1 + 4k -> 1 + k), height, width
 INVOCATIONS = 2  # CFG: cond + uncond per step
-
-
-
-
-
-
-
-
 
 
 def latent_shape(width, height, frames):
@@ -86,7 +83,7 @@ def time_dense(params, config, inputs, rope, reps):
 
 
 def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1,
-                  offload=False):
+                  offload=False, profile_calls=0, trace_root=None):
     grid = wan.token_grid(config, latent)
     cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16)
     if offload:  # layer caches in pinned host memory (what two 720p branches need on an 80 GB H100)
@@ -111,7 +108,7 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
     representative = {}
     for s, kind in enumerate(kinds):
         representative.setdefault(kind, s)
-    times, errors = {}, {}
+    times, errors, profiles = {}, {}, []
     state = {"cache": cache}
     for kind, s in representative.items():
         x = trajectory(inputs, s)
@@ -123,6 +120,9 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
         times[kind.name] = median_ms(call, reps, warmup=warmup)
         if dense_fn is not None:
             errors[kind.name] = rel_err(call(), dense_fn(params, x))
+        if profile_calls:
+            wall, events = profile(call, profile_calls, os.path.join(trace_root, kind.name))
+            profiles += summarise(f"Chipmunk {kind.name} invocation (step {s})", wall, events, profile_calls, 25)
 
     head = jax.jit(lambda p, h, t: wan.head(p, config, h, t, latent_shape=latent, out_dtype=jnp.bfloat16))
     t_skip = jnp.asarray([500.0], jnp.float32)
@@ -136,8 +136,8 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
                      for k in representative}
     counts_cached["SKIP (head)"] = int(np.sum(skip == ModelStep.SKIP))
     return dict(
-        times=times, errors=errors, err0=err0, compile_s=compile_s, cache_gb=cache_gb, counts=counts,
-        counts_cached=counts_cached,
+        times=times, errors=errors, profiles=profiles, err0=err0, compile_s=compile_s, cache_gb=cache_gb,
+        counts=counts, counts_cached=counts_cached,
         total=INVOCATIONS * sum(times[k.name] for k in kinds),
         total_cached=INVOCATIONS * sum(per_step_cached),
     )
@@ -159,6 +159,8 @@ def main():
                         "the same device kind: skips the dense timing and the output checks (one size only)")
     parser.add_argument("--offload", action="store_true", help="layer caches in pinned host memory "
                         "(chipmunk_jax.memory)")
+    parser.add_argument("--profile", type=int, default=0, metavar="CALLS", help="also profile CALLS calls of the "
+                        "dense invocation and of each Chipmunk step kind (device time per kernel; trace_profile.py)")
     parser.add_argument("--no-chipmunk", action="store_true")
     parser.add_argument("--no-step-cache", action="store_true", help="preset without step caching")
     parser.add_argument("--tiny", action="store_true", help="2-block model, 320 tokens: a CPU check of the script")
@@ -167,8 +169,8 @@ def main():
     for name in ("frames", "text_len", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    if args.warmup < 0 or args.profile < 0:
+        parser.error("--warmup and --profile must be >= 0")
     if args.dense_ms is not None and ("," in args.sizes or args.dense_ms <= 0):
         parser.error("--dense-ms needs one --sizes entry and a positive value")
 
@@ -200,7 +202,8 @@ def main():
     jax.block_until_ready(params)
     log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gib():.1f} GiB")
 
-    rows = []
+    rows, profiles = [], []
+    trace_root = tempfile.mkdtemp(prefix="wan_profile_") if args.profile else None
     for width, height in sizes:
         latent = latent_shape(width, height, frames)
         grid = wan.token_grid(config, latent)
@@ -212,6 +215,10 @@ def main():
             dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
             log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
                 f"peak {peak_gib():.1f} GiB")
+            if args.profile:
+                wall, events = profile(lambda: jax.block_until_ready(dense_fn(params, inputs)), args.profile,
+                                       os.path.join(trace_root, f"dense_{label}"))
+                profiles += summarise(f"{label}: dense invocation", wall, events, args.profile, 25)
         else:
             dense_ms, dense_fn = args.dense_ms, None
             log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (--dense-ms, earlier run)")
@@ -219,7 +226,9 @@ def main():
         rows.append(row)
         if not args.no_chipmunk:
             r = time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn,
-                              warmup=args.warmup, offload=args.offload)
+                              warmup=args.warmup, offload=args.offload, profile_calls=args.profile,
+                              trace_root=os.path.join(trace_root, label) if args.profile else None)
+            profiles += [line.replace("### Chipmunk", f"### {label}: Chipmunk", 1) for line in r["profiles"]]
             log(f"[{label}] Chipmunk compile {r['compile_s']:.0f} s; step-0 output vs dense {r['err0']:.2e}; "
                 f"one branch's cache {r['cache_gb']:.1f} GiB")
             for kind, ms in r["times"].items():
@@ -267,6 +276,8 @@ def main():
                 err = c["errors"].get(kind)
                 lines.append(f"- {kind}: {ms:.1f} ms x {c['counts'].get(kind, 0)} / {c['counts_cached'].get(kind, 0)}"
                              + ("" if err is None else f" (output vs dense {err:.1e})"))
+    if profiles:
+        lines += ["", f"Device profiles ({args.profile} call(s) each, after the timed calls):", ""] + profiles
     emit_section(lines, args.results)
 
 
