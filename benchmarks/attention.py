@@ -94,6 +94,10 @@ def main(argv=None):
                      "column sums [1, H, ceil((N + 256) / group), N] (Hunyuan: N=118,800 -> G=621)")
     ap_.add_argument("--select-top-keys", type=float, default=0.05, help="Hunyuan preset: top_keys 0.05, "
                      "dynamic random 0.01, counts multiple of 128, compressed")
+    ap_.add_argument("--select-density", type=float, default=0.07, help="fraction of set mask bits for the "
+                     "bits -> indices timing (Hunyuan ~0.07; Wan's 5x5x5 window + top 10%% ~0.44)")
+    ap_.add_argument("--select-sweep", action="store_true", help="also time the selection kernels' width / "
+                     "num_warps variants")
     ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
@@ -185,7 +189,8 @@ def main(argv=None):
                 del idx, cnt
         del q, k, v
         if n in select_sizes:
-            time_selection(n, h, gs, args.select_top_keys, cudnn_ms, report, args.interpret)
+            time_selection(n, h, gs, args.select_top_keys, cudnn_ms, report, args.interpret,
+                           density=args.select_density, sweep=args.select_sweep)
 
     lines = [
         "",
@@ -203,7 +208,7 @@ def main(argv=None):
     print("\n".join(lines))
 
 
-def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret):
+def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret, density=0.07, sweep=False):
     """Selection fast path at Hunyuan scale: column sums [1, H, G, N] f32 -> indices/counts (+ mask)."""
     g = -(-(n + 256) // gs)
     mult = 128
@@ -222,13 +227,22 @@ def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret):
          jax.jit(lambda c: sf.row_thresholds(c.reshape(-1, n), k)), (cs,)),
         ("select threshold only", "k=%d (Pallas radix, 8 passes of 4 bits) %s" % (k, impl),
          jax.jit(lambda c: sf._row_thresholds_pallas(c.reshape(-1, n), k, interpret=interpret)), (cs,)),
-        ("bits -> indices (sparse step)", "m=%d %s" % (mult, impl),
-         jax.jit(lambda b, c: sf.mask_bits_to_indices(b, c, n, impl=impl)),
-         (jnp.packbits(jax.random.bernoulli(kr, 0.07, (1, h, g, n)), axis=-1, bitorder="little"),
-          jnp.full((1, h, g), mult * round(0.07 * n / mult), jnp.int32))),
         ("select uncompressed", "k=%d %s" % (k, impl),
          jax.jit(lambda c: sf.select_columns_fast(c, k, mult, compress=False, impl=impl)), (cs,)),
     ]
+    bits = (jnp.packbits(jax.random.bernoulli(kr, density, (1, h, g, n)), axis=-1, bitorder="little"),
+            jnp.full((1, h, g), min(n, mult * math.ceil(density * n / mult)), jnp.int32))
+    variants = [(1024, 4)] + ([(512, 4), (2048, 4), (1024, 8), (2048, 8), (4096, 8)] if sweep else [])
+    for width, warps in variants:
+        rows.append(("bits -> indices (sparse step)", "density %.2f m=%d width %d warps %d %s"
+                     % (density, mult, width, warps, impl),
+                     jax.jit(functools.partial(lambda b, c, w, nw: sf.mask_bits_to_indices(
+                         b, c, n, impl=impl, width=w, num_warps=nw), w=width, nw=warps)), bits))
+    for width, warps in ([(1024, 8), (4096, 8), (2048, 4), (2048, 16)] if sweep else []):
+        rows.append(("select threshold only", "k=%d radix width %d warps %d %s" % (k, width, warps, impl),
+                     jax.jit(functools.partial(lambda c, w, nw: sf._row_thresholds_pallas(
+                         c.reshape(-1, n), k, interpret=interpret, width=w, num_warps=nw), w=width, nw=warps)),
+                     (cs,)))
     for op, cfg, f, a in rows:
         ms, sp = _median_ms(f, *a, min_reps=3, max_reps=10, budget_s=2.0)
         report(n, f"{op} G={g}", cfg, ms, 0.0, cudnn_ms, sp)

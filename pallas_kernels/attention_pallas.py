@@ -38,6 +38,7 @@ __all__ = [
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+_FIXED_OFFSET_LIMIT = 60.0  # |lse - prev_lse| bound of DenseConfig.fixed_offset (natural log units)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -65,6 +66,12 @@ class DenseConfig:
     seq: bool = False
     cs_dot: str = "wp"
     groups_per_program: int = 0
+    # "seq" colsum only: softmax with the previous LSE as a fixed offset instead of an online running max.
+    # p = exp(s - prev_lse) is then both the column-sum term (SPEC §1.4) and the unnormalised softmax:
+    # o = (p @ v) / sum(p), lse = prev_lse + log(sum(p)); no running max, no rescaling of the accumulator and a
+    # constant column-sum weight matrix. Exact while |lse - prev_lse| stays within f32's exponent range;
+    # dense_attention_colsum checks that per row and reruns the online kernel when it does not hold.
+    fixed_offset: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +110,10 @@ PRODUCTION_DENSE_CONFIGS = (
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=3),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
+FIXED_OFFSET_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, fixed_offset=True)
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
+    FIXED_OFFSET_COLSUM,
     DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, cs_dot="pw"),
     # block_k=128 with 3 stages needs 274 KB of shared memory (run 4: fails on the H100); 2 stages not measured yet.
     DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=2, seq=True),
@@ -260,7 +269,7 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
 
 
 def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *, scale, nq, nk, bq, bk,
-                       group_size, groups_per_prog, slots, cs_dot, precision, fast):
+                       group_size, groups_per_prog, slots, cs_dot, fixed_offset, precision, fast):
     """Dense attention + column sums, "seq" layout (DenseConfig.seq): sequential ``bq``-row passes.
 
     The program's rows [row0, row0 + groups_per_prog * group_size) start and end on group boundaries; pass t
@@ -268,7 +277,7 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
     of all touched groups come from one MMA: part[j, :] = sum_i W[j, i] P[i, :], W[j, i] = r_i if row i is in
     group g_first + j, with r_i = exp2(m_i - prev_lse2_i) (so W @ P sums exp(s - prev_lse), SPEC §1.4).
     A group that began in an earlier pass of this program is read back and added (same program, a whole key
-    pass later); a group's first pass stores.
+    pass later); a group's first pass stores. ``fixed_offset``: see DenseConfig (W is then the 0/1 indicator).
     """
     pid = pl.program_id(0)
     d = q_ref.shape[-1]
@@ -293,6 +302,7 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
         g_start = (g_first + slot_ids) * group_size
         slot_ok = g_start < tile_end  # the group has rows in this pass
         cont = slot_ok & (g_start < start)  # ... and rows in an earlier pass: accumulate
+        indicator = jnp.where(sel, 1.0, 0.0).astype(cdt)
 
         def step(kb, carry, masked):
             kstart = kb * bk
@@ -308,10 +318,17 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
             qk2 = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
             if masked:
                 qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
-            c, p = _online_update(qk2, v, carry, precision, fast)
-            r = _exp2(c[1] - plse2, fast)
-            w = jnp.where(sel, r[None, :], 0.0).astype(cdt)
-            pc = p.astype(cdt)
+            if fixed_offset:
+                acc, l = carry
+                p = _exp2(qk2 - plse2[:, None], fast)
+                pc = p.astype(cdt)
+                c = (acc + plgpu.dot(pc, v, precision=precision), l + jnp.sum(p, axis=1))
+                w = indicator
+            else:
+                c, p = _online_update(qk2, v, carry, precision, fast)
+                r = _exp2(c[1] - plse2, fast)
+                w = jnp.where(sel, r[None, :], 0.0).astype(cdt)
+                pc = p.astype(cdt)
             if cs_dot == "wp":
                 part = plgpu.dot(w, pc, precision=precision)
             else:
@@ -323,16 +340,16 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
             plgpu.store(at, prev + part, mask=smask)
             return c
 
-        carry = (
-            jnp.zeros((bq, d), jnp.float32),
-            jnp.full((bq,), -jnp.inf, jnp.float32),
-            jnp.zeros((bq,), jnp.float32),
-        )
+        acc0, l0 = jnp.zeros((bq, d), jnp.float32), jnp.zeros((bq,), jnp.float32)
+        carry = (acc0, l0) if fixed_offset else (acc0, jnp.full((bq,), -jnp.inf, jnp.float32), l0)
         if n_full:
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
         if tail:
             carry = lax.fori_loop(n_full, n_full + 1, functools.partial(step, masked=True), carry)
-        acc, m, l = carry
+        if fixed_offset:
+            (acc, l), m = carry, plse2
+        else:
+            acc, m, l = carry
         plgpu.store(o_ref.at[pl.ds(start, bq), :], (acc / l[:, None]).astype(o_ref.dtype), mask=ok[:, None])
         plgpu.store(lse_ref.at[pl.ds(start, bq)], (m + jnp.log2(l)) * _LN2, mask=ok)
         return tile_carry
@@ -410,7 +427,8 @@ def _colsum_seq_call(q, k, v, prev_lse, *, scale, group_size, interpret, config)
     n_prog = -(-n_groups // gpp)
     kernel = functools.partial(
         _colsum_seq_kernel, scale=scale, nq=nq, nk=nk, bq=bq, bk=bk, group_size=group_size,
-        groups_per_prog=gpp, slots=slots, cs_dot=config.cs_dot, precision=_precision(q.dtype),
+        groups_per_prog=gpp, slots=slots, cs_dot=config.cs_dot, fixed_offset=config.fixed_offset,
+        precision=_precision(q.dtype),
         fast=not interpret,
     )
     bh_map = _bh_index(h)
@@ -451,11 +469,17 @@ def dense_attention(q, k, v, *, scale: float, interpret: bool = False, config: D
 def dense_attention_colsum(
     q, k, v, prev_lse, *, group_size: int, scale: float, interpret: bool = False, config: DenseConfig | None = None
 ):
-    o, lse, cs = _dense_call(
-        q, k, v, prev_lse, scale=scale, group_size=group_size, colsum=True, interpret=interpret,
-        config=config or DEFAULT_COLSUM,
-    )
-    return o, lse, cs
+    config = config or DEFAULT_COLSUM
+    call = functools.partial(_dense_call, q, k, v, prev_lse, scale=scale, group_size=group_size, colsum=True,
+                             interpret=interpret)
+    if not (config.seq and config.fixed_offset):
+        return call(config=config)
+    o, lse, cs = call(config=config)
+    # the fixed offset is exact while every row's sum(p) = exp(lse - prev_lse) is a normal f32 far from
+    # overflow: |lse - prev_lse| < 60 (NaN / inf fail the test too). Else the online kernel redoes the call.
+    fits = jnp.all(jnp.abs(lse - prev_lse) < _FIXED_OFFSET_LIMIT)
+    online = dataclasses.replace(config, fixed_offset=False)
+    return lax.cond(fits, lambda: (o, lse, cs), lambda: call(config=online))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -407,33 +407,59 @@ def select_columns_fast(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _bits_kernel(bits_ref, cnt_ref, idx_ref, *, n, width, capacity):
+def _bits_kernel(words_ref, cnt_ref, idx_ref, *, n, words_per_chunk):
+    """One row: its bit-packed mask as int32 words -> the first ``counts`` index slots.
+
+    A chunk is a [words, 32] tile of columns: a column's slot is the running count before its word (an
+    exclusive cumsum of per-word popcounts, over words only) plus the popcount of the lower bits of its own
+    word, so the per-column work is a few integer ops instead of a scan. Pass 1 writes the set columns
+    ascending and counts them; pass 2 writes the padding (the lowest unset columns) and stops as soon as the
+    ``counts`` slots are full, which is usually within its first chunk."""
     row = pl.program_id(0)
     count = cnt_ref[row]
-    lanes = jnp.arange(width, dtype=jnp.int32)
+    wpc = words_per_chunk
+    word_ids = jnp.arange(wpc, dtype=jnp.int32)
+    bit = jnp.arange(32, dtype=jnp.int32)
+    below = lax.shift_left(jnp.int32(1), bit) - 1  # bits under each position (bit 31: 0x7FFFFFFF)
+    n_words = -(-n // 32)
+    n_chunks = -(-n_words // wpc)
 
-    def chunk(c):
-        cols = c * width + lanes
-        valid = cols < n
-        byte = plgpu.load(bits_ref.at[c * (width // 8) + lanes // 8], mask=valid, other=0).astype(jnp.int32)
-        sel = valid & (lax.shift_right_logical(byte, lanes % 8) & 1 != 0)
-        return cols, valid, sel
+    def chunk(c, unset):
+        w = c * wpc + word_ids
+        words = plgpu.load(words_ref.at[pl.ds(c * wpc, wpc)], mask=w < n_words, other=0)
+        cols = w[:, None] * 32 + bit[None, :]
+        if unset:  # columns past n are neither set nor padding
+            last = jnp.clip(n - w * 32, 0, 32)
+            valid_bits = jnp.where(last >= 32, jnp.int32(-1), lax.shift_left(jnp.int32(1), last) - 1)
+            words = ~words & valid_bits
+        on = lax.shift_right_logical(words[:, None], bit[None, :]) & 1 != 0
+        per_word = lax.population_count(words)
+        before = jnp.cumsum(per_word) - per_word
+        within = lax.population_count(words[:, None] & below[None, :])
+        return cols, on, before[:, None] + within, jnp.sum(per_word)
 
-    n_chunks = -(-n // width)
-    zero = jnp.int32(0)
-    n_sel = lax.fori_loop(0, n_chunks, lambda c, acc: acc + jnp.sum(chunk(c)[2].astype(jnp.int32)), zero)
+    def write_set(c, sel_before):
+        cols, on, rank, total = chunk(c, unset=False)
+        slot = sel_before + rank
+        ok = on & (slot < count)
+        plgpu.store(idx_ref.at[jnp.where(ok, slot, n)], cols, mask=ok)
+        return sel_before + total
 
-    def write(c, carry):
-        sel_before, rest_before = carry
-        cols, valid, sel = chunk(c)
-        rest = valid & ~sel
-        sel_i, rest_i = sel.astype(jnp.int32), rest.astype(jnp.int32)
-        slot = jnp.where(sel, sel_before + jnp.cumsum(sel_i) - 1, n_sel + rest_before + jnp.cumsum(rest_i) - 1)
-        ok = (sel | rest) & (slot < count)
-        plgpu.store(idx_ref.at[jnp.where(ok, slot, capacity)], cols, mask=ok)
-        return sel_before + jnp.sum(sel_i), rest_before + jnp.sum(rest_i)
+    n_sel = lax.fori_loop(0, n_chunks, write_set, jnp.int32(0))
 
-    lax.fori_loop(0, n_chunks, write, (zero, zero))
+    def pad_more(carry):
+        c, rest_before = carry
+        return (c < n_chunks) & (n_sel + rest_before < count)
+
+    def write_pad(carry):
+        c, rest_before = carry
+        cols, on, rank, total = chunk(c, unset=True)
+        slot = n_sel + rest_before + rank
+        ok = on & (slot < count)
+        plgpu.store(idx_ref.at[jnp.where(ok, slot, n)], cols, mask=ok)
+        return c + 1, rest_before + total
+
+    lax.while_loop(pad_more, write_pad, (jnp.int32(0), jnp.int32(0)))
 
 
 def _bits_to_indices_jnp(bits, counts, n):
@@ -444,17 +470,21 @@ def _bits_to_indices_jnp(bits, counts, n):
 
 def _bits_to_indices_pallas(bits, counts, n, *, interpret, width, num_warps):
     rows, nb = bits.shape
-    kernel = functools.partial(_bits_kernel, n=n, width=width, capacity=n)
+    n_words = -(-nb // 4)
+    # little-endian bytes -> int32 words: bit j of word w is column 32 w + j (the byte order of packbits)
+    padded = jnp.pad(bits, ((0, 0), (0, 4 * n_words - nb)))
+    words = lax.bitcast_convert_type(padded.reshape(rows, n_words, 4), jnp.int32)
+    kernel = functools.partial(_bits_kernel, n=n, words_per_chunk=max(1, width // 32))
     return pl.pallas_call(
         kernel,
         grid=(rows,),
-        in_specs=[pl.BlockSpec((None, nb), lambda r: (r, 0)), pl.BlockSpec((rows,), lambda r: (0,))],
+        in_specs=[pl.BlockSpec((None, n_words), lambda r: (r, 0)), pl.BlockSpec((rows,), lambda r: (0,))],
         out_specs=pl.BlockSpec((None, n), lambda r: (r, 0)),
         out_shape=jax.ShapeDtypeStruct((rows, n), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="chipmunk_mask_bits_to_indices",
-    )(bits, counts)
+    )(words, counts)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "impl", "width", "num_warps"))
@@ -494,8 +524,8 @@ def mask_bits_to_indices(bits, counts, num_columns: int, *, impl: str | None = N
     if getattr(counts, "shape", None) != bits.shape[:-1] or not jnp.issubdtype(counts.dtype, jnp.integer):
         raise ValueError(f"counts must be an integer array of shape {bits.shape[:-1]}, got "
                          f"{getattr(counts, 'dtype', None)} {getattr(counts, 'shape', None)}")
-    if width < 16 or width & (width - 1):
-        raise ValueError(f"width must be a power of 2 >= 16, got {width!r}")
+    if width < 32 or width & (width - 1):
+        raise ValueError(f"width must be a power of 2 >= 32, got {width!r}")
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "jnp"
     if impl not in _IMPLS:

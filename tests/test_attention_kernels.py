@@ -4,6 +4,7 @@ Fresh random inputs per test, odd sizes (N not a multiple of 64/192), ragged cou
 duplicates, heads 3, batch 2; NaN checks (interpret mode fills unwritten outputs with NaN).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -31,8 +32,8 @@ def _qkv(b, n, h, d, dtype, nk=None):
 
 
 def _rel(x, y):
-    x = np.asarray(jnp.asarray(x, jnp.float32))
-    y = np.asarray(jnp.asarray(y, jnp.float32))
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # f64 norms: colsum values may be ~e^50
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
     assert np.all(np.isfinite(x)), "kernel output has NaN/inf (unwritten or invalid elements)"
     return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
 
@@ -93,16 +94,48 @@ def test_colsum_matches_reference(shape, group_size, dtype):
         ((1, 300, 2, 64), 192, jnp.float32, ap.DenseConfig(block_q=64, block_k=128, seq=True,
                                                             groups_per_program=3)),
         ((1, 401, 2, 64), 192, jnp.float32, ap.DenseConfig(block_q=64, block_k=64, num_warps=4)),  # v2 layout
+        ((2, 401, 3, 64), 192, jnp.float32, ap.FIXED_OFFSET_COLSUM),
+        ((1, 333, 2, 64), 40, jnp.bfloat16, ap.FIXED_OFFSET_COLSUM),
     ],
 )
 def test_colsum_seq_and_legacy_layouts(shape, group_size, dtype, config):
     _check_colsum(shape, group_size, dtype, config)
 
 
-def _check_colsum(shape, group_size, dtype, cfg):
+@pytest.mark.parametrize("shift", [75.0, -75.0, float("inf")])
+def test_colsum_fixed_offset_falls_back_when_lse_moved_far(shift):
+    """|lse - prev_lse| beyond the fixed offset's range (one row is enough): the online kernel's result."""
+    q, k, v = _qkv(1, 300, 2, 64, jnp.float32)
+    _, prev = A.dense_attention(q, k, v, impl="reference")
+    prev = prev.at[0, 1, 17].add(shift)
+    out = ap.dense_attention_colsum(q, k, v, prev, group_size=192, scale=0.125, interpret=True,
+                                    config=ap.FIXED_OFFSET_COLSUM)
+    online = ap.dense_attention_colsum(q, k, v, prev, group_size=192, scale=0.125, interpret=True,
+                                       config=dataclasses.replace(ap.FIXED_OFFSET_COLSUM, fixed_offset=False))
+    for got, want in zip(out, online):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ro, rl, _ = A.dense_attention_colsum(q, k, v, prev, group_size=192, impl="reference")
+    assert _rel(out[0], ro) <= 1e-5 and float(jnp.max(jnp.abs(out[1] - rl))) <= 1e-4
+
+
+@pytest.mark.parametrize("shift", [50.0, -50.0])
+def test_colsum_fixed_offset_kernel_exact_within_range(shift):
+    """The fixed-offset kernel itself (no fallback) while every row's LSE moved by 50 since prev_lse."""
+    q, k, v = _qkv(1, 333, 2, 64, jnp.float32)
+    _, lse_now = A.dense_attention(q, k, v, impl="reference")
+    prev = lse_now + shift
+    o, lse, cs = ap._dense_call(q, k, v, prev, scale=0.125, group_size=192, colsum=True, interpret=True,
+                                config=ap.FIXED_OFFSET_COLSUM)
+    ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, group_size=192, impl="reference")
+    assert _rel(o, ro) <= 1e-5
+    assert float(jnp.max(jnp.abs(lse - rl))) <= 1e-4
+    assert _rel(cs, rcs) <= 1e-4
+
+
+def _check_colsum(shape, group_size, dtype, cfg, prev_noise=0.3):
     q, k, v = _qkv(*shape, dtype)
     _, prev = A.dense_attention(q, k, v, impl="reference")
-    prev = prev + 0.3 * jax.random.normal(_key(), prev.shape)  # a "previous step" LSE
+    prev = prev + prev_noise * jax.random.normal(_key(), prev.shape)  # a "previous step" LSE
     if group_size < 0:
         group_size, cfg = -group_size, ap.DenseConfig(tiles=(128, 64), num_warps=8)
     o, lse, cs = ap.dense_attention_colsum(q, k, v, prev, group_size=group_size, scale=shape[-1] ** -0.5,
