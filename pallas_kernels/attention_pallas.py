@@ -96,10 +96,14 @@ class SparseConfig:
 # 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 has not
 # been timed at 118,800 yet.
 DEFAULT_DENSE = DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3)
-# v3 default: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at
-# N=118,800 (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2
-# layout (3x64 sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
-DEFAULT_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
+# v3: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at N=118,800
+# (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2 layout (3x64
+# sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
+# v4 default: the same with the previous LSE as a fixed softmax offset. Session 3 (H100, N=75,600, H=40): 345.4 ms
+# (1.68x cuDNN) vs 400.1 ms (1.94x) for v3 in the same run.
+ONLINE_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
+FIXED_OFFSET_COLSUM = dataclasses.replace(ONLINE_COLSUM, fixed_offset=True)
+DEFAULT_COLSUM = FIXED_OFFSET_COLSUM
 # Run 2 (H100): 3x64-row sub-tiles in one program, C=64, 4 warps: 32.1 ms at N=118,800 (9.45x cuDNN), 2.92 ms
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
 DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3)
@@ -110,10 +114,9 @@ PRODUCTION_DENSE_CONFIGS = (
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=3),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
-FIXED_OFFSET_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, fixed_offset=True)
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
-    FIXED_OFFSET_COLSUM,
+    ONLINE_COLSUM,
     DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, cs_dot="pw"),
     # block_k=128 with 3 stages needs 274 KB of shared memory (run 4: fails on the H100); 2 stages not measured yet.
     DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=2, seq=True),
