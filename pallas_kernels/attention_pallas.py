@@ -117,10 +117,11 @@ PRODUCTION_DENSE_CONFIGS = (
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
     ONLINE_COLSUM,
-    DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True, cs_dot="pw"),
-    # block_k=128 with 3 stages needs 274 KB of shared memory (run 4: fails on the H100); 2 stages not measured yet.
-    DenseConfig(block_q=128, block_k=128, num_warps=8, num_stages=2, seq=True),
-    DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=4, seq=True),
+    # fixed-offset variants not measured yet: fewer, larger key blocks (half the W @ P MMAs and read-modify-writes)
+    # and a deeper pipeline. (The online kernel measured the same with either: 402.8 / 398.4 vs 400.1 ms at 75,600.)
+    dataclasses.replace(FIXED_OFFSET_COLSUM, block_k=128, num_stages=2),
+    dataclasses.replace(FIXED_OFFSET_COLSUM, num_stages=4),
+    dataclasses.replace(ONLINE_COLSUM, cs_dot="pw"),
     # v1/v2 layout: one program per group, parallel sub-tiles, jnp.sum column reduction (run 2: 3.3x cuDNN).
     DenseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
 )
