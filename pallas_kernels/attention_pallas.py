@@ -117,8 +117,8 @@ PRODUCTION_DENSE_CONFIGS = (
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
     ONLINE_COLSUM,
-    # fixed-offset variants not measured yet: fewer, larger key blocks (half the W @ P MMAs and read-modify-writes)
-    # and a deeper pipeline. (The online kernel measured the same with either: 402.8 / 398.4 vs 400.1 ms at 75,600.)
+    # fixed-offset variants (session 3, H100): block_k 128 / 2 stages 41.5 / 558.7 ms at 32,760 / 118,800 (slower
+    # than the default's 38.9 / 513.9); 4 stages 36.4 / 516.9 ms (faster at 32,760 only).
     dataclasses.replace(FIXED_OFFSET_COLSUM, block_k=128, num_stages=2),
     dataclasses.replace(FIXED_OFFSET_COLSUM, num_stages=4),
     dataclasses.replace(ONLINE_COLSUM, cs_dot="pw"),
