@@ -1,9 +1,9 @@
 # The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
-# the device machine, after `source benchmarks/gpu_env.sh`):
-#   bash benchmarks/gpu_plan.sh video         # nvidia-h200: issues 8, 9 (~7 min)
+# the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 were measured in session 3.
 #   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler traced vs static (~7 min)
-#   bash benchmarks/gpu_plan.sh flux_profile  # nvidia-h100-x1: issue 5, where a sparse step's time goes (~4 min)
-#   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4 (~8 min)
+#   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests + colsum at 4,608 / 75,600
+#                                             #   (4 stages?) + the MLP table (~8 min)
+#   bash benchmarks/gpu_plan.sh video         # nvidia-h200: issues 8, 9 again after kernel changes (~9 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
 # the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
@@ -13,10 +13,11 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -v "^WARNING" | tee -a "$OUT/plan.log"; }
 
 case "${1:-}" in
 video)
-  # dense figures from run 1 on the H200 (the dense path has not changed since)
+  # dense timed in the same process (session 3: Hunyuan ~4.5 min, Wan 720p ~5 min: one of them per call if the
+  # GPU tests run first)
   run timeout 120 python3 -P -m pytest -q -m gpu tests/test_selection_fast.py tests/test_offload.py
-  run python3 -P benchmarks/hunyuan_e2e.py --phase chipmunk --dense-ms 21620.4 --reps 1 --warmup 0 --results "$OUT/hy.md"
-  run python3 -P benchmarks/wan_e2e.py --sizes 720p --dense-ms 11461.8 --reps 1 --warmup 0 --results "$OUT/wan.md"
+  run python3 -P benchmarks/hunyuan_e2e.py --phase all --reps 1 --warmup 0 --results "$OUT/hy.md"
+  run python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --results "$OUT/wan.md"
   ;;
 flux)
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --reps 1 --results "$OUT/flux_sample.md"
@@ -27,9 +28,9 @@ flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
 kernels)
-  run timeout 150 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py
-  run python3 -P benchmarks/attention.py --sizes 32760,118800 --sparsities 0.93 --sweep-sizes 118800 --sweep dense \
-    --select-sizes 118800 --results "$OUT/attention.md"
+  run timeout 240 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py
+  run python3 -P benchmarks/attention.py --sizes 4608,75600 --sparsities 0.85 --sweep colsum,sparse \
+    --sweep-sparsity 0.85 --skip dense --results "$OUT/attention.md"
   run python3 -P benchmarks/mlp.py --no-sweep --budget 200 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)

@@ -42,3 +42,16 @@ def test_flux_profile_runs_tiny_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "### dense model" in text and "SPARSE+SPARSE_REUSE (step" in text and "| category | ms/call |" in text
+
+
+def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
+    """wan_e2e --profile: the dense invocation and every Chipmunk step kind get a kernel table."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "wan_e2e.py"), "--tiny", "--profile", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("Device profiles", ": dense invocation", ": Chipmunk DENSE_COLSUM invocation",
+                    ": Chipmunk SPARSE invocation", "| category | ms/call |"):
+        assert heading in proc.stdout, (heading, proc.stdout[-3000:])
