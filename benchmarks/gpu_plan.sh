@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler traced vs static (~7 min)
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests + colsum at 4,608 / 75,600
 #                                             #   (4 stages?) + the MLP table (~8 min)
-#   bash benchmarks/gpu_plan.sh video         # nvidia-h200: issues 8, 9 again after kernel changes (~9 min)
+#   bash benchmarks/gpu_plan.sh video hunyuan|wan  # nvidia-h200: issues 8, 9 again after kernel changes (~6 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
 # the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
@@ -13,11 +13,14 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -v "^WARNING" | tee -a "$OUT/plan.log"; }
 
 case "${1:-}" in
 video)
-  # dense timed in the same process (session 3: Hunyuan ~4.5 min, Wan 720p ~5 min: one of them per call if the
-  # GPU tests run first)
+  # dense timed in the same process (session 3: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
+  # `video hunyuan` or `video wan`
   run timeout 120 python3 -P -m pytest -q -m gpu tests/test_selection_fast.py tests/test_offload.py
-  run python3 -P benchmarks/hunyuan_e2e.py --phase all --reps 1 --warmup 0 --results "$OUT/hy.md"
-  run python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --results "$OUT/wan.md"
+  case "${2:-}" in
+  hunyuan) run python3 -P benchmarks/hunyuan_e2e.py --phase all --reps 1 --warmup 0 --results "$OUT/hy.md" ;;
+  wan) run python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --results "$OUT/wan.md" ;;
+  *) echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan" >&2; exit 2 ;;
+  esac
   ;;
 flux)
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --reps 1 --results "$OUT/flux_sample.md"
@@ -34,7 +37,7 @@ kernels)
   run python3 -P benchmarks/mlp.py --no-sweep --budget 200 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video|flux|flux_profile|kernels" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels" >&2
   exit 2
   ;;
 esac
