@@ -15,12 +15,16 @@ case "${1:-}" in
 video)
   # dense timed in the same process (session 3: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
   # `video hunyuan` or `video wan`
-  run timeout 120 python3 -P -m pytest -q -m gpu tests/test_selection_fast.py tests/test_offload.py
   case "${2:-}" in
-  hunyuan) run python3 -P benchmarks/hunyuan_e2e.py --phase all --reps 1 --warmup 0 --results "$OUT/hy.md" ;;
-  wan) run python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --results "$OUT/wan.md" ;;
+  hunyuan|wan) ;;
   *) echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan" >&2; exit 2 ;;
   esac
+  run timeout 120 python3 -P -m pytest -q -m gpu tests/test_selection_fast.py tests/test_offload.py
+  if [ "$2" = hunyuan ]; then
+    run python3 -P benchmarks/hunyuan_e2e.py --phase all --reps 1 --warmup 0 --results "$OUT/hy.md"
+  else
+    run python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --results "$OUT/wan.md"
+  fi
   ;;
 flux)
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --reps 1 --results "$OUT/flux_sample.md"
