@@ -110,7 +110,8 @@ def test_static_video_mask_spec_rules():
         assert np.array_equal(s[u, :n_img], own)
     assert s[-1].all()  # text query group dense
     assert not np.asarray(eligible)[-1] and np.asarray(eligible)[:8].all()
-    wide, _ = S.static_video_mask(grid, num_text, C.AttentionConfig(local_voxels=3, random_keys=0.0))
+    with pytest.warns(UserWarning, match="covers 100%"):  # the window is the whole grid
+        wide, _ = S.static_video_mask(grid, num_text, C.AttentionConfig(local_voxels=3, random_keys=0.0))
     assert np.asarray(wide)[0, :n_img].all()  # 3x3x3 window covers the whole 2x2x2 grid
     rnd, _ = S.static_video_mask(grid, 0, C.AttentionConfig(random_keys=0.2), key=jax.random.PRNGKey(0))
     frac = np.asarray(rnd)[:-1].mean()
@@ -172,3 +173,15 @@ def test_attention_selection_kernel_path_matches_reference(compress):
     assert np.array_equal(ref_sets, fast_sets)
     if compress:
         assert jnp.array_equal(ref.mask, fast.mask)
+
+
+def test_static_video_mask_warns_when_the_window_covers_most_keys():
+    """Wan's 5x5x5 window: 32% of the keys at 720p (no warning), 73% at 480p (warning naming the share)."""
+    import warnings
+
+    a = C.wan().replace(attention__random_keys=0.0).attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        S.static_video_mask((21, 45, 80), 0, a)
+    with pytest.warns(UserWarning, match=r"covers 73% of the image keys"):
+        S.static_video_mask((21, 30, 52), 0, a)
