@@ -96,7 +96,10 @@ def dense_attention_colsum(
 ):
     """Dense attention plus column sums with the previous LSE (SPEC §1.4).
 
-    Returns (o, lse [B, H, N_q] f32, colsum [B, H, ceil(N_q/group_size), N_k] f32).
+    Returns (o, lse [B, H, N_q] f32, colsum [B, H, ceil(N_q/group_size), N_k] f32). The Pallas kernel uses
+    ``prev_lse`` as its softmax offset (one exp per logit serves o, lse and the column sums); rows whose LSE
+    moved by 60 or more since ``prev_lse`` (or a non-finite ``prev_lse``) make it rerun the online-softmax
+    kernel, so the result never depends on how good ``prev_lse`` is.
     """
     _check_qkv(q, k, v)
     _check_group_size(group_size)
