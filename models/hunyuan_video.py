@@ -41,7 +41,7 @@ op brings its own layer's cache to the device (the original offloads out_cache a
 
 Step caching (SPEC §4.3): ``forward(..., return_hidden=True)`` also returns the pre-head image hidden
 state (voxel order under Chipmunk); ``head`` re-runs only the final layer on it with the current
-timestep; ``make_denoiser`` wires both into ``chipmunk_jax.sampling``.
+timestep; ``denoiser`` wires both into ``chipmunk_jax.sampling``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ __all__ = [
     "text_length_from_mask",
     "patchify",
     "unpatchify",
-    "make_denoiser",
+    "denoiser",
 ]
 
 Params = dict[str, Any]
@@ -681,20 +681,28 @@ def forward(
 # Sampling
 
 
-def make_denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None, *, grid, text_length: int,
-                  dtype=jnp.bfloat16, kernel_impl: str | None = None):
+def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None, *, grid, text_length: int,
+             latent_dtype=jnp.float32, image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+             dtype=jnp.bfloat16, kernel_impl: str | None = None):
     """A ``chipmunk_jax.sampling.Denoiser`` for flow-matching sampling with step caching.
 
     ``cond`` is a dict with encoder_hidden_states, encoder_attention_mask, pooled_projections and (for
     guidance_embeds) guidance; the sampler's sigma in [0, 1] becomes timestep = 1000 * sigma (the
     pipeline's scheduler timesteps). The hidden state kept for skipped steps is in voxel order.
+    ``latent_dtype``: the latents' dtype (a skipped step's head returns it too); ``image_rotary_emb``:
+    ``rotary_emb(config, grid)``, passed in so large tables are computed once, outside the loop.
     """
     from chipmunk_jax.sampling import Denoiser
 
+    if not isinstance(config, HunyuanVideoConfig):
+        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    if chipmunk is not None:
+        _check_configs(config, chipmunk)
     grid = _check_grid(grid)
 
     def compute(params, latents, sigma, cond, cache, step, key):
-        kwargs = dict(hidden_states=latents, timestep=sigma * 1000.0, **cond, return_hidden=True, dtype=dtype)
+        kwargs = dict(hidden_states=latents, timestep=sigma * 1000.0, **cond, return_hidden=True,
+                      image_rotary_emb=image_rotary_emb, dtype=dtype)
         if chipmunk is None:
             velocity, hidden = forward(params, config, **kwargs)
             return velocity, hidden, cache
@@ -703,6 +711,7 @@ def make_denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None, *
 
     def head_fn(params, hidden, sigma, cond):
         return head(params, config, hidden, timestep=sigma * 1000.0, pooled_projections=cond["pooled_projections"],
-                    guidance=cond.get("guidance"), grid=grid, chipmunk=chipmunk, dtype=dtype, out_dtype=jnp.float32)
+                    guidance=cond.get("guidance"), grid=grid, chipmunk=chipmunk, dtype=dtype,
+                    out_dtype=latent_dtype)
 
     return Denoiser(compute=compute, head=head_fn)

@@ -506,3 +506,45 @@ def test_cache_bytes_per_layer_at_720p():
     assert sizes["mask_bits"] == 24 * g * -(-n // 8)  # bit-packed column sets
     assert sizes["lse"] == 24 * n * 4 and sizes["counts"] == 24 * g * 4
     assert sizes["total"] == 964_770_384  # the module docstring's 964.8 MB
+
+
+@pytest.mark.parametrize("latent_dtype", [jnp.float32, jnp.bfloat16])
+def test_denoiser_in_the_jitted_sampler_matches_a_python_loop(latent_dtype):
+    """sampling.sample with the HunyuanVideo denoiser (Chipmunk, one skipped step) equals the same steps written
+    out with forward / head; bf16 latents keep one dtype through the skip / compute branches."""
+    from chipmunk_jax import sampling
+
+    config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
+    params = random_params(config, 11)
+    chipmunk = all_keys_kept(num_steps=4, step_cache__skip_step_schedule=(3,))
+    grid = hv.token_grid(config, (1, config.in_channels) + LATENT)
+    rope = hv.rotary_emb(config, grid)
+    den = hv.denoiser(config, chipmunk, grid=grid, text_length=VALID, latent_dtype=latent_dtype,
+                      image_rotary_emb=rope, dtype=jnp.float32)
+    inputs = trajectory_inputs(config, 0)
+    cond = {k: jnp.asarray(inputs[k]) for k in ("encoder_hidden_states", "encoder_attention_mask",
+                                                  "pooled_projections", "guidance")}
+    latents = jnp.asarray(inputs["hidden_states"], latent_dtype)
+    sigmas = sampling.flow_sigmas(4, shift=7.0)
+    mask_key, key = jax.random.key(3), jax.random.key(4)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=VALID, key=mask_key, dtype=jnp.float32)
+    out, _, step_cache = sampling.sample(den, chipmunk, params, latents, cond, cache, sigmas=sigmas, key=key,
+                                         hidden_shape=(1, 768, config.inner_dim), hidden_dtype=jnp.float32)
+    assert out.dtype == latent_dtype and bool(step_cache.valid)
+    if latent_dtype != jnp.float32:
+        return
+    step_fn = chipmunk_step_fn(config, chipmunk)
+    # the sampler donated its latents and cache: the loop starts from fresh copies (same draw of the mask key)
+    cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=VALID, key=mask_key, dtype=jnp.float32)
+    x, hidden = jnp.asarray(inputs["hidden_states"]), None
+    for step in range(4):
+        t = np.asarray([sigmas[step] * 1000.0], np.float32)
+        if step == 3:
+            v = hv.head(params, config, hidden, timestep=t, pooled_projections=cond["pooled_projections"],
+                        guidance=cond["guidance"], grid=grid, chipmunk=chipmunk, dtype=jnp.float32)
+        else:
+            v, hidden, cache = step_fn(params, dict(cond, hidden_states=x, timestep=t), cache, jnp.int32(step),
+                                       jax.random.fold_in(key, step))
+        x = x + (sigmas[step + 1] - sigmas[step]) * v
+    assert max_rel_err(out, x) <= 1e-5
+    assert max_rel_err(step_cache.hidden, hidden) <= 1e-5
