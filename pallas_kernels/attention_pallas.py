@@ -93,13 +93,13 @@ class SparseConfig:
 
 
 # block_k=128 (run 3, H100): 0.613 vs 0.643 ms for block_k=64 at N=4,608 in the same sweep; 28.1 ms (1.22x cuDNN) at
-# 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 has not
-# been timed at 118,800 yet.
+# 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 376.5 ms
+# (1.25x) at 118,800 and 28.1 ms (1.24x) at 32,760 in session 3.
 DEFAULT_DENSE = DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3)
 # v3: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at N=118,800
 # (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2 layout (3x64
 # sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
-# v4 default: the same with the previous LSE as a fixed softmax offset. Session 3 (H100, N=75,600, H=40): 345.4 ms
+# Default (NOTES_attention.md v5): the same with the previous LSE as a fixed softmax offset. Session 3 (H100, N=75,600, H=40): 345.4 ms
 # (1.68x cuDNN) vs 400.1 ms (1.94x) for v3 in the same run.
 ONLINE_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
 FIXED_OFFSET_COLSUM = dataclasses.replace(ONLINE_COLSUM, fixed_offset=True)
