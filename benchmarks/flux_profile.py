@@ -31,7 +31,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_e2e's input builders
 
 from flux_e2e import make_inputs, trajectory  # noqa: E402
-from trace_profile import profile, summarise  # noqa: E402
+from trace_profile import compiled_sources, profile, summarise  # noqa: E402
 
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.models import flux  # noqa: E402
@@ -94,7 +94,8 @@ def main():
         dense = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
         wall, events = profile(lambda: jax.block_until_ready(dense(params, inputs, rope)), args.calls,
                                os.path.join(trace_root, "dense"))
-        lines += summarise("dense model", wall, events, args.calls, args.top)
+        lines += summarise("dense model", wall, events, args.calls, args.top,
+                           compiled_sources(dense, params, inputs, rope))
         log(f"dense: {wall:.1f} ms/call")
 
     def chipmunk_fn(step_arg):
@@ -124,8 +125,11 @@ def main():
                     out, state["cache"] = fn(prepared, x, state["cache"], rope)
                 jax.block_until_ready(out)
 
+            call_args = (prepared, x, state["cache"]) + ((jnp.int32(s),) if dispatch == "traced" else ()) + (rope,)
+            sources = compiled_sources(fn, *call_args)
             wall, events = profile(call, args.calls, os.path.join(trace_root, f"{dispatch}_{kind}"))
-            lines += summarise(f"Chipmunk {kind} (step {s}), {dispatch} dispatch", wall, events, args.calls, args.top)
+            lines += summarise(f"Chipmunk {kind} (step {s}), {dispatch} dispatch", wall, events, args.calls, args.top,
+                               sources)
             log(f"{kind} {dispatch}: {wall:.1f} ms/call")
         del state, cache
 

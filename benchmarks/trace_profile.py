@@ -1,6 +1,8 @@
 """Device-side kernel profiles for the benchmark scripts: run a jitted call under ``jax.profiler``, read
 the perfetto trace back and sum device time per kernel and per category (GEMM, cuDNN attention, Pallas
 kernels, XLA fusions, copies), beside the wall time per call (the gap = launches, host work, idle).
+Each XLA fusion is named after its HLO instruction, so ``hlo_sources`` maps kernel names to the model source
+lines the fusion came from (the compiled module's stack-frame tables): the "source" column of the tables.
 Used by flux_profile.py and wan_e2e.py --profile."""
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import jax
 
-__all__ = ["category", "device_events", "profile", "summarise"]
+__all__ = ["category", "device_events", "hlo_sources", "compiled_sources", "profile", "summarise"]
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA / XLA profilers report them
     ("pallas", re.compile(r"chipmunk_|triton", re.I)),
@@ -72,7 +74,56 @@ def profile(fn, calls: int, trace_dir: str):
     return wall_ms, device_events(trace_dir)
 
 
-def summarise(label: str, wall_ms: float, events, calls: int, top: int) -> list[str]:
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*metadata=\{([^}]*)\}")
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> "file:line function" of the innermost user stack frame of every instruction of a compiled
+    HLO module's text that carries one (XLA names a fusion's GPU kernel after its instruction, '.' -> '_')."""
+    tables, current = {}, None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        row = _TABLE_ROW.match(line) if current is not None else None
+        if row:
+            current[int(row.group(1))] = row.group(2)
+        elif line.strip():
+            current = None
+    if "StackFrames" not in tables:
+        return {}
+
+    def field(text, name):
+        found = re.search(name + r"=(\d+)", text)
+        return int(found.group(1)) if found else None
+
+    def frame_text(frame_id):
+        location_id = field(tables["StackFrames"].get(frame_id, ""), "file_location_id")
+        loc = tables.get("FileLocations", {}).get(location_id, "")
+        file = tables.get("FileNames", {}).get(field(loc, "file_name_id"), '"?"').strip('"')
+        func = tables.get("FunctionNames", {}).get(field(loc, "function_name_id"), '"?"').strip('"')
+        return f"{os.path.basename(file)}:{field(loc, 'line')} {func}"
+
+    sources = {}
+    for line in hlo_text.splitlines():
+        found = _INSTRUCTION.match(line)
+        frame_id = field(found.group(2), "stack_frame_id") if found else None
+        if frame_id:
+            sources[found.group(1)] = sources[found.group(1).replace(".", "_")] = frame_text(frame_id)
+    return sources
+
+
+def compiled_sources(jitted, *args) -> dict[str, str]:
+    """``hlo_sources`` of ``jitted``'s executable for ``args`` (after a call: jax's compilation cache answers,
+    nothing recompiles). Empty when the module cannot be lowered again (e.g. donated, deleted inputs)."""
+    try:
+        return hlo_sources(jitted.lower(*args).compile().as_text())
+    except Exception:  # a missing source column must not cost the profile
+        return {}
+
+
+def summarise(label: str, wall_ms: float, events, calls: int, top: int, sources=None) -> list[str]:
     per_kernel = collections.defaultdict(lambda: [0, 0.0])
     for name, dur in events:
         per_kernel[name][0] += 1
@@ -87,9 +138,12 @@ def summarise(label: str, wall_ms: float, events, calls: int, top: int) -> list[
              "| category | ms/call | % of device time |", "|---|---|---|"]
     for cat, ms in per_cat.most_common():
         lines.append(f"| {cat} | {ms:.2f} | {100 * ms / max(device_ms, 1e-9):.1f} |")
-    lines += ["", f"Top {top} kernels:", "", "| kernel | category | launches/call | ms/call |", "|---|---|---|---|"]
+    sources = sources or {}
+    lines += ["", f"Top {top} kernels:", "", "| kernel | category | launches/call | ms/call | source |",
+              "|---|---|---|---|---|"]
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (count, dur) in ranked:
         short = name if len(name) <= 90 else name[:87] + "..."
-        lines.append(f"| `{short}` | {category(name)} | {count / calls:g} | {dur / 1e3 / calls:.3f} |")
+        lines.append(f"| `{short}` | {category(name)} | {count / calls:g} | {dur / 1e3 / calls:.3f} | "
+                     f"{sources.get(name, '')} |")
     return lines + [""]

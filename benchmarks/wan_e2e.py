@@ -38,7 +38,7 @@ from chipmunk_jax.models import wan
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trace_profile import profile, summarise  # noqa: E402
+from trace_profile import compiled_sources, profile, summarise  # noqa: E402
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}  # width x height in pixels
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames (1 + 4k -> 1 + k), height, width
@@ -79,7 +79,7 @@ def time_dense(params, config, inputs, rope, reps):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, inputs))
     compile_s = time.perf_counter() - t0
-    return median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps), compile_s, fn
+    return median_ms(lambda: jax.block_until_ready(fn(params, inputs)), reps), compile_s, fn, jitted
 
 
 def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1,
@@ -108,7 +108,7 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
     representative = {}
     for s, kind in enumerate(kinds):
         representative.setdefault(kind, s)
-    times, errors, profiles = {}, {}, []
+    times, errors, profiles, sources = {}, {}, [], {}
     state = {"cache": cache}
     for kind, s in representative.items():
         x = trajectory(inputs, s)
@@ -121,8 +121,11 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
         if dense_fn is not None:
             errors[kind.name] = rel_err(call(), dense_fn(params, x))
         if profile_calls:
+            if not sources:  # one executable serves every step kind (traced step)
+                sources = compiled_sources(jitted, params, x, state["cache"], jnp.int32(s), rope)
             wall, events = profile(call, profile_calls, os.path.join(trace_root, kind.name))
-            profiles += summarise(f"Chipmunk {kind.name} invocation (step {s})", wall, events, profile_calls, 25)
+            profiles += summarise(f"Chipmunk {kind.name} invocation (step {s})", wall, events, profile_calls, 25,
+                                  sources)
 
     head = jax.jit(lambda p, h, t: wan.head(p, config, h, t, latent_shape=latent, out_dtype=jnp.bfloat16))
     t_skip = jnp.asarray([500.0], jnp.float32)
@@ -212,13 +215,14 @@ def main():
         rope = wan.rotary_emb(config, grid)
         label = f"{width}x{height}x{frames}"
         if args.dense_ms is None:
-            dense_ms, compile_s, dense_fn = time_dense(params, config, inputs, rope, reps)
+            dense_ms, compile_s, dense_fn, dense_jitted = time_dense(params, config, inputs, rope, reps)
             log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (compile {compile_s:.0f} s), "
                 f"peak {peak_gib():.1f} GiB")
             if args.profile:
                 wall, events = profile(lambda: jax.block_until_ready(dense_fn(params, inputs)), args.profile,
                                        os.path.join(trace_root, f"dense_{label}"))
-                profiles += summarise(f"{label}: dense invocation", wall, events, args.profile, 25)
+                profiles += summarise(f"{label}: dense invocation", wall, events, args.profile, 25,
+                                      compiled_sources(dense_jitted, params, inputs, rope))
         else:
             dense_ms, dense_fn = args.dense_ms, None
             log(f"[{label}] {tokens} tokens: dense {dense_ms:.1f} ms/invocation (--dense-ms, earlier run)")

@@ -1,6 +1,7 @@
 """The GPU benchmark scripts run end to end on CPU with --tiny, so a refactor cannot break them unseen."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def test_flux_profile_runs_tiny_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "### dense model" in text and "SPARSE+SPARSE_REUSE (step" in text and "| category | ms/call |" in text
+    assert re.search(r"\| \w+\.py:\d+ \w+ \|", text)  # fusions attributed to model source lines
 
 
 def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
@@ -55,3 +57,4 @@ def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
     for heading in ("Device profiles", ": dense invocation", ": Chipmunk DENSE_COLSUM invocation",
                     ": Chipmunk SPARSE invocation", "| category | ms/call |"):
         assert heading in proc.stdout, (heading, proc.stdout[-3000:])
+    assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
