@@ -306,7 +306,7 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
         g_start = (g_first + slot_ids) * group_size
         slot_ok = g_start < tile_end  # the group has rows in this pass
         cont = slot_ok & (g_start < start)  # ... and rows in an earlier pass: accumulate
-        indicator = jnp.where(sel, 1.0, 0.0).astype(cdt)
+        indicator = jnp.where(sel, 1.0, 0.0).astype(cdt) if fixed_offset else None  # fixed offset's W
 
         def step(kb, carry, masked):
             kstart = kb * bk

@@ -22,10 +22,11 @@ SHAPES = [
 ]
 
 
-def _lower_cuda(f, *specs):
+def _lower_cuda(f, *specs, donate=(4, 5)):
+    """HLO text of ``f`` lowered for an H100; ``donate``: the donated arguments (default: the MLP caches)."""
     mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
     with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(f, donate_argnums=(4, 5)).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(f, donate_argnums=donate).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}r{int(t.rows_fastest)}")
@@ -60,16 +61,12 @@ def test_selection_lowers_for_cuda(shape, with_extra):
     _, n, _, f, _ = shape
     scores = jax.ShapeDtypeStruct((1, -(-n // 128), f), jnp.float32)
     keep = round(0.3 * f)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        if with_extra:
-            extra = jax.ShapeDtypeStruct(scores.shape, jnp.bool_)
-            fn = lambda s, e: mlp_selection.select_top_features(s, keep, 256, extra=e, impl="pallas")
-            lowered = jax.jit(fn).trace(scores, extra)
-        else:
-            fn = lambda s: mlp_selection.select_top_features(s, keep, 256, impl="pallas")
-            lowered = jax.jit(fn).trace(scores)
-        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    if with_extra:
+        fn = lambda s, e: mlp_selection.select_top_features(s, keep, 256, extra=e, impl="pallas")
+        text = _lower_cuda(fn, scores, jax.ShapeDtypeStruct(scores.shape, jnp.bool_), donate=())
+    else:
+        fn = lambda s: mlp_selection.select_top_features(s, keep, 256, impl="pallas")
+        text = _lower_cuda(fn, scores, donate=())
     assert "xla.gpu.triton" in text and "chipmunk_mlp_select" in text
 
 
@@ -80,14 +77,11 @@ def test_fused_selection_lowers_for_cuda(shape, with_extra, num_warps):
     _, n, _, f, _ = shape
     z = jax.ShapeDtypeStruct((1, -(-n // 128), f), jnp.float32)
     keep = round(0.3 * f)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        if with_extra:
-            fn = lambda z, b, e: mlp_selection.select_from_preactivation(
-                z, b, keep, 128, extra=e, impl="pallas", num_warps=num_warps)
-            lowered = jax.jit(fn, donate_argnums=(1,)).trace(z, z, jax.ShapeDtypeStruct(z.shape, jnp.bool_))
-        else:
-            fn = lambda z, b: mlp_selection.select_from_preactivation(z, b, keep, 128, impl="pallas", num_warps=num_warps)
-            lowered = jax.jit(fn, donate_argnums=(1,)).trace(z, z)
-        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    if with_extra:
+        fn = lambda z, b, e: mlp_selection.select_from_preactivation(
+            z, b, keep, 128, extra=e, impl="pallas", num_warps=num_warps)
+        text = _lower_cuda(fn, z, z, jax.ShapeDtypeStruct(z.shape, jnp.bool_), donate=(1,))
+    else:
+        fn = lambda z, b: mlp_selection.select_from_preactivation(z, b, keep, 128, impl="pallas", num_warps=num_warps)
+        text = _lower_cuda(fn, z, z, donate=(1,))
     assert "xla.gpu.triton" in text and "chipmunk_mlp_select" in text
