@@ -54,6 +54,43 @@ def _median_ms_raw(f, *args, min_reps=5, max_reps=20, budget_s=3.0):
     return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
 
 
+def interleaved(n, q, k, v, args, scale, best, report, dense_flops):
+    """cuDNN, our dense+LSE (and dense+LSE+colsum) called in rotation, one blocking call per sample; medians."""
+    h, gs = q.shape[2], args.group_size
+    prev = jnp.asarray(jax.random.normal(jax.random.key(n + 1), (1, h, n), jnp.float32) + 0.5 * math.log(n))
+    fns = {
+        "cudnn dense": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=scale, implementation=None if args.interpret else "cudnn")), (q, k, v),
+            "jax.nn.dot_product_attention"),
+        "dense+lse": (jax.jit(functools.partial(ap.dense_attention, scale=scale, config=best["dense"][1],
+                                                interpret=args.interpret)), (q, k, v), _cfg(best["dense"][1])),
+    }
+    if args.pairs_colsum:
+        fns["dense+lse+colsum"] = (jax.jit(functools.partial(
+            ap.dense_attention_colsum, group_size=gs, scale=scale, config=best["colsum"][1],
+            interpret=args.interpret)), (q, k, v, prev), _cfg(best["colsum"][1]))
+    samples = {name: [] for name in fns}
+    for f, a, _ in fns.values():
+        jax.block_until_ready(f(*a))  # compile + warm-up
+    for _ in range(args.pairs):
+        for name, (f, a, _) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(samples["cudnn dense"])
+    for name, (_, _, cfg) in fns.items():
+        xs = samples[name]
+        med = statistics.median(xs)
+        # per-rotation ratios: each sample against the cuDNN call right before it
+        ratios = [c / x for c, x in zip(samples["cudnn dense"], xs)]
+        report(n, f"{name} (interleaved x{args.pairs})", cfg, med, dense_flops, base,
+               (max(xs) - min(xs)) / med)
+        if name != "cudnn dense":
+            print(f"  {name}: median per-rotation cuDNN/this {statistics.median(ratios):.4f} "
+                  f"(min {min(ratios):.4f}, max {max(ratios):.4f})", flush=True)
+    del prev
+
+
 def random_column_sets(key, b, h, n, group_size, count, kmax):
     """indices [B, H, G, kmax] int32 (distinct random columns per group), counts [B, H, G] = count."""
     g = -(-n // group_size)
@@ -98,6 +135,10 @@ def main(argv=None):
                      "bits -> indices timing (Hunyuan ~0.07; Wan's 5x5x5 window + top 10%% ~0.44)")
     ap_.add_argument("--select-sweep", action="store_true", help="also time the selection kernels' width / "
                      "num_warps variants")
+    ap_.add_argument("--pairs", type=int, default=0, help="also time cuDNN and our dense+LSE (and with "
+                     "--pairs-colsum dense+LSE+colsum) alternately, PAIRS calls each, one call per sample: "
+                     "clock and thermal drift then hit both sides of the ratio alike")
+    ap_.add_argument("--pairs-colsum", action="store_true", help="include dense+LSE+colsum in the --pairs rotation")
     ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
@@ -156,6 +197,8 @@ def main(argv=None):
                 ms, sp = _median_ms(f, q, k, v)
                 report(n, "dense+lse", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
                 keep("dense", ms, cfg, cudnn_ms)
+        if args.pairs:
+            interleaved(n, q, k, v, args, scale, best, report, dense_flops)
         if "colsum" not in skip:
             prev = jnp.asarray(jax.random.normal(kl, (1, h, n), jnp.float32) + 0.5 * math.log(n))
             cfgs = ap.PRODUCTION_COLSUM_CONFIGS if "colsum" in sweep else (best["colsum"][1],)

@@ -467,6 +467,42 @@ def probe(path):
     return 0
 
 
+# ---- launch order -------------------------------------------------------------------------------------------
+
+
+def sweep_orders(shapes, groups, log, profile_shape=None):
+    """Full 70% step per MlpTiles.row_group (default tiles otherwise) against the dense MLP, per shape, with a
+    per-kernel device-time profile of the fastest and the slowest order on ``profile_shape``."""
+    rows = []
+    for name in shapes:
+        p = make_problem(name)
+        keep = round(0.3 * p.f)
+        dense_ms = time_dense(p)
+        log(f"{name}: N={p.n} C={p.c} F={p.f} ({p.nb} row blocks), 70% keep {keep}: dense XLA MLP {dense_ms:.3f} ms")
+        timed = {}
+        for group in groups:
+            cfg = StepConfig(scores="xla_fc", fused_select=True, tiles=T(row_group=group))
+            try:
+                ms, state, step = time_step(p, keep, cfg)
+            except Exception as e:  # noqa: BLE001
+                log(f"  row_group {group}: ERROR {type(e).__name__}: {str(e)[:300]}")
+                continue
+            timed[group] = (ms, state, step)
+            log(f"  row_group {group:3d} ({'all' if group == 0 else group} row blocks per group): sparse step "
+                f"{ms:.3f} ms, dense/sparse {dense_ms / ms:.2f}x")
+            rows.append((name, group, dense_ms, ms))
+        if name == profile_shape and timed and not INTERPRET:
+            fastest = min(timed, key=lambda g: timed[g][0])
+            slowest = max(timed, key=lambda g: timed[g][0])
+            for group in dict.fromkeys((fastest, slowest)):
+                ms, state, step = timed[group]
+                log(f"  device-time profile, row_group {group}:")
+                profile_step(step, state, lambda i: (p.xs[i % 3], p.w1, p.w1t, p.b1, p.w2), 5, log)
+        log(f"  dense XLA MLP again: {time_dense(p):.3f} ms")
+        del p, timed
+    return rows
+
+
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
@@ -481,6 +517,10 @@ def main():
     parser.add_argument("--best-json", default=None, help="write the chosen configuration here")
     parser.add_argument("--probe", default=None, metavar="BEST_JSON",
                         help="run each kernel of that configuration once on FLUX double 70%% (for ncu) and exit")
+    parser.add_argument("--orders", default=None, metavar="SHAPES",
+                        help="only time the launch orders (MlpTiles.row_group) at 70%% on these shapes, e.g. "
+                             "flux_single,wan14b (the last one also gets a device-time profile)")
+    parser.add_argument("--groups", default="0,1,4,8,16,32", help="row_group values for --orders")
     args = parser.parse_args()
     budget = Budget(args.budget)
     global INTERPRET, REPS, SAMPLES, UNROLL
@@ -510,6 +550,16 @@ def main():
 
     dev = jax.devices()[0]
     log(f"device {dev.device_kind}, jax {jax.__version__}, date {datetime.date.today()}")
+    if args.orders:
+        shapes = args.orders.split(",")
+        rows = sweep_orders(shapes, [int(g) for g in args.groups.split(",")], log, profile_shape=shapes[-1])
+        table = ["| shape | row_group | dense XLA ms | sparse step ms (70%) | dense/sparse |", "|---|---|---|---|---|"]
+        table += [f"| {n} | {g} | {d:.3f} | {ms:.3f} | {d / ms:.2f}x |" for n, g, d, ms in rows]
+        print("\n".join(table))
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n".join(["```", *lines, "```", "", *table, ""]))
+        return 0
     rows = []
     p = make_problem("flux_double")
     keep70 = round(0.3 * p.f)

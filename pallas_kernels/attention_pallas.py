@@ -107,6 +107,16 @@ DEFAULT_COLSUM = FIXED_OFFSET_COLSUM
 # Run 2 (H100): 3x64-row sub-tiles in one program, C=64, 4 warps: 32.1 ms at N=118,800 (9.45x cuDNN), 2.92 ms
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
 DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3)
+# Short sequences launch too few (batch, head, group) programs to fill the H100 twice over; 64-row programs
+# (ppg=3) then win: run 3 at N=4,608 (576 programs) 0.088 vs 0.097 ms at 93%, run 2 at 32,760 (4,104) 2.69 vs 2.92 ms;
+# at 118,800 (14,904) ppg=1 wins (32.1 vs 36.5 ms).
+SMALL_GRID_SPARSE = dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3)
+SMALL_GRID_PROGRAMS = 8192
+
+
+def default_sparse_config(batch: int, heads: int, groups: int) -> SparseConfig:
+    """The sparse kernel configuration for a launch of batch x heads x groups query groups."""
+    return SMALL_GRID_SPARSE if batch * heads * groups <= SMALL_GRID_PROGRAMS else DEFAULT_SPARSE
 
 # Every configuration the benchmarks / production may use: the lowering tests cover all of these.
 PRODUCTION_DENSE_CONFIGS = (
@@ -127,7 +137,7 @@ PRODUCTION_COLSUM_CONFIGS = (
 )
 PRODUCTION_SPARSE_CONFIGS = (
     DEFAULT_SPARSE,
-    SparseConfig(block_q=64, programs_per_group=3, chunk=64, num_warps=4, num_stages=3),
+    SMALL_GRID_SPARSE,
     SparseConfig(chunk=64, num_warps=8, num_stages=3, tiles=(128, 64)),
     SparseConfig(chunk=64, num_warps=8, num_stages=2, tiles=(128, 64)),
     SparseConfig(chunk=128, num_warps=8, num_stages=2, tiles=(128, 64)),
@@ -609,7 +619,9 @@ def column_sparse_attention(
     q, k, v, indices, counts, *, group_size: int, scale: float, base=None, sign: int = 1,
     interpret: bool = False, config: SparseConfig | None = None,
 ):
+    if config is None:
+        config = default_sparse_config(q.shape[0], q.shape[2], indices.shape[2])
     return _sparse_call(
         q, k, v, indices, counts, base, group_size=group_size, scale=scale, sign=sign,
-        interpret=interpret, config=config or DEFAULT_SPARSE,
+        interpret=interpret, config=config,
     )

@@ -2,12 +2,13 @@
 
 Two kernels, both gathering only the selected hidden features of each row block:
 
-  fc1: grid (row block r, feature chunk j, batch b), r fastest (MlpTiles.rows_fastest). Tile zt[f, t] = w1t[ids_f, :] . x[t, :] + b1[ids_f]
+  fc1: grid (row block r x feature chunk j, batch b), launched in groups of MlpTiles.row_group row blocks
+       (see _launch_order). Tile zt[f, t] = w1t[ids_f, :] . x[t, :] + b1[ids_f]
        for BF gathered features x BM tokens (features are the GEMM's M dimension so the tile is already
        feature-major like the activation cache). Epilogue: GELU-tanh in f32, delta = new - cached, the
        new activations scattered back into act_cache in place, delta written packed and feature-major
        into delta_t [B, Kp, NBxBM] (column c of row block r <-> feature indices[b, r, c]).
-  fc2: grid (row block r, output tile n, batch b), r fastest. out[t, n-tile] += sum over packed chunks of
+  fc2: grid (row block r x output tile n, batch b), same launch order. out[t, n-tile] += sum over packed chunks of
        delta_t[chunk, t]^T . w2[ids_chunk, n-tile], accumulated in f32 and added to out_cache in place.
 
 Everything the kernels index with program-dependent offsets is passed as a whole-array block (a
@@ -42,17 +43,19 @@ class MlpTiles:
     fc2_cols: int = 128  # BN: output columns per fc2 program
     fc2_warps: int = 4
     fc2_stages: int = 3
-    # Launch order: row blocks fastest. Selections list features ascending, so programs running together
-    # (same packed chunk, different row blocks) gather nearby weight rows and share them through L2.
-    rows_fastest: bool = True
+    # Launch order: programs run in groups of `row_group` row blocks (0 = all of them), row blocks fastest
+    # within a group, then the next chunk / output tile. Selections list features ascending, so programs of
+    # one group running together gather nearby weight rows and share them through L2, while a group's token
+    # tiles (x for fc1, delta for fc2) stay L2-resident across its chunks. 1 = chunk-major.
+    row_group: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.rows_fastest, bool):
-            raise ValueError(f"MlpTiles.rows_fastest must be a bool, got {self.rows_fastest!r}")
         for field in dataclasses.fields(self):
-            if field.name == "rows_fastest":
-                continue
             value = getattr(self, field.name)
+            if field.name == "row_group":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"MlpTiles.row_group must be an integer >= 0 (0 = all row blocks), got {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MlpTiles.{field.name} must be a positive integer, got {value!r}")
         for name in ("fc1_features", "fc1_k", "fc2_k", "fc2_cols"):
@@ -80,7 +83,8 @@ PRODUCTION_TILES = (
     MlpTiles(fc1_features=128, fc1_k=64, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=4),
     MlpTiles(fc1_features=128, fc1_k=128, fc1_warps=8, fc1_stages=3, fc2_cols=128, fc2_k=128, fc2_warps=8,
              fc2_stages=3),
-    MlpTiles(rows_fastest=False),
+    MlpTiles(row_group=1),
+    MlpTiles(row_group=8),
 )
 
 
@@ -98,6 +102,20 @@ def _is_pow2(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
 
+def _launch_order(pid, num_blocks: int, num_inner: int, row_group: int):
+    """(row block, inner index) of the flattened program id ``pid`` in [0, num_blocks * num_inner).
+
+    Programs go in groups of ``row_group`` row blocks (0: all): within a group the row block is fastest,
+    then the inner index (fc1: packed feature chunk, fc2: output tile); the last group may be smaller. Works on
+    traced ints, so the kernels and their BlockSpec index maps share it."""
+    group = num_blocks if row_group == 0 else min(row_group, num_blocks)
+    per_group = group * num_inner
+    first = (pid // per_group) * group
+    size = jnp.minimum(group, num_blocks - first)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
 def _gelu_tanh(z):
     return jax.nn.gelu(z, approximate=True)
 
@@ -109,10 +127,10 @@ def _precision(dtype):
 
 def _fc1_kernel(
     counts_ref, ids_ref, x_ref, w1t_ref, b1_ref, act_ref, delta_ref, act_out_ref,
-    *, n_tokens, bk, mask_tokens, rows_fastest,
+    *, n_tokens, bk, mask_tokens, order,
 ):
-    r, j = (pl.program_id(0), pl.program_id(1)) if rows_fastest else (pl.program_id(1), pl.program_id(0))
-    b = pl.program_id(2)
+    r, j = order(pl.program_id(0))
+    b = pl.program_id(1)
     bf, bm = delta_ref.shape
     num_features, c = w1t_ref.shape
     count = counts_ref[b, r]
@@ -172,27 +190,23 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAU
         raise ValueError(f"indices' last dim ({kp}) must be a multiple of fc1_features ({bf})")
     if not _is_pow2(block_size) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16 for the Pallas kernels, got {block_size}")
-    fast = tiles.rows_fastest
-    # Index maps take the launch grid's ids; `rj` puts them back in (row block, chunk, batch) order.
-    rj = (lambda p0, p1, bb: (p0, p1, bb)) if fast else (lambda p0, p1, bb: (p1, p0, bb))
+    order = functools.partial(_launch_order, num_blocks=nb, num_inner=kp // bf, row_group=tiles.row_group)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-    per_batch = lambda shape: pl.BlockSpec((None, *shape), lambda *g: (rj(*g)[2], 0, 0))
-    kernel = functools.partial(
-        _fc1_kernel, n_tokens=n, bk=bk, mask_tokens=n % block_size != 0, rows_fastest=fast
-    )
+    per_batch = lambda shape: pl.BlockSpec((None, *shape), lambda p, bb: (bb, 0, 0))
+    kernel = functools.partial(_fc1_kernel, n_tokens=n, bk=bk, mask_tokens=n % block_size != 0, order=order)
     delta_t, act_cache = pl.pallas_call(
         kernel,
-        grid=(nb, kp // bf, b) if fast else (kp // bf, nb, b),
+        grid=(nb * (kp // bf), b),
         in_specs=[
             whole(counts.shape),
-            pl.BlockSpec((None, None, bf), lambda *g: (rj(*g)[2], rj(*g)[0], rj(*g)[1])),
+            pl.BlockSpec((None, None, bf), lambda p, bb: (bb, *order(p))),
             per_batch((n, c)),
             whole(w1t.shape),
             whole(b1.shape),
             per_batch((num_features, n)),
         ],
         out_specs=[
-            pl.BlockSpec((None, bf, block_size), lambda *g: (rj(*g)[2], rj(*g)[1], rj(*g)[0])),
+            pl.BlockSpec((None, bf, block_size), lambda p, bb: (bb, order(p)[1], order(p)[0])),
             per_batch((num_features, n)),
         ],
         out_shape=[
@@ -208,10 +222,10 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAU
 
 
 def _fc2_body(
-    counts_ref, ids_ref, delta_ref, w2_ref, out_ref, out_out_ref, *, n_tokens, bk, bm, bn, mask_tokens, rows_fastest
+    counts_ref, ids_ref, delta_ref, w2_ref, out_ref, out_out_ref, *, n_tokens, bk, bm, bn, mask_tokens, order
 ):
-    r, nt = (pl.program_id(0), pl.program_id(1)) if rows_fastest else (pl.program_id(1), pl.program_id(0))
-    b = pl.program_id(2)
+    r, nt = order(pl.program_id(0))
+    b = pl.program_id(1)
     count = counts_ref[b, r]
     dtype = w2_ref.dtype
 
@@ -255,11 +269,11 @@ def fc2_delta(delta_t, w2, out_cache, indices, counts, *, block_size, tiles=DEFA
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     kernel = functools.partial(
         _fc2_body, n_tokens=n, bk=bk, bm=block_size, bn=bn, mask_tokens=n % block_size != 0,
-        rows_fastest=tiles.rows_fastest,
+        order=functools.partial(_launch_order, num_blocks=nb, num_inner=c_out // bn, row_group=tiles.row_group),
     )
     return pl.pallas_call(
         kernel,
-        grid=(nb, c_out // bn, b) if tiles.rows_fastest else (c_out // bn, nb, b),
+        grid=(nb * (c_out // bn), b),
         in_specs=[whole(counts.shape), whole(indices.shape), whole(delta_t.shape), whole(w2.shape),
                   whole(out_cache.shape)],
         out_specs=whole(out_cache.shape),

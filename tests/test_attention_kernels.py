@@ -165,7 +165,7 @@ def _random_sets(b, h, g, kmax, n, *, zero_group=True, full=False):
 @pytest.mark.parametrize(
     "shape,group_size,kmax,dtype,config",
     [
-        ((2, 401, 3, 64), 192, 150, jnp.float32, None),
+        ((2, 401, 3, 64), 192, 150, jnp.float32, ap.DEFAULT_SPARSE),
         ((1, 300, 2, 128), 192, 200, jnp.float32, ap.SparseConfig(programs_per_group=3, chunk=64)),
         ((2, 250, 3, 64), 100, 77, jnp.float32, ap.SparseConfig(chunk=32)),
         ((1, 389, 3, 64), 192, 129, jnp.bfloat16, None),
@@ -185,6 +185,14 @@ def test_sparse_matches_reference(shape, group_size, kmax, dtype, config):
     assert _rel(o, ro) <= _tol(dtype)
     # Rows of the count-0 group are exactly zero.
     assert float(jnp.max(jnp.abs(o[0, :group_size, 0].astype(jnp.float32)))) == 0.0
+
+
+def test_default_sparse_config_by_grid_size():
+    # FLUX 1024^2 (24 groups x 24 heads) takes the 64-row programs; HunyuanVideo 720p (621 x 24) does not.
+    assert ap.default_sparse_config(1, 24, 24) == ap.SMALL_GRID_SPARSE
+    assert ap.default_sparse_config(1, 24, 621) == ap.DEFAULT_SPARSE
+    assert ap.default_sparse_config(2, 24, 200) == ap.DEFAULT_SPARSE  # batch counts: 9,600 programs
+    assert ap.SMALL_GRID_SPARSE in ap.PRODUCTION_SPARSE_CONFIGS and ap.DEFAULT_SPARSE in ap.PRODUCTION_SPARSE_CONFIGS
 
 
 def test_sparse_all_columns_equals_dense():

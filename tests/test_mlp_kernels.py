@@ -134,6 +134,16 @@ def test_custom_tiles():
     assert _rel(act_k, act_r) <= 1e-5
 
 
+@pytest.mark.parametrize("num_blocks, num_inner, row_group", [(5, 3, 2), (5, 3, 0), (7, 4, 3), (4, 2, 1), (3, 5, 9)])
+def test_launch_order_is_a_bijection(num_blocks, num_inner, row_group):
+    pids = jnp.arange(num_blocks * num_inner)
+    r, j = mlp_pallas._launch_order(pids, num_blocks, num_inner, row_group)
+    pairs = set(zip(np.asarray(r).tolist(), np.asarray(j).tolist()))
+    assert pairs == {(a, c) for a in range(num_blocks) for c in range(num_inner)}
+    if row_group in (0, 9):  # one group: row blocks fastest
+        assert np.asarray(r)[:num_blocks].tolist() == list(range(num_blocks))
+
+
 def test_w1_transposed_reference_path():
     p = _problem(13, n=130)
     indices, counts = _selection(14, 1, 2, 256, [[100, 20]])
@@ -252,11 +262,23 @@ def test_selection_bad_inputs_raise(kwargs, error, match):
         )
 
 
-def test_chunk_major_launch_order_matches_reference():
-    p = _problem(17, b=2, n=200)
-    indices, counts = _selection(18, 2, 2, 256, [[200, 0], [64, 131]])
-    tiles = mlp_pallas.MlpTiles(rows_fastest=False)
+@pytest.mark.parametrize("row_group", [1, 2, 4, 0])  # chunk-major, even groups, a short last group, all rows
+def test_launch_orders_match_reference(row_group):
+    # 5 row blocks (the last one ragged), so row_group 2 and 4 end with a smaller group.
+    p = _problem(17, b=2, n=600, f=256)
+    indices, counts = _selection(18, 2, 5, 256, [[200, 0, 256, 13, 128], [64, 131, 0, 250, 1]])
+    tiles = mlp_pallas.MlpTiles(row_group=row_group)
     act_k, out_k = _run(p, indices, counts, "interpret", tiles=tiles)
     act_r, out_r = _run(p, indices, counts, "reference")
     assert _rel(out_k, out_r) <= 1e-5
     assert _rel(act_k, act_r) <= 1e-5
+
+
+@pytest.mark.parametrize("num_blocks, num_inner, row_group", [(5, 3, 2), (5, 3, 0), (7, 4, 3), (4, 2, 1), (3, 5, 9)])
+def test_launch_order_is_a_bijection(num_blocks, num_inner, row_group):
+    pids = jnp.arange(num_blocks * num_inner)
+    r, j = mlp_pallas._launch_order(pids, num_blocks, num_inner, row_group)
+    pairs = set(zip(np.asarray(r).tolist(), np.asarray(j).tolist()))
+    assert pairs == {(a, c) for a in range(num_blocks) for c in range(num_inner)}
+    if row_group in (0, 9):  # one group: row blocks fastest
+        assert np.asarray(r)[:num_blocks].tolist() == list(range(num_blocks))

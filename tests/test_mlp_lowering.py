@@ -29,7 +29,7 @@ def _lower_cuda(f, *specs, donate=(4, 5)):
         return jax.jit(f, donate_argnums=donate).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}r{int(t.rows_fastest)}")
+@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}g{t.row_group}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_sparse_mlp_delta_lowers_for_cuda(shape, tiles):
     _, n, c, f, c_out = shape
