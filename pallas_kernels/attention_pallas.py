@@ -72,6 +72,11 @@ class DenseConfig:
     # constant column-sum weight matrix. Exact while |lse - prev_lse| stays within f32's exponent range;
     # dense_attention_colsum checks that per row and reruns the online kernel when it does not hold.
     fixed_offset: bool = False
+    # dense (no colsum) only: the last ``exp_poly_keys`` keys of every full key block take their exp2 from a
+    # degree-3 polynomial on the FMA pipe instead of the MUFU unit (16 per clock per SM, the softmax's
+    # narrowest pipe), so both pipes share the exponentials (FlashAttention-4's trick). bf16/f16 inputs only:
+    # relative error <= 7.6e-5 per probability, below bf16's rounding of P; f32 inputs always use MUFU.
+    exp_poly_keys: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +112,12 @@ DEFAULT_COLSUM = FIXED_OFFSET_COLSUM
 # Run 2 (H100): 3x64-row sub-tiles in one program, C=64, 4 warps: 32.1 ms at N=118,800 (9.45x cuDNN), 2.92 ms
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
 DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3)
-# Short sequences launch too few (batch, head, group) programs to fill the H100 twice over; 64-row programs
-# (ppg=3) then win: run 3 at N=4,608 (576 programs) 0.088 vs 0.097 ms at 93%, run 2 at 32,760 (4,104) 2.69 vs 2.92 ms;
-# at 118,800 (14,904) ppg=1 wins (32.1 vs 36.5 ms).
+# Short sequences launch too few (batch, head, group) programs to fill the H100; 64-row programs (ppg=3) then win:
+# N=4,608 (576 programs) 0.088 vs 0.097 ms at 93% (run 3), 0.169 vs 0.181 ms at 83% (session 4, FLUX's density);
+# at 32,760 (4,104 programs) ppg=1 wins at 83% (5.84 vs 6.24 ms, session 4; run 2 had ppg=3 ahead at 93%), and at
+# 118,800 (14,904) at 93% (32.1 vs 36.5 ms).
 SMALL_GRID_SPARSE = dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3)
-SMALL_GRID_PROGRAMS = 8192
+SMALL_GRID_PROGRAMS = 2048
 
 
 def default_sparse_config(batch: int, heads: int, groups: int) -> SparseConfig:
@@ -121,6 +127,8 @@ def default_sparse_config(batch: int, heads: int, groups: int) -> SparseConfig:
 # Every configuration the benchmarks / production may use: the lowering tests cover all of these.
 PRODUCTION_DENSE_CONFIGS = (
     DEFAULT_DENSE,
+    dataclasses.replace(DEFAULT_DENSE, exp_poly_keys=16),
+    dataclasses.replace(DEFAULT_DENSE, exp_poly_keys=32),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=3),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
@@ -187,6 +195,49 @@ def _exp2(x, fast):
     return y
 
 
+# Degree-3 fit of 2^f on [-0.5, 0.5] (relative error <= 7.6e-5 in f32).
+_EXP2_POLY = (0.9999275803565979, 0.6932610869407654, 0.24261736869812012, 0.055174168199300766)
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + magic holds round(x) in its low mantissa bits
+
+
+def _add_round_magic(x, fast):
+    """x + 1.5 * 2^23, kept opaque: compilers fold (x + c) - c to x (XLA's simplifier does), which would
+    drop the rounding the polynomial exp relies on."""
+    if not fast:
+        return lax.optimization_barrier(x + _ROUND_MAGIC)
+    (y,) = plgpu.elementwise_inline_asm(
+        "add.rn.f32 $0, $1, 0f4B400000;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
+
+
+def _exp2_poly(x, fast=False):
+    """2^x for x <= 87 from FMA-pipe arithmetic only: 2^round(x) by exponent-bit addition times a polynomial
+    in the remainder. Inputs below -125 give 2^-125 (not 0): callers use it for unmasked logits only."""
+    x = jnp.maximum(x, -125.0)
+    j = _add_round_magic(x, fast)
+    f = x - (j - _ROUND_MAGIC)
+    c0, c1, c2, c3 = _EXP2_POLY
+    p = ((c3 * f + c2) * f + c1) * f + c0
+    exponent = lax.shift_left(lax.bitcast_convert_type(j, jnp.int32), jnp.int32(23))
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, jnp.int32) + exponent, jnp.float32)
+
+
+def _key_pieces(bk: int, poly_keys: int) -> tuple[tuple[int, bool], ...]:
+    """(size, polynomial exp) pieces of a key block: power-of-2 MUFU pieces, then the polynomial piece."""
+    if not poly_keys:
+        return ((bk, False),)
+    if not (_pow2(poly_keys) and 16 <= poly_keys < bk):
+        raise ValueError(f"exp_poly_keys must be a power of two in [16, block_k={bk}), got {poly_keys}")
+    rest, pieces = bk - poly_keys, []
+    while rest:
+        size = 1 << (rest.bit_length() - 1)
+        pieces.append((size, False))
+        rest -= size
+    return (*pieces, (poly_keys, True))
+
+
 def _online_update(qk2, v, carry, precision, fast):
     """One flash-attention step for one sub-tile. qk2: logits in log2 units (masked = -inf)."""
     acc, m, l = carry
@@ -203,7 +254,8 @@ def _online_update(qk2, v, carry, precision, fast):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast):
+def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast,
+                  pieces=None):
     if colsum:
         plse_ref, o_ref, lse_ref, cs_ref = refs
     else:
@@ -230,7 +282,46 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
             pls = plgpu.load(plse_ref.at[pl.ds(start, bq)], mask=ok, other=float("inf"))
             plse2.append(pls * _LOG2E)
 
+    def dense_step(kb, carry, masked):
+        """One key block for every sub-tile, logits kept unscaled: the running max is over raw logits and
+        scale2 enters each exponent as one FFMA, s * scale2 - m * scale2."""
+        kstart = kb * bk
+        blocks, off = [], 0
+        for size, poly in (((bk, False),) if masked else pieces):
+            if masked:
+                kok = (kstart + jnp.arange(bk)) < nk
+                kp = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+                vp = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+            else:
+                kp = k_ref[pl.ds(kstart + off, size), :]
+                vp = v_ref[pl.ds(kstart + off, size), :]
+            blocks.append((kp, vp, poly))
+            off += size
+        new = []
+        for s in range(n_sub):
+            acc, m, l = carry[s]
+            logits = []
+            for kp, _, _ in blocks:
+                sc = plgpu.dot(qs[s], kp, trans_b=True, precision=precision)
+                logits.append(jnp.where(kok[None, :], sc, -jnp.inf) if masked else sc)
+            m_new = m
+            for sc in logits:
+                m_new = jnp.maximum(m_new, jnp.max(sc, axis=1))
+            mb = m_new * scale2
+            alpha = _exp2(m * scale2 - mb, fast)
+            l = l * alpha
+            acc = acc * alpha[:, None]
+            for sc, (_, vp, poly) in zip(logits, blocks):
+                x = sc * scale2 - mb[:, None]
+                p = _exp2_poly(x, fast) if poly else _exp2(x, fast)
+                l = l + jnp.sum(p, axis=1)
+                acc = acc + plgpu.dot(p.astype(vp.dtype), vp, precision=precision)
+            new.append((acc, m_new, l))
+        return tuple(new)
+
     def step(kb, carry, masked):
+        if not colsum:
+            return dense_step(kb, carry, masked)
         kstart = kb * bk
         kcols = kstart + jnp.arange(bk)
         if masked:
@@ -278,8 +369,9 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
     for s, bq in enumerate(tiles):
         acc, m, l = carry[s]
         o = acc / l[:, None]
+        m2 = m if colsum else m * scale2  # the dense path keeps the max of unscaled logits
         plgpu.store(o_ref.at[pl.ds(starts[s], bq), :], o.astype(o_ref.dtype), mask=oks[s][:, None])
-        plgpu.store(lse_ref.at[pl.ds(starts[s], bq)], (m + jnp.log2(l)) * _LN2, mask=oks[s])
+        plgpu.store(lse_ref.at[pl.ds(starts[s], bq)], (m2 + jnp.log2(l)) * _LN2, mask=oks[s])
 
 
 def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *, scale, nq, nk, bq, bk,
@@ -398,9 +490,13 @@ def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, conf
         tiles = (config.block_q,) * config.n_sub
         n_prog = -(-nq // sum(tiles))
     assert all(_pow2(t) for t in tiles) and _pow2(bk), (tiles, bk)
+    pieces = _key_pieces(bk, config.exp_poly_keys)  # validates the field for every input dtype
+    if q.dtype == jnp.float32 or colsum:
+        pieces = ((bk, False),)
     kernel = functools.partial(
         _dense_kernel, scale=scale, nq=nq, nk=nk, tiles=tiles, bk=bk,
         group_size=group_size, colsum=colsum, precision=_precision(q.dtype), fast=not interpret,
+        pieces=pieces,
     )
     bh_map = _bh_index(h)
     in_specs = [

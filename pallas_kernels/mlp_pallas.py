@@ -46,8 +46,10 @@ class MlpTiles:
     # Launch order: programs run in groups of `row_group` row blocks (0 = all of them), row blocks fastest
     # within a group, then the next chunk / output tile. Selections list features ascending, so programs of
     # one group running together gather nearby weight rows and share them through L2, while a group's token
-    # tiles (x for fc1, delta for fc2) stay L2-resident across its chunks. 1 = chunk-major.
-    row_group: int = 0
+    # tiles (x for fc1, delta for fc2) stay L2-resident across its chunks. 1 = chunk-major. H100, session 4
+    # (`mlp.py --orders`, 70%): Wan 14B (256 row blocks) 6.76 ms with 32 vs 9.49 ms with all row blocks in one
+    # group (their x tiles, 335 MB, cannot stay in the 50 MB L2); FLUX (36 row blocks) 0.66-0.70 ms for every order.
+    row_group: int = 32
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -83,6 +85,7 @@ PRODUCTION_TILES = (
     MlpTiles(fc1_features=128, fc1_k=64, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=4),
     MlpTiles(fc1_features=128, fc1_k=128, fc1_warps=8, fc1_stages=3, fc2_cols=128, fc2_k=128, fc2_warps=8,
              fc2_stages=3),
+    MlpTiles(row_group=0),
     MlpTiles(row_group=1),
     MlpTiles(row_group=8),
 )
