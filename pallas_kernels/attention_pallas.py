@@ -72,11 +72,6 @@ class DenseConfig:
     # constant column-sum weight matrix. Exact while |lse - prev_lse| stays within f32's exponent range;
     # dense_attention_colsum checks that per row and reruns the online kernel when it does not hold.
     fixed_offset: bool = False
-    # dense (no colsum) only: the last ``exp_poly_keys`` keys of every full key block take their exp2 from a
-    # degree-3 polynomial on the FMA pipe instead of the MUFU unit (16 per clock per SM, the softmax's
-    # narrowest pipe), so both pipes share the exponentials (FlashAttention-4's trick). bf16/f16 inputs only:
-    # relative error <= 7.6e-5 per probability, below bf16's rounding of P; f32 inputs always use MUFU.
-    exp_poly_keys: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +94,10 @@ class SparseConfig:
 
 # block_k=128 (run 3, H100): 0.613 vs 0.643 ms for block_k=64 at N=4,608 in the same sweep; 28.1 ms (1.22x cuDNN) at
 # 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 376.5 ms
-# (1.25x) at 118,800 and 28.1 ms (1.24x) at 32,760 in session 3.
+# (1.25x) at 118,800 and 28.1 ms (1.24x) at 32,760 in session 3. Session 4 (max over unscaled logits, scale in the
+# exponent's FFMA): 355.7 / 27.4 ms; alternating 1 s blocks with cuDNN: 1.200x / 1.211x its time. A degree-3
+# polynomial exp2 on the FMA pipe for 16 or 32 of each 128 keys (FlashAttention-4's trick) was 20-26% SLOWER
+# (449.4 / 420.8 ms at 118,800): the split dots and the extra FP32 instructions cost more than the MUFU time saved.
 DEFAULT_DENSE = DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_stages=3)
 # v3: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at N=118,800
 # (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2 layout (3x64
@@ -127,8 +125,6 @@ def default_sparse_config(batch: int, heads: int, groups: int) -> SparseConfig:
 # Every configuration the benchmarks / production may use: the lowering tests cover all of these.
 PRODUCTION_DENSE_CONFIGS = (
     DEFAULT_DENSE,
-    dataclasses.replace(DEFAULT_DENSE, exp_poly_keys=16),
-    dataclasses.replace(DEFAULT_DENSE, exp_poly_keys=32),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=3),
     DenseConfig(block_q=128, n_sub=1, block_k=64, num_warps=8, num_stages=4),
 )
@@ -195,49 +191,6 @@ def _exp2(x, fast):
     return y
 
 
-# Degree-3 fit of 2^f on [-0.5, 0.5] (relative error <= 7.6e-5 in f32).
-_EXP2_POLY = (0.9999275803565979, 0.6932610869407654, 0.24261736869812012, 0.055174168199300766)
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + magic holds round(x) in its low mantissa bits
-
-
-def _add_round_magic(x, fast):
-    """x + 1.5 * 2^23, kept opaque: compilers fold (x + c) - c to x (XLA's simplifier does), which would
-    drop the rounding the polynomial exp relies on."""
-    if not fast:
-        return lax.optimization_barrier(x + _ROUND_MAGIC)
-    (y,) = plgpu.elementwise_inline_asm(
-        "add.rn.f32 $0, $1, 0f4B400000;", args=[x], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-    )
-    return y
-
-
-def _exp2_poly(x, fast=False):
-    """2^x for x <= 87 from FMA-pipe arithmetic only: 2^round(x) by exponent-bit addition times a polynomial
-    in the remainder. Inputs below -125 give 2^-125 (not 0): callers use it for unmasked logits only."""
-    x = jnp.maximum(x, -125.0)
-    j = _add_round_magic(x, fast)
-    f = x - (j - _ROUND_MAGIC)
-    c0, c1, c2, c3 = _EXP2_POLY
-    p = ((c3 * f + c2) * f + c1) * f + c0
-    exponent = lax.shift_left(lax.bitcast_convert_type(j, jnp.int32), jnp.int32(23))
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, jnp.int32) + exponent, jnp.float32)
-
-
-def _key_pieces(bk: int, poly_keys: int) -> tuple[tuple[int, bool], ...]:
-    """(size, polynomial exp) pieces of a key block: power-of-2 MUFU pieces, then the polynomial piece."""
-    if not poly_keys:
-        return ((bk, False),)
-    if not (_pow2(poly_keys) and 16 <= poly_keys < bk):
-        raise ValueError(f"exp_poly_keys must be a power of two in [16, block_k={bk}), got {poly_keys}")
-    rest, pieces = bk - poly_keys, []
-    while rest:
-        size = 1 << (rest.bit_length() - 1)
-        pieces.append((size, False))
-        rest -= size
-    return (*pieces, (poly_keys, True))
-
-
 def _online_update(qk2, v, carry, precision, fast):
     """One flash-attention step for one sub-tile. qk2: logits in log2 units (masked = -inf)."""
     acc, m, l = carry
@@ -254,8 +207,7 @@ def _online_update(qk2, v, carry, precision, fast):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast,
-                  pieces=None):
+def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast):
     if colsum:
         plse_ref, o_ref, lse_ref, cs_ref = refs
     else:
@@ -286,36 +238,25 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
         """One key block for every sub-tile, logits kept unscaled: the running max is over raw logits and
         scale2 enters each exponent as one FFMA, s * scale2 - m * scale2."""
         kstart = kb * bk
-        blocks, off = [], 0
-        for size, poly in (((bk, False),) if masked else pieces):
-            if masked:
-                kok = (kstart + jnp.arange(bk)) < nk
-                kp = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-                vp = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-            else:
-                kp = k_ref[pl.ds(kstart + off, size), :]
-                vp = v_ref[pl.ds(kstart + off, size), :]
-            blocks.append((kp, vp, poly))
-            off += size
+        if masked:
+            kok = (kstart + jnp.arange(bk)) < nk
+            k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+        else:
+            k = k_ref[pl.ds(kstart, bk), :]
+            v = v_ref[pl.ds(kstart, bk), :]
         new = []
         for s in range(n_sub):
             acc, m, l = carry[s]
-            logits = []
-            for kp, _, _ in blocks:
-                sc = plgpu.dot(qs[s], kp, trans_b=True, precision=precision)
-                logits.append(jnp.where(kok[None, :], sc, -jnp.inf) if masked else sc)
-            m_new = m
-            for sc in logits:
-                m_new = jnp.maximum(m_new, jnp.max(sc, axis=1))
+            sc = plgpu.dot(qs[s], k, trans_b=True, precision=precision)
+            if masked:
+                sc = jnp.where(kok[None, :], sc, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=1))
             mb = m_new * scale2
             alpha = _exp2(m * scale2 - mb, fast)
-            l = l * alpha
-            acc = acc * alpha[:, None]
-            for sc, (_, vp, poly) in zip(logits, blocks):
-                x = sc * scale2 - mb[:, None]
-                p = _exp2_poly(x, fast) if poly else _exp2(x, fast)
-                l = l + jnp.sum(p, axis=1)
-                acc = acc + plgpu.dot(p.astype(vp.dtype), vp, precision=precision)
+            p = _exp2(sc * scale2 - mb[:, None], fast)
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
             new.append((acc, m_new, l))
         return tuple(new)
 
@@ -490,13 +431,9 @@ def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, conf
         tiles = (config.block_q,) * config.n_sub
         n_prog = -(-nq // sum(tiles))
     assert all(_pow2(t) for t in tiles) and _pow2(bk), (tiles, bk)
-    pieces = _key_pieces(bk, config.exp_poly_keys)  # validates the field for every input dtype
-    if q.dtype == jnp.float32 or colsum:
-        pieces = ((bk, False),)
     kernel = functools.partial(
         _dense_kernel, scale=scale, nq=nq, nk=nk, tiles=tiles, bk=bk,
         group_size=group_size, colsum=colsum, precision=_precision(q.dtype), fast=not interpret,
-        pieces=pieces,
     )
     bh_map = _bh_index(h)
     in_specs = [

@@ -36,7 +36,7 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 # Each config compiles a kernel (seconds): the GPU run covers the defaults plus the tile variants.
-@pytest.mark.parametrize("config", ap.PRODUCTION_DENSE_CONFIGS[:3], ids=str)  # default + polynomial exp2
+@pytest.mark.parametrize("config", ap.PRODUCTION_DENSE_CONFIGS[:1], ids=str)
 @pytest.mark.parametrize("shape,dtype", [((2, 1001, 3, 128), jnp.bfloat16), ((1, 777, 3, 64), jnp.float32)])
 def test_dense_gpu(shape, dtype, config):
     q, k, v = _qkv(*shape, dtype)
@@ -44,17 +44,6 @@ def test_dense_gpu(shape, dtype, config):
     ro, rl = A.dense_attention(q, k, v, impl="reference")
     assert _rel(o, ro) <= TOL[dtype]
     assert float(jnp.max(jnp.abs(lse - rl))) <= (1e-4 if dtype == jnp.float32 else 2e-2)
-
-
-def test_dense_polynomial_exp_gpu():
-    # The GPU path rounds through inline PTX (add.rn); compare with the MUFU path on a peaky softmax.
-    q, k, v = _qkv(2, 1001, 3, 128, jnp.bfloat16)
-    q = (q.astype(jnp.float32) * 4).astype(jnp.bfloat16)
-    o0, l0 = ap.dense_attention(q, k, v, scale=128**-0.5, config=ap.DEFAULT_DENSE)
-    o1, l1 = ap.dense_attention(q, k, v, scale=128**-0.5, config=ap.PRODUCTION_DENSE_CONFIGS[2])
-    assert ap.PRODUCTION_DENSE_CONFIGS[2].exp_poly_keys
-    assert _rel(o1, o0) <= 2e-3
-    assert float(jnp.max(jnp.abs(l1 - l0))) <= 2e-4
 
 
 @pytest.mark.parametrize("config", ap.PRODUCTION_COLSUM_CONFIGS[:2], ids=str)

@@ -69,38 +69,6 @@ def test_dense_other_configs_and_cross_lengths():
         assert float(jnp.max(jnp.abs(lse - rl))) <= 1e-4
 
 
-@pytest.mark.parametrize("block_k, poly_keys, nk", [(128, 32, 389), (128, 64, 300), (64, 16, 130)])
-def test_dense_polynomial_exp_matches_mufu_path(block_k, poly_keys, nk):
-    # Peaky softmax (q scaled by 4) so exponents span a wide range; nk leaves a masked tail block (MUFU only).
-    q, k, v = _qkv(2, 200, 3, 64, jnp.bfloat16, nk=nk)
-    q = (q.astype(jnp.float32) * 4).astype(jnp.bfloat16)
-    base = ap.DenseConfig(block_q=64, block_k=block_k)
-    o0, l0 = ap.dense_attention(q, k, v, scale=0.125, interpret=True, config=base)
-    o1, l1 = ap.dense_attention(q, k, v, scale=0.125, interpret=True,
-                                config=dataclasses.replace(base, exp_poly_keys=poly_keys))
-    ro, rl = A.dense_attention(q, k, v, scale=0.125, impl="reference")
-    assert _rel(o1, ro) <= 1e-2
-    assert _rel(o1, o0) <= 2e-3  # P is rounded to bf16 either way; the polynomial adds <= 7.6e-5 before that
-    assert float(jnp.max(jnp.abs(l1 - l0))) <= 2e-4
-    assert float(jnp.max(jnp.abs(l1 - rl))) <= 2e-2
-
-
-def test_exp2_polynomial_accuracy():
-    x = jnp.concatenate([jnp.linspace(-124.0, 86.0, 100_003), -jnp.abs(jax.random.normal(_key(), (10_000,))) * 3])
-    got = np.asarray(jax.jit(ap._exp2_poly)(x), np.float64)  # under jit: the rounding must survive XLA
-    want = np.exp2(np.asarray(x, np.float64))
-    assert np.all(np.abs(got / want - 1) <= 8e-5)
-    assert float(ap._exp2_poly(jnp.float32(-1000.0))) == pytest.approx(2.0**-125, rel=1e-4)  # clamped, not 0
-
-
-@pytest.mark.parametrize("poly_keys", [8, 48, 128, 256])
-def test_dense_polynomial_exp_bad_config(poly_keys):
-    q, k, v = _qkv(1, 64, 1, 64, jnp.bfloat16)
-    with pytest.raises(ValueError, match="exp_poly_keys"):
-        ap.dense_attention(q, k, v, scale=0.125, interpret=True,
-                           config=ap.DenseConfig(block_k=128, exp_poly_keys=poly_keys))
-
-
 # ------------------------------------------------------------------ dense + colsum
 
 
