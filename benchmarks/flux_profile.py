@@ -96,6 +96,8 @@ def main():
                                os.path.join(trace_root, "dense"))
         lines += summarise("dense model", wall, events, args.calls, args.top,
                            compiled_sources(dense, params, inputs, rope))
+        emit_section(lines, args.out)  # each phase is written as it completes: a capped run keeps what it did
+        lines = []
         log(f"dense: {wall:.1f} ms/call")
 
     def chipmunk_fn(step_arg):
@@ -130,10 +132,13 @@ def main():
             wall, events = profile(call, args.calls, os.path.join(trace_root, f"{dispatch}_{kind}"))
             lines += summarise(f"Chipmunk {kind} (step {s}), {dispatch} dispatch", wall, events, args.calls, args.top,
                                sources)
+            emit_section(lines, args.out)
+            lines = []
             log(f"{kind} {dispatch}: {wall:.1f} ms/call")
         del state, cache
 
-    emit_section(lines, args.out)
+    if lines:
+        emit_section(lines, args.out)
 
 
 if __name__ == "__main__":
