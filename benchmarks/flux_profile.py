@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--size", default="1024x1024", help="HxW in pixels")
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--kinds", default="SPARSE+SPARSE_SELECT,SPARSE+SPARSE_REUSE",
-                        help="Chipmunk (attention+MLP) step kinds to profile, comma separated")
+                        help="Chipmunk (attention+MLP) step kinds to profile, comma separated; none: the dense model only")
     parser.add_argument("--dispatch", default="traced,static", help="traced (lax.switch per layer), static, or both")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense model's profile")
     parser.add_argument("--calls", type=int, default=3)
@@ -73,7 +73,7 @@ def main():
     steps_of = {}
     for s in range(chipmunk.num_steps):
         steps_of.setdefault(f"{AttentionStep(int(attn_table[s])).name}+{MLPStep(int(mlp_table[s])).name}", s)
-    kinds = args.kinds.split(",")
+    kinds = [] if args.kinds == "none" else args.kinds.split(",")
     unknown = [k for k in kinds if k not in steps_of]
     if unknown:
         parser.error(f"--kinds {unknown}: the FLUX schedule has {sorted(steps_of)}")
@@ -108,7 +108,7 @@ def main():
             return jax.jit(step_fn, donate_argnums=(2,))
         return jax.jit(lambda p, x, cache, r: step_fn(p, x, cache, step_arg, r), donate_argnums=(2,))
 
-    for dispatch in dispatches:
+    for dispatch in dispatches if kinds else ():
         traced = chipmunk_fn("traced")
         cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=grid[0] * grid[1],
                                 num_text_tokens=text_len, dtype=jnp.bfloat16)
