@@ -77,11 +77,9 @@ def dense_attention(q, k, v, *, key_lengths=None, implementation=None):
 
 def dense_mlp(x, w1, b1, w2, b2, *, dtype, w1_transposed=False):
     """``GELU_tanh(x @ w1 + b1) @ w2 (+ b2)``; returns (y, None) like a Chipmunk MLP op.
-    ``w1_transposed``: w1 is stored [F, C] (see ``_fc1_weight``). The fc1 product leaves the GEMM in ``dtype``,
-    as diffusers' Linear does (GELU still runs in float32): a bf16 model then reads the hidden activations
-    once at half the bytes of a float32 product."""
-    h = linear({"kernel_t" if w1_transposed else "kernel": w1, "bias": b1}, x, dtype)
-    h = gelu_tanh(h.astype(jnp.float32)).astype(dtype)
+    ``w1_transposed``: w1 is stored [F, C] (see ``_fc1_weight``)."""
+    h = linear({"kernel_t" if w1_transposed else "kernel": w1, "bias": b1}, x, dtype, jnp.float32)
+    h = gelu_tanh(h).astype(dtype)
     precision = matmul_precision(dtype)
     y = jnp.matmul(h, w2.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
     if b2 is not None:
@@ -272,7 +270,7 @@ def single_block(
     proj_out = params["proj_out"]
     attn_proj, w_mlp = _proj_out_halves(proj_out, attn_out.shape[-1])
     if mlp_op is None:
-        mlp_hidden = gelu_tanh(linear(params["proj_mlp"], norm, dtype).astype(jnp.float32)).astype(dtype)
+        mlp_hidden = gelu_tanh(linear(params["proj_mlp"], norm, dtype, jnp.float32)).astype(dtype)
         if "kernel" in proj_out:  # one GEMM over [attn, mlp], as diffusers
             update = linear(proj_out, jnp.concatenate([attn_out, mlp_hidden], axis=-1), dtype, jnp.float32)
         else:
