@@ -1,8 +1,9 @@
 # The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 were measured in session 3.
-#   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler traced vs static (~7 min)
-#   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests + colsum at 4,608 / 75,600
-#                                             #   (4 stages?) + the MLP table (~8 min)
+#   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler (3 variants, ~5 min), then
+#                                             #   the sparse step's profile (each phase written as it completes)
+#   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
+#                                             #   alternating blocks at the issue-3 sizes, the MLP table (~8 min)
 #   bash benchmarks/gpu_plan.sh video hunyuan|wan  # nvidia-h200: issues 8, 9 again after kernel changes (~6 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
 # the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
@@ -27,18 +28,19 @@ video)
   fi
   ;;
 flux)
-  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --reps 1 --results "$OUT/flux_sample.md"
-  run python3 -P benchmarks/flux_sample.py --variants chipmunk --static-step-dispatch --reps 1 \
-    --results "$OUT/flux_sample_static.md"
+  run timeout 330 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk,chipmunk+cache --reps 1 \
+    --results "$OUT/flux_sample.md"
+  run timeout 200 python3 -P benchmarks/flux_profile.py --no-dense --dispatch static --kinds SPARSE+SPARSE_SELECT \
+    --calls 2 --out "$OUT/flux_profile.md"
   ;;
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
 kernels)
   run timeout 240 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py
-  run python3 -P benchmarks/attention.py --sizes 4608,75600 --sparsities 0.85 --sweep colsum,sparse \
-    --sweep-sparsity 0.85 --skip dense --results "$OUT/attention.md"
-  run python3 -P benchmarks/mlp.py --no-sweep --budget 200 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
+  run timeout 200 python3 -P benchmarks/attention.py --sizes 32760,118800 --sparsities 0.93 --sweep none \
+    --pairs 5 --pairs-colsum --results "$OUT/attention.md"
+  run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
   echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels" >&2
