@@ -195,11 +195,10 @@ def double_block(
         attn, norm_txt, q_name="add_q_proj", k_name="add_k_proj", v_name="add_v_proj",
         q_norm="norm_added_q", k_norm="norm_added_k", head_dim=head_dim, dtype=dtype,
     )
-    order = (lambda txt, img: _joint(txt, img)) if text_first else (lambda txt, img: _joint(img, txt))
-    joint = (lambda txt, img: [txt, img]) if text_first else (lambda txt, img: [img, txt])
-    q = _norm_rope(joint(q_txt, q_img), rotary_emb, dtype)
-    k = _norm_rope(joint(k_txt, k_img), rotary_emb, dtype)
-    v = order(v_txt, v_img).astype(dtype)
+    order = (lambda txt, img: [txt, img]) if text_first else (lambda txt, img: [img, txt])
+    q = _norm_rope(order(q_txt, q_img), rotary_emb, dtype)
+    k = _norm_rope(order(k_txt, k_img), rotary_emb, dtype)
+    v = _joint(*order(v_txt, v_img)).astype(dtype)
 
     attention_op = attention_op or _default_attention(key_lengths, attention_impl)
     out, attn_aux = attention_op(q, k, v)

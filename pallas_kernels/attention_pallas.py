@@ -207,6 +207,16 @@ def _online_update(qk2, v, carry, precision, fast):
 # ----------------------------------------------------------------------------------------------
 
 
+def _load_kv_block(k_ref, v_ref, kstart, bk, nk, masked):
+    """The key block at kstart: (k, v, valid-key mask or None); ``masked``: the ragged last block."""
+    if not masked:
+        return k_ref[pl.ds(kstart, bk), :], v_ref[pl.ds(kstart, bk), :], None
+    kok = (kstart + jnp.arange(bk)) < nk
+    k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
+    return k, v, kok
+
+
 def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_size, colsum, precision, fast):
     if colsum:
         plse_ref, o_ref, lse_ref, cs_ref = refs
@@ -238,13 +248,7 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
         """One key block for every sub-tile, logits kept unscaled: the running max is over raw logits and
         scale2 enters each exponent as one FFMA, s * scale2 - m * scale2."""
         kstart = kb * bk
-        if masked:
-            kok = (kstart + jnp.arange(bk)) < nk
-            k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-        else:
-            k = k_ref[pl.ds(kstart, bk), :]
-            v = v_ref[pl.ds(kstart, bk), :]
+        k, v, kok = _load_kv_block(k_ref, v_ref, kstart, bk, nk, masked)
         new = []
         for s in range(n_sub):
             acc, m, l = carry[s]
@@ -264,14 +268,7 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
         if not colsum:
             return dense_step(kb, carry, masked)
         kstart = kb * bk
-        kcols = kstart + jnp.arange(bk)
-        if masked:
-            kok = kcols < nk
-            k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-        else:
-            k = k_ref[pl.ds(kstart, bk), :]
-            v = v_ref[pl.ds(kstart, bk), :]
+        k, v, kok = _load_kv_block(k_ref, v_ref, kstart, bk, nk, masked)
         new = []
         csum = None
         for s in range(n_sub):
@@ -280,16 +277,14 @@ def _dense_kernel(q_ref, k_ref, v_ref, *refs, scale, nq, nk, tiles, bk, group_si
                 qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
             c, p = _online_update(qk2, v, carry[s], precision, fast)
             new.append(c)
-            if colsum:
-                # exp(scale s - prev_lse) = p * exp2(m_new - prev_lse2); rows outside the group: 0.
-                r = _exp2(c[1] - plse2[s], fast)
-                part = jnp.sum(p * r[:, None], axis=0)
-                csum = part if csum is None else csum + part
-        if colsum:
-            if masked:
-                plgpu.store(cs_ref.at[pid, pl.ds(kstart, bk)], csum, mask=kok)
-            else:
-                cs_ref[pid, pl.ds(kstart, bk)] = csum
+            # exp(scale s - prev_lse) = p * exp2(m_new - prev_lse2); rows outside the group: 0.
+            r = _exp2(c[1] - plse2[s], fast)
+            part = jnp.sum(p * r[:, None], axis=0)
+            csum = part if csum is None else csum + part
+        if masked:
+            plgpu.store(cs_ref.at[pid, pl.ds(kstart, bk)], csum, mask=kok)
+        else:
+            cs_ref[pid, pl.ds(kstart, bk)] = csum
         return tuple(new)
 
     init = tuple(
@@ -353,15 +348,7 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
 
         def step(kb, carry, masked):
             kstart = kb * bk
-            kcols = kstart + jnp.arange(bk)
-            if masked:
-                kok = kcols < nk
-                k = plgpu.load(k_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-                v = plgpu.load(v_ref.at[pl.ds(kstart, bk), :], mask=kok[:, None], other=0.0)
-            else:
-                kok = None
-                k = k_ref[pl.ds(kstart, bk), :]
-                v = v_ref[pl.ds(kstart, bk), :]
+            k, v, kok = _load_kv_block(k_ref, v_ref, kstart, bk, nk, masked)
             qk2 = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
             if masked:
                 qk2 = jnp.where(kok[None, :], qk2, -jnp.inf)
