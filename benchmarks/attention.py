@@ -54,7 +54,7 @@ def _median_ms_raw(f, *args, min_reps=5, max_reps=20, budget_s=3.0):
     return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
 
 
-def interleaved(n, q, k, v, args, scale, best, report, dense_flops):
+def alternating_blocks(n, q, k, v, args, scale, best, report, dense_flops):
     """cuDNN, our dense+LSE (and dense+LSE+colsum) in alternating ~1 s blocks of calls (see --pairs).
 
     Session 4 first alternated single calls: each op then ran in the clock state the previous op left, which
@@ -207,7 +207,7 @@ def main(argv=None):
                 report(n, "dense+lse", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
                 keep("dense", ms, cfg, cudnn_ms)
         if args.pairs:
-            interleaved(n, q, k, v, args, scale, best, report, dense_flops)
+            alternating_blocks(n, q, k, v, args, scale, best, report, dense_flops)
         if "colsum" not in skip:
             prev = jnp.asarray(jax.random.normal(kl, (1, h, n), jnp.float32) + 0.5 * math.log(n))
             cfgs = ap.PRODUCTION_COLSUM_CONFIGS if "colsum" in sweep else (best["colsum"][1],)

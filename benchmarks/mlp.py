@@ -503,6 +503,13 @@ def sweep_orders(shapes, groups, log, profile_shape=None):
     return rows
 
 
+def write_results(path, lines, table):
+    """The markdown section: the run's log in a code block, then its table (nothing without a path)."""
+    if path:
+        with open(path, "w") as fh:
+            fh.write("\n".join(["```", *lines, "```", "", *table, ""]))
+
+
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
@@ -556,9 +563,7 @@ def main():
         table = ["| shape | row_group | dense XLA ms | sparse step ms (70%) | dense/sparse |", "|---|---|---|---|---|"]
         table += [f"| {n} | {g} | {d:.3f} | {ms:.3f} | {d / ms:.2f}x |" for n, g, d, ms in rows]
         print("\n".join(table))
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write("\n".join(["```", *lines, "```", "", *table, ""]))
+        write_results(args.out, lines, table)
         return 0
     rows = []
     p = make_problem("flux_double")
@@ -627,9 +632,7 @@ def main():
                      f"{ms:.3f} | {d_ms / ms:.2f}x |")
     log(f"[{budget.left():.0f} s of budget left]")
     print("\n".join(table))
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(["```", *lines, "```", "", *table, ""]))
+    write_results(args.out, lines, table)
     return 0
 
 
