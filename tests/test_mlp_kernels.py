@@ -193,6 +193,9 @@ def test_bad_inputs_raise(overrides, error, match):
         (dict(fc2_k=8), "fc2_k"),
         (dict(fc1_features=64, fc2_k=128), "multiple of fc2_k"),
         (dict(fc1_warps=0), "fc1_warps"),
+        (dict(row_group=-1), "row_group"),
+        (dict(row_group=True), "row_group"),
+        (dict(row_group=2.0), "row_group"),
     ],
 )
 def test_bad_tiles_raise(kwargs, match):
