@@ -152,6 +152,8 @@ def main(argv=None):
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
     args = ap_.parse_args(argv)
+    if args.pairs < 0:
+        ap_.error(f"--pairs must be >= 0, got {args.pairs}")
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     select_sizes = {int(s) for s in args.select_sizes.split(",") if s}
