@@ -134,14 +134,6 @@ def test_custom_tiles():
     assert _rel(act_k, act_r) <= 1e-5
 
 
-@pytest.mark.parametrize("num_blocks, num_inner, row_group", [(5, 3, 2), (5, 3, 0), (7, 4, 3), (4, 2, 1), (3, 5, 9)])
-def test_launch_order_is_a_bijection(num_blocks, num_inner, row_group):
-    pids = jnp.arange(num_blocks * num_inner)
-    r, j = mlp_pallas._launch_order(pids, num_blocks, num_inner, row_group)
-    pairs = set(zip(np.asarray(r).tolist(), np.asarray(j).tolist()))
-    assert pairs == {(a, c) for a in range(num_blocks) for c in range(num_inner)}
-    if row_group in (0, 9):  # one group: row blocks fastest
-        assert np.asarray(r)[:num_blocks].tolist() == list(range(num_blocks))
 
 
 def test_w1_transposed_reference_path():

@@ -43,6 +43,10 @@ def attn_fwd(sm_scale, M, Z, H, q_ptr, k_ptr, v_ptr, o_ptr, cs_ptr, N_CTX,
             tl.store(cs_ptr + (off_hz * tl.num_programs(0) + start_m) * N_CTX + start_n + offs_n, tl.sum(p, 0))
         if COLSUM == 2:   # atomic accumulation across m-blocks
             tl.atomic_add(cs_ptr + off_hz * N_CTX + start_n + offs_n, tl.sum(p, 0))
+        if COLSUM == 3:   # column sums via MMA: ones[16,BM] @ p -> [16,BN]
+            ones = tl.full([16, BLOCK_M], 1.0, tl.bfloat16)
+            cs = tl.dot(ones, p.to(tl.bfloat16))
+            tl.atomic_add(cs_ptr + off_hz * N_CTX + start_n + offs_n, tl.max(cs, 0))
         acc = tl.dot(p.to(tl.bfloat16), v, acc)
         l_i = l_i * alpha + l_ij
         m_i = m_ij
@@ -54,10 +58,12 @@ def attn_fwd(sm_scale, M, Z, H, q_ptr, k_ptr, v_ptr, o_ptr, cs_ptr, N_CTX,
 
 cap = int(os.environ.get("CAP", "90"))
 target = GPUTarget("cuda", cap, 32)
-for hostdesc, D, BN, nw, ws, colsum in itertools.product((0, 1), (64, 128), (64, 128), (4, 8), (False, True), (0, 1, 2)):
-    if colsum and not ws: continue
-    if hostdesc and (colsum or nw == 8): continue
-    BM = 128
+# Sweep 1: host vs in-kernel descriptors, head dims, warps, WS on/off at BM=128. Sweep 2: the column-sum variants
+# (1 plain store, 2 atomics, 3 MMA) under WS at BM=64 and 128.
+SWEEP1 = [c + (128,) for c in itertools.product((0, 1), (64, 128), (64, 128), (4, 8), (False, True), (0, 1, 2))
+          if not (c[5] and not c[4]) and not (c[0] and (c[5] or c[3] == 8))]
+SWEEP2 = list(itertools.product((0,), (128,), (64, 128), (4,), (True,), (0, 1, 2, 3), (64, 128)))
+for hostdesc, D, BN, nw, ws, colsum, BM in SWEEP1 + SWEEP2:
     if hostdesc:
         td = lambda shp: f"tensordesc<bf16[{shp[0]}, {shp[1]}]>"
         qt, kt, vt, ot = td((BM, D)), td((BN, D)), td((BN, D)), td((BM, D))
@@ -67,7 +73,7 @@ for hostdesc, D, BN, nw, ws, colsum in itertools.product((0, 1), (64, 128), (64,
            "cs_ptr": "*fp32", "N_CTX": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
            "WS": "constexpr", "COLSUM": "constexpr", "HOSTDESC": "constexpr"}
     consts = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "WS": ws, "COLSUM": colsum, "HOSTDESC": hostdesc}
-    tag = f"hostdesc={hostdesc} D={D} BN={BN} nw={nw} ws={ws!s:5} colsum={colsum}"
+    tag = f"BM={BM} hostdesc={hostdesc} D={D} BN={BN} nw={nw} ws={ws!s:5} colsum={colsum}"
     try:
         k = triton.compile(ASTSource(attn_fwd, sig, consts), target=target, options={"num_warps": nw, "num_stages": 2})
         ptx = k.asm["ptx"]; md = k.metadata
