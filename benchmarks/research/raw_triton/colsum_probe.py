@@ -5,7 +5,10 @@ from 128-row blocks: each warpgroup of the 8-warp kernel owns one 64-row half, s
 reduction inside a warpgroup, and a 64-row half lies inside one 192-query group. Variants:
   halves-store: per-64-row partial sums [B*H, N/64, N] (plain stores), XLA adds the three of each group;
   halves-atomic: fp32 atomic add of each half into colsum [B*H, G, N] (zeroed by the launcher);
-  group3: one 192-query group per program as three 64-row sub-tiles sharing each K/V block.
+  group3: one 192-query group per program as three 64-row sub-tiles sharing each K/V block;
+  wp: the half sums from one MMA W @ P (W [64, BM] indicator rows, P through shared memory);
+  ptw: from P^T @ W^T (the [BM, 16] indicator as the small B operand).
+Device run 1 (H100): fixed bm128 8w 1.03-1.07x cuDNN, halves-store 1.70-1.74x, group3 3.0-7.9x (all variants).
 The fixed-offset 128-row kernel does not compile with warp_specialize=True (NVGPUWarpSpecialization pass failure,
 triton 3.7.1 for sm_90, with or without column sums), so only group3 has a WS variant.
 
@@ -55,6 +58,14 @@ def kernels():
             cs_rows = (bh * (N // 64) + pid_m * HALVES + half).to(tl.int64) * N
         if CS == 2:
             cs_rows = (bh * (N // 192) + (pid_m * BM + 64 * half) // 192).to(tl.int64) * N
+        if CS == 4:
+            j = tl.arange(0, 64)
+            w_half = tl.where(j[:, None] == tl.arange(0, BM)[None, :] // 64, 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            w_rows = (bh * (N // 64) + pid_m * HALVES + tl.minimum(j, HALVES - 1)).to(tl.int64) * N
+        if CS == 5:
+            j = tl.arange(0, 16)
+            wt_half = tl.where(tl.arange(0, BM)[:, None] // 64 == j[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            wt_cols = (bh * (N // 64) + pid_m * HALVES + tl.minimum(j, HALVES - 1)).to(tl.int64) * N
         for start in tl.range(0, N, BN, warp_specialize=WS):
             k = kd.load([b * N + start, h * D])
             v = vd.load([b * N + start, h * D])
@@ -62,13 +73,21 @@ def kernels():
             if FIXED:
                 p = tl.math.exp2(qk * SCALE2 - offset[:, None])
                 l_i += tl.sum(p, 1)
-                if CS != 0:
+                if CS == 1 or CS == 2:
                     part = tl.sum(tl.reshape(p, [HALVES, 64, BN]), 1)
                     ptrs = cs_ptr + cs_rows[:, None] + start + offs_n[None, :]
                     if CS == 1:
                         tl.store(ptrs, part)
                     else:
                         tl.atomic_add(ptrs, part, sem="relaxed")
+                if CS == 4:  # W @ P: W [64, BM] holds the half indicators in its first rows, P goes to smem
+                    part = tl.dot(w_half, p.to(v.dtype))
+                    tl.store(cs_ptr + w_rows[:, None] + start + offs_n[None, :], part,
+                             mask=(tl.arange(0, 64) < HALVES)[:, None])
+                if CS == 5:  # P^T @ W^T: P^T (smem) times the [BM, 16] half indicator
+                    part = tl.dot(tl.trans(p.to(v.dtype)), wt_half)
+                    tl.store(cs_ptr + wt_cols[None, :] + start + offs_n[:, None], part,
+                             mask=(tl.arange(0, 16) < HALVES)[None, :])
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * SCALE2)
                 p = tl.math.exp2(qk * SCALE2 - m_new[:, None])
@@ -142,13 +161,12 @@ def kernels():
 VARIANTS = {
     "online bm128 8w": ("block", 128, 128, False, False, 0, 8, 3),
     "fixed bm128 8w": ("block", 128, 128, False, True, 0, 8, 3),
-    "halves-store bm128 8w": ("block", 128, 128, False, True, 1, 8, 3),
     "halves-store bm128 8w s2": ("block", 128, 128, False, True, 1, 8, 2),
-    "halves-atomic bm128 8w": ("block", 128, 128, False, True, 2, 8, 3),
-    "group3 bn64 8w": ("group3", 64, 64, False, True, 3, 8, 3),
-    "group3 bn128 8w": ("group3", 64, 128, False, True, 3, 8, 2),
+    "wp bm128 8w s2": ("block", 128, 128, False, True, 4, 8, 2),
+    "ptw bm128 8w s2": ("block", 128, 128, False, True, 5, 8, 2),
+    "wp bm128 bn64 8w s3": ("block", 128, 64, False, True, 4, 8, 3),
+    "ptw bm128 bn64 8w s3": ("block", 128, 64, False, True, 5, 8, 3),
     "group3 bn64 4w": ("group3", 64, 64, False, True, 3, 4, 3),
-    "group3 bn64 ws": ("group3", 64, 64, True, True, 3, 4, 2),
 }
 
 NAMES = ("q_ptr", "k_ptr", "v_ptr", "plse_ptr", "o_ptr", "lse_ptr", "cs_ptr")
@@ -172,7 +190,7 @@ def _grid(n, b, h, variant):
 
 def _cs_shape(n, b, h, variant):
     cs = VARIANTS[variant][5]
-    return {0: (1,), 1: (b * h, n // 64, n), 2: (b * h, n // 192, n), 3: (b * h, n // 192, n)}[cs]
+    return {0: (1,), 1: (b * h, n // 64, n), 4: (b * h, n // 64, n), 5: (b * h, n // 64, n), 2: (b * h, n // 192, n), 3: (b * h, n // 192, n)}[cs]
 
 
 def _compile(variant, b, n, h, d, scale):
@@ -224,7 +242,7 @@ def interpret_check():
         lse_want = prev + torch.log(torch.exp(s - prev[..., None]).sum(-1)) if fixed else lse_ref
         line = f"{variant:26s} o rel err {rel:.1e}, lse max abs err {(lse - lse_want).abs().max().item():.1e}"
         if cs_mode:
-            got = cs.reshape(b, h, n // 192, 3, n).sum(3) if cs_mode == 1 else cs.reshape(b, h, n // 192, n)
+            got = cs.reshape(b, h, n // 192, 3, n).sum(3) if cs_mode in (1, 4, 5) else cs.reshape(b, h, n // 192, n)
             line += f", colsum rel err {((got - cs_ref).norm() / cs_ref.norm()).item():.1e}"
         print(line, flush=True)
 
@@ -263,7 +281,7 @@ def device_run(sizes, rounds):
 
             def f(q, k, v, prev):
                 o, lse, cs = jax.ffi.ffi_call("triton_kernel_call_ffi", outs)(q, k, v, prev, opaque=opaque)
-                if VARIANTS[variant][5] == 1:
+                if VARIANTS[variant][5] in (1, 4, 5):
                     cs = cs.reshape(b, h, n // 192, 3, n).sum(3)
                 return o, lse, cs.reshape(b, h, -1, n) if VARIANTS[variant][5] else cs
             return jax.jit(f)
