@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.pallas_kernels import attention_pallas as ap
+from chipmunk_jax.pallas_kernels import attention_triton as at
 from chipmunk_jax.pallas_kernels import selection_fast as sf
 
 
@@ -68,10 +69,18 @@ def alternating_blocks(n, q, k, v, args, scale, best, report, dense_flops):
         "dense+lse": (jax.jit(functools.partial(ap.dense_attention, scale=scale, config=best["dense"][1],
                                                 interpret=args.interpret)), (q, k, v), _cfg(best["dense"][1])),
     }
+    if "triton" not in args.skip.split(","):
+        fns["dense+lse triton"] = (jax.jit(functools.partial(
+            at.dense_attention, scale=scale, config=best["dense triton"][1], interpret=args.interpret)),
+            (q, k, v), _cfg(best["dense triton"][1]))
     if args.pairs_colsum:
         fns["dense+lse+colsum"] = (jax.jit(functools.partial(
             ap.dense_attention_colsum, group_size=gs, scale=scale, config=best["colsum"][1],
             interpret=args.interpret)), (q, k, v, prev), _cfg(best["colsum"][1]))
+        if "triton" not in args.skip.split(","):
+            fns["dense+lse+colsum triton"] = (jax.jit(functools.partial(
+                at.dense_attention_colsum, group_size=gs, scale=scale, config=best["colsum triton"][1],
+                interpret=args.interpret)), (q, k, v, prev), _cfg(best["colsum triton"][1]))
     blocks = {name: [] for name in fns}
     calls = {}
     for name, (f, a, _) in fns.items():
@@ -134,7 +143,7 @@ def main(argv=None):
     ap_.add_argument("--sweep-sparsity", type=float, default=0.93)
     ap_.add_argument("--sweep-sizes", default="", help="sizes at which to sweep (default: all); other sizes use "
                      "the fastest config found so far")
-    ap_.add_argument("--skip", default="", help="comma list of ops to skip: cudnn,dense,colsum,sparse")
+    ap_.add_argument("--skip", default="", help="comma list of ops to skip: cudnn,dense,colsum,sparse,triton (the TMA kernels)")
     ap_.add_argument("--select-sizes", default="", help="sizes N at which to time the selection fast path on "
                      "column sums [1, H, ceil((N + 256) / group), N] (Hunyuan: N=118,800 -> G=621)")
     ap_.add_argument("--select-top-keys", type=float, default=0.05, help="Hunyuan preset: top_keys 0.05, "
@@ -161,7 +170,8 @@ def main(argv=None):
     sweep_all = set(args.sweep.split(","))
     sweep_sizes = {int(x) for x in args.sweep_sizes.split(",") if x} or set(sizes)
     best = {"dense": (float("inf"), ap.DEFAULT_DENSE), "colsum": (float("inf"), ap.DEFAULT_COLSUM),
-            "sparse": (float("inf"), ap.DEFAULT_SPARSE)}
+            "sparse": (float("inf"), ap.DEFAULT_SPARSE), "dense triton": (float("inf"), at.DEFAULT_DENSE),
+            "colsum triton": (float("inf"), at.DEFAULT_COLSUM)}
 
     def keep(op, ms, cfg, ref_ms):
         rel = ms / ref_ms if ref_ms else ms
@@ -208,6 +218,11 @@ def main(argv=None):
                 ms, sp = _median_ms(f, q, k, v)
                 report(n, "dense+lse", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
                 keep("dense", ms, cfg, cudnn_ms)
+            for cfg in at.PRODUCTION_DENSE_CONFIGS if "triton" not in skip else ():
+                f = jax.jit(functools.partial(at.dense_attention, scale=scale, config=cfg, interpret=args.interpret))
+                ms, sp = _median_ms(f, q, k, v)
+                report(n, "dense+lse triton", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+                keep("dense triton", ms, cfg, cudnn_ms)
         if args.pairs:
             alternating_blocks(n, q, k, v, args, scale, best, report, dense_flops)
         if "colsum" not in skip:
@@ -218,6 +233,12 @@ def main(argv=None):
                 ms, sp = _median_ms(f, q, k, v, prev)
                 report(n, "dense+lse+colsum", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
                 keep("colsum", ms, cfg, cudnn_ms)
+            for cfg in at.PRODUCTION_COLSUM_CONFIGS if "triton" not in skip else ():
+                f = jax.jit(functools.partial(at.dense_attention_colsum, group_size=gs, scale=scale, config=cfg,
+                                              interpret=args.interpret))
+                ms, sp = _median_ms(f, q, k, v, prev)
+                report(n, "dense+lse+colsum triton", _cfg(cfg), ms, dense_flops, cudnn_ms, sp)
+                keep("colsum triton", ms, cfg, cudnn_ms)
             del prev
         if "sparse" not in skip:
             g = -(-n // gs)

@@ -1,9 +1,13 @@
 """Public attention ops: dense (+LSE), dense + column sums, gathered column-sparse attention.
 
 Each op validates its inputs, then dispatches on ``impl``:
-  None         -> "pallas" on GPU, "reference" elsewhere
+  None         -> "pallas" on GPU, "reference" elsewhere; for dense_attention and dense_attention_colsum on
+                  a Hopper GPU (sm_90+) with bf16/f16 inputs and head_dim 64 or 128: "triton"
   "pallas"     -> the Pallas-Triton kernel, compiled
   "interpret"  -> the same Pallas kernel in interpret mode (CPU tests)
+  "triton"     -> dense / dense+colsum: the Triton kernels with TMA loads (attention_triton.py); other ops,
+                  which have no such kernel, take it as "pallas"
+  "triton_interpret" -> those Triton kernels in Triton's interpreter (CPU tests; other ops: "interpret")
   "reference"  -> the pure-jnp twin in attention_reference.py
 q, k, v are [batch, seq, heads, head_dim]; statistics are [batch, heads, ...] float32.
 """
@@ -25,16 +29,48 @@ __all__ = [
     "resolve_impl",
 ]
 
-IMPLS = ("pallas", "interpret", "reference")
+IMPLS = ("pallas", "interpret", "reference", "triton", "triton_interpret")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_TRITON_TO_PALLAS = {"triton": "pallas", "triton_interpret": "interpret"}
 
 
 def resolve_impl(impl: str | None) -> str:
+    """"pallas", "interpret" or "reference" for ops without a Triton kernel (see the module docstring)."""
     if impl is None:
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-    return impl
+    return _TRITON_TO_PALLAS.get(impl, impl)
+
+
+def _triton_unsupported(q, group_size=None, interpret=False) -> str | None:
+    from chipmunk_jax.pallas_kernels import triton_call
+
+    if not triton_call.triton_available():
+        return "the triton package is not installed"
+    if not interpret:
+        cc = triton_call.gpu_capability()
+        if cc is None or cc < 90:
+            return f"it needs a Hopper GPU or newer (TMA), found compute capability {cc}"
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"it takes head_dim 64 or 128, got {q.shape[-1]}"
+    if group_size is not None and group_size < 9:
+        return f"it takes group_size >= 9 (a 128-row program touches at most 16 groups), got {group_size}"
+    return None
+
+
+def _dense_impl(impl: str | None, q, group_size=None) -> str:
+    """resolve_impl for the two ops that also have Triton kernels."""
+    if impl is None and jax.default_backend() == "gpu":
+        return "triton" if _triton_unsupported(q, group_size) is None else "pallas"
+    if impl in _TRITON_TO_PALLAS:
+        reason = _triton_unsupported(q, group_size, interpret=impl == "triton_interpret")
+        if reason:
+            raise ValueError(f"impl={impl!r} cannot run these inputs: {reason}")
+        return impl
+    return resolve_impl(impl)
 
 
 def _check_qkv(q, k, v):
@@ -67,10 +103,14 @@ def _check_group_size(group_size):
 def dense_attention(q, k, v, *, scale: float | None = None, impl: str | None = None):
     """Dense attention. Returns (o like q, lse [B, H, N_q] float32, natural log)."""
     _check_qkv(q, k, v)
-    impl = resolve_impl(impl)
+    impl = _dense_impl(impl, q)
     scale = _scale(scale, q.shape[-1])
     if impl == "reference":
         return ref.dense_attention_reference(q, k, v, scale=scale)
+    if impl in _TRITON_TO_PALLAS:
+        from chipmunk_jax.pallas_kernels import attention_triton
+
+        return attention_triton.dense_attention(q, k, v, scale=scale, interpret=impl == "triton_interpret")
     from chipmunk_jax.pallas_kernels import attention_pallas
 
     return attention_pallas.dense_attention(q, k, v, scale=scale, interpret=impl == "interpret")
@@ -99,7 +139,8 @@ def dense_attention_colsum(
     Returns (o, lse [B, H, N_q] f32, colsum [B, H, ceil(N_q/group_size), N_k] f32). The Pallas kernel uses
     ``prev_lse`` as its softmax offset (one exp per logit serves o, lse and the column sums); rows whose LSE
     moved by 60 or more since ``prev_lse`` (or a non-finite ``prev_lse``) make it rerun the online-softmax
-    kernel, so the result never depends on how good ``prev_lse`` is.
+    kernel, so the result never depends on how good ``prev_lse`` is. The Triton kernel does the same and
+    falls back to the Pallas online kernel.
     """
     _check_qkv(q, k, v)
     _check_group_size(group_size)
@@ -108,10 +149,15 @@ def dense_attention_colsum(
         raise ValueError(f"prev_lse must have shape [B, H, N_q] = {(b, h, nq)}, got {getattr(prev_lse, 'shape', None)}")
     if prev_lse.dtype != jnp.float32:
         raise TypeError(f"prev_lse must be float32, got {prev_lse.dtype}")
-    impl = resolve_impl(impl)
+    impl = _dense_impl(impl, q, group_size)
     scale = _scale(scale, q.shape[-1])
     if impl == "reference":
         return ref.dense_attention_colsum_reference(q, k, v, prev_lse, group_size=group_size, scale=scale)
+    if impl in _TRITON_TO_PALLAS:
+        from chipmunk_jax.pallas_kernels import attention_triton
+
+        return attention_triton.dense_attention_colsum(q, k, v, prev_lse, group_size=group_size, scale=scale,
+                                                       interpret=impl == "triton_interpret")
     from chipmunk_jax.pallas_kernels import attention_pallas
 
     return attention_pallas.dense_attention_colsum(

@@ -1,0 +1,148 @@
+"""Run a kernel written in the `triton` package (not Pallas) inside ``jax.jit``.
+
+Why this exists: Pallas-Triton on jax 0.11.2 emits pointer loads only. Kernels that need Hopper TMA tensor
+descriptors (``tl.make_tensor_descriptor``) are written in Triton directly, compiled here with the installed
+``triton`` for the GPU's compute capability, and launched through jaxlib's own Triton custom call
+(``triton_kernel_call_ffi``, the target jax-triton uses). benchmarks/research/raw_triton/NOTES.md has the
+derivation and the H100 checks of this path.
+
+On CPU the same kernels run in Triton's interpreter through ``jax.pure_callback`` (tests only: slow, float32).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Triton type names of the array dtypes our kernels take.
+_POINTER_TYPES = {
+    jnp.dtype(jnp.bfloat16): "*bf16",
+    jnp.dtype(jnp.float16): "*fp16",
+    jnp.dtype(jnp.float32): "*fp32",
+    jnp.dtype(jnp.int32): "*i32",
+}
+MAX_SHARED_BYTES = 232_448  # H100 opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_capability() -> int | None:
+    """Compute capability of the default GPU as an int (90 for the H100), or None without a CUDA GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if not cc:
+        return None
+    major, minor = str(cc).split(".")
+    return 10 * int(major) + int(minor)
+
+
+@functools.lru_cache(maxsize=128)
+def compile_kernel(kernel, pointer_types: tuple[str, ...], constexprs: tuple, num_warps: int, num_stages: int,
+                   capability: int):
+    """triton.compile for one specialisation; pointers are declared 16-byte aligned (XLA buffers are)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = dict(zip(names, pointer_types))
+    signature.update({name: "constexpr" for name, _ in constexprs})
+    missing = [n for n in names if n not in signature]
+    if missing:
+        raise ValueError(f"{kernel.__name__}: no value for kernel arguments {missing}")
+    source = ASTSource(kernel, signature, dict(constexprs),
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointer_types))})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: int, num_stages: int,
+                zeroed_outputs: tuple[int, ...] = (), interpret: bool = False):
+    """Launch ``kernel(*arrays, *outputs, **constexprs)`` on ``grid``; returns the outputs.
+
+    ``out_shapes``: jax.ShapeDtypeStruct per output, in the kernel's argument order after the inputs.
+    ``zeroed_outputs``: output positions filled with zeros before the launch (for atomic accumulation).
+    """
+    constexpr_items = tuple(sorted(constexprs.items()))
+    if interpret:
+        host = functools.partial(_interpret_on_host, kernel, grid, constexpr_items, tuple(out_shapes))
+        return jax.pure_callback(host, tuple(out_shapes), *arrays)
+    capability = gpu_capability()
+    if capability is None:
+        raise RuntimeError("triton_call needs a CUDA GPU (use interpret=True on CPU)")
+    from jax._src.lib import gpu_triton  # jaxlib's Triton launcher (the CUDA plugin's _triton module)
+
+    pointer_types = tuple(_POINTER_TYPES[jnp.dtype(x.dtype)] for x in (*arrays, *out_shapes))
+    compiled = compile_kernel(kernel, pointer_types, constexpr_items, num_warps, num_stages, capability)
+    md = compiled.metadata
+    if md.shared > MAX_SHARED_BYTES:
+        raise ValueError(f"{kernel.__name__}: {md.shared} B of shared memory exceeds the {MAX_SHARED_BYTES} B limit; "
+                         f"use fewer stages or smaller blocks")
+    scratch = md.global_scratch_size or None  # in-kernel TMA descriptors live in global scratch
+    launched = gpu_triton.TritonKernel(md.name, md.num_warps, md.num_ctas, md.shared, compiled.asm["ptx"],
+                                       compiled.asm["ttir"], capability, scratch,
+                                       md.global_scratch_align if scratch else None)
+    sizes = [0] * len(arrays) + [
+        int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize if i in zeroed_outputs else 0
+        for i, s in enumerate(out_shapes)]
+    params = [gpu_triton.create_array_parameter(size, 16) for size in sizes]
+    call = gpu_triton.TritonKernelCall(launched, *grid, params)
+    opaque = zlib.compress(call.to_proto(md.name, b""))
+    return jax.ffi.ffi_call("triton_kernel_call_ffi", tuple(out_shapes))(*arrays, opaque=opaque)
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_process():
+    """One spawned worker with TRITON_INTERPRET=1 in its environment from the start (before it re-imports the
+    main module, which may import triton): the interpreter needs every @triton.jit function, triton.language's
+    own included, created in interpreter mode, and it patches triton.language while it runs, so it cannot
+    share a process with compiles."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool.submit(int).result()  # starts the worker now, with the variable set
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    atexit.register(pool.shutdown)
+    return pool
+
+
+def _interpret_on_host(kernel, grid, constexpr_items, out_shapes, *arrays):
+    specs = tuple((tuple(s.shape), jnp.dtype(s.dtype).name) for s in out_shapes)
+    job = _interpreter_process().submit(_run_interpreted, kernel.fn.__module__, kernel.fn.__name__, grid,
+                                        constexpr_items, specs, tuple(np.asarray(x) for x in arrays))
+    return job.result()
+
+
+def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, arrays):
+    import importlib
+
+    import torch
+    import triton
+
+    kernel = getattr(importlib.import_module(module_name), kernel_name)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    outputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in specs]
+    with np.errstate(all="ignore"):  # rows past N compute log2(0); they are never stored
+        kernel[grid](*(torch.from_numpy(np.array(x)) for x in arrays), *outputs, **dict(constexpr_items))
+    return tuple(o.numpy() for o in outputs)
