@@ -70,15 +70,20 @@ def compile_kernel(kernel, pointer_types: tuple[str, ...], constexprs: tuple, nu
 
 
 def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: int, num_stages: int,
-                zeroed_outputs: tuple[int, ...] = (), interpret: bool = False):
+                zeroed_outputs: tuple[int, ...] = (), input_output_aliases: dict[int, int] | None = None,
+                interpret: bool = False):
     """Launch ``kernel(*arrays, *outputs, **constexprs)`` on ``grid``; returns the outputs.
 
     ``out_shapes``: jax.ShapeDtypeStruct per output, in the kernel's argument order after the inputs.
     ``zeroed_outputs``: output positions filled with zeros before the launch (for atomic accumulation).
+    ``input_output_aliases``: {input position: output position} updated in place (as jax.ffi.ffi_call; the
+    kernel still takes both pointers); the interpreter starts such outputs as copies of their inputs.
     """
     constexpr_items = tuple(sorted(constexprs.items()))
+    aliases = dict(input_output_aliases or {})
     if interpret:
-        host = functools.partial(_interpret_on_host, kernel, grid, constexpr_items, tuple(out_shapes))
+        host = functools.partial(_interpret_on_host, kernel, grid, constexpr_items, tuple(out_shapes),
+                                 tuple(sorted(aliases.items())))
         return jax.pure_callback(host, tuple(out_shapes), *arrays)
     capability = gpu_capability()
     if capability is None:
@@ -101,7 +106,8 @@ def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: 
     params = [gpu_triton.create_array_parameter(size, 16) for size in sizes]
     call = gpu_triton.TritonKernelCall(launched, *grid, params)
     opaque = zlib.compress(call.to_proto(md.name, b""))
-    return jax.ffi.ffi_call("triton_kernel_call_ffi", tuple(out_shapes))(*arrays, opaque=opaque)
+    return jax.ffi.ffi_call("triton_kernel_call_ffi", tuple(out_shapes), input_output_aliases=aliases or None)(
+        *arrays, opaque=opaque)
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,14 +133,14 @@ def _interpreter_process():
     return pool
 
 
-def _interpret_on_host(kernel, grid, constexpr_items, out_shapes, *arrays):
+def _interpret_on_host(kernel, grid, constexpr_items, out_shapes, aliases, *arrays):
     specs = tuple((tuple(s.shape), jnp.dtype(s.dtype).name) for s in out_shapes)
     job = _interpreter_process().submit(_run_interpreted, kernel.fn.__module__, kernel.fn.__name__, grid,
-                                        constexpr_items, specs, tuple(np.asarray(x) for x in arrays))
+                                        constexpr_items, specs, aliases, tuple(np.asarray(x) for x in arrays))
     return job.result()
 
 
-def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, arrays):
+def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, aliases, arrays):
     import importlib
 
     import torch
@@ -143,6 +149,8 @@ def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, arr
     kernel = getattr(importlib.import_module(module_name), kernel_name)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
     outputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in specs]
+    for i, o in aliases:
+        outputs[o] = torch.from_numpy(np.array(arrays[i]))
     with np.errstate(all="ignore"):  # rows past N compute log2(0); they are never stored
         kernel[grid](*(torch.from_numpy(np.array(x)) for x in arrays), *outputs, **dict(constexpr_items))
     return tuple(o.numpy() for o in outputs)
