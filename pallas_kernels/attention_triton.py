@@ -62,8 +62,11 @@ class TritonAttentionConfig:
 DEFAULT_DENSE = TritonAttentionConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
 DEFAULT_COLSUM = TritonAttentionConfig(block_q=128, block_k=64, num_warps=8, num_stages=4)
 PRODUCTION_DENSE_CONFIGS = (DEFAULT_DENSE,)
-PRODUCTION_COLSUM_CONFIGS = (DEFAULT_COLSUM, TritonAttentionConfig(block_q=128, block_k=64, num_warps=8,
-                                                                   num_stages=3))
+PRODUCTION_COLSUM_CONFIGS = (
+    DEFAULT_COLSUM,
+    TritonAttentionConfig(block_q=128, block_k=64, num_warps=8, num_stages=3),
+    TritonAttentionConfig(block_q=128, block_k=64, num_warps=8, num_stages=5),
+)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
