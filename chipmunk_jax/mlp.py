@@ -161,7 +161,8 @@ def sparse_delta_mlp(
     """One Chipmunk MLP call. x: [B, N, C]. step_kind: an MLPStep (static) or a traced int32.
 
     key: PRNG key for the random features (mlp.random_keys > 0) on steps that re-select.
-    impl: "pallas" | "interpret" | "reference" | None (pallas on GPU, reference elsewhere). The Pallas paths
+    impl: "pallas" | "interpret" | "triton" | "triton_interpret" | "reference" | None (the kernels' default:
+      pallas_kernels.mlp.resolve_mlp_impl). "triton*" runs the delta kernels of mlp_triton. The kernel paths
       select with mlp_selection.select_from_preactivation (scores, top-k and the block-mean baseline update
       in one kernel) and run the fc1/fc2 delta kernels; weights.w1_transposed=True avoids a per-call W1
       transpose there (see MLPWeights).
@@ -169,6 +170,7 @@ def sparse_delta_mlp(
     """
     _check_inputs(x, weights, cache, config)
     m = config.mlp
+    kernel_impl = impl  # the delta kernels also have a Triton implementation; selection maps it to Pallas
     impl = resolve_impl(impl)
 
     def always_dense(cache):
@@ -187,7 +189,7 @@ def sparse_delta_mlp(
     def delta(cache, indices, counts):
         act, out = kernels.sparse_mlp_delta(
             x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, indices, counts,
-            block_size=m.block_size, impl=impl, w1_transposed=weights.w1_transposed,
+            block_size=m.block_size, impl=kernel_impl, w1_transposed=weights.w1_transposed,
         )
         return out.astype(x.dtype), cache.replace(act_cache=act, out_cache=out, indices=indices, counts=counts)
 

@@ -1,11 +1,17 @@
-"""Public sparse-delta MLP op (SPEC §2.2) with the same ``impl`` switch as the attention ops."""
+"""Public sparse-delta MLP op (SPEC §2.2) with the same ``impl`` switch as the attention ops.
+
+impl: None -> "pallas" on GPU, "reference" elsewhere; "pallas" / "interpret": mlp_pallas's kernels compiled /
+in interpret mode; "triton" / "triton_interpret": mlp_triton's kernels (TMA token tiles; Hopper, bf16/f16) compiled /
+in Triton's interpreter; "reference": the pure-jnp twin in mlp_reference.py.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
-from chipmunk_jax.pallas_kernels.attention import resolve_impl
+from chipmunk_jax.pallas_kernels.attention import IMPLS
 
 __all__ = ["sparse_mlp_delta"]
 
@@ -50,6 +56,22 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         raise TypeError(f"counts must be int32, got {counts.dtype}")
 
 
+def resolve_mlp_impl(impl, x, w1, w2, block_size: int) -> str:
+    """The implementation that runs: impl itself, or for None the platform default (see the module docstring).
+    Asking for "triton" / "triton_interpret" with inputs those kernels cannot take is an error that says why."""
+    if impl is None:
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    if impl in ("triton", "triton_interpret"):
+        from chipmunk_jax.pallas_kernels import mlp_triton
+
+        reason = mlp_triton.unsupported_reason(x, w1, w2, block_size, interpret=impl == "triton_interpret")
+        if reason:
+            raise ValueError(f"impl={impl!r} cannot run these inputs: {reason}")
+    return impl
+
+
 def sparse_mlp_delta(
     x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128, impl: str | None = None,
     w1_transposed: bool = False, tiles=None,
@@ -58,21 +80,34 @@ def sparse_mlp_delta(
 
     w1_transposed: w1 is given as [F, C] (the layout the Pallas fc1 kernel gathers rows from); with the
       default [C, F] the Pallas path transposes it on every call (one extra read + write of w1).
-    tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.DEFAULT_TILES).
+    tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.DEFAULT_TILES), an
+      mlp_triton.TritonMlpConfig for the Triton paths (None: mlp_triton.DEFAULT_CONFIG).
     Under jax.jit, donate act_cache and out_cache: the Pallas kernels update them in place.
     """
     _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed)
-    impl = resolve_impl(impl)
+    impl = resolve_mlp_impl(impl, x, w1, w2, block_size)
     if impl == "reference":
         return ref.sparse_mlp_delta_reference(
             x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size, w1_transposed=w1_transposed
+        )
+    if impl in ("triton", "triton_interpret"):
+        from chipmunk_jax.pallas_kernels import mlp_triton
+
+        if tiles is None:
+            tiles = mlp_triton.DEFAULT_CONFIG
+        elif not isinstance(tiles, mlp_triton.TritonMlpConfig):
+            raise TypeError(f"tiles must be an mlp_triton.TritonMlpConfig or None for impl={impl!r}, "
+                            f"got {type(tiles).__name__}")
+        return mlp_triton.sparse_mlp_delta(
+            x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
+            interpret=impl == "triton_interpret", w1_transposed=w1_transposed, config=tiles,
         )
     from chipmunk_jax.pallas_kernels import mlp_pallas
 
     if tiles is None:
         tiles = mlp_pallas.DEFAULT_TILES
     elif not isinstance(tiles, mlp_pallas.MlpTiles):
-        raise TypeError(f"tiles must be an mlp_pallas.MlpTiles or None, got {type(tiles).__name__}")
+        raise TypeError(f"tiles must be an mlp_pallas.MlpTiles or None for impl={impl!r}, got {type(tiles).__name__}")
     return mlp_pallas.sparse_mlp_delta(
         x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
         interpret=impl == "interpret", w1_transposed=w1_transposed, tiles=tiles,

@@ -150,7 +150,25 @@ def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, ali
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
     outputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in specs]
     for i, o in aliases:
-        outputs[o] = torch.from_numpy(np.array(arrays[i]))
+        outputs[o] = _to_torch(arrays[i])
     with np.errstate(all="ignore"):  # rows past N compute log2(0); they are never stored
-        kernel[grid](*(torch.from_numpy(np.array(x)) for x in arrays), *outputs, **dict(constexpr_items))
-    return tuple(o.numpy() for o in outputs)
+        kernel[grid](*(_to_torch(x) for x in arrays), *outputs, **dict(constexpr_items))
+    return tuple(_to_numpy(o) for o in outputs)
+
+
+def _to_torch(x):
+    """A writable torch copy; numpy has no bfloat16 of its own (ml_dtypes'), so those travel as 16-bit words."""
+    import torch
+
+    x = np.array(x)
+    if x.dtype == jnp.bfloat16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def _to_numpy(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy()

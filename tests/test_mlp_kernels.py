@@ -1,4 +1,5 @@
-"""Sparse-delta MLP Pallas kernels in interpret mode vs the pure-jnp reference (SPEC §2.2)."""
+"""Sparse-delta MLP kernels vs the pure-jnp reference (SPEC §2.2): the Pallas kernels in interpret mode and the
+Triton (TMA) kernels of mlp_triton in Triton's interpreter, on the same problems."""
 
 import warnings
 
@@ -10,6 +11,7 @@ import pytest
 from chipmunk_jax.pallas_kernels import mlp as mlp_op
 from chipmunk_jax.pallas_kernels import mlp_pallas
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
+from chipmunk_jax.pallas_kernels import mlp_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -44,6 +46,11 @@ def _selection(seed, b, nb, f, counts, k=None):
     return perms.astype(jnp.int32), jnp.asarray(counts, jnp.int32).reshape(b, nb)
 
 
+# Both kernel families run every numerics test below: the Pallas kernels (interpret mode) and mlp_triton's
+# kernels (Triton's interpreter, f32 MMA operands).
+KERNEL_IMPLS = pytest.mark.parametrize("impl", ["interpret", "triton_interpret"])
+
+
 def _run(p, indices, counts, impl, **kw):
     return mlp_op.sparse_mlp_delta(
         p["x"], p["w1"], p["b1"], p["w2"], p["act"], p["out"], indices, counts, impl=impl, **kw
@@ -58,11 +65,12 @@ def _run(p, indices, counts, impl, **kw):
         (1, 300, [[64, 100, 3]], 100),  # packed axis K shorter than a tile (padded by the wrapper)
     ],
 )
-def test_interpret_matches_reference_f32(b, n, counts, k):
+@KERNEL_IMPLS
+def test_interpret_matches_reference_f32(b, n, counts, k, impl):
     p = _problem(1 + n + b, b=b, n=n)
     nb = -(-n // 128)
     indices, counts = _selection(7 + n, b, nb, 256, counts, k)
-    act_k, out_k = _run(p, indices, counts, "interpret")
+    act_k, out_k = _run(p, indices, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
     assert _rel(out_k, out_r) <= 1e-5
     assert _rel(out_k - p["out"], out_r - p["out"]) <= 1e-4  # the delta itself, not just the sum
@@ -74,43 +82,47 @@ def test_interpret_matches_reference_f32(b, n, counts, k):
     assert not np.isnan(np.asarray(out_k)).any()
 
 
-def test_interpret_matches_reference_bf16():
+@KERNEL_IMPLS
+def test_interpret_matches_reference_bf16(impl):
     p = _problem(3, b=1, n=256, dtype=jnp.bfloat16)
     indices, counts = _selection(4, 1, 2, 256, [[192, 77]])
-    act_k, out_k = _run(p, indices, counts, "interpret")
+    act_k, out_k = _run(p, indices, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
     assert act_k.dtype == out_k.dtype == jnp.bfloat16
     assert _rel(out_k, out_r) <= 1e-2
     assert _rel(act_k, act_r) <= 1e-2
 
 
-def test_padding_slots_past_counts_are_ignored():
+@KERNEL_IMPLS
+def test_padding_slots_past_counts_are_ignored(impl):
     """Slots past counts repeat selected features (and an out-of-range id): no effect on the result."""
     p = _problem(5, n=256)
     indices, counts = _selection(6, 1, 2, 256, [[90, 40]])
     dup = jnp.concatenate([indices[..., :128], indices[..., :128]], axis=-1)
     dup = dup.at[0, 1, 200].set(10_000)
-    act_k, out_k = _run(p, dup, counts, "interpret")
+    act_k, out_k = _run(p, dup, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
     assert _rel(out_k, out_r) <= 1e-5
     assert _rel(act_k, act_r) <= 1e-5
 
 
-def test_all_features_selected_equals_dense_mlp():
+@KERNEL_IMPLS
+def test_all_features_selected_equals_dense_mlp(impl):
     p = _problem(8, n=200)
     indices, counts = _selection(9, 1, 2, 256, [[256, 256]])
-    act_k, out_k = _run(p, indices, counts, "interpret")
+    act_k, out_k = _run(p, indices, counts, impl)
     a = ref.gelu_tanh(jnp.einsum("bnc,cf->bnf", p["x"], p["w1"], precision=_HI) + p["b1"])
     y = jnp.einsum("bnf,fc->bnc", a, p["w2"], precision=_HI) + p["b2"]
     assert _rel(act_k, jnp.swapaxes(a, 1, 2)) <= 1e-5
     assert _rel(out_k, y) <= 1e-5
 
 
-def test_invariant_out_equals_act_w2_plus_b2_after_several_steps():
+@KERNEL_IMPLS
+def test_invariant_out_equals_act_w2_plus_b2_after_several_steps(impl):
     p = _problem(10, n=200)
     step = jax.jit(
         lambda x, act, out, idx, cnt: mlp_op.sparse_mlp_delta(
-            x, p["w1"].T, p["b1"], p["w2"], act, out, idx, cnt, impl="interpret", w1_transposed=True
+            x, p["w1"].T, p["b1"], p["w2"], act, out, idx, cnt, impl=impl, w1_transposed=True
         ),
         donate_argnums=(1, 2),
     )
@@ -258,12 +270,13 @@ def test_selection_bad_inputs_raise(kwargs, error, match):
 
 
 @pytest.mark.parametrize("row_group", [1, 2, 4, 0])  # chunk-major, even groups, a short last group, all rows
-def test_launch_orders_match_reference(row_group):
+@KERNEL_IMPLS
+def test_launch_orders_match_reference(row_group, impl):
     # 5 row blocks (the last one ragged), so row_group 2 and 4 end with a smaller group.
     p = _problem(17, b=2, n=600, f=256)
     indices, counts = _selection(18, 2, 5, 256, [[200, 0, 256, 13, 128], [64, 131, 0, 250, 1]])
-    tiles = mlp_pallas.MlpTiles(row_group=row_group)
-    act_k, out_k = _run(p, indices, counts, "interpret", tiles=tiles)
+    tiles = (mlp_pallas.MlpTiles if impl == "interpret" else mlp_triton.TritonMlpConfig)(row_group=row_group)
+    act_k, out_k = _run(p, indices, counts, impl, tiles=tiles)
     act_r, out_r = _run(p, indices, counts, "reference")
     assert _rel(out_k, out_r) <= 1e-5
     assert _rel(act_k, act_r) <= 1e-5
