@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
 #                                             #   alternating blocks at the issue-3 sizes, the MLP table (~8 min)
 #   bash benchmarks/gpu_plan.sh video hunyuan|wan  # nvidia-h200: issues 8, 9 again after kernel changes (~6 min)
+#   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
+#                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
 # the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
@@ -36,6 +38,11 @@ flux)
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
+triton)
+  run timeout 130 python3 -P -m pytest -q -m gpu tests/test_mlp_gpu.py tests/test_attention_gpu.py -k triton
+  run timeout 300 python3 -P benchmarks/mlp.py --kernels pallas,triton --sweep triton --budget 270 \
+    --out "$OUT/mlp.md" --log "$OUT/mlp.log"
+  ;;
 kernels)
   run timeout 240 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py
   run timeout 200 python3 -P benchmarks/attention.py --sizes 32760,118800 --sparsities 0.93 --sweep none \
@@ -43,7 +50,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels | triton" >&2
   exit 2
   ;;
 esac

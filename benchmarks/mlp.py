@@ -19,6 +19,8 @@ One run does, in this order (each part with its own timings, in the same process
      each part, a per-kernel device-time breakdown of the best step (jax.profiler trace);
   3. the table: flux_double / flux_single / wan14b at 50/70/85% with the best choices;
   4. (if time is left) the model op chipmunk_jax.mlp.sparse_delta_mlp, SPARSE_SELECT step, FLUX double 70%.
+--kernels pallas,triton adds mlp_triton's TMA kernels: a sweep of their fc1 / fc2 variants (--sweep picks the
+families to sweep), their best full step beside the Pallas one; the table uses whichever full step was faster.
 Timing: each sample runs the jitted function REPS times back to back and blocks once; median over SAMPLES.
 Small parts (scores, selection) run UNROLL distinct inputs inside one jit call, so dispatch is amortised.
 """
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.pallas_kernels import mlp_pallas, mlp_reference, mlp_selection
+from chipmunk_jax.pallas_kernels import mlp_pallas, mlp_reference, mlp_selection, mlp_triton
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -90,12 +92,39 @@ SELECT_VARIANTS = {  # name -> (fused, num_warps)
 }
 
 
+TT = mlp_triton.TritonMlpConfig
+# Triton (TMA) kernels, --kernels triton: fc1 (fc1_features, fc1_k, warps, stages, tokens_major) and
+# fc2 (fc2_cols, fc2_k, warps, stages). 128x128 tiles with 4 warps (two CTAs per SM) as the Pallas default, and the
+# 128 x 256 tiles of Hopper GEMMs (8 warps = two consumer warpgroups, one CTA per SM), fc1 in both orientations.
+TRITON_FC1_VARIANTS = {  # most promising first (the sweep skips the rest when the time budget runs low)
+    "256 tok w8s3": (256, 64, 8, 3, True),
+    "128 tok w4s3": (128, 64, 4, 3, True),
+    "128 tok k128 w8s3": (128, 128, 8, 3, True),
+    "256 tok w8s4": (256, 64, 8, 4, True),
+    "128 tok w8s4": (128, 64, 8, 4, True),
+    "128 feat w4s3": (128, 64, 4, 3, False),
+    "256 feat w8s3": (256, 64, 8, 3, False),
+    "128 tok w4s4": (128, 64, 4, 4, True),
+}
+# fc2's gathered rows depend on an index load in the same iteration, so Triton's pipeliner gives that load a stage of
+# its own: num_stages 3 and 4 keep 2 data buffers in flight, 5 keeps 3 (triton 3.6 TTGIR; 6 still 3).
+TRITON_FC2_VARIANTS = {
+    "256x64 w8s5": (256, 64, 8, 5),
+    "128x64 w4s5": (128, 64, 4, 5),
+    "256x64 w8s3": (256, 64, 8, 3),
+    "128x64 w4s3": (128, 64, 4, 3),
+    "128x64 w8s5": (128, 64, 8, 5),
+    "256x128 w8s3": (256, 128, 8, 3),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     scores: str = "xla_fc"  # "xla_fc" | "xla_cf" (W1 layout read by the z einsum)
     fused_select: bool = False
     select_warps: int = 8
     tiles: mlp_pallas.MlpTiles = T()
+    triton: mlp_triton.TritonMlpConfig | None = None  # set: the delta kernels are mlp_triton's
 
 
 OLD_CONFIG = StepConfig(tiles=T(fc1_features=128, fc1_k=64, fc1_warps=4, fc1_stages=3, fc2_cols=128, fc2_k=64,
@@ -221,10 +250,16 @@ def make_sparse_step(keep, f, cfg: StepConfig):
         act, out, base = state
         z = preactivation(cfg.scores, x, w1, w1t, b1)
         idx, cnt, base = select(cfg, z, base, keep)
-        act, out = mlp_pallas.sparse_mlp_delta(
-            x, w1t, b1, w2, act, out, idx, cnt, block_size=BLOCK, w1_transposed=True, tiles=cfg.tiles,
-            interpret=INTERPRET,
-        )
+        if cfg.triton is not None:
+            act, out = mlp_triton.sparse_mlp_delta(
+                x, w1t, b1, w2, act, out, idx, cnt, block_size=BLOCK, w1_transposed=True, config=cfg.triton,
+                interpret=INTERPRET,
+            )
+        else:
+            act, out = mlp_pallas.sparse_mlp_delta(
+                x, w1t, b1, w2, act, out, idx, cnt, block_size=BLOCK, w1_transposed=True, tiles=cfg.tiles,
+                interpret=INTERPRET,
+            )
         return act, out, base
 
     return jax.jit(step, donate_argnums=(0,))
@@ -238,8 +273,13 @@ def time_step(p: Problem, keep, cfg: StepConfig, state=None):
 
 
 def _cfg_str(cfg: StepConfig):
-    t = cfg.tiles
     sel = f"{'fused' if cfg.fused_select else 'unfused'} w{cfg.select_warps}"
+    if cfg.triton is not None:
+        t = cfg.triton
+        return (f"scores {cfg.scores}, select {sel}, Triton fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages} "
+                f"{'tokens' if t.fc1_tokens_major else 'features'}-M, fc2 {t.fc2_cols}x{t.fc2_k} "
+                f"w{t.fc2_warps}s{t.fc2_stages}")
+    t = cfg.tiles
     return (f"scores {cfg.scores}, select {sel}, fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages}, "
             f"fc2 {t.fc2_cols}x{t.fc2_k} w{t.fc2_warps}s{t.fc2_stages}")
 
@@ -369,6 +409,74 @@ def sweep_parts(p: Problem, keep, log, budget):
     return StepConfig(scores="xla_fc", fused_select=fused, select_warps=warps, tiles=tiles)
 
 
+def sweep_triton(p: Problem, keep, log, budget):
+    """Times each Triton fc1 / fc2 variant alone on the FLUX double block (numerics-checked against the f32
+    reference on the same inputs, as sweep_parts); returns the fastest passing TritonMlpConfig."""
+    act0, out0, base0 = initial_state(p)
+    x0 = p.xs[0]
+    z = preactivation("xla_fc", x0, p.w1, p.w1t, p.b1)
+    idx, cnt, _ = mlp_selection.select_from_preactivation(z, base0, keep, MULTIPLE, impl=_impl())
+    idx_p = mlp_pallas.pad_indices(idx, 256)
+    act_r, out_r = jax.jit(lambda *a: mlp_reference.sparse_mlp_delta_reference(*a, block_size=BLOCK))(
+        x0, p.w1, p.b1, p.w2, act0, out0, idx, cnt)
+    d_ref = out_r.astype(jnp.float32) - out0.astype(jnp.float32)
+    useful = 2 * p.n * p.c * int(cnt.sum()) / p.nb  # fc1 FLOPs (fc2: C_out for C; equal for these shapes)
+    fc2_default = jax.jit(lambda out, d, w2, i, c: mlp_triton.fc2_delta(
+        d, w2, out, i, c, block_size=BLOCK, interpret=INTERPRET), donate_argnums=(0,))
+    fc1_rows, delta_default = [], None
+    for name, (bf, bk, w, st, tok) in TRITON_FC1_VARIANTS.items():
+        if budget.left() < 150:
+            log(f"  triton fc1 {name}: skipped (time budget)")
+            continue
+        try:
+            t = dataclasses.replace(TT(), fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st, fc1_tokens_major=tok)
+            fn = jax.jit(lambda act, x, w1t, b1, i, c, t=t: mlp_triton.fc1_delta(
+                x, w1t, b1, act, i, c, block_size=BLOCK, config=t, interpret=INTERPRET), donate_argnums=(0,))
+            delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt)
+            out = fc2_default(jnp.array(out0), delta, p.w2, idx_p, cnt)
+            e_act = _rel(act, act_r)
+            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
+            ok = e_act <= 1e-2 and e_delta <= 2e-2
+            if delta_default is None and ok:
+                delta_default = delta  # every fc1 variant writes the same token-major delta layout
+            ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
+                          lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt))
+            log(f"  triton fc1 {name}: {ms:.3f} ms ({useful / ms / 1e9:.0f} TFLOP/s), rel err act {e_act:.1e} "
+                f"delta {e_delta:.1e}{'' if ok else '  FAILED'}")
+            if ok:
+                fc1_rows.append((ms, t))
+        except Exception as e:  # noqa: BLE001 -- a variant that fails to compile is reported, not fatal
+            log(f"  triton fc1 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
+    fc2_rows = []
+    for name, (bn, bk, w, st) in TRITON_FC2_VARIANTS.items():
+        if delta_default is None:
+            log("  triton fc2: no fc1 variant passed, nothing to feed fc2")
+            break
+        if budget.left() < 120:
+            log(f"  triton fc2 {name}: skipped (time budget)")
+            continue
+        try:
+            t = dataclasses.replace(TT(), fc2_cols=bn, fc2_k=bk, fc2_warps=w, fc2_stages=st)
+            fn = jax.jit(lambda out, d, w2, i, c, t=t: mlp_triton.fc2_delta(
+                d, w2, out, i, c, block_size=BLOCK, config=t, interpret=INTERPRET), donate_argnums=(0,))
+            out = fn(jnp.array(out0), delta_default, p.w2, idx_p, cnt)
+            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
+            ok = e_delta <= 2e-2
+            ms, _ = _time(fn, jnp.array(out0), lambda i: (delta_default, p.w2, idx_p, cnt))
+            log(f"  triton fc2 {name}: {ms:.3f} ms ({useful / ms / 1e9:.0f} TFLOP/s), rel err delta {e_delta:.1e}"
+                f"{'' if ok else '  FAILED'}")
+            if ok:
+                fc2_rows.append((ms, t))
+        except Exception as e:  # noqa: BLE001
+            log(f"  triton fc2 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
+    if not fc1_rows or not fc2_rows:
+        return None
+    t1 = min(fc1_rows, key=lambda r: r[0])[1]
+    t2 = min(fc2_rows, key=lambda r: r[0])[1]
+    fc2_k = t2.fc2_k if t1.fc1_features % t2.fc2_k == 0 else 64
+    return dataclasses.replace(t1, fc2_cols=t2.fc2_cols, fc2_k=fc2_k, fc2_warps=t2.fc2_warps, fc2_stages=t2.fc2_stages)
+
+
 # ---- device-time breakdown ----------------------------------------------------------------------------------
 
 
@@ -412,8 +520,9 @@ def profile_step(step, state, args, n_calls, log):
 # ---- model op -----------------------------------------------------------------------------------------------
 
 
-def time_model_op(p: Problem, keep, log):
-    """chipmunk_jax.mlp.sparse_delta_mlp, SPARSE_SELECT step, W1 stored [F, C], no random features."""
+def time_model_op(p: Problem, keep, log, impl="pallas"):
+    """chipmunk_jax.mlp.sparse_delta_mlp, SPARSE_SELECT step, W1 stored [F, C], no random features, the kernel
+    family's default tiles."""
     try:
         from chipmunk_jax import config as C
         from chipmunk_jax.mlp import MLPCache, MLPWeights, sparse_delta_mlp
@@ -428,10 +537,10 @@ def time_model_op(p: Problem, keep, log):
         act, out, base = initial_state(p)
         cache = MLPCache(act_cache=act, out_cache=out, blockmean_cache=base,
                          indices=jnp.zeros((1, p.nb, p.f), jnp.int32), counts=jnp.zeros((1, p.nb), jnp.int32))
-        fn = jax.jit(lambda cache, x, w: sparse_delta_mlp(x, w, cache, MLPStep.SPARSE_SELECT, cfg)[1],
+        fn = jax.jit(lambda cache, x, w: sparse_delta_mlp(x, w, cache, MLPStep.SPARSE_SELECT, cfg, impl=impl)[1],
                      donate_argnums=(0,))
         ms, _ = _time(fn, cache, lambda i: (p.xs[i % 3], w))
-        log(f"  model op sparse_delta_mlp (SPARSE_SELECT, w1_transposed=True, impl pallas): {ms:.3f} ms")
+        log(f"  model op sparse_delta_mlp (SPARSE_SELECT, w1_transposed=True, impl {impl}): {ms:.3f} ms")
     except Exception as e:  # noqa: BLE001
         log(f"  model op failed: {type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc()
@@ -439,12 +548,12 @@ def time_model_op(p: Problem, keep, log):
 
 def _cfg_to_dict(cfg: StepConfig):
     return dict(scores=cfg.scores, fused_select=cfg.fused_select, select_warps=cfg.select_warps,
-                tiles=dataclasses.asdict(cfg.tiles))
+                tiles=dataclasses.asdict(cfg.tiles), triton=cfg.triton and dataclasses.asdict(cfg.triton))
 
 
 def _cfg_from_dict(d):
     return StepConfig(scores=d["scores"], fused_select=d["fused_select"], select_warps=d["select_warps"],
-                      tiles=T(**d["tiles"]))
+                      tiles=T(**d["tiles"]), triton=TT(**d["triton"]) if d.get("triton") else None)
 
 
 def probe(path):
@@ -528,7 +637,15 @@ def main():
                         help="only time the launch orders (MlpTiles.row_group) at 70%% on these shapes, e.g. "
                              "flux_single,wan14b (the last one also gets a device-time profile)")
     parser.add_argument("--groups", default="0,1,4,8,16,32", help="row_group values for --orders")
+    parser.add_argument("--kernels", default="pallas", help="delta kernel families to sweep and time: pallas, "
+                        "triton (mlp_triton's TMA kernels) or pallas,triton; the table uses the fastest full step")
+    parser.add_argument("--sweep", default=None, help="families of --kernels to sweep (default: all of them; "
+                        "--no-sweep: none); the others run their default tiles")
     args = parser.parse_args()
+    for flag in ("kernels", "sweep"):
+        value = getattr(args, flag)
+        if value is not None and not set(value.split(",")) <= {"pallas", "triton", ""}:
+            parser.error(f"--{flag} takes pallas and/or triton, got {value!r}")
     budget = Budget(args.budget)
     global INTERPRET, REPS, SAMPLES, UNROLL
     if args.cpu_smoke:
@@ -538,7 +655,9 @@ def main():
                                   (FC2_VARIANTS, ("128x64 w4s3", "256x64 w8s3")),
                                   (SCORE_VARIANTS, ("xla einsum, w1 [F,C]",)),
                                   (SELECT_VARIANTS, ("scores + select_top_features w8",
-                                                     "fused select_from_preactivation w8"))):
+                                                     "fused select_from_preactivation w8")),
+                                  (TRITON_FC1_VARIANTS, ("128 tok w4s3", "256 feat w8s3")),
+                                  (TRITON_FC2_VARIANTS, ("128x64 w4s5", "256x128 w8s3"))):
             for k in list(table):
                 if k not in keep_names:
                     del table[k]
@@ -570,29 +689,47 @@ def main():
     keep70 = round(0.3 * p.f)
     dense_ms = time_dense(p)
     log(f"flux_double: dense XLA MLP {dense_ms:.3f} ms ({4 * p.n * p.c * p.f / dense_ms / 1e9:.0f} TFLOP/s)")
-    if args.no_sweep:
-        best = StepConfig(scores="xla_fc", fused_select=True, tiles=mlp_pallas.DEFAULT_TILES)
-    else:
-        log(f"part sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
-        best = sweep_parts(p, keep70, log, budget)
-    log(f"best: {_cfg_str(best)}   [{budget.left():.0f} s of budget left]")
-    if args.best_json:
-        with open(args.best_json, "w") as fh:
-            json.dump(_cfg_to_dict(best), fh)
+    kernels = args.kernels.split(",")
+    swept = set() if args.no_sweep else set(kernels if args.sweep is None else args.sweep.split(","))
+    candidates = []  # (label, StepConfig) timed as full steps below
+    if "pallas" in kernels:
+        if "pallas" not in swept:
+            candidates.append(("Pallas defaults", StepConfig(scores="xla_fc", fused_select=True,
+                                                             tiles=mlp_pallas.DEFAULT_TILES)))
+        else:
+            log(f"part sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
+            best = sweep_parts(p, keep70, log, budget)
+            log(f"best Pallas: {_cfg_str(best)}   [{budget.left():.0f} s of budget left]")
+            candidates += [("old choices", OLD_CONFIG), ("best Pallas choices", best)]
+    if "triton" in kernels:
+        triton_cfg = mlp_triton.DEFAULT_CONFIG
+        if "triton" in swept:
+            log(f"Triton kernel sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
+            triton_cfg = sweep_triton(p, keep70, log, budget) or triton_cfg
+        candidates.append(("best Triton choices", StepConfig(scores="xla_fc", fused_select=True, triton=triton_cfg)))
+        log(f"best Triton: {_cfg_str(candidates[-1][1])}   [{budget.left():.0f} s of budget left]")
 
-    # Old vs new full step, same process, then the device-time breakdown of the new one.
-    for label, cfg in (("old choices", OLD_CONFIG), ("best choices", best)):
+    # The full steps, same process; the fastest is the configuration of the table, with its device-time breakdown.
+    timed = []
+    for label, cfg in candidates:
         try:
             ms, state, step = time_step(p, keep70, cfg)
             log(f"  full sparse step, {label} ({_cfg_str(cfg)}): {ms:.3f} ms, dense/sparse {dense_ms / ms:.2f}x")
-            if label == "best choices":
-                rows.append(("flux_double", 0.7, keep70, dense_ms, ms))
-                if not INTERPRET:
-                    profile_step(step, state, lambda i: (p.xs[i % 3], p.w1, p.w1t, p.b1, p.w2), 10, log)
+            timed.append((ms, label, cfg, state, step))
         except Exception as e:  # noqa: BLE001
             log(f"  full sparse step, {label}: ERROR {type(e).__name__}: {str(e)[:300]}")
-            if label == "best choices":
-                best = OLD_CONFIG
+    if not timed:
+        log("no full sparse step ran")
+        return 1
+    ms, label, best, state, step = min(timed, key=lambda t: t[0])
+    log(f"fastest full step: {label} ({_cfg_str(best)}) {ms:.3f} ms")
+    rows.append(("flux_double", 0.7, keep70, dense_ms, ms))
+    if not INTERPRET:
+        profile_step(step, state, lambda i: (p.xs[i % 3], p.w1, p.w1t, p.b1, p.w2), 10, log)
+    del timed, state, step
+    if args.best_json:
+        with open(args.best_json, "w") as fh:
+            json.dump(_cfg_to_dict(best), fh)
     dense2 = time_dense(p)
     log(f"  dense XLA MLP again: {dense2:.3f} ms")
 
@@ -622,7 +759,9 @@ def main():
     if budget.left() > 20 and not args.quick:
         p = make_problem("flux_double")
         log("flux_double sparsity 0.70, the model op:")
-        time_model_op(p, keep70, log)
+        family = "pallas" if best.triton is None else "triton"
+        time_model_op(p, keep70, log, impl=family if not INTERPRET else {"pallas": "interpret"}.get(family,
+                                                                                                    "triton_interpret"))
 
     table = ["| shape | N, C -> F -> C_out | sparsity | kept/F | dense XLA ms | sparse step ms | dense/sparse |",
              "|---|---|---|---|---|---|---|"]

@@ -81,14 +81,17 @@ class TritonMlpConfig:
 
 DEFAULT_CONFIG = TritonMlpConfig()
 # What benchmarks/mlp.py sweeps on the GPU and the compile tests cover: the 128x128 tiles of the Pallas default
-# (4 warps, two CTAs per SM) and the 128 x 256 tiles of Hopper GEMMs (8 warps, two consumer warpgroups).
+# (4 warps, two CTAs per SM) and the 128 x 256 tiles of Hopper GEMMs (8 warps, two consumer warpgroups). fc2's
+# gathered rows hang off an index load in the same K step, which costs a pipeline stage: fc2 keeps
+# 2 tiles in flight at 3 and 4 stages, 3 tiles at 5 (triton 3.6), fc1 (loop-invariant indices) num_stages.
 PRODUCTION_CONFIGS = (
     DEFAULT_CONFIG,
-    TritonMlpConfig(fc1_tokens_major=False),
+    TritonMlpConfig(fc1_tokens_major=False, fc2_stages=5),
     TritonMlpConfig(fc1_features=256, fc1_warps=8, fc2_cols=256, fc2_warps=8),
-    TritonMlpConfig(fc1_features=256, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=4),
+    TritonMlpConfig(fc1_features=256, fc1_warps=8, fc1_stages=4, fc2_cols=256, fc2_warps=8, fc2_stages=5),
     TritonMlpConfig(fc1_features=256, fc1_warps=8, fc1_tokens_major=False, fc2_cols=256, fc2_k=128, fc2_warps=8),
-    TritonMlpConfig(fc1_features=128, fc1_warps=8, fc1_stages=4, fc2_cols=128, fc2_warps=8, fc2_stages=4),
+    TritonMlpConfig(fc1_features=128, fc1_warps=8, fc1_stages=4, fc2_cols=128, fc2_warps=8, fc2_stages=5),
+    TritonMlpConfig(fc1_k=128, fc1_warps=8, fc2_stages=5),
 )
 BLOCK_SIZES = (64, 128, 256)  # tokens per row block: the M of a TMA box (<= 256) and a power of 2
 DTYPES = (jnp.bfloat16, jnp.float16)

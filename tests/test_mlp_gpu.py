@@ -151,3 +151,43 @@ def test_model_op_pallas_matches_reference_with_pretransposed_w1():
         y_k, caches[1] = sparse_delta_mlp(xs, wt, caches[1], kind, cfg, key=jax.random.key(step), impl="pallas")
         assert _rel(y_k, y_r) <= 1e-5, step
         np.testing.assert_array_equal(np.asarray(caches[1].indices), np.asarray(caches[0].indices))
+
+
+# ---- mlp_triton: the Triton (TMA) kernels ----------------------------------------------------------------
+
+from chipmunk_jax.pallas_kernels import mlp_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("config", mlp_triton.PRODUCTION_CONFIGS, ids=str)
+def test_triton_compiled_matches_reference(config):
+    b, n, c, f, c_out = 2, 1000, 256, 1024, 192  # N not a multiple of 128; C_out not a power of two
+    x, w1, b1, w2, _, act, out = _problem(60, b, n, c, f, c_out, jnp.bfloat16)
+    counts = [[256, 0, 1, 1024, 130, 512, 77, 384], [128, 3, 1000, 256, 0, 640, 200, 17]]
+    idx, cnt = _selection(61, b, 8, f, counts)
+    fn = jax.jit(lambda *a: mlp_op.sparse_mlp_delta(*a, impl="triton", w1_transposed=True, tiles=config),
+                 donate_argnums=(4, 5))
+    act_k, out_k = fn(x, w1.T, b1, w2, jnp.array(act), jnp.array(out), idx, cnt)
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    assert not np.isnan(np.asarray(out_k, np.float32)).any()
+    assert _rel(act_k, act_r) <= 1e-2
+    assert _rel(out_k - out, out_r - out) <= 2e-2
+
+
+def test_triton_flux_shape_step_and_invariant():
+    n, c, f = 4096, 3072, 12288
+    x, w1, b1, w2, b2, act, out = _problem(62, 1, n, c, f, c, jnp.bfloat16)
+    fn = jax.jit(lambda *a: mlp_op.sparse_mlp_delta(*a, impl="triton", w1_transposed=True), donate_argnums=(4, 5))
+    w1t = jnp.asarray(w1.T)
+    for s in range(3):
+        scores = jax.random.uniform(jax.random.key(63 + s), (1, n // 128, f))
+        idx, cnt = mlp_selection.select_top_features(scores, 3686, 128, impl="pallas")
+        xs = x + 0.3 * jax.random.normal(jax.random.key(70 + s), x.shape, jnp.bfloat16)
+        if s == 0:
+            act_r, out_r = _step(xs, w1, b1, w2, act, out, idx, cnt, "reference")
+        act, out_new = fn(xs, w1t, b1, w2, act, jnp.array(out), idx, cnt)
+        if s == 0:
+            assert _rel(out_new - out, out_r - out) <= 2e-2
+            assert _rel(act, act_r) <= 1e-2
+        out = out_new
+    expected = jnp.einsum("bfn,fc->bnc", act.astype(jnp.float32), w2.astype(jnp.float32), precision=_HI) + b2
+    assert _rel(out, expected) <= 1e-2  # out_cache == act_cache W2 + b2 after three bf16 steps
