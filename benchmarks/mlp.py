@@ -693,9 +693,11 @@ def main():
     swept = set() if args.no_sweep else set(kernels if args.sweep is None else args.sweep.split(","))
     candidates = []  # (label, StepConfig) timed as full steps below
     if "pallas" in kernels:
-        if "pallas" not in swept:
-            candidates.append(("Pallas defaults", StepConfig(scores="xla_fc", fused_select=True,
-                                                             tiles=mlp_pallas.DEFAULT_TILES)))
+        if "pallas" not in swept:  # the defaults, and fc2 with 5 stages (3 gathered tiles in flight, as Triton's)
+            for label, tiles in (("Pallas defaults", mlp_pallas.DEFAULT_TILES),
+                                 ("Pallas defaults, fc2 5 stages", dataclasses.replace(mlp_pallas.DEFAULT_TILES,
+                                                                                       fc2_stages=5))):
+                candidates.append((label, StepConfig(scores="xla_fc", fused_select=True, tiles=tiles)))
         else:
             log(f"part sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
             best = sweep_parts(p, keep70, log, budget)

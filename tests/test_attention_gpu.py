@@ -3,6 +3,8 @@
 Run on the device machine: ``source benchmarks/gpu_env.sh && python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,32 @@ def test_triton_colsum_fallback_and_default_dispatch_gpu():
     ro, rl, rcs = A.dense_attention_colsum(q, k, v, far, impl="reference")
     assert _rel(o, ro) <= 1e-2 and _rel(cs, rcs) <= 1e-2
     assert A._dense_impl(None, q, 192) == "triton"
+
+
+@pytest.mark.parametrize("colsum", [False, True])
+def test_triton_kernels_inside_a_command_buffer_gpu(colsum):
+    """The Triton kernels among projections and fusions in one jit: XLA captures such runs of commands into CUDA
+    graphs, where the plugin's per-launch scratch allocation failed (session 6); triton_call passes the scratch
+    as an XLA buffer instead."""
+    b, n, h, d = 1, 1000, 4, 128
+    c = h * d
+    ks = jax.random.split(_key(), 5)
+    x = jax.random.normal(ks[0], (b, n, c), jnp.float32).astype(jnp.bfloat16)
+    ws = [(jax.random.normal(k, (c, c), jnp.float32) / np.sqrt(c)).astype(jnp.bfloat16) for k in ks[1:]]
+    prev = jnp.zeros((b, h, n), jnp.float32)
+
+    def block(x, wq, wk, wv, wo, prev, impl):
+        q, k, v = ((jnp.sin(x) @ w).reshape(b, n, h, d) for w in (wq, wk, wv))
+        if colsum:
+            o, lse, cs = A.dense_attention_colsum(q, k, v, prev + 1.0, impl=impl)
+            extra = jnp.sum(cs) + jnp.sum(lse)
+        else:
+            o, lse = A.dense_attention(q, k, v, impl=impl)
+            extra = jnp.sum(lse)
+        return x + jnp.tanh(o.reshape(b, n, c) @ wo), extra
+
+    got = jax.jit(functools.partial(block, impl=None))(x, *ws, prev)
+    want = jax.jit(functools.partial(block, impl="reference"))(x, *ws, prev)
+    assert A._dense_impl(None, x.reshape(b, n, h, d), 192 if colsum else None) == "triton"
+    assert _rel(got[0], want[0]) <= 1e-2
+    assert abs(float(got[1]) - float(want[1])) <= 1e-2 * abs(float(want[1])) + 1e-2

@@ -191,3 +191,32 @@ def test_triton_flux_shape_step_and_invariant():
         out = out_new
     expected = jnp.einsum("bfn,fc->bnc", act.astype(jnp.float32), w2.astype(jnp.float32), precision=_HI) + b2
     assert _rel(out, expected) <= 1e-2  # out_cache == act_cache W2 + b2 after three bf16 steps
+
+
+def test_triton_model_op_inside_a_command_buffer():
+    """sparse_delta_mlp with impl='triton' on a SPARSE_SELECT step (block means, the z GEMM, the fused Pallas
+    selection, then the Triton kernels): XLA captures this run of commands into a CUDA graph, where the plugin's
+    per-launch scratch allocation failed (session 6); triton_call passes the scratch as an XLA buffer instead."""
+    from chipmunk_jax import config as C
+    from chipmunk_jax.mlp import MLPCache, MLPWeights, sparse_delta_mlp
+    from chipmunk_jax.schedule import MLPStep
+
+    b, n, c, f = 1, 2048, 1024, 4096
+    x, w1, b1, w2, b2, act, out = _problem(80, b, n, c, f, c, jnp.bfloat16)
+    cfg = C.ChipmunkConfig(mlp=C.MLPConfig(enabled=True, top_keys=0.3, random_keys=0.0, counts_multiple_of=128,
+                                           first_n_dense_layers=0))
+    w = MLPWeights(w1=jnp.asarray(w1.T), b1=b1, w2=w2, b2=b2, w1_transposed=True)
+    base = jnp.einsum("bmc,fc->bmf", x[:, ::128].astype(jnp.float32), w.w1.astype(jnp.float32))
+    nb = n // 128
+
+    def cache():
+        return MLPCache(act_cache=jnp.array(act), out_cache=jnp.array(out), blockmean_cache=jnp.array(base),
+                        indices=jnp.zeros((b, nb, f), jnp.int32), counts=jnp.zeros((b, nb), jnp.int32))
+
+    step = lambda impl: jax.jit(lambda cc, xx: sparse_delta_mlp(xx, w, cc, MLPStep.SPARSE_SELECT, cfg, impl=impl),
+                                donate_argnums=(0,))
+    y_k, c_k = step("triton")(cache(), x)
+    y_r, c_r = step("reference")(cache(), x)
+    np.testing.assert_array_equal(np.asarray(c_k.counts), np.asarray(c_r.counts))
+    assert _rel(y_k - out, y_r - out) <= 2e-2
+    assert _rel(c_k.act_cache, c_r.act_cache) <= 1e-2
