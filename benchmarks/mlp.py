@@ -341,140 +341,102 @@ def sweep_parts(p: Problem, keep, log, budget):
             log(f"  selection {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
     results["select"] = best_sel
 
-    # -- reference for fc1 / fc2 numerics (f32, on the same inputs)
-    idx_p = mlp_pallas.pad_indices(idx_ref, 256)
-    act_r, out_r = jax.jit(lambda *a: mlp_reference.sparse_mlp_delta_reference(*a, block_size=BLOCK))(
-        x0, p.w1, p.b1, p.w2, act0, out0, idx_ref, cnt_ref)
-    d_ref = out_r.astype(jnp.float32) - out0.astype(jnp.float32)
-    fc2_default = jax.jit(lambda out, d, w2, i, c: mlp_pallas.fc2_delta(
-        d, w2, out, i, c, block_size=BLOCK, tiles=T(), interpret=INTERPRET), donate_argnums=(0,))
-    fc1_rows = []
-    delta_default = None
-    for name, (bf, bk, w, st) in FC1_VARIANTS.items():
-        if budget.left() < 170:
-            log(f"  fc1 {name}: skipped (time budget)")
-            continue
-        try:
-            t = dataclasses.replace(T(), fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st)
-            fn = jax.jit(lambda act, x, w1t, b1, i, c, t=t: mlp_pallas.fc1_delta(
-                x, w1t, b1, act, i, c, block_size=BLOCK, tiles=t, interpret=INTERPRET),
-                donate_argnums=(0,))
-            delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt_ref)
-            out = fc2_default(jnp.array(out0), delta, p.w2, idx_p, cnt_ref)
-            e_act = _rel(act, act_r)
-            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
-            ok = e_act <= 1e-2 and e_delta <= 2e-2
-            if name == "128x64 w4s3":
-                delta_default = delta
-            ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
-                          lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt_ref))
-            tflops = 2 * p.n * p.c * int(cnt_ref.sum()) / p.nb / ms / 1e9
-            log(f"  fc1 {name}: {ms:.3f} ms ({tflops:.0f} TFLOP/s), rel err act {e_act:.1e} delta {e_delta:.1e}"
-                f"{'' if ok else '  FAILED'}")
-            if ok:
-                fc1_rows.append((ms, t))
-        except Exception as e:  # noqa: BLE001
-            log(f"  fc1 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
-    if delta_default is None:
-        delta_default, _ = mlp_pallas.fc1_delta(x0, p.w1t, p.b1, jnp.array(act0), idx_p, cnt_ref, block_size=BLOCK,
-                                                interpret=INTERPRET)
-    fc2_rows = []
-    for name, (bn, bk, w, st) in FC2_VARIANTS.items():
-        if budget.left() < 150:
-            log(f"  fc2 {name}: skipped (time budget)")
-            continue
-        try:
-            t = dataclasses.replace(T(), fc2_cols=bn, fc2_k=bk, fc2_warps=w, fc2_stages=st)
-            fn = jax.jit(lambda out, d, w2, i, c, t=t: mlp_pallas.fc2_delta(
-                d, w2, out, i, c, block_size=BLOCK, tiles=t, interpret=INTERPRET), donate_argnums=(0,))
-            out = fn(jnp.array(out0), delta_default, p.w2, idx_p, cnt_ref)
-            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
-            ok = e_delta <= 2e-2
-            ms, _ = _time(fn, jnp.array(out0), lambda i: (delta_default, p.w2, idx_p, cnt_ref))
-            tflops = 2 * p.n * p.c_out * int(cnt_ref.sum()) / p.nb / ms / 1e9
-            log(f"  fc2 {name}: {ms:.3f} ms ({tflops:.0f} TFLOP/s), rel err delta {e_delta:.1e}{'' if ok else '  FAILED'}")
-            if ok:
-                fc2_rows.append((ms, t))
-        except Exception as e:  # noqa: BLE001
-            log(f"  fc2 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
-
-    t1 = min(fc1_rows, key=lambda r: r[0]) if fc1_rows else (None, OLD_CONFIG.tiles)
-    t2 = min(fc2_rows, key=lambda r: r[0])[1] if fc2_rows else OLD_CONFIG.tiles
-    tiles = dataclasses.replace(t1[1], fc2_cols=t2.fc2_cols, fc2_k=t2.fc2_k, fc2_warps=t2.fc2_warps,
-                                fc2_stages=t2.fc2_stages)
-    if tiles.fc1_features % tiles.fc2_k:
-        tiles = dataclasses.replace(tiles, fc2_k=64)
+    tiles = sweep_delta_kernels(p, idx_ref, cnt_ref, "pallas", log, budget) or OLD_CONFIG.tiles
     fused, warps = SELECT_VARIANTS[best_sel[0]]
     # z reads W1 [F, C], the only copy a model keeps (the [C, F] einsum is timed for reference only).
     return StepConfig(scores="xla_fc", fused_select=fused, select_warps=warps, tiles=tiles)
 
 
-def sweep_triton(p: Problem, keep, log, budget):
-    """Times each Triton fc1 / fc2 variant alone on the FLUX double block (numerics-checked against the f32
-    reference on the same inputs, as sweep_parts); returns the fastest passing TritonMlpConfig."""
-    act0, out0, base0 = initial_state(p)
+# Per kernel family: its tile class, how a sweep variant becomes a config, and its fc1 / fc2 entry points.
+KERNEL_FAMILIES = {
+    "pallas": dict(
+        label="", default=T(), fc1_variants=FC1_VARIANTS, fc2_variants=FC2_VARIANTS,
+        fc1_config=lambda bf, bk, w, st: dataclasses.replace(T(), fc1_features=bf, fc1_k=bk, fc1_warps=w,
+                                                             fc1_stages=st),
+        fc1=lambda x, w1t, b1, act, i, c, t: mlp_pallas.fc1_delta(x, w1t, b1, act, i, c, block_size=BLOCK, tiles=t,
+                                                                  interpret=INTERPRET),
+        fc2=lambda d, w2, out, i, c, t: mlp_pallas.fc2_delta(d, w2, out, i, c, block_size=BLOCK, tiles=t,
+                                                             interpret=INTERPRET)),
+    "triton": dict(
+        label="triton ", default=TT(), fc1_variants=TRITON_FC1_VARIANTS, fc2_variants=TRITON_FC2_VARIANTS,
+        fc1_config=lambda bf, bk, w, st, tok: dataclasses.replace(TT(), fc1_features=bf, fc1_k=bk, fc1_warps=w,
+                                                                  fc1_stages=st, fc1_tokens_major=tok),
+        fc1=lambda x, w1t, b1, act, i, c, t: mlp_triton.fc1_delta(x, w1t, b1, act, i, c, block_size=BLOCK,
+                                                                  config=t, interpret=INTERPRET),
+        fc2=lambda d, w2, out, i, c, t: mlp_triton.fc2_delta(d, w2, out, i, c, block_size=BLOCK, config=t,
+                                                             interpret=INTERPRET)),
+}
+
+
+def sweep_delta_kernels(p: Problem, idx, cnt, family: str, log, budget):
+    """Times each fc1 variant, then each fc2 variant, of one kernel family alone on the FLUX double block, every
+    variant checked against the f32 reference on the same inputs (fc1 through the family's default fc2; fc2 fed
+    the delta of the first passing fc1 variant: all variants write the same layout). Returns the fastest passing
+    fc1 variant with the fastest passing fc2 variant's fields, or None when either kind had none."""
+    fam = KERNEL_FAMILIES[family]
+    act0, out0, _ = initial_state(p)
     x0 = p.xs[0]
-    z = preactivation("xla_fc", x0, p.w1, p.w1t, p.b1)
-    idx, cnt, _ = mlp_selection.select_from_preactivation(z, base0, keep, MULTIPLE, impl=_impl())
     idx_p = mlp_pallas.pad_indices(idx, 256)
     act_r, out_r = jax.jit(lambda *a: mlp_reference.sparse_mlp_delta_reference(*a, block_size=BLOCK))(
         x0, p.w1, p.b1, p.w2, act0, out0, idx, cnt)
     d_ref = out_r.astype(jnp.float32) - out0.astype(jnp.float32)
     useful = 2 * p.n * p.c * int(cnt.sum()) / p.nb  # fc1 FLOPs (fc2: C_out for C; equal for these shapes)
-    fc2_default = jax.jit(lambda out, d, w2, i, c: mlp_triton.fc2_delta(
-        d, w2, out, i, c, block_size=BLOCK, interpret=INTERPRET), donate_argnums=(0,))
-    fc1_rows, delta_default = [], None
-    for name, (bf, bk, w, st, tok) in TRITON_FC1_VARIANTS.items():
-        if budget.left() < 150:
-            log(f"  triton fc1 {name}: skipped (time budget)")
-            continue
-        try:
-            t = dataclasses.replace(TT(), fc1_features=bf, fc1_k=bk, fc1_warps=w, fc1_stages=st, fc1_tokens_major=tok)
-            fn = jax.jit(lambda act, x, w1t, b1, i, c, t=t: mlp_triton.fc1_delta(
-                x, w1t, b1, act, i, c, block_size=BLOCK, config=t, interpret=INTERPRET), donate_argnums=(0,))
-            delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt)
-            out = fc2_default(jnp.array(out0), delta, p.w2, idx_p, cnt)
-            e_act = _rel(act, act_r)
-            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
-            ok = e_act <= 1e-2 and e_delta <= 2e-2
-            if delta_default is None and ok:
-                delta_default = delta  # every fc1 variant writes the same token-major delta layout
-            ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
-                          lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt))
-            log(f"  triton fc1 {name}: {ms:.3f} ms ({useful / ms / 1e9:.0f} TFLOP/s), rel err act {e_act:.1e} "
-                f"delta {e_delta:.1e}{'' if ok else '  FAILED'}")
-            if ok:
-                fc1_rows.append((ms, t))
-        except Exception as e:  # noqa: BLE001 -- a variant that fails to compile is reported, not fatal
-            log(f"  triton fc1 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
-    fc2_rows = []
-    for name, (bn, bk, w, st) in TRITON_FC2_VARIANTS.items():
-        if delta_default is None:
-            log("  triton fc2: no fc1 variant passed, nothing to feed fc2")
-            break
-        if budget.left() < 120:
-            log(f"  triton fc2 {name}: skipped (time budget)")
-            continue
-        try:
-            t = dataclasses.replace(TT(), fc2_cols=bn, fc2_k=bk, fc2_warps=w, fc2_stages=st)
-            fn = jax.jit(lambda out, d, w2, i, c, t=t: mlp_triton.fc2_delta(
-                d, w2, out, i, c, block_size=BLOCK, config=t, interpret=INTERPRET), donate_argnums=(0,))
-            out = fn(jnp.array(out0), delta_default, p.w2, idx_p, cnt)
-            e_delta = _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
-            ok = e_delta <= 2e-2
-            ms, _ = _time(fn, jnp.array(out0), lambda i: (delta_default, p.w2, idx_p, cnt))
-            log(f"  triton fc2 {name}: {ms:.3f} ms ({useful / ms / 1e9:.0f} TFLOP/s), rel err delta {e_delta:.1e}"
-                f"{'' if ok else '  FAILED'}")
-            if ok:
-                fc2_rows.append((ms, t))
-        except Exception as e:  # noqa: BLE001
-            log(f"  triton fc2 {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
+    fc2_default = jax.jit(lambda out, d, w2, i, c: fam["fc2"](d, w2, out, i, c, fam["default"]), donate_argnums=(0,))
+    out_error = lambda out: _rel(out.astype(jnp.float32) - out0.astype(jnp.float32), d_ref)
+    found = {"delta": None}
+
+    def fc1_trial(spec):
+        t = fam["fc1_config"](*spec)
+        fn = jax.jit(lambda act, x, w1t, b1, i, c: fam["fc1"](x, w1t, b1, act, i, c, t), donate_argnums=(0,))
+        delta, act = fn(jnp.array(act0), x0, p.w1t, p.b1, idx_p, cnt)
+        errors = dict(act=(_rel(act, act_r), 1e-2), delta=(out_error(fc2_default(jnp.array(out0), delta, p.w2, idx_p,
+                                                                                      cnt)), 2e-2))
+        if found["delta"] is None and all(e <= tol for e, tol in errors.values()):
+            found["delta"] = delta
+        ms, _ = _time(lambda a, *args: fn(a, *args)[1], jnp.array(act0),
+                      lambda i: (p.xs[i % 3], p.w1t, p.b1, idx_p, cnt))
+        return ms, errors, t
+
+    def fc2_trial(spec):
+        bn, bk, w, st = spec
+        t = dataclasses.replace(fam["default"], fc2_cols=bn, fc2_k=bk, fc2_warps=w, fc2_stages=st)
+        fn = jax.jit(lambda out, d, w2, i, c: fam["fc2"](d, w2, out, i, c, t), donate_argnums=(0,))
+        errors = dict(delta=(out_error(fn(jnp.array(out0), found["delta"], p.w2, idx_p, cnt)), 2e-2))
+        ms, _ = _time(fn, jnp.array(out0), lambda i: (found["delta"], p.w2, idx_p, cnt))
+        return ms, errors, t
+
+    fc1_rows = _time_variants(f"{fam['label']}fc1", fam["fc1_variants"], fc1_trial, useful, log, budget, 150)
+    if found["delta"] is None:
+        log(f"  {fam['label']}fc2: no fc1 variant passed, nothing to feed fc2")
+        return None
+    fc2_rows = _time_variants(f"{fam['label']}fc2", fam["fc2_variants"], fc2_trial, useful, log, budget, 120)
     if not fc1_rows or not fc2_rows:
         return None
     t1 = min(fc1_rows, key=lambda r: r[0])[1]
     t2 = min(fc2_rows, key=lambda r: r[0])[1]
     fc2_k = t2.fc2_k if t1.fc1_features % t2.fc2_k == 0 else 64
     return dataclasses.replace(t1, fc2_cols=t2.fc2_cols, fc2_k=fc2_k, fc2_warps=t2.fc2_warps, fc2_stages=t2.fc2_stages)
+
+
+def _time_variants(label, variants, trial, flops, log, budget, min_left):
+    """trial(spec) -> (ms, {name: (rel err, tolerance)}, config) per variant, logged; returns [(ms, config)] of the
+    variants within every tolerance. A variant that fails to compile or run is reported, not fatal."""
+    rows = []
+    for name, spec in variants.items():
+        if budget.left() < min_left:
+            log(f"  {label} {name}: skipped (time budget)")
+            continue
+        try:
+            ms, errors, config = trial(spec)
+            ok = all(err <= tol for err, tol in errors.values())
+            errs = " ".join(f"{what} {err:.1e}" for what, (err, _) in errors.items())
+            log(f"  {label} {name}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s), rel err {errs}"
+                f"{'' if ok else '  FAILED'}")
+            if ok:
+                rows.append((ms, config))
+        except Exception as e:  # noqa: BLE001
+            log(f"  {label} {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
+    return rows
 
 
 # ---- device-time breakdown ----------------------------------------------------------------------------------
@@ -707,7 +669,10 @@ def main():
         triton_cfg = mlp_triton.DEFAULT_CONFIG
         if "triton" in swept:
             log(f"Triton kernel sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")
-            triton_cfg = sweep_triton(p, keep70, log, budget) or triton_cfg
+            _, _, base = initial_state(p)
+            z = preactivation("xla_fc", p.xs[0], p.w1, p.w1t, p.b1)
+            idx, cnt, _ = mlp_selection.select_from_preactivation(z, base, keep70, MULTIPLE, impl=_impl())
+            triton_cfg = sweep_delta_kernels(p, idx, cnt, "triton", log, budget) or triton_cfg
         candidates.append(("best Triton choices", StepConfig(scores="xla_fc", fused_select=True, triton=triton_cfg)))
         log(f"best Triton: {_cfg_str(candidates[-1][1])}   [{budget.left():.0f} s of budget left]")
 
