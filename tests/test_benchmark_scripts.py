@@ -58,3 +58,20 @@ def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
                     ": Chipmunk SPARSE invocation", "| category | ms/call |"):
         assert heading in proc.stdout, (heading, proc.stdout[-3000:])
     assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
+
+
+def test_mlp_benchmark_runs_tiny_on_cpu(tmp_path):
+    """mlp.py --cpu-smoke: both kernel families' sweeps (interpreters), the full steps and the table."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "mlp.md"
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "mlp.py"), "--cpu-smoke", "--quick",
+         "--kernels", "pallas,triton", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for line in ("fc1 128x64 w4s3:", "triton fc1 128 tok w4s3:", "triton fc2 128x64 w4s5:",
+                 "full sparse step, best Triton choices", "fastest full step:", "| flux_double |"):
+        assert line in text, (line, text[-3000:])
+    assert "ERROR" not in text and "FAILED" not in text
