@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
 #                                             #   alternating blocks at the issue-3 sizes, the MLP table (~8 min)
 #   bash benchmarks/gpu_plan.sh video hunyuan|wan  # nvidia-h200: issues 8, 9 again after kernel changes (~6 min)
+#   bash benchmarks/gpu_plan.sh verify        # issues 3, 4 (~4 min): the Triton kernels inside XLA command buffers and
+#                                             #   every Triton GPU test, then the FLUX-shape MLP step: Pallas defaults,
+#                                             #   Pallas with 5-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
@@ -38,6 +41,12 @@ flux)
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
+verify)
+  run timeout 200 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py \
+    -k "triton or command_buffer"
+  run timeout 150 python3 -P benchmarks/mlp.py --kernels pallas,triton --no-sweep --quick --budget 130 \
+    --out "$OUT/mlp.md" --log "$OUT/mlp.log"
+  ;;
 triton)
   run timeout 130 python3 -P -m pytest -q -m gpu tests/test_mlp_gpu.py tests/test_attention_gpu.py -k triton
   run timeout 300 python3 -P benchmarks/mlp.py --kernels pallas,triton --sweep triton --budget 270 \
@@ -50,7 +59,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels | triton" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels | verify | triton" >&2
   exit 2
   ;;
 esac
