@@ -276,7 +276,8 @@ def _cfg_str(cfg: StepConfig):
     sel = f"{'fused' if cfg.fused_select else 'unfused'} w{cfg.select_warps}"
     if cfg.triton is not None:
         t = cfg.triton
-        return (f"scores {cfg.scores}, select {sel}, Triton fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages} "
+        return (f"scores {cfg.scores}, select {sel}, "
+                f"Triton fc1 {t.fc1_features}x{t.fc1_k} w{t.fc1_warps}s{t.fc1_stages} "
                 f"{'tokens' if t.fc1_tokens_major else 'features'}-M, fc2 {t.fc2_cols}x{t.fc2_k} "
                 f"w{t.fc2_warps}s{t.fc2_stages}")
     t = cfg.tiles

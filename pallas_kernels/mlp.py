@@ -7,11 +7,10 @@ in Triton's interpreter; "reference": the pure-jnp twin in mlp_reference.py.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
-from chipmunk_jax.pallas_kernels.attention import IMPLS
+from chipmunk_jax.pallas_kernels.attention import resolve_impl
 
 __all__ = ["sparse_mlp_delta"]
 
@@ -59,17 +58,14 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
 def resolve_mlp_impl(impl, x, w1, w2, block_size: int) -> str:
     """The implementation that runs: impl itself, or for None the platform default (see the module docstring).
     Asking for "triton" / "triton_interpret" with inputs those kernels cannot take is an error that says why."""
-    if impl is None:
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
     if impl in ("triton", "triton_interpret"):
         from chipmunk_jax.pallas_kernels import mlp_triton
 
         reason = mlp_triton.unsupported_reason(x, w1, w2, block_size, interpret=impl == "triton_interpret")
         if reason:
             raise ValueError(f"impl={impl!r} cannot run these inputs: {reason}")
-    return impl
+        return impl
+    return resolve_impl(impl)
 
 
 def sparse_mlp_delta(

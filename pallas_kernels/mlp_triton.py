@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from chipmunk_jax.pallas_kernels import triton_call as tc
+from chipmunk_jax.pallas_kernels.mlp_pallas import _pow2_divisor, pad_indices
 
 _LOG2E_X2 = 2.8853900817779268  # 2 / ln 2: tanh(u) through exp2
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -202,22 +203,15 @@ def _fc1_constexprs(x_shape, num_features, indices_shape, block_size, config):
     b, n, c = x_shape
     nb, kp = indices_shape[1:]
     return dict(B=b, N=n, C=c, F=num_features, KP=kp, NB=nb, BM=block_size, BF=config.fc1_features,
-                BK=_k_step(c, config.fc1_k), GROUP=config.row_group, TOKENS_M=config.fc1_tokens_major)
+                BK=_pow2_divisor(c, config.fc1_k, "C"), GROUP=config.row_group, TOKENS_M=config.fc1_tokens_major)
 
 
 def _fc2_constexprs(out_shape, indices_shape, block_size, config):
     b, n, c_out = out_shape
     nb, kp = indices_shape[1:]
-    return dict(B=b, N=n, KP=kp, COUT=c_out, NB=nb, BM=block_size, BN=_k_step(c_out, config.fc2_cols),
+    return dict(B=b, N=n, KP=kp, COUT=c_out, NB=nb, BM=block_size,
+                BN=_pow2_divisor(c_out, config.fc2_cols, "C_out"),
                 BK=config.fc2_k, GROUP=config.row_group)
-
-
-def _k_step(dim: int, cap: int) -> int:
-    """Largest power of 2 <= cap dividing dim (dim is a multiple of 16)."""
-    step = cap
-    while dim % step:
-        step //= 2
-    return step
 
 
 def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size: int, config: TritonMlpConfig = DEFAULT_CONFIG,
@@ -252,18 +246,11 @@ def fc2_delta(delta, w2, out_cache, indices, counts, *, block_size: int, config:
     return out
 
 
-def _pad_indices(indices, multiple: int):
-    """Pads the packed axis with feature 0 up to a multiple (slots past counts are never used)."""
-    k = indices.shape[-1]
-    kp = -(-k // multiple) * multiple
-    return indices if kp == k else jnp.pad(indices, ((0, 0), (0, 0), (0, kp - k)))
-
-
 def sparse_mlp_delta(x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128,
                      interpret: bool = False, w1_transposed: bool = False, config: TritonMlpConfig = DEFAULT_CONFIG):
     """fc1_delta then fc2_delta; returns (act_cache, out_cache). Arguments as in mlp.sparse_mlp_delta."""
     w1t = w1 if w1_transposed else w1.T
-    indices = _pad_indices(indices, config.fc1_features)
+    indices = pad_indices(indices, config.fc1_features)
     delta, act_cache = fc1_delta(x, w1t, b1, act_cache, indices, counts, block_size=block_size, config=config,
                                  interpret=interpret)
     out_cache = fc2_delta(delta, w2, out_cache, indices, counts, block_size=block_size, config=config,
