@@ -69,6 +69,28 @@ def compile_kernel(kernel, pointer_types: tuple[str, ...], constexprs: tuple, nu
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def launch_layout(num_arrays: int, out_shapes, zeroed_outputs, grid, num_ctas: int, scratch_bytes: int,
+                  scratch_align: int):
+    """(outputs of the custom call, [(bytes to zero, pointer divisibility)] per kernel pointer parameter).
+
+    No global scratch for the plugin: it would cuMemAllocAsync it on every launch, and a stream-ordered allocation
+    cannot sit in the CUDA graphs XLA builds from command-buffer-compatible custom calls like this one ("Failed to
+    create a child graph node ... CUDA_ERROR_NOT_SUPPORTED", H200, session 6). A kernel that needs scratch
+    (in-kernel TMA descriptors) gets it as one more output, passed in the kernel's hidden global-scratch parameter
+    slot: Triton kernels end with (global_scratch, profile_scratch) pointers, and the plugin's own two trailing
+    pointers (both null now) shift into profile_scratch and past the last parameter, which cuLaunchKernel ignores
+    (it reads the kernel's own parameter count). The plugin checks the alignment the kernel asks for."""
+    outs = tuple(out_shapes)
+    params = [(0, 16)] * num_arrays + [
+        (int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize if i in zeroed_outputs else 0, 16)
+        for i, s in enumerate(out_shapes)]
+    if scratch_bytes:
+        programs = grid[0] * grid[1] * grid[2] * num_ctas
+        outs += (jax.ShapeDtypeStruct((programs * scratch_bytes,), jnp.uint8),)
+        params.append((0, max(16, scratch_align)))
+    return outs, params
+
+
 def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: int, num_stages: int,
                 zeroed_outputs: tuple[int, ...] = (), input_output_aliases: dict[int, int] | None = None,
                 interpret: bool = False):
@@ -96,26 +118,12 @@ def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: 
     if md.shared > MAX_SHARED_BYTES:
         raise ValueError(f"{kernel.__name__}: {md.shared} B of shared memory exceeds the {MAX_SHARED_BYTES} B limit; "
                          f"use fewer stages or smaller blocks")
-    # No global scratch for the plugin: it would cuMemAllocAsync it on every launch, and a stream-ordered
-    # allocation cannot sit in the CUDA graphs XLA builds from command-buffer-compatible custom calls like this
-    # one ("Failed to create a child graph node ... CUDA_ERROR_NOT_SUPPORTED", H200, session 6). Kernels that need
-    # scratch (in-kernel TMA descriptors) get it as one more XLA output instead, passed in the kernel's hidden
-    # global-scratch parameter slot: Triton kernels end with (global_scratch, profile_scratch) pointers, and the
-    # plugin's own two trailing pointers (both null now) shift into profile_scratch and past the last parameter,
-    # which cuLaunchKernel ignores (it reads the kernel's own parameter count).
-    scratch_bytes = md.global_scratch_size or 0
-    outs = tuple(out_shapes)
-    if scratch_bytes:
-        programs = grid[0] * grid[1] * grid[2] * md.num_ctas
-        outs += (jax.ShapeDtypeStruct((programs * scratch_bytes,), jnp.uint8),)
+    # the kernel's scratch is an XLA output, not the plugin's (see launch_layout)
+    outs, array_params = launch_layout(len(arrays), out_shapes, zeroed_outputs, grid, md.num_ctas,
+                                       md.global_scratch_size or 0, md.global_scratch_align or 16)
     launched = gpu_triton.TritonKernel(md.name, md.num_warps, md.num_ctas, md.shared, compiled.asm["ptx"],
                                        compiled.asm["ttir"], capability, None, None)
-    sizes = [0] * len(arrays) + [
-        int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize if i in zeroed_outputs else 0
-        for i, s in enumerate(out_shapes)]
-    params = [gpu_triton.create_array_parameter(size, 16) for size in sizes]
-    if scratch_bytes:  # the plugin checks the alignment the kernel asks for (TMA descriptors: 128 B)
-        params.append(gpu_triton.create_array_parameter(0, max(16, md.global_scratch_align or 16)))
+    params = [gpu_triton.create_array_parameter(zero, divisible) for zero, divisible in array_params]
     call = gpu_triton.TritonKernelCall(launched, *grid, params)
     opaque = zlib.compress(call.to_proto(md.name, b""))
     results = jax.ffi.ffi_call("triton_kernel_call_ffi", outs, input_output_aliases=aliases or None)(
