@@ -46,15 +46,14 @@ def resolve_impl(impl: str | None) -> str:
 def _triton_unsupported(q, group_size=None, interpret=False) -> str | None:
     from chipmunk_jax.pallas_kernels import triton_call
 
-    if not triton_call.triton_available():
-        return "the triton package is not installed"
-    if not interpret:
-        cc = triton_call.gpu_capability()
-        if cc is None or cc < 90:
-            return f"it needs a Hopper GPU or newer (TMA), found compute capability {cc}"
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
-            return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
-    if q.shape[-1] not in (64, 128):
+    reason = triton_call.platform_unsupported(interpret)
+    if reason:
+        return reason
+    from chipmunk_jax.pallas_kernels import attention_triton
+
+    if not interpret and q.dtype not in attention_triton.DTYPES:
+        return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
+    if q.shape[-1] not in attention_triton.HEAD_DIMS:
         return f"it takes head_dim 64 or 128, got {q.shape[-1]}"
     if group_size is not None and group_size < 9:
         return f"it takes group_size >= 9 (a 128-row program touches at most 16 groups), got {group_size}"

@@ -71,19 +71,6 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def unsupported_reason(q, group_size: int | None = None) -> str | None:
-    """Why the Triton kernels cannot take these inputs on this machine (None: they can)."""
-    if not tc.triton_available():
-        return "the triton package is not installed"
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} (the Triton kernels take bfloat16 or float16)"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (the Triton kernels take {HEAD_DIMS})"
-    if group_size is not None and (DEFAULT_COLSUM.block_q - 1) // group_size + 2 > _GROUP_SLOTS:
-        return f"group_size {group_size} < 9 (a 128-row program would touch more than {_GROUP_SLOTS} groups)"
-    return None
-
-
 @triton.jit
 def _attend_block(q, kd, vd, key_row, col0, acc, m_i, l_i, offset,
                   NK: tl.constexpr, BN: tl.constexpr, HD, SCALE2: tl.constexpr, FIXED: tl.constexpr,

@@ -101,12 +101,10 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 def unsupported_reason(x, w1, w2, block_size: int, interpret: bool = False) -> str | None:
     """Why these kernels cannot take the inputs here (None: they can). Shapes are validated by the op."""
-    if not tc.triton_available():
-        return "the triton package is not installed"
+    reason = tc.platform_unsupported(interpret)
+    if reason:
+        return reason
     if not interpret:
-        cc = tc.gpu_capability()
-        if cc is None or cc < 90:
-            return f"it needs a Hopper GPU or newer (TMA), found compute capability {cc}"
         if not (x.dtype == w1.dtype == w2.dtype) or x.dtype not in DTYPES:
             return f"it takes x, w1, w2 all bfloat16 or all float16, got {x.dtype}, {w1.dtype}, {w2.dtype}"
     if block_size not in BLOCK_SIZES:

@@ -49,6 +49,18 @@ def gpu_capability() -> int | None:
     return 10 * int(major) + int(minor)
 
 
+def platform_unsupported(interpret: bool) -> str | None:
+    """Why kernels launched by triton_call cannot run here (None: they can): the triton package for both modes,
+    and for compiled launches a Hopper GPU or newer (TMA)."""
+    if not triton_available():
+        return "the triton package is not installed"
+    if not interpret:
+        cc = gpu_capability()
+        if cc is None or cc < 90:
+            return f"it needs a Hopper GPU or newer (TMA), found compute capability {cc}"
+    return None
+
+
 @functools.lru_cache(maxsize=128)
 def compile_kernel(kernel, pointer_types: tuple[str, ...], constexprs: tuple, num_warps: int, num_stages: int,
                    capability: int):
