@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_plan.sh video hunyuan|wan  # nvidia-h200: issues 8, 9 again after kernel changes (~6 min)
 #   bash benchmarks/gpu_plan.sh verify        # issues 3, 4 (~4 min): the Triton kernels inside XLA command buffers and
 #                                             #   every Triton GPU test, then the FLUX-shape MLP step: Pallas defaults,
-#                                             #   Pallas with 5-stage fc2, Triton defaults, vs dense XLA (no sweep)
+#                                             #   Pallas with 3-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
 # Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs

@@ -656,10 +656,10 @@ def main():
     swept = set() if args.no_sweep else set(kernels if args.sweep is None else args.sweep.split(","))
     candidates = []  # (label, StepConfig) timed as full steps below
     if "pallas" in kernels:
-        if "pallas" not in swept:  # the defaults, and fc2 with 5 stages (3 gathered tiles in flight, as Triton's)
+        if "pallas" not in swept:  # the defaults, and fc2 with 3 stages (the default until session 7)
             for label, tiles in (("Pallas defaults", mlp_pallas.DEFAULT_TILES),
-                                 ("Pallas defaults, fc2 5 stages", dataclasses.replace(mlp_pallas.DEFAULT_TILES,
-                                                                                       fc2_stages=5))):
+                                 ("Pallas defaults, fc2 3 stages", dataclasses.replace(mlp_pallas.DEFAULT_TILES,
+                                                                                       fc2_stages=3))):
                 candidates.append((label, StepConfig(scores="xla_fc", fused_select=True, tiles=tiles)))
         else:
             log(f"part sweep, flux_double sparsity 0.70 keep {keep70}/{p.f} (counts padded to {MULTIPLE}):")

@@ -60,11 +60,11 @@ def _triton_unsupported(q, group_size=None, interpret=False) -> str | None:
     return None
 
 
-# Whether impl=None picks the Triton kernels on a Hopper GPU. Off until they have run inside XLA command buffers
-# on the GPU (tests/test_attention_gpu.py::test_triton_kernels_inside_a_command_buffer_gpu): session 6 found
-# the plugin's per-launch scratch allocation failing inside the CUDA graphs XLA builds from runs of kernels (a
-# model's jit), and triton_call's fix (the scratch as an XLA buffer) has not run on a GPU yet.
-TRITON_BY_DEFAULT = False
+# Whether impl=None picks the Triton kernels on a Hopper GPU. On since session 7, when they ran inside XLA command
+# buffers on the GPU (tests/test_attention_gpu.py::test_triton_kernels_inside_a_command_buffer_gpu, H200): their
+# global scratch is an XLA buffer (triton_call.launch_layout), not the plugin's per-launch allocation that the
+# CUDA graphs XLA builds from a model's jit cannot hold.
+TRITON_BY_DEFAULT = True
 
 
 def _dense_impl(impl: str | None, q, group_size=None) -> str:

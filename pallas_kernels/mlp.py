@@ -1,6 +1,8 @@
 """Public sparse-delta MLP op (SPEC §2.2) with the same ``impl`` switch as the attention ops.
 
-impl: None -> "pallas" on GPU, "reference" elsewhere; "pallas" / "interpret": mlp_pallas's kernels compiled /
+impl: None -> "triton" on a Hopper GPU when those kernels take the inputs (bf16/f16, block_size 64/128/256, C and
+C_out multiples of 16; H200, FLUX double block 70%: full step 0.475 ms vs 0.490 ms Pallas, benchmarks/RESULTS.md
+session 7), else "pallas" on GPU, "reference" elsewhere; "pallas" / "interpret": mlp_pallas's kernels compiled /
 in interpret mode; "triton" / "triton_interpret": mlp_triton's kernels (TMA token tiles; Hopper, bf16/f16) compiled /
 in Triton's interpreter; "reference": the pure-jnp twin in mlp_reference.py.
 """
@@ -55,9 +57,18 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         raise TypeError(f"counts must be int32, got {counts.dtype}")
 
 
-def resolve_mlp_impl(impl, x, w1, w2, block_size: int) -> str:
-    """The implementation that runs: impl itself, or for None the platform default (see the module docstring).
+def resolve_mlp_impl(impl, x, w1, w2, block_size: int, tiles=None) -> str:
+    """The implementation that runs: impl itself, or for None the platform default (see the module docstring);
+    None with an mlp_pallas.MlpTiles as tiles keeps the Pallas kernels those tiles are for.
     Asking for "triton" / "triton_interpret" with inputs those kernels cannot take is an error that says why."""
+    from chipmunk_jax.pallas_kernels import mlp_pallas, triton_call
+
+    if impl is None and resolve_impl(None) == "pallas" and not isinstance(tiles, mlp_pallas.MlpTiles):
+        if triton_call.platform_unsupported(interpret=False):  # checked first: mlp_triton imports triton
+            return "pallas"
+        from chipmunk_jax.pallas_kernels import mlp_triton
+
+        return "triton" if mlp_triton.unsupported_reason(x, w1, w2, block_size) is None else "pallas"
     if impl in ("triton", "triton_interpret"):
         from chipmunk_jax.pallas_kernels import mlp_triton
 
@@ -81,7 +92,7 @@ def sparse_mlp_delta(
     Under jax.jit, donate act_cache and out_cache: the Pallas kernels update them in place.
     """
     _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed)
-    impl = resolve_mlp_impl(impl, x, w1, w2, block_size)
+    impl = resolve_mlp_impl(impl, x, w1, w2, block_size, tiles)
     if impl == "reference":
         return ref.sparse_mlp_delta_reference(
             x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size, w1_transposed=w1_transposed

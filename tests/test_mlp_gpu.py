@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from chipmunk_jax.pallas_kernels import mlp as mlp_op
+from chipmunk_jax.pallas_kernels import mlp_pallas
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
 from chipmunk_jax.pallas_kernels import mlp_selection
 
@@ -191,6 +192,22 @@ def test_triton_flux_shape_step_and_invariant():
         out = out_new
     expected = jnp.einsum("bfn,fc->bnc", act.astype(jnp.float32), w2.astype(jnp.float32), precision=_HI) + b2
     assert _rel(out, expected) <= 1e-2  # out_cache == act_cache W2 + b2 after three bf16 steps
+
+
+def test_default_impl_is_triton_where_it_runs():
+    b, n, c, f, c_out = 1, 1000, 256, 1024, 192
+    x, w1, b1, w2, _, act, out = _problem(64, b, n, c, f, c_out, jnp.bfloat16)
+    hopper = mlp_triton.unsupported_reason(x, w1, w2, 128) is None
+    assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128) == ("triton" if hopper else "pallas")
+    assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128, mlp_pallas.MlpTiles()) == "pallas"
+    assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 32) == "pallas"  # no Triton block size 32
+    f32 = [a.astype(jnp.float32) for a in (x, w1, w2)]
+    assert mlp_op.resolve_mlp_impl(None, *f32, 128) == "pallas"
+    idx, cnt = _selection(65, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
+    act_k, out_k = _step(x, w1, b1, w2, act, out, idx, cnt, None)
+    act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    assert _rel(act_k, act_r) <= 1e-2
+    assert _rel(out_k - out, out_r - out) <= 2e-2
 
 
 def test_triton_model_op_inside_a_command_buffer():

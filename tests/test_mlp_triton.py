@@ -84,6 +84,7 @@ def test_dispatch_and_errors():
         with pytest.raises(ValueError, match="Hopper GPU"):
             mlp_op.sparse_mlp_delta(*args, impl="triton")
         assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128) == "reference"
+        assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128, mlp_pallas.MlpTiles()) == "reference"
     with pytest.raises(ValueError, match=r"block_size in \(64, 128, 256\)"):
         mlp_op.sparse_mlp_delta(*args[:6], jnp.zeros((1, 2, 256), jnp.int32), jnp.zeros((1, 2), jnp.int32),
                                 impl="triton_interpret", block_size=96)
