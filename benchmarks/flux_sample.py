@@ -66,7 +66,9 @@ def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, sta
                               image_grid=grid, guidance=3.5)
     denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
     sigmas = sampling.flow_sigmas(steps, mu=sampling.flux_shift(num_img))
-    run = sampling.make_sampler(denoiser, sampler_config, sigmas, static_step_dispatch=static_dispatch)
+    # The dense model has no per-step kinds: static dispatch would only compile one copy of it per kind pair.
+    run = sampling.make_sampler(denoiser, sampler_config, sigmas,
+                                static_step_dispatch=static_dispatch and model_chipmunk is not None)
     perm = flux.sampling_permutation(model_chipmunk, grid)
     noise = jax.random.normal(jax.random.key(42), (1, num_img, config.in_channels), jnp.float32)
     key = jax.random.key(0)

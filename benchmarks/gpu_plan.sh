@@ -1,5 +1,7 @@
 # The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 were measured in session 3.
+#   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
+#                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
 #   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler (3 variants, ~5 min), then
 #                                             #   the sparse step's profile (each phase written as it completes)
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
@@ -38,6 +40,10 @@ flux)
   run timeout 200 python3 -P benchmarks/flux_profile.py --no-dense --dispatch static --kinds SPARSE+SPARSE_SELECT \
     --calls 2 --out "$OUT/flux_profile.md"
   ;;
+flux_static)
+  run timeout 560 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 1 \
+    --results "$OUT/flux_static.md"
+  ;;
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
@@ -59,7 +65,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_profile | kernels | verify | triton" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_profile | kernels | verify | triton" >&2
   exit 2
   ;;
 esac

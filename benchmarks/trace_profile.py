@@ -20,7 +20,7 @@ import jax
 __all__ = ["category", "device_events", "hlo_sources", "compiled_sources", "profile", "summarise"]
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA / XLA profilers report them
-    ("pallas", re.compile(r"chipmunk_|triton", re.I)),
+    ("ours (pallas, triton)", re.compile(r"chipmunk_|triton", re.I)),
     ("cudnn attention", re.compile(r"cudnn|fmha|flash|sm90_.*attn", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|cublas|sm90_xmma|nvjet|matmul|dot", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|transpose|dynamic.update.slice|bitcast", re.I)),

@@ -105,7 +105,7 @@ def _add_group_sums(cs_ptr, p, w, cs_rows, slot_ok, col0, NK: tl.constexpr, BN: 
 
 
 @triton.jit
-def _attention_fwd(q_ptr, k_ptr, v_ptr, plse_ptr, o_ptr, lse_ptr, cs_ptr,
+def chipmunk_triton_attention(q_ptr, k_ptr, v_ptr, plse_ptr, o_ptr, lse_ptr, cs_ptr,
                    B: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                    SCALE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FIXED: tl.constexpr,
                    COLSUM: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr):
@@ -167,7 +167,7 @@ def _call(q, k, v, prev_lse, *, scale, group_size, fixed, colsum, config, interp
     constexprs = dict(B=b, NQ=nq, NK=nk, H=h, D=d, SCALE2=float(scale) * _LOG2E, BM=config.block_q,
                       BN=config.block_k, FIXED=fixed, COLSUM=colsum, GROUP=group_size, SLOTS=_GROUP_SLOTS)
     o, lse, cs = tc.triton_call(
-        _attention_fwd, q, k, v, plse, out_shapes=outs, grid=(-(-nq // config.block_q), b * h, 1),
+        chipmunk_triton_attention, q, k, v, plse, out_shapes=outs, grid=(-(-nq // config.block_q), b * h, 1),
         constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
         zeroed_outputs=(2,) if colsum else (), interpret=interpret)
     return o.astype(dtype), lse, cs
@@ -206,5 +206,5 @@ def compile_for_sm90(shape_q, shape_k, dtype, *, colsum: bool, group_size: int =
     pointer_types = (ptr, ptr, ptr, "*fp32", ptr, "*fp32", "*fp32")
     constexprs = dict(B=b, NQ=nq, NK=shape_k[1], H=h, D=d, SCALE2=d**-0.5 * _LOG2E, BM=config.block_q,
                       BN=config.block_k, FIXED=colsum, COLSUM=colsum, GROUP=group_size, SLOTS=_GROUP_SLOTS)
-    return tc.compile_kernel(_attention_fwd, pointer_types, tuple(sorted(constexprs.items())), config.num_warps,
+    return tc.compile_kernel(chipmunk_triton_attention, pointer_types, tuple(sorted(constexprs.items())), config.num_warps,
                              config.num_stages, 90)

@@ -132,7 +132,7 @@ def _gelu_tanh(z):
 
 
 @triton.jit
-def _fc1_kernel(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr, act_out_ptr,
+def chipmunk_triton_mlp_fc1(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr, act_out_ptr,
                 B: tl.constexpr, N: tl.constexpr, C: tl.constexpr, F: tl.constexpr, KP: tl.constexpr,
                 NB: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                 TOKENS_M: tl.constexpr):
@@ -172,7 +172,7 @@ def _fc1_kernel(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr,
 
 
 @triton.jit
-def _fc2_kernel(ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out_out_ptr,
+def chipmunk_triton_mlp_fc2(ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out_out_ptr,
                 B: tl.constexpr, N: tl.constexpr, KP: tl.constexpr, COUT: tl.constexpr, NB: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     r, nt = _launch_order(tl.program_id(0), NB, COUT // BN, GROUP)
@@ -219,7 +219,7 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size: int, config
     outs = (jax.ShapeDtypeStruct((b, nb * block_size, kp), x.dtype),
             jax.ShapeDtypeStruct(act_cache.shape, act_cache.dtype))
     constexprs = _fc1_constexprs(x.shape, w1t.shape[0], indices.shape, block_size, config)
-    return tc.triton_call(_fc1_kernel, indices, counts, x, w1t, b1, act_cache, out_shapes=outs,
+    return tc.triton_call(chipmunk_triton_mlp_fc1, indices, counts, x, w1t, b1, act_cache, out_shapes=outs,
                           grid=(nb * (kp // config.fc1_features), b, 1), constexprs=constexprs,
                           num_warps=config.fc1_warps, num_stages=config.fc1_stages, input_output_aliases={5: 1},
                           interpret=interpret)
@@ -233,7 +233,7 @@ def fc2_delta(delta, w2, out_cache, indices, counts, *, block_size: int, config:
     if interpret:
         delta, w2 = delta.astype(jnp.float32), w2.astype(jnp.float32)
     constexprs = _fc2_constexprs(out_cache.shape, indices.shape, block_size, config)
-    (out,) = tc.triton_call(_fc2_kernel, indices, counts, delta, w2, out_cache,
+    (out,) = tc.triton_call(chipmunk_triton_mlp_fc2, indices, counts, delta, w2, out_cache,
                             out_shapes=(jax.ShapeDtypeStruct(out_cache.shape, out_cache.dtype),),
                             grid=(nb * (c_out // constexprs["BN"]), b, 1), constexprs=constexprs,
                             num_warps=config.fc2_warps, num_stages=config.fc2_stages, input_output_aliases={4: 0},
@@ -263,11 +263,11 @@ def compile_for_sm90(x_shape, num_features, c_out, block_size, dtype, *, config:
     ptr = tc._POINTER_TYPES[jnp.dtype(dtype)]
     i32 = tc._POINTER_TYPES[jnp.dtype(jnp.int32)]
     fc1 = tc.compile_kernel(
-        _fc1_kernel, (i32, i32, ptr, ptr, ptr, ptr, ptr, ptr),
+        chipmunk_triton_mlp_fc1, (i32, i32, ptr, ptr, ptr, ptr, ptr, ptr),
         tuple(sorted(_fc1_constexprs(x_shape, num_features, (b, nb, kp), block_size, config).items())),
         config.fc1_warps, config.fc1_stages, 90)
     fc2 = tc.compile_kernel(
-        _fc2_kernel, (i32, i32, ptr, ptr, ptr, ptr),
+        chipmunk_triton_mlp_fc2, (i32, i32, ptr, ptr, ptr, ptr),
         tuple(sorted(_fc2_constexprs((b, n, c_out), (b, nb, kp), block_size, config).items())),
         config.fc2_warps, config.fc2_stages, 90)
     return fc1, fc2
