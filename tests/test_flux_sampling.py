@@ -143,7 +143,8 @@ def test_skipped_steps_run_only_the_final_layer(monkeypatch):
     assert max_abs(out, _python_euler(params, latents, text, pooled, grid, sigmas)) > 1e-4
 
 
-def _chipmunk_run(chipmunk, grid, params, latents, text, pooled, sigmas, guidance_scale=None):
+def _chipmunk_run(chipmunk, grid, params, latents, text, pooled, sigmas, guidance_scale=None,
+                  static_step_dispatch=False):
     """Latents in tile order for the whole loop, back to raster after it (the sampler donates them)."""
     perm = flux.sampling_permutation(chipmunk, grid)
     cond = flux.sampling_cond(TINY, chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
@@ -156,7 +157,7 @@ def _chipmunk_run(chipmunk, grid, params, latents, text, pooled, sigmas, guidanc
         cache, step_cache = stack_branches(cache, 2), stack_branches(step_cache, 2)
         uncond = dict(cond, encoder_hidden_states=jnp.zeros_like(text))
     run = SA.make_sampler(flux.denoiser(TINY, chipmunk, image_grid=grid, dtype=jnp.float32), chipmunk, sigmas,
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, static_step_dispatch=static_step_dispatch)
     out, cache, step_cache = run(params, latents[:, perm], cond, cache, step_cache, jax.random.key(0), uncond)
     return out[:, np.argsort(perm)], cache, step_cache, run
 
@@ -191,6 +192,35 @@ def test_chipmunk_with_step_caching_under_one_jit():
     assert cache["attention"][1].lse.shape[0] == 2
     assert not np.array_equal(cache["attention"][1].lse[0], cache["attention"][1].lse[1])
     assert run._cache_size() == 1
+
+
+def _conditionals(run, *args):
+    return run.lower(*args).compile().as_text().count(" conditional(")
+
+
+def test_static_step_dispatch_matches_traced_and_switches_once_per_step():
+    """On the GPU every conditional costs a host sync (XLA copies the branch index to the host and waits for the
+    stream), so the per-layer switches of traced dispatch idle the GPU ~10 ms per FLUX step (RESULTS.md, session 7);
+    static dispatch keeps one switch per step."""
+    grid = (16, 16)
+    params, latents, text, pooled = _problem(grid, seed=6)
+    steps = 6
+    sigmas = SA.flow_sigmas(steps, mu=SA.flux_shift(256))
+    preset = C.flux().replace(num_steps=steps, attention__first_n_dense_layers=0, mlp__first_n_dense_layers=0,
+                              attention__full_step_every=3, mlp__full_step_every=3)
+    traced, *_, run_traced = _chipmunk_run(preset, grid, params, latents, text, pooled, sigmas)
+    static, *_, run_static = _chipmunk_run(preset, grid, params, latents, text, pooled, sigmas,
+                                           static_step_dispatch=True)
+    assert max_abs(static, traced) <= 1e-5 * float(jnp.max(jnp.abs(traced)))
+    perm = flux.sampling_permutation(preset, grid)
+    cond = flux.sampling_cond(TINY, preset, encoder_hidden_states=text, pooled_projections=pooled, image_grid=grid,
+                              guidance=GUIDANCE)
+    cache = flux.init_cache(TINY, preset, batch=1, num_image_tokens=grid[0] * grid[1], num_text_tokens=TEXT_LEN,
+                            dtype=jnp.float32)
+    args = (params, latents[:, perm], cond, cache, _fresh_step_cache(latents), jax.random.key(0))
+    layers = TINY.num_layers + TINY.num_single_layers
+    assert _conditionals(run_traced, *args) >= 2 * layers  # an attention and an MLP switch in every layer
+    assert _conditionals(run_static, *args) == 1
 
 
 def test_adapter_validates_arguments():
