@@ -104,7 +104,11 @@ def make_sampler(
     switches on its own kind), switch ONCE per step over the distinct (attention, MLP) kind pairs of
     the schedule and call the model with a representative Python-int step of that pair, so every
     layer dispatches statically. One model body is compiled per distinct pair (5 for FLUX). The
-    model must use ``step`` only to look up schedule kinds.
+    model must use ``step`` only to look up schedule kinds. Why: on a GPU every ``lax.switch`` is a
+    host sync (XLA copies the branch index to the host and waits for the stream), and traced
+    dispatch runs one per Chipmunk op per layer: 110 per FLUX step, ~10 ms of idle GPU per sparse
+    step on the H200 (benchmarks/RESULTS.md, session 7). Static dispatch runs one per step, at
+    ~2.5x the compile time (CPU measurement of the 57-block model).
 
     ``on_step(step)``: host callback after each step's Euler update. It depends on the new latents,
     so it runs once that step's work is done: per-step wall times (the CLI); it syncs every step, so
