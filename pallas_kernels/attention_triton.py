@@ -106,9 +106,9 @@ def _add_group_sums(cs_ptr, p, w, cs_rows, slot_ok, col0, NK: tl.constexpr, BN: 
 
 @triton.jit
 def chipmunk_triton_attention(q_ptr, k_ptr, v_ptr, plse_ptr, o_ptr, lse_ptr, cs_ptr,
-                   B: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                   SCALE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FIXED: tl.constexpr,
-                   COLSUM: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr):
+                              B: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, H: tl.constexpr,
+                              D: tl.constexpr, SCALE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              FIXED: tl.constexpr, COLSUM: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -206,5 +206,5 @@ def compile_for_sm90(shape_q, shape_k, dtype, *, colsum: bool, group_size: int =
     pointer_types = (ptr, ptr, ptr, "*fp32", ptr, "*fp32", "*fp32")
     constexprs = dict(B=b, NQ=nq, NK=shape_k[1], H=h, D=d, SCALE2=d**-0.5 * _LOG2E, BM=config.block_q,
                       BN=config.block_k, FIXED=colsum, COLSUM=colsum, GROUP=group_size, SLOTS=_GROUP_SLOTS)
-    return tc.compile_kernel(chipmunk_triton_attention, pointer_types, tuple(sorted(constexprs.items())), config.num_warps,
-                             config.num_stages, 90)
+    return tc.compile_kernel(chipmunk_triton_attention, pointer_types, tuple(sorted(constexprs.items())),
+                             config.num_warps, config.num_stages, 90)

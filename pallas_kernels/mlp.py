@@ -57,22 +57,27 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         raise TypeError(f"counts must be int32, got {counts.dtype}")
 
 
+def _triton_unsupported(x, w1, w2, block_size: int, interpret: bool) -> str | None:
+    from chipmunk_jax.pallas_kernels import triton_call
+
+    reason = triton_call.platform_unsupported(interpret)  # first: importing mlp_triton needs the triton package
+    if reason:
+        return reason
+    from chipmunk_jax.pallas_kernels import mlp_triton
+
+    return mlp_triton.unsupported_reason(x, w1, w2, block_size, interpret=interpret)
+
+
 def resolve_mlp_impl(impl, x, w1, w2, block_size: int, tiles=None) -> str:
     """The implementation that runs: impl itself, or for None the platform default (see the module docstring);
     None with an mlp_pallas.MlpTiles as tiles keeps the Pallas kernels those tiles are for.
     Asking for "triton" / "triton_interpret" with inputs those kernels cannot take is an error that says why."""
-    from chipmunk_jax.pallas_kernels import mlp_pallas, triton_call
+    from chipmunk_jax.pallas_kernels import mlp_pallas
 
     if impl is None and resolve_impl(None) == "pallas" and not isinstance(tiles, mlp_pallas.MlpTiles):
-        if triton_call.platform_unsupported(interpret=False):  # checked first: mlp_triton imports triton
-            return "pallas"
-        from chipmunk_jax.pallas_kernels import mlp_triton
-
-        return "triton" if mlp_triton.unsupported_reason(x, w1, w2, block_size) is None else "pallas"
+        return "triton" if _triton_unsupported(x, w1, w2, block_size, interpret=False) is None else "pallas"
     if impl in ("triton", "triton_interpret"):
-        from chipmunk_jax.pallas_kernels import mlp_triton
-
-        reason = mlp_triton.unsupported_reason(x, w1, w2, block_size, interpret=impl == "triton_interpret")
+        reason = _triton_unsupported(x, w1, w2, block_size, interpret=impl == "triton_interpret")
         if reason:
             raise ValueError(f"impl={impl!r} cannot run these inputs: {reason}")
         return impl

@@ -96,10 +96,8 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def unsupported_reason(x, w1, w2, block_size: int, interpret: bool = False) -> str | None:
-    """Why these kernels cannot take the inputs here (None: they can). Shapes are validated by the op."""
-    reason = tc.platform_unsupported(interpret)
-    if reason:
-        return reason
+    """Why these kernels cannot take the inputs (None: they can); the platform is triton_call.platform_unsupported's
+    to check. Shapes are validated by the op."""
     if not interpret:
         if not (x.dtype == w1.dtype == w2.dtype) or x.dtype not in DTYPES:
             return f"it takes x, w1, w2 all bfloat16 or all float16, got {x.dtype}, {w1.dtype}, {w2.dtype}"
@@ -133,9 +131,9 @@ def _gelu_tanh(z):
 
 @triton.jit
 def chipmunk_triton_mlp_fc1(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr, act_out_ptr,
-                B: tl.constexpr, N: tl.constexpr, C: tl.constexpr, F: tl.constexpr, KP: tl.constexpr,
-                NB: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                TOKENS_M: tl.constexpr):
+                            B: tl.constexpr, N: tl.constexpr, C: tl.constexpr, F: tl.constexpr, KP: tl.constexpr,
+                            NB: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
+                            GROUP: tl.constexpr, TOKENS_M: tl.constexpr):
     r, j = _launch_order(tl.program_id(0), NB, KP // BF, GROUP)
     b = tl.program_id(1)
     count = tl.load(counts_ptr + b * NB + r)
@@ -173,8 +171,9 @@ def chipmunk_triton_mlp_fc1(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr
 
 @triton.jit
 def chipmunk_triton_mlp_fc2(ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out_out_ptr,
-                B: tl.constexpr, N: tl.constexpr, KP: tl.constexpr, COUT: tl.constexpr, NB: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+                            B: tl.constexpr, N: tl.constexpr, KP: tl.constexpr, COUT: tl.constexpr,
+                            NB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            GROUP: tl.constexpr):
     r, nt = _launch_order(tl.program_id(0), NB, COUT // BN, GROUP)
     b = tl.program_id(1)
     count = tl.load(counts_ptr + b * NB + r)

@@ -11,7 +11,7 @@ import pytest
 from chipmunk_jax.pallas_kernels import mlp as mlp_op
 from chipmunk_jax.pallas_kernels import mlp_pallas
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
-from chipmunk_jax.pallas_kernels import mlp_selection
+from chipmunk_jax.pallas_kernels import mlp_selection, triton_call
 
 pytestmark = [
     pytest.mark.gpu,
@@ -197,7 +197,7 @@ def test_triton_flux_shape_step_and_invariant():
 def test_default_impl_is_triton_where_it_runs():
     b, n, c, f, c_out = 1, 1000, 256, 1024, 192
     x, w1, b1, w2, _, act, out = _problem(64, b, n, c, f, c_out, jnp.bfloat16)
-    hopper = mlp_triton.unsupported_reason(x, w1, w2, 128) is None
+    hopper = triton_call.platform_unsupported(interpret=False) is None
     assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128) == ("triton" if hopper else "pallas")
     assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 128, mlp_pallas.MlpTiles()) == "pallas"
     assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 32) == "pallas"  # no Triton block size 32
