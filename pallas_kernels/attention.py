@@ -188,7 +188,7 @@ def column_sparse_attention(
 
     indices [B, H, G, K] int32 with entries in [0, N_k); counts [B, H, G] int32 in [0, K];
     G = ceil(N_q / group_size). Rows of a group with count 0 give 0. With ``base`` (like q) the
-    result is base + sign * attention, written in place when ``base`` is donated.
+    result is base + sign * attention (a new array: base is read, never aliased, so a cached base survives).
     """
     _check_qkv(q, k, v)
     _check_group_size(group_size)

@@ -616,11 +616,12 @@ def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, int
         pl.BlockSpec((None, None, groups), lambda i, bh: (bh // h, bh % h, 0)),
     ]
     args = [q, k, v, indices, counts]
-    aliases = {}
+    # base is read, not aliased to the output: every output row is written, and on a sparse step base is the
+    # attention cache, which stays live, so an alias made XLA copy it first (one 28 MB MemcpyD2D per FLUX layer
+    # and step, H200 profile of session 7).
     if has_base:
         in_specs.append(pl.BlockSpec((None, nq, None, d), bh_map))
         args.append(base)
-        aliases = {5: 0}
     out_dtype = base.dtype if has_base else q.dtype
     return pl.pallas_call(
         kernel,
@@ -628,7 +629,6 @@ def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, int
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, nq, None, d), bh_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="chipmunk_column_sparse",
