@@ -61,7 +61,7 @@ def test_colsum_gpu(shape, dtype, config):
     assert _rel(cs, rcs) <= (1e-4 if dtype == jnp.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("config", ap.PRODUCTION_SPARSE_CONFIGS[:3], ids=str)
+@pytest.mark.parametrize("config", ap.PRODUCTION_SPARSE_CONFIGS, ids=str)
 @pytest.mark.parametrize("shape,dtype", [((2, 1001, 3, 128), jnp.bfloat16), ((1, 777, 3, 64), jnp.float32)])
 def test_sparse_gpu(shape, dtype, config):
     b, n, h, d = shape

@@ -207,7 +207,7 @@ def test_sparse_all_columns_equals_dense():
 
 
 @pytest.mark.parametrize("sign", [1, -1])
-def test_sparse_base_epilogue_in_place(sign):
+def test_sparse_base_epilogue_with_donated_base(sign):
     b, n, h, d = 1, 300, 3, 64
     q, k, v = _qkv(b, n, h, d, jnp.float32)
     groups = -(-n // 192)
