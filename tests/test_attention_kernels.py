@@ -171,6 +171,9 @@ def _random_sets(b, h, g, kmax, n, *, zero_group=True, full=False):
         ((1, 389, 3, 64), 192, 129, jnp.bfloat16, None),
         ((1, 389, 3, 128), 192, 129, jnp.bfloat16, ap.SparseConfig(programs_per_group=3, chunk=128)),
         ((2, 401, 3, 64), 192, 150, jnp.float32, ap.SparseConfig(tiles=(128, 64), num_warps=8)),
+        ((2, 401, 3, 64), 192, 150, jnp.float32, ap.SparseConfig(programs_per_group=3, prefetch_indices=True)),
+        ((1, 389, 3, 128), 192, 129, jnp.bfloat16, ap.SparseConfig(chunk=32, prefetch_indices=True)),
+        ((1, 300, 2, 64), 100, 64, jnp.float32, ap.SparseConfig(chunk=64, prefetch_indices=True)),
     ],
 )
 def test_sparse_matches_reference(shape, group_size, kmax, dtype, config):
