@@ -12,8 +12,10 @@ Flags restrict sizes / sparsities / block-config sweeps so that one call fits th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
+import json
 import math
 import statistics
 import sys
@@ -160,6 +162,9 @@ def main(argv=None):
     ap_.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and bf16 GEMM rate first")
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
+    ap_.add_argument("--best-sparse-json", default=None,
+                     help="write the sparse configuration with the best cuDNN ratio at the sweep point here "
+                          "(flux_sample.py --sparse-config reads it)")
     args = ap_.parse_args(argv)
     if args.pairs < 0:
         ap_.error(f"--pairs must be >= 0, got {args.pairs}")
@@ -267,6 +272,11 @@ def main(argv=None):
             time_selection(n, h, gs, args.select_top_keys, cudnn_ms, report, args.interpret,
                            density=args.select_density, sweep=args.select_sweep)
 
+    if args.best_sparse_json:
+        rel, cfg = best["sparse"]
+        with open(args.best_sparse_json, "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh)
+        print(f"best sparse configuration ({rel:.3f} of the cuDNN time): {_cfg(cfg)} -> {args.best_sparse_json}")
     lines = [
         "",
         f"### Attention kernels (issue 3) — {header}",

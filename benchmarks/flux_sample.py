@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax import sampling
 from chipmunk_jax.cache import init_step_cache
 from chipmunk_jax.models import flux
+from chipmunk_jax.pallas_kernels import attention_pallas
 from chipmunk_jax.schedule import model_schedule
 
 VARIANTS = ("dense", "chipmunk", "chipmunk+cache")
@@ -110,6 +112,10 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated subset of {VARIANTS}")
     parser.add_argument("--static-step-dispatch", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="2+2-block model, 256^2, 8 steps: a CPU check")
+    parser.add_argument("--sparse-config", default=None, metavar="JSON",
+                        help="a candidate SparseConfig (attention.py --best-sparse-json) in place of "
+                             "attention_pallas.SMALL_GRID_SPARSE, the column-sparse kernel's tiling for FLUX's "
+                             "small grids: measures a candidate before it becomes the default")
     parser.add_argument("--results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -129,6 +135,12 @@ def main():
     if height % 16 or width % 16:
         parser.error(f"--size must be multiples of 16, got {height}x{width}")
     grid = (height // 16, width // 16)
+    if args.sparse_config:
+        with open(args.sparse_config) as fh:
+            fields = json.load(fh)
+        fields["tiles"] = tuple(fields.get("tiles", ()))
+        attention_pallas.SMALL_GRID_SPARSE = attention_pallas.SparseConfig(**fields)
+        log(f"column-sparse kernel for small grids: {attention_pallas.SMALL_GRID_SPARSE}")
     device = jax.devices()[0]
     log(f"device {device.device_kind}, jax {jax.__version__}, {height}x{width}, {steps} steps, config {config}")
 
@@ -157,7 +169,8 @@ def main():
         f"{height}x{width} ({grid[0] * grid[1]} image + {text_len} text tokens), {steps} Euler steps, batch 1, "
         f"guidance 3.5; Chipmunk preset `config.flux()`, step caching with the default skip schedule; "
         f"{'static' if args.static_step_dispatch else 'traced'} per-step dispatch. Wall time of the whole compiled "
-        f"loop, median of {reps} runs after one warm-up.",
+        f"loop, median of {reps} runs after one warm-up."
+        + (f" Column-sparse kernel tiling: `{attention_pallas.SMALL_GRID_SPARSE}`." if args.sparse_config else ""),
         "",
         "| variant | computed steps | total s | ms/step | speedup vs dense | spread s | compile s | "
         "final latents vs dense | peak GiB |",
