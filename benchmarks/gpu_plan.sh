@@ -2,6 +2,8 @@
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 were measured in session 3.
 #   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
 #                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
+#   bash benchmarks/gpu_plan.sh flux_sparse   # issue 5 (~9 min): column-sparse tilings at N = 4,608, then the static
+#                                             #   sampler with the fastest (flux_sample.py --sparse-config)
 #   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler (3 variants, ~5 min), then
 #                                             #   the sparse step's profile (each phase written as it completes)
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
@@ -44,6 +46,15 @@ flux_static)
   run timeout 560 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 1 \
     --results "$OUT/flux_static.md"
   ;;
+flux_sparse)
+  # issue 5 (~9 min): the column-sparse tilings at FLUX's size and density (deeper pipelines, index prefetch), then
+  # the static-dispatch sampler with the fastest one in place of SMALL_GRID_SPARSE, dense in the same process
+  run timeout 90 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py -k sparse_gpu
+  run timeout 120 python3 -P benchmarks/attention.py --sizes 4608 --sparsities 0.83 --sweep sparse \
+    --sweep-sparsity 0.83 --skip colsum,dense,triton --results "$OUT/att_sparse.md" --best-sparse-json "$OUT/best_sparse.json"
+  run timeout 330 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 1 \
+    --sparse-config "$OUT/best_sparse.json" --results "$OUT/flux_static.md"
+  ;;
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
@@ -65,7 +76,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_profile | kernels | verify | triton" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton" >&2
   exit 2
   ;;
 esac
