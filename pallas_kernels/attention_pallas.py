@@ -117,7 +117,11 @@ DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_wa
 # N=4,608 (576 programs) 0.088 vs 0.097 ms at 93% (run 3), 0.169 vs 0.181 ms at 83% (session 4, FLUX's density);
 # at 32,760 (4,104 programs) ppg=1 wins at 83% (5.84 vs 6.24 ms, session 4; run 2 had ppg=3 ahead at 93%), and at
 # 118,800 (14,904) at 93% (32.1 vs 36.5 ms).
-SMALL_GRID_SPARSE = dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3)
+# Session 8 (H200, 83%, one sweep): 5 stages 0.141 ms at N=4,608 vs 0.155 with 3 (the gathered K/V rows hang off an
+# index load in the same step, which costs the pipeliner a stage; 4 stages 0.156, 32-key chunks 6 stages 0.149,
+# index prefetch 0.143). It was also the fastest at 32,760 (5.74 vs 5.90 ms for DEFAULT_SPARSE), but ppg=1 won at
+# 118,800 with 3 stages (above) and that size has not been re-swept, so DEFAULT_SPARSE stays.
+SMALL_GRID_SPARSE = dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, num_stages=5)
 SMALL_GRID_PROGRAMS = 2048
 
 
@@ -150,14 +154,18 @@ PRODUCTION_SPARSE_CONFIGS = (
     SparseConfig(chunk=128, num_warps=8, num_stages=2, tiles=(128, 64)),
     # The gathered K/V rows hang off an index load in the same step, which costs the pipeliner a stage (as in the
     # MLP's fc2, whose 5 stages beat 3 by 23%): deeper pipelines, and 32-key chunks to keep two CTAs per SM.
-    dataclasses.replace(SMALL_GRID_SPARSE, num_stages=4),
-    dataclasses.replace(SMALL_GRID_SPARSE, num_stages=5),
-    dataclasses.replace(SMALL_GRID_SPARSE, chunk=32, num_stages=4),
-    dataclasses.replace(SMALL_GRID_SPARSE, chunk=32, num_stages=6),
+    # session 8 sweep (H200, 83% sparse, N = 4,608 / 32,760 ms): the small-grid default before it (3 stages)
+    # 0.155 / 6.26, 4 stages 0.156 / 6.23, 32-key chunks with 4 / 6 stages 0.155 / 6.53 and 0.149 / 6.47, ppg=1 with
+    # 5 stages 0.220 / 8.86 and 32-key chunks 0.189 / 6.09; index prefetch (ppg=3 3 / 4 stages, ppg=1) 0.143 / 5.99,
+    # 0.206 / 8.46, 0.253 / 10.28.
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3),
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, num_stages=4),
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, chunk=32, num_stages=4),
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, chunk=32, num_stages=6),
     dataclasses.replace(DEFAULT_SPARSE, chunk=32, num_stages=5),
     dataclasses.replace(DEFAULT_SPARSE, num_stages=5),
-    dataclasses.replace(SMALL_GRID_SPARSE, prefetch_indices=True),
-    dataclasses.replace(SMALL_GRID_SPARSE, prefetch_indices=True, num_stages=4),
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, prefetch_indices=True),
+    dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, prefetch_indices=True, num_stages=4),
     dataclasses.replace(DEFAULT_SPARSE, prefetch_indices=True),
 )
 
