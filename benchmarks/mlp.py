@@ -96,7 +96,12 @@ TT = mlp_triton.TritonMlpConfig
 # Triton (TMA) kernels, --kernels triton: fc1 (fc1_features, fc1_k, warps, stages, tokens_major) and
 # fc2 (fc2_cols, fc2_k, warps, stages). 128x128 tiles with 4 warps (two CTAs per SM) as the Pallas default, and the
 # 128 x 256 tiles of Hopper GEMMs (8 warps = two consumer warpgroups, one CTA per SM), fc1 in both orientations.
+# Session 8 (offline sm_90 SASS, triton 3.6): fc1's K loop at 3 stages waits until ONE cp.async group is
+# outstanding (DEPBAR.LE SB0, 0x1), i.e. a single 32 KB tile in flight per CTA; 4 stages (131 KB of shared memory)
+# drop to one CTA per SM. K = 32 with 5-6 stages keeps two CTAs per SM (82 / 98 KB) with 3-4 half tiles in flight.
 TRITON_FC1_VARIANTS = {  # most promising first (the sweep skips the rest when the time budget runs low)
+    "128 tok k32 w4s5": (128, 32, 4, 5, True),
+    "128 tok k32 w4s6": (128, 32, 4, 6, True),
     "256 tok w8s3": (256, 64, 8, 3, True),
     "128 tok w4s3": (128, 64, 4, 3, True),
     "128 tok k128 w8s3": (128, 128, 8, 3, True),
@@ -109,6 +114,7 @@ TRITON_FC1_VARIANTS = {  # most promising first (the sweep skips the rest when t
 # fc2's gathered rows depend on an index load in the same iteration, so Triton's pipeliner gives that load a stage of
 # its own: num_stages 3 and 4 keep 2 data buffers in flight, 5 keeps 3 (triton 3.6 TTGIR; 6 still 3).
 TRITON_FC2_VARIANTS = {
+    "128x32 w4s8": (128, 32, 4, 8),
     "256x64 w8s5": (256, 64, 8, 5),
     "128x64 w4s5": (128, 64, 4, 5),
     "256x64 w8s3": (256, 64, 8, 3),
