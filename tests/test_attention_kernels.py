@@ -195,6 +195,9 @@ def test_default_sparse_config_by_grid_size():
     assert ap.default_sparse_config(1, 24, 24) == ap.SMALL_GRID_SPARSE
     assert ap.default_sparse_config(1, 24, 621) == ap.DEFAULT_SPARSE
     assert ap.default_sparse_config(2, 24, 200) == ap.DEFAULT_SPARSE  # batch counts: 9,600 programs
+    # float32 K/V tiles at the small-grid tiling's 5 stages would not fit an SM's shared memory
+    assert ap.default_sparse_config(1, 24, 24, itemsize=4).num_stages == 3
+    assert dataclasses.replace(ap.default_sparse_config(1, 24, 24, itemsize=4), num_stages=5) == ap.SMALL_GRID_SPARSE
     assert ap.SMALL_GRID_SPARSE in ap.PRODUCTION_SPARSE_CONFIGS and ap.DEFAULT_SPARSE in ap.PRODUCTION_SPARSE_CONFIGS
 
 
