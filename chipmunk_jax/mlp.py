@@ -107,18 +107,16 @@ def _matmul(x, w):
     return jnp.einsum("...c,cf->...f", x, w, precision=_HI, preferred_element_type=jnp.float32)
 
 
-def _fc1(x, weights: MLPWeights):
-    """x @ W1 in f32 for either W1 layout ([F, C] is contracted on its last axis: no transposed copy)."""
-    spec = "...c,fc->...f" if weights.w1_transposed else "...c,cf->...f"
-    return jnp.einsum(spec, x, weights.w1, precision=_HI, preferred_element_type=jnp.float32)
+def _fc1(x, weights: MLPWeights, feature_major: bool = False):
+    """x @ W1 in f32 for either W1 layout ([F, C] is contracted on its last axis: no transposed copy).
 
-
-def _fc1_feature_major(x, weights: MLPWeights):
-    """(x @ W1)^T as [B, F, N] in f32: the act cache's layout straight from the GEMM (cuBLAS writes either
-    layout at the same cost), so a full step does not transpose [B, N, F] activations for the cache (a
-    separate pass, 4.5 ms of each FLUX refresh step on the H100: RESULTS.md, session 4)."""
-    spec = "fc,bnc->bfn" if weights.w1_transposed else "cf,bnc->bfn"
-    return jnp.einsum(spec, weights.w1, x, precision=_HI, preferred_element_type=jnp.float32)
+    ``feature_major``: [B, F, N] instead of [B, N, F], the act cache's layout straight from the GEMM (cuBLAS writes
+    either layout at the same cost), so a full step does not transpose its activations for the cache (a separate
+    pass, 4.5 ms of each FLUX refresh step on the H100: RESULTS.md, session 4)."""
+    w = "fc" if weights.w1_transposed else "cf"
+    if feature_major:
+        return jnp.einsum(f"{w},bnc->bfn", weights.w1, x, precision=_HI, preferred_element_type=jnp.float32)
+    return jnp.einsum(f"...c,{w}->...f", x, weights.w1, precision=_HI, preferred_element_type=jnp.float32)
 
 
 def _bias(weights: MLPWeights, width: int):
@@ -185,7 +183,7 @@ def sparse_delta_mlp(
         return dense_mlp(x, weights), cache
 
     def dense(cache):
-        a_t = gelu_tanh(_fc1_feature_major(x, weights) + weights.b1.astype(jnp.float32)[:, None])
+        a_t = gelu_tanh(_fc1(x, weights, feature_major=True) + weights.b1.astype(jnp.float32)[:, None])
         y = jnp.einsum("bfn,fo->bno", a_t.astype(x.dtype), weights.w2, precision=_HI,
                        preferred_element_type=jnp.float32) + _bias(weights, weights.w2.shape[1])
         new = cache.replace(
