@@ -163,8 +163,8 @@ def main(argv=None):
     ap_.add_argument("--results", default="benchmarks/RESULTS.md")
     ap_.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
     ap_.add_argument("--best-sparse-json", default=None,
-                     help="write the sparse configuration with the best cuDNN ratio at the sweep point here "
-                          "(flux_sample.py --sparse-config reads it)")
+                     help="write the swept sparse configuration with the best cuDNN ratio here (over every swept "
+                          "size: sweep one size to pick for it; flux_sample.py --sparse-config reads it)")
     args = ap_.parse_args(argv)
     if args.pairs < 0:
         ap_.error(f"--pairs must be >= 0, got {args.pairs}")
@@ -276,7 +276,8 @@ def main(argv=None):
         rel, cfg = best["sparse"]
         with open(args.best_sparse_json, "w") as fh:
             json.dump(dataclasses.asdict(cfg), fh)
-        print(f"best sparse configuration ({rel:.3f} of the cuDNN time): {_cfg(cfg)} -> {args.best_sparse_json}")
+        print(f"best sparse configuration over sizes {sorted(sweep_sizes & set(sizes))} ({rel:.3f} of the cuDNN "
+              f"time): {_cfg(cfg)} -> {args.best_sparse_json}")
     lines = [
         "",
         f"### Attention kernels (issue 3) — {header}",
