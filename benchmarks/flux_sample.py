@@ -1,6 +1,7 @@
 """FLUX.1-dev sampling end to end: wall time of the ONE jitted 50-step sampler (chipmunk_jax.sampling)
 for the dense model, Chipmunk (preset ``config.flux()``) and Chipmunk + step caching (SPEC §4.3, the
-default 25-of-50 skip schedule). Random bf16 weights (torch's default Linear init), batch 1, 1024^2
+default 25-of-50 skip schedule), each step's modulation computed before the loop (flux.denoiser's
+precompute_modulation; variant dense-inline-mod keeps it inside the steps). Random bf16 weights (torch's default Linear init), batch 1, 1024^2
 (4096 image + 512 text tokens), embedded guidance 3.5, FLUX's resolution-dependent shift.
 
 On the device machine:
@@ -38,11 +39,9 @@ from chipmunk_jax.models import flux
 from chipmunk_jax.pallas_kernels import attention_pallas
 from chipmunk_jax.schedule import model_schedule
 
-VARIANTS = ("dense", "chipmunk", "chipmunk+cache")
-
-
-
-
+# dense-inline-mod: the dense model with each step's modulation GEMVs inside the loop (precompute_modulation=False),
+# what every variant ran before session 9; for attributing the precomputed modulation.
+VARIANTS = ("dense", "chipmunk", "chipmunk+cache", "dense-inline-mod")
 
 
 def variant_configs(name, steps, tiny):
@@ -52,7 +51,7 @@ def variant_configs(name, steps, tiny):
         base = base.replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1,
                             attention__full_step_every=4, mlp__full_step_every=4,
                             step_cache__skip_step_schedule=(3, 5, 6))
-    if name == "dense":
+    if name.startswith("dense"):
         return None, base.replace(step_cache__enabled=False)
     if name == "chipmunk":
         return base, base.replace(step_cache__enabled=False)
@@ -66,7 +65,8 @@ def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, sta
     num_img, num_txt = grid[0] * grid[1], text.shape[1]
     cond = flux.sampling_cond(config, model_chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
                               image_grid=grid, guidance=3.5)
-    denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+    denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=jnp.bfloat16, kernel_impl=kernel_impl,
+                             precompute_modulation=name != "dense-inline-mod")
     sigmas = sampling.flow_sigmas(steps, mu=sampling.flux_shift(num_img))
     # The dense model has no per-step kinds: static dispatch would only compile one copy of it per kind pair.
     run = sampling.make_sampler(denoiser, sampler_config, sigmas,

@@ -43,8 +43,8 @@ flux)
     --calls 2 --out "$OUT/flux_profile.md"
   ;;
 flux_static)
-  run timeout 560 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 1 \
-    --results "$OUT/flux_static.md"
+  run timeout 560 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk,dense-inline-mod \
+    --static-step-dispatch --reps 1 --results "$OUT/flux_static.md"
   ;;
 flux_sparse)
   # issue 5 (~9 min): the column-sparse tilings at FLUX's size and density (deeper pipelines, index prefetch), then

@@ -6,6 +6,9 @@ The sampler is model-agnostic. A model plugs in through a ``Denoiser``:
         the full model call; ``hidden`` is the pre-head hidden state kept for step caching
     head(params, hidden, sigma, cond) -> velocity
         only the final layer, conditioned on the current sigma (used on skipped steps, SPEC §4.3)
+    timestep_tables(params, sigmas, cond) -> tables (optional)
+        conditioning that depends only on sigma and cond, for all steps at once (leading axis = steps),
+        computed before the loop; compute and head then get the step's slice of it in place of sigma
 
 ``sigma`` is the flow-matching noise level in [0, 1]; each model converts it to its own timestep
 convention (FLUX multiplies by 1000 inside the model, HunyuanVideo and Wan take sigma * 1000).
@@ -40,6 +43,9 @@ __all__ = [
 class Denoiser:
     compute: Callable[..., tuple[Any, Any, Any]]
     head: Callable[..., Any]
+    # Why: FLUX's modulation vectors are GEMVs per layer and step, bound by reading 6.4 GB of weights; over all
+    # steps at once they are a few GEMMs (``flux.modulation``).
+    timestep_tables: Callable[..., Any] | None = None
 
 
 def flux_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -149,32 +155,41 @@ def make_sampler(
         index = jnp.where(skipping, 0, 1 + group_table[step])
         return jax.lax.switch(index, branches, (cache, step_cache))
 
+    def model_tables(params, cond):
+        if denoiser.timestep_tables is None:
+            return sigma_table[:num_steps]
+        return denoiser.timestep_tables(params, sigma_table[:num_steps], cond)
+
     def body(step, carry):
-        params, cond, uncond, x, cache, step_cache, key = carry
+        params, cond, uncond, x, cache, step_cache, key, tables = carry
         sigma, sigma_next = sigma_table[step], sigma_table[step + 1]
+        model_t = jax.tree.map(lambda table: table[step], tables)  # sigma, or the denoiser's tables at the step
         step_key = jax.random.fold_in(key, step)
         if cfg_on:
-            v_c, c_c, s_c = model_call(params, x, sigma, cond, select_branch(cache, 0),
+            v_c, c_c, s_c = model_call(params, x, model_t[0], cond, select_branch(cache, 0),
                                        select_branch(step_cache, 0), step, step_key)
-            v_u, c_u, s_u = model_call(params, x, sigma, uncond, select_branch(cache, 1),
+            v_u, c_u, s_u = model_call(params, x, model_t[1], uncond, select_branch(cache, 1),
                                        select_branch(step_cache, 1), step, step_key)
             v = _guided(v_c.astype(jnp.float32), v_u.astype(jnp.float32), guidance_scale)
             cache = update_branch(update_branch(cache, 0, c_c), 1, c_u)
             step_cache = update_branch(update_branch(step_cache, 0, s_c), 1, s_u)
         else:
-            v, cache, step_cache = model_call(params, x, sigma, cond, cache, step_cache, step, step_key)
+            v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key)
         x = (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
         if bar is not None:
             jax.debug.callback(bar.update, step, ordered=True)
         if on_step is not None:
             jax.debug.callback(lambda s, _: on_step(int(s)), step, x.reshape(-1)[0], ordered=True)
-        return params, cond, uncond, x, cache, step_cache, key
+        return params, cond, uncond, x, cache, step_cache, key, tables
 
     def run(params, latents, cond, cache, step_cache, key, uncond=None):
         if cfg_on and uncond is None:
             raise ValueError("uncond is required when guidance_scale is set")
-        carry = (params, cond, uncond, latents, cache, step_cache, key)
-        _, _, _, x, cache, step_cache, _ = jax.lax.fori_loop(0, num_steps, body, carry)
+        tables = model_tables(params, cond)
+        if cfg_on:
+            tables = (tables, model_tables(params, uncond))
+        carry = (params, cond, uncond, latents, cache, step_cache, key, tables)
+        _, _, _, x, cache, step_cache, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
         return x, cache, step_cache
 
     return jax.jit(run, donate_argnums=(1, 3, 4))

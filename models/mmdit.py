@@ -35,7 +35,7 @@ from chipmunk_jax.models.layers import (
     per_token,
 )
 
-__all__ = ["dense_attention", "dense_mlp", "double_block", "single_block"]
+__all__ = ["block_modulation", "dense_attention", "dense_mlp", "double_block", "single_block"]
 
 Params = dict[str, Any]
 AttentionOp = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -128,17 +128,32 @@ def _default_attention(key_lengths, implementation):
     return op
 
 
-def _ada_chunks(params: Params, temb, n, token_replace=None):
-    """AdaLayerNormZero modulation: ``linear(SiLU(temb))`` in float32, split into n [B, D] chunks.
+def ada_modulation(params: Params, temb) -> jax.Array:
+    """AdaLayerNormZero's ``linear(SiLU(temb))`` in float32: [B, n * D], n chunks of shift/scale/gate."""
+    return linear(params["linear"], jax.nn.silu(temb), jnp.float32)
+
+
+def block_modulation(params: Params, temb, *, double: bool) -> dict[str, jax.Array]:
+    """The modulation vectors of one double (``double=True``) or single block, by norm name, float32.
+
+    They depend only on ``temb``, so a sampler can compute them for every step before its loop as a few
+    GEMMs over the steps and pass them as the blocks' ``modulation``: per step and layer they are GEMVs whose
+    cost is reading the weights (FLUX.1: 6.4 GB of modulation weights per step)."""
+    names = ("norm1", "norm1_context") if double else ("norm",)
+    return {name: ada_modulation(params[name], temb) for name in names}
+
+
+def _ada_chunks(params: Params, temb, n, token_replace=None, precomputed=None):
+    """AdaLayerNormZero modulation: ``ada_modulation`` (or its ``precomputed`` value) split into n [B, D] chunks.
 
     ``token_replace`` = (emb [B, D], mask [S] bool): HunyuanVideo-I2V's token replace, whose first-frame
     tokens (mask True) take their modulation from ``emb`` (the embedding of timestep 0): chunks are then
     per token, [B, S, D]."""
-    chunks = jnp.split(linear(params["linear"], jax.nn.silu(temb), jnp.float32), n, axis=-1)
+    chunks = jnp.split(ada_modulation(params, temb) if precomputed is None else precomputed, n, axis=-1)
     if token_replace is None:
         return chunks
     emb, mask = token_replace
-    replaced = jnp.split(linear(params["linear"], jax.nn.silu(emb), jnp.float32), n, axis=-1)
+    replaced = jnp.split(ada_modulation(params, emb), n, axis=-1)
     return [jnp.where(mask[None, :, None], r[:, None], c[:, None]) for c, r in zip(chunks, replaced)]
 
 
@@ -175,13 +190,17 @@ def double_block(
     mlp_op: MLPOp | None = None,
     attention_impl: str | None = None,
     token_replace: tuple[jax.Array, jax.Array] | None = None,
+    modulation: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, tuple[Any, Any]]:
     """One double-stream block. Returns (encoder_hidden_states, hidden_states, (attn_aux, mlp_aux)).
-    ``token_replace`` = (emb [B, D], mask [N_img] bool): per-token image-stream modulation (``_ada_chunks``)."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_chunks(params["norm1"], temb, 6,
-                                                                                 token_replace)
+    ``token_replace`` = (emb [B, D], mask [N_img] bool): per-token image-stream modulation (``_ada_chunks``).
+    ``modulation``: this block's ``block_modulation(params, temb, double=True)``, computed ahead (temb unused)."""
+    modulation = modulation or {}
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_chunks(
+        params["norm1"], temb, 6, token_replace, modulation.get("norm1")
+    )
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_chunks(
-        params["norm1_context"], temb, 6
+        params["norm1_context"], temb, 6, precomputed=modulation.get("norm1_context")
     )
     norm_img = modulate(layer_norm(hidden_states, _EPS), shift_msa, scale_msa)
     norm_txt = modulate(layer_norm(encoder_hidden_states, _EPS), c_shift_msa, c_scale_msa)
@@ -247,15 +266,16 @@ def single_block(
     mlp_op: MLPOp | None = None,
     attention_impl: str | None = None,
     token_replace: tuple[jax.Array, jax.Array] | None = None,
+    modulation: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, tuple[Any, Any]]:
     """One single-stream block on the joint sequence [B, S, D] (already concatenated in the model's
     order; diffusers re-concatenates per block, which is the same math). Returns (hidden_states, aux).
 
     With an ``mlp_op`` the fused ``proj_out`` is applied in two halves: ``attn @ W[:D] + bias`` and the
     op's ``mlp @ W[D:]`` without bias, so the bias is added once (the original Chipmunk adds it twice,
-    SPEC §10.2; we keep the FLUX math).
+    SPEC §10.2; we keep the FLUX math). ``modulation``: as in ``double_block`` (``double=False``).
     """
-    shift, scale, gate = _ada_chunks(params["norm"], temb, 3, token_replace)
+    shift, scale, gate = _ada_chunks(params["norm"], temb, 3, token_replace, (modulation or {}).get("norm"))
     norm = modulate(layer_norm(hidden_states, _EPS), shift, scale)
     q, k, v = _qkv(
         params["attn"], norm, q_name="to_q", k_name="to_k", v_name="to_v", q_norm="norm_q", k_norm="norm_k",
