@@ -90,10 +90,9 @@ PRODUCTION_CONFIGS = (
                     fc2_stages=3),
     TritonMlpConfig(fc1_features=128, fc1_warps=8, fc1_stages=4, fc2_cols=128, fc2_warps=8, fc2_stages=5),
     TritonMlpConfig(fc1_k=128, fc1_warps=8),
-    # K = 32 with deep pipelines: two CTAs per SM with 3-4 half tiles in flight (fc1 at 3 stages keeps one 64-wide
-    # tile in flight; benchmarks/mlp.py TRITON_FC1_VARIANTS); not yet timed.
-    TritonMlpConfig(fc1_k=32, fc1_stages=5, fc2_k=32, fc2_stages=8),
 )
+# Not here: K = 32 with deep pipelines (fc1 5-6 stages, fc2 8), two CTAs per SM with 3-4 half tiles in flight.
+# H200, session 9: fc1 0.244-0.269 ms vs 0.217 for the default, fc2 0.220 vs 0.191 (benchmarks/RESULTS.md).
 BLOCK_SIZES = (64, 128, 256)  # tokens per row block: the M of a TMA box (<= 256) and a power of 2
 DTYPES = (jnp.bfloat16, jnp.float16)
 
