@@ -43,7 +43,7 @@ __all__ = [
 class Denoiser:
     compute: Callable[..., tuple[Any, Any, Any]]
     head: Callable[..., Any]
-    # Why: FLUX's modulation vectors are GEMVs per layer and step, bound by reading 6.4 GB of weights; over all
+    # Why: FLUX's modulation vectors are GEMVs per layer and step, bound by reading 6.5 GB of weights; over all
     # steps at once they are a few GEMMs (``flux.modulation``).
     timestep_tables: Callable[..., Any] | None = None
 

@@ -337,7 +337,7 @@ def modulation(params: Params, config: FluxConfig, *, timestep, pooled_projectio
 
     They depend only on (timestep, guidance, pooled_projections), so the sampler computes them for all steps
     before its loop (``denoiser``), as one GEMM per layer over the steps: inside each step they are GEMVs that
-    read 6.4 GB of FLUX.1 weights. ``timestep`` / ``guidance``: scalar or [B]; pooled_projections [B, P]."""
+    read 6.5 GB of FLUX.1 weights. ``timestep`` / ``guidance``: scalar or [B]; pooled_projections [B, P]."""
     check_array("pooled_projections", pooled_projections, 2)
     batch = pooled_projections.shape[0]
     check_batch_scalar("timestep", timestep, batch)

@@ -138,7 +138,7 @@ def block_modulation(params: Params, temb, *, double: bool) -> dict[str, jax.Arr
 
     They depend only on ``temb``, so a sampler can compute them for every step before its loop as a few
     GEMMs over the steps and pass them as the blocks' ``modulation``: per step and layer they are GEMVs whose
-    cost is reading the weights (FLUX.1: 6.4 GB of modulation weights per step)."""
+    cost is reading the weights (FLUX.1: 6.5 GB of modulation weights per step)."""
     names = ("norm1", "norm1_context") if double else ("norm",)
     return {name: ada_modulation(params[name], temb) for name in names}
 

@@ -242,7 +242,7 @@ def _loop_dot_operand_shapes(jaxpr):
 
 @pytest.mark.parametrize("chipmunk", [None, "flux"])
 def test_modulation_is_computed_before_the_loop(chipmunk):
-    """FLUX's modulation GEMVs read 6.4 GB of weights per step; with precompute_modulation they run once per
+    """FLUX's modulation GEMVs read 6.5 GB of weights per step; with precompute_modulation they run once per
     sampling run, batched over the steps, and the loop body holds none (same trajectory, float32 rounding)."""
     grid = (16, 16)
     params, latents, text, pooled = _problem(grid, seed=7)
