@@ -4,6 +4,8 @@
 #                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
 #   bash benchmarks/gpu_plan.sh flux_sparse   # issue 5 (~9 min): column-sparse tilings at N = 4,608, then the static
 #                                             #   sampler with the fastest (flux_sample.py --sparse-config)
+#   bash benchmarks/gpu_plan.sh h100          # nvidia-h100-x1 (~9 min): the two lines owed to the H100: issue 4's MLP
+#                                             #   step (verify's kernel tests + table), issue 5's static sampler
 #   bash benchmarks/gpu_plan.sh flux          # nvidia-h100-x1: issue 5, 50-step sampler (3 variants, ~5 min), then
 #                                             #   the sparse step's profile (each phase written as it completes)
 #   bash benchmarks/gpu_plan.sh kernels       # nvidia-h100-x1: issues 3, 4: GPU tests, dense / colsum vs cuDNN in
@@ -46,6 +48,14 @@ flux_static)
   run timeout 560 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk,dense-inline-mod \
     --static-step-dispatch --reps 1 --results "$OUT/flux_static.md"
   ;;
+h100)
+  # the issue lines that name the H100, most important first; each step capped so the next still runs
+  run timeout 140 python3 -P -m pytest -q -m gpu tests/test_mlp_gpu.py -k "triton or command_buffer"
+  run timeout 100 python3 -P benchmarks/mlp.py --kernels pallas,triton --no-sweep --quick --budget 85 \
+    --out "$OUT/mlp.md" --log "$OUT/mlp.log"
+  run timeout 330 python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 1 \
+    --results "$OUT/flux_static.md"
+  ;;
 flux_sparse)
   # issue 5 (~9 min): the column-sparse tilings at FLUX's size and density (deeper pipelines, index prefetch), then
   # the static-dispatch sampler with the fastest one in place of SMALL_GRID_SPARSE, dense in the same process
@@ -76,7 +86,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac
