@@ -237,7 +237,8 @@ def _recording_forward(model: flux.FluxConfig):
             joint, (p, h) = mmdit.single_block(block, joint, temb, rotary, **kw)
             probs.append(p)
             hiddens.append(h)
-        velocity = flux._final_layer(params, joint[:, text.shape[1]:], temb, jnp.float32)
+        velocity = flux._final_layer(params, joint[:, text.shape[1]:], flux._norm_out_modulation(params, temb),
+                                     jnp.float32)
         return velocity, probs, hiddens
 
     return run
