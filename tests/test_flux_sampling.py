@@ -240,10 +240,11 @@ def _loop_dot_operand_shapes(jaxpr):
     return shapes
 
 
-@pytest.mark.parametrize("chipmunk", [None, "flux"])
-def test_modulation_is_computed_before_the_loop(chipmunk):
+@pytest.mark.parametrize("chipmunk,guidance_scale", [(None, None), ("flux", None), (None, 2.0)])
+def test_modulation_is_computed_before_the_loop(chipmunk, guidance_scale):
     """FLUX's modulation GEMVs read 6.5 GB of weights per step; with precompute_modulation they run once per
-    sampling run, batched over the steps, and the loop body holds none (same trajectory, float32 rounding)."""
+    sampling run, batched over the steps, and the loop body holds none (same trajectory, float32 rounding).
+    With CFG each branch gets the tables of its own cond (the uncond pooled projections differ here)."""
     grid = (16, 16)
     params, latents, text, pooled = _problem(grid, seed=7)
     steps = 4
@@ -254,13 +255,19 @@ def test_modulation_is_computed_before_the_loop(chipmunk):
     sampler_config = chip or C.ChipmunkConfig(num_steps=steps)
     cond = flux.sampling_cond(TINY, chip, encoder_hidden_states=text, pooled_projections=pooled, image_grid=grid,
                               guidance=GUIDANCE)
+    uncond = None
+    if guidance_scale is not None:
+        uncond = dict(cond, encoder_hidden_states=jnp.zeros_like(text), pooled_projections=-pooled)
     outputs, dot_shapes = [], []
     for precompute in (True, False):
         den = flux.denoiser(TINY, chip, image_grid=grid, dtype=jnp.float32, precompute_modulation=precompute)
-        run = SA.make_sampler(den, sampler_config, sigmas)
+        run = SA.make_sampler(den, sampler_config, sigmas, guidance_scale=guidance_scale)
         cache = None if chip is None else flux.init_cache(TINY, chip, batch=1, num_image_tokens=256,
                                                           num_text_tokens=TEXT_LEN, dtype=jnp.float32)
-        args = (params, jnp.copy(latents), cond, cache, _fresh_step_cache(latents), jax.random.key(0))
+        step_cache = _fresh_step_cache(latents)
+        if guidance_scale is not None:
+            step_cache = stack_branches(step_cache, 2)
+        args = (params, jnp.copy(latents), cond, cache, step_cache, jax.random.key(0), uncond)
         dot_shapes.append(_loop_dot_operand_shapes(jax.make_jaxpr(run)(*args)))
         outputs.append(run(*args)[0])
     dim = TINY.inner_dim
