@@ -1,8 +1,9 @@
 """FLUX.1-dev sampling end to end: wall time of the ONE jitted 50-step sampler (chipmunk_jax.sampling)
 for the dense model, Chipmunk (preset ``config.flux()``) and Chipmunk + step caching (SPEC §4.3, the
 default 25-of-50 skip schedule), each step's modulation computed before the loop (flux.denoiser's
-precompute_modulation; variant dense-inline-mod keeps it inside the steps). Random bf16 weights (torch's default Linear init), batch 1, 1024^2
-(4096 image + 512 text tokens), embedded guidance 3.5, FLUX's resolution-dependent shift.
+precompute_modulation; variant dense-inline-mod keeps it inside the steps). Random bf16 weights (torch's
+default Linear init), batch 1, 1024^2 (4096 image + 512 text tokens), embedded guidance 3.5, FLUX's
+resolution-dependent shift.
 
 On the device machine:
   source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_sample.py --results $OUT/flux_sample.md

@@ -47,8 +47,8 @@ from chipmunk_jax.models.layers import (
     timestep_sinusoids,
 )
 
-__all__ = ["FluxConfig", "forward", "head", "modulation", "denoiser", "sampling_permutation", "sampling_cond", "init_params",
-           "init_cache", "prepare_params", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
+__all__ = ["FluxConfig", "forward", "head", "modulation", "denoiser", "sampling_permutation", "sampling_cond",
+           "init_params", "init_cache", "prepare_params", "rotary_emb", "image_grid_from_ids", "FLUX_THETA"]
 
 Params = dict[str, Any]
 FLUX_THETA = 10000.0
@@ -331,6 +331,12 @@ def _time_text_embed(params: Params, timestep, guidance, pooled_projections):
     return temb + timestep_embedding(params["text_embedder"], pooled_projections.astype(jnp.float32))
 
 
+def _temb(params: Params, timestep, guidance, pooled_projections, batch: int):
+    """``_time_text_embed`` of scalar-or-[B] timestep and guidance (checked by the caller)."""
+    guidance = None if guidance is None else batch_vector(guidance, batch)
+    return _time_text_embed(params["time_text_embed"], batch_vector(timestep, batch), guidance, pooled_projections)
+
+
 def modulation(params: Params, config: FluxConfig, *, timestep, pooled_projections, guidance=None) -> Params:
     """Every timestep-conditioned vector of the model (float32): each block's AdaLayerNormZero outputs and
     ``norm_out``'s scale/shift, for ``forward(..., modulation=)`` and ``head(..., modulation=)``.
@@ -343,8 +349,7 @@ def modulation(params: Params, config: FluxConfig, *, timestep, pooled_projectio
     check_batch_scalar("timestep", timestep, batch)
     check_batch_scalar("guidance", guidance, batch)
     _check_guidance(config, guidance)
-    guidance = None if guidance is None else batch_vector(guidance, batch)
-    temb = _time_text_embed(params["time_text_embed"], batch_vector(timestep, batch), guidance, pooled_projections)
+    temb = _temb(params, timestep, guidance, pooled_projections, batch)
     return {
         "transformer_blocks": [mmdit.block_modulation(b, temb, double=True) for b in params["transformer_blocks"]],
         "single_transformer_blocks": [
@@ -451,8 +456,6 @@ def forward(
     elif cache is not None or step is not None:
         raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
 
-    timestep = batch_vector(timestep, batch)
-    guidance = None if guidance is None else batch_vector(guidance, batch)
     if modulation is None:
         modulation = globals()["modulation"](params, config, timestep=timestep, pooled_projections=pooled_projections,
                                              guidance=guidance)
@@ -545,9 +548,7 @@ def head(
     check_batch_scalar("guidance", guidance, batch)
     _check_guidance(config, guidance)
     if modulation is None:
-        guidance = None if guidance is None else batch_vector(guidance, batch)
-        temb = _time_text_embed(params["time_text_embed"], batch_vector(timestep, batch), guidance, pooled_projections)
-        norm_out = _norm_out_modulation(params, temb)
+        norm_out = _norm_out_modulation(params, _temb(params, timestep, guidance, pooled_projections, batch))
     else:
         _check_modulation(config, modulation, batch)
         norm_out = modulation["norm_out"]
