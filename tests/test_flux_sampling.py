@@ -293,6 +293,10 @@ def test_forward_takes_precomputed_modulation():
     batch2 = flux.modulation(params, TINY, timestep=0.6, pooled_projections=jnp.tile(pooled, (2, 1)), guidance=3.5)
     with pytest.raises(ValueError, match=r"modulation\['norm_out'\] must be \[1, "):
         flux.forward(params, TINY, hidden_states=latents, timestep=0.6, **inputs, modulation=batch2)
+    with pytest.raises(ValueError, match="guidance is required"):
+        flux.modulation(params, TINY, timestep=0.6, pooled_projections=pooled)
+    with pytest.raises(ValueError, match="pooled_projections must have 2"):
+        flux.modulation(params, TINY, timestep=0.6, pooled_projections=pooled[0], guidance=3.5)
 
 
 def test_adapter_validates_arguments():
