@@ -1,5 +1,5 @@
 # The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
-# the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 were measured in session 3.
+# the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 are measured (benchmarks/RESULTS.md).
 #   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
 #                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
 #   bash benchmarks/gpu_plan.sh flux_sparse   # issue 5 (~9 min): column-sparse tilings at N = 4,608, then the static
@@ -16,8 +16,8 @@
 #                                             #   Pallas with 3-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
-# Every plan writes its markdown sections and logs under $OUT (merge them into benchmarks/RESULTS.md) and runs
-# the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
+# Every plan writes its markdown sections and logs under $OUT (update the claim tables in benchmarks/RESULTS.md
+# from them) and runs the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -25,7 +25,7 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -v "^WARNING" | tee -a "$OUT/plan.log"; }
 
 case "${1:-}" in
 video)
-  # dense timed in the same process (session 3: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
+  # dense timed in the same process (on the H200: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
   # `video hunyuan` or `video wan`
   case "${2:-}" in
   hunyuan|wan) ;;

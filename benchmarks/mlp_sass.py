@@ -6,7 +6,7 @@ say whether the K loop is what we meant (HGMMA = wgmma, LDGSTS = cp.async gather
 LDL/STL = local-memory spills). Use the device's triton version to see what the device will compile:
 
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
-    PYTHONPATH=/tmp/triton36 .venv/bin/python -P benchmarks/research/raw_triton/mlp_sass.py --shape flux_double
+    PYTHONPATH=/tmp/triton36 .venv/bin/python -P benchmarks/mlp_sass.py --shape flux_double
 """
 
 from __future__ import annotations
