@@ -1,10 +1,10 @@
-"""Sparse-delta attention (SPEC §1): one attention layer's Chipmunk op and its cache pytree.
+"""Sparse-delta attention (docs/algorithm.md §1): one attention layer's Chipmunk op and its cache pytree.
 
     full step t0:  o = dense(q, k, v);            out_cache = o - A_S(q, k, v)
     sparse step t: o = out_cache + A_S(q, k, v)
 
-A_S is attention restricted to (and renormalised over) each query group's column set S (SPEC §1.7).
-The column sets come from column sums scored with the previous full step's LSE (SPEC §1.4-1.5).
+A_S is attention restricted to (and renormalised over) each query group's column set S (docs/algorithm.md §1.7).
+The column sets come from column sums scored with the previous full step's LSE (docs/algorithm.md §1.4-1.5).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from chipmunk_jax import memory, selection
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.pallas_kernels import attention as kernels
 from chipmunk_jax.schedule import AttentionStep, dispatch
+from chipmunk_jax.validation import positive_int
 
 __all__ = [
     "AttentionCache",
@@ -63,8 +64,7 @@ def init_attention_cache(
 ) -> AttentionCache:
     """Empty cache for an attention layer over ``seq_len`` tokens (self-attention)."""
     for name, value in (("batch", batch), ("seq_len", seq_len), ("heads", heads), ("head_dim", head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, value)
     check_seq_len(seq_len, config)
     a = config.attention
     g = _num_groups(seq_len, a.group_size)
@@ -160,7 +160,7 @@ def sparse_delta_attention(
         return o, new
 
     def dense_refresh(cache):
-        o = kernels.dense_attention_output(q, k, v, scale=scale, impl=impl)  # the LSE is kept (SPEC §1.2)
+        o = kernels.dense_attention_output(q, k, v, scale=scale, impl=impl)  # the LSE is kept (docs/algorithm.md §1.2)
         indices, counts = _column_sets(cache, config, n, impl)
         out_cache = kernels.column_sparse_attention(q, k, v, indices, counts, base=o, sign=-1, **opts)
         return o, cache.replace(out_cache=out_cache)
@@ -171,7 +171,7 @@ def sparse_delta_attention(
         return o.astype(q.dtype), cache
 
     branches = (always_dense, dense, dense_colsum, dense_refresh, sparse)
-    # a host-resident cache (memory.offload_layer_caches) visits the device for this call
+    # a host-resident cache (cache.offload_layer_caches) visits the device for this call
     return memory.with_device_cache(
         lambda c: dispatch(step_kind, branches, c.replace(out_cache=c.out_cache.astype(q.dtype)), AttentionStep),
         cache,

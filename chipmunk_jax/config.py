@@ -1,4 +1,4 @@
-"""Chipmunk configuration: frozen, validated dataclasses with the per-model presets of SPEC §5.
+"""Chipmunk configuration: frozen, validated dataclasses with the per-model presets of docs/algorithm.md §5.
 
 Field names follow the original YAML keys (``attn.top_keys``, ``mlp.full_step_every``, ...) so configs
 translate one to one. ``ChipmunkConfig.from_dict`` / ``to_dict`` and ``load`` / ``save`` (YAML or JSON)
@@ -11,9 +11,23 @@ import dataclasses
 import json
 import os
 import tempfile
+from functools import partial
 from typing import Any
 
 import yaml
+
+from chipmunk_jax.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_int_tuple,
+    field,
+    non_negative_int,
+    optional,
+    positive_int,
+    validate_fields,
+)
 
 __all__ = [
     "AttentionConfig",
@@ -28,47 +42,33 @@ __all__ = [
     "PRESETS",
 ]
 
-# SPEC §0: 25 of 50 steps skipped by step caching.
+# docs/algorithm.md §0: 25 of 50 steps skipped by step caching.
 DEFAULT_SKIP_STEP_SCHEDULE = (
     7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43,
 )
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_steps(name: str, steps: tuple[int, ...] | None) -> None:
-    if steps is None:
-        return
-    if not isinstance(steps, tuple) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
-    ):
-        raise ValueError(f"{name} must be a tuple of non-negative integers, got {steps!r}")
+def _check_steps(name: str, steps) -> tuple[int, ...]:
+    """A step schedule: a sorted tuple of distinct non-negative step indices (a list becomes a tuple)."""
+    steps = check_int_tuple(name, steps, minimum=0)
     if len(set(steps)) != len(steps) or list(steps) != sorted(steps):
         raise ValueError(f"{name} must be sorted and free of duplicates, got {steps!r}")
+    return steps
 
 
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+_at_least_64 = partial(check_int, minimum=64)  # group / block sizes: the kernels' 64-row tiles
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Sparse-delta attention settings (SPEC §1, §4.2).
+    """Sparse-delta attention settings (docs/algorithm.md §1, §4.2).
 
     Attributes:
       enabled: run attention layers through Chipmunk at all.
       top_keys: fraction of keys chosen by top-k of the column sums per (head, query group).
-      random_keys: fraction of static random keys (video static mask, SPEC §1.6 step 4).
+      random_keys: fraction of static random keys (video static mask, docs/algorithm.md §1.6 step 4).
       dynamic_random_keys: fraction of fresh random keys added at each recompute (compressed path;
-        hard-coded to 0.01 in the original, SPEC §10.10).
+        hard-coded to 0.01 in the original, docs/algorithm.md §10.10).
       local_voxels: static local 3-D voxel window (in voxels per axis; 0 = off).
       local_1d_window: static 1-D window as a fraction of the video tokens (0 = off).
       first_n_dense_layers: layers with index < n are always dense and keep no cache.
@@ -81,32 +81,24 @@ class AttentionConfig:
       group_size: query group size (a multiple of 64; 192 in the original).
     """
 
-    enabled: bool = True
-    top_keys: float = 0.05
-    random_keys: float = 0.01
-    dynamic_random_keys: float = 0.01
-    local_voxels: int = 0
-    local_1d_window: float = 0.0
-    first_n_dense_layers: int = 2
-    full_step_every: int = 10
-    full_step_schedule: tuple[int, ...] | None = None
-    recompute_mask: bool = True
-    compress_indices: bool = True
-    counts_multiple_of: int = 128
-    group_size: int = 192
+    enabled: bool = field(True, check=check_bool)
+    top_keys: float = field(0.05, check=check_fraction)
+    random_keys: float = field(0.01, check=check_fraction)
+    dynamic_random_keys: float = field(0.01, check=check_fraction)
+    local_voxels: int = field(0, check=non_negative_int)
+    local_1d_window: float = field(0.0, check=check_fraction)
+    first_n_dense_layers: int = field(2, check=non_negative_int)
+    full_step_every: int = field(10, check=positive_int)
+    full_step_schedule: tuple[int, ...] | None = field(None, check=optional(_check_steps))
+    recompute_mask: bool = field(True, check=check_bool)
+    compress_indices: bool = field(True, check=check_bool)
+    counts_multiple_of: int = field(128, check=positive_int)
+    group_size: int = field(192, check=_at_least_64)
 
     def __post_init__(self):
-        object.__setattr__(self, "full_step_schedule", _as_tuple(self.full_step_schedule))
-        for name in ("top_keys", "random_keys", "dynamic_random_keys", "local_1d_window"):
-            _check_fraction(f"attention.{name}", getattr(self, name))
-        _check_int("attention.local_voxels", self.local_voxels, 0)
-        _check_int("attention.first_n_dense_layers", self.first_n_dense_layers, 0)
-        _check_int("attention.full_step_every", self.full_step_every, 1)
-        _check_int("attention.counts_multiple_of", self.counts_multiple_of, 1)
-        _check_int("attention.group_size", self.group_size, 64)
+        validate_fields(self, prefix="attention.")
         if self.group_size % 64:
             raise ValueError(f"attention.group_size must be a multiple of 64, got {self.group_size}")
-        _check_steps("attention.full_step_schedule", self.full_step_schedule)
         if self.full_step_schedule is not None and not {0, 1} <= set(self.full_step_schedule):
             raise ValueError(
                 "attention.full_step_schedule must contain steps 0 and 1 (step 0 stores the LSE, step 1 "
@@ -116,11 +108,11 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
-    """Sparse-delta MLP settings (SPEC §2, §4.2).
+    """Sparse-delta MLP settings (docs/algorithm.md §2, §4.2).
 
     Attributes:
       enabled: run the MLP layers through Chipmunk at all.
-      top_keys: fraction of hidden features kept per row block (exact per-row top-k; SPEC §10.9).
+      top_keys: fraction of hidden features kept per row block (exact per-row top-k; docs/algorithm.md §10.9).
       random_keys: extra random keep-probability per feature.
       full_step_every: full step iff ``step % full_step_every == 0``.
       block_mask_cache: for ``step >= mask_cache_after_step`` recompute the feature sets only on
@@ -131,64 +123,48 @@ class MLPConfig:
       block_size: tokens per row block (a multiple of 64; 128 in the original).
     """
 
-    enabled: bool = False
-    top_keys: float = 0.3
-    random_keys: float = 0.05
-    full_step_every: int = 10
-    block_mask_cache: int = 2
-    mask_cache_after_step: int = 10
-    first_n_dense_layers: int = 2
-    counts_multiple_of: int = 256
-    block_size: int = 128
+    enabled: bool = field(False, check=check_bool)
+    top_keys: float = field(0.3, check=check_fraction)
+    random_keys: float = field(0.05, check=check_fraction)
+    full_step_every: int = field(10, check=positive_int)
+    block_mask_cache: int = field(2, check=positive_int)
+    mask_cache_after_step: int = field(10, check=non_negative_int)
+    first_n_dense_layers: int = field(2, check=non_negative_int)
+    counts_multiple_of: int = field(256, check=positive_int)
+    block_size: int = field(128, check=_at_least_64)
 
     def __post_init__(self):
-        _check_fraction("mlp.top_keys", self.top_keys)
-        _check_fraction("mlp.random_keys", self.random_keys)
-        _check_int("mlp.full_step_every", self.full_step_every, 1)
-        _check_int("mlp.block_mask_cache", self.block_mask_cache, 1)
-        _check_int("mlp.mask_cache_after_step", self.mask_cache_after_step, 0)
-        _check_int("mlp.first_n_dense_layers", self.first_n_dense_layers, 0)
-        _check_int("mlp.counts_multiple_of", self.counts_multiple_of, 1)
-        _check_int("mlp.block_size", self.block_size, 64)
+        validate_fields(self, prefix="mlp.")
         if self.block_size % 64:
             raise ValueError(f"mlp.block_size must be a multiple of 64, got {self.block_size}")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepCacheConfig:
-    """Whole-step skipping (SPEC §4.3): skipped steps re-run only the final layer."""
+    """Whole-step skipping (docs/algorithm.md §4.3): skipped steps re-run only the final layer."""
 
-    enabled: bool = False
-    skip_step_schedule: tuple[int, ...] = DEFAULT_SKIP_STEP_SCHEDULE
+    enabled: bool = field(False, check=check_bool)
+    skip_step_schedule: tuple[int, ...] = field(DEFAULT_SKIP_STEP_SCHEDULE, check=_check_steps)
 
     def __post_init__(self):
-        object.__setattr__(self, "skip_step_schedule", _as_tuple(self.skip_step_schedule))
-        _check_steps("step_cache.skip_step_schedule", self.skip_step_schedule)
+        validate_fields(self, prefix="step_cache.")
         if self.skip_step_schedule and self.skip_step_schedule[0] == 0:
             raise ValueError("step_cache.skip_step_schedule cannot skip step 0 (nothing is cached yet)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReorderConfig:
-    """Token reordering (SPEC §3): "none", "tiles" (2-D images) or "voxels" (3-D video)."""
+    """Token reordering (docs/algorithm.md §3): "none", "tiles" (2-D images) or "voxels" (3-D video)."""
 
-    kind: str = "none"
-    tile: int = 8
-    subtile: int = 4
-    voxel: tuple[int, int, int] = (4, 6, 8)
+    kind: str = field("none", check=partial(check_choice, choices=("none", "tiles", "voxels")))
+    tile: int = field(8, check=positive_int)
+    subtile: int = field(4, check=positive_int)
+    voxel: tuple[int, int, int] = field((4, 6, 8), check=partial(check_int_tuple, length=3))
 
     def __post_init__(self):
-        object.__setattr__(self, "voxel", _as_tuple(self.voxel))
-        if self.kind not in ("none", "tiles", "voxels"):
-            raise ValueError(f"reorder.kind must be 'none', 'tiles' or 'voxels', got {self.kind!r}")
-        _check_int("reorder.tile", self.tile, 1)
-        _check_int("reorder.subtile", self.subtile, 1)
+        validate_fields(self, prefix="reorder.")
         if self.tile % self.subtile:
             raise ValueError(f"reorder.tile ({self.tile}) must be a multiple of reorder.subtile ({self.subtile})")
-        if not (isinstance(self.voxel, tuple) and len(self.voxel) == 3):
-            raise ValueError(f"reorder.voxel must be three integers, got {self.voxel!r}")
-        for v in self.voxel:
-            _check_int("reorder.voxel", v, 1)
 
 
 _SECTIONS = {
@@ -207,23 +183,22 @@ class ChipmunkConfig:
     mlp: MLPConfig = MLPConfig()
     step_cache: StepCacheConfig = StepCacheConfig()
     reorder: ReorderConfig = ReorderConfig()
-    num_steps: int = 50
-    invocations_per_step: int = 1
+    num_steps: int = field(50, check=positive_int)
+    invocations_per_step: int = field(1, check=positive_int)
 
     def __post_init__(self):
         for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
-        _check_int("num_steps", self.num_steps, 1)
-        _check_int("invocations_per_step", self.invocations_per_step, 1)
+        validate_fields(self)
 
     def replace(self, **changes: Any) -> "ChipmunkConfig":
         """Returns a copy with top-level fields or ``section__field`` entries replaced."""
         top, nested = {}, {}
         for key, value in changes.items():
             if "__" in key:
-                section, field = key.split("__", 1)
-                nested.setdefault(section, {})[field] = value
+                section, name = key.split("__", 1)
+                nested.setdefault(section, {})[name] = value
             else:
                 top[key] = value
         for section, fields in nested.items():
@@ -302,7 +277,7 @@ class ChipmunkConfig:
 
 
 def flux() -> ChipmunkConfig:
-    """FLUX.1-dev (SPEC §5.1): 70% sparse MLP, ~85% sparse attention (tk = 672 of 4352), 8x8/4x4 tiles.
+    """FLUX.1-dev (docs/algorithm.md §5.1): 70% sparse MLP, ~85% sparse attention (tk = 672 of 4352), 8x8/4x4 tiles.
 
     Counts stay multiples of 112 as in the original strided kernel: our kernels take any count.
     """
@@ -324,7 +299,7 @@ def flux() -> ChipmunkConfig:
 
 
 def hunyuan_video() -> ChipmunkConfig:
-    """HunyuanVideo 720p (SPEC §5.2): ~93% sparse attention on sparse steps, voxel order, step caching."""
+    """HunyuanVideo 720p (docs/algorithm.md §5.2): ~93% sparse attention on sparse steps, voxel order, step caching."""
     return ChipmunkConfig(
         attention=AttentionConfig(
             top_keys=0.05,
@@ -344,7 +319,7 @@ def hunyuan_video() -> ChipmunkConfig:
 
 
 def wan() -> ChipmunkConfig:
-    """Wan 2.1 14B (SPEC §5.3): CFG (2 invocations per step), local voxel window 5, step caching."""
+    """Wan 2.1 14B (docs/algorithm.md §5.3): CFG (2 invocations per step), local voxel window 5, step caching."""
     return ChipmunkConfig(
         attention=AttentionConfig(
             top_keys=0.10,

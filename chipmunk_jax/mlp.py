@@ -1,4 +1,4 @@
-"""Sparse-delta MLP (SPEC §2): fc1 -> GELU(tanh) -> fc2 with activation and output caches.
+"""Sparse-delta MLP (docs/algorithm.md §2): fc1 -> GELU(tanh) -> fc2 with activation and output caches.
 
     full step:   A = gelu(x W1 + b1);  Y = A W2 + b2;  caches <- A (feature-major), Y, block means
     sparse step: per 128-token row block m, features S_m with the largest |fc1(mean x_m) - cached|
@@ -24,6 +24,7 @@ from chipmunk_jax.pallas_kernels import mlp_selection
 from chipmunk_jax.pallas_kernels.attention import resolve_impl
 from chipmunk_jax.pallas_kernels.mlp_reference import gelu_tanh
 from chipmunk_jax.schedule import MLPStep, dispatch
+from chipmunk_jax.validation import check_bool, positive_int
 
 __all__ = ["MLPWeights", "MLPCache", "init_mlp_cache", "sparse_delta_mlp", "dense_mlp"]
 
@@ -33,7 +34,7 @@ _HI = jax.lax.Precision.HIGHEST
 @struct.dataclass
 class MLPWeights:
     """MLP weights: w1, b1 [F], w2 [F, C_out], b2 [C_out] or None (FLUX single blocks add the shared
-    proj_out bias once, with the attention half, instead of twice as the original; SPEC §10.2).
+    proj_out bias once, with the attention half, instead of twice as the original; docs/algorithm.md §10.2).
 
     w1 layout: [C, F] by default (Flax Dense kernel). With ``w1_transposed=True`` (a static pytree field,
     part of the treedef, not traced) w1 is stored [F, C] (torch's Linear.weight layout): the layout the
@@ -91,8 +92,7 @@ def init_mlp_cache(
     for name, value in (
         ("batch", batch), ("seq_len", seq_len), ("hidden_features", hidden_features), ("out_features", out_features)
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, value)
     nb = -(-seq_len // config.mlp.block_size)
     return MLPCache(
         act_cache=jnp.zeros((batch, hidden_features, seq_len), dtype),
@@ -112,7 +112,8 @@ def _fc1(x, weights: MLPWeights, feature_major: bool = False):
 
     ``feature_major``: [B, F, N] instead of [B, N, F], the act cache's layout straight from the GEMM (cuBLAS writes
     either layout at the same cost), so a full step does not transpose its activations for the cache (a separate
-    pass, 4.5 ms of each FLUX refresh step on the H100: RESULTS.md, session 4)."""
+    pass, 4.5 ms of each FLUX refresh step on the H100: benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md,
+    2026-11-25)."""
     w = "fc" if weights.w1_transposed else "cf"
     if feature_major:
         return jnp.einsum(f"{w},bnc->bfn", weights.w1, x, precision=_HI, preferred_element_type=jnp.float32)
@@ -135,8 +136,7 @@ def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfi
         raise TypeError(f"config must be a ChipmunkConfig, got {type(config).__name__}")
     if not isinstance(weights, MLPWeights):
         raise TypeError(f"weights must be MLPWeights, got {type(weights).__name__}")
-    if not isinstance(weights.w1_transposed, bool):
-        raise TypeError(f"weights.w1_transposed must be a bool, got {weights.w1_transposed!r}")
+    check_bool("weights.w1_transposed", weights.w1_transposed)
     if not isinstance(cache, MLPCache):
         raise TypeError(f"cache must be an MLPCache, got {type(cache).__name__}")
     kernels._check_mlp_args(
@@ -227,5 +227,5 @@ def sparse_delta_mlp(
         return delta(cache, cache.indices, cache.counts)
 
     branches = (always_dense, dense, sparse_select, sparse_reuse)
-    # a host-resident cache (memory.offload_layer_caches) visits the device for this call
+    # a host-resident cache (cache.offload_layer_caches) visits the device for this call
     return memory.with_device_cache(lambda c: dispatch(step_kind, branches, c, MLPStep), cache)

@@ -1,11 +1,11 @@
-"""Token reordering (SPEC §3): 3-D voxels for video, 2-D tiles for images, and their inverses.
+"""Token reordering (docs/algorithm.md §3): 3-D voxels for video, 2-D tiles for images, and their inverses.
 
 A permutation ``perm`` is an int32 numpy array over raster-order token ids with
 ``reordered = raster[perm]`` and ``raster = reordered[inverse_permutation(perm)]``. Permutations are
 static (they depend only on the token grid), so they are built in numpy and baked into the jit.
 
 Grids that do not divide by the voxel / tile keep the original's tail layout: the main region in
-voxel (tile) order, then each tail in raster order (SPEC §3.1). For tiles we extend the same rule to
+voxel (tile) order, then each tail in raster order (docs/algorithm.md §3.1). For tiles we extend the same rule to
 2-D (the original requires divisible grids, where both layouts agree).
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import jax.numpy as jnp
+
+from chipmunk_jax.validation import check_int_tuple, non_negative_int
 
 __all__ = [
     "voxel_permutation",
@@ -24,20 +26,11 @@ __all__ = [
 ]
 
 
-def _check_dims(name: str, dims) -> None:
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-            raise ValueError(f"{name} must be positive integers, got {tuple(dims)}")
-
-
 def voxel_permutation(frames: int, height: int, width: int, voxel=(4, 6, 8)) -> np.ndarray:
     """Raster (t, h, w) -> voxel order: main voxels (raster over voxels, raster inside), then the tails
     [T':, :, :], [:T', H':, :], [:T', :H', W':] each in raster order (``voxel_chunk_no_padding``)."""
-    _check_dims("frames, height, width", (frames, height, width))
-    _check_dims("voxel", voxel)
-    if len(voxel) != 3:
-        raise ValueError(f"voxel must have three entries, got {voxel!r}")
-    vt, vh, vw = voxel
+    check_int_tuple("(frames, height, width)", (frames, height, width))
+    vt, vh, vw = check_int_tuple("voxel", voxel, length=3)
     ids = np.arange(frames * height * width, dtype=np.int32).reshape(frames, height, width)
     t_main, h_main, w_main = frames // vt * vt, height // vh * vh, width // vw * vw
     main = ids[:t_main, :h_main, :w_main]
@@ -55,8 +48,8 @@ def tile_permutation(height: int, width: int, tile: int = 8, subtile: int = 4) -
     """Raster (h, w) -> tile order (``ops/patch.py``): tile x tile blocks in raster order, inside each
     the subtile x subtile blocks in raster order, inside those raster. Tails ([H':, :] then [:H', W':])
     follow in raster order."""
-    _check_dims("height, width", (height, width))
-    _check_dims("tile, subtile", (tile, subtile))
+    check_int_tuple("(height, width)", (height, width))
+    tile, subtile = check_int_tuple("(tile, subtile)", (tile, subtile))
     if tile % subtile:
         raise ValueError(f"tile ({tile}) must be a multiple of subtile ({subtile})")
     ids = np.arange(height * width, dtype=np.int32).reshape(height, width)
@@ -82,8 +75,7 @@ def joint_permutation(image_perm, num_text: int, text_first: bool = True) -> np.
     """Permutation over a joint [text; image] (FLUX) or [image; text] (HunyuanVideo) sequence that
     reorders the image tokens only; text positions stay fixed."""
     image_perm = np.asarray(image_perm, np.int32)
-    if isinstance(num_text, bool) or not isinstance(num_text, (int, np.integer)) or num_text < 0:
-        raise ValueError(f"num_text must be a non-negative integer, got {num_text!r}")
+    num_text = non_negative_int("num_text", num_text)
     text = np.arange(num_text, dtype=np.int32)
     if text_first:
         return np.concatenate([text, image_perm + num_text])

@@ -2,11 +2,11 @@
 
 Reference semantics (pure jnp). Deviations from the original, all deliberate:
 - Padding never leaves an index out of range: counts are rounded up to the tile but capped at the
-  number of columns, and every index slot holds a valid column (SPEC §1.5, §10.11).
-- The video static mask has no voxel-0 artifact (SPEC §10.3), and the dense text query groups are
-  fully dense rather than dense from column ``N mod 128`` on (SPEC §1.6 step 3).
+  number of columns, and every index slot holds a valid column (docs/algorithm.md §1.5, §10.11).
+- The video static mask has no voxel-0 artifact (docs/algorithm.md §10.3), and the dense text query groups are
+  fully dense rather than dense from column ``N mod 128`` on (docs/algorithm.md §1.6 step 3).
 - The MLP keeps an exact per-row top-k (plus random features), not a threshold sampled from the
-  first 1024 features (SPEC §10.9).
+  first 1024 features (docs/algorithm.md §10.9).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from chipmunk_jax.config import AttentionConfig
 from chipmunk_jax.pallas_kernels import mlp_selection, selection_fast
 from chipmunk_jax.pallas_kernels.attention import resolve_impl
+from chipmunk_jax.validation import positive_int
 
 __all__ = [
     "ColumnSelection",
@@ -47,7 +48,7 @@ class ColumnSelection(NamedTuple):
 
 
 def attention_column_count(top_keys: float, num_keys: int, multiple_of: int) -> int:
-    """``tk = m * round(top_keys * N / m)`` with Python's round, as the original (SPEC §1.5).
+    """``tk = m * round(top_keys * N / m)`` with Python's round, as the original (docs/algorithm.md §1.5).
 
     ``top_keys >= 1`` keeps every key: the rounding would otherwise drop up to m/2 keys when N is not
     a multiple of m, and "all columns" must mean the dense result."""
@@ -89,8 +90,7 @@ def mask_to_indices(mask, multiple_of: int, capacity: int | None = None) -> Colu
     ascending order, then the lowest-numbered unselected columns as padding (they are attended /
     recomputed like selected ones). K = capacity (default N); every slot holds a valid column.
     """
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    multiple_of = positive_int("multiple_of", multiple_of)
     n = mask.shape[-1]
     capacity = n if capacity is None else int(capacity)
     if not 1 <= capacity <= n:
@@ -139,7 +139,7 @@ def mask_bits_to_indices(bits, counts, num_columns: int, multiple_of: int, *, im
 def select_attention_columns(
     colsum, config: AttentionConfig, *, key=None, static_mask=None, eligible=None, impl: str | None = None
 ) -> ColumnSelection:
-    """Column sets from column sums [B, H, G, N_k] (SPEC §1.5).
+    """Column sets from column sums [B, H, G, N_k] (docs/algorithm.md §1.5).
 
     Uncompressed path: exactly tk top-k keys per group, indices [B, H, G, tk], mask None.
     Compressed path: mask = ((top-k OR Bernoulli(dynamic_random_keys)) AND eligible[g]) OR
@@ -206,7 +206,7 @@ def static_video_mask(
     voxel=(4, 6, 8),
     key=None,
 ):
-    """Static part of the video column sets (SPEC §1.6) for tokens in voxel order + text appended.
+    """Static part of the video column sets (docs/algorithm.md §1.6) for tokens in voxel order + text appended.
 
     Returns (static_mask [G, N] bool, eligible [G] bool), shared by all heads and layers of one
     generation. Needs ``key`` when ``config.random_keys > 0``.
@@ -238,7 +238,7 @@ def static_video_mask(
         mask[n_main:, max(n - group * lv**3, 0):] = True
         window_share = float(mask[:n_main, :n_img].mean()) if n_main else 0.0
         if window_share > _WIDE_WINDOW:
-            # the window was sized for 720p (SPEC §5.3); on small grids it keeps most keys on every sparse step
+            # the window was sized for 720p (docs/algorithm.md §5.3); on small grids it keeps most keys on every sparse step
             warnings.warn(
                 f"attention.local_voxels={lv}: the static window covers {window_share:.0%} of the image keys on "
                 f"this {grid_v} voxel grid, so sparse steps keep at least that share and may be slower than "
@@ -274,7 +274,7 @@ def block_mean(x, block_size: int):
 def select_mlp_features(
     scores, top_keys: float, random_keys: float, multiple_of: int, *, key=None, impl: str | None = None
 ):
-    """Feature sets per row block from scores [B, NB, F] (SPEC §2.2-2.3).
+    """Feature sets per row block from scores [B, NB, F] (docs/algorithm.md §2.2-2.3).
 
     Keeps the round(top_keys * F) highest scores of each row (an exact per-row threshold) OR
     Bernoulli(random_keys); counts rounded up to ``multiple_of`` (capped at F) with the

@@ -1,6 +1,7 @@
 """Pallas GPU kernels for Chipmunk, each beside its pure-jnp reference twin.
 
-Imports nothing from the rest of chipmunk_jax (data flows ports -> models -> chipmunk_jax -> here).
+Imports nothing from the rest of chipmunk_jax (data flows ports -> models -> chipmunk_jax -> here) but the leaf
+module chipmunk_jax.validation, which imports nothing of the package.
 """
 
 from chipmunk_jax.pallas_kernels.attention import (

@@ -19,7 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from chipmunk_jax.pallas_kernels import attention_pallas, triton_call
 from chipmunk_jax.pallas_kernels import attention_reference as ref
+from chipmunk_jax.validation import positive_int
 
 __all__ = [
     "dense_attention",
@@ -44,12 +46,10 @@ def resolve_impl(impl: str | None) -> str:
 
 
 def _triton_unsupported(q, group_size=None, interpret=False) -> str | None:
-    from chipmunk_jax.pallas_kernels import triton_call
-
     reason = triton_call.platform_unsupported(interpret)
     if reason:
         return reason
-    from chipmunk_jax.pallas_kernels import attention_triton
+    from chipmunk_jax.pallas_kernels import attention_triton  # local: it imports triton, an optional dependency
 
     if not interpret and q.dtype not in attention_triton.DTYPES:
         return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
@@ -60,10 +60,10 @@ def _triton_unsupported(q, group_size=None, interpret=False) -> str | None:
     return None
 
 
-# Whether impl=None picks the Triton kernels on a Hopper GPU. On since session 7, when they ran inside XLA command
-# buffers on the GPU (tests/test_attention_gpu.py::test_triton_kernels_inside_a_command_buffer_gpu, H200): their
-# global scratch is an XLA buffer (triton_call.launch_layout), not the plugin's per-launch allocation that the
-# CUDA graphs XLA builds from a model's jit cannot hold.
+# Whether impl=None picks the Triton kernels on a Hopper GPU. On because they run inside XLA command buffers on the
+# GPU (tests/test_attention_gpu.py::test_triton_kernels_inside_a_command_buffer_gpu, H200): their global scratch is
+# an XLA buffer (triton_call.launch_layout), not the plugin's per-launch allocation that the CUDA graphs XLA builds
+# from a model's jit cannot hold.
 TRITON_BY_DEFAULT = True
 
 
@@ -101,11 +101,6 @@ def _scale(scale, head_dim):
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def _check_group_size(group_size):
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-
-
 def dense_attention(q, k, v, *, scale: float | None = None, impl: str | None = None):
     """Dense attention. Returns (o like q, lse [B, H, N_q] float32, natural log)."""
     _check_qkv(q, k, v)
@@ -114,11 +109,9 @@ def dense_attention(q, k, v, *, scale: float | None = None, impl: str | None = N
     if impl == "reference":
         return ref.dense_attention_reference(q, k, v, scale=scale)
     if impl in _TRITON_TO_PALLAS:
-        from chipmunk_jax.pallas_kernels import attention_triton
+        from chipmunk_jax.pallas_kernels import attention_triton  # local: it imports triton (optional)
 
         return attention_triton.dense_attention(q, k, v, scale=scale, interpret=impl == "triton_interpret")
-    from chipmunk_jax.pallas_kernels import attention_pallas
-
     return attention_pallas.dense_attention(q, k, v, scale=scale, interpret=impl == "interpret")
 
 
@@ -126,7 +119,7 @@ def dense_attention_output(q, k, v, *, scale: float | None = None, impl: str | N
     """Dense attention output only, for callers that need no LSE.
 
     With impl "pallas" this is cuDNN's flash attention where it applies (bf16/f16, head_dim a multiple
-    of 8 up to 128): ~1.25x faster than our Pallas dense kernel on the H100 (benchmarks/RESULTS.md);
+    of 8 up to 128): ~1.2x faster than our Pallas dense kernel on the H100 (benchmarks/RESULTS.md §2);
     otherwise the dense kernel of ``impl``.
     """
     _check_qkv(q, k, v)
@@ -140,7 +133,7 @@ def dense_attention_output(q, k, v, *, scale: float | None = None, impl: str | N
 def dense_attention_colsum(
     q, k, v, prev_lse, *, group_size: int = 192, scale: float | None = None, impl: str | None = None
 ):
-    """Dense attention plus column sums with the previous LSE (SPEC §1.4).
+    """Dense attention plus column sums with the previous LSE (docs/algorithm.md §1.4).
 
     Returns (o, lse [B, H, N_q] f32, colsum [B, H, ceil(N_q/group_size), N_k] f32). The Pallas kernel uses
     ``prev_lse`` as its softmax offset (one exp per logit serves o, lse and the column sums); rows whose LSE
@@ -149,7 +142,7 @@ def dense_attention_colsum(
     falls back to the Pallas online kernel.
     """
     _check_qkv(q, k, v)
-    _check_group_size(group_size)
+    group_size = positive_int("group_size", group_size)
     b, nq, h, _ = q.shape
     if getattr(prev_lse, "shape", None) != (b, h, nq):
         raise ValueError(f"prev_lse must have shape [B, H, N_q] = {(b, h, nq)}, got {getattr(prev_lse, 'shape', None)}")
@@ -160,12 +153,10 @@ def dense_attention_colsum(
     if impl == "reference":
         return ref.dense_attention_colsum_reference(q, k, v, prev_lse, group_size=group_size, scale=scale)
     if impl in _TRITON_TO_PALLAS:
-        from chipmunk_jax.pallas_kernels import attention_triton
+        from chipmunk_jax.pallas_kernels import attention_triton  # local: it imports triton (optional)
 
         return attention_triton.dense_attention_colsum(q, k, v, prev_lse, group_size=group_size, scale=scale,
                                                        interpret=impl == "triton_interpret")
-    from chipmunk_jax.pallas_kernels import attention_pallas
-
     return attention_pallas.dense_attention_colsum(
         q, k, v, prev_lse, group_size=group_size, scale=scale, interpret=impl == "interpret"
     )
@@ -191,7 +182,7 @@ def column_sparse_attention(
     result is base + sign * attention (a new array: base is read, never aliased, so a cached base survives).
     """
     _check_qkv(q, k, v)
-    _check_group_size(group_size)
+    group_size = positive_int("group_size", group_size)
     b, nq, h, _ = q.shape
     groups = -(-nq // group_size)
     if getattr(indices, "ndim", None) != 4 or indices.shape[:3] != (b, h, groups):
@@ -218,8 +209,6 @@ def column_sparse_attention(
         return ref.column_sparse_attention_reference(
             q, k, v, indices, counts, group_size=group_size, scale=scale, base=base, sign=sign
         )
-    from chipmunk_jax.pallas_kernels import attention_pallas
-
     return attention_pallas.column_sparse_attention(
         q, k, v, indices, counts, group_size=group_size, scale=scale, base=base, sign=sign,
         interpret=impl == "interpret",

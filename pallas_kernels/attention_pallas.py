@@ -6,7 +6,7 @@ through whole-sequence blocks per (batch, head) (a pointer plus strides on the G
 never transposes or pads. Edge rows are handled with masked loads/stores (jax 0.11.2's Triton lowering
 does not mask edge blocks itself), key positions >= N are masked to -inf.
 
-Triton rules honoured here (DESIGN.md §3): every in-kernel array has a power-of-2 size, so a
+Triton rules honoured here (docs/kernels.md §1): every in-kernel array has a power-of-2 size, so a
 192-query group is processed as sub-tiles of ``block_q`` (64) rows that share every K/V chunk they
 load; no scalar prefetch (counts and indices are ordinary inputs, the loop bound is read in the
 kernel); static grids; f32 inputs use precision=HIGHEST dots (TF32 otherwise).
@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from chipmunk_jax.validation import is_power_of_two
 
 __all__ = [
     "DenseConfig",
@@ -67,7 +69,7 @@ class DenseConfig:
     cs_dot: str = "wp"
     groups_per_program: int = 0
     # "seq" colsum only: softmax with the previous LSE as a fixed offset instead of an online running max.
-    # p = exp(s - prev_lse) is then both the column-sum term (SPEC §1.4) and the unnormalised softmax:
+    # p = exp(s - prev_lse) is then both the column-sum term (docs/algorithm.md §1.4) and the unnormalised softmax:
     # o = (p @ v) / sum(p), lse = prev_lse + log(sum(p)); no running max, no rescaling of the accumulator and a
     # constant column-sum weight matrix. Exact while |lse - prev_lse| stays within f32's exponent range;
     # dense_attention_colsum checks that per row and reruns the online kernel when it does not hold.
@@ -95,9 +97,10 @@ class SparseConfig:
     prefetch_indices: bool = False
 
 
+# Timings below: benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md (H100 runs 2-4 and 2026-11-25, H200 2026-12-03).
 # block_k=128 (run 3, H100): 0.613 vs 0.643 ms for block_k=64 at N=4,608 in the same sweep; 28.1 ms (1.22x cuDNN) at
 # 32,760 and 151.3 ms (1.25x) at 75,600. block_k=64 measured 391.8 ms (1.29x) at 118,800 in run 2; block_k=128 376.5 ms
-# (1.25x) at 118,800 and 28.1 ms (1.24x) at 32,760 in session 3. Session 4 (max over unscaled logits, scale in the
+# (1.25x) at 118,800 and 28.1 ms (1.24x) at 32,760 later. With the max taken over unscaled logits (scale in the
 # exponent's FFMA): 355.7 / 27.4 ms; alternating 1 s blocks with cuDNN: 1.200x / 1.211x its time. A degree-3
 # polynomial exp2 on the FMA pipe for 16 or 32 of each 128 keys (FlashAttention-4's trick) was 20-26% SLOWER
 # (449.4 / 420.8 ms at 118,800): the split dots and the extra FP32 instructions cost more than the MUFU time saved.
@@ -105,8 +108,8 @@ DEFAULT_DENSE = DenseConfig(block_q=128, n_sub=1, block_k=128, num_warps=8, num_
 # v3: sequential 128-row passes with the MMA column sums (see DenseConfig.seq). Run 4 (H100): 591.6 ms at N=118,800
 # (1.95x cuDNN time), 46.5 ms at 32,760 (1.99x); "pw" dot 615 / 47.0 ms, 4 stages 594 / 46.6 ms; the v2 layout (3x64
 # sub-tiles per group, jnp.sum reduction) 1033 / 78.0 ms in the same run.
-# Default (NOTES_attention.md v5): the same with the previous LSE as a fixed softmax offset. Session 3 (H100, N=75,600, H=40): 345.4 ms
-# (1.68x cuDNN) vs 400.1 ms (1.94x) for v3 in the same run.
+# Default (NOTES_attention.md v5): the same with the previous LSE as a fixed softmax offset. H100, N=75,600, H=40:
+# 345.4 ms (1.68x cuDNN) vs 400.1 ms (1.94x) for v3 in the same run.
 ONLINE_COLSUM = DenseConfig(block_q=128, block_k=64, num_warps=8, num_stages=3, seq=True)
 FIXED_OFFSET_COLSUM = dataclasses.replace(ONLINE_COLSUM, fixed_offset=True)
 DEFAULT_COLSUM = FIXED_OFFSET_COLSUM
@@ -114,10 +117,10 @@ DEFAULT_COLSUM = FIXED_OFFSET_COLSUM
 # at 32,760 (8.07x); 64-row programs (ppg=3) 36.5 / 2.69 ms; (128, 64) tiles with 8 warps slower (43 / 3.3 ms).
 DEFAULT_SPARSE = SparseConfig(block_q=64, programs_per_group=1, chunk=64, num_warps=4, num_stages=3)
 # Short sequences launch too few (batch, head, group) programs to fill the H100; 64-row programs (ppg=3) then win:
-# N=4,608 (576 programs) 0.088 vs 0.097 ms at 93% (run 3), 0.169 vs 0.181 ms at 83% (session 4, FLUX's density);
-# at 32,760 (4,104 programs) ppg=1 wins at 83% (5.84 vs 6.24 ms, session 4; run 2 had ppg=3 ahead at 93%), and at
+# N=4,608 (576 programs) 0.088 vs 0.097 ms at 93% (run 3), 0.169 vs 0.181 ms at 83% (2026-11-25, FLUX's density);
+# at 32,760 (4,104 programs) ppg=1 wins at 83% (5.84 vs 6.24 ms, 2026-11-25; run 2 had ppg=3 ahead at 93%), and at
 # 118,800 (14,904) at 93% (32.1 vs 36.5 ms).
-# Session 8 (H200, 83%, one sweep): 5 stages 0.141 ms at N=4,608 vs 0.155 with 3 (the gathered K/V rows hang off an
+# H200, 2026-12-03 (83%, one sweep): 5 stages 0.141 ms at N=4,608 vs 0.155 with 3 (the gathered K/V rows hang off an
 # index load in the same step, which costs the pipeliner a stage; 4 stages 0.156, 32-key chunks 6 stages 0.149,
 # index prefetch 0.143). It was also the fastest at 32,760 (5.74 vs 5.90 ms for DEFAULT_SPARSE), but ppg=1 won at
 # 118,800 with 3 stages (above) and that size has not been re-swept, so DEFAULT_SPARSE stays.
@@ -142,7 +145,7 @@ PRODUCTION_DENSE_CONFIGS = (
 PRODUCTION_COLSUM_CONFIGS = (
     DEFAULT_COLSUM,
     ONLINE_COLSUM,
-    # fixed-offset variants (session 3, H100): block_k 128 / 2 stages 41.5 / 558.7 ms at 32,760 / 118,800 (slower
+    # fixed-offset variants (H100, 2026-11-25): block_k 128 / 2 stages 41.5 / 558.7 ms at 32,760 / 118,800 (slower
     # than the default's 38.9 / 513.9); 4 stages 36.4 / 516.9 ms (faster at 32,760 only).
     dataclasses.replace(FIXED_OFFSET_COLSUM, block_k=128, num_stages=2),
     dataclasses.replace(FIXED_OFFSET_COLSUM, num_stages=4),
@@ -158,7 +161,7 @@ PRODUCTION_SPARSE_CONFIGS = (
     SparseConfig(chunk=128, num_warps=8, num_stages=2, tiles=(128, 64)),
     # The gathered K/V rows hang off an index load in the same step, which costs the pipeliner a stage (as in the
     # MLP's fc2, whose 5 stages beat 3 by 23%): deeper pipelines, and 32-key chunks to keep two CTAs per SM.
-    # session 8 sweep (H200, 83% sparse, N = 4,608 / 32,760 ms): the small-grid default before it (3 stages)
+    # H200 sweep of 2026-12-03 (83% sparse, N = 4,608 / 32,760 ms): the small-grid default before it (3 stages)
     # 0.155 / 6.26, 4 stages 0.156 / 6.23, 32-key chunks with 4 / 6 stages 0.155 / 6.53 and 0.149 / 6.47, ppg=1 with
     # 5 stages 0.220 / 8.86 and 32-key chunks 0.189 / 6.09; index prefetch (ppg=3 3 / 4 stages, ppg=1) 0.143 / 5.99,
     # 0.206 / 8.46, 0.253 / 10.28.
@@ -172,10 +175,6 @@ PRODUCTION_SPARSE_CONFIGS = (
     dataclasses.replace(DEFAULT_SPARSE, programs_per_group=3, prefetch_indices=True, num_stages=4),
     dataclasses.replace(DEFAULT_SPARSE, prefetch_indices=True),
 )
-
-
-def _pow2(x: int) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
 
 
 def _check_head_dim(d: int):
@@ -195,7 +194,7 @@ def _sub_rows(group_size: int, block_q: int) -> tuple[int, int]:
 
 def _group_tiles(group_size, block_q, tiles):
     """Sub-tile heights covering one query group: explicit ``tiles`` if they cover it, else equal ones."""
-    if tiles and sum(tiles) >= group_size and all(_pow2(t) and t >= 16 for t in tiles):
+    if tiles and sum(tiles) >= group_size and all(is_power_of_two(t) and t >= 16 for t in tiles):
         return tuple(tiles)
     bq, n = _sub_rows(group_size, block_q)
     return (bq,) * n
@@ -343,7 +342,7 @@ def _colsum_seq_kernel(q_ref, k_ref, v_ref, plse_ref, o_ref, lse_ref, cs_ref, *,
     The program's rows [row0, row0 + groups_per_prog * group_size) start and end on group boundaries; pass t
     covers rows row0 + t*bq ..., touching groups g_first .. g_first + slots - 1. Per key block the column sums
     of all touched groups come from one MMA: part[j, :] = sum_i W[j, i] P[i, :], W[j, i] = r_i if row i is in
-    group g_first + j, with r_i = exp2(m_i - prev_lse2_i) (so W @ P sums exp(s - prev_lse), SPEC §1.4).
+    group g_first + j, with r_i = exp2(m_i - prev_lse2_i) (so W @ P sums exp(s - prev_lse), docs/algorithm.md §1.4).
     A group that began in an earlier pass of this program is read back and added (same program, a whole key
     pass later); a group's first pass stores. ``fixed_offset``: see DenseConfig (W is then the 0/1 indicator).
     """
@@ -443,7 +442,7 @@ def _dense_call(q, k, v, prev_lse, *, scale, group_size, colsum, interpret, conf
     else:
         tiles = (config.block_q,) * config.n_sub
         n_prog = -(-nq // sum(tiles))
-    assert all(_pow2(t) for t in tiles) and _pow2(bk), (tiles, bk)
+    assert all(is_power_of_two(t) for t in tiles) and is_power_of_two(bk), (tiles, bk)
     kernel = functools.partial(
         _dense_kernel, scale=scale, nq=nq, nk=nk, tiles=tiles, bk=bk,
         group_size=group_size, colsum=colsum, precision=_precision(q.dtype), fast=not interpret,
@@ -479,7 +478,7 @@ def _colsum_seq_call(q, k, v, prev_lse, *, scale, group_size, interpret, config)
     b, nq, h, d = q.shape
     nk = k.shape[1]
     bq, bk = config.block_q, config.block_k
-    assert _pow2(bq) and bq >= 16 and _pow2(bk) and bk >= 16, (bq, bk)
+    assert is_power_of_two(bq) and bq >= 16 and is_power_of_two(bk) and bk >= 16, (bq, bk)
     if config.cs_dot not in ("wp", "pw"):
         raise ValueError(f"cs_dot must be 'wp' or 'pw', got {config.cs_dot!r}")
     gpp, slots = _seq_layout(group_size, config)
@@ -636,7 +635,7 @@ def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, int
         ppg = 1
     tiles = all_tiles[: len(all_tiles) // ppg]
     chunk = config.chunk
-    assert all(_pow2(t) for t in tiles) and _pow2(chunk), (tiles, chunk)
+    assert all(is_power_of_two(t) for t in tiles) and is_power_of_two(chunk), (tiles, chunk)
     has_base = base is not None
     kernel = functools.partial(
         _sparse_kernel, scale=scale, nq=nq, group_size=group_size, tiles=tiles, ppg=ppg,
@@ -654,7 +653,7 @@ def _sparse_call(q, k, v, indices, counts, base, *, group_size, scale, sign, int
     args = [q, k, v, indices, counts]
     # base is read, not aliased to the output: every output row is written, and on a sparse step base is the
     # attention cache, which stays live, so an alias made XLA copy it first (one 28 MB MemcpyD2D per FLUX layer
-    # and step, H200 profile of session 7).
+    # and step: benchmarks/profiles/flux_sparse_h200_2026-12-03.md).
     if has_base:
         in_specs.append(pl.BlockSpec((None, nq, None, d), bh_map))
         args.append(base)

@@ -35,7 +35,7 @@ def dense_attention_reference(q, k, v, *, scale: float):
 
 
 def dense_attention_colsum_reference(q, k, v, prev_lse, *, group_size: int, scale: float):
-    """Dense attention plus column sums scored with the previous step's LSE (SPEC §1.4).
+    """Dense attention plus column sums scored with the previous step's LSE (docs/algorithm.md §1.4).
 
     colsum[b, h, g, j] = sum_{i in group g, i < N_q} exp(scale q_i.k_j - prev_lse[b, h, i]), f32,
     shape [B, H, ceil(N_q / group_size), N_k].
@@ -54,7 +54,7 @@ def dense_attention_colsum_reference(q, k, v, prev_lse, *, group_size: int, scal
 def column_sparse_attention_reference(
     q, k, v, indices, counts, *, group_size: int, scale: float, base=None, sign: int = 1
 ):
-    """Attention of each query group over its own gathered key list (SPEC §1.7).
+    """Attention of each query group over its own gathered key list (docs/algorithm.md §1.7).
 
     For query i in group g: softmax over keys indices[b, h, g, :counts[b, h, g]] (duplicates count
     as separate keys, exactly as a gather kernel sees them); groups with count 0 give 0. With

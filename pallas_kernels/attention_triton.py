@@ -4,9 +4,9 @@ Written in Triton itself (launched by triton_call.py), not in Pallas: the same a
 attention_pallas's dense kernels, but K/V (and Q) tiles arrive by TMA (``tl.make_tensor_descriptor`` on the
 [B*N, H*D] view of the [B, N, H, D] arrays), which Pallas-Triton on jax 0.11.2 cannot emit. On the H100 this
 is what takes dense+LSE from ~1.27x to ~1.1x the cuDNN time and dense+LSE+colsum from ~1.7x to ~1.4x
-(benchmarks/RESULTS.md, session 5).
+(2026-11-25 in benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md).
 
-Column sums (SPEC §1.4) come from the tensor cores: with the previous LSE as a fixed softmax offset (as
+Column sums (docs/algorithm.md §1.4) come from the tensor cores: with the previous LSE as a fixed softmax offset (as
 attention_pallas's default), P = exp(s - prev_lse) is final when computed, and each key block's group sums are
 P^T @ W, W [BM, 16] the 0/1 "row i is in the j-th group this program touches" matrix. A 128-row program
 touches at most ceil(127 / group_size) + 1 groups and adds its partial sums into the zeroed colsum with fp32
@@ -22,6 +22,7 @@ Key columns past N_k are masked to -inf in the last block and their V rows zeroe
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,9 @@ import triton
 import triton.language as tl
 from jax import lax
 
+from chipmunk_jax.pallas_kernels import attention_pallas as ap
 from chipmunk_jax.pallas_kernels import triton_call as tc
+from chipmunk_jax.validation import check_power_of_two, field, positive_int, validate_fields
 
 _LOG2E = 1.4426950408889634
 _FIXED_OFFSET_LIMIT = 60.0  # as attention_pallas: |lse - prev_lse| bound of the fixed offset (natural log)
@@ -38,25 +41,18 @@ _GROUP_SLOTS = 16  # columns of W: groups one program may touch (the smallest wg
 
 @dataclasses.dataclass(frozen=True)
 class TritonAttentionConfig:
-    """Tiles and launch options. block_q / block_k powers of 2 (Triton's rule), block_q >= 64."""
+    """Tiles and launch options. block_q / block_k powers of 2 (Triton's rule), block_q >= 64, block_k >= 16."""
 
-    block_q: int = 128
-    block_k: int = 128
-    num_warps: int = 8
-    num_stages: int = 3
+    block_q: int = field(128, check=functools.partial(check_power_of_two, minimum=64))
+    block_k: int = field(128, check=functools.partial(check_power_of_two, minimum=16))
+    num_warps: int = field(8, check=check_power_of_two)
+    num_stages: int = field(3, check=positive_int)
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "num_warps"):
-            x = getattr(self, name)
-            if isinstance(x, bool) or not isinstance(x, int) or x < 1 or x & (x - 1):
-                raise ValueError(f"TritonAttentionConfig.{name} must be a positive power of 2, got {x!r}")
-        if self.block_q < 64 or self.block_k < 16:
-            raise ValueError(f"TritonAttentionConfig needs block_q >= 64 and block_k >= 16, got {self}")
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"TritonAttentionConfig.num_stages must be a positive integer, got {self.num_stages!r}")
+        validate_fields(self, prefix="TritonAttentionConfig.")
 
 
-# H100, session 5 (benchmarks/research/raw_triton/colsum_probe.py, 32,640 and 118,656 tokens, 24 heads): online
+# H100, 2026-11-25 (colsum probe kernels, 32,640 and 118,656 tokens, 24 heads; benchmarks/NOTES_triton.md §6): online
 # dense 128x128 tiles, 8 warps, 3 stages 1.09-1.12x cuDNN; colsum 128x64 tiles: 3 stages 1.45x (stored halves) /
 # 1.37x (atomics), 4 stages 1.40-1.42x (stored halves), 2 stages 2.0x; 64-key blocks with 4 warps 1.43-1.45x.
 DEFAULT_DENSE = TritonAttentionConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
@@ -189,8 +185,6 @@ def dense_attention_colsum(q, k, v, prev_lse, *, group_size: int, scale: float, 
     fits = jnp.all(jnp.abs(lse - prev_lse) < _FIXED_OFFSET_LIMIT)  # NaN / inf fail too
 
     def online():
-        from chipmunk_jax.pallas_kernels import attention_pallas as ap
-
         return ap.dense_attention_colsum(q, k, v, prev_lse, group_size=group_size, scale=scale, interpret=interpret,
                                          config=dataclasses.replace(ap.DEFAULT_COLSUM, fixed_offset=False))
 

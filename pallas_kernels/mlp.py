@@ -1,18 +1,21 @@
-"""Public sparse-delta MLP op (SPEC §2.2) with the same ``impl`` switch as the attention ops.
+"""Public sparse-delta MLP op (docs/algorithm.md §2.2) with the same ``impl`` switch as the attention ops.
 
 impl: None -> "triton" on a Hopper GPU when those kernels take the inputs (bf16/f16, block_size 64/128/256, C and
-C_out multiples of 16; H200, FLUX double block 70%: full step 0.475 ms vs 0.490 ms Pallas, benchmarks/RESULTS.md
-session 7), else "pallas" on GPU, "reference" elsewhere; "pallas" / "interpret": mlp_pallas's kernels compiled /
-in interpret mode; "triton" / "triton_interpret": mlp_triton's kernels (TMA token tiles; Hopper, bf16/f16) compiled /
-in Triton's interpreter; "reference": the pure-jnp twin in mlp_reference.py.
+C_out multiples of 16; H200, FLUX double block 70%: full step 0.475 ms vs 0.490 ms Pallas, 2026-12-03 in
+benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md), else "pallas" on GPU, "reference" elsewhere;
+"pallas" / "interpret": mlp_pallas's kernels compiled / in interpret mode; "triton" / "triton_interpret":
+mlp_triton's kernels (TMA token tiles; Hopper, bf16/f16) compiled / in Triton's interpreter; "reference": the
+pure-jnp twin in mlp_reference.py.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from chipmunk_jax.pallas_kernels import mlp_pallas, triton_call
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
 from chipmunk_jax.pallas_kernels.attention import resolve_impl
+from chipmunk_jax.validation import check_bool, positive_int
 
 __all__ = ["sparse_mlp_delta"]
 
@@ -29,8 +32,7 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         if arr.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float array, got {arr.dtype}")
     b, n, c = x.shape
-    if not isinstance(w1_transposed, bool):
-        raise TypeError(f"w1_transposed must be a bool, got {w1_transposed!r}")
+    w1_transposed = check_bool("w1_transposed", w1_transposed)
     f = w1.shape[0] if w1_transposed else w1.shape[1]
     c_out = w2.shape[1]
     if (w1.shape[1] if w1_transposed else w1.shape[0]) != c:
@@ -44,8 +46,7 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         raise ValueError(f"act_cache must be [B, F, N] = {(b, f, n)} (feature-major), got {act_cache.shape}")
     if out_cache.shape != (b, n, c_out):
         raise ValueError(f"out_cache must be [B, N, C_out] = {(b, n, c_out)}, got {out_cache.shape}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    block_size = positive_int("block_size", block_size)
     nb = -(-n // block_size)
     if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != (b, nb):
         raise ValueError(f"indices must be [B, NB, K] with (B, NB) = {(b, nb)}, got {getattr(indices, 'shape', None)}")
@@ -58,12 +59,10 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
 
 
 def _triton_unsupported(x, w1, w2, block_size: int, interpret: bool) -> str | None:
-    from chipmunk_jax.pallas_kernels import triton_call
-
     reason = triton_call.platform_unsupported(interpret)  # first: importing mlp_triton needs the triton package
     if reason:
         return reason
-    from chipmunk_jax.pallas_kernels import mlp_triton
+    from chipmunk_jax.pallas_kernels import mlp_triton  # local: it imports triton, an optional dependency
 
     return mlp_triton.unsupported_reason(x, w1, w2, block_size, interpret=interpret)
 
@@ -72,8 +71,6 @@ def resolve_mlp_impl(impl, x, w1, w2, block_size: int, tiles=None) -> str:
     """The implementation that runs: impl itself, or for None the platform default (see the module docstring);
     None with an mlp_pallas.MlpTiles as tiles keeps the Pallas kernels those tiles are for.
     Asking for "triton" / "triton_interpret" with inputs those kernels cannot take is an error that says why."""
-    from chipmunk_jax.pallas_kernels import mlp_pallas
-
     if impl is None and resolve_impl(None) == "pallas" and not isinstance(tiles, mlp_pallas.MlpTiles):
         return "triton" if _triton_unsupported(x, w1, w2, block_size, interpret=False) is None else "pallas"
     if impl in ("triton", "triton_interpret"):
@@ -103,7 +100,7 @@ def sparse_mlp_delta(
             x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size, w1_transposed=w1_transposed
         )
     if impl in ("triton", "triton_interpret"):
-        from chipmunk_jax.pallas_kernels import mlp_triton
+        from chipmunk_jax.pallas_kernels import mlp_triton  # local: it imports triton (optional)
 
         if tiles is None:
             tiles = mlp_triton.DEFAULT_CONFIG
@@ -114,8 +111,6 @@ def sparse_mlp_delta(
             x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size=block_size,
             interpret=impl == "triton_interpret", w1_transposed=w1_transposed, config=tiles,
         )
-    from chipmunk_jax.pallas_kernels import mlp_pallas
-
     if tiles is None:
         tiles = mlp_pallas.DEFAULT_TILES
     elif not isinstance(tiles, mlp_pallas.MlpTiles):

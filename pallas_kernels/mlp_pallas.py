@@ -1,4 +1,4 @@
-"""Pallas-Triton kernels for the sparse-delta MLP step (SPEC §2.2, §2.4); twin: mlp_reference.py.
+"""Pallas-Triton kernels for the sparse-delta MLP step (docs/algorithm.md §2.2, §2.4); twin: mlp_reference.py.
 
 Two kernels, both gathering only the selected hidden features of each row block:
 
@@ -28,44 +28,44 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from chipmunk_jax.validation import (
+    check_power_of_two,
+    field,
+    is_power_of_two,
+    non_negative_int,
+    positive_int,
+    validate_fields,
+)
+
 __all__ = ["MlpTiles", "DEFAULT_TILES", "PRODUCTION_TILES", "sparse_mlp_delta", "fc1_delta", "fc2_delta"]
+
+_tile = functools.partial(check_power_of_two, minimum=16)  # Triton tiles: powers of two, the smallest dot 16
 
 
 @dataclasses.dataclass(frozen=True)
 class MlpTiles:
     """Tile and launch parameters. fc1_features must be a multiple of fc2_k (fc2 reads only chunks fc1 wrote)."""
 
-    fc1_features: int = 128  # BF: gathered features per fc1 program; counts are best padded to this
-    fc1_k: int = 64  # K step over C in fc1
-    fc1_warps: int = 4
-    fc1_stages: int = 3
-    fc2_k: int = 64  # packed features per fc2 K step
-    fc2_cols: int = 128  # BN: output columns per fc2 program
-    fc2_warps: int = 4
+    fc1_features: int = field(128, check=_tile)  # BF: gathered features per fc1 program; counts are best padded to this
+    fc1_k: int = field(64, check=_tile)  # K step over C in fc1
+    fc1_warps: int = field(4, check=positive_int)
+    fc1_stages: int = field(3, check=positive_int)
+    fc2_k: int = field(64, check=_tile)  # packed features per fc2 K step
+    fc2_cols: int = field(128, check=_tile)  # BN: output columns per fc2 program
+    fc2_warps: int = field(4, check=positive_int)
     # The gathered W2 rows hang off an in-loop index load, so the pipeliner keeps 2 tiles in flight at 3-4 stages
     # and 3 at 5 (TTGIR, triton 3.6). H200, FLUX double block 70%: full step 0.490 ms vs 0.509 ms with 3 stages.
-    fc2_stages: int = 5
+    fc2_stages: int = field(5, check=positive_int)
     # Launch order: programs run in groups of `row_group` row blocks (0 = all of them), row blocks fastest
     # within a group, then the next chunk / output tile. Selections list features ascending, so programs of
     # one group running together gather nearby weight rows and share them through L2, while a group's token
-    # tiles (x for fc1, delta for fc2) stay L2-resident across its chunks. 1 = chunk-major. H100, session 4
+    # tiles (x for fc1, delta for fc2) stay L2-resident across its chunks. 1 = chunk-major. H100, 2026-11-25
     # (`mlp.py --orders`, 70%): Wan 14B (256 row blocks) 6.76 ms with 32 vs 9.49 ms with all row blocks in one
     # group (their x tiles, 335 MB, cannot stay in the 50 MB L2); FLUX (36 row blocks) 0.66-0.70 ms for every order.
-    row_group: int = 32
+    row_group: int = field(32, check=non_negative_int)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "row_group":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"MlpTiles.row_group must be an integer >= 0 (0 = all row blocks), got {value!r}")
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MlpTiles.{field.name} must be a positive integer, got {value!r}")
-        for name in ("fc1_features", "fc1_k", "fc2_k", "fc2_cols"):
-            value = getattr(self, name)
-            if value & (value - 1) or value < 16:
-                raise ValueError(f"MlpTiles.{name} must be a power of two >= 16 (Triton tiles), got {value}")
+        validate_fields(self, prefix="MlpTiles.")
         if self.fc1_features % self.fc2_k:
             raise ValueError(
                 f"MlpTiles.fc1_features ({self.fc1_features}) must be a multiple of fc2_k ({self.fc2_k})"
@@ -76,10 +76,10 @@ DEFAULT_TILES = MlpTiles()
 
 # Configurations the benchmark has swept on the H100 (benchmarks/NOTES_mlp.md) and the lowering tests cover. The
 # default (first) stayed the fastest full step: larger tiles (256 features, 8-16 warps, one CTA per SM) were slower;
-# session 7 (H200) moved its fc2 from 3 to 5 stages.
+# its fc2 runs 5 stages, not 3, since the H200 sweep of 2026-12-03 (see fc2_stages).
 PRODUCTION_TILES = (
     DEFAULT_TILES,
-    MlpTiles(fc2_stages=3),  # the default until session 7
+    MlpTiles(fc2_stages=3),  # the default before that sweep
     MlpTiles(fc1_warps=8, fc2_warps=8, fc2_stages=3),
     MlpTiles(fc1_features=256, fc1_warps=8, fc2_cols=256, fc2_warps=8, fc2_stages=3),
     MlpTiles(fc1_features=256, fc1_warps=16, fc2_cols=256, fc2_warps=16, fc2_stages=3),
@@ -103,10 +103,6 @@ def _pow2_divisor(dim: int, cap: int, name: str) -> int:
             return tile
         tile //= 2
     raise ValueError(f"{name} = {dim} must be a multiple of 16 for the Pallas MLP kernels")
-
-
-def _is_pow2(v: int) -> bool:
-    return v >= 1 and v & (v - 1) == 0
 
 
 def _launch_order(pid, num_blocks: int, num_inner: int, row_group: int):
@@ -195,7 +191,7 @@ def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size, tiles=DEFAU
     bk = _pow2_divisor(c, tiles.fc1_k, "C (x's feature dim)")
     if kp % bf:
         raise ValueError(f"indices' last dim ({kp}) must be a multiple of fc1_features ({bf})")
-    if not _is_pow2(block_size) or block_size < 16:
+    if not is_power_of_two(block_size) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16 for the Pallas kernels, got {block_size}")
     order = functools.partial(_launch_order, num_blocks=nb, num_inner=kp // bf, row_group=tiles.row_group)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))

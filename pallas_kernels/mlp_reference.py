@@ -1,4 +1,4 @@
-"""Pure-jnp reference twin of the sparse-delta MLP kernels (SPEC §2.2), f32 math."""
+"""Pure-jnp reference twin of the sparse-delta MLP kernels (docs/algorithm.md §2.2), f32 math."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Fast MLP feature selection (SPEC §2.2-2.3): per-row top-k by an exact k-th-value threshold, one kernel.
+"""Fast MLP feature selection (docs/algorithm.md §2.2-2.3): per-row top-k by an exact k-th-value threshold, one kernel.
 
-The original (SPEC §2.3, §10.9) sorts only the first 1024 features of each row and keeps those at or above
+The original (docs/algorithm.md §2.3, §10.9) sorts only the first 1024 features of each row and keeps those at or above
 the value at rank int(1024 * sparsity): a sampled threshold, so the kept fraction varies per row. Here the
 threshold is the exact k-th largest score of the whole row, found by a 32-step bisection on the scores'
 bit patterns (order-preserving int32 keys), so each row keeps exactly k features (more only on exact
@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from chipmunk_jax.validation import non_negative_int, positive_int
 
 __all__ = [
     "select_top_features", "select_top_features_reference", "select_from_preactivation",
@@ -82,10 +84,8 @@ def _check(scores, keep, multiple_of, extra):
         raise ValueError(f"scores must be an array [..., F], got {getattr(scores, 'shape', None)}")
     if scores.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise TypeError(f"scores must be a float array, got {scores.dtype}")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise ValueError(f"keep must be a non-negative integer, got {keep!r}")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    non_negative_int("keep", keep)
+    positive_int("multiple_of", multiple_of)
     if extra is not None:
         if getattr(extra, "shape", None) != scores.shape:
             raise ValueError(f"extra must have the shape of scores {scores.shape}, got {getattr(extra, 'shape', None)}")
@@ -146,7 +146,7 @@ def select_from_preactivation_reference(z, base, keep: int, multiple_of: int, *,
 def select_from_preactivation(
     z, base, keep: int, multiple_of: int, *, extra=None, impl: str | None = None, num_warps: int = 8
 ):
-    """Fused MLP selection step (SPEC §2.2): scores = |z - base| per row of [..., F] (z: the new block
+    """Fused MLP selection step (docs/algorithm.md §2.2): scores = |z - base| per row of [..., F] (z: the new block
     pre-activations, base: the cached ones), then select_top_features on them, and the new baseline
     where(recomputed, z, base) with recomputed = the features in the first counts slots of the index list
     (selected + padding: exactly the (block, feature) pairs fc1 recomputes). One kernel: no scores array,

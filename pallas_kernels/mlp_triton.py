@@ -1,6 +1,6 @@
 """The sparse-delta MLP kernels (fc1 delta, fc2 delta) in Triton with Hopper TMA loads; twin: mlp_reference.py.
 
-Same algorithm as mlp_pallas (SPEC §2.2), written in Triton itself and launched by triton_call.py, because the
+Same algorithm as mlp_pallas (docs/algorithm.md §2.2), written in Triton itself and launched by triton_call.py, because the
 token-side operand (x tiles for fc1, packed delta tiles for fc2) can then arrive by TMA
 (``tl.make_tensor_descriptor``), which Pallas-Triton on jax 0.11.2 cannot emit. The gathered weight rows stay
 pointer loads (cp.async): Hopper has no TMA gather.
@@ -22,6 +22,7 @@ Ragged N: token rows past N load the next batch's rows (or TMA's zero fill) and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,16 @@ import triton.language as tl
 
 from chipmunk_jax.pallas_kernels import triton_call as tc
 from chipmunk_jax.pallas_kernels.mlp_pallas import _pow2_divisor, pad_indices
+from chipmunk_jax.validation import (
+    check_bool,
+    check_power_of_two,
+    field,
+    non_negative_int,
+    positive_int,
+    validate_fields,
+)
 
-def _pow2(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, int) and x >= 1 and x & (x - 1) == 0
+_tile = functools.partial(check_power_of_two, minimum=16)  # tile sizes: powers of 2, the smallest MMA 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +52,20 @@ class TritonMlpConfig:
     stay in L2 while its programs gather nearby weight rows (mlp_pallas.MlpTiles.row_group, measured there).
     """
 
-    fc1_features: int = 128
-    fc1_k: int = 64
-    fc1_warps: int = 4
-    fc1_stages: int = 3
-    fc1_tokens_major: bool = True  # MMA M = tokens (x is the A operand) or M = features
-    fc2_cols: int = 128
-    fc2_k: int = 64
-    fc2_warps: int = 4
-    fc2_stages: int = 5  # 3 tiles in flight (see PRODUCTION_CONFIGS); H200: 0.224 ms vs 0.291 ms with 3 stages
-    row_group: int = 32
+    fc1_features: int = field(128, check=_tile)
+    fc1_k: int = field(64, check=_tile)
+    fc1_warps: int = field(4, check=check_power_of_two)
+    fc1_stages: int = field(3, check=positive_int)
+    fc1_tokens_major: bool = field(True, check=check_bool)  # MMA M = tokens (x is the A operand) or M = features
+    fc2_cols: int = field(128, check=_tile)
+    fc2_k: int = field(64, check=_tile)
+    fc2_warps: int = field(4, check=check_power_of_two)
+    # 3 tiles in flight (see PRODUCTION_CONFIGS); H200: 0.224 ms vs 0.291 ms with 3 stages
+    fc2_stages: int = field(5, check=positive_int)
+    row_group: int = field(32, check=non_negative_int)
 
     def __post_init__(self):
-        for name in ("fc1_features", "fc1_k", "fc1_warps", "fc2_cols", "fc2_k", "fc2_warps"):
-            value = getattr(self, name)
-            if not _pow2(value):
-                raise ValueError(f"TritonMlpConfig.{name} must be a positive power of 2, got {value!r}")
-        for name in ("fc1_features", "fc1_k", "fc2_cols", "fc2_k"):
-            if getattr(self, name) < 16:
-                raise ValueError(f"TritonMlpConfig.{name} must be >= 16 (the smallest MMA), got {getattr(self, name)}")
-        for name in ("fc1_stages", "fc2_stages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TritonMlpConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.fc1_tokens_major, bool):
-            raise ValueError(f"TritonMlpConfig.fc1_tokens_major must be a bool, got {self.fc1_tokens_major!r}")
-        if isinstance(self.row_group, bool) or not isinstance(self.row_group, int) or self.row_group < 0:
-            raise ValueError(f"TritonMlpConfig.row_group must be an integer >= 0, got {self.row_group!r}")
+        validate_fields(self, prefix="TritonMlpConfig.")
         if self.fc1_features % self.fc2_k:
             raise ValueError(f"TritonMlpConfig.fc1_features ({self.fc1_features}) must be a multiple of fc2_k "
                              f"({self.fc2_k})")
@@ -92,7 +87,8 @@ PRODUCTION_CONFIGS = (
     TritonMlpConfig(fc1_k=128, fc1_warps=8),
 )
 # Not here: K = 32 with deep pipelines (fc1 5-6 stages, fc2 8), two CTAs per SM with 3-4 half tiles in flight.
-# H200, session 9: fc1 0.244-0.269 ms vs 0.217 for the default, fc2 0.220 vs 0.191 (benchmarks/RESULTS.md).
+# H200, 2026-12-03: fc1 0.244-0.269 ms vs 0.217 for the default, fc2 0.220 vs 0.191
+# (benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md).
 BLOCK_SIZES = (64, 128, 256)  # tokens per row block: the M of a TMA box (<= 256) and a power of 2
 DTYPES = (jnp.bfloat16, jnp.float16)
 

@@ -1,4 +1,4 @@
-"""Fast attention column selection (SPEC §1.5): column sums -> (indices, counts[, mask]) at video scale.
+"""Fast attention column selection (docs/algorithm.md §1.5): column sums -> (indices, counts[, mask]) at video scale.
 
 Computes what ``chipmunk_jax.selection.select_attention_columns`` computes (this package must not import it:
 it takes plain arguments), without ``lax.top_k`` over 118,800 columns for 14,904 rows:
@@ -22,13 +22,14 @@ above +inf (they should not occur). Float inputs of any dtype are compared as f3
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from chipmunk_jax.validation import check_power_of_two, non_negative_int, positive_int
 
 __all__ = ["select_columns_fast", "row_thresholds", "mask_bits_to_indices"]
 
@@ -302,10 +303,8 @@ def _check(colsum, k, multiple_of, compress, random_mask, eligible, static_mask,
         raise ValueError(f"colsum must be [B, H, G, N], got shape {getattr(colsum, 'shape', None)}")
     if colsum.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise TypeError(f"colsum must be a float array, got {colsum.dtype}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be a non-negative integer, got {k!r}")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    non_negative_int("k", k)
+    positive_int("multiple_of", multiple_of)
     g, n = colsum.shape[2], colsum.shape[3]
     if random_mask is not None:
         if getattr(random_mask, "shape", None) != colsum.shape or random_mask.dtype != jnp.bool_:
@@ -318,8 +317,7 @@ def _check(colsum, k, multiple_of, compress, random_mask, eligible, static_mask,
             raise ValueError(f"static_mask must be a bool array of shape ({g}, {n})")
     if not compress and (random_mask is not None or eligible is not None or static_mask is not None):
         raise ValueError("random / eligible / static masks belong to the compressed path (compress=True)")
-    if width < 16 or width & (width - 1):
-        raise ValueError(f"width must be a power of 2 >= 16, got {width!r}")
+    check_power_of_two("width", width, minimum=16)
     if num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of 2 <= 32, got {num_warps!r}")
 
@@ -517,15 +515,13 @@ def mask_bits_to_indices(bits, counts, num_columns: int, *, impl: str | None = N
     if getattr(bits, "ndim", 0) < 1 or bits.dtype != jnp.uint8:
         raise TypeError(f"bits must be a uint8 array [..., ceil(N / 8)], got {getattr(bits, 'dtype', None)} "
                         f"{getattr(bits, 'shape', None)}")
-    if isinstance(num_columns, bool) or not isinstance(num_columns, int) or num_columns < 1:
-        raise ValueError(f"num_columns must be a positive integer, got {num_columns!r}")
+    num_columns = positive_int("num_columns", num_columns)
     if bits.shape[-1] != -(-num_columns // 8):
         raise ValueError(f"bits has {bits.shape[-1]} bytes per row, expected ceil({num_columns} / 8)")
     if getattr(counts, "shape", None) != bits.shape[:-1] or not jnp.issubdtype(counts.dtype, jnp.integer):
         raise ValueError(f"counts must be an integer array of shape {bits.shape[:-1]}, got "
                          f"{getattr(counts, 'dtype', None)} {getattr(counts, 'shape', None)}")
-    if width < 32 or width & (width - 1):
-        raise ValueError(f"width must be a power of 2 >= 32, got {width!r}")
+    width = check_power_of_two("width", width, minimum=32)
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "jnp"
     if impl not in _IMPLS:

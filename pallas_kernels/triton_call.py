@@ -3,8 +3,11 @@
 Why this exists: Pallas-Triton on jax 0.11.2 emits pointer loads only. Kernels that need Hopper TMA tensor
 descriptors (``tl.make_tensor_descriptor``) are written in Triton directly, compiled here with the installed
 ``triton`` for the GPU's compute capability, and launched through jaxlib's own Triton custom call
-(``triton_kernel_call_ffi``, the target jax-triton uses). benchmarks/research/raw_triton/NOTES.md has the
+(``triton_kernel_call_ffi``, the target jax-triton uses). benchmarks/NOTES_triton.md has the
 derivation and the H100 checks of this path.
+
+The ``triton`` package (and torch, which its interpreter needs) are optional dependencies: CPU-only installs may
+lack them, so they are imported inside the functions that use them, never at module import.
 
 On CPU the same kernels run in Triton's interpreter through ``jax.pure_callback`` (tests only: slow, float32).
 """
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
+import multiprocessing
 import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +38,7 @@ MAX_SHARED_BYTES = 232_448  # H100 opt-in shared memory per block (cudaDevAttrMa
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (local: this is the probe for the optional dependency)
     except ImportError:
         return False
     return True
@@ -65,7 +71,7 @@ def platform_unsupported(interpret: bool) -> str | None:
 def compile_kernel(kernel, pointer_types: tuple[str, ...], constexprs: tuple, num_warps: int, num_stages: int,
                    capability: int):
     """triton.compile for one specialisation; pointers are declared 16-byte aligned (XLA buffers are)."""
-    import triton
+    import triton  # local: an optional dependency (module docstring)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -87,7 +93,7 @@ def launch_layout(num_arrays: int, out_shapes, zeroed_outputs, grid, num_ctas: i
 
     No global scratch for the plugin: it would cuMemAllocAsync it on every launch, and a stream-ordered allocation
     cannot sit in the CUDA graphs XLA builds from command-buffer-compatible custom calls like this one ("Failed to
-    create a child graph node ... CUDA_ERROR_NOT_SUPPORTED", H200, session 6). A kernel that needs scratch
+    create a child graph node ... CUDA_ERROR_NOT_SUPPORTED", H200, 2026-12-03). A kernel that needs scratch
     (in-kernel TMA descriptors) gets it as one more output, passed in the kernel's hidden global-scratch parameter
     slot: Triton kernels end with (global_scratch, profile_scratch) pointers, and the plugin's own two trailing
     pointers (both null now) shift into profile_scratch and past the last parameter, which cuLaunchKernel ignores
@@ -122,7 +128,9 @@ def triton_call(kernel, *arrays, out_shapes, grid, constexprs: dict, num_warps: 
     capability = gpu_capability()
     if capability is None:
         raise RuntimeError("triton_call needs a CUDA GPU (use interpret=True on CPU)")
-    from jax._src.lib import gpu_triton  # jaxlib's Triton launcher (the CUDA plugin's _triton module)
+    # local: jaxlib's Triton launcher (the CUDA plugin's _triton module) is private API that only compiled GPU
+    # launches need; a jax version without it then fails here, not at import of every kernel module
+    from jax._src.lib import gpu_triton
 
     pointer_types = tuple(_POINTER_TYPES[jnp.dtype(x.dtype)] for x in (*arrays, *out_shapes))
     compiled = compile_kernel(kernel, pointer_types, constexpr_items, num_warps, num_stages, capability)
@@ -149,9 +157,6 @@ def _interpreter_process():
     main module, which may import triton): the interpreter needs every @triton.jit function, triton.language's
     own included, created in interpreter mode, and it patches triton.language while it runs, so it cannot
     share a process with compiles."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -174,9 +179,7 @@ def _interpret_on_host(kernel, grid, constexpr_items, out_shapes, aliases, *arra
 
 
 def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, aliases, arrays):
-    import importlib
-
-    import torch
+    import torch  # local: optional dependencies (module docstring)
     import triton
 
     kernel = getattr(importlib.import_module(module_name), kernel_name)
@@ -191,7 +194,7 @@ def _run_interpreted(module_name, kernel_name, grid, constexpr_items, specs, ali
 
 def _to_torch(x):
     """A writable torch copy; numpy has no bfloat16 of its own (ml_dtypes'), so those travel as 16-bit words."""
-    import torch
+    import torch  # local: an optional dependency
 
     x = np.array(x)
     if x.dtype == jnp.bfloat16:
@@ -200,7 +203,7 @@ def _to_torch(x):
 
 
 def _to_numpy(t):
-    import torch
+    import torch  # local: an optional dependency
 
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(jnp.bfloat16)

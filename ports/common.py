@@ -1,5 +1,6 @@
-"""Model-independent pieces of the weight ports: param trees <-> flat names, state-dict checks, arrays
-from torch/numpy/JAX, and the converted-params folder format (params.safetensors + config.json)."""
+"""Model-independent pieces of the weight ports: param trees <-> flat names, diffusers names <-> param names,
+original-layout renaming from tables, state-dict checks, arrays from torch/numpy/JAX, and the converted-params
+folder format (params.safetensors + config.json)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,27 @@ import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 
-from chipmunk_jax.ports.safetensors_io import read_safetensors, write_safetensors
+from chipmunk_jax.ports.safetensors_io import load_state_dict, read_safetensors, write_safetensors
 
 __all__ = [
+    "PORT_API",
     "flatten_params",
     "unflatten_params",
     "param_to_diffusers_name",
+    "diffusers_to_params",
+    "params_to_diffusers",
     "expected_diffusers_shapes",
+    "strip_prefix",
+    "swap_halves",
+    "original_to_diffusers",
     "to_numpy",
     "check_state",
     "block_count",
+    "module_state",
+    "checkpoint_state",
     "write_params_folder",
     "read_params_folder",
     "PARAMS_FILE",
@@ -30,6 +40,24 @@ __all__ = [
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
+
+# What every model port (flux, hunyuan_video, wan) defines under these names; the convert CLI calls
+# ``convert_checkpoint``. Each port's ``__all__`` is this plus its own extras.
+PORT_API = [
+    "from_diffusers",
+    "from_original",
+    "from_checkpoint",
+    "to_diffusers",
+    "expected_diffusers_shapes",
+    "flatten_params",
+    "unflatten_params",
+    "infer_config",
+    "is_original_layout",
+    "original_to_diffusers_state",
+    "save_params",
+    "load_params",
+    "convert_checkpoint",
+]
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,6 +102,95 @@ def param_to_diffusers_name(name: str) -> str:
     return re.sub(r"\.(kernel|scale)$", ".weight", name)
 
 
+def diffusers_to_params(state: Mapping[str, np.ndarray], dtype=None) -> dict[str, np.ndarray]:
+    """Flat param names and arrays of a (checked) diffusers state dict: a ``weight`` with two or more axes becomes
+    ``kernel`` with its axes reversed (Linear [out, in] -> [in, out]), a 1-D one ``scale``; everything else is
+    copied. ``dtype`` casts every array (None keeps the checkpoint's)."""
+    flat = {}
+    for name, value in state.items():
+        stem, _, kind = name.rpartition(".")
+        if kind == "weight":
+            name, value = (f"{stem}.kernel", value.T) if value.ndim >= 2 else (f"{stem}.scale", value)
+        flat[name] = value if dtype is None else value.astype(dtype)
+    return flat
+
+
+def params_to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of ``diffusers_to_params``."""
+    out = {}
+    for name, value in flatten_params(params).items():
+        value = to_numpy(value)
+        out[param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
+    return out
+
+
+def strip_prefix(key: str, prefixes: Iterable[str]) -> str:
+    """``key`` without the first of ``prefixes`` it starts with (ComfyUI / original repacks nest the model)."""
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def swap_halves(x: np.ndarray) -> np.ndarray:
+    """The halves of the first axis swapped: original (shift, scale) modulation rows <-> diffusers' (scale, shift)."""
+    first, second = np.split(x, 2, axis=0)
+    return np.concatenate([second, first], axis=0)
+
+
+def original_to_diffusers(state: Mapping[str, Any], *, prefixes: Iterable[str], top_level: Mapping[str, Any],
+                          blocks: Mapping[str, tuple], what: str) -> dict[str, np.ndarray]:
+    """Rewrites an original-layout state dict to diffusers names from rename tables; unknown keys (and fused
+    weights whose rows do not add up) raise one ValueError listing them (missing keys and shapes are checked
+    later, against the config).
+
+    Keys lose the first of ``prefixes`` they start with. An entry ``stem.kind`` (kind: weight, bias, scale, ...)
+    is renamed by its whole key if a table has it, else by its stem (the kind is kept):
+      top_level: {original key or stem: diffusers key or stem, or (that, fn) to transform the array};
+      blocks: {original block list: (diffusers block list, renames, fused)} for keys ``<list>.<i>.<rest>``, with
+        renames as top_level for ``rest``, and fused {stem of rest: (diffusers stems, row counts)}: a fused weight
+        or bias split on its first axis, malformed unless its rows add up.
+    """
+    pattern = re.compile(rf"({'|'.join(map(re.escape, blocks))})\.(\d+)\.(.+)$")
+    out: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        key = strip_prefix(key, prefixes)
+        m = pattern.match(key)
+        if m is None:
+            renamed = _renamed(key, to_numpy(value), top_level, {}, "")
+        else:
+            target, renames, fused = blocks[m.group(1)]
+            renamed = _renamed(m.group(3), to_numpy(value), renames, fused, f"{target}.{m.group(2)}.")
+        if renamed is None:
+            unknown.append(key)
+        else:
+            out.update(renamed)
+    if unknown:
+        bad = "unknown or malformed keys" if any(fused for _, _, fused in blocks.values()) else "unknown keys"
+        raise ValueError(f"{bad} in the {what} ({len(unknown)}): {sorted(unknown)}")
+    return out
+
+
+def _renamed(key: str, value: np.ndarray, renames: Mapping[str, Any], fused: Mapping[str, tuple], prefix: str):
+    """[(diffusers name, array), ...] of one entry of ``original_to_diffusers`` (None: unknown or malformed)."""
+    stem, _, kind = key.rpartition(".")
+    if key in renames:
+        target, suffix = renames[key], ""
+    elif stem in renames:
+        target, suffix = renames[stem], f".{kind}"
+    elif stem in fused:
+        names, rows = fused[stem]
+        if value.shape[0] != sum(rows):
+            return None
+        parts = np.split(value, np.cumsum(rows)[:-1], axis=0)
+        return [(f"{prefix}{name}.{kind}", part) for name, part in zip(names, parts)]
+    else:
+        return None
+    target, fn = target if isinstance(target, tuple) else (target, None)
+    return [(f"{prefix}{target}{suffix}", value if fn is None else fn(value))]
+
+
 def expected_diffusers_shapes(init_params: Callable[[jax.Array], Any]) -> dict[str, tuple[int, ...]]:
     """{diffusers state-dict name: torch shape} of the params ``init_params(key)`` builds (via
     eval_shape: nothing is allocated). Dense kernels are [in, out] here, [out, in] in torch."""
@@ -90,8 +207,7 @@ def to_numpy(value) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if type(value).__module__.startswith("torch"):
-        import ml_dtypes
-        import torch
+        import torch  # local: torch is optional (the ports extra); a torch tensor means it is installed
 
         t = value.detach().cpu()
         if t.dtype == torch.bfloat16:
@@ -173,6 +289,16 @@ def module_state(module_or_state_dict, config, config_cls, module_class: str):
     return state, config
 
 
+def checkpoint_state(path: str | os.PathLike, config, config_cls):
+    """(state mapping, config) of a diffusers folder (config.json + safetensors shards; a pipeline folder's
+    ``transformer/`` works) or one .safetensors file, memory-mapped: the config is ``config``, else the folder's
+    config.json read by ``config_cls.from_diffusers``, else None. Pickle formats are refused."""
+    config_dict, state = load_state_dict(path)
+    if config is None and config_dict is not None:
+        config = config_cls.from_diffusers(config_dict)
+    return state, config
+
+
 def expected_param_shapes(init_params: Callable[[jax.Array], Any]) -> dict[str, tuple[int, ...]]:
     """{flat param name: shape} of the params ``init_params(key)`` builds (via eval_shape)."""
     abstract = jax.eval_shape(init_params, jax.ShapeDtypeStruct((2,), np.uint32))
@@ -186,12 +312,13 @@ def save_model_params(directory, config, params, config_cls, fmt: str) -> None:
     write_params_folder(directory, config.to_diffusers(), params, fmt)
 
 
-def load_model_params(directory, config_cls, expected_shapes: Callable[[Any], Mapping], model: str):
+def load_model_params(directory, config_cls, init_params: Callable[[Any, jax.Array], Any], model: str):
     """(config, flat params) of a folder written by ``save_model_params``, every key and shape checked
-    against ``expected_shapes(config)``."""
+    against the params ``init_params(config, key)`` builds."""
     config_dict, flat = read_params_folder(directory)
     config = config_cls.from_diffusers(config_dict)
-    check_state(flat, expected_shapes(config), f"params in {os.fspath(directory)!r}", model)
+    expected = expected_param_shapes(lambda key: init_params(config, key))
+    check_state(flat, expected, f"params in {os.fspath(directory)!r}", model)
     return config, flat
 
 

@@ -1,6 +1,6 @@
 """FLUX.1 weight ports: diffusers and original BFL checkpoints -> ``chipmunk_jax.models.flux`` params.
 
-Names follow MODELS.md §5.1 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
+Names follow docs/models.md §5.1 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
 becomes ``params[a][b]["kernel"]`` [in, out] (an RMSNorm ``weight`` becomes ``scale``), biases are
 copied, and ``transformer_blocks`` / ``single_transformer_blocks`` are lists. The BFL layout is first
 rewritten to diffusers names (fused qkv split in three, single-block ``linear1`` split into q, k, v,
@@ -14,33 +14,15 @@ config: missing keys, unexpected keys and wrong shapes raise one ValueError that
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from chipmunk_jax.models.flux import FluxConfig, init_params
 from chipmunk_jax.ports import common
-from chipmunk_jax.ports.common import flatten_params
-from chipmunk_jax.ports.safetensors_io import load_state_dict
+from chipmunk_jax.ports.common import flatten_params  # noqa: F401  (re-exported: common.PORT_API)
 
-__all__ = [
-    "from_diffusers",
-    "from_original",
-    "from_checkpoint",
-    "to_diffusers",
-    "expected_diffusers_shapes",
-    "flatten_params",
-    "unflatten_params",
-    "infer_config",
-    "is_original_layout",
-    "original_to_diffusers_state",
-    "original_config_guess",
-    "save_params",
-    "load_params",
-    "convert_checkpoint",
-    "ORIGINAL_PREFIX",
-]
+__all__ = [*common.PORT_API, "original_config_guess", "ORIGINAL_PREFIX"]
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 _LIST_NODES = ("transformer_blocks", "single_transformer_blocks")
@@ -114,22 +96,12 @@ def from_diffusers(module_or_state_dict, config: FluxConfig | None = None, *, dt
     state = {k: _to_numpy(v) for k, v in state.items()}
     config = config or infer_config(state)
     _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
-    flat = {}
-    for name, value in state.items():
-        stem, kind = name.rsplit(".", 1)
-        if kind == "weight":
-            name, value = (f"{stem}.kernel", value.T) if value.ndim == 2 else (f"{stem}.scale", value)
-        flat[name] = value if dtype is None else value.astype(dtype)
-    return config, unflatten_params(flat)
+    return config, unflatten_params(common.diffusers_to_params(state, dtype))
 
 
 def to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
-    out = {}
-    for name, value in flatten_params(params).items():
-        value = _to_numpy(value)
-        out[common.param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
-    return out
+    return common.params_to_diffusers(params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,53 +145,22 @@ _SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
 _SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 
 
-def _swap_halves(x: np.ndarray) -> np.ndarray:
-    first, second = np.split(x, 2, axis=0)
-    return np.concatenate([second, first], axis=0)
-
-
 def original_to_diffusers_state(state: Mapping[str, Any], config: FluxConfig) -> dict[str, np.ndarray]:
     """Rewrites a BFL-layout state dict (``model.diffusion_model.`` prefix optional) to diffusers names.
     Keys it does not know are reported together with the missing/shape errors of the result."""
-    state = {(k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k): _to_numpy(v) for k, v in state.items()}
     d = config.inner_dim
-    out: dict[str, np.ndarray] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        stem, _, kind = key.rpartition(".")
-        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)$", stem)
-        if stem == "final_layer.adaLN_modulation.1":
-            out[f"norm_out.linear.{kind}"] = _swap_halves(value)
-        elif stem in _TOP_LEVEL:
-            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
-        elif m is None:
-            unknown.append(key)
-        elif m.group(1) == "double_blocks":
-            base, rest = f"transformer_blocks.{m.group(2)}", m.group(3)
-            if rest in _DOUBLE:
-                out[f"{base}.{_DOUBLE[rest]}.{kind}"] = value
-            elif f"{rest}.{kind}" in _DOUBLE_NORMS:
-                out[f"{base}.{_DOUBLE_NORMS[f'{rest}.{kind}']}"] = value
-            elif rest in _DOUBLE_QKV and value.shape[0] == 3 * d:
-                for name, part in zip(_DOUBLE_QKV[rest], np.split(value, 3, axis=0)):
-                    out[f"{base}.{name}.{kind}"] = part
-            else:
-                unknown.append(key)
-        else:
-            base, rest = f"single_transformer_blocks.{m.group(2)}", m.group(3)
-            if rest in _SINGLE:
-                out[f"{base}.{_SINGLE[rest]}.{kind}"] = value
-            elif f"{rest}.{kind}" in _SINGLE_NORMS:
-                out[f"{base}.{_SINGLE_NORMS[f'{rest}.{kind}']}"] = value
-            elif rest == "linear1" and value.shape[0] == 3 * d + config.mlp_hidden_dim:
-                names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-                for name, part in zip(names, np.split(value, [d, 2 * d, 3 * d], axis=0)):
-                    out[f"{base}.{name}.{kind}"] = part
-            else:
-                unknown.append(key)
-    if unknown:
-        raise ValueError(f"unknown or malformed keys in the BFL checkpoint ({len(unknown)}): {sorted(unknown)}")
-    return out
+    qkv = {name: (targets, (d, d, d)) for name, targets in _DOUBLE_QKV.items()}
+    linear1 = {"linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (d, d, d, config.mlp_hidden_dim))}
+    return common.original_to_diffusers(
+        state,
+        prefixes=(ORIGINAL_PREFIX,),
+        top_level={**_TOP_LEVEL, "final_layer.adaLN_modulation.1": ("norm_out.linear", common.swap_halves)},
+        blocks={
+            "double_blocks": ("transformer_blocks", {**_DOUBLE, **_DOUBLE_NORMS}, qkv),
+            "single_blocks": ("single_transformer_blocks", {**_SINGLE, **_SINGLE_NORMS}, linear1),
+        },
+        what="BFL checkpoint",
+    )
 
 
 def from_original(state_dict: Mapping[str, Any], config: FluxConfig, *, dtype=None):
@@ -237,7 +178,7 @@ def from_original(state_dict: Mapping[str, Any], config: FluxConfig, *, dtype=No
 def original_config_guess(state: Mapping[str, Any]) -> FluxConfig:
     """FLUX.1 config for a BFL checkpoint: dev if it has ``guidance_in``, else schnell; block counts
     from the keys (the BFL file carries no config)."""
-    keys = [k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k for k in state]
+    keys = [common.strip_prefix(k, (ORIGINAL_PREFIX,)) for k in state]
     return FluxConfig(
         num_layers=_block_count(keys, "double_blocks"),
         num_single_layers=_block_count(keys, "single_blocks"),
@@ -248,9 +189,7 @@ def original_config_guess(state: Mapping[str, Any]) -> FluxConfig:
 def from_checkpoint(path: str | os.PathLike, config: FluxConfig | None = None, *, dtype=None):
     """(FluxConfig, params) from a diffusers folder (config.json + safetensors shards) or one
     .safetensors file in either layout, memory-mapped; pickle formats are refused."""
-    config_dict, state = load_state_dict(path)
-    if config is None and config_dict is not None:
-        config = FluxConfig.from_diffusers(config_dict)
+    state, config = common.checkpoint_state(path, config, FluxConfig)
     if is_original_layout(state):
         return from_original(state, config or original_config_guess(state), dtype=dtype)
     return from_diffusers(state, config, dtype=dtype)
@@ -271,9 +210,7 @@ def save_params(directory: str | os.PathLike, config: FluxConfig, params: Mappin
 
 def load_params(directory: str | os.PathLike):
     """(FluxConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config, flat = common.load_model_params(
-        directory, FluxConfig, lambda c: common.expected_param_shapes(lambda key: init_params(c, key)), "FLUX"
-    )
+    config, flat = common.load_model_params(directory, FluxConfig, init_params, "FLUX")
     return config, unflatten_params(flat)
 
 

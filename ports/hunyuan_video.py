@@ -1,6 +1,6 @@
 """HunyuanVideo weight ports: diffusers and original Tencent checkpoints -> ``chipmunk_jax.models.hunyuan_video``.
 
-Names follow MODELS.md §5.2 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
+Names follow docs/models.md §5.2 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
 becomes ``params[a][b]["kernel"]`` [in, out], a norm ``weight`` becomes ``scale``, biases are copied, and
 the Conv3d patch embedding ``x_embedder.proj.weight`` [D, C, pt, p, p] becomes a Linear kernel
 ``W.reshape(D, -1).T`` (patch features (c, pt, ph, pw)). The Tencent layout is first rewritten to diffusers
@@ -14,7 +14,6 @@ against the config: missing keys, unexpected keys and wrong shapes raise one Val
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -22,24 +21,8 @@ import numpy as np
 from chipmunk_jax.models.hunyuan_video import HunyuanVideoConfig, init_params
 from chipmunk_jax.ports import common
 from chipmunk_jax.ports.common import flatten_params
-from chipmunk_jax.ports.safetensors_io import load_state_dict
 
-__all__ = [
-    "from_diffusers",
-    "from_original",
-    "from_checkpoint",
-    "to_diffusers",
-    "expected_diffusers_shapes",
-    "flatten_params",
-    "unflatten_params",
-    "infer_config",
-    "is_original_layout",
-    "original_to_diffusers_state",
-    "save_params",
-    "load_params",
-    "convert_checkpoint",
-    "ORIGINAL_PREFIX",
-]
+__all__ = [*common.PORT_API, "ORIGINAL_PREFIX"]
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 _MODEL = "HunyuanVideo"
@@ -68,10 +51,6 @@ def expected_diffusers_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int
     shapes = common.expected_diffusers_shapes(lambda key: init_params(config, key))
     shapes[f"{_PATCH}.weight"] = _patch_shape(config)
     return shapes
-
-
-def _expected_param_shapes(config: HunyuanVideoConfig) -> dict[str, tuple[int, ...]]:
-    return common.expected_param_shapes(lambda key: init_params(config, key))
 
 
 def _check_state(state, expected, what):
@@ -131,29 +110,18 @@ def from_diffusers(module_or_state_dict, config: HunyuanVideoConfig | None = Non
     state = {k: common.to_numpy(v) for k, v in state.items()}
     config = config or infer_config(state)
     _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
-    flat = {}
-    for name, value in state.items():
-        stem, kind = name.rsplit(".", 1)
-        if name == f"{_PATCH}.weight":
-            name, value = f"{stem}.kernel", value.reshape(value.shape[0], -1).T
-        elif kind == "weight":
-            name, value = (f"{stem}.kernel", value.T) if value.ndim == 2 else (f"{stem}.scale", value)
-        flat[name] = value if dtype is None else value.astype(dtype)
-    return config, unflatten_params(flat)
+    patch = state[f"{_PATCH}.weight"]
+    state[f"{_PATCH}.weight"] = patch.reshape(patch.shape[0], -1)  # the Conv3d as the Linear it is: [D, C*pt*p*p]
+    return config, unflatten_params(common.diffusers_to_params(state, dtype))
 
 
 def to_diffusers(params: Mapping[str, Any], config: HunyuanVideoConfig) -> dict[str, np.ndarray]:
     """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
     if not isinstance(config, HunyuanVideoConfig):
         raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
-    out = {}
-    for name, value in flatten_params(params).items():
-        value = common.to_numpy(value)
-        if name == f"{_PATCH}.kernel":
-            value = value.T.reshape(_patch_shape(config))
-        elif name.endswith(".kernel"):
-            value = value.T
-        out[common.param_to_diffusers_name(name)] = value
+    out = common.params_to_diffusers(params)
+    if f"{_PATCH}.weight" in out:
+        out[f"{_PATCH}.weight"] = out[f"{_PATCH}.weight"].reshape(_patch_shape(config))
     return out
 
 
@@ -206,62 +174,26 @@ _REFINER_NAMES = {
     "mlp.fc2": "ff.net.2",
     "adaLN_modulation.1": "norm_out.linear",
 }
-_BLOCK = re.compile(r"(double_blocks|single_blocks|txt_in\.individual_token_refiner\.blocks)\.(\d+)\.(.+)$")
-
-
-def _swap_halves(x: np.ndarray) -> np.ndarray:
-    first, second = np.split(x, 2, axis=0)
-    return np.concatenate([second, first], axis=0)
 
 
 def original_to_diffusers_state(state: Mapping[str, Any], config: HunyuanVideoConfig) -> dict[str, np.ndarray]:
     """Rewrites a Tencent-layout state dict (``model.diffusion_model.`` prefix optional) to diffusers
     names. Unknown or malformed keys raise one ValueError listing them."""
-    state = {(k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k): common.to_numpy(v)
-             for k, v in state.items()}
     d = config.inner_dim
-    out: dict[str, np.ndarray] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        stem, _, kind = key.rpartition(".")
-        m = _BLOCK.match(stem)
-        if stem == "final_layer.adaLN_modulation.1":
-            out[f"norm_out.linear.{kind}"] = _swap_halves(value)
-        elif stem in _TOP_LEVEL:
-            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
-        elif m is None:
-            unknown.append(key)
-        elif m.group(1) == "double_blocks":
-            base, rest = f"transformer_blocks.{m.group(2)}", m.group(3)
-            if rest in _DOUBLE:
-                out[f"{base}.{_DOUBLE[rest]}.{kind}"] = value
-            elif rest in _DOUBLE_QKV and value.shape[0] == 3 * d:
-                for name, part in zip(_DOUBLE_QKV[rest], np.split(value, 3, axis=0)):
-                    out[f"{base}.{name}.{kind}"] = part
-            else:
-                unknown.append(key)
-        elif m.group(1) == "single_blocks":
-            base, rest = f"single_transformer_blocks.{m.group(2)}", m.group(3)
-            if rest in _SINGLE:
-                out[f"{base}.{_SINGLE[rest]}.{kind}"] = value
-            elif rest == "linear1" and value.shape[0] == 3 * d + config.mlp_hidden_dim:
-                names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-                for name, part in zip(names, np.split(value, [d, 2 * d, 3 * d], axis=0)):
-                    out[f"{base}.{name}.{kind}"] = part
-            else:
-                unknown.append(key)
-        else:
-            base, rest = f"{_REFINER}.{m.group(2)}", m.group(3)
-            if rest in _REFINER_NAMES:
-                out[f"{base}.{_REFINER_NAMES[rest]}.{kind}"] = value
-            elif rest == "self_attn_qkv" and value.shape[0] == 3 * d:
-                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v"), np.split(value, 3, axis=0)):
-                    out[f"{base}.{name}.{kind}"] = part
-            else:
-                unknown.append(key)
-    if unknown:
-        raise ValueError(f"unknown or malformed keys in the Tencent checkpoint ({len(unknown)}): {sorted(unknown)}")
-    return out
+    qkv = ("attn.to_q", "attn.to_k", "attn.to_v")
+    double_qkv = {name: (targets, (d, d, d)) for name, targets in _DOUBLE_QKV.items()}
+    linear1 = {"linear1": ((*qkv, "proj_mlp"), (d, d, d, config.mlp_hidden_dim))}
+    return common.original_to_diffusers(
+        state,
+        prefixes=(ORIGINAL_PREFIX,),
+        top_level={**_TOP_LEVEL, "final_layer.adaLN_modulation.1": ("norm_out.linear", common.swap_halves)},
+        blocks={
+            "double_blocks": ("transformer_blocks", _DOUBLE, double_qkv),
+            "single_blocks": ("single_transformer_blocks", _SINGLE, linear1),
+            "txt_in.individual_token_refiner.blocks": (_REFINER, _REFINER_NAMES, {"self_attn_qkv": (qkv, (d, d, d))}),
+        },
+        what="Tencent checkpoint",
+    )
 
 
 def from_original(state_dict: Mapping[str, Any], config: HunyuanVideoConfig | None = None, *, dtype=None):
@@ -284,12 +216,9 @@ def from_checkpoint(path: str | os.PathLike, config: HunyuanVideoConfig | None =
     """(HunyuanVideoConfig, params) from a diffusers folder (config.json + safetensors shards; a pipeline
     folder's ``transformer/`` works) or one .safetensors file in either layout, memory-mapped; pickle
     formats are refused."""
-    config_dict, state = load_state_dict(path)
-    if config is None and config_dict is not None:
-        config = HunyuanVideoConfig.from_diffusers(config_dict)
-    if is_original_layout(state):
-        return from_original(state, config, dtype=dtype)
-    return from_diffusers(state, config, dtype=dtype)
+    state, config = common.checkpoint_state(path, config, HunyuanVideoConfig)
+    convert = from_original if is_original_layout(state) else from_diffusers
+    return convert(state, config, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +232,7 @@ def save_params(directory: str | os.PathLike, config: HunyuanVideoConfig, params
 
 def load_params(directory: str | os.PathLike):
     """(HunyuanVideoConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config, flat = common.load_model_params(directory, HunyuanVideoConfig, _expected_param_shapes, _MODEL)
+    config, flat = common.load_model_params(directory, HunyuanVideoConfig, init_params, _MODEL)
     return config, unflatten_params(flat)
 
 

@@ -1,6 +1,6 @@
 """Wan 2.1 weight ports: diffusers and original Wan-AI checkpoints -> ``chipmunk_jax.models.wan`` params.
 
-Names follow MODELS.md §5.3 / §5.5. The diffusers state dict maps one to one: a ``weight`` with two or
+Names follow docs/models.md §5.3 / §5.5. The diffusers state dict maps one to one: a ``weight`` with two or
 more axes becomes ``kernel`` with its axes reversed (Linear [out, in] -> [in, out], the patch Conv3d
 [out, in, pt, ph, pw] -> [pw, ph, pt, in, out]), a 1-D ``weight`` (RMSNorm, affine LayerNorm) becomes
 ``scale``; biases, ``scale_shift_table`` and ``pos_embed`` are copied. The unused
@@ -26,25 +26,9 @@ import numpy as np
 
 from chipmunk_jax.models.wan import WanConfig, init_params
 from chipmunk_jax.ports import common
-from chipmunk_jax.ports.common import flatten_params
-from chipmunk_jax.ports.safetensors_io import load_state_dict
+from chipmunk_jax.ports.common import flatten_params  # noqa: F401  (re-exported: common.PORT_API)
 
-__all__ = [
-    "from_diffusers",
-    "from_original",
-    "from_checkpoint",
-    "to_diffusers",
-    "expected_diffusers_shapes",
-    "flatten_params",
-    "unflatten_params",
-    "infer_config",
-    "is_original_layout",
-    "original_to_diffusers_state",
-    "save_params",
-    "load_params",
-    "convert_checkpoint",
-    "ORIGINAL_PREFIXES",
-]
+__all__ = [*common.PORT_API, "ORIGINAL_PREFIXES"]
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _LIST_NODES = ("blocks",)
@@ -67,10 +51,7 @@ def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
 
 
 def _strip_prefix(key: str) -> str:
-    for prefix in ORIGINAL_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+    return common.strip_prefix(key, ORIGINAL_PREFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,22 +103,12 @@ def from_diffusers(module_or_state_dict, config: WanConfig | None = None, *, dty
     state = {_strip_prefix(k): common.to_numpy(v) for k, v in state.items() if not _IGNORED.search(k)}
     config = config or infer_config(state)
     _check_state(state, expected_diffusers_shapes(config), "diffusers state dict")
-    flat = {}
-    for name, value in state.items():
-        stem, _, kind = name.rpartition(".")
-        if kind == "weight":
-            name, value = (f"{stem}.kernel", value.T) if value.ndim >= 2 else (f"{stem}.scale", value)
-        flat[name] = value if dtype is None else value.astype(dtype)
-    return config, unflatten_params(flat)
+    return config, unflatten_params(common.diffusers_to_params(state, dtype))
 
 
 def to_diffusers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The diffusers state dict (numpy, torch layout) of a params tree: the inverse of from_diffusers."""
-    out = {}
-    for name, value in flatten_params(params).items():
-        value = common.to_numpy(value)
-        out[common.param_to_diffusers_name(name)] = value.T if name.endswith(".kernel") else value
-    return out
+    return common.params_to_diffusers(params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,35 +141,15 @@ _BLOCK = {"norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
 def original_to_diffusers_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Rewrites an original-layout state dict (prefix optional) to diffusers names. Unknown keys raise one
     ValueError listing them; missing keys and shapes are checked afterwards against the config."""
-    out: dict[str, np.ndarray] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        key = _strip_prefix(key)
-        value = common.to_numpy(value)
-        if key in _TOP_LEVEL_RAW:
-            out[_TOP_LEVEL_RAW[key]] = value
-            continue
-        stem, _, kind = key.rpartition(".")
-        m = re.match(r"blocks\.(\d+)\.(.+)$", stem)
-        if stem in _TOP_LEVEL:
-            out[f"{_TOP_LEVEL[stem]}.{kind}"] = value
-        elif re.match(r"blocks\.\d+\.modulation$", key):
-            out[key.replace(".modulation", ".scale_shift_table")] = value
-        elif m is None:
-            unknown.append(key)
-        else:
-            base, rest = f"blocks.{m.group(1)}", m.group(2)
-            attn = re.match(r"(self_attn|cross_attn)\.(.+)$", rest)
-            if rest in _BLOCK:
-                out[f"{base}.{_BLOCK[rest]}.{kind}"] = value
-            elif attn and attn.group(2) in _ATTENTION:
-                which = "attn1" if attn.group(1) == "self_attn" else "attn2"
-                out[f"{base}.{which}.{_ATTENTION[attn.group(2)]}.{kind}"] = value
-            else:
-                unknown.append(key)
-    if unknown:
-        raise ValueError(f"unknown keys in the original Wan checkpoint ({len(unknown)}): {sorted(unknown)}")
-    return out
+    attention = {f"{src}.{name}": f"{dst}.{target}" for src, dst in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+                 for name, target in _ATTENTION.items()}
+    return common.original_to_diffusers(
+        state,
+        prefixes=ORIGINAL_PREFIXES,
+        top_level={**_TOP_LEVEL, **_TOP_LEVEL_RAW},
+        blocks={"blocks": ("blocks", {"modulation": "scale_shift_table", **_BLOCK, **attention}, {})},
+        what="original Wan checkpoint",
+    )
 
 
 def from_original(state_dict: Mapping[str, Any], config: WanConfig | None = None, *, dtype=None):
@@ -217,12 +168,9 @@ def from_original(state_dict: Mapping[str, Any], config: WanConfig | None = None
 def from_checkpoint(path: str | os.PathLike, config: WanConfig | None = None, *, dtype=None):
     """(WanConfig, params) from a diffusers folder (config.json + safetensors shards; a pipeline folder
     with ``transformer/`` works too) or one .safetensors file in either layout, memory-mapped."""
-    config_dict, state = load_state_dict(path)
-    if config is None and config_dict is not None:
-        config = WanConfig.from_diffusers(config_dict)
-    if is_original_layout(state):
-        return from_original(state, config, dtype=dtype)
-    return from_diffusers(state, config, dtype=dtype)
+    state, config = common.checkpoint_state(path, config, WanConfig)
+    convert = from_original if is_original_layout(state) else from_diffusers
+    return convert(state, config, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,9 +184,7 @@ def save_params(directory: str | os.PathLike, config: WanConfig, params: Mapping
 
 def load_params(directory: str | os.PathLike):
     """(WanConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
-    config, flat = common.load_model_params(
-        directory, WanConfig, lambda c: common.expected_param_shapes(lambda key: init_params(c, key)), "Wan"
-    )
+    config, flat = common.load_model_params(directory, WanConfig, init_params, "Wan")
     return config, unflatten_params(flat)
 
 
