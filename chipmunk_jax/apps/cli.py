@@ -1,4 +1,4 @@
-"""``chipmunk-jax`` command line (also ``python -m chipmunk_jax.cli``).
+"""``chipmunk-jax`` command line (also ``python -m chipmunk_jax.apps.cli``).
 
     chipmunk-jax generate --model flux (--weights DIR | --diffusers DIR) [--pipeline DIR]
         (--prompt-embeds FILE.npz | --prompt TEXT) --height 1024 --width 1024 --steps 50 --seed 0
@@ -12,15 +12,29 @@ and receives the latents [1, C, H/8, W/8] in VAE latent space (before the scalin
 [1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs transformers).
 Exit codes: 0 done, 2 bad arguments, 1 bad files or contents.
 
-This is the application layer: it imports models and ports, lazily inside functions.
+This is the application layer over models, ports and the sampler; torch, diffusers, transformers and
+Pillow are optional and imported where they are used.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax import config as C
+from chipmunk_jax import sampling
+from chipmunk_jax.cache import init_step_cache
+from chipmunk_jax.models import flux
+from chipmunk_jax.ports import flux as flux_ports
+from chipmunk_jax.schedule import AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule
 
 __all__ = ["main"]
 
@@ -93,8 +107,6 @@ def _check_generate_args(parser, args) -> None:
 
 
 def _chipmunk_config(args):
-    from chipmunk_jax import config as C
-
     spec = args.chipmunk
     if args.dense:
         base = C.ChipmunkConfig()
@@ -128,11 +140,6 @@ def _pipeline_dir(args) -> str | None:
 
 
 def _load_model(args, dtype):
-    import jax
-    import jax.numpy as jnp
-
-    from chipmunk_jax.ports import flux as flux_ports
-
     path = args.weights if args.weights is not None else args.diffusers
     flag = "--weights" if args.weights is not None else "--diffusers"
     if not os.path.exists(path):
@@ -150,8 +157,6 @@ def _load_model(args, dtype):
 
 
 def _load_prompt_embeds(path, config):
-    import numpy as np
-
     if not os.path.isfile(path):
         raise UsageError(f"--prompt-embeds: no such file {path!r}")
     try:
@@ -179,7 +184,7 @@ def _encode_prompt(prompt, pipeline_dir):
     if pipeline_dir is None:
         raise UsageError("--prompt needs a diffusers pipeline folder with text encoders (--pipeline or "
                          "--diffusers PIPELINE); or pass --prompt-embeds FILE.npz")
-    try:
+    try:  # local: optional dependencies
         import torch
         import transformers  # noqa: F401
         from diffusers import FluxPipeline
@@ -192,7 +197,7 @@ def _encode_prompt(prompt, pipeline_dir):
 
 
 def _load_vae(pipeline_dir, config, args):
-    try:
+    try:  # local: optional dependency
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise UsageError(f"decoding to PNG needs torch and diffusers ({e}); write --out latents.npy instead") from None
@@ -215,15 +220,14 @@ def _load_vae(pipeline_dir, config, args):
 
 
 def _unpack(latents, config, grid):
-    """Packed [1, h*w, 4C] (features c, ph, pw) -> VAE latents [1, C, 2h, 2w] (MODELS.md §1.1)."""
+    """Packed [1, h*w, 4C] (features c, ph, pw) -> VAE latents [1, C, 2h, 2w] (docs/models.md §1.1)."""
     h, w = grid
     c = config.in_channels // 4
     return latents.reshape(1, h, w, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(1, c, 2 * h, 2 * w)
 
 
 def _decode(vae, latents):
-    import numpy as np
-    import torch
+    import torch  # local: optional dependency (the VAE is a torch module)
 
     shift = vae.config.shift_factor or 0.0
     with torch.no_grad():
@@ -234,7 +238,7 @@ def _decode(vae, latents):
 
 
 def _write_png(path, image) -> None:
-    try:
+    try:  # local: optional dependency
         from PIL import Image
     except ImportError:
         _write_png_plain(path, image)
@@ -244,9 +248,6 @@ def _write_png(path, image) -> None:
 
 def _write_png_plain(path, image) -> None:
     """8-bit RGB PNG without pillow (zlib, filter 0 on every row)."""
-    import struct
-    import zlib
-
     h, w, _ = image.shape
     raw = b"".join(b"\x00" + image[r].tobytes() for r in range(h))
 
@@ -260,8 +261,6 @@ def _write_png_plain(path, image) -> None:
 
 def _step_kinds(model_chipmunk, sampler_config, steps):
     """Name of each step's kind: skipped / dense, or Chipmunk's attention + MLP kinds."""
-    from chipmunk_jax.schedule import AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule
-
     skip = model_schedule(sampler_config)[:steps]
     names = []
     for s in range(steps):
@@ -291,14 +290,6 @@ def _timing_report(kinds, starts, ends) -> str:
 
 
 def generate(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from chipmunk_jax import sampling
-    from chipmunk_jax.cache import init_step_cache
-    from chipmunk_jax.models import flux
-
     t_start = time.perf_counter()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
@@ -330,11 +321,11 @@ def generate(args) -> int:
          f"{' + step caching' if args.step_cache else ''}, {args.dtype}, loaded in {time.perf_counter() - t_start:.1f} s")
 
     try:
-        cond = flux.sampling_cond(config, model_chipmunk, encoder_hidden_states=jnp.asarray(text, dtype),
-                                  pooled_projections=jnp.asarray(pooled, dtype), image_grid=grid, guidance=guidance)
+        cond = flux.sampling_cond(config, encoder_hidden_states=jnp.asarray(text, dtype),
+                                  pooled_projections=jnp.asarray(pooled, dtype), grid=grid, guidance=guidance)
         cache = None if model_chipmunk is None else flux.init_cache(
-            config, model_chipmunk, batch=1, num_image_tokens=num_img, num_text_tokens=num_txt, dtype=dtype)
-        denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=dtype)
+            config, model_chipmunk, batch=1, grid=grid, num_text_tokens=num_txt, dtype=dtype)
+        denoiser = flux.denoiser(config, model_chipmunk, grid=grid, dtype=dtype)
         if model_chipmunk is not None:  # the sparse MLP layers' layout, made once (the plain copy is dropped)
             params = flux.prepare_params(params, config, model_chipmunk)
     except (ValueError, TypeError) as e:
@@ -345,9 +336,8 @@ def generate(args) -> int:
                                 static_step_dispatch=args.static_step_dispatch,
                                 on_step=lambda s: step_ends.__setitem__(s, time.perf_counter()))
     key = jax.random.key(args.seed)
-    perm = flux.sampling_permutation(model_chipmunk, grid)
-    noise = jax.random.normal(jax.random.fold_in(key, 0), (1, num_img, config.in_channels), jnp.float32)
-    latents = noise if perm is None else noise[:, perm]
+    # raster-order packed latents: forward runs Chipmunk's tile order internally and returns raster order
+    latents = jax.random.normal(jax.random.fold_in(key, 0), (1, num_img, config.in_channels), jnp.float32)
     step_cache = init_step_cache(batch=1, seq_len=num_img, width=config.inner_dim, dtype=jnp.float32)
     sample_key = jax.random.fold_in(key, 1)
 
@@ -358,8 +348,6 @@ def generate(args) -> int:
     latents, _, _ = compiled(params, latents, cond, cache, step_cache, sample_key)
     latents = np.asarray(jax.block_until_ready(latents), np.float32)
     done = time.perf_counter()
-    if perm is not None:
-        latents = latents[:, np.argsort(perm)]
     if not np.all(np.isfinite(latents)):
         raise UsageError("sampling produced non-finite latents")
 

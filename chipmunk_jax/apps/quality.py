@@ -1,6 +1,6 @@
 """Quality harness: Chipmunk vs dense samples of the shipped tiny FLUX model, from the same noise.
 
-    python -m chipmunk_jax.quality [--images 8] [--steps 50] [--out benchmarks/quality] [--quick]
+    python -m chipmunk_jax.apps.quality [--images 8] [--steps 50] [--out benchmarks/quality] [--quick]
 
 Sweeps attention top-k, MLP top-k, the full-step interval and step caching around the tiny FLUX preset
 (``tiny_chipmunk_config``); for each setting reports PSNR / SSIM against the dense samples, the average
@@ -9,10 +9,7 @@ the sampling time. It also measures the paper's statistic (arXiv 2506.03275: "5-
 values explain 70-90% of the cross-step change") on the dense trajectory. Writes ``sweep.md``,
 ``results.json``, sample grids (PNG) and plots (PNG; matplotlib when importable, else Pillow) to ``--out``.
 
-Metrics (images in [-1, 1], compared on [0, 1]):
-  PSNR: 10 log10(1 / MSE) per image, averaged over images.
-  SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, "valid"
-    windows only, per channel, averaged over channels, pixels and images.
+Metrics: PSNR and SSIM as in ``chipmunk_jax.apps.images``.
   Cross-step change: for consecutive dense steps t-1 -> t and each layer, the entries of the attention
     probabilities [B, H, S, S] and of the MLP hidden activations (after GELU) are sorted by |change|;
     reported is the smallest fraction of entries whose |change| sums to 70% / 90% of the total
@@ -23,173 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-import zlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax import config as C
 from chipmunk_jax import sampling as SA
-from chipmunk_jax.cache import StepCache
+from chipmunk_jax.apps.images import image_grid, psnr, ssim, write_png
+from chipmunk_jax.apps.tiny import IMAGE_GRID, load_shipped
+from chipmunk_jax.apps.tiny import dataset as D
+from chipmunk_jax.apps.tiny.label_check import NearestNeighbourCheck
+from chipmunk_jax.apps.tiny.sampling import average_sparsity, sample_images, tiny_chipmunk_config
 from chipmunk_jax.models import flux, mmdit
-from chipmunk_jax.models.inputs import batch_vector
-from chipmunk_jax.models.layers import gelu_tanh
-from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule, model_schedule, ModelStep
+from chipmunk_jax.models.layers import gelu_tanh, linear
 
-__all__ = [
-    "psnr",
-    "ssim",
-    "tiny_chipmunk_config",
-    "sample_images",
-    "average_sparsity",
-    "change_fractions",
-    "cross_step_change",
-    "NearestNeighbourCheck",
-    "write_png",
-    "image_grid",
-    "line_chart",
-    "main",
-]
-
-
-# ----------------------------------------------------------------------------------------------
-# Image metrics
-
-
-def _as_unit(images) -> np.ndarray:
-    images = np.asarray(images, np.float64)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be [B, H, W, C] with C in (1, 3), got shape {images.shape}")
-    return np.clip((images + 1.0) / 2.0, 0.0, 1.0)
-
-
-def psnr(images, reference) -> float:
-    """Mean per-image PSNR (dB) of [B, H, W, C] images in [-1, 1] against ``reference`` (peak 1 on [0, 1])."""
-    a, b = _as_unit(images), _as_unit(reference)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    mse = np.mean((a - b) ** 2, axis=(1, 2, 3))
-    return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))))
-
-
-def _gaussian_filter_valid(x, window):
-    # separable 'valid' filtering over axes 1 and 2 of [B, H, W, C]
-    k = window.size
-    h = sum(window[i] * x[:, i:x.shape[1] - k + 1 + i] for i in range(k))
-    return sum(window[i] * h[:, :, i:h.shape[2] - k + 1 + i] for i in range(k))
-
-
-def ssim(images, reference, *, window_size: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM of [B, H, W, C] images in [-1, 1] against ``reference`` (Gaussian window, see module doc)."""
-    a, b = _as_unit(images), _as_unit(reference)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    if min(a.shape[1:3]) < window_size:
-        raise ValueError(f"images must be at least {window_size}x{window_size} pixels")
-    r = np.arange(window_size) - (window_size - 1) / 2
-    window = np.exp(-(r**2) / (2 * sigma**2))
-    window /= window.sum()
-    f = lambda x: _gaussian_filter_valid(x, window)  # noqa: E731
-    mu_a, mu_b = f(a), f(b)
-    var_a, var_b, cov = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(np.mean(s))
-
-
-# ----------------------------------------------------------------------------------------------
-# Chipmunk settings for the tiny model
-
-
-def tiny_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
-    """``config.flux()`` adapted to the tiny model (1,024 image + 8 text tokens, MLP width 512, 6 blocks).
-
-    Changes from the FLUX preset, and why:
-      attention.counts_multiple_of 112 -> 8: at 1,032 keys a 112 multiple rounds 16.5% up to 21.7%
-        (tk 224); 8 keeps tk = 168 (16.3%), the preset's fraction.
-      mlp.counts_multiple_of 256 -> 8: the tiny MLP has only 512 features, so a 256 multiple would round
-        the preset's 30% (154) up to 50% (256).
-      attention/mlp.first_n_dense_layers 2 -> 1: 2 of FLUX's 57 layers are dense; 2 of our 6 would be
-        a third of the model, 1 keeps the first block dense as the original does for its first layers.
-      num_steps = the sampling steps (the preset's 10-step full-step interval and the 50-step step-cache
-        schedule are kept as they are).
-    ``changes`` are ``ChipmunkConfig.replace`` keywords applied on top.
-    """
-    base = C.flux().replace(
-        num_steps=num_steps,
-        attention__counts_multiple_of=8,
-        attention__first_n_dense_layers=1,
-        mlp__counts_multiple_of=8,
-        mlp__first_n_dense_layers=1,
-    )
-    return base.replace(**changes) if changes else base
-
-
-def average_sparsity(chipmunk: C.ChipmunkConfig, model: flux.FluxConfig, num_steps: int,
-                     num_tokens: int) -> dict[str, float]:
-    """Fraction of attention key-columns / MLP features skipped, averaged over all steps and all of the
-    model's layers (always-dense layers, full steps and dense steps count as 0); skipped steps (step
-    caching) count as fully sparse for both. Nominal counts from the config (random extras included)."""
-    from chipmunk_jax.selection import attention_column_count, mlp_feature_count
-
-    layers = model.num_sparse_layers
-    a, m = chipmunk.attention, chipmunk.mlp
-    tk = min(attention_column_count(a.top_keys, num_tokens, a.counts_multiple_of), num_tokens)
-    attn_sparse = 1.0 - min(1.0, tk / num_tokens + a.random_keys)
-    fk = mlp_feature_count(m.top_keys, model.mlp_hidden_dim)
-    fk = min(model.mlp_hidden_dim, -(-fk // m.counts_multiple_of) * m.counts_multiple_of)
-    mlp_sparse = 1.0 - min(1.0, fk / model.mlp_hidden_dim + m.random_keys)
-    skip = model_schedule(chipmunk)[:num_steps] == ModelStep.SKIP
-    a_kinds, m_kinds = attention_schedule(chipmunk)[:num_steps], mlp_schedule(chipmunk)[:num_steps]
-    attn_layers = max(0, layers - a.first_n_dense_layers) if a.enabled else 0
-    mlp_layers = max(0, layers - m.first_n_dense_layers) if m.enabled else 0
-    attn = np.where(skip, 1.0, (a_kinds == AttentionStep.SPARSE) * attn_sparse * attn_layers / layers)
-    mlp = np.where(skip, 1.0, np.isin(m_kinds, (MLPStep.SPARSE_SELECT, MLPStep.SPARSE_REUSE))
-                   * mlp_sparse * mlp_layers / layers)
-    return {"attention": float(attn.mean()), "mlp": float(mlp.mean()), "skipped_steps": int(skip.sum()),
-            "attention_sparse_step": attn_sparse, "mlp_sparse_step": mlp_sparse}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample_images(params, model: flux.FluxConfig, text, pooled, noise, *, num_steps: int,
-                  chipmunk: C.ChipmunkConfig | None = None, key=None, image_grid=(32, 32)):
-    """Euler flow-matching samples from ``noise`` [B, N, C] (packed) with FLUX's shift for N tokens.
-
-    Returns (packed samples [B, N, C] numpy float32, seconds of the second, compiled, run)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    noise = np.asarray(noise, np.float32)  # host copy: the sampler donates (deletes) its latents
-    batch, num_img, _ = noise.shape
-    if num_img != image_grid[0] * image_grid[1]:
-        raise ValueError(f"noise has {num_img} tokens, image_grid {image_grid} holds {image_grid[0] * image_grid[1]}")
-    sigmas = SA.flow_sigmas(num_steps, mu=SA.flux_shift(num_img))
-    sampler_config = chipmunk if chipmunk is not None else C.ChipmunkConfig(num_steps=num_steps)
-    den = flux.denoiser(model, chipmunk, image_grid=image_grid, dtype=jnp.float32)
-    cond = flux.sampling_cond(model, chipmunk, encoder_hidden_states=jnp.asarray(text),
-                              pooled_projections=jnp.asarray(pooled), image_grid=image_grid)
-    perm = flux.sampling_permutation(chipmunk, image_grid)
-    run = SA.make_sampler(den, sampler_config, sigmas)
-    key = jax.random.PRNGKey(0) if key is None else key
-
-    def once():
-        latents = jnp.asarray(noise if perm is None else noise[:, perm])
-        cache = None if chipmunk is None else flux.init_cache(
-            model, chipmunk, batch=batch, num_image_tokens=num_img, num_text_tokens=text.shape[1], dtype=jnp.float32)
-        step_cache = StepCache(hidden=jnp.zeros((batch, num_img, model.inner_dim), jnp.float32), valid=jnp.bool_(False))
-        out, _, _ = run(params, latents, cond, cache, step_cache, key)
-        out = np.asarray(jax.block_until_ready(out))
-        return out if perm is None else out[:, np.argsort(perm)]
-
-    once()  # compile
-    start = time.perf_counter()
-    out = once()
-    return out, time.perf_counter() - start
+__all__ = ["change_fractions", "cross_step_change", "line_chart", "main"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,9 +52,9 @@ def change_fractions(previous, current, levels=(0.7, 0.9)) -> list[float]:
     return [float((np.searchsorted(cumulative, level) + 1) / delta.size) for level in levels]
 
 
-def _recording_forward(model: flux.FluxConfig):
-    """Dense forward (same blocks as ``flux.forward``) that also returns each layer's attention
-    probabilities [B, H, S, S] and MLP hidden activations (after GELU)."""
+def _recording_forward(model: flux.FluxConfig, grid: tuple[int, int]):
+    """Dense forward over a (height, width) token ``grid`` (same blocks as ``flux.forward``) that also returns
+    each layer's attention probabilities [B, H, S, S] and MLP hidden activations (after GELU)."""
 
     def attention_op(q, k, v):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / jnp.sqrt(jnp.float32(q.shape[-1]))
@@ -221,44 +67,43 @@ def _recording_forward(model: flux.FluxConfig):
         return (y if b2 is None else y + b2), hidden
 
     @jax.jit
-    def run(params, x, sigma, text, pooled, img_ids, txt_ids, rotary):
-        batch = x.shape[0]
-        temb = flux._time_text_embed(params["time_text_embed"], batch_vector(sigma, batch), None, pooled)
-        img = flux.linear(params["x_embedder"], x, jnp.float32, jnp.float32)
-        txt = flux.linear(params["context_embedder"], text, jnp.float32, jnp.float32)
+    def run(params, x, sigma, text, pooled, rotary):
+        conditioning = flux.timestep_conditioning(params, model, timestep=sigma, pooled_projections=pooled)
+        img = linear(params["x_embedder"], x, jnp.float32, jnp.float32)
+        txt = linear(params["context_embedder"], text, jnp.float32, jnp.float32)
         kw = dict(head_dim=model.attention_head_dim, dtype=jnp.float32, attention_op=attention_op, mlp_op=mlp_op)
         probs, hiddens = [], []
-        for block in params["transformer_blocks"]:
-            txt, img, (p, h) = mmdit.double_block(block, img, txt, temb, rotary, text_first=True, **kw)
+        for block, modulation in zip(params["transformer_blocks"], conditioning["transformer_blocks"]):
+            txt, img, (p, h) = mmdit.double_block(block, img, txt, None, rotary, text_first=True,
+                                                  modulation=modulation, **kw)
             probs.append(p)
             hiddens.append(h)
         joint = jnp.concatenate([txt, img], axis=1)
-        for block in params["single_transformer_blocks"]:
-            joint, (p, h) = mmdit.single_block(block, joint, temb, rotary, **kw)
+        for block, modulation in zip(params["single_transformer_blocks"], conditioning["single_transformer_blocks"]):
+            joint, (p, h) = mmdit.single_block(block, joint, None, rotary, modulation=modulation, **kw)
             probs.append(p)
             hiddens.append(h)
-        velocity = flux._final_layer(params, joint[:, text.shape[1]:], flux._norm_out_modulation(params, temb),
-                                     jnp.float32)
+        velocity = flux.head(params, model, joint[:, text.shape[1]:], conditioning, grid=grid, dtype=jnp.float32)
         return velocity, probs, hiddens
 
     return run
 
 
 def cross_step_change(params, model: flux.FluxConfig, text, pooled, noise, *, num_steps: int,
-                      image_grid=(32, 32), levels=(0.7, 0.9)) -> dict:
+                      grid=(32, 32), levels=(0.7, 0.9)) -> dict:
     """Runs the dense Euler trajectory and measures ``change_fractions`` between consecutive steps per
     layer. Returns {"attention"|"mlp": [layers][step pairs][levels], "curves": ...}."""
-    run = _recording_forward(model)
+    run = _recording_forward(model, grid)
     sigmas = SA.flow_sigmas(num_steps, mu=SA.flux_shift(noise.shape[1]))
-    img_ids = flux.image_ids(image_grid)
+    img_ids = flux.image_ids(grid)
     txt_ids = np.zeros((text.shape[1], 3), np.float32)
-    rotary = flux.rotary_emb(model, txt_ids, img_ids)
+    rotary = flux.pos_embed(model, txt_ids, img_ids)
     x = jnp.asarray(noise, jnp.float32)
     result = {"attention": [[] for _ in range(model.num_sparse_layers)],
               "mlp": [[] for _ in range(model.num_sparse_layers)], "levels": list(levels)}
     previous = None
     for i in range(num_steps):
-        v, probs, hiddens = run(params, x, sigmas[i], jnp.asarray(text), jnp.asarray(pooled), img_ids, txt_ids, rotary)
+        v, probs, hiddens = run(params, x, sigmas[i], jnp.asarray(text), jnp.asarray(pooled), rotary)
         current = ([np.asarray(p) for p in probs], [np.asarray(h) for h in hiddens])
         if previous is not None:
             for layer in range(model.num_sparse_layers):
@@ -267,100 +112,6 @@ def cross_step_change(params, model: flux.FluxConfig, text, pooled, noise, *, nu
         previous = current
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Distribution check
-
-
-class NearestNeighbourCheck:
-    """Label check of generated images against their conditioning (shape, colour).
-
-    Foreground = pixels whose brightest channel exceeds 0.65 on [0, 1] (every background pixel of the
-    dataset is below 0.5, every foreground colour above 0.8). Colour: the palette entry closest in
-    direction (cosine) to the mean foreground colour. Shape: 1-nearest-neighbour (Euclidean) of the
-    foreground mask, cropped 40x40 around its centroid and pooled to 20x20, against a bank of real
-    dataset images. Run on held-out real images it gives the check's own ceiling.
-    """
-
-    def __init__(self, bank_size: int = 3000, seed: int = 7):
-        from chipmunk_jax.tiny import dataset as D
-
-        images, labels = D.make_batch(seed, 0, bank_size)
-        self.palette = np.asarray(list(D.COLOURS.values()), np.float32)
-        self.features, self.labels = self._shape_features(images), labels
-
-    @staticmethod
-    def _masks(images):
-        return (_as_unit(images).max(axis=-1) > 0.65).astype(np.float32)
-
-    def _shape_features(self, images):
-        masks = self._masks(images)
-        b, h, w = masks.shape
-        half = 20
-        padded = np.pad(masks, ((0, 0), (half, half), (half, half)))
-        yy, xx = np.mgrid[0:h, 0:w]
-        out = np.zeros((b, 2 * half, 2 * half), np.float32)
-        for i, m in enumerate(masks):
-            total = m.sum()
-            cy, cx = ((int(round((m * yy).sum() / total)), int(round((m * xx).sum() / total))) if total > 0
-                      else (h // 2, w // 2))
-            out[i] = padded[i, cy:cy + 2 * half, cx:cx + 2 * half]
-        return out.reshape(b, half, 2, half, 2).mean(axis=(2, 4)).reshape(b, -1)
-
-    def predict(self, images) -> np.ndarray:
-        f = self._shape_features(images)
-        d = (f**2).sum(1)[:, None] - 2 * f @ self.features.T + (self.features**2).sum(1)[None]
-        shapes = self.labels[np.argmin(d, axis=1), 0]
-        unit, masks = _as_unit(images), self._masks(images)
-        mean = (unit * masks[..., None]).sum(axis=(1, 2)) / np.maximum(masks.sum(axis=(1, 2))[:, None], 1.0)
-        cos = (mean @ self.palette.T) / (np.linalg.norm(mean, axis=1, keepdims=True) + 1e-6)
-        cos = cos / np.linalg.norm(self.palette, axis=1)[None]
-        colours = np.argmax(cos, axis=1)
-        return np.stack([shapes, colours], axis=1).astype(np.int32)
-
-    def accuracy(self, images, labels) -> dict[str, float]:
-        pred, labels = self.predict(images), np.asarray(labels)
-        return {"shape": float(np.mean(pred[:, 0] == labels[:, 0])),
-                "colour": float(np.mean(pred[:, 1] == labels[:, 1])),
-                "both": float(np.mean((pred == labels).all(axis=1)))}
-
-
-# ----------------------------------------------------------------------------------------------
-# PNG output without extra dependencies
-
-
-def write_png(path, image: np.ndarray) -> None:
-    """Writes an [H, W, 3] uint8 array as an 8-bit RGB PNG (zlib only)."""
-    image = np.ascontiguousarray(image, np.uint8)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be [H, W, 3] uint8, got shape {image.shape}")
-    h, w, _ = image.shape
-
-    def chunk(tag, data):
-        body = tag + data
-        return len(data).to_bytes(4, "big") + body + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
-
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(h))
-    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                           + chunk(b"IEND", b""))
-
-
-def image_grid(rows: list[np.ndarray], scale: int = 2, gap: int = 2) -> np.ndarray:
-    """Rows of [B, H, W, 3] images in [-1, 1] -> one uint8 grid (nearest-neighbour upscaled)."""
-    from chipmunk_jax.tiny.dataset import to_uint8
-
-    lines = []
-    for row in rows:
-        tiles = [np.pad(t, ((gap, gap), (gap, gap), (0, 0)), constant_values=255) for t in to_uint8(row)]
-        lines.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(lines, axis=0)
-    return grid.repeat(scale, 0).repeat(scale, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sweep
 
 
 def _sweep_settings(quick: bool):
@@ -488,9 +239,6 @@ def _parse(argv):
 
 
 def main(argv=None):
-    from chipmunk_jax.tiny import IMAGE_GRID, load_shipped
-    from chipmunk_jax.tiny import dataset as D
-
     args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

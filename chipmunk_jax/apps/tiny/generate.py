@@ -1,6 +1,6 @@
 """README demo: the shipped tiny FLUX model, dense vs Chipmunk from the same noise, on the CPU.
 
-    python -m chipmunk_jax.tiny.generate [--images 4] [--steps 50] [--out tiny_flux_grid.png]
+    python -m chipmunk_jax.apps.tiny.generate [--images 4] [--steps 50] [--out tiny_flux_grid.png]
 
 Prints PSNR / SSIM of the Chipmunk samples against the dense ones, the average attention / MLP sparsity
 over all steps and layers, a label check (does each sample show the shape and colour it was asked
@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax import quality as Q
-from chipmunk_jax.tiny import IMAGE_GRID, load_shipped
-from chipmunk_jax.tiny import dataset as D
+from chipmunk_jax.apps.images import image_grid, psnr, ssim, write_png
+from chipmunk_jax.apps.tiny import IMAGE_GRID, load_shipped
+from chipmunk_jax.apps.tiny import dataset as D
+from chipmunk_jax.apps.tiny.label_check import NearestNeighbourCheck
+from chipmunk_jax.apps.tiny.sampling import average_sparsity, sample_images, tiny_chipmunk_config
 
 __all__ = ["main", "parse_labels"]
 
@@ -64,22 +66,22 @@ def main(argv=None):
     text, pooled = D.text_embeddings(args.labels)
     num_tokens = IMAGE_GRID[0] * IMAGE_GRID[1]
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(args.seed), (args.images, num_tokens, 12)))
-    chipmunk = Q.tiny_chipmunk_config(max(args.steps, 2))
+    chipmunk = tiny_chipmunk_config(max(args.steps, 2))
     count = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
     print(f"tiny FLUX ({count:,} parameters, {num_tokens} image + {D.NUM_TEXT_TOKENS} text tokens); "
           f"{args.images} images x {args.steps} steps on {jax.default_backend()}", flush=True)
 
-    dense_packed, dense_s = Q.sample_images(params, model, text, pooled, noise, num_steps=args.steps)
-    sparse_packed, sparse_s = Q.sample_images(params, model, text, pooled, noise, num_steps=args.steps,
+    dense_packed, dense_s = sample_images(params, model, text, pooled, noise, num_steps=args.steps)
+    sparse_packed, sparse_s = sample_images(params, model, text, pooled, noise, num_steps=args.steps,
                                               chipmunk=chipmunk)
     dense, sparse = D.unpack(dense_packed), D.unpack(sparse_packed)
-    sparsity = Q.average_sparsity(chipmunk, model, args.steps, num_tokens + D.NUM_TEXT_TOKENS)
-    checker = Q.NearestNeighbourCheck(bank_size=1000)
+    sparsity = average_sparsity(chipmunk, model, args.steps, num_tokens + D.NUM_TEXT_TOKENS)
+    checker = NearestNeighbourCheck(bank_size=1000)
     dense_ok, sparse_ok = checker.accuracy(dense, args.labels), checker.accuracy(sparse, args.labels)
 
     diff = np.clip(4 * np.abs(sparse - dense) - 1, -1, 1)
-    Q.write_png(args.out, Q.image_grid([dense, sparse, diff], scale=3))
-    print(f"PSNR Chipmunk vs dense: {Q.psnr(sparse, dense):.2f} dB   SSIM: {Q.ssim(sparse, dense):.4f}")
+    write_png(args.out, image_grid([dense, sparse, diff], scale=3))
+    print(f"PSNR Chipmunk vs dense: {psnr(sparse, dense):.2f} dB   SSIM: {ssim(sparse, dense):.4f}")
     print(f"sparsity (average over all steps and layers): attention {100 * sparsity['attention']:.1f}%, "
           f"MLP {100 * sparsity['mlp']:.1f}%  (on sparse steps of sparse layers: attention "
           f"{100 * sparsity['attention_sparse_step']:.1f}%, MLP {100 * sparsity['mlp_sparse_step']:.1f}%)")

@@ -1,6 +1,6 @@
 """CPU demo: a model-shaped stack of Chipmunk attention + MLP layers, dense vs sparse, step by step.
 
-    python -m chipmunk_jax.demo [--steps 12] [--layers 4] [--tokens 768]
+    python -m chipmunk_jax.apps.demo [--steps 12] [--layers 4] [--tokens 768]
 
 The inputs drift slowly from step to step, as a DiT's activations do between sampling steps. Each
 step prints what the schedule ran, the relative error of the Chipmunk stack against the dense stack

@@ -9,12 +9,14 @@ scene parameters, ``scene_params``; ``render`` draws them with numpy or, jitted 
 slice of the stream can be regenerated anywhere.
 
 Pixel values are float32 in [-1, 1], layout [H, W, 3]. ``pack`` / ``unpack`` convert to FLUX's packed
-token layout (2x2 patches, channel order (c, ph, pw) as FLUX packs latents, MODELS.md §1.1).
+token layout (2x2 patches, channel order (c, ph, pw) as FLUX packs latents, docs/models.md §1.1).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from chipmunk_jax.validation import check_int, positive_int
 
 __all__ = [
     "SHAPES",
@@ -33,7 +35,6 @@ __all__ = [
     "text_embeddings",
     "pack",
     "unpack",
-    "to_uint8",
 ]
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
@@ -56,10 +57,7 @@ _TABLE_SEED = 20250603
 
 
 def _check_index(name, value, upper=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if upper is not None and value >= upper:
-        raise ValueError(f"{name} must be < {upper}, got {value}")
+    check_int(name, value, minimum=0, maximum=None if upper is None else upper - 1)
 
 
 _SCENE_FIELDS = ("c0", "c1", "angle", "freq", "phase", "tex_angle", "radius", "cy", "cx", "brightness",
@@ -158,8 +156,7 @@ def random_labels(seed: int, index: int) -> tuple[int, int]:
 
 def _batch_labels(seed, start, batch, labels):
     _check_index("start", start)
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    positive_int("batch", batch)
     if labels is None:
         labels = np.array([random_labels(seed, start + i) for i in range(batch)], np.int32)
     labels = np.asarray(labels, np.int32)
@@ -229,8 +226,3 @@ def unpack(tokens, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> np.ndar
         raise ValueError(f"tokens {tokens.shape} do not form a {height}x{width} image")
     x = tokens.reshape(b, gh, gw, c, PATCH, PATCH)
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, height, width, c)
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

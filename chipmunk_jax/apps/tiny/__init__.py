@@ -2,7 +2,7 @@
 
 It runs through the same ``chipmunk_jax.models.flux`` code as FLUX.1 (smaller width and depth), in
 pixel space: 64x64 RGB images packed into 2x2 patches give a 32x32 grid of 1,024 image tokens with
-12 channels, plus 8 text tokens. Trained weights ship in ``chipmunk_jax/tiny/weights``.
+12 channels, plus 8 text tokens. Trained weights ship in ``chipmunk_jax/apps/tiny/weights``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from chipmunk_jax.models.flux import FluxConfig
+from chipmunk_jax.ports.flux import load_params
 
 __all__ = ["tiny_config", "WEIGHTS_DIR", "load_shipped", "IMAGE_GRID"]
 
@@ -39,11 +40,9 @@ def tiny_config() -> FluxConfig:
 
 def load_shipped(directory: str | os.PathLike | None = None):
     """(FluxConfig, params) of the shipped model (or of a ``train`` output folder)."""
-    from chipmunk_jax.ports.flux import load_params
-
     directory = WEIGHTS_DIR if directory is None else Path(directory)
     if not (Path(directory) / "config.json").is_file():
         raise FileNotFoundError(
-            f"no trained tiny model in {os.fspath(directory)!r}: run `python -m chipmunk_jax.tiny.train` first"
+            f"no trained tiny model in {os.fspath(directory)!r}: run `python -m chipmunk_jax.apps.tiny.train` first"
         )
     return load_params(directory)

@@ -1,6 +1,6 @@
 """Train the tiny FLUX model on the procedural shapes dataset (rectified flow, as FLUX is trained).
 
-    python -m chipmunk_jax.tiny.train --out runs/tiny [--steps 20000] [--time-budget 400] [--batch 128]
+    python -m chipmunk_jax.apps.tiny.train --out runs/tiny [--steps 20000] [--time-budget 400] [--batch 128]
 
 Flow matching: x_t = (1 - t) x0 + t noise with t ~ logit-normal(0, 1) (SD3/FLUX), the model
 (``chipmunk_jax.models.flux.forward``, ``tiny_config()``) predicts the velocity noise - x0 (the direction
@@ -47,8 +47,11 @@ import optax
 
 from chipmunk_jax.models import flux
 from chipmunk_jax.ports.flux import save_params
-from chipmunk_jax.tiny import IMAGE_GRID, tiny_config
-from chipmunk_jax.tiny import dataset as D
+from chipmunk_jax.apps.images import image_grid, write_png
+from chipmunk_jax.apps.tiny import IMAGE_GRID, load_shipped, tiny_config
+from chipmunk_jax.apps.tiny import dataset as D
+from chipmunk_jax.apps.tiny.label_check import NearestNeighbourCheck
+from chipmunk_jax.apps.tiny.sampling import sample_images
 
 __all__ = ["main", "init_tiny_params", "make_train_step", "model_inputs", "learning_rate"]
 
@@ -71,7 +74,7 @@ def model_inputs(config: flux.FluxConfig):
     img_ids = flux.image_ids(IMAGE_GRID)
     txt_ids = np.zeros((D.NUM_TEXT_TOKENS, 3), np.float32)
     return dict(img_ids=jnp.asarray(img_ids), txt_ids=jnp.asarray(txt_ids),
-                rotary_emb=flux.rotary_emb(config, txt_ids, img_ids))
+                rotary_emb=flux.pos_embed(config, txt_ids, img_ids))
 
 
 def learning_rate(step: int, total: int, *, peak: float, warmup: int, decay: float) -> float:
@@ -100,7 +103,7 @@ def make_train_step(config, optimizer, constants, *, dtype, attention_impl=None)
         noise = jax.random.normal(n_key, x0.shape)
         x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
         v = flux.forward(params, config, hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled,
-                         timestep=t, dtype=dtype, attention_impl=attention_impl, **constants)
+                         timestep=t, dtype=dtype, attention_impl=attention_impl, **constants).sample
         return jnp.mean((v.astype(jnp.float32) - (noise - x0)) ** 2)
 
     @jax.jit
@@ -210,7 +213,6 @@ def _describe_device():
 
 def evaluate(params, config, *, images: int, steps: int, seed: int = 0):
     """Dense samples of ``images`` labels (shapes cycled, colours random) and their label check."""
-    from chipmunk_jax import quality as Q
 
     rng = np.random.default_rng(seed)
     labels = np.stack([np.arange(images) % len(D.SHAPES), rng.integers(len(D.COLOURS), size=images)], 1)
@@ -218,9 +220,9 @@ def evaluate(params, config, *, images: int, steps: int, seed: int = 0):
     text, pooled = D.text_embeddings(labels)
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (images, IMAGE_GRID[0] * IMAGE_GRID[1], 12)))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    packed, _ = Q.sample_images(params, config, text, pooled, noise, num_steps=steps)
+    packed, _ = sample_images(params, config, text, pooled, noise, num_steps=steps)
     samples = D.unpack(packed)
-    return samples, labels, Q.NearestNeighbourCheck().accuracy(samples, labels)
+    return samples, labels, NearestNeighbourCheck().accuracy(samples, labels)
 
 
 def main(argv=None):
@@ -233,7 +235,6 @@ def main(argv=None):
     init_key, key = jax.random.split(key)
     params = init_tiny_params(config, init_key)
     if args.init is not None:
-        from chipmunk_jax.tiny import load_shipped
 
         init_config, loaded = load_shipped(args.init)
         if init_config != config:
@@ -348,7 +349,6 @@ def main(argv=None):
           f"final loss {log['final_loss']:.4f}; saved {out}", flush=True)
 
     if args.eval_images:
-        from chipmunk_jax import quality as Q
 
         t0 = time.perf_counter()
         rows, log["eval"] = [], {"images": args.eval_images, "steps": args.eval_steps}
@@ -360,7 +360,7 @@ def main(argv=None):
                   f"shape {100 * acc['shape']:.0f}%, colour {100 * acc['colour']:.0f}%, both {100 * acc['both']:.0f}%",
                   flush=True)
         rows.insert(0, D.make_batch(99, 0, args.eval_images, labels)[0])
-        Q.write_png(out / "eval_grid.png", Q.image_grid(rows, scale=1))
+        write_png(out / "eval_grid.png", image_grid(rows, scale=1))
         tmp = out / "train_log.json.tmp"
         tmp.write_text(json.dumps(log, indent=1))
         os.replace(tmp, out / "train_log.json")
