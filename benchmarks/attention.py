@@ -60,7 +60,7 @@ def _median_ms_raw(f, *args, min_reps=5, max_reps=20, budget_s=3.0):
 def alternating_blocks(n, q, k, v, args, scale, best, report, dense_flops):
     """cuDNN, our dense+LSE (and dense+LSE+colsum) in alternating ~1 s blocks of calls (see --pairs).
 
-    Session 4 first alternated single calls: each op then ran in the clock state the previous op left, which
+    Blocks, not single calls: alternating single calls runs each op in the clock state the previous op left, which
     moved cuDNN by -7% at N=32,760 (after the colsum kernel) and the ratio with it; blocks keep clocks steady."""
     h, gs = q.shape[2], args.group_size
     prev = jnp.asarray(jax.random.normal(jax.random.key(n + 1), (1, h, n), jnp.float32) + 0.5 * math.log(n))
@@ -301,7 +301,7 @@ def time_selection(n, h, gs, top_keys, cudnn_ms, report, interpret, density=0.07
     k = int(mult * round(top_keys * n / mult))
     kc, ks, kr = jax.random.split(jax.random.key(7), 3)
     cs = jax.jit(lambda kk: jnp.exp(2.0 * jax.random.normal(kk, (1, h, g, n), jnp.float32)))(kc)
-    # Static part like Hunyuan's (SPEC §1.6, lv=0): the last 256 columns (text) + 1% random, last group dense.
+    # Static part like Hunyuan's (docs/algorithm.md §1.6, lv=0): the last 256 columns (text) + 1% random, last group dense.
     static = jax.random.bernoulli(ks, 0.01, (g, n)).at[:, n - 256:].set(True).at[-1].set(True)
     eligible = jnp.arange(g) < g - 1
     impl = "interpret" if interpret else "pallas"

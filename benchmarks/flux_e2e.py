@@ -33,7 +33,7 @@ from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.models import flux
 from chipmunk_jax.ports import flux as flux_ports
-from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule
+from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule, step_plan
 
 
 
@@ -64,7 +64,7 @@ def make_inputs(config, height, width, text_len, dtype, seed=0):
 
 def time_jax_dense(params, config, inputs, rope, reps):
     # the RoPE tables travel as an argument: as closed-over constants they would be folded into the HLO
-    jitted = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
+    jitted = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16).sample)
     fn = lambda p, x: jitted(p, x, rope)  # noqa: E731
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(params, inputs))
@@ -135,14 +135,15 @@ def trajectory(inputs, step):
 def time_chipmunk(params, config, inputs, rope, grid, chipmunk, reps, kernel_impl, dense_fn):
     n_img = grid[0] * grid[1]
     n_txt = inputs["encoder_hidden_states"].shape[1]
-    cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=n_img, num_text_tokens=n_txt,
-                            dtype=jnp.bfloat16)
+    cache = flux.init_cache(config, chipmunk, batch=1, grid=grid, num_text_tokens=n_txt, dtype=jnp.bfloat16)
     dense_params = params  # the dense reference keeps the plain layout
     params = flux.prepare_params(params, config, chipmunk)  # fc1 [F, C] and proj_out halves, made once
 
     def step_fn(params, x, cache, step, rope):
-        return flux.forward(params, config, **x, chipmunk=chipmunk, cache=cache, step=step, key=jax.random.key(0),
-                            image_grid=grid, rotary_emb=rope, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        out = flux.forward(params, config, **x, chipmunk=chipmunk, cache=cache, plan=step_plan(chipmunk, step),
+                           key=jax.random.key(0), grid=grid, rotary_emb=rope, dtype=jnp.bfloat16,
+                           kernel_impl=kernel_impl)
+        return out.sample, out.cache
 
     jitted = jax.jit(step_fn, donate_argnums=(2,))
     fn = lambda p, x, c, s: jitted(p, x, c, s, rope)  # noqa: E731
@@ -212,7 +213,7 @@ def main():
     rows = []
     for height, width in sizes:
         inputs, grid = make_inputs(config, height, width, text_len, jnp.bfloat16)
-        rope = flux.rotary_emb(config, inputs["txt_ids"], inputs["img_ids"])
+        rope = flux.pos_embed(config, inputs["txt_ids"], inputs["img_ids"])
         tokens = f"{grid[0] * grid[1]} + {text_len}"
         dense_ms, compile_s, dense_out, dense_fn = time_jax_dense(params, config, inputs, rope, reps)
         log(f"[{height}x{width}] JAX dense {dense_ms:.1f} ms/step (compile {compile_s:.0f} s), peak {peak_gib():.1f} GiB")

@@ -3,8 +3,9 @@ Chipmunk step kinds, summed per kernel and per category (GEMM, cuDNN attention, 
 fusions, copies), with the wall time per step beside it (the gap = launch / dispatch overhead).
 
 Why: the Chipmunk sparse steps measured 117-125 ms against ~104 ms predicted from the kernel tables
-(RESULTS.md, issue 5): this names the kernels that make up the difference, e.g. copies of cache
-buffers around the per-layer ``lax.switch`` (compare --dispatch traced with --dispatch static).
+(issue 5; archive/RESULTS-2026-11-23-to-2026-12-03.md): this names the kernels that make up the difference,
+e.g. copies of cache buffers around the per-layer ``lax.switch`` (compare --dispatch traced with --dispatch
+static).
 
 On the device machine (one command, ~4 min at 1024^2):
   source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_profile.py --out $OUT/flux_profile.md
@@ -35,7 +36,7 @@ from trace_profile import compiled_sources, profile, summarise  # noqa: E402
 
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.models import flux  # noqa: E402
-from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule, step_plan  # noqa: E402
 from chipmunk_jax.timing import emit_section, log  # noqa: E402
 
 def main():
@@ -84,14 +85,14 @@ def main():
     params = jax.block_until_ready(flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
     prepared = flux.prepare_params(params, config, chipmunk)
     inputs, grid = make_inputs(config, height, width, text_len, jnp.bfloat16)
-    rope = flux.rotary_emb(config, inputs["txt_ids"], inputs["img_ids"])
+    rope = flux.pos_embed(config, inputs["txt_ids"], inputs["img_ids"])
     lines = [f"## FLUX.1 step profile ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})", "",
              "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_profile.py "
              + " ".join(sys.argv[1:]) + f"`. {height}x{width}, text {text_len}, random bf16 weights, Chipmunk preset "
              f"`config.flux()` with `flux.prepare_params`; per call averages over {args.calls} profiled calls.", ""]
 
     if not args.no_dense:
-        dense = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
+        dense = jax.jit(lambda p, x, r: flux.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16).sample)
         wall, events = profile(lambda: jax.block_until_ready(dense(params, inputs, rope)), args.calls,
                                os.path.join(trace_root, "dense"))
         lines += summarise("dense model", wall, events, args.calls, args.top,
@@ -102,16 +103,17 @@ def main():
 
     def chipmunk_fn(step_arg):
         def step_fn(p, x, cache, step, r):
-            return flux.forward(p, config, **x, chipmunk=chipmunk, cache=cache, step=step, key=jax.random.key(0),
-                                image_grid=grid, rotary_emb=r, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+            out = flux.forward(p, config, **x, chipmunk=chipmunk, cache=cache, plan=step_plan(chipmunk, step),
+                               key=jax.random.key(0), grid=grid, rotary_emb=r, dtype=jnp.bfloat16,
+                               kernel_impl=kernel_impl)
+            return out.sample, out.cache
         if step_arg == "traced":
             return jax.jit(step_fn, donate_argnums=(2,))
         return jax.jit(lambda p, x, cache, r: step_fn(p, x, cache, step_arg, r), donate_argnums=(2,))
 
     for dispatch in dispatches if kinds else ():
         traced = chipmunk_fn("traced")
-        cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=grid[0] * grid[1],
-                                num_text_tokens=text_len, dtype=jnp.bfloat16)
+        cache = flux.init_cache(config, chipmunk, batch=1, grid=grid, num_text_tokens=text_len, dtype=jnp.bfloat16)
         for s in (0, 1):  # LSE, column sets and MLP selections exist after these
             _, cache = traced(prepared, trajectory(inputs, s), cache, jnp.int32(s), rope)
         state = {"cache": cache}

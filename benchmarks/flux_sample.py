@@ -1,15 +1,15 @@
 """FLUX.1-dev sampling end to end: wall time of the ONE jitted 50-step sampler (chipmunk_jax.sampling)
-for the dense model, Chipmunk (preset ``config.flux()``) and Chipmunk + step caching (SPEC §4.3, the
-default 25-of-50 skip schedule), each step's modulation computed before the loop (flux.denoiser's
-precompute_modulation; variant dense-inline-mod keeps it inside the steps). Random bf16 weights (torch's
+for the dense model, Chipmunk (preset ``config.flux()``) and Chipmunk + step caching (docs/algorithm.md §4.3, the
+default 25-of-50 skip schedule), each step's timestep conditioning computed before the loop (the denoiser's
+timestep_tables). Random bf16 weights (torch's
 default Linear init), batch 1, 1024^2 (4096 image + 512 text tokens), embedded guidance 3.5, FLUX's
 resolution-dependent shift.
 
 On the device machine:
   source benchmarks/gpu_env.sh && python3 -P benchmarks/flux_sample.py --results $OUT/flux_sample.md
-then append $OUT/flux_sample.md to benchmarks/RESULTS.md. Pick variants with --variants (dense,chipmunk,
-chipmunk+cache) when one call must fit the 10-minute limit; --static-step-dispatch switches once per
-step over the schedule's kind pairs instead of once per layer.
+then update the sampler's table in benchmarks/RESULTS.md from $OUT/flux_sample.md. Pick variants with
+--variants (dense,chipmunk,chipmunk+cache) when one call must fit the 10-minute limit; --static-step-dispatch
+switches once per step over the schedule's kind pairs instead of once per layer.
 On a CPU: python benchmarks/flux_sample.py --tiny (a 2+2-block model, 256^2, 8 steps: checks the script).
 
 Method: each variant is compiled once ahead of time (lower + compile, timed apart); then --reps full
@@ -40,9 +40,7 @@ from chipmunk_jax.models import flux
 from chipmunk_jax.pallas_kernels import attention_pallas
 from chipmunk_jax.schedule import model_schedule
 
-# dense-inline-mod: the dense model with each step's modulation GEMVs inside the loop (precompute_modulation=False),
-# what every variant ran before session 9; for attributing the precomputed modulation.
-VARIANTS = ("dense", "chipmunk", "chipmunk+cache", "dense-inline-mod")
+VARIANTS = ("dense", "chipmunk", "chipmunk+cache")
 
 
 def variant_configs(name, steps, tiny):
@@ -52,7 +50,7 @@ def variant_configs(name, steps, tiny):
         base = base.replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1,
                             attention__full_step_every=4, mlp__full_step_every=4,
                             step_cache__skip_step_schedule=(3, 5, 6))
-    if name.startswith("dense"):
+    if name == "dense":
         return None, base.replace(step_cache__enabled=False)
     if name == "chipmunk":
         return base, base.replace(step_cache__enabled=False)
@@ -64,24 +62,21 @@ def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, sta
     if model_chipmunk is not None:  # fc1 stored [F, C] and proj_out split once, not per sparse step
         params = flux.prepare_params(params, config, model_chipmunk)
     num_img, num_txt = grid[0] * grid[1], text.shape[1]
-    cond = flux.sampling_cond(config, model_chipmunk, encoder_hidden_states=text, pooled_projections=pooled,
-                              image_grid=grid, guidance=3.5)
-    denoiser = flux.denoiser(config, model_chipmunk, image_grid=grid, dtype=jnp.bfloat16, kernel_impl=kernel_impl,
-                             precompute_modulation=name != "dense-inline-mod")
+    cond = flux.sampling_cond(config, encoder_hidden_states=text, pooled_projections=pooled, grid=grid,
+                              guidance=3.5)
+    denoiser = flux.denoiser(config, model_chipmunk, grid=grid, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
     sigmas = sampling.flow_sigmas(steps, mu=sampling.flux_shift(num_img))
     # The dense model has no per-step kinds: static dispatch would only compile one copy of it per kind pair.
     run = sampling.make_sampler(denoiser, sampler_config, sigmas,
                                 static_step_dispatch=static_dispatch and model_chipmunk is not None)
-    perm = flux.sampling_permutation(model_chipmunk, grid)
     noise = jax.random.normal(jax.random.key(42), (1, num_img, config.in_channels), jnp.float32)
     key = jax.random.key(0)
 
     def fresh():
-        latents = noise if perm is None else noise[:, perm]
         cache = None if model_chipmunk is None else flux.init_cache(
-            config, model_chipmunk, batch=1, num_image_tokens=num_img, num_text_tokens=num_txt, dtype=jnp.bfloat16)
+            config, model_chipmunk, batch=1, grid=grid, num_text_tokens=num_txt, dtype=jnp.bfloat16)
         step_cache = init_step_cache(batch=1, seq_len=num_img, width=config.inner_dim, dtype=jnp.float32)
-        return jax.block_until_ready((jnp.copy(latents), cache, step_cache))
+        return jax.block_until_ready((jnp.copy(noise), cache, step_cache))
 
     latents, cache, step_cache = fresh()
     t0 = time.perf_counter()
@@ -97,8 +92,6 @@ def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, sta
         times.append(time.perf_counter() - t0)
         del cache, step_cache
     out = np.asarray(out, np.float32)
-    if perm is not None:
-        out = out[:, np.argsort(perm)]
     computed = int((model_schedule(sampler_config)[:steps] == 0).sum())
     return dict(name=name, seconds=statistics.median(times[1:]), spread=(max(times[1:]) - min(times[1:])),
                 compile_s=compile_s, computed=computed, latents=out, peak=peak_gib())

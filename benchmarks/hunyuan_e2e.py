@@ -33,9 +33,9 @@ import numpy as np
 
 from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import config as chipmunk_config
-from chipmunk_jax.memory import offload_layer_caches
+from chipmunk_jax.cache import offload_layer_caches
 from chipmunk_jax.models import hunyuan_video as hv
-from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
+from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan
 
 
 
@@ -77,7 +77,7 @@ def trajectory(inputs, step):
 
 def dense_step(params, config, text_mask, rope):
     jitted = jax.jit(lambda p, x, r: hv.forward(p, config, **x, encoder_attention_mask=text_mask,
-                                                 image_rotary_emb=r, dtype=jnp.bfloat16))
+                                                 rotary_emb=r, dtype=jnp.bfloat16).sample)
     return lambda p, x: jitted(p, x, rope)
 
 
@@ -102,9 +102,10 @@ def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kerne
         f"peak {peak_gib():.1f} GiB")
 
     def step_fn(params, x, cache, step, rope):
-        return hv.forward(params, config, **x, encoder_attention_mask=text_mask, chipmunk=chipmunk, cache=cache,
-                          step=step, key=jax.random.fold_in(jax.random.key(0), step), text_length=text_len,
-                          return_hidden=True, image_rotary_emb=rope, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        out = hv.forward(params, config, **x, encoder_attention_mask=text_mask, chipmunk=chipmunk, cache=cache,
+                         plan=step_plan(chipmunk, step), key=jax.random.fold_in(jax.random.key(0), step),
+                         text_length=text_len, rotary_emb=rope, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        return out.sample, out.hidden, out.cache
 
     jitted = jax.jit(step_fn, donate_argnums=(2,))
     state = {"cache": cache}
@@ -124,8 +125,9 @@ def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kerne
         if check:
             errors[kind.name] = rel_err(run(step)[0], dense_fn(params, trajectory(inputs, step)))
     _, hidden = run(2)
-    head = jax.jit(lambda p, h, t: hv.head(p, config, h, timestep=t, pooled_projections=inputs["pooled_projections"],
-                                           guidance=inputs.get("guidance"), grid=grid, chipmunk=chipmunk))
+    head = jax.jit(lambda p, h, t: hv.head(p, config, h, hv.timestep_conditioning(
+        p, config, timestep=t, pooled_projections=inputs["pooled_projections"], guidance=inputs.get("guidance")),
+        grid=grid, chipmunk=chipmunk))
     t = jnp.asarray([500.0], jnp.float32)
     times["SKIPPED"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t)), max(reps, 5))
     return times, errors, compile_s
@@ -184,7 +186,7 @@ def main():
     log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gib():.1f} GiB")
     inputs = make_inputs(config, shape, args.text_len, jnp.bfloat16)
     text_mask = np.ones((1, args.text_len), np.float32)  # concrete: closed over, not traced
-    rope = tuple(jnp.asarray(t) for t in hv.rotary_emb(config, grid))
+    rope = tuple(jnp.asarray(t) for t in hv.pos_embed(config, grid))
 
     dense_ms, dense_fn, row = args.dense_ms, None, {}
     if args.phase in ("all", "dense") or args.check:

@@ -96,10 +96,11 @@ TT = mlp_triton.TritonMlpConfig
 # Triton (TMA) kernels, --kernels triton: fc1 (fc1_features, fc1_k, warps, stages, tokens_major) and
 # fc2 (fc2_cols, fc2_k, warps, stages). 128x128 tiles with 4 warps (two CTAs per SM) as the Pallas default, and the
 # 128 x 256 tiles of Hopper GEMMs (8 warps = two consumer warpgroups, one CTA per SM), fc1 in both orientations.
-# Session 8 (offline sm_90 SASS, triton 3.6): fc1's K loop at 3 stages waits until ONE cp.async group is
+# Offline sm_90 SASS (triton 3.6, benchmarks/mlp_sass.py): fc1's K loop at 3 stages waits until ONE cp.async group is
 # outstanding (DEPBAR.LE SB0, 0x1), i.e. a single 32 KB tile in flight per CTA; 4 stages (131 KB of shared memory)
 # drop to one CTA per SM. K = 32 with 5-6 stages keeps two CTAs per SM (82 / 98 KB) with 3-4 half tiles in flight.
-# Session 9 (H200): the K = 32 variants lost (fc1 0.244 / 0.269 ms vs 0.217 for 128 tok w4s3; fc2 0.220 vs 0.191).
+# Measured on the H200: the K = 32 variants lost (fc1 0.244 / 0.269 ms vs 0.217 for 128 tok w4s3; fc2 0.220 vs 0.191;
+# benchmarks/archive/RESULTS-2026-11-23-to-2026-12-03.md), hence last in the lists below.
 TRITON_FC1_VARIANTS = {  # most promising first (the sweep skips the rest when the time budget runs low)
     "128 tok w4s3": (128, 64, 4, 3, True),
     "128 feat w4s3": (128, 64, 4, 3, False),
@@ -663,7 +664,7 @@ def main():
     swept = set() if args.no_sweep else set(kernels if args.sweep is None else args.sweep.split(","))
     candidates = []  # (label, StepConfig) timed as full steps below
     if "pallas" in kernels:
-        if "pallas" not in swept:  # the defaults, and fc2 with 3 stages (the default until session 7)
+        if "pallas" not in swept:  # the defaults, and fc2 with 3 stages (the default before 5 stages measured faster)
             for label, tiles in (("Pallas defaults", mlp_pallas.DEFAULT_TILES),
                                  ("Pallas defaults, fc2 3 stages", dataclasses.replace(mlp_pallas.DEFAULT_TILES,
                                                                                        fc2_stages=3))):

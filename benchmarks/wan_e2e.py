@@ -4,7 +4,7 @@ only), the 50-step totals composed from the Wan schedule (2 invocations per step
 and without step caching, and peak GPU memory. Prints a markdown section; --results appends it.
 
 On the device machine (720p needs the H200: 26.6 GiB of weights + one branch's caches ~37 GiB):
-  source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py --results benchmarks/RESULTS.md
+  source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py --results $OUT/wan.md
 Smaller runs: --sizes 480p (or WxH), --frames 41, --layers 8, --reps 3, --no-chipmunk, --no-step-cache.
 On a CPU: python benchmarks/wan_e2e.py --tiny (a 2-block model, 320 tokens, to check the script itself).
 
@@ -33,9 +33,9 @@ import numpy as np
 from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import cache as chipmunk_cache
 from chipmunk_jax import config as chipmunk_config
-from chipmunk_jax.memory import offload_layer_caches
+from chipmunk_jax.cache import offload_layer_caches
 from chipmunk_jax.models import wan
-from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule
+from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_profile import compiled_sources, profile, summarise  # noqa: E402
@@ -74,7 +74,7 @@ def trajectory(inputs, step, num_steps=50):
 
 def time_dense(params, config, inputs, rope, reps):
     # the RoPE tables travel as an argument: as closed-over constants they would be folded into the HLO
-    jitted = jax.jit(lambda p, x, r: wan.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16))
+    jitted = jax.jit(lambda p, x, r: wan.forward(p, config, **x, rotary_emb=r, dtype=jnp.bfloat16).sample)
     fn = lambda p, x: jitted(p, x, rope)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, inputs))
@@ -84,15 +84,16 @@ def time_dense(params, config, inputs, rope, reps):
 
 def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_impl, dense_fn, warmup=1,
                   offload=False, profile_calls=0, trace_root=None):
-    grid = wan.token_grid(config, latent)
+    grid = wan.token_grid(config, (1, config.in_channels) + tuple(latent))
     cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16)
     if offload:  # layer caches in pinned host memory (what two 720p branches need on an 80 GB H100)
         cache = offload_layer_caches(cache)
     cache_gb = chipmunk_cache.cache_bytes(cache) / 2**30
 
     def step_fn(params, x, cache, step, rope):
-        return wan.forward(params, config, **x, chipmunk=chipmunk, cache=cache, step=step, key=jax.random.key(0),
-                           rotary_emb=rope, return_hidden=True, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        out = wan.forward(params, config, **x, chipmunk=chipmunk, cache=cache, plan=step_plan(chipmunk, step),
+                          key=jax.random.key(0), rotary_emb=rope, dtype=jnp.bfloat16, kernel_impl=kernel_impl)
+        return out.sample, out.cache, out.hidden
 
     jitted = jax.jit(step_fn, donate_argnums=(2,))
     fn = lambda p, x, c, s: jitted(p, x, c, s, rope)  # noqa: E731
@@ -127,7 +128,8 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
             profiles += summarise(f"Chipmunk {kind.name} invocation (step {s})", wall, events, profile_calls, 25,
                                   sources)
 
-    head = jax.jit(lambda p, h, t: wan.head(p, config, h, t, latent_shape=latent, out_dtype=jnp.bfloat16))
+    head = jax.jit(lambda p, h, t: wan.head(p, config, h, wan.timestep_conditioning(p, config, timestep=t), grid=grid,
+                                            chipmunk=chipmunk, out_dtype=jnp.bfloat16))
     t_skip = jnp.asarray([500.0], jnp.float32)
     times["SKIP (head)"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t_skip)), max(reps, 5))
 
@@ -209,10 +211,10 @@ def main():
     trace_root = tempfile.mkdtemp(prefix="wan_profile_") if args.profile else None
     for width, height in sizes:
         latent = latent_shape(width, height, frames)
-        grid = wan.token_grid(config, latent)
+        grid = wan.token_grid(config, (1, config.in_channels) + tuple(latent))
         tokens = int(np.prod(grid))
         inputs = make_inputs(config, latent, text_len, seed=0)
-        rope = wan.rotary_emb(config, grid)
+        rope = wan.pos_embed(config, grid)
         label = f"{width}x{height}x{frames}"
         if args.dense_ms is None:
             dense_ms, compile_s, dense_fn, dense_jitted = time_dense(params, config, inputs, rope, reps)

@@ -1,8 +1,9 @@
-"""Cache pytrees: re-exports of the per-layer caches, the model-level step cache, and CFG branches.
+"""Cache pytrees: the per-layer caches (re-exported), the ``ModelCache`` every model keeps, the model-level
+step cache, CFG branches and host offload.
 
-Caches are plain pytrees (flax.struct dataclasses), carried explicitly through the model call and
-the sampling loop: ``forward(params, inputs, cache, step) -> (output, new_cache)``. Several CFG
-branches (cond / uncond) keep one cache each, stacked on a leading branch axis.
+Caches are plain pytrees (flax.struct dataclasses), carried explicitly through the model call and the sampling
+loop: ``forward(params, config, ..., cache=cache, plan=plan) -> ModelOutput(sample, hidden, cache)``. Several CFG
+branches (cond / uncond) keep one cache each, stacked on a leading branch axis (or as ``BranchCaches``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from chipmunk_jax.attention import AttentionCache, attention_cache_bytes, init_attention_cache
-from chipmunk_jax.memory import offload_layer_caches
+from chipmunk_jax.memory import to_host
 from chipmunk_jax.mlp import MLPCache, init_mlp_cache
+from chipmunk_jax.validation import check_int, positive_int
 
 __all__ = [
     "AttentionCache",
     "MLPCache",
     "StepCache",
+    "ModelCache",
     "init_attention_cache",
     "init_mlp_cache",
     "init_step_cache",
@@ -36,7 +39,7 @@ __all__ = [
 
 @struct.dataclass
 class StepCache:
-    """Model-level step cache (SPEC §4.3): the pre-head hidden state of the last computed step.
+    """Model-level step cache (docs/algorithm.md §4.3): the pre-head hidden state of the last computed step.
 
     hidden: [B, N, D]; valid: scalar bool, False until a computed step has stored it.
     """
@@ -47,15 +50,13 @@ class StepCache:
 
 def init_step_cache(*, batch: int, seq_len: int, width: int, dtype=jnp.bfloat16) -> StepCache:
     for name, value in (("batch", batch), ("seq_len", seq_len), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, value)
     return StepCache(hidden=jnp.zeros((batch, seq_len, width), dtype), valid=jnp.zeros((), jnp.bool_))
 
 
 def stack_branches(cache, num_branches: int):
     """One copy of ``cache`` per CFG branch, stacked on a new leading axis."""
-    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
-        raise ValueError(f"num_branches must be a positive integer, got {num_branches!r}")
+    num_branches = positive_int("num_branches", num_branches)
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_branches,) + x.shape), cache)
 
 
@@ -71,8 +72,7 @@ jax.tree_util.register_pytree_node(BranchCaches, lambda b: (tuple(b), None), lam
 
 def split_branches(cache, num_branches: int) -> BranchCaches:
     """``num_branches`` independent copies of ``cache`` (the unstacked twin of ``stack_branches``)."""
-    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
-        raise ValueError(f"num_branches must be a positive integer, got {num_branches!r}")
+    num_branches = positive_int("num_branches", num_branches)
     return BranchCaches([cache] + [jax.tree_util.tree_map(jnp.copy, cache) for _ in range(num_branches - 1)])
 
 
@@ -92,9 +92,8 @@ def update_branch(cache, branch, new_branch_cache):
 
 
 def _branch_index(cache: BranchCaches, branch) -> int:
-    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < len(cache):
-        raise ValueError(f"BranchCaches take a Python int branch in [0, {len(cache)}), got {branch!r}")
-    return branch
+    """A BranchCaches index: a concrete int (a traced one cannot pick a Python list entry)."""
+    return check_int("branch of BranchCaches (a Python int)", branch, minimum=0, maximum=len(cache) - 1)
 
 
 def layer_is_sparse(section, layer: int) -> bool:
@@ -106,3 +105,47 @@ def layer_is_sparse(section, layer: int) -> bool:
 def cache_bytes(cache) -> int:
     """Bytes held by any cache pytree."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+
+
+@struct.dataclass
+class ModelCache:
+    """The Chipmunk caches of one model call (one CFG branch), the same type for every model.
+
+    attention: one slot per sparse-capable layer (a model's ``num_sparse_layers``, in block order): an
+      ``AttentionCache``, or None for a layer that is dense at every step (below first_n_dense_layers, or
+      attention off).
+    mlp: the same for the MLP layers (``MLPCache`` or None).
+    static_mask_bits: uint8 [G, ceil(P / 8)] bit-packed static column mask of video models (local voxel
+      window, text keys, static random keys; docs/algorithm.md §1.6) over the P tokens Chipmunk runs on,
+      drawn once per generation by the model's ``init_cache``; None when the model or config has none.
+    eligible: bool [G], the query groups that get dynamic top-k columns besides the static mask (or None).
+    """
+
+    attention: tuple
+    mlp: tuple
+    static_mask_bits: jax.Array | None = None
+    eligible: jax.Array | None = None
+
+    def with_layer(self, layer: int, attention=None, mlp=None) -> "ModelCache":
+        """This cache with layer ``layer``'s attention / MLP slot replaced (None keeps the slot)."""
+        attn = self.attention if attention is None else _replaced(self.attention, layer, attention)
+        mlps = self.mlp if mlp is None else _replaced(self.mlp, layer, mlp)
+        return self.replace(attention=attn, mlp=mlps)
+
+
+def _replaced(slots: tuple, index: int, value) -> tuple:
+    return tuple(value if i == index else slot for i, slot in enumerate(slots))
+
+
+def offload_layer_caches(cache):
+    """A ``ModelCache`` (or a ``BranchCaches`` of them: stacked CFG caches would be sliced on the host, split
+    them first) with its per-layer caches moved to pinned host memory; shared entries (the static mask) stay
+    on the device. Run it outside ``jit`` before sampling; the ops then keep each layer's cache on the host
+    and bring it to the device for their own call (``memory.with_device_cache``)."""
+    if isinstance(cache, BranchCaches):
+        return BranchCaches(offload_layer_caches(branch) for branch in cache)
+    if not isinstance(cache, ModelCache):
+        raise TypeError(f"cache must be a model cache (the ModelCache of a model's init_cache) or BranchCaches, got "
+                        f"{type(cache).__name__}")
+    host = lambda slots: tuple(None if slot is None else to_host(slot) for slot in slots)  # noqa: E731
+    return cache.replace(attention=host(cache.attention), mlp=host(cache.mlp))

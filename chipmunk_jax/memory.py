@@ -1,8 +1,8 @@
 """Where cache arrays live: device memory (the default) or pinned host memory (``jax.memory.Space.Host``).
 
-A layer cache placed on the host (``offload_layer_caches``) stays there between steps; each Chipmunk op
+A layer cache placed on the host (``cache.offload_layer_caches``) stays there between steps; each Chipmunk op
 fetches its own layer's cache to the device, runs, and writes the new cache back to the host, so only
-one layer's cache occupies device memory at a time (SPEC §6.5: HunyuanVideo at 720p keeps ~56 GB of
+one layer's cache occupies device memory at a time (docs/algorithm.md §6.5: HunyuanVideo at 720p keeps ~56 GB of
 caches, more than an 80 GB H100 holds beside 24 GiB of weights). The placement is read from the arrays'
 abstract values (``jax.typeof(x).memory_space``), so it needs no flag and works under ``jit``.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["on_host", "to_device", "to_host", "with_device_cache", "offload_layer_caches"]
+__all__ = ["on_host", "to_device", "to_host", "with_device_cache"]
 
 _HOST = jax.memory.Space.Host
 _DEVICE = jax.memory.Space.Device
@@ -37,19 +37,3 @@ def with_device_cache(fn, cache):
         return fn(cache)
     out, new_cache = fn(to_device(cache))
     return out, to_host(new_cache)
-
-
-def offload_layer_caches(cache: dict) -> dict:
-    """A model cache (``{"attention": [...], "mlp": [...], ...}`` from a model's ``init_cache``, or a
-    ``cache.BranchCaches`` of them: stacked CFG caches would be sliced on the host, split them first) with
-    its per-layer caches moved to pinned host memory; shared entries (static masks) stay on the device.
-    Run it outside ``jit`` before sampling; the ops then keep each layer's cache on the host."""
-    if isinstance(cache, tuple) and not hasattr(cache, "_fields"):  # cache.BranchCaches: one per CFG branch
-        return type(cache)(offload_layer_caches(branch) for branch in cache)
-    if not isinstance(cache, dict) or "attention" not in cache:
-        raise TypeError("cache must be a model cache dict with an 'attention' list (a model's init_cache)")
-    out = dict(cache)
-    for name in ("attention", "mlp"):
-        if name in out:
-            out[name] = [None if slot is None else to_host(slot) for slot in out[name]]
-    return out

@@ -2,18 +2,21 @@
 
 The sampler is model-agnostic. A model plugs in through a ``Denoiser``:
 
-    compute(params, latents, sigma, cond, cache, step, key) -> (velocity, hidden, cache)
-        the full model call; ``hidden`` is the pre-head hidden state kept for step caching
-    head(params, hidden, sigma, cond) -> velocity
-        only the final layer, conditioned on the current sigma (used on skipped steps, SPEC §4.3)
+    compute(params, latents, t, cond, cache, plan, key) -> ModelOutput(sample=velocity, hidden, cache)
+        the full model call with the step's ``schedule.StepPlan``; ``hidden`` is the pre-head hidden state
+        kept for step caching
+    head(params, hidden, t, cond) -> velocity
+        only the final layer, conditioned on the current step (used on skipped steps, docs/algorithm.md §4.3)
     timestep_tables(params, sigmas, cond) -> tables (optional)
         conditioning that depends only on sigma and cond, for all steps at once (leading axis = steps),
-        computed before the loop; compute and head then get the step's slice of it in place of sigma
+        computed before the loop; ``t`` is then the step's slice of it, else the step's sigma
 
 ``sigma`` is the flow-matching noise level in [0, 1]; each model converts it to its own timestep
 convention (FLUX multiplies by 1000 inside the model, HunyuanVideo and Wan take sigma * 1000).
 The loop is ``lax.fori_loop`` over steps with ``lax.cond`` on the step kind; latents, caches and
-the step cache are the carry, and the jitted function donates them so they update in place.
+the step cache are the carry, and the jitted function donates them so they update in place. The model
+never sees the step index: it gets the step's plan (what its sparse-capable layers do), traced from the
+schedule tables or, with static step dispatch, as Python ints.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 
 from chipmunk_jax.cache import StepCache, select_branch, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.schedule import ModelStep, attention_schedule, mlp_schedule, model_schedule
+from chipmunk_jax.schedule import ModelStep, StepPlan, attention_schedule, mlp_schedule, model_schedule, step_plan
+from chipmunk_jax.validation import positive_int
 
 __all__ = [
     "Denoiser",
@@ -41,10 +45,12 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    compute: Callable[..., tuple[Any, Any, Any]]
+    """A model as the sampler sees it (the module docstring gives the three functions' signatures)."""
+
+    compute: Callable[..., Any]
     head: Callable[..., Any]
     # Why: FLUX's modulation vectors are GEMVs per layer and step, bound by reading 6.5 GB of weights; over all
-    # steps at once they are a few GEMMs (``flux.modulation``).
+    # steps at once they are a few GEMMs (the models' ``timestep_conditioning``).
     timestep_tables: Callable[..., Any] | None = None
 
 
@@ -61,8 +67,7 @@ def flow_sigmas(num_steps: int, *, shift: float | None = None, mu: float | None 
     ``shift``: fixed shift s (HunyuanVideo 7.0, Wan 5.0): sigma' = s sigma / (1 + (s - 1) sigma).
     ``mu``: FLUX's exponential time shift: sigma' = e^mu / (e^mu + 1/sigma - 1).
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    positive_int("num_steps", num_steps)
     if shift is not None and mu is not None:
         raise ValueError("pass either shift or mu, not both")
     sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps, dtype=np.float64)
@@ -79,14 +84,13 @@ def _guided(v_cond, v_uncond, guidance_scale):
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-def _step_signatures(config: ChipmunkConfig, num_steps: int):
-    """Groups the steps by their (attention, MLP) schedule kinds: (group index per step, one
-    representative step per group). Steps of one group run the same per-layer code."""
+def _static_plans(config: ChipmunkConfig, num_steps: int):
+    """Groups the steps by their plan: (group index per step, the distinct plans with Python-int kinds).
+    Steps of one group run the same per-layer code."""
     kinds = list(zip(attention_schedule(config)[:num_steps].tolist(), mlp_schedule(config)[:num_steps].tolist()))
     unique = sorted(set(kinds), key=kinds.index)
     group = np.array([unique.index(k) for k in kinds], np.int32)
-    representative = [kinds.index(u) for u in unique]
-    return group, representative
+    return group, [StepPlan(attention=a, mlp=m) for a, m in unique]
 
 
 def make_sampler(
@@ -106,15 +110,14 @@ def make_sampler(
     branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``), or the cache is a
     ``BranchCaches`` pair (``split_branches``: the layout for host-resident caches), and ``uncond`` is required.
 
-    ``static_step_dispatch``: instead of passing the traced step to the model (each layer then
-    switches on its own kind), switch ONCE per step over the distinct (attention, MLP) kind pairs of
-    the schedule and call the model with a representative Python-int step of that pair, so every
-    layer dispatches statically. One model body is compiled per distinct pair (5 for FLUX). The
-    model must use ``step`` only to look up schedule kinds. Why: on a GPU every ``lax.switch`` is a
-    host sync (XLA copies the branch index to the host and waits for the stream), and traced
-    dispatch runs one per Chipmunk op per layer: 110 per FLUX step, ~10 ms of idle GPU per sparse
-    step on the H200 (benchmarks/RESULTS.md, session 7). Static dispatch runs one per step, at
-    ~2.5x the compile time (CPU measurement of the 57-block model).
+    ``static_step_dispatch``: instead of passing the model a plan of traced kinds (each layer then
+    switches on its own kind), switch ONCE per step over the distinct plans of the schedule and call
+    the model with that plan's Python-int kinds, so every layer dispatches statically. One model body
+    is compiled per distinct plan (5 for FLUX). Why: on a GPU every ``lax.switch`` is a host sync (XLA
+    copies the branch index to the host and waits for the stream), and traced dispatch runs one per
+    Chipmunk op per layer: 110 per FLUX step, ~10 ms of idle GPU per sparse step on the H200
+    (benchmarks/RESULTS.md). Static dispatch runs one per step, at ~2.5x the compile time (CPU
+    measurement of the 57-block model).
 
     ``on_step(step)``: host callback after each step's Euler update. It depends on the new latents,
     so it runs once that step's work is done: per-step wall times (the CLI); it syncs every step, so
@@ -132,26 +135,27 @@ def make_sampler(
     bar = _ProgressBar(num_steps) if progress else None
 
     if static_step_dispatch:
-        group_table, representatives = _step_signatures(config, num_steps)
+        group_table, static_plans = _static_plans(config, num_steps)
         group_table = jnp.asarray(group_table)
 
-    def model_call(params, x, sigma, cond, cache, step_cache, step, key):
-        def compute_at(model_step):
+    def model_call(params, x, t, cond, cache, step_cache, step, key):
+        def compute_with(plan):
             def compute(operand):
                 cache, step_cache = operand
-                v, hidden, cache = denoiser.compute(params, x, sigma, cond, cache, model_step, key)
-                return v, cache, StepCache(hidden=hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
+                out = denoiser.compute(params, x, t, cond, cache, plan, key)
+                hidden = StepCache(hidden=out.hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
+                return out.sample, out.cache, hidden
 
             return compute
 
         def skip(operand):
             cache, step_cache = operand
-            return denoiser.head(params, step_cache.hidden, sigma, cond), cache, step_cache
+            return denoiser.head(params, step_cache.hidden, t, cond), cache, step_cache
 
         skipping = (skip_table[step] == ModelStep.SKIP) & step_cache.valid
         if not static_step_dispatch:
-            return jax.lax.cond(skipping, skip, compute_at(step), (cache, step_cache))
-        branches = [skip] + [compute_at(rep) for rep in representatives]
+            return jax.lax.cond(skipping, skip, compute_with(step_plan(config, step)), (cache, step_cache))
+        branches = [skip] + [compute_with(plan) for plan in static_plans]
         index = jnp.where(skipping, 0, 1 + group_table[step])
         return jax.lax.switch(index, branches, (cache, step_cache))
 

@@ -1,6 +1,6 @@
 """Schedules: pure functions of (config, step, layer) -> what each layer does at that step.
 
-No global counter (SPEC §4.1, §10.4): the caller passes the step and the layer index. The step may
+No global counter (docs/algorithm.md §4.1, §10.4): the caller passes the step and the layer index. The step may
 be a Python int (the kind is then a Python int and the ops dispatch statically) or a traced int32
 (the kind comes from a precomputed table and the ops use ``lax.switch``).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ import numpy as np
 from chipmunk_jax.config import ChipmunkConfig
 
 __all__ = [
+    "StepPlan",
+    "step_plan",
     "AttentionStep",
     "MLPStep",
     "ModelStep",
@@ -32,7 +35,7 @@ __all__ = [
 
 
 class AttentionStep(enum.IntEnum):
-    """What one attention layer does at one step (SPEC §1.2)."""
+    """What one attention layer does at one step (docs/algorithm.md §1.2)."""
 
     ALWAYS_DENSE = 0  # layer < first_n_dense_layers (or Chipmunk off): dense, cache untouched
     DENSE = 1  # step 0: dense output, store the LSE
@@ -42,7 +45,7 @@ class AttentionStep(enum.IntEnum):
 
 
 class MLPStep(enum.IntEnum):
-    """What one MLP layer does at one step (SPEC §2)."""
+    """What one MLP layer does at one step (docs/algorithm.md §2)."""
 
     ALWAYS_DENSE = 0  # layer < first_n_dense_layers (or Chipmunk off)
     DENSE = 1  # full step: dense MLP, refresh all caches
@@ -51,7 +54,7 @@ class MLPStep(enum.IntEnum):
 
 
 class ModelStep(enum.IntEnum):
-    """Model-level step caching (SPEC §4.3)."""
+    """Model-level step caching (docs/algorithm.md §4.3)."""
 
     COMPUTE = 0  # run all blocks, store the pre-head hidden state
     SKIP = 1  # reuse the stored hidden state, run only the final layer
@@ -159,3 +162,25 @@ def dispatch(step_kind, branches, operand, kind_enum: type[enum.IntEnum]):
     if step_kind.shape != () or not jnp.issubdtype(step_kind.dtype, jnp.integer):
         raise TypeError(f"step_kind must be an {kind_enum.__name__} or a scalar integer array, got {step_kind!r}")
     return jax.lax.switch(step_kind, branches, operand)
+
+
+class StepPlan(NamedTuple):
+    """What a model's sparse-capable layers do at one step: the models receive this, not the step index.
+
+    attention: an ``AttentionStep`` for every sparse-capable attention layer at or above
+      ``attention.first_n_dense_layers`` (the layers below it are dense at every step and need no plan).
+    mlp: the same for the MLP layers (an ``MLPStep``).
+    Python ints dispatch statically (one compiled body per kind); traced int32 scalars switch inside each
+    layer with ``lax.switch``. A NamedTuple, so a plan of arrays is a pytree that can cross ``jit``.
+    """
+
+    attention: Any
+    mlp: Any
+
+
+def step_plan(config: ChipmunkConfig, step) -> StepPlan:
+    """The plan of step ``step``: Python-int kinds for a Python-int step, traced int32 kinds for a traced one."""
+    if not isinstance(config, ChipmunkConfig):
+        raise TypeError(f"config must be a ChipmunkConfig, got {type(config).__name__}")
+    layer = max(config.attention.first_n_dense_layers, config.mlp.first_n_dense_layers)
+    return StepPlan(attention=attention_step_kind(config, step, layer), mlp=mlp_step_kind(config, step, layer))

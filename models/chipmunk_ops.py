@@ -1,48 +1,150 @@
-"""The Chipmunk attention / MLP hooks a model block calls instead of its dense attention and MLP."""
+"""The Chipmunk side of a model call, shared by FLUX, HunyuanVideo and Wan (docs/architecture.md §4).
+
+``ChipmunkRun.start`` is the prelude every model runs before its blocks: it checks the config and the
+step plan, builds a fresh cache when none is given, checks a given one against the model, unpacks the
+video static mask and fixes the token order. ``ops(layer)`` then gives each block its attention / MLP
+op (none for layers that are dense at every step: they run the model's own dense path, cuDNN attention
+on GPUs); the model keeps the slots the ops return with ``ModelCache.with_layer``, so the new cache comes
+out of the call as an explicit value.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from chipmunk_jax.attention import sparse_delta_attention
-from chipmunk_jax.cache import layer_is_sparse
+from chipmunk_jax.cache import ModelCache, layer_is_sparse
+from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
-from chipmunk_jax.schedule import attention_step_kind, mlp_step_kind
+from chipmunk_jax.models.mmdit import dense_attention
+from chipmunk_jax.reorder import tile_permutation, voxel_permutation
+from chipmunk_jax.schedule import StepPlan
+from chipmunk_jax.selection import unpack_mask
 
-__all__ = ["chipmunk_ops"]
+__all__ = ["ChipmunkRun", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens"]
 
 
-def chipmunk_ops(chipmunk, cache, step, key, layer, kernel_impl, *, static_mask=None, eligible=None) -> dict:
-    """{"attention_op", "mlp_op"} for sparse-capable layer ``layer``; each op returns its new cache slot
-    (``cache["attention"][layer]`` / ``cache["mlp"][layer]``).
+def check_chipmunk(model: str, chipmunk, *, reorder_kinds: tuple[str, ...], mlp: bool = True) -> None:
+    """``chipmunk`` is a ChipmunkConfig this model can run: one of its token orders, MLP sparsity if it has it."""
+    if not isinstance(chipmunk, ChipmunkConfig):
+        raise TypeError(f"chipmunk must be a ChipmunkConfig or None, got {type(chipmunk).__name__}")
+    if chipmunk.reorder.kind not in reorder_kinds:
+        raise ValueError(f"{model} supports chipmunk.reorder.kind in {reorder_kinds}, got {chipmunk.reorder.kind!r}")
+    if chipmunk.mlp.enabled and not mlp:
+        raise ValueError(f"{model} runs Chipmunk on attention only (as the original): set mlp.enabled=False")
+    if chipmunk.reorder.kind == "none" and chipmunk.attention.local_voxels > 0:
+        raise ValueError("attention.local_voxels > 0 needs reorder.kind='voxels' (the window is over voxel order)")
 
-    Layers that are dense at every step (below first_n_dense_layers, or the op disabled) get no op:
-    they run the model's own dense path (cuDNN attention on GPUs), and their cache slots pass through.
-    ``key`` seeds this layer's random keys / features (``fold_in(key, layer)``); ``static_mask`` and
-    ``eligible`` are the video static column mask (SPEC §1.6).
-    """
-    ops = {}
-    attn_key = mlp_key = None
-    if key is not None:
-        attn_key, mlp_key = jax.random.split(jax.random.fold_in(key, layer))
-    if layer_is_sparse(chipmunk.attention, layer):
-        attn_kind = attention_step_kind(chipmunk, step, layer)
 
+def token_permutation(chipmunk: ChipmunkConfig | None, grid) -> np.ndarray | None:
+    """Raster -> Chipmunk token order for a token ``grid`` ((h, w) tiles or (f, h, w) voxels), or None."""
+    if chipmunk is None or chipmunk.reorder.kind == "none":
+        return None
+    r = chipmunk.reorder
+    if r.kind == "tiles":
+        return tile_permutation(*grid, r.tile, r.subtile)
+    return voxel_permutation(*grid, voxel=r.voxel)
+
+
+def permute_tokens(x, perm, axis: int = 1):
+    """``x`` with its token axis put in ``perm`` order (identity for None)."""
+    return x if perm is None else jnp.take(x, jnp.asarray(perm), axis=axis)
+
+
+def unpermute_tokens(x, perm, axis: int = 1):
+    """The inverse of ``permute_tokens``: Chipmunk order back to raster order."""
+    return x if perm is None else jnp.take(x, jnp.asarray(np.argsort(perm)), axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipmunkRun:
+    """Chipmunk's state for one model call: the config, the step plan, the cache and the static mask."""
+
+    chipmunk: ChipmunkConfig
+    plan: StepPlan
+    cache: ModelCache
+    key: jax.Array | None
+    kernel_impl: str | None
+    static_mask: jax.Array | None  # [G, P] bool, unpacked once per call
+    prefix: int | None  # Chipmunk runs on the first ``prefix`` tokens; the rest attend densely (HunyuanVideo)
+    attention_impl: str | None
+
+    @classmethod
+    def start(cls, chipmunk, plan, cache, key, *, num_layers: int, init_cache: Callable[[], ModelCache],
+              kernel_impl=None, prefix: int | None = None, attention_impl=None, num_tokens: int) -> "ChipmunkRun":
+        """The prelude: ``plan`` required, ``cache`` from ``init_cache()`` when None, else checked.
+
+        ``num_tokens``: the tokens Chipmunk's attention runs on (the static mask's columns)."""
+        if not isinstance(plan, StepPlan):
+            raise TypeError("plan is required with chipmunk: pass plan=chipmunk_jax.schedule.step_plan(chipmunk, "
+                            f"step), got {type(plan).__name__}")
+        if cache is None:
+            cache = init_cache()
+        check_model_cache(cache, num_layers, num_tokens)
+        static_mask = None
+        if cache.static_mask_bits is not None:
+            static_mask = unpack_mask(cache.static_mask_bits, num_tokens)
+        return cls(chipmunk, plan, cache, key, kernel_impl, static_mask, prefix, attention_impl)
+
+    def _layer_keys(self, layer: int):
+        if self.key is None:
+            return None, None
+        return tuple(jax.random.split(jax.random.fold_in(self.key, layer)))
+
+    def ops(self, layer: int) -> dict[str, Any]:
+        """``{"attention_op", "mlp_op"}`` for sparse-capable layer ``layer`` (each returns ``(out, new slot)``);
+        layers dense at every step get no op."""
+        ops = {}
+        attn_key, mlp_key = self._layer_keys(layer)
+        if layer_is_sparse(self.chipmunk.attention, layer):
+            ops["attention_op"] = self._attention_op(layer, attn_key)
+        if layer_is_sparse(self.chipmunk.mlp, layer):
+            ops["mlp_op"] = self._mlp_op(layer, mlp_key)
+        return ops
+
+    def _attention_op(self, layer: int, key):
         def attention_op(q, k, v):
-            return sparse_delta_attention(
-                q, k, v, cache["attention"][layer], attn_kind, chipmunk, key=attn_key,
-                static_mask=static_mask, eligible=eligible, impl=kernel_impl,
+            p = q.shape[1] if self.prefix is None else self.prefix
+            out, slot = sparse_delta_attention(
+                q[:, :p], k[:, :p], v[:, :p], self.cache.attention[layer], self.plan.attention, self.chipmunk,
+                key=key, static_mask=self.static_mask, eligible=self.cache.eligible, impl=self.kernel_impl,
             )
+            if p < q.shape[1]:  # the queries past the prefix (padded text) attend densely to the prefix
+                tail = dense_attention(q[:, p:], k[:, :p], v[:, :p], implementation=self.attention_impl)
+                out = jnp.concatenate([out, tail.astype(out.dtype)], axis=1)
+            return out, slot
 
-        ops["attention_op"] = attention_op
-    if layer_is_sparse(chipmunk.mlp, layer):
-        mlp_kind = mlp_step_kind(chipmunk, step, layer)
+        return attention_op
 
+    def _mlp_op(self, layer: int, key):
         def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
             cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
             weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed)
-            return sparse_delta_mlp(x, weights, cache["mlp"][layer], mlp_kind, chipmunk, key=mlp_key,
-                                    impl=kernel_impl)
+            return sparse_delta_mlp(x, weights, self.cache.mlp[layer], self.plan.mlp, self.chipmunk, key=key,
+                                    impl=self.kernel_impl)
 
-        ops["mlp_op"] = mlp_op
-    return ops
+        return mlp_op
+
+
+def check_model_cache(cache, num_layers: int, num_tokens: int) -> None:
+    """A ``ModelCache`` of this model's layer count (one CFG branch) over ``num_tokens`` tokens."""
+    if not isinstance(cache, ModelCache):
+        raise TypeError("cache must be the ModelCache of the model's init_cache (one CFG branch: use "
+                        f"chipmunk_jax.cache.select_branch on stacked caches), got {type(cache).__name__}")
+    if len(cache.attention) != num_layers or len(cache.mlp) != num_layers:
+        raise ValueError(f"cache has {len(cache.attention)} attention and {len(cache.mlp)} MLP slots, the model "
+                         f"{num_layers} sparse-capable layers: rebuild it with the model's init_cache")
+    slots = [slot for slot in cache.attention if slot is not None]
+    stacked = (slots and slots[0].lse.ndim != 3) or (cache.static_mask_bits is not None
+                                                     and cache.static_mask_bits.ndim != 2)
+    if stacked:
+        raise ValueError("cache holds several CFG branches: pass one branch's cache "
+                         "(chipmunk_jax.cache.select_branch(caches, i))")
+    if cache.static_mask_bits is not None and cache.static_mask_bits.shape[-1] != -(-num_tokens // 8):
+        raise ValueError(f"cache static mask covers {cache.static_mask_bits.shape[-1] * 8} tokens, not {num_tokens}: "
+                         "not this token grid's cache (rebuild it with the model's init_cache)")

@@ -5,17 +5,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from chipmunk_jax.validation import validate_fields
+
 __all__ = ["DiffusersConfig"]
 
 
 class DiffusersConfig:
     """Mixin for frozen config dataclasses whose fields carry diffusers' names.
 
-    Subclasses set ``DIFFUSERS_CLASS`` (the diffusers model class) and convert lists back to tuples
-    in their ``__post_init__``.
+    Subclasses set ``DIFFUSERS_CLASS`` (the diffusers model class), declare each field's check with
+    ``chipmunk_jax.validation.field`` (lists from a config.json become tuples there) and put the checks
+    that relate several fields in ``_check``.
     """
 
     DIFFUSERS_CLASS: ClassVar[str]
+
+    def __post_init__(self):
+        validate_fields(self)
+        self._check()
+
+    def _check(self) -> None:
+        """Checks across fields (after each field's own check)."""
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]):

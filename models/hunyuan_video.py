@@ -7,28 +7,29 @@ Params: a nested dict whose paths joined by "." are the diffusers state-dict nam
 Python lists (``transformer_blocks``, ``single_transformer_blocks``,
 ``context_embedder.token_refiner.refiner_blocks``). See ``chipmunk_jax.ports.hunyuan_video``.
 
-``forward`` mirrors diffusers' keywords and shapes (MODELS.md §2):
+``forward`` mirrors diffusers' keywords and shapes (docs/models.md §2):
   hidden_states [B, C, F, H, W], timestep [B] (in [0, 1000], no scaling inside), encoder_hidden_states
   [B, L, text_embed_dim], encoder_attention_mask [B, L] (1 = valid, right-padded), pooled_projections
   [B, pooled_projection_dim], guidance [B] (guidance_scale * 1000) when guidance_embeds=True.
-It returns [B, out_channels, F, H, W] in hidden_states' dtype. The double/single blocks are the shared
+It returns a ``ModelOutput`` whose ``sample`` is [B, out_channels, F, H, W] in hidden_states' dtype (the
+model contract of docs/architecture.md §4, shared with FLUX and Wan). The double/single blocks are the shared
 MMDiT blocks (``models/mmdit.py``) in image-first order; RoPE (theta 256, axes (t, h, w)) rotates image
 tokens only (text rows of the joint tables are the identity); padded text keys are masked out (a
 valid-length prefix of the joint sequence). I2V ``latent_concat`` needs nothing beyond in_channels=33;
 I2V ``token_replace`` modulates the first latent frame's image tokens with the embedding of timestep 0
 (plus the pooled text), every block, as diffusers' ``HunyuanVideoTokenReplace*`` blocks.
 
-Chipmunk (SPEC §5.2): the joint attention of all num_layers + num_single_layers blocks goes through
+Chipmunk (docs/algorithm.md §5.2): the joint attention of all num_layers + num_single_layers blocks goes through
 ``sparse_delta_attention`` (no MLP sparsity, as the original); layers below first_n_dense_layers run the
-dense path and pass their cache slot through. Image tokens are put in voxel order (``reorder.voxel``,
-tails in raster order, SPEC §3.1) inside ``forward`` with their RoPE rows permuted identically, text is
-appended unpermuted, and the output is permuted back. Chipmunk runs on the prefix [image; valid text]
+dense path and keep no cache (None slots). Image tokens are put in voxel order (``reorder.voxel``,
+tails in raster order, docs/algorithm.md §3.1) inside ``forward`` with their RoPE rows permuted identically, text is
+appended unpermuted; ``sample`` is permuted back, ``hidden`` stays in voxel order. Chipmunk runs on the prefix [image; valid text]
 (as the original, which cuts at ``cu_seqlens_q[1]``); the padded text queries attend densely to that
 prefix (their values never reach a valid token: padded keys are masked). The valid text length must
 therefore be static and equal over the batch: ``text_length=`` (or derived from a concrete mask;
 different lengths in one batch raise). The static mask (text keys, dense text query groups, static
-random keys; SPEC §1.6) is built once per generation by ``init_cache`` and kept bit-packed in the cache
-(``cache["static_mask_bits"]``), as are the column sets between full steps (``mask_bits``).
+random keys; docs/algorithm.md §1.6) is built once per generation by ``init_cache`` and kept bit-packed in the cache
+(``cache.static_mask_bits``), as are the column sets between full steps (``mask_bits``).
 
 Memory per sparse layer at 720x1280x129 (118,800 image + 256 text tokens, B=1, bf16 out_cache), measured
 with ``chipmunk_jax.cache.cache_bytes`` on ``jax.eval_shape(init_cache)`` (``cache_bytes_per_layer``):
@@ -36,45 +37,81 @@ with ``chipmunk_jax.cache.cache_bytes`` on ``jax.eval_shape(init_cache)`` (``cac
   56.0 GB for the 58 sparse layers of the preset (the 2 always-dense layers keep no cache: None slots),
   plus the per-generation static mask, 9.2 MB packed.
 With 23.9 GiB of bf16 weights that fits a 141 GB H200 (measured peak 99.8 GiB) but not an 80 GB H100: there,
-``chipmunk_jax.memory.offload_layer_caches(cache)`` keeps every layer's cache in pinned host memory and each
+``chipmunk_jax.cache.offload_layer_caches(cache)`` keeps every layer's cache in pinned host memory and each
 op brings its own layer's cache to the device (the original offloads out_cache and the masks too).
 
-Step caching (SPEC §4.3): ``forward(..., return_hidden=True)`` also returns the pre-head image hidden
-state (voxel order under Chipmunk); ``head`` re-runs only the final layer on it with the current
-timestep; ``denoiser`` wires both into ``chipmunk_jax.sampling``.
+Step caching (docs/algorithm.md §4.3): ``forward(...).hidden`` is the pre-head image hidden state (voxel order under
+Chipmunk); ``head`` re-runs only the final layer on it with the current timestep's conditioning;
+``denoiser`` wires both into ``chipmunk_jax.sampling``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from functools import partial
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.attention import init_attention_cache
+from chipmunk_jax.cache import ModelCache, cache_bytes, layer_is_sparse
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.models.diffusers_config import DiffusersConfig
-from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype
 from chipmunk_jax.models import mmdit
+from chipmunk_jax.models.chipmunk_ops import (
+    ChipmunkRun,
+    check_chipmunk,
+    permute_tokens,
+    token_permutation,
+    unpermute_tokens,
+)
+from chipmunk_jax.models.diffusers_config import DiffusersConfig
+from chipmunk_jax.models.inputs import (
+    batch_vector,
+    check_array,
+    check_batch_scalar,
+    check_compute_dtype,
+    check_grid,
+    check_guidance,
+)
 from chipmunk_jax.models.layers import (
-    linear_init,
+    affine_layer_norm,
     layer_norm,
     linear,
+    linear_init,
     matmul_precision,
     rotary_tables,
+    split_heads,
     timestep_embedding,
     timestep_sinusoids,
+)
+from chipmunk_jax.outputs import ModelOutput
+from chipmunk_jax.sampling import Denoiser
+from chipmunk_jax.schedule import StepPlan
+from chipmunk_jax.selection import pack_mask, static_video_mask
+from chipmunk_jax.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_tuple,
+    check_number,
+    field,
+    non_negative_int,
+    optional,
+    positive_int,
 )
 
 __all__ = [
     "HunyuanVideoConfig",
     "forward",
     "head",
+    "timestep_conditioning",
     "init_params",
     "init_cache",
     "cache_bytes_per_layer",
-    "rotary_emb",
+    "pos_embed",
     "token_grid",
     "text_length_from_mask",
     "patchify",
@@ -95,55 +132,28 @@ class HunyuanVideoConfig(DiffusersConfig):
 
     DIFFUSERS_CLASS: ClassVar[str] = "HunyuanVideoTransformer3DModel"
 
-    in_channels: int = 16
-    out_channels: int | None = 16
-    num_attention_heads: int = 24
-    attention_head_dim: int = 128
-    num_layers: int = 20
-    num_single_layers: int = 40
-    num_refiner_layers: int = 2
-    mlp_ratio: float = 4.0
-    patch_size: int = 2
-    patch_size_t: int = 1
-    qk_norm: str = "rms_norm"
-    guidance_embeds: bool = True
-    text_embed_dim: int = 4096
-    pooled_projection_dim: int = 768
-    rope_theta: float = 256.0
-    rope_axes_dim: tuple[int, ...] = (16, 56, 56)
-    image_condition_type: str | None = None
+    in_channels: int = field(16, check=positive_int)
+    out_channels: int | None = field(16, check=optional(positive_int))
+    num_attention_heads: int = field(24, check=positive_int)
+    attention_head_dim: int = field(128, check=positive_int)
+    num_layers: int = field(20, check=non_negative_int)
+    num_single_layers: int = field(40, check=non_negative_int)
+    num_refiner_layers: int = field(2, check=non_negative_int)
+    mlp_ratio: float = field(4.0, check=partial(check_number, positive=True))
+    patch_size: int = field(2, check=positive_int)
+    patch_size_t: int = field(1, check=positive_int)
+    # the only released variant
+    qk_norm: str = field("rms_norm", check=partial(check_choice, choices=("rms_norm",)))
+    guidance_embeds: bool = field(True, check=check_bool)
+    text_embed_dim: int = field(4096, check=positive_int)
+    pooled_projection_dim: int = field(768, check=positive_int)
+    rope_theta: float = field(256.0, check=partial(check_number, positive=True))
+    rope_axes_dim: tuple[int, ...] = field((16, 56, 56), check=partial(check_int_tuple, length=3, minimum=2))
+    image_condition_type: str | None = field(
+        None, check=partial(check_choice, choices=(None, "latent_concat", "token_replace")))
 
-    def __post_init__(self):
-        if isinstance(self.rope_axes_dim, list):
-            object.__setattr__(self, "rope_axes_dim", tuple(self.rope_axes_dim))
-        for name in ("in_channels", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t",
-                     "text_embed_dim", "pooled_projection_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_layers", "num_single_layers", "num_refiner_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.out_channels is not None and (
-            isinstance(self.out_channels, bool) or not isinstance(self.out_channels, int) or self.out_channels < 1
-        ):
-            raise ValueError(f"out_channels must be a positive integer or None, got {self.out_channels!r}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if self.qk_norm != "rms_norm":
-            raise ValueError(f"qk_norm must be 'rms_norm' (the only released variant), got {self.qk_norm!r}")
-        if not isinstance(self.guidance_embeds, bool):
-            raise ValueError(f"guidance_embeds must be a bool, got {self.guidance_embeds!r}")
-        if self.image_condition_type not in (None, "latent_concat", "token_replace"):
-            raise ValueError(
-                f"image_condition_type must be None, 'latent_concat' or 'token_replace', got "
-                f"{self.image_condition_type!r}"
-            )
-        if (len(self.rope_axes_dim) != 3 or any(not isinstance(d, int) or d < 2 or d % 2 for d in self.rope_axes_dim)
-                or sum(self.rope_axes_dim) != self.attention_head_dim):
+    def _check(self):
+        if any(d % 2 for d in self.rope_axes_dim) or sum(self.rope_axes_dim) != self.attention_head_dim:
             raise ValueError(
                 f"rope_axes_dim {self.rope_axes_dim} must be three even sizes summing to attention_head_dim "
                 f"({self.attention_head_dim})"
@@ -264,7 +274,7 @@ def unpatchify(x, grid, patch_size_t: int, patch_size: int):
     return x.reshape(b, -1, tf * pt, th * p, tw * p)
 
 
-def rotary_emb(config: HunyuanVideoConfig, grid) -> tuple[jax.Array, jax.Array]:
+def pos_embed(config: HunyuanVideoConfig, grid) -> tuple[jax.Array, jax.Array]:
     """``HunyuanVideoRotaryPosEmbed`` tables for the image tokens in raster order: ([N, head_dim],) * 2,
     f32 (angles from float64 numpy, as diffusers)."""
     tf, th, tw = (int(g) for g in grid)
@@ -304,14 +314,10 @@ def text_length_from_mask(encoder_attention_mask) -> int:
 # Embeddings and the token refiner
 
 
-def _affine_layer_norm(params: Params, x):
-    return layer_norm(x, _EPS) * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
-
-
 def _refiner_attention(attn: Params, x, mask, *, head_dim, dtype):
     """Self-attention with a [B, L, L] bool mask; logits and softmax in f32."""
     b, length, _ = x.shape
-    q, k, v = (linear(attn[n], x, dtype).reshape(b, length, -1, head_dim) for n in ("to_q", "to_k", "to_v"))
+    q, k, v = (split_heads(linear(attn[n], x, dtype), head_dim) for n in ("to_q", "to_k", "to_v"))
     precision = matmul_precision(dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None], logits / np.sqrt(head_dim), -jnp.inf)
@@ -335,11 +341,11 @@ def token_refiner(params: Params, config: HunyuanVideoConfig, encoder_hidden_sta
     mask = (valid[:, :, None] & valid[:, None, :]).at[:, :, 0].set(True)
     for block in params.get("token_refiner", {}).get("refiner_blocks", []):
         gate_msa, gate_mlp = jnp.split(linear(block["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, -1)
-        attn_out = _refiner_attention(block["attn"], _affine_layer_norm(block["norm1"], h), mask,
+        attn_out = _refiner_attention(block["attn"], affine_layer_norm(block["norm1"], h, _EPS), mask,
                                       head_dim=config.attention_head_dim, dtype=dtype)
         h = h + attn_out * gate_msa[:, None]
         ff = block["ff"]["net"]
-        hidden = jax.nn.silu(linear(ff["0"]["proj"], _affine_layer_norm(block["norm2"], h), dtype, jnp.float32))
+        hidden = jax.nn.silu(linear(ff["0"]["proj"], affine_layer_norm(block["norm2"], h, _EPS), dtype, jnp.float32))
         h = h + linear(ff["2"], hidden, dtype, jnp.float32) * gate_mlp[:, None]
     return h
 
@@ -352,116 +358,99 @@ def _condition_embedding(params: Params, timestep, pooled_projections, guidance)
     return temb + timestep_embedding(params["text_embedder"], pooled_projections.astype(jnp.float32))
 
 
+def timestep_conditioning(params: Params, config: HunyuanVideoConfig, *, timestep, pooled_projections,
+                          guidance=None) -> Params:
+    """The timestep-conditioned embeddings of the blocks and the head (float32): ``{"temb": [B, D]}`` plus,
+    for I2V token replace, ``"token_replace_temb"`` (the embedding of timestep 0 without guidance, which
+    diffusers gives the first latent frame's tokens). ``timestep`` / ``guidance``: scalar or [B] (in [0, 1000]
+    and guidance_scale * 1000, as the pipeline passes them). For ``forward(..., conditioning=)`` and ``head``."""
+    _check_config(config)
+    check_array("pooled_projections", pooled_projections, 2)
+    batch = pooled_projections.shape[0]
+    if pooled_projections.shape[1] != config.pooled_projection_dim:
+        raise ValueError(f"pooled_projections must be [{batch}, {config.pooled_projection_dim}], got "
+                         f"{tuple(pooled_projections.shape)}")
+    check_batch_scalar("timestep", timestep, batch)
+    check_batch_scalar("guidance", guidance, batch)
+    check_guidance(config.guidance_embeds, guidance, "this HunyuanVideo config")
+    timestep = batch_vector(timestep, batch)
+    guidance = None if guidance is None else batch_vector(guidance, batch)
+    tte = params["time_text_embed"]
+    out = {"temb": _condition_embedding(tte, timestep, pooled_projections, guidance)}
+    if config.image_condition_type == "token_replace":
+        out["token_replace_temb"] = _condition_embedding(tte, jnp.zeros_like(timestep), pooled_projections, None)
+    return out
+
+
+def _check_conditioning(config: HunyuanVideoConfig, conditioning, batch: int) -> None:
+    keys = {"temb", "token_replace_temb"} if config.image_condition_type == "token_replace" else {"temb"}
+    if not isinstance(conditioning, dict) or set(conditioning) != keys:
+        raise ValueError(f"conditioning must come from hunyuan_video.timestep_conditioning for this config "
+                         f"(keys {sorted(keys)})")
+    if conditioning["temb"].shape != (batch, config.inner_dim):
+        raise ValueError(f"conditioning['temb'] must be [{batch}, {config.inner_dim}], got "
+                         f"{tuple(conditioning['temb'].shape)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Chipmunk cache
 
 
-def _check_configs(config, chipmunk):
+def _check_config(config) -> None:
     if not isinstance(config, HunyuanVideoConfig):
         raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
-    if not isinstance(chipmunk, ChipmunkConfig):
-        raise TypeError(f"chipmunk must be a ChipmunkConfig or None, got {type(chipmunk).__name__}")
-    if chipmunk.reorder.kind not in ("none", "voxels"):
-        raise ValueError(f"HunyuanVideo supports chipmunk.reorder.kind 'voxels' or 'none', got "
-                         f"{chipmunk.reorder.kind!r}")
-    if chipmunk.mlp.enabled:
-        raise ValueError("HunyuanVideo runs Chipmunk on attention only (as the original): set mlp.enabled=False")
+
+
+def _check_chipmunk(config, chipmunk) -> None:
+    _check_config(config)
+    check_chipmunk("HunyuanVideo", chipmunk, reorder_kinds=("none", "voxels"), mlp=False)
     a = chipmunk.attention
-    if a.compress_indices and int(np.prod(chipmunk.reorder.voxel)) != a.group_size:
+    if a.compress_indices and math.prod(chipmunk.reorder.voxel) != a.group_size:
         raise ValueError(f"reorder.voxel {chipmunk.reorder.voxel} must hold attention.group_size={a.group_size} "
                          "tokens (the static mask maps query groups to voxels)")
-    if chipmunk.reorder.kind == "none" and a.local_voxels > 0:
-        raise ValueError("attention.local_voxels needs reorder.kind='voxels'")
 
 
-def _check_grid(grid):
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 3
-            or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1 for g in grid)):
-        raise ValueError(f"grid must be three positive integers (token frames, height, width), got {grid!r}")
-    return tuple(int(g) for g in grid)
-
-
-def init_cache(
-    config: HunyuanVideoConfig,
-    chipmunk: ChipmunkConfig,
-    *,
-    batch: int,
-    grid: tuple[int, int, int],
-    text_length: int,
-    key: jax.Array | None = None,
-    dtype=jnp.bfloat16,
-) -> dict[str, Any]:
-    """Model cache for one generation over the token ``grid`` (``token_grid(config, latents)``) and
-    ``text_length`` valid text tokens: ``{"attention": [AttentionCache] * num_sparse_layers,
-    "static_mask_bits": uint8 [G, ceil(P/8)] or None, "eligible": bool [G] or None}`` with
-    P = image tokens + text_length. ``key`` draws the static random keys (needed when
-    attention.random_keys > 0 on the compressed path)."""
-    from chipmunk_jax.attention import init_attention_cache
-    from chipmunk_jax.cache import layer_is_sparse
-    from chipmunk_jax.selection import pack_mask, static_video_mask
-
-    _check_configs(config, chipmunk)
-    grid = _check_grid(grid)
-    if isinstance(text_length, bool) or not isinstance(text_length, (int, np.integer)) or text_length < 0:
-        raise ValueError(f"text_length must be a non-negative integer, got {text_length!r}")
-    prefix = int(np.prod(grid)) + int(text_length)
-    attention = [
+def init_cache(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
+               text_length: int, key: jax.Array | None = None, dtype=jnp.bfloat16) -> ModelCache:
+    """The ``ModelCache`` of one generation over the token ``grid`` (``token_grid(config, latents)``) and
+    ``text_length`` valid text tokens: one attention slot per block (None for always-dense layers), no MLP
+    caches (HunyuanVideo runs Chipmunk on attention only), and on the compressed path the static mask over
+    the P = image tokens + text_length prefix Chipmunk runs on, bit-packed, with its eligible groups.
+    ``key`` draws the static random keys (needed when attention.random_keys > 0 on the compressed path)."""
+    _check_chipmunk(config, chipmunk)
+    grid = check_grid(grid, 3)
+    text_length = non_negative_int("text_length", text_length)
+    prefix = math.prod(grid) + text_length
+    attention = tuple(
         init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
                              head_dim=config.attention_head_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.attention, i) else None  # always-dense layers keep no cache
+        if layer_is_sparse(chipmunk.attention, i) else None
         for i in range(config.num_sparse_layers)
-    ]
+    )
     static_bits = eligible = None
     if chipmunk.attention.compress_indices:
-        mask, eligible = static_video_mask(grid, int(text_length), chipmunk.attention,
-                                           voxel=chipmunk.reorder.voxel, key=key)
+        mask, eligible = static_video_mask(grid, text_length, chipmunk.attention, voxel=chipmunk.reorder.voxel,
+                                           key=key)
         static_bits = pack_mask(mask)
-    return {"attention": attention, "static_mask_bits": static_bits, "eligible": eligible}
+    return ModelCache(attention=attention, mlp=(None,) * config.num_sparse_layers, static_mask_bits=static_bits,
+                      eligible=eligible)
 
 
 def cache_bytes_per_layer(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, *, grid, text_length,
                           batch: int = 1, dtype=jnp.bfloat16) -> dict[str, int]:
     """Bytes of one layer's attention cache by field (plus "total" and the per-generation
     "static_mask_bits"), from abstract shapes (``jax.eval_shape``: nothing is allocated)."""
-    from chipmunk_jax.cache import cache_bytes
-
     one_layer = dataclasses.replace(config, num_layers=1, num_single_layers=0)
     sparse_layer = chipmunk.replace(attention__first_n_dense_layers=0)  # a layer that keeps a cache
     abstract = jax.eval_shape(lambda key: init_cache(one_layer, sparse_layer, batch=batch, grid=grid,
                                                      text_length=text_length, key=key, dtype=dtype),
                               jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
-    layer = abstract["attention"][0]
+    layer = abstract.attention[0]
     out = {f.name: cache_bytes(getattr(layer, f.name)) for f in dataclasses.fields(layer)
            if getattr(layer, f.name) is not None}
     out["total"] = cache_bytes(layer)
-    out["static_mask_bits"] = cache_bytes(abstract["static_mask_bits"])
+    out["static_mask_bits"] = cache_bytes(abstract.static_mask_bits)
     return out
-
-
-def _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mask, kernel_impl, attention_impl):
-    """Chipmunk attention on the [image; valid text] prefix, dense attention for padded text queries;
-    None for always-dense layers (they take the model's masked dense path)."""
-    from chipmunk_jax.attention import sparse_delta_attention
-    from chipmunk_jax.cache import layer_is_sparse
-    from chipmunk_jax.schedule import attention_step_kind
-
-    if not layer_is_sparse(chipmunk.attention, layer):
-        return None
-    kind = attention_step_kind(chipmunk, step, layer)
-    layer_key = None if key is None else jax.random.fold_in(key, layer)
-
-    def attention_op(q, k, v):
-        qp, kp, vp = q[:, :prefix], k[:, :prefix], v[:, :prefix]
-        out, new_cache = sparse_delta_attention(
-            qp, kp, vp, cache["attention"][layer], kind, chipmunk, key=layer_key, static_mask=static_mask,
-            eligible=cache["eligible"], impl=kernel_impl,
-        )
-        if prefix < q.shape[1]:
-            tail = mmdit.dense_attention(q[:, prefix:], kp, vp, implementation=attention_impl)
-            out = jnp.concatenate([out, tail.astype(out.dtype)], axis=1)
-        return out, new_cache
-
-    return attention_op
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,48 +478,46 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
                          f"{tuple(pooled_projections.shape)}")
     check_batch_scalar("timestep", timestep, b)
     check_batch_scalar("guidance", guidance, b)
-    if config.guidance_embeds and guidance is None:
-        raise ValueError("guidance is required: this config has guidance_embeds=True")
-    if not config.guidance_embeds and guidance is not None:
-        raise ValueError("guidance must be None: this config has guidance_embeds=False")
+    check_guidance(config.guidance_embeds, guidance, "this HunyuanVideo config")
 
 
-def head(params: Params, config: HunyuanVideoConfig, hidden, *, timestep, pooled_projections, guidance=None,
-         grid, chipmunk: ChipmunkConfig | None = None, dtype=jnp.bfloat16, out_dtype=None):
-    """Final layer only (a skipped step, SPEC §4.3): ``norm_out`` with the current conditioning, ``proj_out``,
-    the inverse voxel permutation (when ``chipmunk`` reorders) and unpatchify -> [B, C, F, H, W]."""
-    if not isinstance(config, HunyuanVideoConfig):
-        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
-    check_array("hidden", hidden, 3)
-    grid = _check_grid(grid)
-    if hidden.shape[1:] != (int(np.prod(grid)), config.inner_dim):
-        raise ValueError(f"hidden must be [B, {int(np.prod(grid))}, {config.inner_dim}], got {tuple(hidden.shape)}")
-    dtype = check_compute_dtype(dtype)
-    batch = hidden.shape[0]
-    timestep = batch_vector(timestep, batch)
-    guidance = None if guidance is None else batch_vector(guidance, batch)
-    temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
-    return _final_layer(params, config, hidden, temb, grid, _voxel_perm(chipmunk, grid), dtype,
-                        out_dtype or hidden.dtype)
-
-
-def _voxel_perm(chipmunk, grid):
-    if chipmunk is None or chipmunk.reorder.kind != "voxels":
-        return None
-    from chipmunk_jax.reorder import voxel_permutation
-
-    return voxel_permutation(*grid, voxel=chipmunk.reorder.voxel)
-
-
-def _final_layer(params, config, hidden, temb, grid, perm, dtype, out_dtype):
+def _final_layer(params, config, hidden, temb, grid, perm, dtype):
+    """norm_out + proj_out on Chipmunk-order ``hidden``, back to raster order, unpatchify; float32."""
     scale, shift = jnp.split(linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, axis=-1)
     x = layer_norm(hidden, _EPS) * (1.0 + scale[:, None]) + shift[:, None]
-    out = linear(params["proj_out"], x, dtype, jnp.float32)
-    if perm is not None:
-        from chipmunk_jax.reorder import inverse_permutation
+    out = unpermute_tokens(linear(params["proj_out"], x, dtype, jnp.float32), perm)
+    return unpatchify(out, grid, config.patch_size_t, config.patch_size)
 
-        out = jnp.take(out, jnp.asarray(inverse_permutation(perm)), axis=1)
-    return unpatchify(out, grid, config.patch_size_t, config.patch_size).astype(out_dtype)
+
+def head(params: Params, config: HunyuanVideoConfig, hidden: jax.Array, conditioning: Params, *,
+         grid: tuple[int, int, int], chipmunk: ChipmunkConfig | None = None, dtype=jnp.bfloat16,
+         out_dtype=jnp.float32) -> jax.Array:
+    """Final layer only (a skipped step, docs/algorithm.md §4.3): ``norm_out`` conditioned on ``conditioning``
+    (``timestep_conditioning`` of the current timestep), ``proj_out``, the inverse voxel permutation (when
+    ``chipmunk`` reorders: ``hidden`` is in voxel order then) and unpatchify -> [B, C, F, H, W]."""
+    _check_config(config)
+    check_array("hidden", hidden, 3)
+    grid = check_grid(grid, 3)
+    if hidden.shape[1:] != (math.prod(grid), config.inner_dim):
+        raise ValueError(f"hidden must be [B, {math.prod(grid)}, {config.inner_dim}] for grid {grid}, got "
+                         f"{tuple(hidden.shape)}")
+    _check_conditioning(config, conditioning, hidden.shape[0])
+    if chipmunk is not None:
+        _check_chipmunk(config, chipmunk)
+    perm = token_permutation(chipmunk, grid)
+    return _final_layer(params, config, hidden, conditioning["temb"], grid, perm,
+                        check_compute_dtype(dtype)).astype(out_dtype)
+
+
+def _text_length(text_length, encoder_attention_mask, num_txt: int) -> int:
+    """The static valid text length Chipmunk runs with: given, or read from a concrete mask."""
+    if text_length is None:
+        return text_length_from_mask(encoder_attention_mask)
+    text_length = check_int("text_length", text_length, minimum=0, maximum=num_txt)
+    if not isinstance(encoder_attention_mask, jax.core.Tracer) and \
+            text_length_from_mask(encoder_attention_mask) != text_length:
+        raise ValueError(f"text_length={text_length} does not match encoder_attention_mask")
+    return int(text_length)
 
 
 def forward(
@@ -544,100 +531,88 @@ def forward(
     pooled_projections: jax.Array,
     guidance: jax.Array | None = None,
     chipmunk: ChipmunkConfig | None = None,
-    cache: dict[str, Any] | None = None,
-    step=None,
+    cache: ModelCache | None = None,
+    plan: StepPlan | None = None,
     key: jax.Array | None = None,
     text_length: int | None = None,
-    return_hidden: bool = False,
-    image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+    conditioning: Params | None = None,
     dtype=jnp.bfloat16,
     attention_impl: str | None = None,
     kernel_impl: str | None = None,
-):
-    """HunyuanVideo transformer forward (see the module docstring for shapes).
+) -> ModelOutput:
+    """HunyuanVideo transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
     Chipmunk: pass ``chipmunk`` (a ChipmunkConfig, e.g. ``chipmunk_jax.config.hunyuan_video()``),
-    ``step`` (int or traced int32) and ``cache`` (``init_cache``; None builds a fresh one, right for
-    step 0, drawing the static random keys from ``key``); returns ``(output, new_cache)``. ``key`` also
-    seeds the dynamic random keys (per layer via ``fold_in``); ``text_length`` is the static valid text
-    length (derived from a concrete ``encoder_attention_mask`` when omitted).
-    ``return_hidden``: also return the pre-head image hidden state [B, N, D] f32 (voxel order under
-    Chipmunk) for step caching: ``(output, hidden)`` or ``(output, hidden, new_cache)``.
-    ``image_rotary_emb``: precomputed ``rotary_emb(config, grid)`` (raster order), e.g. passed as a jit
-    argument so large tables are not folded into the program as constants.
+    ``plan`` (``schedule.step_plan(chipmunk, step)``) and ``cache`` (``init_cache``; None builds a fresh one,
+    right for step 0, drawing the static random keys from ``key``). ``key`` also seeds the dynamic random
+    keys (per layer via ``fold_in``); ``text_length`` is the static valid text length (derived from a concrete
+    ``encoder_attention_mask`` when omitted).
+    ``rotary_emb``: precomputed ``pos_embed(config, grid)`` (raster order), e.g. passed as a jit argument so
+    large tables are not folded into the program as constants. ``conditioning``: ``timestep_conditioning``
+    of this call's timestep, computed ahead (the token refiner still reads ``timestep``).
     ``attention_impl``: the dense path's ``jax.nn.dot_product_attention`` implementation; ``kernel_impl``:
-    passed to the Chipmunk ops.
+    passed to the Chipmunk ops. The output's ``hidden`` is the image hidden state [B, N, D] (float32) after
+    the last single block, in voxel order under Chipmunk.
     """
-    if not isinstance(config, HunyuanVideoConfig):
-        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    _check_config(config)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                   pooled_projections, guidance)
     dtype = check_compute_dtype(dtype)
+    if chipmunk is None and (cache is not None or plan is not None):
+        raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
+    if chipmunk is not None:
+        _check_chipmunk(config, chipmunk)
     batch = hidden_states.shape[0]
     num_txt = encoder_hidden_states.shape[1]
     grid = token_grid(config, hidden_states.shape)
-    num_img = int(np.prod(grid))
-    out_dtype = hidden_states.dtype
+    num_img = math.prod(grid)
 
     tokens = patchify(hidden_states, config.patch_size_t, config.patch_size)
-    if image_rotary_emb is None:
-        image_rope = rotary_emb(config, grid)
-    elif tuple(image_rotary_emb[0].shape) != (num_img, config.attention_head_dim):
-        raise ValueError(f"image_rotary_emb tables must be [{num_img}, {config.attention_head_dim}], got "
-                         f"{tuple(image_rotary_emb[0].shape)}")
+    if rotary_emb is None:
+        rotary_emb = pos_embed(config, grid)
+    elif tuple(rotary_emb[0].shape) != (num_img, config.attention_head_dim):
+        raise ValueError(f"rotary_emb tables must be [{num_img}, {config.attention_head_dim}], got "
+                         f"{tuple(rotary_emb[0].shape)}")
+    if conditioning is None:
+        conditioning = timestep_conditioning(params, config, timestep=timestep,
+                                             pooled_projections=pooled_projections, guidance=guidance)
     else:
-        image_rope = image_rotary_emb
-    perm = None
-    static_mask = None
+        _check_conditioning(config, conditioning, batch)
+
+    run = perm = None
     if chipmunk is not None:
-        _check_configs(config, chipmunk)
-        if step is None:
-            raise ValueError("step is required when chipmunk is given")
-        if text_length is None:
-            text_length = text_length_from_mask(encoder_attention_mask)
-        elif isinstance(text_length, bool) or not isinstance(text_length, (int, np.integer)) \
-                or not 0 <= text_length <= num_txt:
-            raise ValueError(f"text_length must be an integer in [0, {num_txt}], got {text_length!r}")
-        elif not isinstance(encoder_attention_mask, jax.core.Tracer) and \
-                text_length_from_mask(encoder_attention_mask) != text_length:
-            raise ValueError(f"text_length={text_length} does not match encoder_attention_mask")
-        prefix = num_img + int(text_length)
+        text_length = _text_length(text_length, encoder_attention_mask, num_txt)
+        prefix = num_img + text_length
         if prefix < chipmunk.attention.group_size:
             raise ValueError(f"Chipmunk needs at least attention.group_size={chipmunk.attention.group_size} "
                              f"image + valid text tokens, got {prefix}")
-        if cache is None:
-            cache = init_cache(config, chipmunk, batch=batch, grid=grid, text_length=int(text_length),
-                               key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
-        if cache["static_mask_bits"] is not None:
-            from chipmunk_jax.selection import unpack_mask
+        init = lambda: init_cache(  # noqa: E731
+            config, chipmunk, batch=batch, grid=grid, text_length=text_length,
+            key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
+        run = ChipmunkRun.start(chipmunk, plan, cache, key, num_layers=config.num_sparse_layers, init_cache=init,
+                                kernel_impl=kernel_impl, prefix=prefix, attention_impl=attention_impl,
+                                num_tokens=prefix)
+        cache = run.cache
+        perm = token_permutation(chipmunk, grid)
+        tokens = permute_tokens(tokens, perm)
+        rotary_emb = tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb)
 
-            static_mask = unpack_mask(cache["static_mask_bits"], prefix)
-        perm = _voxel_perm(chipmunk, grid)
-        if perm is not None:
-            tokens = jnp.take(tokens, jnp.asarray(perm), axis=1)
-            image_rope = tuple(jnp.take(jnp.asarray(t), jnp.asarray(perm), axis=0) for t in image_rope)
-    elif cache is not None or step is not None:
-        raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
-
-    timestep = batch_vector(timestep, batch)
-    guidance = None if guidance is None else batch_vector(guidance, batch)
-    temb = _condition_embedding(params["time_text_embed"], timestep, pooled_projections, guidance)
+    temb = conditioning["temb"]
     double_replace = single_replace = None
     if config.image_condition_type == "token_replace":
-        # diffusers' token_replace_emb: the conditioning of timestep 0 without guidance
-        replace_emb = _condition_embedding(params["time_text_embed"], jnp.zeros_like(timestep), pooled_projections,
-                                           None)
         first_frame = np.arange(num_img) < grid[1] * grid[2]  # raster order: latent frame 0 first
         if perm is not None:
             first_frame = first_frame[perm]
-        double_replace = (replace_emb, jnp.asarray(first_frame))
-        single_replace = (replace_emb, jnp.asarray(np.concatenate([first_frame, np.zeros(num_txt, bool)])))
+        replace_temb = conditioning["token_replace_temb"]
+        double_replace = (replace_temb, jnp.asarray(first_frame))
+        single_replace = (replace_temb, jnp.asarray(np.concatenate([first_frame, np.zeros(num_txt, bool)])))
     img = linear(params["x_embedder"]["proj"], tokens, dtype, jnp.float32)
-    txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, timestep,
+    txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, batch_vector(timestep, batch),
                         encoder_attention_mask, dtype)
-    rope = _joint_rotary(image_rope, num_txt)
+    rope = _joint_rotary(rotary_emb, num_txt)
     # Right-padded text after the image: the valid keys are a prefix of the joint sequence.
     key_lengths = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
     if not isinstance(encoder_attention_mask, jax.core.Tracer) and np.all(np.asarray(encoder_attention_mask)):
@@ -645,73 +620,60 @@ def forward(
 
     block_kw = dict(head_dim=config.attention_head_dim, key_lengths=key_lengths, dtype=dtype,
                     attention_impl=attention_impl)
-    new_attention = []
-
-    def ops(layer):
-        if chipmunk is None:
-            return {}
-        op = _chipmunk_attention_op(chipmunk, cache, step, key, layer, prefix, static_mask, kernel_impl,
-                                    attention_impl)
-        return {} if op is None else {"attention_op": op}
-
-    def keep_cache(layer, attn_aux):
-        if chipmunk is not None:
-            new_attention.append(cache["attention"][layer] if attn_aux is None else attn_aux)
-
     for i, block in enumerate(params.get("transformer_blocks", [])):
-        txt, img, (attn_aux, _) = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
-                                                     token_replace=double_replace, **ops(i))
-        keep_cache(i, attn_aux)
+        txt, img, (attn_slot, _) = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
+                                                      token_replace=double_replace,
+                                                      **({} if run is None else run.ops(i)))
+        cache = cache if run is None else cache.with_layer(i, attention=attn_slot)
     joint = jnp.concatenate([img, txt], axis=1)
     for j, block in enumerate(params.get("single_transformer_blocks", [])):
         layer = config.num_layers + j
-        joint, (attn_aux, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace,
-                                                  **ops(layer))
-        keep_cache(layer, attn_aux)
+        joint, (attn_slot, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace,
+                                                   **({} if run is None else run.ops(layer)))
+        cache = cache if run is None else cache.with_layer(layer, attention=attn_slot)
     hidden = joint[:, :num_img]
-
-    output = _final_layer(params, config, hidden, temb, grid, perm, dtype, out_dtype)
-    result = (output, hidden) if return_hidden else (output,)
-    if chipmunk is not None:
-        result = result + ({**cache, "attention": new_attention},)
-    return result[0] if len(result) == 1 else result
+    sample = _final_layer(params, config, hidden, temb, grid, perm, dtype)
+    return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=hidden, cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
 
 
-def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None, *, grid, text_length: int,
-             latent_dtype=jnp.float32, image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-             dtype=jnp.bfloat16, kernel_impl: str | None = None):
+def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None = None, *, grid, text_length: int,
+             rotary_emb: tuple[jax.Array, jax.Array] | None = None, dtype=jnp.bfloat16,
+             attention_impl: str | None = None, kernel_impl: str | None = None) -> Denoiser:
     """A ``chipmunk_jax.sampling.Denoiser`` for flow-matching sampling with step caching.
 
     ``cond`` is a dict with encoder_hidden_states, encoder_attention_mask, pooled_projections and (for
     guidance_embeds) guidance; the sampler's sigma in [0, 1] becomes timestep = 1000 * sigma (the
-    pipeline's scheduler timesteps). The hidden state kept for skipped steps is in voxel order.
-    ``latent_dtype``: the latents' dtype (a skipped step's head returns it too); ``image_rotary_emb``:
-    ``rotary_emb(config, grid)``, passed in so large tables are computed once, outside the loop.
+    pipeline's scheduler timesteps). The conditioning of every step is computed before the loop
+    (``timestep_tables``); velocities come back in float32. ``grid``: the (frames, height, width) token grid;
+    ``rotary_emb``: ``pos_embed(config, grid)``, passed in so large tables are computed once, outside the loop.
     """
-    from chipmunk_jax.sampling import Denoiser
-
-    if not isinstance(config, HunyuanVideoConfig):
-        raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
+    _check_config(config)
     if chipmunk is not None:
-        _check_configs(config, chipmunk)
-    grid = _check_grid(grid)
+        _check_chipmunk(config, chipmunk)
+    grid = check_grid(grid, 3)
+    model_kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl)
+    if chipmunk is not None:
+        model_kw.update(chipmunk=chipmunk, text_length=text_length, kernel_impl=kernel_impl)
 
-    def compute(params, latents, sigma, cond, cache, step, key):
-        kwargs = dict(hidden_states=latents, timestep=sigma * 1000.0, **cond, return_hidden=True,
-                      image_rotary_emb=image_rotary_emb, dtype=dtype)
-        if chipmunk is None:
-            velocity, hidden = forward(params, config, **kwargs)
-            return velocity, hidden, cache
-        return forward(params, config, **kwargs, chipmunk=chipmunk, cache=cache, step=step, key=key,
-                       text_length=text_length, kernel_impl=kernel_impl)
+    def timestep_tables(params, sigmas, cond):
+        def at(sigma):
+            return timestep_conditioning(params, config, timestep=sigma * 1000.0,
+                                         pooled_projections=cond["pooled_projections"], guidance=cond.get("guidance"))
 
-    def head_fn(params, hidden, sigma, cond):
-        return head(params, config, hidden, timestep=sigma * 1000.0, pooled_projections=cond["pooled_projections"],
-                    guidance=cond.get("guidance"), grid=grid, chipmunk=chipmunk, dtype=dtype,
-                    out_dtype=latent_dtype)
+        return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
 
-    return Denoiser(compute=compute, head=head_fn)
+    def compute(params, latents, t, cond, cache, plan, key):
+        chipmunk_kw = {} if chipmunk is None else dict(cache=cache, plan=plan, key=key)
+        out = forward(params, config, hidden_states=latents, timestep=t["sigma"] * 1000.0,
+                      conditioning=t["conditioning"], **cond, **model_kw, **chipmunk_kw)
+        return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
+
+    def final_layer(params, hidden, t, cond):
+        return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
+                    out_dtype=jnp.float32)
+
+    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype"]
+from chipmunk_jax.validation import check_int_tuple
+
+__all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype", "check_guidance", "check_grid"]
 
 
 def check_array(name: str, x, ndim: int) -> None:
@@ -33,3 +35,17 @@ def check_compute_dtype(dtype):
     if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
+
+
+def check_guidance(guidance_embeds: bool, guidance, model: str = "this config") -> None:
+    """``guidance`` is given exactly when the model embeds a guidance scale (``guidance_embeds``)."""
+    if guidance_embeds and guidance is None:
+        raise ValueError(f"guidance is required: {model} has guidance_embeds=True")
+    if not guidance_embeds and guidance is not None:
+        raise ValueError(f"guidance must be None: {model} has guidance_embeds=False")
+
+
+def check_grid(grid, ndim: int) -> tuple[int, ...]:
+    """A token grid of ``ndim`` positive integers ((height, width) for images, (frames, height, width) for
+    video), as a tuple of Python ints."""
+    return check_int_tuple("grid", grid, length=ndim)

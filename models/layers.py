@@ -1,4 +1,4 @@
-"""Small functional building blocks shared by the DiT ports (diffusers math, MODELS.md §0).
+"""Small functional building blocks shared by the DiT ports (diffusers math, docs/models.md §0).
 
 Parameters are plain dicts named like the diffusers checkpoint: a Linear is ``{"kernel": [in, out],
 "bias": [out]}`` (torch ``weight`` transposed), an RMSNorm is ``{"scale": [dim]}``.
@@ -21,7 +21,9 @@ __all__ = [
     "matmul_precision",
     "linear",
     "layer_norm",
+    "affine_layer_norm",
     "rms_norm",
+    "split_heads",
     "modulate",
     "gelu_tanh",
     "timestep_sinusoids",
@@ -73,6 +75,16 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def affine_layer_norm(params: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm with a learned ``scale`` and ``bias`` (torch ``weight`` / ``bias``), float32."""
+    return layer_norm(x, eps) * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+
+
+def split_heads(x: jax.Array, head_dim: int) -> jax.Array:
+    """[..., H * D] -> [..., H, D]."""
+    return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
 def rms_norm(params: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:

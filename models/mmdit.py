@@ -1,5 +1,5 @@
 """MMDiT double-stream and single-stream blocks (diffusers ``FluxTransformerBlock`` /
-``FluxSingleTransformerBlock``), shared by FLUX.1 and HunyuanVideo (MODELS.md §1.1, §7.1).
+``FluxSingleTransformerBlock``), shared by FLUX.1 and HunyuanVideo (docs/models.md §1.1, §7.1).
 
 Parameters use the diffusers names: a double block holds ``norm1``, ``norm1_context``, ``attn``
 (``to_q/to_k/to_v``, ``add_q_proj/add_k_proj/add_v_proj``, ``norm_q/norm_k/norm_added_q/norm_added_k``,
@@ -33,6 +33,7 @@ from chipmunk_jax.models.layers import (
     matmul_precision,
     modulate,
     per_token,
+    split_heads,
 )
 
 __all__ = ["block_modulation", "dense_attention", "dense_mlp", "double_block", "single_block"]
@@ -104,16 +105,12 @@ def _proj_out_halves(proj_out: Params, dim: int):
     return {"kernel": kernel_attn, "bias": proj_out["bias"]}, kernel_mlp
 
 
-def _heads(x, head_dim):
-    return x.reshape(*x.shape[:-1], -1, head_dim)
-
-
 def _qkv(attn: Params, x, *, q_name, k_name, v_name, q_norm, k_norm, head_dim, dtype):
     """Projected q, k, v as [B, S, H, D] in ``dtype``; q and k come with their RMSNorm weights, applied by
     ``_norm_rope`` together with RoPE."""
-    q = (_heads(linear(attn[q_name], x, dtype), head_dim), attn[q_norm]["scale"])
-    k = (_heads(linear(attn[k_name], x, dtype), head_dim), attn[k_norm]["scale"])
-    v = _heads(linear(attn[v_name], x, dtype), head_dim)
+    q = (split_heads(linear(attn[q_name], x, dtype), head_dim), attn[q_norm]["scale"])
+    k = (split_heads(linear(attn[k_name], x, dtype), head_dim), attn[k_norm]["scale"])
+    v = split_heads(linear(attn[v_name], x, dtype), head_dim)
     return q, k, v
 
 
@@ -164,7 +161,8 @@ def _norm_rope(parts, rotary_emb, dtype):
     RoPE rotates channel pairs, so it commutes with the RMS factor r of each (token, head):
     rope(x * r * w) = r * rope(x * w). Applying r last keeps norm, RoPE and cast elementwise on the projected x,
     so XLA fuses them into one pass beside the small reduction for r, instead of writing the normalised q and k
-    in float32 and reading them back (session 4: ~9 ms of each FLUX step went to those passes)."""
+    in float32 and reading them back (~9 ms of each FLUX.1 step on the H100 went to those passes:
+    benchmarks/profiles/flux_dense_norm_rope_h100_2026-11-25.md)."""
     weighted = jnp.concatenate([x.astype(jnp.float32) * w.astype(jnp.float32) for x, w in parts], axis=1)
     inv_rms = jnp.concatenate(
         [jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True) + _EPS) for x, _ in parts],
@@ -273,7 +271,7 @@ def single_block(
 
     With an ``mlp_op`` the fused ``proj_out`` is applied in two halves: ``attn @ W[:D] + bias`` and the
     op's ``mlp @ W[D:]`` without bias, so the bias is added once (the original Chipmunk adds it twice,
-    SPEC §10.2; we keep the FLUX math). ``modulation``: as in ``double_block`` (``double=False``).
+    docs/algorithm.md §10.2; we keep the FLUX math). ``modulation``: as in ``double_block`` (``double=False``).
     """
     shift, scale, gate = _ada_chunks(params["norm"], temb, 3, token_replace, (modulation or {}).get("norm"))
     norm = modulate(layer_norm(hidden_states, _EPS), shift, scale)

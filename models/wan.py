@@ -4,62 +4,91 @@ Params: a nested dict whose paths joined by "." are the diffusers state-dict nam
 ``weight`` renamed ``kernel`` (Linear and the patch Conv3d: the torch weight with its axes reversed,
 so a Linear kernel is [in, out] and the patch kernel [pw, ph, pt, in, out]) or ``scale`` (RMSNorm and
 affine LayerNorm). ``blocks`` is a Python list (the loop is unrolled so each block takes its own
-Chipmunk step kind and cache slot); ModuleList indices inside a block stay string keys
+Chipmunk op and cache slot); ModuleList indices inside a block stay string keys
 (``attn1["to_out"]["0"]``, ``ffn["net"]["0"]["proj"]``). Converters: ``chipmunk_jax.ports.wan``.
 
 ``forward`` mirrors diffusers' keywords and shapes:
   hidden_states [B, C, F, H, W] (latents), timestep [B] (raw, in [0, 1000]: no x1000 inside),
   encoder_hidden_states [B, L, text_dim] (umT5 states, zero-padded, never masked: as diffusers),
   encoder_hidden_states_image [B, 257, image_dim] (CLIP states, I2V models only).
-It returns [B, out_channels, F, H, W] in hidden_states' dtype. The image and text contexts are kept
-apart, so I2V needs no hard-coded text length (diffusers' processor assumes L == 512; with L == 512 the
-two agree). Timestep embedding, RoPE, norms, modulation and the residual stream are float32; matmuls
-run in ``dtype``.
+It returns a ``ModelOutput`` whose ``sample`` is [B, out_channels, F, H, W] in hidden_states' dtype (the
+model contract of docs/architecture.md §4, shared with FLUX and HunyuanVideo). The image and text contexts
+are kept apart, so I2V needs no hard-coded text length (diffusers' processor assumes L == 512; with
+L == 512 the two agree). Timestep embedding, RoPE, norms, modulation and the residual stream are float32;
+matmuls run in ``dtype``.
 
-Chipmunk (SPEC §5.3): only self-attention (``attn1``) is sparse-delta; cross-attention stays dense.
-With ``reorder.kind == "voxels"`` the video tokens (and their RoPE rows) are permuted to (4, 6, 8)
-voxel order after the patch embedding and the pre-head hidden state is permuted back. The static
-column mask (local voxel window + static random keys, SPEC §1.6) is drawn once per generation by
-``init_cache`` and lives in the cache. CFG: each branch (cond / uncond) has its own cache; build both
-with ``init_branch_caches`` and pass ``chipmunk_jax.cache.select_branch(caches, i)`` to ``forward``.
+Chipmunk (docs/algorithm.md §5.3): only self-attention (``attn1``) is sparse-delta; cross-attention stays
+dense. With ``reorder.kind == "voxels"`` the video tokens (and their RoPE rows) are permuted to (4, 6, 8)
+voxel order after the patch embedding; ``sample`` is permuted back, ``hidden`` stays in voxel order. The
+static column mask (local voxel window + static random keys, docs/algorithm.md §1.6) is drawn once per
+generation by ``init_cache`` and lives bit-packed in the cache. CFG: each branch (cond / uncond) has its own
+cache; build both with ``init_branch_caches`` and pass ``chipmunk_jax.cache.select_branch(caches, i)`` to
+``forward``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax.attention import init_attention_cache
+from chipmunk_jax.cache import ModelCache, layer_is_sparse, offload_layer_caches, split_branches, stack_branches
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.models.chipmunk_ops import chipmunk_ops
+from chipmunk_jax.mlp import init_mlp_cache
+from chipmunk_jax.models.chipmunk_ops import (
+    ChipmunkRun,
+    check_chipmunk,
+    permute_tokens,
+    token_permutation,
+    unpermute_tokens,
+)
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
-from chipmunk_jax.models.inputs import batch_vector, check_array, check_compute_dtype
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
 from chipmunk_jax.models.layers import (
-    linear_init,
+    affine_layer_norm,
     apply_rotary_emb,
     gelu_tanh,
     layer_norm,
     linear,
+    linear_init,
     rms_norm,
     rotary_tables,
+    split_heads,
     timestep_embedding,
     timestep_sinusoids,
 )
 from chipmunk_jax.models.mmdit import dense_attention, dense_mlp
+from chipmunk_jax.outputs import ModelOutput
+from chipmunk_jax.sampling import Denoiser
+from chipmunk_jax.schedule import StepPlan
+from chipmunk_jax.selection import pack_mask, static_video_mask
+from chipmunk_jax.validation import (
+    check_bool,
+    check_choice,
+    check_int_tuple,
+    check_number,
+    field,
+    non_negative_int,
+    optional,
+    positive_int,
+)
 
 __all__ = [
     "WanConfig",
     "forward",
     "head",
+    "timestep_conditioning",
     "init_params",
     "init_cache",
     "init_branch_caches",
     "denoiser",
-    "rotary_emb",
+    "pos_embed",
     "rope_dims",
     "token_grid",
     "WAN_THETA",
@@ -70,58 +99,33 @@ WAN_THETA = 10000.0
 _IMAGE_NORM_EPS = 1e-5  # WanImageEmbedding's FP32LayerNorms keep torch's default eps
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class WanConfig(DiffusersConfig):
     """``WanTransformer3DModel`` constructor arguments (diffusers names and defaults = Wan2.1-T2V-14B)."""
 
     DIFFUSERS_CLASS: ClassVar[str] = "WanTransformer3DModel"
 
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    num_attention_heads: int = 40
-    attention_head_dim: int = 128
-    in_channels: int = 16
-    out_channels: int | None = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    ffn_dim: int = 13824
-    num_layers: int = 40
-    cross_attn_norm: bool = True
-    qk_norm: str | None = "rms_norm_across_heads"
-    eps: float = 1e-6
-    image_dim: int | None = None
-    added_kv_proj_dim: int | None = None
-    rope_max_seq_len: int = 1024
-    pos_embed_seq_len: int | None = None
+    patch_size: tuple[int, int, int] = field((1, 2, 2), check=partial(check_int_tuple, length=3))
+    num_attention_heads: int = field(40, check=positive_int)
+    attention_head_dim: int = field(128, check=positive_int)
+    in_channels: int = field(16, check=positive_int)
+    out_channels: int | None = field(16, check=optional(positive_int))
+    text_dim: int = field(4096, check=positive_int)
+    freq_dim: int = field(256, check=positive_int)
+    ffn_dim: int = field(13824, check=positive_int)
+    num_layers: int = field(40, check=non_negative_int)
+    cross_attn_norm: bool = field(True, check=check_bool)
+    # diffusers' WanAttention always builds across-heads RMSNorms, whatever qk_norm says: the only Wan variant
+    qk_norm: str | None = field("rms_norm_across_heads", check=partial(check_choice, choices=("rms_norm_across_heads",)))
+    eps: float = field(1e-6, check=partial(check_number, positive=True))
+    image_dim: int | None = field(None, check=optional(positive_int))
+    added_kv_proj_dim: int | None = field(None, check=optional(positive_int))
+    rope_max_seq_len: int = field(1024, check=positive_int)
+    pos_embed_seq_len: int | None = field(None, check=optional(positive_int))
 
-    def __post_init__(self):
-        if isinstance(self.patch_size, list):
-            object.__setattr__(self, "patch_size", tuple(self.patch_size))
-        if not isinstance(self.patch_size, tuple) or len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must be three integers, got {self.patch_size!r}")
-        for p in self.patch_size:
-            _positive_int("patch_size", p)
-        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim", "ffn_dim",
-                     "rope_max_seq_len"):
-            _positive_int(name, getattr(self, name))
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ValueError(f"num_layers must be a non-negative integer, got {self.num_layers!r}")
-        for name in ("out_channels", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+    def _check(self):
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
-        if not isinstance(self.cross_attn_norm, bool):
-            raise ValueError(f"cross_attn_norm must be a bool, got {self.cross_attn_norm!r}")
-        # diffusers' WanAttention always builds across-heads RMSNorms, whatever qk_norm says
-        if self.qk_norm != "rms_norm_across_heads":
-            raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (the only Wan variant), got {self.qk_norm!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
         if self.added_kv_proj_dim is not None and self.image_dim is None:
             raise ValueError("added_kv_proj_dim needs image_dim (the image embedder feeds add_k_proj/add_v_proj)")
         if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.inner_dim:
@@ -171,8 +175,11 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def token_grid(config: WanConfig, latent_shape) -> tuple[int, int, int]:
-    """(F', H', W') tokens for latents of (F, H, W) frames/rows/columns."""
-    f, h, w = (int(s) for s in latent_shape)
+    """(frames, height, width) of the patch-token grid for latents [B, C, F, H, W] (or their shape)."""
+    shape = tuple(getattr(latent_shape, "shape", latent_shape))
+    if len(shape) != 5:
+        raise ValueError(f"latent_shape must be [B, C, F, H, W], got {shape}")
+    f, h, w = (int(s) for s in shape[2:])
     for name, size, p in zip(("frames", "height", "width"), (f, h, w), config.patch_size):
         if size % p:
             raise ValueError(f"latent {name} {size} is not a multiple of the patch size {p}")
@@ -239,19 +246,16 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
 # Positions
 
 
-def rotary_emb(config: WanConfig, grid) -> tuple[jax.Array, jax.Array]:
+def pos_embed(config: WanConfig, grid) -> tuple[jax.Array, jax.Array]:
     """``WanRotaryPosEmbed`` tables for a raster (F', H', W') token grid: ([N, head_dim], [N, head_dim]) f32,
     computed in float64 as diffusers. Pass them as ``forward(..., rotary_emb=...)`` under jit to keep
     large tables out of the compiled constants."""
-    if not isinstance(config, WanConfig):
-        raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
-    if len(grid) != 3:
-        raise ValueError(f"grid must be (frames, height, width) in tokens, got {grid!r}")
+    _check_config(config)
+    grid = check_grid(grid, 3)
     for name, size in zip(("frames", "height", "width"), grid):
-        _positive_int(f"grid {name}", int(size))
         if size > config.rope_max_seq_len:
             raise ValueError(f"token grid {name} {size} exceeds rope_max_seq_len={config.rope_max_seq_len}")
-    ids = np.stack(np.meshgrid(*(np.arange(int(s)) for s in grid), indexing="ij"), axis=-1).reshape(-1, 3)
+    ids = np.stack(np.meshgrid(*(np.arange(s) for s in grid), indexing="ij"), axis=-1).reshape(-1, 3)
     return rotary_tables(ids, rope_dims(config.attention_head_dim), WAN_THETA)
 
 
@@ -259,80 +263,49 @@ def rotary_emb(config: WanConfig, grid) -> tuple[jax.Array, jax.Array]:
 # Chipmunk cache
 
 
-def _check_configs(config, chipmunk):
+def _check_config(config) -> None:
     if not isinstance(config, WanConfig):
         raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
-    if not isinstance(chipmunk, ChipmunkConfig):
-        raise TypeError(f"chipmunk must be a ChipmunkConfig or None, got {type(chipmunk).__name__}")
-    if chipmunk.reorder.kind not in ("none", "voxels"):
-        raise ValueError(f"Wan supports chipmunk.reorder.kind 'voxels' or 'none', got {chipmunk.reorder.kind!r}")
-    if chipmunk.reorder.kind == "none" and chipmunk.attention.local_voxels > 0:
-        raise ValueError("attention.local_voxels > 0 needs reorder.kind='voxels' (the window is over voxel order)")
 
 
-def init_cache(
-    config: WanConfig,
-    chipmunk: ChipmunkConfig,
-    *,
-    batch: int,
-    grid: tuple[int, int, int],
-    key: jax.Array | None = None,
-    dtype=jnp.bfloat16,
-) -> dict[str, Any]:
-    """Cache of ONE invocation branch: ``{"attention": [AttentionCache] * num_layers, "mlp": [MLPCache]
-    * num_layers (empty when chipmunk.mlp is off), "static_mask": [G, N] bool, "eligible": [G] bool}``.
+def _check_chipmunk(config, chipmunk) -> None:
+    _check_config(config)
+    check_chipmunk("Wan", chipmunk, reorder_kinds=("none", "voxels"))
 
-    ``grid`` is the (F', H', W') token grid (``token_grid``). The static mask (SPEC §1.6) is drawn here,
-    once per generation, from ``key`` (required when attention.random_keys > 0).
-    """
-    from chipmunk_jax.attention import init_attention_cache
-    from chipmunk_jax.cache import layer_is_sparse
-    from chipmunk_jax.mlp import init_mlp_cache
-    from chipmunk_jax.selection import static_video_mask
 
-    _check_configs(config, chipmunk)
-    if len(grid) != 3:
-        raise ValueError(f"grid must be (frames, height, width) in tokens, got {grid!r}")
-    grid = tuple(int(g) for g in grid)
-    for g in grid:
-        _positive_int("grid", g)
+def init_cache(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
+               key: jax.Array | None = None, dtype=jnp.bfloat16) -> ModelCache:
+    """The ``ModelCache`` of ONE invocation branch over the (F', H', W') token ``grid`` (``token_grid``): one
+    attention and one MLP slot per block (None for layers dense at every step, and for every MLP slot when
+    chipmunk.mlp is off) and the bit-packed static mask (docs/algorithm.md §1.6), drawn here, once per
+    generation, from ``key`` (required when attention.random_keys > 0)."""
+    _check_chipmunk(config, chipmunk)
+    grid = check_grid(grid, 3)
     n = math.prod(grid)
-    # always-dense layers (below first_n_dense_layers, or the op disabled) keep no cache: None
-    attention = [
+    attention = tuple(
         init_attention_cache(chipmunk, batch=batch, seq_len=n, heads=config.num_attention_heads,
                              head_dim=config.attention_head_dim, dtype=dtype)
         if layer_is_sparse(chipmunk.attention, i) else None
         for i in range(config.num_layers)
-    ]
-    mlp = []
-    if chipmunk.mlp.enabled:
-        mlp = [init_mlp_cache(chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim,
-                              hidden_features=config.ffn_dim, out_features=config.inner_dim, dtype=dtype)
-               if layer_is_sparse(chipmunk.mlp, i) else None
-               for i in range(config.num_layers)]
+    )
+    mlp = tuple(
+        init_mlp_cache(chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim,
+                       hidden_features=config.ffn_dim, out_features=config.inner_dim, dtype=dtype)
+        if layer_is_sparse(chipmunk.mlp, i) else None
+        for i in range(config.num_layers)
+    )
     static_mask, eligible = static_video_mask(grid, 0, chipmunk.attention, voxel=chipmunk.reorder.voxel, key=key)
-    return {"attention": attention, "mlp": mlp, "static_mask": static_mask, "eligible": eligible}
+    return ModelCache(attention=attention, mlp=mlp, static_mask_bits=pack_mask(static_mask), eligible=eligible)
 
 
-def init_branch_caches(
-    config: WanConfig,
-    chipmunk: ChipmunkConfig,
-    *,
-    batch: int,
-    grid: tuple[int, int, int],
-    key: jax.Array | None = None,
-    dtype=jnp.bfloat16,
-    offload: bool = False,
-):
+def init_branch_caches(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
+                       key: jax.Array | None = None, dtype=jnp.bfloat16, offload: bool = False):
     """One cache per CFG branch (``chipmunk.invocations_per_step`` of them: cond, uncond), stacked on a
     leading axis; the branches share one static mask draw, as the original. Pass
     ``chipmunk_jax.cache.select_branch(caches, i)`` to ``forward`` and store its new cache back with
     ``update_branch``. ``offload=True``: separate per-branch caches (``cache.BranchCaches``) with the layer
-    caches in pinned host memory (``memory.offload_layer_caches``): two 720p branches of Wan2.1-14B hold
+    caches in pinned host memory (``cache.offload_layer_caches``): two 720p branches of Wan2.1-14B hold
     ~66 GiB of caches, more than an 80 GB H100 keeps beside the weights."""
-    from chipmunk_jax.cache import split_branches, stack_branches
-    from chipmunk_jax.memory import offload_layer_caches
-
     one = init_cache(config, chipmunk, batch=batch, grid=grid, key=key, dtype=dtype)
     if offload:
         return offload_layer_caches(split_branches(one, chipmunk.invocations_per_step))
@@ -343,20 +316,12 @@ def init_branch_caches(
 # Building blocks
 
 
-def _affine_layer_norm(params, x, eps):
-    return layer_norm(x, eps) * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
-
-
-def _heads(x, head_dim):
-    return x.reshape(*x.shape[:-1], -1, head_dim)
-
-
 def _attention_projection(attn, name, norm, x, head_dim, dtype, eps):
     """``norm(to_x(x))`` across all heads (``rms_norm_across_heads``), then the head split."""
     y = linear(attn[name], x, dtype)
     if norm is not None:
         y = rms_norm(attn[norm], y, eps)
-    return _heads(y.astype(dtype), head_dim)
+    return split_heads(y.astype(dtype), head_dim)
 
 
 def _self_attention(attn, x, rope, *, head_dim, dtype, eps, attention_op, attention_impl):
@@ -396,7 +361,7 @@ def _block(params, x, text, image, timestep_proj, rope, *, config, dtype, attent
                                          attention_op=attention_op, attention_impl=attention_impl)
     x = x + attn_out * gate_msa
 
-    norm = _affine_layer_norm(params["norm2"], x, eps) if config.cross_attn_norm else x
+    norm = affine_layer_norm(params["norm2"], x, eps) if config.cross_attn_norm else x
     x = x + _cross_attention(params["attn2"], norm.astype(dtype), text, image, head_dim=hd, dtype=dtype, eps=eps,
                              attention_impl=attention_impl)
 
@@ -411,11 +376,30 @@ def _block(params, x, text, image, timestep_proj, rope, *, config, dtype, attent
     return x, (attn_aux, mlp_aux)
 
 
-def _condition_embedder(params, config, timestep, encoder_hidden_states, encoder_hidden_states_image, dtype):
-    """(temb [B, D], timestep_proj [B, 6, D], text context, image context or None), as
-    ``WanTimeTextImageEmbedding``; the time path is float32 throughout."""
-    temb = timestep_embedding(params["time_embedder"], timestep_sinusoids(timestep, config.freq_dim))
-    timestep_proj = linear(params["time_proj"], jax.nn.silu(temb), jnp.float32).reshape(temb.shape[0], 6, -1)
+def timestep_conditioning(params: Params, config: WanConfig, *, timestep, batch: int | None = None) -> Params:
+    """The timestep-conditioned embeddings (float32), as ``WanTimeTextImageEmbedding``'s time path:
+    ``{"temb": [B, D], "timestep_proj": [B, 6, D]}`` for ``forward(..., conditioning=)`` and ``head``.
+    ``timestep``: scalar or [B] in [0, 1000]; ``batch`` broadcasts a scalar timestep (default: its size)."""
+    _check_config(config)
+    batch = max(1, int(jnp.size(timestep))) if batch is None else batch
+    check_batch_scalar("timestep", timestep, batch)
+    timestep = batch_vector(timestep, batch)
+    cond = params["condition_embedder"]
+    temb = timestep_embedding(cond["time_embedder"], timestep_sinusoids(timestep, config.freq_dim))
+    timestep_proj = linear(cond["time_proj"], jax.nn.silu(temb), jnp.float32).reshape(batch, 6, -1)
+    return {"temb": temb, "timestep_proj": timestep_proj}
+
+
+def _check_conditioning(config: WanConfig, conditioning, batch: int) -> None:
+    if not isinstance(conditioning, dict) or set(conditioning) != {"temb", "timestep_proj"}:
+        raise ValueError("conditioning must come from wan.timestep_conditioning (keys 'temb', 'timestep_proj')")
+    if conditioning["timestep_proj"].shape != (batch, 6, config.inner_dim):
+        raise ValueError(f"conditioning['timestep_proj'] must be [{batch}, 6, {config.inner_dim}], got "
+                         f"{tuple(conditioning['timestep_proj'].shape)}")
+
+
+def _context(params, config, encoder_hidden_states, encoder_hidden_states_image, dtype):
+    """(text context, image context or None), as ``WanTimeTextImageEmbedding``'s text and image paths."""
     text = params["text_embedder"]
     context = gelu_tanh(linear(text["linear_1"], encoder_hidden_states, dtype, jnp.float32))
     context = linear(text["linear_2"], context, dtype)
@@ -426,11 +410,11 @@ def _condition_embedder(params, config, timestep, encoder_hidden_states, encoder
         if "pos_embed" in emb:
             # FLF2V: first and last frame CLIP states of one sample are joined (diffusers' view)
             x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + emb["pos_embed"].astype(jnp.float32)
-        x = _affine_layer_norm(emb["norm1"], x, _IMAGE_NORM_EPS)
+        x = affine_layer_norm(emb["norm1"], x, _IMAGE_NORM_EPS)
         x = jax.nn.gelu(linear(emb["ff"]["net"]["0"]["proj"], x, dtype, jnp.float32), approximate=False)
         x = linear(emb["ff"]["net"]["2"], x, dtype, jnp.float32)
-        image = _affine_layer_norm(emb["norm2"], x, _IMAGE_NORM_EPS).astype(dtype)
-    return temb, timestep_proj, context, image
+        image = affine_layer_norm(emb["norm2"], x, _IMAGE_NORM_EPS).astype(dtype)
+    return context, image
 
 
 def _patchify(params, config, hidden_states, dtype):
@@ -443,12 +427,13 @@ def _patchify(params, config, hidden_states, dtype):
     return linear({"kernel": kernel, "bias": params["patch_embedding"]["bias"]}, x, dtype, jnp.float32)
 
 
-def _head(params, config, hidden, temb, grid, dtype):
-    """Final norm with (shift, scale) = table + temb, ``proj_out`` and unpatchify -> [B, C, F, H, W] f32."""
+def _final_layer(params, config, hidden, temb, grid, perm, dtype):
+    """Final norm with (shift, scale) = table + temb, ``proj_out``, Chipmunk order back to raster order and
+    unpatchify -> [B, C, F, H, W] f32."""
     modulation = params["scale_shift_table"].astype(jnp.float32)[0][:, None, :] + temb[None]  # [2, B, D]
     shift, scale = modulation[0][:, None], modulation[1][:, None]
     x = (layer_norm(hidden, config.eps) * (1.0 + scale) + shift).astype(dtype)
-    x = linear(params["proj_out"], x, dtype, jnp.float32)
+    x = unpermute_tokens(linear(params["proj_out"], x, dtype, jnp.float32), perm)
     b = x.shape[0]
     (f, h, w), (pt, ph, pw) = grid, config.patch_size
     # proj_out features are (pt, ph, pw, c): channel last
@@ -466,7 +451,7 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
     b, c = hidden_states.shape[:2]
     if c != config.in_channels:
         raise ValueError(f"hidden_states has {c} channels, config.in_channels is {config.in_channels}")
-    grid = token_grid(config, hidden_states.shape[2:])
+    grid = token_grid(config, hidden_states.shape)
     for name, size in zip(("frames", "height", "width"), grid):
         if size > config.rope_max_seq_len:
             raise ValueError(f"hidden_states token {name} {size} exceeds rope_max_seq_len={config.rope_max_seq_len}")
@@ -503,163 +488,122 @@ def forward(
     encoder_hidden_states: jax.Array,
     encoder_hidden_states_image: jax.Array | None = None,
     chipmunk: ChipmunkConfig | None = None,
-    cache: dict[str, Any] | None = None,
-    step=None,
+    cache: ModelCache | None = None,
+    plan: StepPlan | None = None,
     key: jax.Array | None = None,
     rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-    return_hidden: bool = False,
+    conditioning: Params | None = None,
     dtype=jnp.bfloat16,
     attention_impl: str | None = None,
     kernel_impl: str | None = None,
-):
-    """Wan 2.1 transformer forward (see the module docstring for shapes).
+) -> ModelOutput:
+    """Wan 2.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
-    Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``step`` (int or traced int32) and the cache of
-    this invocation's CFG branch (``init_cache`` / ``select_branch(init_branch_caches(...), i)``; None
-    builds a fresh one, right for step 0 when attention.random_keys == 0); returns
-    ``(output, new_cache)``. ``key`` seeds the dynamic random keys (per layer via ``fold_in``).
-    ``rotary_emb``: precomputed raster-order ``rotary_emb(config, grid)`` tables.
-    ``return_hidden``: also return the raster-order pre-head hidden state [B, N, D] (f32) for step
-    caching (``head`` turns it into the output of a later step).
+    Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``plan`` (``schedule.step_plan(chipmunk, step)``) and the
+    cache of this invocation's CFG branch (``init_cache`` / ``select_branch(init_branch_caches(...), i)``;
+    None builds a fresh one, right for step 0 when attention.random_keys == 0). ``key`` seeds the dynamic
+    random keys (per layer via ``fold_in``).
+    ``rotary_emb``: precomputed raster-order ``pos_embed(config, grid)`` tables. ``conditioning``:
+    ``timestep_conditioning`` of this call's timestep, computed ahead (``timestep`` is then only checked).
     ``attention_impl``: the dense attention implementation (None, "xla", "cudnn"); ``kernel_impl``:
-    passed to the Chipmunk ops.
+    passed to the Chipmunk ops. The output's ``hidden`` is the hidden state [B, N, D] (float32) after the last
+    block, in voxel order under Chipmunk's voxel reordering.
     """
-    if not isinstance(config, WanConfig):
-        raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
+    _check_config(config)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     grid = _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
     dtype = check_compute_dtype(dtype)
+    if chipmunk is None and (cache is not None or plan is not None):
+        raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
+    if chipmunk is not None:
+        _check_chipmunk(config, chipmunk)
     batch, num_tokens = hidden_states.shape[0], math.prod(grid)
-    out_dtype = hidden_states.dtype
 
     if rotary_emb is None:
-        rotary_emb = globals()["rotary_emb"](config, grid)
+        rotary_emb = pos_embed(config, grid)
     elif tuple(rotary_emb[0].shape) != (num_tokens, config.attention_head_dim):
         raise ValueError(f"rotary_emb tables must be [{num_tokens}, {config.attention_head_dim}], "
                          f"got {tuple(rotary_emb[0].shape)}")
+    if conditioning is None:
+        conditioning = timestep_conditioning(params, config, timestep=timestep, batch=batch)
+    else:
+        _check_conditioning(config, conditioning, batch)
 
-    perm = inverse = None
+    run = perm = None
     if chipmunk is not None:
-        _check_configs(config, chipmunk)
-        if step is None:
-            raise ValueError("step is required when chipmunk is given")
-        if cache is None:
-            cache = init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)
-        _check_cache(cache, config, chipmunk, num_tokens)
-        if chipmunk.reorder.kind == "voxels":
-            from chipmunk_jax.reorder import inverse_permutation, voxel_permutation
+        init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)  # noqa: E731
+        run = ChipmunkRun.start(chipmunk, plan, cache, key, num_layers=config.num_sparse_layers, init_cache=init,
+                                kernel_impl=kernel_impl, num_tokens=num_tokens)
+        cache = run.cache
+        perm = token_permutation(chipmunk, grid)
 
-            perm = voxel_permutation(*grid, voxel=chipmunk.reorder.voxel)
-            inverse = inverse_permutation(perm)
-    elif cache is not None or step is not None:
-        raise ValueError("cache and step are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
-
-    timestep = batch_vector(timestep, batch)
-    temb, timestep_proj, text, image = _condition_embedder(
-        params["condition_embedder"], config, timestep, encoder_hidden_states, encoder_hidden_states_image, dtype
-    )
+    text, image = _context(params["condition_embedder"], config, encoder_hidden_states, encoder_hidden_states_image,
+                           dtype)
     if image is not None and config.added_kv_proj_dim is None:
         # image_dim without added_kv_proj_dim: the image tokens join the text context (diffusers' concat)
         text, image = jnp.concatenate([image, text], axis=1), None
 
-    x = _patchify(params, config, hidden_states, dtype)
-    if perm is not None:
-        perm_j = jnp.asarray(perm)
-        x = jnp.take(x, perm_j, axis=1)
-        rotary_emb = (jnp.take(rotary_emb[0], perm_j, axis=0), jnp.take(rotary_emb[1], perm_j, axis=0))
-
-    new_attention, new_mlp = [], []
+    x = permute_tokens(_patchify(params, config, hidden_states, dtype), perm)
+    rotary_emb = tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb)
     for i, block in enumerate(params["blocks"]):
-        ops = {} if chipmunk is None else chipmunk_ops(
-            chipmunk, cache, step, key, i, kernel_impl, static_mask=cache["static_mask"], eligible=cache["eligible"]
-        )
-        x, (attn_aux, mlp_aux) = _block(block, x, text, image, timestep_proj, rotary_emb, config=config, dtype=dtype,
-                                        attention_op=ops.get("attention_op"), mlp_op=ops.get("mlp_op"),
-                                        attention_impl=attention_impl)
-        if chipmunk is not None:
-            new_attention.append(cache["attention"][i] if attn_aux is None else attn_aux)
-            if cache["mlp"]:
-                new_mlp.append(cache["mlp"][i] if mlp_aux is None else mlp_aux)
-
-    if inverse is not None:
-        x = jnp.take(x, jnp.asarray(inverse), axis=1)
-    output = _head(params, config, x, temb, grid, dtype).astype(out_dtype)
-    result = [output]
-    if chipmunk is not None:
-        result.append({**cache, "attention": new_attention, "mlp": new_mlp})
-    if return_hidden:
-        result.append(x)
-    return result[0] if len(result) == 1 else tuple(result)
+        ops = {} if run is None else run.ops(i)
+        x, (attn_slot, mlp_slot) = _block(block, x, text, image, conditioning["timestep_proj"], rotary_emb,
+                                          config=config, dtype=dtype, attention_op=ops.get("attention_op"),
+                                          mlp_op=ops.get("mlp_op"), attention_impl=attention_impl)
+        cache = cache if run is None else cache.with_layer(i, attn_slot, mlp_slot)
+    sample = _final_layer(params, config, x, conditioning["temb"], grid, perm, dtype)
+    return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=x, cache=cache)
 
 
-def _check_cache(cache, config, chipmunk, num_tokens):
-    if not isinstance(cache, dict) or not {"attention", "mlp", "static_mask", "eligible"} <= set(cache):
-        raise TypeError("cache must be the dict built by wan.init_cache (one CFG branch: use "
-                        "chipmunk_jax.cache.select_branch on init_branch_caches)")
-    if len(cache["attention"]) != config.num_layers:
-        raise ValueError(f"cache has {len(cache['attention'])} attention slots, the config {config.num_layers} layers")
-    if cache["static_mask"].ndim != 2 or cache["static_mask"].shape[1] != num_tokens:
-        raise ValueError(f"cache static_mask has shape {tuple(cache['static_mask'].shape)}: not one branch's cache "
-                         f"for {num_tokens} tokens (select a branch, or rebuild it for this token grid)")
-    if chipmunk.mlp.enabled != bool(cache["mlp"]):
-        raise ValueError("cache mlp slots do not match chipmunk.mlp.enabled; rebuild it with init_cache")
-
-
-def head(
-    params: Params,
-    config: WanConfig,
-    hidden: jax.Array,
-    timestep: jax.Array,
-    *,
-    latent_shape: tuple[int, int, int],
-    out_dtype=jnp.float32,
-    dtype=jnp.bfloat16,
-) -> jax.Array:
-    """Output of a skipped step (step caching, SPEC §4.3): the final layer on a stored raster-order
-    ``hidden`` [B, N, D] (``forward(..., return_hidden=True)``), conditioned on the CURRENT timestep.
-    ``latent_shape`` is the (F, H, W) of the latents -> [B, out_channels, F, H, W]."""
-    if not isinstance(config, WanConfig):
-        raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
-    grid = token_grid(config, latent_shape)
+def head(params: Params, config: WanConfig, hidden: jax.Array, conditioning: Params, *,
+         grid: tuple[int, int, int], chipmunk: ChipmunkConfig | None = None, dtype=jnp.bfloat16,
+         out_dtype=jnp.float32) -> jax.Array:
+    """Output of a skipped step (step caching, docs/algorithm.md §4.3): the final layer on a stored
+    ``forward(...).hidden`` [B, N, D] (voxel order when ``chipmunk`` reorders), conditioned on
+    ``conditioning`` (``timestep_conditioning`` of the CURRENT timestep), over the (frames, height, width)
+    token ``grid`` -> [B, out_channels, F, H, W]."""
+    _check_config(config)
+    grid = check_grid(grid, 3)
     check_array("hidden", hidden, 3)
     if hidden.shape[1:] != (math.prod(grid), config.inner_dim):
-        raise ValueError(f"hidden must be [B, {math.prod(grid)}, {config.inner_dim}], got {tuple(hidden.shape)}")
-    dtype = check_compute_dtype(dtype)
-    timestep = batch_vector(timestep, hidden.shape[0])
-    cond = params["condition_embedder"]["time_embedder"]
-    temb = timestep_embedding(cond, timestep_sinusoids(timestep, config.freq_dim))
-    return _head(params, config, hidden.astype(jnp.float32), temb, grid, dtype).astype(out_dtype)
+        raise ValueError(f"hidden must be [B, {math.prod(grid)}, {config.inner_dim}] for grid {grid}, got "
+                         f"{tuple(hidden.shape)}")
+    _check_conditioning(config, conditioning, hidden.shape[0])
+    if chipmunk is not None:
+        _check_chipmunk(config, chipmunk)
+    return _final_layer(params, config, hidden.astype(jnp.float32), conditioning["temb"], grid,
+                        token_permutation(chipmunk, grid), check_compute_dtype(dtype)).astype(out_dtype)
 
 
-def denoiser(
-    config: WanConfig,
-    chipmunk: ChipmunkConfig,
-    *,
-    latent_shape: tuple[int, int, int],
-    latent_dtype=jnp.float32,
-    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-    dtype=jnp.bfloat16,
-    attention_impl: str | None = None,
-    kernel_impl: str | None = None,
-):
-    """``chipmunk_jax.sampling.Denoiser`` for this model: ``cond`` is a dict with
-    ``encoder_hidden_states`` (and ``encoder_hidden_states_image`` for I2V); sigma in [0, 1] becomes the
-    timestep sigma * 1000 (diffusers' flow-matching scheduler). ``latent_shape`` is (F, H, W) and
-    ``latent_dtype`` the latents' dtype (the skipped-step head must return it too)."""
-    from chipmunk_jax.sampling import Denoiser
+def denoiser(config: WanConfig, chipmunk: ChipmunkConfig | None = None, *, grid: tuple[int, int, int],
+             rotary_emb: tuple[jax.Array, jax.Array] | None = None, dtype=jnp.bfloat16,
+             attention_impl: str | None = None, kernel_impl: str | None = None) -> Denoiser:
+    """``chipmunk_jax.sampling.Denoiser`` for this model: ``cond`` is a dict with ``encoder_hidden_states``
+    (and ``encoder_hidden_states_image`` for I2V); sigma in [0, 1] becomes the timestep sigma * 1000
+    (diffusers' flow-matching scheduler). ``grid`` is the (frames, height, width) token grid; the conditioning
+    of every step is computed before the loop; velocities come back in float32."""
+    _check_config(config)
+    if chipmunk is not None:
+        _check_chipmunk(config, chipmunk)
+    grid = check_grid(grid, 3)
+    model_kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl)
+    if chipmunk is not None:
+        model_kw.update(chipmunk=chipmunk, kernel_impl=kernel_impl)
 
-    _check_configs(config, chipmunk)
-    token_grid(config, latent_shape)
-    kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl, kernel_impl=kernel_impl)
+    def timestep_tables(params, sigmas, cond):
+        batch = cond["encoder_hidden_states"].shape[0]
+        at = lambda sigma: timestep_conditioning(params, config, timestep=sigma * 1000.0, batch=batch)  # noqa: E731
+        return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
 
-    def compute(params, latents, sigma, cond, cache, step, key):
-        out, cache, hidden = forward(params, config, hidden_states=latents, timestep=sigma * 1000.0, **cond,
-                                     chipmunk=chipmunk, cache=cache, step=step, key=key, return_hidden=True, **kw)
-        return out, hidden, cache
+    def compute(params, latents, t, cond, cache, plan, key):
+        chipmunk_kw = {} if chipmunk is None else dict(cache=cache, plan=plan, key=key)
+        out = forward(params, config, hidden_states=latents, timestep=t["sigma"] * 1000.0,
+                      conditioning=t["conditioning"], **cond, **model_kw, **chipmunk_kw)
+        return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
 
-    def head_fn(params, hidden, sigma, cond):
-        return head(params, config, hidden, sigma * 1000.0, latent_shape=latent_shape, out_dtype=latent_dtype,
-                    dtype=dtype)
+    def final_layer(params, hidden, t, cond):
+        return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
+                    out_dtype=jnp.float32)
 
-    return Denoiser(compute=compute, head=head_fn)
+    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)
