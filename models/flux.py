@@ -40,22 +40,12 @@ from chipmunk_jax.cache import ModelCache, layer_is_sparse
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models import mmdit
-from chipmunk_jax.models.chipmunk_ops import (
-    ChipmunkRun,
-    check_chipmunk,
-    permute_tokens,
-    token_permutation,
-    unpermute_tokens,
-)
+from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
+from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
+from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
-from chipmunk_jax.models.inputs import (
-    batch_vector,
-    check_array,
-    check_batch_scalar,
-    check_compute_dtype,
-    check_grid,
-    check_guidance,
-)
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
+from chipmunk_jax.models.inputs import check_guidance
 from chipmunk_jax.models.layers import (
     layer_norm,
     linear,
@@ -371,26 +361,12 @@ def _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projectio
 
 
 def forward(
-    params: Params,
-    config: FluxConfig,
-    *,
-    hidden_states: jax.Array,
-    encoder_hidden_states: jax.Array,
-    pooled_projections: jax.Array,
-    timestep: jax.Array,
-    img_ids: jax.Array,
-    txt_ids: jax.Array,
-    guidance: jax.Array | None = None,
-    chipmunk: ChipmunkConfig | None = None,
-    cache: ModelCache | None = None,
-    plan: StepPlan | None = None,
-    key: jax.Array | None = None,
-    grid: tuple[int, int] | None = None,
-    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-    conditioning: Params | None = None,
-    dtype=jnp.bfloat16,
-    attention_impl: str | None = None,
-    kernel_impl: str | None = None,
+    params: Params, config: FluxConfig, *, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
+    pooled_projections: jax.Array, timestep: jax.Array, img_ids: jax.Array, txt_ids: jax.Array,
+    guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
+    plan: StepPlan | None = None, key: jax.Array | None = None, grid: tuple[int, int] | None = None,
+    rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
+    attention_impl: str | None = None, kernel_impl: str | None = None,
 ) -> ModelOutput:
     """FLUX.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
@@ -550,25 +526,9 @@ def denoiser(config: FluxConfig, chipmunk: ChipmunkConfig | None = None, *, grid
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
     grid = check_grid(grid, 2)
-    model_kw = dict(dtype=dtype, attention_impl=attention_impl, grid=grid)
-    if chipmunk is not None:
-        model_kw.update(chipmunk=chipmunk, kernel_impl=kernel_impl)
-
-    def timestep_tables(params, sigmas, cond):
-        def at(sigma):
-            return timestep_conditioning(params, config, timestep=sigma, pooled_projections=cond["pooled_projections"],
-                                         guidance=cond.get("guidance"))
-
-        return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
-
-    def compute(params, latents, t, cond, cache, plan, key):
-        chipmunk_kw = {} if chipmunk is None else dict(cache=cache, plan=plan, key=key)
-        out = forward(params, config, hidden_states=latents, timestep=t["sigma"], conditioning=t["conditioning"],
-                      **cond, **model_kw, **chipmunk_kw)
-        return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
-
-    def final_layer(params, hidden, t, cond):
-        return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
-                    out_dtype=jnp.float32)
-
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)
+    return model_denoiser(
+        config, chipmunk, forward=forward, head=head, grid=grid, dtype=dtype, timestep_scale=1.0,
+        kernel_impl=kernel_impl, model_kw=dict(grid=grid, attention_impl=attention_impl),
+        conditioning=lambda params, timestep, cond: timestep_conditioning(
+            params, config, timestep=timestep, pooled_projections=cond["pooled_projections"],
+            guidance=cond.get("guidance")))

@@ -60,22 +60,12 @@ from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, cache_bytes, layer_is_sparse
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import mmdit
-from chipmunk_jax.models.chipmunk_ops import (
-    ChipmunkRun,
-    check_chipmunk,
-    permute_tokens,
-    token_permutation,
-    unpermute_tokens,
-)
+from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
+from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
+from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
-from chipmunk_jax.models.inputs import (
-    batch_vector,
-    check_array,
-    check_batch_scalar,
-    check_compute_dtype,
-    check_grid,
-    check_guidance,
-)
+from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
+from chipmunk_jax.models.inputs import check_guidance
 from chipmunk_jax.models.layers import (
     affine_layer_norm,
     layer_norm,
@@ -521,25 +511,12 @@ def _text_length(text_length, encoder_attention_mask, num_txt: int) -> int:
 
 
 def forward(
-    params: Params,
-    config: HunyuanVideoConfig,
-    *,
-    hidden_states: jax.Array,
-    timestep: jax.Array,
-    encoder_hidden_states: jax.Array,
-    encoder_attention_mask: jax.Array,
-    pooled_projections: jax.Array,
-    guidance: jax.Array | None = None,
-    chipmunk: ChipmunkConfig | None = None,
-    cache: ModelCache | None = None,
-    plan: StepPlan | None = None,
-    key: jax.Array | None = None,
-    text_length: int | None = None,
-    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-    conditioning: Params | None = None,
-    dtype=jnp.bfloat16,
-    attention_impl: str | None = None,
-    kernel_impl: str | None = None,
+    params: Params, config: HunyuanVideoConfig, *, hidden_states: jax.Array, timestep: jax.Array,
+    encoder_hidden_states: jax.Array, encoder_attention_mask: jax.Array, pooled_projections: jax.Array,
+    guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
+    plan: StepPlan | None = None, key: jax.Array | None = None, text_length: int | None = None,
+    rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
+    attention_impl: str | None = None, kernel_impl: str | None = None,
 ) -> ModelOutput:
     """HunyuanVideo transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
@@ -654,26 +631,12 @@ def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None = None,
     _check_config(config)
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
-    grid = check_grid(grid, 3)
-    model_kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl)
+    model_kw = dict(rotary_emb=rotary_emb, attention_impl=attention_impl)
     if chipmunk is not None:
-        model_kw.update(chipmunk=chipmunk, text_length=text_length, kernel_impl=kernel_impl)
-
-    def timestep_tables(params, sigmas, cond):
-        def at(sigma):
-            return timestep_conditioning(params, config, timestep=sigma * 1000.0,
-                                         pooled_projections=cond["pooled_projections"], guidance=cond.get("guidance"))
-
-        return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
-
-    def compute(params, latents, t, cond, cache, plan, key):
-        chipmunk_kw = {} if chipmunk is None else dict(cache=cache, plan=plan, key=key)
-        out = forward(params, config, hidden_states=latents, timestep=t["sigma"] * 1000.0,
-                      conditioning=t["conditioning"], **cond, **model_kw, **chipmunk_kw)
-        return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
-
-    def final_layer(params, hidden, t, cond):
-        return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
-                    out_dtype=jnp.float32)
-
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)
+        model_kw["text_length"] = text_length
+    return model_denoiser(
+        config, chipmunk, forward=forward, head=head, grid=check_grid(grid, 3), dtype=dtype, timestep_scale=1000.0,
+        kernel_impl=kernel_impl, model_kw=model_kw,
+        conditioning=lambda params, timestep, cond: timestep_conditioning(
+            params, config, timestep=timestep, pooled_projections=cond["pooled_projections"],
+            guidance=cond.get("guidance")))

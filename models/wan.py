@@ -41,13 +41,9 @@ from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, layer_is_sparse, offload_layer_caches, split_branches, stack_branches
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
-from chipmunk_jax.models.chipmunk_ops import (
-    ChipmunkRun,
-    check_chipmunk,
-    permute_tokens,
-    token_permutation,
-    unpermute_tokens,
-)
+from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
+from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
+from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
 from chipmunk_jax.models.layers import (
@@ -480,21 +476,11 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
 
 
 def forward(
-    params: Params,
-    config: WanConfig,
-    *,
-    hidden_states: jax.Array,
-    timestep: jax.Array,
-    encoder_hidden_states: jax.Array,
-    encoder_hidden_states_image: jax.Array | None = None,
-    chipmunk: ChipmunkConfig | None = None,
-    cache: ModelCache | None = None,
-    plan: StepPlan | None = None,
-    key: jax.Array | None = None,
-    rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-    conditioning: Params | None = None,
-    dtype=jnp.bfloat16,
-    attention_impl: str | None = None,
+    params: Params, config: WanConfig, *, hidden_states: jax.Array, timestep: jax.Array,
+    encoder_hidden_states: jax.Array, encoder_hidden_states_image: jax.Array | None = None,
+    chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None, plan: StepPlan | None = None,
+    key: jax.Array | None = None, rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+    conditioning: Params | None = None, dtype=jnp.bfloat16, attention_impl: str | None = None,
     kernel_impl: str | None = None,
 ) -> ModelOutput:
     """Wan 2.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
@@ -586,24 +572,8 @@ def denoiser(config: WanConfig, chipmunk: ChipmunkConfig | None = None, *, grid:
     _check_config(config)
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
-    grid = check_grid(grid, 3)
-    model_kw = dict(rotary_emb=rotary_emb, dtype=dtype, attention_impl=attention_impl)
-    if chipmunk is not None:
-        model_kw.update(chipmunk=chipmunk, kernel_impl=kernel_impl)
-
-    def timestep_tables(params, sigmas, cond):
-        batch = cond["encoder_hidden_states"].shape[0]
-        at = lambda sigma: timestep_conditioning(params, config, timestep=sigma * 1000.0, batch=batch)  # noqa: E731
-        return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
-
-    def compute(params, latents, t, cond, cache, plan, key):
-        chipmunk_kw = {} if chipmunk is None else dict(cache=cache, plan=plan, key=key)
-        out = forward(params, config, hidden_states=latents, timestep=t["sigma"] * 1000.0,
-                      conditioning=t["conditioning"], **cond, **model_kw, **chipmunk_kw)
-        return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
-
-    def final_layer(params, hidden, t, cond):
-        return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
-                    out_dtype=jnp.float32)
-
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)
+    return model_denoiser(
+        config, chipmunk, forward=forward, head=head, grid=check_grid(grid, 3), dtype=dtype, timestep_scale=1000.0,
+        kernel_impl=kernel_impl, model_kw=dict(rotary_emb=rotary_emb, attention_impl=attention_impl),
+        conditioning=lambda params, timestep, cond: timestep_conditioning(
+            params, config, timestep=timestep, batch=cond["encoder_hidden_states"].shape[0]))
