@@ -1,7 +1,24 @@
-"""Shared pytest setup: the ``gpu`` marker skips unless JAX runs on a GPU. jax_enable_x64 stays off."""
+"""Shared pytest setup: the ``gpu`` marker skips unless JAX runs on a GPU. jax_enable_x64 stays off.
+
+Markers (pyproject.toml): ``gpu`` (needs a CUDA GPU) and ``slow`` (CPU tests over ~5 s, redundant variants of a
+fast test, and the benchmark-script runs). The fast CPU subset is ``pytest -m "not gpu and not slow"``; CI runs
+everything. Shared helpers live in tests/helpers.py (``from helpers import rel_error``: pytest's default
+``prepend`` import mode puts tests/ on sys.path).
+
+On the CPU backend, XLA's optimisation passes are turned off (``jax_disable_most_optimizations``): the tests'
+problems are small, so compiling dominates (Pallas interpret mode compiles large loops), and the suite needs about
+a third less CPU time. Set ``CHIPMUNK_TEST_XLA_OPTIMIZE=1`` to keep the optimisations.
+"""
+
+import os
 
 import jax
 import pytest
+
+
+def pytest_configure(config):
+    if jax.default_backend() == "cpu" and os.environ.get("CHIPMUNK_TEST_XLA_OPTIMIZE", "") in ("", "0"):
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_collection_modifyitems(config, items):

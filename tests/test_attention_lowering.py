@@ -6,14 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from chipmunk_jax.pallas_kernels import attention_pallas as ap
-
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-
-
-def _lower_cuda(f, *specs):
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+from helpers import lower_for_h100, slow_beyond
 
 
 def _sds(shape, dtype):
@@ -28,7 +21,7 @@ G = -(-N // 192)
 @pytest.mark.parametrize("config", ap.PRODUCTION_DENSE_CONFIGS, ids=str)
 def test_dense_lowers_for_cuda(config):
     x = _sds((1, N, H, D), jnp.bfloat16)
-    text = _lower_cuda(lambda q, k, v: ap.dense_attention(q, k, v, scale=D**-0.5, config=config), x, x, x)
+    text = lower_for_h100(lambda q, k, v: ap.dense_attention(q, k, v, scale=D**-0.5, config=config), x, x, x)
     assert "xla.gpu.triton" in text and "chipmunk_dense" in text
 
 
@@ -36,15 +29,16 @@ def test_dense_lowers_for_cuda(config):
 def test_colsum_lowers_for_cuda(config):
     x = _sds((1, N, H, D), jnp.bfloat16)
     lse = _sds((1, H, N), jnp.float32)
-    text = _lower_cuda(
+    text = lower_for_h100(
         lambda q, k, v, l: ap.dense_attention_colsum(q, k, v, l, group_size=192, scale=D**-0.5, config=config),
         x, x, x, lse,
     )
     assert "xla.gpu.triton" in text and "chipmunk_dense_colsum" in text
 
 
+# Fast suite: DEFAULT_SPARSE and SMALL_GRID_SPARSE (the first two); the other configurations: slow suite.
 @pytest.mark.parametrize("with_base", [False, True])
-@pytest.mark.parametrize("config", ap.PRODUCTION_SPARSE_CONFIGS, ids=str)
+@pytest.mark.parametrize("config", slow_beyond(ap.PRODUCTION_SPARSE_CONFIGS, 2), ids=str)
 def test_sparse_lowers_for_cuda(config, with_base):
     x = _sds((1, N, H, D), jnp.bfloat16)
     kmax = 8320
@@ -53,13 +47,13 @@ def test_sparse_lowers_for_cuda(config, with_base):
     if with_base:
         f = lambda q, k, v, i, c, b: ap.column_sparse_attention(
             q, k, v, i, c, group_size=192, scale=D**-0.5, base=b, sign=-1, config=config)
-        text = _lower_cuda(f, x, x, x, idx, cnt, x)
+        text = lower_for_h100(f, x, x, x, idx, cnt, x)
         # base is read, never aliased: an alias made XLA copy the live attention cache before every sparse step
         assert "output_operand_alias" not in text
     else:
         f = lambda q, k, v, i, c: ap.column_sparse_attention(
             q, k, v, i, c, group_size=192, scale=D**-0.5, config=config)
-        text = _lower_cuda(f, x, x, x, idx, cnt)
+        text = lower_for_h100(f, x, x, x, idx, cnt)
     assert "xla.gpu.triton" in text and "chipmunk_column_sparse" in text
 
 
@@ -68,12 +62,12 @@ def test_f32_small_group_lowers_for_cuda():
     x = _sds((2, 301, 3, 64), jnp.float32)
     idx = _sds((2, 3, -(-301 // 100), 50), jnp.int32)
     cnt = _sds((2, 3, -(-301 // 100)), jnp.int32)
-    text = _lower_cuda(
+    text = lower_for_h100(
         lambda q, k, v, i, c: ap.column_sparse_attention(q, k, v, i, c, group_size=100, scale=0.125), x, x, x, idx, cnt
     )
     assert "xla.gpu.triton" in text
     lse = _sds((2, 3, 301), jnp.float32)
-    text = _lower_cuda(
+    text = lower_for_h100(
         lambda q, k, v, l: ap.dense_attention_colsum(q, k, v, l, group_size=100, scale=0.125), x, x, x, lse
     )
     assert "xla.gpu.triton" in text

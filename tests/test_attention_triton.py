@@ -1,34 +1,19 @@
 """Triton (TMA) dense attention kernels: interpreter numerics against the reference twins, dispatch and input
 errors, and sm_90 compiles of every production configuration, all on CPU. GPU numerics: test_attention_gpu.py."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from chipmunk_jax.pallas_kernels import attention as A
 from chipmunk_jax.pallas_kernels import attention_triton as at
 from chipmunk_jax.pallas_kernels import triton_call as tc
-
-_SEED = iter(range(10_000))
-
-
-def _key():
-    return jax.random.key(np.random.SeedSequence().entropy % (2**31) + next(_SEED))
+from helpers import fresh_key, random_qkv, rel_error
 
 
 def _inputs(b, nq, nk, h, d, dtype=jnp.float32):
-    ks = jax.random.split(_key(), 3)
-    q = jax.random.normal(ks[0], (b, nq, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, nk, h, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, nk, h, d), jnp.float32).astype(dtype)
-    return q, k, v
-
-
-def _rel(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    assert np.all(np.isfinite(x)), "NaN/inf in kernel output"
-    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+    return random_qkv(b, nq, h, d, dtype, nk=nk)
 
 
 # batch 2 / heads 3, q and k lengths that are not multiples of 64 or 128, a key length below one key block, a
@@ -36,47 +21,53 @@ def _rel(x, y):
 SHAPES = [(2, 300, 300, 3, 64), (1, 200, 77, 2, 64), (1, 100, 257, 1, 128)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) for s in SHAPES[:2]] + SHAPES[2:], ids=str)
 def test_dense_interpreter_matches_reference(shape):
     b, nq, nk, h, d = shape
     q, k, v = _inputs(*shape)
     o, lse = A.dense_attention(q, k, v, impl="triton_interpret")
     ro, rl = A.dense_attention(q, k, v, impl="reference")
-    assert o.shape == q.shape and lse.shape == (b, h, nq) and lse.dtype == jnp.float32
-    assert _rel(o, ro) <= 1e-5
+    chex.assert_shape([o, lse], [q.shape, (b, h, nq)])
+    chex.assert_type([o, lse], jnp.float32)
+    assert rel_error(o, ro) <= 1e-5
     assert float(jnp.max(jnp.abs(lse - rl))) <= 1e-4
 
 
-@pytest.mark.parametrize("shape,group_size", [(SHAPES[0], 192), (SHAPES[1], 40), (SHAPES[2], 9)], ids=str)
+@pytest.mark.parametrize("shape,group_size", [pytest.param(SHAPES[0], 192, marks=pytest.mark.slow), (SHAPES[1], 40),
+                                              pytest.param(SHAPES[2], 9, marks=pytest.mark.slow)], ids=str)
 def test_colsum_interpreter_matches_reference(shape, group_size):
     b, nq, nk, h, d = shape
     q, k, v = _inputs(*shape)
     _, prev = A.dense_attention(q, k, v, impl="reference")
-    prev = prev + 0.5 * jax.random.normal(_key(), prev.shape)
+    prev = prev + 0.5 * jax.random.normal(fresh_key(), prev.shape)
     o, lse, cs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="triton_interpret")
     ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, group_size=group_size, impl="reference")
-    assert cs.shape == (b, h, -(-nq // group_size), nk)
-    assert _rel(o, ro) <= 1e-5
+    chex.assert_shape([o, lse, cs], [q.shape, (b, h, nq), (b, h, -(-nq // group_size), nk)])
+    chex.assert_type([o, lse, cs], jnp.float32)
+    assert rel_error(o, ro) <= 1e-5
     assert float(jnp.max(jnp.abs(lse - rl))) <= 1e-4
-    assert _rel(cs, rcs) <= 1e-4
+    assert rel_error(cs, rcs) <= 1e-4
 
 
+@pytest.mark.slow
 def test_colsum_far_previous_lse_falls_back_to_online_kernel():
     q, k, v = _inputs(1, 150, 150, 2, 64)
     _, prev = A.dense_attention(q, k, v, impl="reference")
     prev = prev.at[0, 1, 7].add(80.0)  # one row 80 nats off: exp(s - prev) would underflow in the fixed offset
     o, lse, cs = A.dense_attention_colsum(q, k, v, prev, impl="triton_interpret")
     ro, rl, rcs = A.dense_attention_colsum(q, k, v, prev, impl="reference")
-    assert _rel(o, ro) <= 1e-5
-    assert _rel(cs, rcs) <= 1e-4
+    assert rel_error(o, ro) <= 1e-5
+    assert rel_error(cs, rcs) <= 1e-4
 
 
+@pytest.mark.slow
 def test_interpreter_takes_bf16_inputs():
     q, k, v = _inputs(1, 130, 130, 2, 64, jnp.bfloat16)
     o, lse = A.dense_attention(q, k, v, impl="triton_interpret")
     ro, _ = A.dense_attention(q, k, v, impl="reference")
-    assert o.dtype == jnp.bfloat16
-    assert _rel(o.astype(jnp.float32), ro.astype(jnp.float32)) <= 1e-2
+    chex.assert_shape(o, q.shape)
+    chex.assert_type(o, jnp.bfloat16)
+    assert rel_error(o.astype(jnp.float32), ro.astype(jnp.float32)) <= 1e-2
 
 
 def test_dispatch_and_errors():
@@ -104,10 +95,15 @@ def test_config_rejects_bad_values(field, value):
 
 # Every production configuration compiles for sm_90 (TMA loads, wgmma) within the H100's shared memory, at the
 # issue sizes (ragged: 32,760 and 118,800 are not multiples of 64) and FLUX's joint length, both head dims.
-@pytest.mark.parametrize("colsum,config", [(False, c) for c in at.PRODUCTION_DENSE_CONFIGS]
-                         + [(True, c) for c in at.PRODUCTION_COLSUM_CONFIGS], ids=str)
-@pytest.mark.parametrize("shape,dtype", [((1, 32760, 24, 128), jnp.bfloat16), ((1, 118800, 24, 128), jnp.bfloat16),
-                                         ((2, 4608, 24, 64), jnp.float16)], ids=str)
+# Fast suite: the first dense and the first colsum configuration at the Hunyuan shape; the rest: slow suite.
+@pytest.mark.parametrize(
+    "shape,dtype,colsum,config",
+    [pytest.param(shape, dtype, colsum, config, id=f"{shape}-{dtype.__name__}-{colsum}-{config}",
+                  marks=() if shape[1] == 118800 and config == configs[0] else pytest.mark.slow)
+     for shape, dtype in [((1, 32760, 24, 128), jnp.bfloat16), ((1, 118800, 24, 128), jnp.bfloat16),
+                          ((2, 4608, 24, 64), jnp.float16)]
+     for colsum, configs in [(False, at.PRODUCTION_DENSE_CONFIGS), (True, at.PRODUCTION_COLSUM_CONFIGS)]
+     for config in configs])
 def test_production_configs_compile_for_sm90(shape, dtype, colsum, config):
     compiled = at.compile_for_sm90(shape, shape, dtype, colsum=colsum, config=config)
     ptx = compiled.asm["ptx"]

@@ -9,6 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.slow  # every test runs a benchmark script in a fresh interpreter (8-45 s each on CPU)
+
 
 @pytest.mark.parametrize(
     "script, expected",

@@ -1,12 +1,14 @@
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
 
 from chipmunk_jax import cache as CA
 from chipmunk_jax import config as C
-from chipmunk_jax import demo
+from chipmunk_jax.apps import demo
 
 
+@pytest.mark.slow
 def test_demo_runs_and_all_columns_kept_matches_dense(capsys):
     demo.main(["--steps", "3", "--layers", "2", "--tokens", "256", "--width", "32", "--heads", "2",
                "--attn-top-keys", "1", "--mlp-top-keys", "1"])
@@ -27,7 +29,7 @@ def test_cfg_branches_keep_separate_caches():
     cfg = C.wan()
     one = CA.init_attention_cache(cfg, batch=1, seq_len=192, heads=2, head_dim=8, dtype=jnp.float32)
     both = CA.stack_branches(one, 2)
-    assert both.out_cache.shape == (2, 1, 192, 2, 8)
+    chex.assert_shape(both.out_cache, (2, 1, 192, 2, 8))
     changed = CA.select_branch(both, 1).replace(out_cache=jnp.ones((1, 192, 2, 8)))
     both = CA.update_branch(both, 1, changed)
     assert (CA.select_branch(both, 1).out_cache == 1).all()
@@ -39,7 +41,8 @@ def test_cfg_branches_keep_separate_caches():
 
 def test_step_cache_init():
     sc = CA.init_step_cache(batch=1, seq_len=10, width=4)
-    assert sc.hidden.shape == (1, 10, 4) and not bool(sc.valid)
+    chex.assert_shape(sc.hidden, (1, 10, 4))
+    assert not bool(sc.valid)
     with pytest.raises(ValueError, match="width"):
         CA.init_step_cache(batch=1, seq_len=10, width=0)
     assert jax.tree_util.tree_structure(sc).num_leaves == 2

@@ -1,8 +1,12 @@
 """FLUX.1 model: fp32 parity with diffusers' own FluxTransformer2DModel (random weights, CPU), the
-BFL-layout port, bf16 and jit smoke tests, input validation, and Chipmunk inside the model."""
+BFL-layout port, bf16 and jit smoke tests, input validation, and the FLUX-specific parts of Chipmunk inside
+the model (the preset step by step, prepare_params, a disabled MLP). What every model shares (ModelOutput,
+head, caches, step plans, token order, every column kept == dense, the denoiser) is in
+tests/test_model_contract.py."""
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -12,8 +16,13 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from chipmunk_jax.models import flux  # noqa: E402
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
+from chipmunk_jax.cache import ModelCache  # noqa: E402
+from chipmunk_jax.models import flux, mmdit  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
+from chipmunk_jax.schedule import step_plan  # noqa: E402
+
+from helpers import assert_raises_with, max_rel_error, randomized_torch_model, torch_forward  # noqa: E402
 
 # The sinusoid of t*1000 (up to ~5000 with the guidance) is sensitive to one-ulp differences between
 # torch's and XLA's float32 exp; that alone puts the floor near 5e-6 relative.
@@ -26,26 +35,6 @@ TEST_SUITE_CONFIG = dict(  # diffusers tests/models/transformers/test_models_tra
 DEV_CONFIG = dict(TEST_SUITE_CONFIG, num_layers=2, num_single_layers=2, guidance_embeds=True)
 
 
-def max_rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def make_torch_model(kwargs, seed):
-    """diffusers model with every parameter (zero biases, unit norm scales included) randomised."""
-    torch.manual_seed(seed)
-    model = diffusers.FluxTransformer2DModel(**kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def grid_ids(h, w):
-    rows, cols = np.divmod(np.arange(h * w), w)
-    return np.stack([np.zeros(h * w), rows, cols], axis=1).astype(np.float32)
-
-
 def make_inputs(rng, config: flux.FluxConfig, *, batch, h, w, text_len, random_ids=False):
     n = h * w
     inputs = dict(
@@ -53,19 +42,13 @@ def make_inputs(rng, config: flux.FluxConfig, *, batch, h, w, text_len, random_i
         encoder_hidden_states=rng.standard_normal((batch, text_len, config.joint_attention_dim)).astype(np.float32),
         pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim)).astype(np.float32),
         timestep=rng.uniform(0.0, 1.0, batch).astype(np.float32),
-        img_ids=rng.standard_normal((n, 3)).astype(np.float32) if random_ids else grid_ids(h, w),
+        img_ids=rng.standard_normal((n, 3)).astype(np.float32) if random_ids else flux.image_ids((h, w)),
         txt_ids=rng.standard_normal((text_len, 3)).astype(np.float32) if random_ids
         else np.zeros((text_len, 3), np.float32),
     )
     if config.guidance_embeds:
         inputs["guidance"] = rng.uniform(1.0, 5.0, batch).astype(np.float32)
     return inputs
-
-
-def torch_forward(model, inputs):
-    with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
-    return out.numpy()
 
 
 def diffusers_to_bfl(state):
@@ -117,25 +100,44 @@ def diffusers_to_bfl(state):
     return out
 
 
+def numpy_params(config, seed=0):
+    """Params with init_params' structure and distribution (torch's Linear init U(+-1/sqrt(fan_in)), unit
+    RMSNorm scales), drawn in numpy: init_params' eager random ops take seconds to compile on CPU."""
+    rng = np.random.default_rng(seed)
+
+    def draw(tree):
+        if isinstance(tree, list):
+            return [draw(t) for t in tree]
+        if "kernel" in tree:
+            bound = 1.0 / np.sqrt(tree["kernel"].shape[0])
+            return {k: rng.uniform(-bound, bound, v.shape).astype(np.float32) for k, v in tree.items()}
+        if "scale" in tree:
+            return {k: np.ones(v.shape, np.float32) for k, v in tree.items()}
+        return {k: draw(v) for k, v in tree.items()}
+
+    return draw(jax.eval_shape(lambda key: flux.init_params(config, key, dtype=jnp.float32), jax.random.key(0)))
+
+
 @pytest.fixture(scope="module")
 def schnell_model():
-    return make_torch_model(TEST_SUITE_CONFIG, seed=0)
+    return randomized_torch_model(diffusers.FluxTransformer2DModel, TEST_SUITE_CONFIG, seed=0)
 
 
 @pytest.fixture(scope="module")
 def dev_model():
-    return make_torch_model(DEV_CONFIG, seed=1)
+    return randomized_torch_model(diffusers.FluxTransformer2DModel, DEV_CONFIG, seed=1)
 
 
+@pytest.mark.slow
 def test_parity_diffusers_test_suite_config(schnell_model):
     rng = np.random.default_rng(10)
     config, params = flux_ports.from_diffusers(schnell_model)
     assert config == flux.FluxConfig(**{**TEST_SUITE_CONFIG, "axes_dims_rope": (4, 4, 8)})
     inputs = make_inputs(rng, config, batch=1, h=4, w=4, text_len=48, random_ids=True)
     expected = torch_forward(schnell_model, inputs)
-    out = flux.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.shape == expected.shape == (1, 16, 4)
-    assert max_rel_err(out, expected) <= RTOL
+    out = flux.forward(params, config, **inputs, dtype=jnp.float32).sample
+    chex.assert_shape([out, expected], (1, 16, 4))
+    assert max_rel_error(out, expected) <= RTOL
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "bfl", "bfl_prefixed"])
@@ -152,34 +154,33 @@ def test_parity_dev_batch2_non_square(dev_model, layout):
     assert config.guidance_embeds and config.num_layers == 2
     inputs = make_inputs(rng, config, batch=2, h=4, w=6, text_len=7)
     expected = torch_forward(dev_model, inputs)
-    out = flux.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.shape == (2, 24, 4)
-    assert max_rel_err(out, expected) <= RTOL
+    out = flux.forward(params, config, **inputs, dtype=jnp.float32).sample
+    chex.assert_shape(out, (2, 24, 4))
+    assert max_rel_error(out, expected) <= RTOL
     # the comparison can fail: a different timestep must move the output well past the tolerance
     moved = flux.forward(params, config, **{**inputs, "timestep": inputs["timestep"] * 0.5}, dtype=jnp.float32)
-    assert max_rel_err(moved, expected) > 100 * RTOL
+    assert max_rel_error(moved.sample, expected) > 100 * RTOL
 
 
 def test_jit_bf16_close_to_f32(dev_model):
     rng = np.random.default_rng(12)
     config, params = flux_ports.from_diffusers(dev_model)
     inputs = make_inputs(rng, config, batch=2, h=4, w=4, text_len=5)
-    rope = flux.rotary_emb(config, inputs["txt_ids"], inputs["img_ids"])
+    rope = flux.pos_embed(config, inputs["txt_ids"], inputs["img_ids"])
 
-    @jax.jit
-    def run(params, inputs, rope):
-        return flux.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.bfloat16)
-
-    out = run(params, inputs, rope)
-    reference = flux.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.dtype == jnp.float32  # the input dtype
-    assert np.all(np.isfinite(out))
-    assert max_rel_err(out, reference) < 5e-2
+    # traced ids and tables: the precomputed (float64) RoPE tables are passed in
+    run = jax.jit(lambda params, inputs, rope, dtype: flux.forward(params, config, **inputs, rotary_emb=rope,
+                                                                   dtype=dtype).sample, static_argnums=3)
+    out = run(params, inputs, rope, jnp.bfloat16)
+    reference = run(params, inputs, rope, jnp.float32)
+    chex.assert_type(out, jnp.float32)  # the input dtype
+    chex.assert_tree_all_finite(out)
+    assert max_rel_error(out, reference) < 5e-2
 
 
 def test_init_params_matches_diffusers_structure():
     config = flux.FluxConfig(**DEV_CONFIG)
-    params = flux.init_params(config, jax.random.key(0), dtype=jnp.float32)
+    params = numpy_params(config)
     model = diffusers.FluxTransformer2DModel(**DEV_CONFIG)
     torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: v.shape for k, v in flux_ports.to_diffusers(params).items()} == torch_shapes
@@ -187,7 +188,7 @@ def test_init_params_matches_diffusers_structure():
 
 def test_full_size_config_parameter_count():
     shapes = flux_ports.expected_diffusers_shapes(flux.FluxConfig.dev())
-    assert len(shapes) == 1160  # MODELS.md §1.2
+    assert len(shapes) == 1160  # docs/models.md §1.2
     assert sum(int(np.prod(s)) for s in shapes.values()) == 11_901_408_320
 
 
@@ -207,7 +208,7 @@ def test_config_from_diffusers_ignores_bookkeeping_and_rejects_unknown():
 
 def test_forward_validates_inputs():
     config = flux.FluxConfig(**DEV_CONFIG)
-    params = flux.init_params(config, jax.random.key(1), dtype=jnp.float32)
+    params = numpy_params(config)
     inputs = make_inputs(np.random.default_rng(13), config, batch=2, h=2, w=3, text_len=4)
     bad = {
         "hidden_states": (inputs["hidden_states"][..., :3], "channels"),
@@ -226,15 +227,26 @@ def test_forward_validates_inputs():
         flux.forward(params, config, **inputs, dtype=jnp.int32)
     with pytest.raises(TypeError, match="config"):
         flux.forward(params, dict(DEV_CONFIG), **inputs)
-    with pytest.raises(ValueError, match="only used with chipmunk"):
-        flux.forward(params, config, **inputs, step=0)
+    with pytest.raises(ValueError, match="rotary_emb"):
+        flux.forward(params, config, **inputs, rotary_emb=flux.pos_embed(config, inputs["txt_ids"][:2],
+                                                                         inputs["img_ids"]))
+    assert_raises_with(lambda: flux.forward(params, config, **inputs, conditioning={"norm_out": 1}),
+                       "flux.timestep_conditioning")
+
+
+def test_image_ids_and_grid_from_ids():
+    ids = flux.image_ids((3, 5))
+    chex.assert_shape(ids, (15, 3))
+    chex.assert_type(ids, np.float32)
+    np.testing.assert_array_equal(ids[7], [0, 1, 2])  # row 1, column 2 of a 5-wide raster
+    assert flux.grid_from_ids(ids) == (3, 5)
+    assert_raises_with(lambda: flux.grid_from_ids(ids[::-1]), "not a raster", "grid=")
+    with pytest.raises(ValueError, match="grid"):
+        jax.jit(flux.grid_from_ids)(ids)
 
 
 # ----------------------------------------------------------------------------------------------
 # Chipmunk inside FLUX
-
-from chipmunk_jax import config as chipmunk_config  # noqa: E402
-from chipmunk_jax.schedule import AttentionStep, MLPStep, attention_schedule, mlp_schedule  # noqa: E402
 
 # 16x16 image tokens (four 8x8 tiles) + 64 text tokens: 320 joint tokens, two 192-query groups (one
 # ragged) and ragged 128-token MLP row blocks in the single blocks.
@@ -260,88 +272,68 @@ def all_columns_kept():
     )
 
 
-def test_chipmunk_all_columns_kept_equals_dense_every_step_kind():
+def init_cache(config, chipmunk):
+    return flux.init_cache(config, chipmunk, batch=1, grid=GRID, num_text_tokens=TEXT_LEN, dtype=jnp.float32)
+
+
+def test_chipmunk_disabled_mlp_runs_the_dense_mlp():
+    """A disabled MLP runs the model's dense MLP and keeps no MLP cache (None slots, handed back as they
+    are); the grid is read from raster img_ids when not given."""
     config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 1, "num_single_layers": 1})
-    params = flux.init_params(config, jax.random.key(5), dtype=jnp.float32)
-    chipmunk = all_columns_kept()
-    steps = range(6)
-    kinds = {AttentionStep(int(attention_schedule(chipmunk)[s])) for s in steps}
-    kinds |= {MLPStep(int(mlp_schedule(chipmunk)[s])) for s in steps}
-    assert kinds >= {AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.DENSE_REFRESH,
-                     AttentionStep.SPARSE, MLPStep.DENSE, MLPStep.SPARSE_SELECT, MLPStep.SPARSE_REUSE}
-    dense_fn = jax.jit(lambda inputs: flux.forward(params, config, **inputs, image_grid=GRID, dtype=jnp.float32))
-    chipmunk_fn = jax.jit(lambda inputs, cache, step, key: flux.forward(
-        params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, image_grid=GRID,
-        dtype=jnp.float32))
-    cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=GRID[0] * GRID[1],
-                            num_text_tokens=TEXT_LEN, dtype=jnp.float32)
-    for step in steps:
-        inputs = chipmunk_inputs(config, step)
-        out, cache = chipmunk_fn(inputs, cache, jnp.int32(step), jax.random.key(step))
-        assert max_rel_err(out, dense_fn(inputs)) <= 1e-5, step
-    # the static-dispatch path (Python int step) agrees on a sparse step too
-    static_fn = jax.jit(lambda inputs, cache: flux.forward(
-        params, config, **inputs, chipmunk=chipmunk, cache=cache, step=5, image_grid=GRID, dtype=jnp.float32))
-    out, _ = static_fn(inputs, cache)
-    assert max_rel_err(out, dense_fn(inputs)) <= 1e-5
-
-
-def test_chipmunk_reorder_is_invisible_at_io():
-    """Tile order inside, raster order outside: with every column kept, reordering or not, and a
-    caller that keeps tokens in tile order itself, all give the dense output (in their own order)."""
-    from chipmunk_jax.reorder import inverse_permutation, tile_permutation
-
-    config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 1, "num_single_layers": 1})
-    params = flux.init_params(config, jax.random.key(6), dtype=jnp.float32)
+    params = numpy_params(config, 6)
     inputs = chipmunk_inputs(config, 0)
-    dense = np.asarray(flux.forward(params, config, **inputs, dtype=jnp.float32))
+    dense = jax.jit(lambda x: flux.forward(params, config, **x, dtype=jnp.float32).sample)(inputs)
+    no_mlp = all_columns_kept().replace(mlp__enabled=False)
+    cache = init_cache(config, no_mlp)
+    assert cache.mlp == (None, None) and all(slot is not None for slot in cache.attention)
+    ids = inputs.pop("img_ids")  # concrete: forward reads the tile grid from them
+    out = jax.jit(lambda x, c: flux.forward(params, config, **x, img_ids=ids, chipmunk=no_mlp, cache=c,
+                                            plan=step_plan(no_mlp, 0), dtype=jnp.float32))(inputs, cache)
+    assert max_rel_error(out.sample, dense) <= RTOL
+    assert isinstance(out.cache, ModelCache) and out.cache.mlp == (None, None)
+    assert not np.array_equal(out.cache.attention[0].lse, cache.attention[0].lse)
+
+
+def test_chipmunk_input_validation():
+    config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 1, "num_single_layers": 1})
+    params = numpy_params(config, 6)
+    inputs = chipmunk_inputs(config, 0)
     chipmunk = all_columns_kept()
-    perm = tile_permutation(*GRID)
-    tiled = dict(inputs, hidden_states=inputs["hidden_states"][:, perm], img_ids=inputs["img_ids"][perm])
-    out_tiled, _ = flux.forward(params, config, **tiled, chipmunk=chipmunk, step=0, tokens_in_tile_order=True,
-                                dtype=jnp.float32)
-    assert max_rel_err(np.asarray(out_tiled)[:, inverse_permutation(perm)], dense) <= 1e-5
-    out_none, _ = flux.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="none"), step=0,
-                               dtype=jnp.float32)
-    assert max_rel_err(out_none, dense) <= 1e-5
-    # a disabled MLP runs the model's dense MLP and hands its cache slots back untouched
-    no_mlp = chipmunk.replace(mlp__enabled=False)
-    cache = flux.init_cache(config, no_mlp, batch=1, num_image_tokens=256, num_text_tokens=TEXT_LEN,
-                            dtype=jnp.float32)
-    out_no_mlp, new_cache = flux.forward(params, config, **inputs, chipmunk=no_mlp, cache=cache, step=0,
-                                         dtype=jnp.float32)
-    assert max_rel_err(out_no_mlp, dense) <= 1e-5
-    assert all(a is b for a, b in zip(new_cache["mlp"], cache["mlp"]))
-    assert not np.array_equal(new_cache["attention"][0].lse, cache["attention"][0].lse)
-    with pytest.raises(ValueError, match="image_grid"):
-        flux.forward(params, config, **inputs, chipmunk=chipmunk, step=0, image_grid=(8, 8))
+    plan = step_plan(chipmunk, 0)
+    with pytest.raises(ValueError, match="grid"):
+        flux.forward(params, config, **inputs, chipmunk=chipmunk, plan=plan, grid=(8, 8))
     with pytest.raises(ValueError, match="reorder.kind"):
-        flux.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="voxels"), step=0)
-    with pytest.raises(ValueError, match="step is required"):
-        flux.forward(params, config, **inputs, chipmunk=chipmunk)
+        flux.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="voxels"), plan=plan)
+    with pytest.raises(ValueError, match="grid="):  # tiles need the grid: random ids are not a raster
+        flux.forward(params, config, **{**inputs, "img_ids": inputs["img_ids"][::-1]}, chipmunk=chipmunk, plan=plan)
+    with pytest.raises(TypeError, match="chipmunk"):
+        flux.init_cache(config, None, batch=1, grid=GRID, num_text_tokens=TEXT_LEN)
+    with pytest.raises(TypeError, match="ChipmunkConfig"):
+        flux.prepare_params(params, config, None)
 
 
+@pytest.mark.slow
 def test_chipmunk_flux_preset_step_by_step_under_jit():
     config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 2, "num_single_layers": 2})
     params = flux.init_params(config, jax.random.key(7), dtype=jnp.float32)
     chipmunk = chipmunk_config.flux().replace(attention__full_step_every=4, mlp__full_step_every=4)
     inputs0 = chipmunk_inputs(config, 0)
-    rope = flux.rotary_emb(config, inputs0["txt_ids"], inputs0["img_ids"])
-    cache = flux.init_cache(config, chipmunk, batch=1, num_image_tokens=GRID[0] * GRID[1],
-                            num_text_tokens=TEXT_LEN, dtype=jnp.float32)
+    rope = flux.pos_embed(config, inputs0["txt_ids"], inputs0["img_ids"])
+    cache = init_cache(config, chipmunk)
 
     @jax.jit
-    def step_fn(params, inputs, cache, step, key):
-        return flux.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key,
-                            image_grid=GRID, rotary_emb=rope, dtype=jnp.float32)
+    def step_fn(params, inputs, cache, plan, key):
+        return flux.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, plan=plan, key=key,
+                            grid=GRID, rotary_emb=rope, dtype=jnp.float32)
 
+    dense_fn = jax.jit(lambda params, inputs: flux.forward(params, config, **inputs, dtype=jnp.float32).sample)
     previous_cache = None
     for step in range(6):  # dense, colsum, sparse, sparse, refresh, sparse
         inputs = chipmunk_inputs(config, step)
-        out, cache = step_fn(params, inputs, cache, jnp.int32(step), jax.random.key(step))
-        dense = flux.forward(params, config, **inputs, dtype=jnp.float32)
-        assert np.all(np.isfinite(out))
-        err = max_rel_err(out, dense)
+        out = step_fn(params, inputs, cache, step_plan(chipmunk, jnp.int32(step)), jax.random.key(step))
+        cache = out.cache
+        chex.assert_tree_all_finite(out.sample)
+        err = max_rel_error(out.sample, dense_fn(params, inputs))
         # full steps are dense; sparse steps (2, 3, 5) only close (measured ~8e-3): a wrong or stale
         # cache would be far off, and an exact match would mean nothing was sparse
         if step in (0, 1, 4):
@@ -351,12 +343,13 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
         if step >= 2:
             # sparse steps read the caches written before: the attention column sets stay fixed
             # (recompute_mask=False) and the layers below first_n_dense_layers stay untouched
-            np.testing.assert_array_equal(cache["attention"][3].indices, previous_cache["attention"][3].indices)
-            assert cache["attention"][0] is None and cache["mlp"][1] is None  # always-dense layers keep no cache
+            np.testing.assert_array_equal(cache.attention[3].indices, previous_cache.attention[3].indices)
+            assert cache.attention[0] is None and cache.mlp[1] is None  # always-dense layers keep no cache
         previous_cache = cache
     assert step_fn._cache_size() == 1  # one compilation for every step kind
 
 
+@pytest.mark.slow
 def test_prepare_params_same_outputs_dense_and_chipmunk():
     """prepare_params (fc1 stored [F, C], proj_out split) changes the layout, not the function: the dense
     forward and every Chipmunk step kind give the plain params' outputs; layers below
@@ -373,37 +366,34 @@ def test_prepare_params_same_outputs_dense_and_chipmunk():
     single = prepared["single_transformer_blocks"][0]
     assert set(single["proj_out"]) == {"kernel_attn", "kernel_mlp", "bias"} and "kernel_t" in single["proj_mlp"]
     inputs = chipmunk_inputs(config, 0)
-    dense = flux.forward(params, config, **inputs, dtype=jnp.float32)
-    assert max_rel_err(flux.forward(prepared, config, **inputs, dtype=jnp.float32), dense) <= 1e-6
+    dense = flux.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(flux.forward(prepared, config, **inputs, dtype=jnp.float32).sample, dense) <= 1e-6
 
-    step_fn = jax.jit(lambda p, inputs, cache, step, key: flux.forward(
-        p, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, image_grid=GRID, dtype=jnp.float32))
-    caches = [flux.init_cache(config, chipmunk, batch=1, num_image_tokens=GRID[0] * GRID[1],
-                              num_text_tokens=TEXT_LEN, dtype=jnp.float32) for _ in range(2)]
+    step_fn = jax.jit(lambda p, inputs, cache, plan, key: flux.forward(
+        p, config, **inputs, chipmunk=chipmunk, cache=cache, plan=plan, key=key, grid=GRID, dtype=jnp.float32))
+    caches = [init_cache(config, chipmunk) for _ in range(2)]
     for step in range(6):
         inputs = chipmunk_inputs(config, step)
-        out_plain, caches[0] = step_fn(params, inputs, caches[0], jnp.int32(step), jax.random.key(step))
-        out_prep, caches[1] = step_fn(prepared, inputs, caches[1], jnp.int32(step), jax.random.key(step))
-        assert max_rel_err(out_prep, out_plain) <= 1e-5, step
-    with pytest.raises(TypeError, match="ChipmunkConfig"):
-        flux.prepare_params(params, config, None)
+        plan = step_plan(chipmunk, jnp.int32(step))
+        out_plain = step_fn(params, inputs, caches[0], plan, jax.random.key(step))
+        out_prep = step_fn(prepared, inputs, caches[1], plan, jax.random.key(step))
+        caches = [out_plain.cache, out_prep.cache]
+        assert max_rel_error(out_prep.sample, out_plain.sample) <= 1e-5, step
 
 
 # ----------------------------------------------------------------------------------------------
-# MMDiT blocks as HunyuanVideo will use them: image-first order and a key mask for padded text
-
-from chipmunk_jax.models import mmdit  # noqa: E402
+# MMDiT blocks as HunyuanVideo uses them: image-first order and a key mask for padded text
 
 
 def _block_inputs(seed, num_img=10, num_txt=6, dim=32, head_dim=16):
     config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 1, "num_single_layers": 1})
-    params = flux.init_params(config, jax.random.key(seed), dtype=jnp.float32)
+    params = numpy_params(config, seed)
     rng = np.random.default_rng(seed)
     img = jnp.asarray(rng.standard_normal((2, num_img, dim)), jnp.float32)
     txt = jnp.asarray(rng.standard_normal((2, num_txt, dim)), jnp.float32)
     temb = jnp.asarray(rng.standard_normal((2, dim)), jnp.float32)
     ids = rng.integers(0, 5, (num_txt + num_img, 3)).astype(np.float32)
-    rope = flux.rotary_emb(config, ids[:num_txt], ids[num_txt:])  # text rows first
+    rope = flux.pos_embed(config, ids[:num_txt], ids[num_txt:])  # text rows first
     return params, img, txt, temb, rope
 
 
@@ -415,12 +405,12 @@ def test_mmdit_blocks_image_first_order_matches_text_first():
     rope_image_first = tuple(jnp.concatenate([t[n_txt:], t[:n_txt]]) for t in rope)
     txt_b, img_b, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope_image_first,
                                          text_first=False, **kw)
-    assert max_rel_err(img_b, img_a) <= 1e-5 and max_rel_err(txt_b, txt_a) <= 1e-5
+    assert max_rel_error(img_b, img_a) <= 1e-5 and max_rel_error(txt_b, txt_a) <= 1e-5
     joint_a, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([txt, img], 1), temb,
                                     rope, **kw)
     joint_b, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([img, txt], 1), temb,
                                     rope_image_first, **kw)
-    assert max_rel_err(jnp.concatenate([joint_b[:, -n_txt:], joint_b[:, :-n_txt]], 1), joint_a) <= 1e-5
+    assert max_rel_error(jnp.concatenate([joint_b[:, -n_txt:], joint_b[:, :-n_txt]], 1), joint_a) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -437,7 +427,7 @@ def test_mmdit_key_lengths_equal_dropping_padded_text(dtype):
     _, img_masked, _ = mmdit.double_block(block, img, txt, temb, rope_if, key_lengths=lengths, **kw)
     rope_short = tuple(t[: img.shape[1] + keep] for t in rope_if)
     _, img_short, _ = mmdit.double_block(block, img, txt[:, :keep], temb, rope_short, **kw)
-    masked_err = max_rel_err(img_masked, img_short)
+    masked_err = max_rel_error(img_masked, img_short)
     assert masked_err <= (1e-5 if dtype == jnp.float32 else 2e-2)
     _, img_unmasked, _ = mmdit.double_block(block, img, txt, temb, rope_if, **kw)
-    assert max_rel_err(img_unmasked, img_short) > 3 * max(masked_err, 1e-4)  # the padding does matter
+    assert max_rel_error(img_unmasked, img_short) > 3 * max(masked_err, 1e-4)  # the padding does matter

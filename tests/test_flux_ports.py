@@ -21,12 +21,13 @@ from chipmunk_jax.ports import convert  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
 from chipmunk_jax.ports import safetensors_io  # noqa: E402
 
-from test_flux_model import DEV_CONFIG, diffusers_to_bfl, make_torch_model  # noqa: E402
+from helpers import randomized_torch_model  # noqa: E402
+from test_flux_model import DEV_CONFIG, diffusers_to_bfl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    return make_torch_model(DEV_CONFIG, seed=3)
+    return randomized_torch_model(diffusers.FluxTransformer2DModel, DEV_CONFIG, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,24 +11,21 @@ import pytest
 
 from chipmunk_jax import config as C
 from chipmunk_jax import selection as S
-from chipmunk_jax.mlp import MLPWeights, dense_mlp, init_mlp_cache, sparse_delta_mlp
+from chipmunk_jax.mlp import dense_mlp, init_mlp_cache, sparse_delta_mlp
 from chipmunk_jax.pallas_kernels import mlp_selection
 from chipmunk_jax.schedule import MLPStep as M
 from chipmunk_jax.schedule import mlp_step_kind
+from helpers import drifting_x, mlp_weights, rel_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---- fused selection ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep", [0, 5, 150, 300])
+# Fast suite: keep 150 (with and without extra); keep 0, 5 and 300: slow suite.
+@pytest.mark.parametrize("keep", [pytest.param(k, marks=pytest.mark.slow) if k != 150 else k for k in (0, 5, 150, 300)])
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_fused_selection_matches_reference_and_lead_path(keep, with_extra):
     kz, kb, ke = jax.random.split(jax.random.key(keep + 7 * with_extra), 3)
@@ -36,14 +34,11 @@ def test_fused_selection_matches_reference_and_lead_path(keep, with_extra):
     extra = jax.random.bernoulli(ke, 0.05, z.shape) if with_extra else None
     got = mlp_selection.select_from_preactivation(z, base, keep, 64, extra=extra, impl="interpret")
     want = mlp_selection.select_from_preactivation(z, base, keep, 64, extra=extra, impl="reference")
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    chex.assert_trees_all_equal(tuple(got), tuple(want))
     # The lead's unfused path: scores, select, indices_to_mask, where.
     idx, cnt = mlp_selection.select_top_features(jnp.abs(z - base), keep, 64, extra=extra, impl="reference")
     recomputed = S.indices_to_mask(idx, cnt, 300)
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(idx))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(cnt))
-    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(jnp.where(recomputed, z, base)))
+    chex.assert_trees_all_equal(tuple(got), (idx, cnt, jnp.where(recomputed, z, base)))
 
 
 def test_fused_selection_bad_inputs_raise():
@@ -59,18 +54,11 @@ B, N, CIN, F, COUT = 2, 300, 16, 256, 32
 
 
 def _weights(seed):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return MLPWeights(
-        w1=jax.random.normal(ks[0], (CIN, F)) / 4,
-        b1=0.1 * jax.random.normal(ks[1], (F,)),
-        w2=jax.random.normal(ks[2], (F, COUT)) / 16,
-        b2=0.1 * jax.random.normal(ks[3], (COUT,)),
-    )
+    return mlp_weights(seed, CIN, F, COUT)
 
 
 def _x(step):
-    x0 = jax.random.normal(jax.random.PRNGKey(0), (B, N, CIN))
-    return x0 + 0.05 * step * jax.random.normal(jax.random.PRNGKey(1000 + step), x0.shape)
+    return drifting_x(step, (B, N, CIN))
 
 
 def _cfg(**mlp):
@@ -94,14 +82,16 @@ def _steps(cfg, w, steps, impl):
 def test_mlp_weights_w1_transposed_is_static():
     w = _weights(0)
     wt = w.with_w1_transposed()
-    assert wt.w1.shape == (F, CIN) and wt.w1_transposed and wt.hidden_features == w.hidden_features == F
+    chex.assert_shape(wt.w1, (F, CIN))
+    assert wt.w1_transposed and wt.hidden_features == w.hidden_features == F
     assert wt.with_w1_transposed() is wt
     leaves, treedef = jax.tree_util.tree_flatten(wt)
     assert len(leaves) == 4  # w1, b1, w2, b2: the flag is part of the treedef
     assert jax.tree_util.tree_unflatten(treedef, leaves).w1_transposed
-    assert _rel(dense_mlp(_x(0), wt), dense_mlp(_x(0), w)) <= 1e-6
+    assert rel_error(dense_mlp(_x(0), wt), dense_mlp(_x(0), w)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_pretransposed_w1_same_results_over_all_step_kinds():
     cfg = _cfg()
     w = _weights(1)
@@ -110,11 +100,12 @@ def test_pretransposed_w1_same_results_over_all_step_kinds():
     a = _steps(cfg, w, 14, "reference")
     b = _steps(cfg, w.with_w1_transposed(), 14, "reference")
     for (ya, ca), (yb, cb) in zip(a, b):
-        assert _rel(yb, ya) <= 1e-6
+        assert rel_error(yb, ya) <= 1e-6
         np.testing.assert_array_equal(np.asarray(cb.indices), np.asarray(ca.indices))
-        assert _rel(cb.blockmean_cache, ca.blockmean_cache) <= 1e-6
+        assert rel_error(cb.blockmean_cache, ca.blockmean_cache) <= 1e-6
 
 
+@pytest.mark.slow
 def test_interpret_op_matches_reference_op_with_pretransposed_w1():
     """Pallas path (fused selection + fc1 + fc2 kernels) in interpret mode vs the reference path, over DENSE,
     SPARSE_SELECT and SPARSE_REUSE steps."""
@@ -123,12 +114,13 @@ def test_interpret_op_matches_reference_op_with_pretransposed_w1():
     a = _steps(cfg, w, 6, "reference")
     b = _steps(cfg, w.with_w1_transposed(), 6, "interpret")
     for step, ((ya, ca), (yb, cb)) in enumerate(zip(a, b)):
-        assert _rel(yb, ya) <= 1e-5, step
-        np.testing.assert_array_equal(np.asarray(cb.counts), np.asarray(ca.counts))
-        np.testing.assert_array_equal(np.asarray(cb.indices), np.asarray(ca.indices))
-        assert _rel(cb.blockmean_cache, ca.blockmean_cache) <= 1e-5, step
+        chex.assert_shape([yb, cb.act_cache, cb.out_cache], [(B, N, COUT), (B, F, N), (B, N, COUT)])
+        chex.assert_type([yb, cb.act_cache], jnp.float32)
+        assert rel_error(yb, ya) <= 1e-5, step
+        chex.assert_trees_all_equal((cb.counts, cb.indices), (ca.counts, ca.indices))
+        assert rel_error(cb.blockmean_cache, ca.blockmean_cache) <= 1e-5, step
         implied = jnp.einsum("bfn,fc->bnc", cb.act_cache, w.w2, precision="highest") + w.b2
-        assert _rel(cb.out_cache, implied) <= 1e-5, step
+        assert rel_error(cb.out_cache, implied) <= 1e-5, step
 
 
 def _transposes_of(jaxpr, shape):

@@ -3,6 +3,7 @@
     source benchmarks/gpu_env.sh && python3 -P -m pytest -q tests/test_mlp_gpu.py
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 
 from chipmunk_jax.pallas_kernels import mlp as mlp_op
 from chipmunk_jax.pallas_kernels import mlp_pallas
-from chipmunk_jax.pallas_kernels import mlp_reference as ref
 from chipmunk_jax.pallas_kernels import mlp_selection, triton_call
+from helpers import mlp_problem, random_feature_sets, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,28 +23,9 @@ pytestmark = [
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def _problem(seed, b, n, c, f, c_out, dtype):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(ks[0], (b, n, c), jnp.float32)
-    w1 = jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)
-    b1 = 0.5 * jax.random.normal(ks[2], (f,), jnp.float32)
-    w2 = jax.random.normal(ks[3], (f, c_out), jnp.float32) / np.sqrt(f)
-    b2 = 0.5 * jax.random.normal(ks[4], (c_out,), jnp.float32)
-    act = ref.gelu_tanh(jax.random.normal(ks[5], (b, f, n), jnp.float32))
-    out = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
-    return [a.astype(dtype) for a in (x, w1, b1, w2, b2, act, out)]
-
-
-def _selection(seed, b, nb, f, counts):
-    keys = jax.random.split(jax.random.key(seed), b * nb)
-    perms = jnp.stack([jax.random.permutation(k, f) for k in keys]).reshape(b, nb, f).astype(jnp.int32)
-    return perms, jnp.asarray(counts, jnp.int32).reshape(b, nb)
+    """(x, w1, b1, w2, b2, act, out) of helpers.mlp_problem."""
+    return list(mlp_problem(seed, b=b, n=n, c=c, f=f, c_out=c_out, dtype=dtype).values())
 
 
 def _step(x, w1, b1, w2, act, out, idx, cnt, impl):
@@ -58,25 +40,27 @@ def test_compiled_matches_reference(dtype, tol):
     b, n, c, f, c_out = 2, 1000, 256, 1024, 192  # N not a multiple of 128; C_out not a power of two
     x, w1, b1, w2, _, act, out = _problem(1, b, n, c, f, c_out, dtype)
     counts = [[256, 0, 1, 1024, 130, 512, 77, 384], [128, 3, 1000, 256, 0, 640, 200, 17]]
-    idx, cnt = _selection(2, b, 8, f, counts)
+    idx, cnt = random_feature_sets(2, b, 8, f, counts)
     act_k, out_k = _step(x, w1, b1, w2, act, out, idx, cnt, "pallas")
     act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
+    chex.assert_shape([act_k, out_k], [(b, f, n), (b, n, c_out)])
+    chex.assert_type([act_k, out_k], dtype)
     assert not np.isnan(np.asarray(out_k, np.float32)).any()
-    assert _rel(out_k, out_r) <= tol
-    assert _rel(act_k, act_r) <= tol
+    assert rel_error(out_k, out_r) <= tol
+    assert rel_error(act_k, act_r) <= tol
     if dtype == jnp.float32:
-        assert _rel(out_k - out, out_r - out) <= 1e-4
+        assert rel_error(out_k - out, out_r - out) <= 1e-4
 
 
 def test_padding_slots_with_duplicate_ids_are_ignored_on_gpu():
     b, n, c, f, c_out = 1, 512, 128, 512, 128
     x, w1, b1, w2, _, act, out = _problem(3, b, n, c, f, c_out, jnp.float32)
-    idx, cnt = _selection(4, b, 4, f, [[100, 200, 37, 0]])
+    idx, cnt = random_feature_sets(4, b, 4, f, [[100, 200, 37, 0]])
     dup = jnp.concatenate([idx[..., :256], idx[..., :256]], axis=-1)  # slots past counts repeat selected ids
     act_k, out_k = _step(x, w1, b1, w2, act, out, dup, cnt, "pallas")
     act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
-    assert _rel(out_k, out_r) <= 1e-5
-    assert _rel(act_k, act_r) <= 1e-5
+    assert rel_error(out_k, out_r) <= 1e-5
+    assert rel_error(act_k, act_r) <= 1e-5
 
 
 def test_invariant_after_several_sparse_steps_on_gpu():
@@ -87,10 +71,10 @@ def test_invariant_after_several_sparse_steps_on_gpu():
     )
     for s in range(4):
         xs = x + 0.3 * jax.random.normal(jax.random.key(10 + s), x.shape)
-        idx, cnt = _selection(20 + s, b, 5, f, [[256 + 128 * s, 128, 384, 0, 1024]])
+        idx, cnt = random_feature_sets(20 + s, b, 5, f, [[256 + 128 * s, 128, 384, 0, 1024]])
         act, out = fn(xs, w1.T, b1, w2, act, out, idx, cnt)
     expected = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
-    assert _rel(out, expected) <= 1e-5
+    assert rel_error(out, expected) <= 1e-5
 
 
 def test_flux_shape_step_bf16_with_selection():
@@ -99,13 +83,12 @@ def test_flux_shape_step_bf16_with_selection():
     scores = jax.random.uniform(jax.random.key(7), (1, n // 128, f))
     idx_k, cnt_k = mlp_selection.select_top_features(scores, 3686, 128, impl="pallas")
     idx_r, cnt_r = mlp_selection.select_top_features(scores, 3686, 128, impl="reference")
-    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
-    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+    chex.assert_trees_all_equal((idx_k, cnt_k), (idx_r, cnt_r))
     act_k, out_k = _step(x, w1, b1, w2, act, out, idx_k, cnt_k, "pallas")
     act_r, out_r = _step(x, w1, b1, w2, act, out, idx_k, cnt_k, "reference")
-    assert _rel(out_k, out_r) <= 1e-2
-    assert _rel(out_k - out, out_r - out) <= 2e-2
-    assert _rel(act_k, act_r) <= 1e-2
+    assert rel_error(out_k, out_r) <= 1e-2
+    assert rel_error(out_k - out, out_r - out) <= 2e-2
+    assert rel_error(act_k, act_r) <= 1e-2
 
 
 def test_selection_compiled_with_random_features():
@@ -113,8 +96,7 @@ def test_selection_compiled_with_random_features():
     extra = jax.random.bernoulli(jax.random.key(9), 0.035, scores.shape)
     idx_k, cnt_k = mlp_selection.select_top_features(scores, 4147, 256, extra=extra, impl="pallas")
     idx_r, cnt_r = mlp_selection.select_top_features(scores, 4147, 256, extra=extra, impl="reference")
-    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
-    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+    chex.assert_trees_all_equal((idx_k, cnt_k), (idx_r, cnt_r))
 
 
 # ---- issue 4: fused selection, W1 stored [F, C] -----------------------------------------------------------
@@ -128,8 +110,7 @@ def test_fused_selection_compiled(num_warps):
     got = jax.jit(lambda z, b, e: mlp_selection.select_from_preactivation(
         z, b, 3686, 256, extra=e, impl="pallas", num_warps=num_warps), donate_argnums=(1,))(z, jnp.array(base), extra)
     want = mlp_selection.select_from_preactivation(z, base, 3686, 256, extra=extra, impl="reference")
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    chex.assert_trees_all_equal(tuple(got), tuple(want))
 
 
 def test_model_op_pallas_matches_reference_with_pretransposed_w1():
@@ -150,7 +131,7 @@ def test_model_op_pallas_matches_reference_with_pretransposed_w1():
         kind = mlp_step_kind(cfg, step, 0)
         y_r, caches[0] = sparse_delta_mlp(xs, w, caches[0], kind, cfg, key=jax.random.key(step), impl="reference")
         y_k, caches[1] = sparse_delta_mlp(xs, wt, caches[1], kind, cfg, key=jax.random.key(step), impl="pallas")
-        assert _rel(y_k, y_r) <= 1e-5, step
+        assert rel_error(y_k, y_r) <= 1e-5, step
         np.testing.assert_array_equal(np.asarray(caches[1].indices), np.asarray(caches[0].indices))
 
 
@@ -164,14 +145,14 @@ def test_triton_compiled_matches_reference(config):
     b, n, c, f, c_out = 2, 1000, 256, 1024, 192  # N not a multiple of 128; C_out not a power of two
     x, w1, b1, w2, _, act, out = _problem(60, b, n, c, f, c_out, jnp.bfloat16)
     counts = [[256, 0, 1, 1024, 130, 512, 77, 384], [128, 3, 1000, 256, 0, 640, 200, 17]]
-    idx, cnt = _selection(61, b, 8, f, counts)
+    idx, cnt = random_feature_sets(61, b, 8, f, counts)
     fn = jax.jit(lambda *a: mlp_op.sparse_mlp_delta(*a, impl="triton", w1_transposed=True, tiles=config),
                  donate_argnums=(4, 5))
     act_k, out_k = fn(x, w1.T, b1, w2, jnp.array(act), jnp.array(out), idx, cnt)
     act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
     assert not np.isnan(np.asarray(out_k, np.float32)).any()
-    assert _rel(act_k, act_r) <= 1e-2
-    assert _rel(out_k - out, out_r - out) <= 2e-2
+    assert rel_error(act_k, act_r) <= 1e-2
+    assert rel_error(out_k - out, out_r - out) <= 2e-2
 
 
 def test_triton_flux_shape_step_and_invariant():
@@ -187,11 +168,11 @@ def test_triton_flux_shape_step_and_invariant():
             act_r, out_r = _step(xs, w1, b1, w2, act, out, idx, cnt, "reference")
         act, out_new = fn(xs, w1t, b1, w2, act, jnp.array(out), idx, cnt)
         if s == 0:
-            assert _rel(out_new - out, out_r - out) <= 2e-2
-            assert _rel(act, act_r) <= 1e-2
+            assert rel_error(out_new - out, out_r - out) <= 2e-2
+            assert rel_error(act, act_r) <= 1e-2
         out = out_new
     expected = jnp.einsum("bfn,fc->bnc", act.astype(jnp.float32), w2.astype(jnp.float32), precision=_HI) + b2
-    assert _rel(out, expected) <= 1e-2  # out_cache == act_cache W2 + b2 after three bf16 steps
+    assert rel_error(out, expected) <= 1e-2  # out_cache == act_cache W2 + b2 after three bf16 steps
 
 
 def test_default_impl_is_triton_where_it_runs():
@@ -203,17 +184,17 @@ def test_default_impl_is_triton_where_it_runs():
     assert mlp_op.resolve_mlp_impl(None, x, w1, w2, 32) == "pallas"  # no Triton block size 32
     f32 = [a.astype(jnp.float32) for a in (x, w1, w2)]
     assert mlp_op.resolve_mlp_impl(None, *f32, 128) == "pallas"
-    idx, cnt = _selection(65, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
+    idx, cnt = random_feature_sets(65, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
     act_k, out_k = _step(x, w1, b1, w2, act, out, idx, cnt, None)
     act_r, out_r = _step(x, w1, b1, w2, act, out, idx, cnt, "reference")
-    assert _rel(act_k, act_r) <= 1e-2
-    assert _rel(out_k - out, out_r - out) <= 2e-2
+    assert rel_error(act_k, act_r) <= 1e-2
+    assert rel_error(out_k - out, out_r - out) <= 2e-2
 
 
 def test_triton_model_op_inside_a_command_buffer():
     """sparse_delta_mlp with impl='triton' on a SPARSE_SELECT step (block means, the z GEMM, the fused Pallas
     selection, then the Triton kernels): XLA captures this run of commands into a CUDA graph, where the plugin's
-    per-launch scratch allocation failed (session 6); triton_call passes the scratch as an XLA buffer instead."""
+    per-launch scratch allocation failed (2026-12-03); triton_call passes the scratch as an XLA buffer instead."""
     from chipmunk_jax import config as C
     from chipmunk_jax.mlp import MLPCache, MLPWeights, sparse_delta_mlp
     from chipmunk_jax.schedule import MLPStep
@@ -235,5 +216,5 @@ def test_triton_model_op_inside_a_command_buffer():
     y_k, c_k = step("triton")(cache(), x)
     y_r, c_r = step("reference")(cache(), x)
     np.testing.assert_array_equal(np.asarray(c_k.counts), np.asarray(c_r.counts))
-    assert _rel(y_k - out, y_r - out) <= 2e-2
-    assert _rel(c_k.act_cache, c_r.act_cache) <= 1e-2
+    assert rel_error(y_k - out, y_r - out) <= 2e-2
+    assert rel_error(c_k.act_cache, c_r.act_cache) <= 1e-2

@@ -1,8 +1,9 @@
-"""Sparse-delta MLP kernels vs the pure-jnp reference (SPEC §2.2): the Pallas kernels in interpret mode and the
+"""Sparse-delta MLP kernels vs the pure-jnp reference (docs/algorithm.md §2.2): the Pallas kernels in interpret mode and the
 Triton (TMA) kernels of mlp_triton in Triton's interpreter, on the same problems."""
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from chipmunk_jax.pallas_kernels import mlp as mlp_op
 from chipmunk_jax.pallas_kernels import mlp_pallas
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
 from chipmunk_jax.pallas_kernels import mlp_triton
+from helpers import mlp_problem, random_feature_sets, rel_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -19,36 +21,12 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _problem(seed, *, b=1, n=200, c=64, f=256, c_out=64, dtype=jnp.float32, block_size=128):
-    ks = jax.random.split(jax.random.key(seed), 7)
-    x = jax.random.normal(ks[0], (b, n, c), jnp.float32)
-    w1 = jax.random.normal(ks[1], (c, f), jnp.float32) / np.sqrt(c)
-    b1 = 0.5 * jax.random.normal(ks[2], (f,), jnp.float32)
-    w2 = jax.random.normal(ks[3], (f, c_out), jnp.float32) / np.sqrt(f)
-    b2 = 0.5 * jax.random.normal(ks[4], (c_out,), jnp.float32)
-    act = ref.gelu_tanh(jax.random.normal(ks[5], (b, f, n), jnp.float32))
-    out = jnp.einsum("bfn,fc->bnc", act, w2, precision=_HI) + b2
-    cast = lambda *arrs: tuple(a.astype(dtype) for a in arrs)
-    return dict(zip(("x", "w1", "b1", "w2", "b2", "act", "out"), cast(x, w1, b1, w2, b2, act, out)))
-
-
-def _selection(seed, b, nb, f, counts, k=None):
-    """Random distinct features per row block (a permutation prefix), given counts."""
-    k = f if k is None else k
-    keys = jax.random.split(jax.random.key(seed), b * nb)
-    perms = jnp.stack([jax.random.permutation(kk, f)[:k] for kk in keys]).reshape(b, nb, k)
-    return perms.astype(jnp.int32), jnp.asarray(counts, jnp.int32).reshape(b, nb)
-
-
 # Both kernel families run every numerics test below: the Pallas kernels (interpret mode) and mlp_triton's
 # kernels (Triton's interpreter, f32 MMA operands).
 KERNEL_IMPLS = pytest.mark.parametrize("impl", ["interpret", "triton_interpret"])
+# The same, with the Pallas interpret-mode case (seconds per compile) only in the slow suite.
+KERNEL_IMPLS_SLOW_PALLAS = pytest.mark.parametrize(
+    "impl", [pytest.param("interpret", marks=pytest.mark.slow), "triton_interpret"])
 
 
 def _run(p, indices, counts, impl, **kw):
@@ -61,65 +39,69 @@ def _run(p, indices, counts, impl, **kw):
     "b, n, counts, k",
     [
         (1, 200, [[150, 0]], None),  # N not a multiple of 128, ragged count, count 0
-        (2, 256, [[256, 37], [128, 1]], None),  # all features, tiny counts
-        (1, 300, [[64, 100, 3]], 100),  # packed axis K shorter than a tile (padded by the wrapper)
+        pytest.param(2, 256, [[256, 37], [128, 1]], None, marks=pytest.mark.slow),  # all features, tiny counts
+        # packed axis K shorter than a tile (padded by the wrapper)
+        pytest.param(1, 300, [[64, 100, 3]], 100, marks=pytest.mark.slow),
     ],
 )
 @KERNEL_IMPLS
 def test_interpret_matches_reference_f32(b, n, counts, k, impl):
-    p = _problem(1 + n + b, b=b, n=n)
+    p = mlp_problem(1 + n + b, b=b, n=n)
     nb = -(-n // 128)
-    indices, counts = _selection(7 + n, b, nb, 256, counts, k)
+    indices, counts = random_feature_sets(7 + n, b, nb, 256, counts, k)
     act_k, out_k = _run(p, indices, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
-    assert _rel(out_k, out_r) <= 1e-5
-    assert _rel(out_k - p["out"], out_r - p["out"]) <= 1e-4  # the delta itself, not just the sum
-    assert _rel(act_k, act_r) <= 1e-5
+    chex.assert_shape([act_k, out_k], [(b, 256, n), (b, n, 64)])
+    chex.assert_type([act_k, out_k], jnp.float32)
+    assert rel_error(out_k, out_r) <= 1e-5
+    assert rel_error(out_k - p["out"], out_r - p["out"]) <= 1e-4  # the delta itself, not just the sum
+    assert rel_error(act_k, act_r) <= 1e-5
     # Unselected (feature, token) pairs keep their exact cached value.
     mask = jnp.repeat(ref.feature_mask(indices, counts, 256), 128, axis=1)[:, :n]
     untouched = ~jnp.swapaxes(mask, 1, 2)
     np.testing.assert_array_equal(np.asarray(act_k)[untouched], np.asarray(p["act"])[untouched])
-    assert not np.isnan(np.asarray(out_k)).any()
+    chex.assert_tree_all_finite(out_k)
 
 
-@KERNEL_IMPLS
+@KERNEL_IMPLS_SLOW_PALLAS
 def test_interpret_matches_reference_bf16(impl):
-    p = _problem(3, b=1, n=256, dtype=jnp.bfloat16)
-    indices, counts = _selection(4, 1, 2, 256, [[192, 77]])
+    p = mlp_problem(3, b=1, n=256, dtype=jnp.bfloat16)
+    indices, counts = random_feature_sets(4, 1, 2, 256, [[192, 77]])
     act_k, out_k = _run(p, indices, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
-    assert act_k.dtype == out_k.dtype == jnp.bfloat16
-    assert _rel(out_k, out_r) <= 1e-2
-    assert _rel(act_k, act_r) <= 1e-2
+    chex.assert_shape([act_k, out_k], [(1, 256, 256), (1, 256, 64)])
+    chex.assert_type([act_k, out_k], jnp.bfloat16)
+    assert rel_error(out_k, out_r) <= 1e-2
+    assert rel_error(act_k, act_r) <= 1e-2
 
 
 @KERNEL_IMPLS
 def test_padding_slots_past_counts_are_ignored(impl):
     """Slots past counts repeat selected features (and an out-of-range id): no effect on the result."""
-    p = _problem(5, n=256)
-    indices, counts = _selection(6, 1, 2, 256, [[90, 40]])
+    p = mlp_problem(5, n=256)
+    indices, counts = random_feature_sets(6, 1, 2, 256, [[90, 40]])
     dup = jnp.concatenate([indices[..., :128], indices[..., :128]], axis=-1)
     dup = dup.at[0, 1, 200].set(10_000)
     act_k, out_k = _run(p, dup, counts, impl)
     act_r, out_r = _run(p, indices, counts, "reference")
-    assert _rel(out_k, out_r) <= 1e-5
-    assert _rel(act_k, act_r) <= 1e-5
+    assert rel_error(out_k, out_r) <= 1e-5
+    assert rel_error(act_k, act_r) <= 1e-5
 
 
-@KERNEL_IMPLS
+@KERNEL_IMPLS_SLOW_PALLAS
 def test_all_features_selected_equals_dense_mlp(impl):
-    p = _problem(8, n=200)
-    indices, counts = _selection(9, 1, 2, 256, [[256, 256]])
+    p = mlp_problem(8, n=200)
+    indices, counts = random_feature_sets(9, 1, 2, 256, [[256, 256]])
     act_k, out_k = _run(p, indices, counts, impl)
     a = ref.gelu_tanh(jnp.einsum("bnc,cf->bnf", p["x"], p["w1"], precision=_HI) + p["b1"])
     y = jnp.einsum("bnf,fc->bnc", a, p["w2"], precision=_HI) + p["b2"]
-    assert _rel(act_k, jnp.swapaxes(a, 1, 2)) <= 1e-5
-    assert _rel(out_k, y) <= 1e-5
+    assert rel_error(act_k, jnp.swapaxes(a, 1, 2)) <= 1e-5
+    assert rel_error(out_k, y) <= 1e-5
 
 
-@KERNEL_IMPLS
+@KERNEL_IMPLS_SLOW_PALLAS
 def test_invariant_out_equals_act_w2_plus_b2_after_several_steps(impl):
-    p = _problem(10, n=200)
+    p = mlp_problem(10, n=200)
     step = jax.jit(
         lambda x, act, out, idx, cnt: mlp_op.sparse_mlp_delta(
             x, p["w1"].T, p["b1"], p["w2"], act, out, idx, cnt, impl=impl, w1_transposed=True
@@ -129,40 +111,41 @@ def test_invariant_out_equals_act_w2_plus_b2_after_several_steps(impl):
     act, out = jnp.array(p["act"]), jnp.array(p["out"])
     for s in range(3):
         x = p["x"] + 0.3 * jax.random.normal(jax.random.key(100 + s), p["x"].shape)
-        indices, counts = _selection(200 + s, 1, 2, 256, [[64 * (s + 1), 40 + s]])
+        indices, counts = random_feature_sets(200 + s, 1, 2, 256, [[64 * (s + 1), 40 + s]])
         act, out = step(x, act, out, indices, counts)
     expected = jnp.einsum("bfn,fc->bnc", act, p["w2"], precision=_HI) + p["b2"]
-    assert _rel(out, expected) <= 1e-5
-    assert _rel(out, p["out"]) > 1e-2  # the steps did change the output
+    assert rel_error(out, expected) <= 1e-5
+    assert rel_error(out, p["out"]) > 1e-2  # the steps did change the output
 
 
+@pytest.mark.slow
 def test_custom_tiles():
-    p = _problem(11, n=256, c=96, c_out=48)
-    indices, counts = _selection(12, 1, 2, 256, [[130, 250]])
+    p = mlp_problem(11, n=256, c=96, c_out=48)
+    indices, counts = random_feature_sets(12, 1, 2, 256, [[130, 250]])
     tiles = mlp_pallas.MlpTiles(fc1_features=64, fc1_k=32, fc2_k=32, fc2_cols=16)
     act_k, out_k = _run(p, indices, counts, "interpret", tiles=tiles)
     act_r, out_r = _run(p, indices, counts, "reference")
-    assert _rel(out_k, out_r) <= 1e-5
-    assert _rel(act_k, act_r) <= 1e-5
+    assert rel_error(out_k, out_r) <= 1e-5
+    assert rel_error(act_k, act_r) <= 1e-5
 
 
 
 
+@pytest.mark.slow
 def test_w1_transposed_reference_path():
-    p = _problem(13, n=130)
-    indices, counts = _selection(14, 1, 2, 256, [[100, 20]])
+    p = mlp_problem(13, n=130)
+    indices, counts = random_feature_sets(14, 1, 2, 256, [[100, 20]])
     a1, o1 = _run(p, indices, counts, "reference")
     a2, o2 = mlp_op.sparse_mlp_delta(
         p["x"], p["w1"].T, p["b1"], p["w2"], p["act"], p["out"], indices, counts,
         impl="reference", w1_transposed=True,
     )
-    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close((o1, a1), (o2, a2), rtol=1e-6, atol=1e-6)
 
 
 def _bad_call(**overrides):
-    p = _problem(15, n=128)
-    indices, counts = _selection(16, 1, 1, 256, [[64]])
+    p = mlp_problem(15, n=128)
+    indices, counts = random_feature_sets(16, 1, 1, 256, [[64]])
     args = dict(x=p["x"], w1=p["w1"], b1=p["b1"], w2=p["w2"], act_cache=p["act"], out_cache=p["out"],
                 indices=indices, counts=counts)
     kw = dict(impl="interpret")
@@ -212,7 +195,9 @@ def test_bad_tiles_raise(kwargs, match):
 from chipmunk_jax.pallas_kernels import mlp_selection  # noqa: E402
 
 
-@pytest.mark.parametrize("keep", [0, 1, 77, 300])
+# Fast suite: keep 0 and 77 (with and without extra); keep 1 and 300 (all features): slow suite.
+@pytest.mark.parametrize("keep", [0, pytest.param(1, marks=pytest.mark.slow), 77,
+                                  pytest.param(300, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_selection_interpret_matches_reference_and_exact_topk(keep, with_extra):
     key_s, key_e = jax.random.split(jax.random.key(keep + 31 * with_extra))
@@ -221,8 +206,9 @@ def test_selection_interpret_matches_reference_and_exact_topk(keep, with_extra):
     extra = jax.random.bernoulli(key_e, 0.05, scores.shape) if with_extra else None
     idx_k, cnt_k = mlp_selection.select_top_features(scores, keep, 64, extra=extra, impl="interpret")
     idx_r, cnt_r = mlp_selection.select_top_features(scores, keep, 64, extra=extra, impl="reference")
-    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_r))
-    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_r))
+    chex.assert_shape([idx_k, cnt_k], [(2, 3, 300), (2, 3)])
+    chex.assert_type([idx_k, cnt_k], jnp.int32)
+    chex.assert_trees_all_equal((idx_k, cnt_k), (idx_r, cnt_r))
     # Exactly the top `keep` (OR extra) come first; every row is a permutation of the features.
     s = np.asarray(scores)
     top = np.argsort(-s, axis=-1)[..., :keep]
@@ -238,14 +224,14 @@ def test_selection_interpret_matches_reference_and_exact_topk(keep, with_extra):
     np.testing.assert_array_equal(np.asarray(cnt_k), np.minimum(-(-n_sel // 64) * 64, 300))
 
 
+@pytest.mark.slow
 def test_selection_matches_lead_select_mlp_features_layout():
     from chipmunk_jax import selection
 
     scores = jnp.abs(jax.random.normal(jax.random.key(41), (1, 2, 512)))
     idx_k, cnt_k = mlp_selection.select_top_features(scores, 154, 128, impl="interpret")
     idx_l, cnt_l = selection.select_mlp_features(scores, 0.3, 0.0, 128)
-    np.testing.assert_array_equal(np.asarray(idx_k), np.asarray(idx_l))
-    np.testing.assert_array_equal(np.asarray(cnt_k), np.asarray(cnt_l))
+    chex.assert_trees_all_equal((idx_k, cnt_k), (idx_l, cnt_l))
 
 
 @pytest.mark.parametrize(
@@ -270,16 +256,16 @@ def test_selection_bad_inputs_raise(kwargs, error, match):
 
 
 @pytest.mark.parametrize("row_group", [1, 2, 4, 0])  # chunk-major, even groups, a short last group, all rows
-@KERNEL_IMPLS
+@KERNEL_IMPLS_SLOW_PALLAS
 def test_launch_orders_match_reference(row_group, impl):
     # 5 row blocks (the last one ragged), so row_group 2 and 4 end with a smaller group.
-    p = _problem(17, b=2, n=600, f=256)
-    indices, counts = _selection(18, 2, 5, 256, [[200, 0, 256, 13, 128], [64, 131, 0, 250, 1]])
+    p = mlp_problem(17, b=2, n=600, f=256)
+    indices, counts = random_feature_sets(18, 2, 5, 256, [[200, 0, 256, 13, 128], [64, 131, 0, 250, 1]])
     tiles = (mlp_pallas.MlpTiles if impl == "interpret" else mlp_triton.TritonMlpConfig)(row_group=row_group)
     act_k, out_k = _run(p, indices, counts, impl, tiles=tiles)
     act_r, out_r = _run(p, indices, counts, "reference")
-    assert _rel(out_k, out_r) <= 1e-5
-    assert _rel(act_k, act_r) <= 1e-5
+    assert rel_error(out_k, out_r) <= 1e-5
+    assert rel_error(act_k, act_r) <= 1e-5
 
 
 @pytest.mark.parametrize("num_blocks, num_inner, row_group", [(5, 3, 2), (5, 3, 0), (7, 4, 3), (4, 2, 1), (3, 5, 9)])

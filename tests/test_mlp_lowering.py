@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from chipmunk_jax.pallas_kernels import mlp_pallas, mlp_selection
+from helpers import lower_for_h100, slow_beyond
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 
 # (name, N, C, F, C_out): FLUX 1024^2 double-block image MLP and single-block MLP half, Wan 2.1 14B ffn at
 # 480p x 81 frames (N not a multiple of 128).
@@ -24,12 +23,12 @@ SHAPES = [
 
 def _lower_cuda(f, *specs, donate=(4, 5)):
     """HLO text of ``f`` lowered for an H100; ``donate``: the donated arguments (default: the MLP caches)."""
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(f, donate_argnums=donate).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    return lower_for_h100(f, *specs, donate=donate)
 
 
-@pytest.mark.parametrize("tiles", mlp_pallas.PRODUCTION_TILES, ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}g{t.row_group}")
+# Fast suite: the first production tiling at every shape; the other tilings: slow suite.
+@pytest.mark.parametrize("tiles", slow_beyond(mlp_pallas.PRODUCTION_TILES),
+                         ids=lambda t: f"bf{t.fc1_features}k{t.fc1_k}w{t.fc1_warps}g{t.row_group}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_sparse_mlp_delta_lowers_for_cuda(shape, tiles):
     _, n, c, f, c_out = shape

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,21 +6,16 @@ import pytest
 
 from chipmunk_jax import config as C
 from chipmunk_jax import selection as S
-from chipmunk_jax.mlp import MLPCache, MLPWeights, dense_mlp, init_mlp_cache, sparse_delta_mlp
+from chipmunk_jax.mlp import MLPCache, dense_mlp, init_mlp_cache, sparse_delta_mlp
 from chipmunk_jax.schedule import MLPStep as M
 from chipmunk_jax.schedule import mlp_step_kind
+from helpers import drifting_x, max_rel_error, mlp_weights
 
 B, N, CIN, F, COUT = 2, 300, 16, 256, 12  # N not a multiple of 128
 
 
 def _weights(seed, bias2=True):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return MLPWeights(
-        w1=jax.random.normal(ks[0], (CIN, F)) / 4,
-        b1=0.1 * jax.random.normal(ks[1], (F,)),
-        w2=jax.random.normal(ks[2], (F, COUT)) / 16,
-        b2=0.1 * jax.random.normal(ks[3], (COUT,)) if bias2 else None,
-    )
+    return mlp_weights(seed, CIN, F, COUT, bias2=bias2)
 
 
 def _config(**mlp):
@@ -29,12 +25,7 @@ def _config(**mlp):
 
 
 def _x(step, seed=0):
-    x0 = jax.random.normal(jax.random.PRNGKey(seed), (B, N, CIN))
-    return x0 + 0.05 * step * jax.random.normal(jax.random.PRNGKey(1000 + step), x0.shape)
-
-
-def _rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    return drifting_x(step, (B, N, CIN), seed)
 
 
 def _run(cfg, w, steps):
@@ -51,7 +42,9 @@ def test_every_feature_kept_equals_dense(bias2):
     cfg = _config(top_keys=1.0)
     w = _weights(0, bias2)
     for step, y, _ in _run(cfg, w, 13):  # covers DENSE, SPARSE_SELECT and SPARSE_REUSE
-        assert _rel(y, dense_mlp(_x(step), w)) <= 1e-5, step
+        chex.assert_shape(y, (B, N, COUT))
+        chex.assert_type(y, jnp.float32)
+        assert max_rel_error(y, dense_mlp(_x(step), w)) <= 1e-5, step
 
 
 def test_invariant_out_cache_equals_act_cache_w2_plus_b2():
@@ -61,7 +54,7 @@ def test_invariant_out_cache_equals_act_cache_w2_plus_b2():
     for step, y, cache in _run(cfg, w, 14):
         kinds.add(mlp_step_kind(cfg, step, 0))
         implied = jnp.einsum("bfn,fc->bnc", cache.act_cache, w.w2, precision="highest") + w.b2
-        assert _rel(cache.out_cache, implied) <= 1e-5, step
+        assert max_rel_error(cache.out_cache, implied) <= 1e-5, step
         assert jnp.array_equal(y, cache.out_cache)
     assert kinds == {M.DENSE, M.SPARSE_SELECT, M.SPARSE_REUSE}
 
@@ -70,10 +63,11 @@ def test_full_step_fills_caches():
     cfg = _config(top_keys=0.3)
     w = _weights(2)
     (_, y, cache), = list(_run(cfg, w, 1))
-    assert _rel(y, dense_mlp(_x(0), w)) <= 1e-6
+    assert max_rel_error(y, dense_mlp(_x(0), w)) <= 1e-6
     z = jnp.einsum("bnc,cf->bnf", _x(0), w.w1, precision="highest") + w.b1
-    np.testing.assert_allclose(cache.act_cache, jnp.swapaxes(jax.nn.gelu(z), 1, 2), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cache.blockmean_cache[:, 2], z[:, 256:].mean(1), rtol=1e-4, atol=1e-5)
+    chex.assert_shape([cache.act_cache, cache.out_cache, cache.blockmean_cache], [(B, F, N), (B, N, COUT), (B, 3, F)])
+    chex.assert_trees_all_close(cache.act_cache, jnp.swapaxes(jax.nn.gelu(z), 1, 2), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(cache.blockmean_cache[:, 2], z[:, 256:].mean(1), rtol=1e-4, atol=1e-5)
 
 
 def test_sparse_select_recomputes_only_selected_features():
@@ -107,7 +101,7 @@ def test_traced_step_under_jit():
         key = jax.random.PRNGKey(step)
         y_jit, c_jit = step_fn(_x(step), c_jit, jnp.int32(step), key)
         y_py, c_py = sparse_delta_mlp(_x(step), w, c_py, mlp_step_kind(cfg, step, 2), cfg, key=key)
-        assert _rel(y_jit, y_py) <= 1e-5, step
+        assert max_rel_error(y_jit, y_py) <= 1e-5, step
     assert step_fn._cache_size() == 1
 
 
@@ -118,8 +112,9 @@ def test_bf16_runs_and_stays_close():
     for step in range(3):
         x = _x(step).astype(jnp.bfloat16)
         y, cache = sparse_delta_mlp(x, w, cache, mlp_step_kind(cfg, step, 0), cfg)
-        assert y.dtype == jnp.bfloat16
-        assert _rel(y.astype(jnp.float32), dense_mlp(x, w).astype(jnp.float32)) <= 2e-2
+        chex.assert_shape(y, (B, N, COUT))
+        chex.assert_type(y, jnp.bfloat16)
+        assert max_rel_error(y.astype(jnp.float32), dense_mlp(x, w).astype(jnp.float32)) <= 2e-2
 
 
 def test_bad_input_raises():

@@ -13,6 +13,7 @@ from chipmunk_jax.pallas_kernels import mlp_pallas
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
 from chipmunk_jax.pallas_kernels import mlp_triton as mt
 from chipmunk_jax.pallas_kernels import triton_call as tc
+from helpers import slow_beyond
 
 _HI = jax.lax.Precision.HIGHEST
 _SEED = iter(range(10_000))
@@ -46,7 +47,8 @@ def _problem(b, n, c, f, c_out, counts, dtype=jnp.float32, block_size=128):
 # Every production configuration (tokens-major and features-major fc1, 128- and 256-wide tiles, fc2 K steps of
 # 64 and 128) on a ragged problem: N = 300 (not a multiple of 128), batch 2, count 0, counts that are not tile
 # multiples, all features, C_out = 192 (not a power of 2: the fc2 column tile shrinks to 64).
-@pytest.mark.parametrize("config", mt.PRODUCTION_CONFIGS, ids=str)
+# Fast suite: the first two configurations (tokens-major and features-major fc1); the others: slow suite.
+@pytest.mark.parametrize("config", slow_beyond(mt.PRODUCTION_CONFIGS, 2), ids=str)
 def test_production_configs_interpreter_match_reference(config):
     x, w1, b1, w2, act, out, idx, cnt = _problem(2, 300, 64, 512, 192, [[512, 0, 77], [300, 1, 256]])
     act_k, out_k = mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, impl="triton_interpret", tiles=config)
@@ -55,6 +57,7 @@ def test_production_configs_interpreter_match_reference(config):
     assert _rel(out_k - out, out_r - out) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [64, 256])
 def test_other_block_sizes_match_reference(block_size):
     x, w1, b1, w2, act, out, idx, cnt = _problem(1, 520, 32, 256, 32, [[256, 13, 100]] if block_size == 256
@@ -113,7 +116,8 @@ def test_config_needs_fc1_chunks_that_fc2_steps_divide():
 
 # Every production configuration compiles for sm_90 within the H100's shared memory at FLUX's double-block shape
 # and at Wan 14B's (N = 32,760: ragged last row block; C = 5120), with TMA token tiles and wgmma.
-@pytest.mark.parametrize("config", mt.PRODUCTION_CONFIGS, ids=str)
+# The first production configuration at both shapes in the fast suite, the others in the slow suite.
+@pytest.mark.parametrize("config", slow_beyond(mt.PRODUCTION_CONFIGS), ids=str)
 @pytest.mark.parametrize("shape", [(4096, 3072, 12288, 3072), (32_760, 5120, 13_824, 5120)], ids=str)
 def test_production_configs_compile_for_sm90(shape, config):
     n, c, f, c_out = shape

@@ -1,5 +1,6 @@
-"""The reference twins against independent float64 formulations (SPEC §1.9)."""
+"""The reference twins against independent float64 formulations (docs/algorithm.md §1.9)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +8,11 @@ import pytest
 
 from chipmunk_jax.pallas_kernels import attention as K
 from chipmunk_jax.pallas_kernels import mlp as KM
+from helpers import random_qkv
 
 
-def _qkv(seed, b=2, n=211, h=3, d=16, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return [jax.random.normal(k, (b, n, h, d), dtype) for k in ks]
+def _qkv(seed, b=2, n=211, h=3, d=16):
+    return random_qkv(b, n, h, d, key=jax.random.PRNGKey(seed))
 
 
 def _logits64(q, k):
@@ -26,11 +27,13 @@ def test_dense_reference_matches_float64():
     m = s.max(-1, keepdims=True)
     lse64 = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]
     o64 = np.einsum("bhqk,bkhd->bqhd", np.exp(s - lse64[..., None]), np.asarray(v, np.float64))
-    np.testing.assert_allclose(lse, lse64, atol=1e-5)
-    np.testing.assert_allclose(o, o64, rtol=1e-5, atol=1e-5)
+    chex.assert_shape([o, lse], [q.shape, lse64.shape])
+    chex.assert_type([o, lse], jnp.float32)
+    chex.assert_trees_all_close(lse, lse64, rtol=1e-7, atol=1e-5)  # rtol: numpy's assert_allclose default
+    chex.assert_trees_all_close(o, o64, rtol=1e-5, atol=1e-5)
     with jax.default_matmul_precision("highest"):
         o_jax = jax.nn.dot_product_attention(q, k, v)
-    np.testing.assert_allclose(o, o_jax, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(o, o_jax, rtol=1e-5, atol=1e-5)
 
 
 def test_colsum_reference_matches_float64_groups():
@@ -38,14 +41,15 @@ def test_colsum_reference_matches_float64_groups():
     q2 = q + 0.1 * jax.random.normal(jax.random.PRNGKey(9), q.shape)
     _, prev_lse = K.dense_attention(q, k, v, impl="reference")
     o, lse, colsum = K.dense_attention_colsum(q2, k, v, prev_lse, group_size=64, impl="reference")
-    assert colsum.shape == (2, 3, 4, 250) and colsum.dtype == jnp.float32
+    chex.assert_shape(colsum, (2, 3, 4, 250))
+    chex.assert_type(colsum, jnp.float32)
     p = np.exp(_logits64(q2, k) - np.asarray(prev_lse, np.float64)[..., None])
     for g in range(4):
         expected = p[:, :, 64 * g: min(64 * (g + 1), 250)].sum(2)
-        np.testing.assert_allclose(colsum[:, :, g], expected, rtol=1e-4)
+        chex.assert_trees_all_close(colsum[:, :, g], expected, rtol=1e-4, atol=0)
     o_dense, lse_dense = K.dense_attention(q2, k, v, impl="reference")
-    np.testing.assert_allclose(o, o_dense, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(lse, lse_dense, atol=1e-6)
+    chex.assert_trees_all_close(o, o_dense, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(lse, lse_dense, rtol=1e-7, atol=1e-6)
 
 
 def _masked_softmax64(q, k, v, indices, counts, group_size):
@@ -77,21 +81,22 @@ def test_column_sparse_reference_ragged_counts_and_empty_groups():
     counts = counts.at[0, 1, 2].set(0)
     o = K.column_sparse_attention(q, k, v, indices, counts, group_size=64, impl="reference")
     expected = _masked_softmax64(q, k, v, np.asarray(indices), np.asarray(counts), 64)
-    np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(o, expected, rtol=1e-5, atol=1e-5)
     assert not np.asarray(o[0, 128:192, 1]).any()  # count 0 -> zeros
     base = jax.random.normal(jax.random.PRNGKey(4), q.shape)
     for sign in (1, -1):
         ob = K.column_sparse_attention(q, k, v, indices, counts, group_size=64, base=base, sign=sign, impl="reference")
-        np.testing.assert_allclose(ob, np.asarray(base) + sign * expected, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(ob, np.asarray(base) + sign * expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_column_sparse_all_columns_equals_dense():
     q, k, v = _qkv(5, n=150)
     g = 3
     indices = jnp.broadcast_to(jnp.arange(150, dtype=jnp.int32), (2, 3, g, 150))
     counts = jnp.full((2, 3, g), 150, jnp.int32)
     o = K.column_sparse_attention(q, k, v, indices, counts, group_size=64, impl="reference")
-    np.testing.assert_allclose(o, K.dense_attention(q, k, v, impl="reference")[0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(o, K.dense_attention(q, k, v, impl="reference")[0], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_ops_reject_bad_input():
@@ -126,6 +131,7 @@ def test_attention_ops_reject_bad_input():
         K.column_sparse_attention(q, k, v, idx, cnt, group_size=0)
 
 
+@pytest.mark.slow
 def test_sparse_mlp_reference_matches_float64():
     b, n, c, f, co, bs = 2, 150, 8, 64, 6, 64
     ks = jax.random.split(jax.random.PRNGKey(7), 8)
@@ -150,14 +156,13 @@ def test_sparse_mlp_reference_matches_float64():
             delta = gelu[bi][np.ix_(rows, feats)] - a64[bi][np.ix_(feats, rows)].T
             a64[bi][np.ix_(feats, rows)] += delta.T
             o64[bi, rows] += delta @ np.asarray(w2, np.float64)[feats]
-    np.testing.assert_allclose(new_act, a64, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(new_out, o64, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close((new_act, new_out), (a64, o64), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_dense_attention_output_matches_dense_attention(impl):
     q, k, v = _qkv(8, n=130, d=32)
     o = K.dense_attention_output(q, k, v, impl=impl)
-    np.testing.assert_allclose(o, K.dense_attention(q, k, v, impl="reference")[0], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(o, K.dense_attention(q, k, v, impl="reference")[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="q must be"):
         K.dense_attention_output(q[0], k, v)

@@ -33,7 +33,7 @@ def test_voxel_order_spot_checks_and_hunyuan_tails():
     tail1 = coords[n_main:n_main + 1 * h * w]
     assert (tail1[:, 0] == 4).all()  # [T':, :, :] in raster order
     assert np.array_equal(perm[n_main:n_main + h * w], np.arange(4 * h * w, 5 * h * w))
-    # SPEC §3.1: Hunyuan 720p (33, 45, 80) -> main 107,520 + tails 3,600 + 7,680 + 0
+    # docs/algorithm.md §3.1: Hunyuan 720p (33, 45, 80) -> main 107,520 + tails 3,600 + 7,680 + 0
     hy = R.voxel_permutation(33, 45, 80)
     assert hy.size == 118_800
     hy_coords = np.stack(np.unravel_index(hy, (33, 45, 80)), axis=1)
@@ -69,7 +69,7 @@ def test_joint_permutation_keeps_text_fixed():
 
 
 def _rotate_interleaved(x, cos, sin):
-    # diffusers' apply_rotary_emb with interleaved pairs (MODELS.md §0)
+    # diffusers' apply_rotary_emb with interleaved pairs (docs/models.md §0)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     rot = jnp.stack([-x2, x1], axis=-1).reshape(x.shape)
     return x * cos + rot * sin

@@ -1,3 +1,8 @@
+"""The model-agnostic one-jit sampler on a toy denoiser: equality with a plain Python Euler loop, CFG branches
+with their own caches, skipped steps that call only the head, static step dispatch over the distinct
+``StepPlan``s, the progress bar and bad arguments."""
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,19 +11,21 @@ import pytest
 from chipmunk_jax import config as C
 from chipmunk_jax import sampling as SA
 from chipmunk_jax.cache import StepCache
-from chipmunk_jax.schedule import ModelStep, model_schedule
+from chipmunk_jax.outputs import ModelOutput
+from chipmunk_jax.schedule import ModelStep, StepPlan, model_schedule, step_plan
 
 B, N, D = 1, 16, 8
 
 
 def _toy(calls=None):
     """A tiny 'model': hidden = tanh(x W + sigma), velocity = (hidden @ V) * (1 + sigma) + cond.
-    Its cache counts the computed calls, so carrying it through the loop is checked too."""
-    def compute(params, x, sigma, cond, cache, step, key):
+    Its cache counts the computed calls, so carrying it through the loop is checked too. ``calls`` records
+    ("compute", sigma) and ("head",) as the compiled loop runs them."""
+    def compute(params, x, sigma, cond, cache, plan, key):
         if calls is not None:
-            jax.debug.callback(lambda s: calls.append(("compute", int(s))), step, ordered=True)
+            jax.debug.callback(lambda s: calls.append(("compute", float(s))), sigma, ordered=True)
         hidden = jnp.tanh(x @ params["w"] + sigma)
-        return head(params, hidden, sigma, cond), hidden, cache + 1
+        return ModelOutput(sample=head(params, hidden, sigma, cond), hidden=hidden, cache=cache + 1)
 
     def head(params, hidden, sigma, cond):
         if calls is not None:
@@ -36,9 +43,9 @@ def _params():
 def _python_euler(params, x, cond, sigmas, guidance=None, uncond=None):
     den = _toy()
     for i in range(len(sigmas) - 1):
-        v, _, _ = den.compute(params, x, sigmas[i], cond, 0, i, None)
+        v = den.compute(params, x, sigmas[i], cond, 0, None, None).sample
         if guidance is not None:
-            vu, _, _ = den.compute(params, x, sigmas[i], uncond, 0, i, None)
+            vu = den.compute(params, x, sigmas[i], uncond, 0, None, None).sample
             v = vu + guidance * (v - vu)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
@@ -69,7 +76,7 @@ def test_sampler_equals_python_euler_loop_without_step_caching():
     out, cache, _ = SA.sample(_toy(), cfg, params, x, cond, jnp.int32(0), sigmas=sigmas,
                               key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32)
     ref = _python_euler(params, _x(), cond, sigmas)
-    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+    chex.assert_trees_all_close(out, ref, rtol=0, atol=1e-5)
     assert int(cache) == 6
 
 
@@ -80,8 +87,9 @@ def test_cfg_branches_each_carry_their_own_cache():
     out, cache, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
                               hidden_shape=(B, N, D), hidden_dtype=jnp.float32, guidance_scale=4.0, uncond=uncond)
     ref = _python_euler(params, _x(), cond, sigmas, guidance=4.0, uncond=uncond)
-    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
-    assert cache.shape == (2,) and (cache == 5).all()
+    chex.assert_trees_all_close(out, ref, rtol=0, atol=1e-5)
+    chex.assert_shape(cache, (2,))
+    assert (cache == 5).all()
 
 
 def test_skipped_steps_call_only_the_head_and_trace_once():
@@ -90,12 +98,14 @@ def test_skipped_steps_call_only_the_head_and_trace_once():
     sigmas = SA.flow_sigmas(8)
     run = SA.make_sampler(_toy(calls), cfg, sigmas)
     params = _params()
+
     def fresh():
         return StepCache(hidden=jnp.zeros((B, N, D)), valid=jnp.bool_(False))
+
     out, cache, sc = run(params, _x(), jnp.zeros((B, N, D)), jnp.int32(0), fresh(), jax.random.PRNGKey(0))
     jax.block_until_ready(out)
-    computed = [c[1] for c in calls if c[0] == "compute"]
-    assert computed == [0, 1, 4, 5, 7]
+    computed = [c[1] for c in calls if c[0] == "compute"]  # the sigma of each computed step
+    np.testing.assert_array_equal(computed, sigmas[[0, 1, 4, 5, 7]])
     assert len([c for c in calls if c[0] == "head"]) == 8  # every step runs the head once
     assert int(cache) == 5 and bool(sc.valid)
     assert list(model_schedule(cfg)) == [ModelStep.SKIP if s in (2, 3, 6) else ModelStep.COMPUTE for s in range(8)]
@@ -105,9 +115,10 @@ def test_skipped_steps_call_only_the_head_and_trace_once():
         if i in (2, 3, 6):
             v = den.head(params, hidden, sigmas[i], 0.0)
         else:
-            v, hidden, _ = den.compute(params, x, sigmas[i], 0.0, 0, i, None)
+            out_i = den.compute(params, x, sigmas[i], 0.0, 0, None, None)
+            v, hidden = out_i.sample, out_i.hidden
         x = x + (sigmas[i + 1] - sigmas[i]) * v
-    assert float(jnp.max(jnp.abs(out - x))) <= 1e-5
+    chex.assert_trees_all_close(out, x, rtol=0, atol=1e-5)
     run(params, _x(2), jnp.zeros((B, N, D)), jnp.int32(0), fresh(), jax.random.PRNGKey(1))
     assert run._cache_size() == 1  # one trace per shape and config
 
@@ -116,6 +127,8 @@ def test_bad_arguments():
     cfg = C.ChipmunkConfig(num_steps=3)
     with pytest.raises(ValueError, match="exceed config.num_steps"):
         SA.make_sampler(_toy(), cfg, SA.flow_sigmas(5))
+    with pytest.raises(ValueError, match="at least two noise levels"):
+        SA.make_sampler(_toy(), cfg, [1.0])
     run = SA.make_sampler(_toy(), cfg, SA.flow_sigmas(3), guidance_scale=2.0)
     with pytest.raises(ValueError, match="uncond is required"):
         run(_params(), _x(), jnp.zeros((B, N, D)), jnp.zeros((2,), jnp.int32),
@@ -130,25 +143,33 @@ def test_progress_bar_from_inside_the_jitted_loop(capsys):
     assert "3/3" in capsys.readouterr().err
 
 
-def test_static_step_dispatch_calls_the_model_with_python_int_steps():
+def test_static_step_dispatch_calls_the_model_with_python_int_plans():
     cfg = C.flux().replace(num_steps=12, step_cache=C.StepCacheConfig(enabled=True, skip_step_schedule=(7,)))
     seen = []
     base = _toy()
 
-    def compute(params, x, sigma, cond, cache, step, key):
-        seen.append(step)  # runs at trace time: one entry per compiled branch
-        return base.compute(params, x, sigma, cond, cache, jnp.int32(step), key)
+    def compute(params, x, sigma, cond, cache, plan, key):
+        seen.append(plan)  # runs at trace time: one entry per compiled branch
+        return base.compute(params, x, sigma, cond, cache, plan, key)
 
     den = SA.Denoiser(compute=compute, head=base.head)
     sigmas = SA.flow_sigmas(12)
     params, cond = _params(), jnp.full((B, N, D), 0.1)
     out, cache, _ = SA.sample(den, cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
                               hidden_shape=(B, N, D), hidden_dtype=jnp.float32, static_step_dispatch=True)
-    assert all(isinstance(s, int) for s in seen)
-    groups, reps = SA._step_signatures(cfg, 12)
-    assert sorted(seen) == sorted(reps) and len(reps) == 5  # (dense,dense) (colsum,select) (sparse,select)
-    # (refresh,dense) (sparse,reuse) for the FLUX schedule over 12 steps
-    ref, _, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
-                          hidden_shape=(B, N, D), hidden_dtype=jnp.float32)
-    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-6
+    assert all(isinstance(p, StepPlan) and isinstance(p.attention, int) and isinstance(p.mlp, int) for p in seen)
+    # one branch per distinct plan of the schedule: (dense,dense) (colsum,select) (sparse,select) (refresh,dense)
+    # (sparse,reuse) for the FLUX schedule over 12 steps
+    assert len(seen) == 5 and set(seen) == {step_plan(cfg, s) for s in range(12)}
+    # traced dispatch: the model gets the step's plan with traced kinds
+    traced_seen = []
+
+    def traced_compute(params, x, sigma, cond, cache, plan, key):
+        traced_seen.append(plan)
+        return base.compute(params, x, sigma, cond, cache, plan, key)
+
+    ref, _, _ = SA.sample(SA.Denoiser(compute=traced_compute, head=base.head), cfg, params, _x(), cond, jnp.int32(0),
+                          sigmas=sigmas, key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32)
+    assert len(traced_seen) == 1 and all(isinstance(k, jax.core.Tracer) for k in traced_seen[0])
+    chex.assert_trees_all_close(out, ref, rtol=0, atol=1e-6)
     assert int(cache) == 11  # step 7 skipped

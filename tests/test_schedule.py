@@ -47,7 +47,7 @@ def test_hunyuan_schedule_with_step_caching():
     computed = [s for s in range(50) if skip[s] == ModelStep.COMPUTE]
     sparse_computed = [s for s in computed if attn[s] == A.SPARSE]
     expected = [2, 3, 4, 5, 6, 8, 9, 12, 16, 20, 24, 28, 30, 32, 36, 44, 45, 46, 47, 48, 49]
-    assert sparse_computed == expected  # SPEC §4.3: 21 sparse + 4 full computed steps
+    assert sparse_computed == expected  # docs/algorithm.md §4.3: 21 sparse + 4 full computed steps
     assert len(computed) - len(sparse_computed) == 4
     assert (mlp_schedule(cfg) == M.ALWAYS_DENSE).all()
 

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from chipmunk_jax import selection as S
 
 
 def test_column_count_uses_bankers_rounding_like_the_original():
-    assert S.attention_column_count(0.165, 4352, 112) == 672  # FLUX 1280x768 (SPEC §5.1)
+    assert S.attention_column_count(0.165, 4352, 112) == 672  # FLUX 1280x768 (docs/algorithm.md §5.1)
     assert S.attention_column_count(0.05, 119_056, 128) == 6016  # 46.5x -> 47 tiles
     assert S.attention_column_count(0.5, 640, 128) == 256  # round(2.5) == 2
     assert S.attention_column_count(2.5 / 128, 128, 1) == 2  # round(2.5) == 2
@@ -25,7 +26,8 @@ def test_mask_to_indices_padding_is_valid_and_unselected(multiple):
     mask = mask.at[0, 0, 1].set(True)  # full row: counts capped at N
     sel = S.mask_to_indices(mask, multiple)
     idx, counts, m = np.asarray(sel.indices), np.asarray(sel.counts), np.asarray(mask)
-    assert idx.shape == (2, 3, 5, n) and idx.dtype == np.int32
+    chex.assert_shape(idx, (2, 3, 5, n))
+    chex.assert_type(idx, np.int32)
     assert ((idx >= 0) & (idx < n)).all()
     pop = m.sum(-1)
     assert np.array_equal(counts, np.minimum(-(-pop // multiple) * multiple, n))
@@ -54,7 +56,8 @@ def test_pack_unpack_round_trip():
     for n in (7, 64, 301):
         mask = jax.random.bernoulli(jax.random.PRNGKey(n), 0.3, (2, 4, n))
         bits = S.pack_mask(mask)
-        assert bits.dtype == jnp.uint8 and bits.shape == (2, 4, -(-n // 8))
+        chex.assert_type(bits, jnp.uint8)
+        chex.assert_shape(bits, (2, 4, -(-n // 8)))
         assert jnp.array_equal(S.unpack_mask(bits, n), mask)
 
 
@@ -63,7 +66,8 @@ def test_uncompressed_selection_is_exact_topk():
     colsum = jax.random.uniform(jax.random.PRNGKey(0), (2, 3, 4, 200))
     sel = S.select_attention_columns(colsum, cfg)
     tk = S.attention_column_count(0.2, 200, 16)
-    assert sel.indices.shape == (2, 3, 4, tk) and sel.mask is None
+    chex.assert_shape(sel.indices, (2, 3, 4, tk))
+    assert sel.mask is None
     assert (sel.counts == tk).all()
     chosen = np.sort(np.asarray(sel.indices), -1)
     expected = np.sort(np.argsort(-np.asarray(colsum), -1)[..., :tk], -1)
@@ -142,11 +146,11 @@ def test_mlp_selection_counts_and_kept_fraction():
 def test_block_mean_partial_last_block():
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 300, 4))
     m = S.block_mean(x, 128)
-    assert m.shape == (2, 3, 4)
-    np.testing.assert_allclose(m[:, 2], x[:, 256:].mean(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(m[:, 0], x[:, :128].mean(1), rtol=1e-5, atol=1e-6)
+    chex.assert_shape(m, (2, 3, 4))
+    chex.assert_trees_all_close((m[:, 2], m[:, 0]), (x[:, 256:].mean(1), x[:, :128].mean(1)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the kernel itself: test_mlp_kernels.py
 def test_mlp_selection_kernel_path_matches_reference():
     scores = jax.random.uniform(jax.random.PRNGKey(7), (1, 3, 300))
     for random_keys in (0.0, 0.1):
@@ -157,6 +161,7 @@ def test_mlp_selection_kernel_path_matches_reference():
             assert np.array_equal(r[:c], f_[:c])
 
 
+@pytest.mark.slow  # the kernel itself: test_selection_fast.py
 @pytest.mark.parametrize("compress", [False, True])
 def test_attention_selection_kernel_path_matches_reference(compress):
     cfg = C.AttentionConfig(top_keys=0.1, dynamic_random_keys=0.05, counts_multiple_of=32, compress_indices=compress)

@@ -7,6 +7,7 @@ k columns, ties broken towards the lowest column, as lax.top_k). Plus a CUDA low
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,16 +16,11 @@ import pytest
 from chipmunk_jax import selection as S
 from chipmunk_jax.config import AttentionConfig
 from chipmunk_jax.pallas_kernels import selection_fast as F
-
-_SEED = iter(range(10_000))
-
-
-def _key():
-    return jax.random.key(np.random.SeedSequence().entropy % (2**31) + next(_SEED))
+from helpers import fresh_key, lower_for_h100
 
 
 def _colsum(shape, ties=False):
-    x = jnp.exp(2.0 * jax.random.normal(_key(), shape, jnp.float32))
+    x = jnp.exp(2.0 * jax.random.normal(fresh_key(), shape, jnp.float32))
     if ties:  # few distinct values: many exact ties at every threshold
         x = jnp.round(x * 2.0) / 2.0
     return x
@@ -42,8 +38,10 @@ def test_uncompressed_matches_reference(impl, ties):
     ref = S.select_attention_columns(cs, cfg)
     k = S.attention_column_count(cfg.top_keys, 333, 16)
     idx, cnt, mask = F.select_columns_fast(cs, k, 16, compress=False, impl=impl, width=128)
-    assert mask is None and idx.shape == ref.indices.shape and idx.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref.counts))
+    assert mask is None
+    chex.assert_equal_shape([idx, ref.indices])
+    chex.assert_type([idx, cnt], jnp.int32)
+    chex.assert_trees_all_equal(cnt, ref.counts)
     # Same set (the reference is in descending score order, ours ascending by column).
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref.indices), -1))
     assert np.all(np.diff(np.asarray(idx), axis=-1) > 0)
@@ -54,31 +52,28 @@ def test_uncompressed_matches_reference(impl, ties):
 def test_compressed_matches_reference(impl, ties):
     b, h, g, n = 1, 3, 5, 301
     cs = _colsum((b, h, g, n), ties)
-    static = jax.random.bernoulli(_key(), 0.05, (g, n)).at[-1].set(True)  # last group dense
+    static = jax.random.bernoulli(fresh_key(), 0.05, (g, n)).at[-1].set(True)  # last group dense
     eligible = jnp.array([True, True, False, True, False])
     cfg = _cfg(top_keys=0.1, counts_multiple_of=32, compress_indices=True, dynamic_random_keys=0.03)
-    key = _key()
+    key = fresh_key()
     ref = S.select_attention_columns(cs, cfg, key=key, static_mask=static, eligible=eligible)
     k = S.attention_column_count(cfg.top_keys, n, 32)
     idx, cnt, mask = F.select_columns_fast(cs, k, 32, compress=True, key=key, random_p=0.03, eligible=eligible,
                                            static_mask=static, impl=impl, width=64)
-    np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref.mask))
-    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref.counts))
-    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.indices))
+    chex.assert_trees_all_equal((mask, cnt, idx), (ref.mask, ref.counts, ref.indices))
 
 
+@pytest.mark.slow
 def test_compressed_bool_random_mask_and_edge_k():
     b, h, g, n = 2, 2, 3, 200
     cs = _colsum((b, h, g, n))
-    rnd = jax.random.bernoulli(_key(), 0.1, cs.shape)
+    rnd = jax.random.bernoulli(fresh_key(), 0.1, cs.shape)
     for k in (0, 1, n):
         dyn = S.topk_mask(cs, k) | rnd
         ref = S.mask_to_indices(dyn, 64)
         idx, cnt, mask = F.select_columns_fast(cs, k, 64, compress=True, random_mask=rnd, impl="interpret",
                                                width=128)
-        np.testing.assert_array_equal(np.asarray(mask), np.asarray(dyn))
-        np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref.counts))
-        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.indices))
+        chex.assert_trees_all_equal((mask, cnt, idx), (dyn, ref.counts, ref.indices))
     idx, cnt, _ = F.select_columns_fast(cs, 0, 8, compress=False, impl="interpret")
     assert idx.shape == (b, h, g, 1) and int(jnp.max(cnt)) == 0
 
@@ -97,9 +92,6 @@ def test_validation():
         F.select_columns_fast(cs, 5, 8, compress=False, impl="cuda")
 
 
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-
-
 @pytest.mark.parametrize("compress", [True, False])
 def test_kernel_lowers_for_cuda(compress):
     """Hunyuan scale (G=621, H=24, N=118,800) lowers to the Triton custom call (power-of-2 rules etc.)."""
@@ -112,10 +104,7 @@ def test_kernel_lowers_for_cuda(compress):
                                          static_mask=static, eligible=elig, impl="pallas")
         return F.select_columns_fast(cs, 5888, 128, compress=False, impl="pallas")
 
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(f).trace(spec, jax.ShapeDtypeStruct((g, n), jnp.bool_),
-                                jax.ShapeDtypeStruct((g,), jnp.bool_)).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(f, spec, jax.ShapeDtypeStruct((g, n), jnp.bool_), jax.ShapeDtypeStruct((g,), jnp.bool_))
     assert "xla.gpu.triton" in text and "chipmunk_select_columns" in text and "chipmunk_row_thresholds" in text
 
 
@@ -125,17 +114,15 @@ def test_pallas_matches_reference_gpu(ties):
     """Compiled kernel on the GPU vs the reference selection (compressed Hunyuan-like path, 2 heads)."""
     b, h, g, n = 1, 2, 7, 20_000
     cs = _colsum((b, h, g, n), ties)
-    static = jax.random.bernoulli(_key(), 0.01, (g, n)).at[-1].set(True)
+    static = jax.random.bernoulli(fresh_key(), 0.01, (g, n)).at[-1].set(True)
     eligible = jnp.arange(g) < g - 1
     cfg = _cfg(top_keys=0.05, counts_multiple_of=128, compress_indices=True, dynamic_random_keys=0.01)
-    key = _key()
+    key = fresh_key()
     ref = S.select_attention_columns(cs, cfg, key=key, static_mask=static, eligible=eligible)
     k = S.attention_column_count(cfg.top_keys, n, 128)
     idx, cnt, mask = F.select_columns_fast(cs, k, 128, compress=True, key=key, random_p=0.01, eligible=eligible,
                                            static_mask=static, impl="pallas")
-    np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref.mask))
-    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref.counts))
-    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref.indices))
+    chex.assert_trees_all_equal((mask, cnt, idx), (ref.mask, ref.counts, ref.indices))
     idx, cnt, _ = F.select_columns_fast(cs, k, 128, compress=False, impl="pallas")
     ref = S.select_attention_columns(cs, dataclasses.replace(cfg, compress_indices=False, dynamic_random_keys=0.0))
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref.indices), -1))
@@ -143,7 +130,7 @@ def test_pallas_matches_reference_gpu(ties):
 
 def _bits_case(shape, p):
     """A random mask (fresh each run), its packed bits and the reference index lists / counts."""
-    mask = jax.random.bernoulli(_key(), p, shape)
+    mask = jax.random.bernoulli(fresh_key(), p, shape)
     ref = S.mask_to_indices(mask, 128)
     return S.pack_mask(mask), ref
 
@@ -166,7 +153,8 @@ def test_mask_bits_to_indices_matches_mask_to_indices(impl, p):
     mask[1, 2, 4] = True  # a full row (count capped at N)
     ref = S.mask_to_indices(jnp.asarray(mask), 128)
     idx = F.mask_bits_to_indices(S.pack_mask(jnp.asarray(mask)), ref.counts, shape[-1], impl=impl, width=256)
-    assert idx.shape == shape and idx.dtype == jnp.int32
+    chex.assert_shape(idx, shape)
+    chex.assert_type(idx, jnp.int32)
     _assert_prefix_equal(idx, ref)
 
 
@@ -190,10 +178,7 @@ def test_mask_bits_to_indices_lowers_for_cuda():
     g, n = 621, 118_800
     bits = jax.ShapeDtypeStruct((1, 24, g, -(-n // 8)), jnp.uint8)
     counts = jax.ShapeDtypeStruct((1, 24, g), jnp.int32)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(lambda b, c: F.mask_bits_to_indices(b, c, n, impl="pallas")).trace(bits, counts).lower(
-            lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(lambda b, c: F.mask_bits_to_indices(b, c, n, impl="pallas"), bits, counts)
     assert "xla.gpu.triton" in text and "chipmunk_mask_bits_to_indices" in text
 
 
@@ -204,6 +189,7 @@ def test_mask_bits_to_indices_gpu():
     _assert_prefix_equal(F.mask_bits_to_indices(bits, ref.counts, shape[-1], impl="pallas"), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ties", [False, True])
 def test_radix_thresholds_match_bisection(ties):
     """The Pallas radix threshold kernel (interpret) gives row_thresholds' (t, need) bit for bit: odd N,
@@ -218,6 +204,7 @@ def test_radix_thresholds_match_bisection(ties):
         np.testing.assert_array_equal(np.asarray(need), np.asarray(need_ref), err_msg=f"k={k}")
 
 
+@pytest.mark.slow
 def test_row_pieces_split_gives_the_same_result(monkeypatch):
     """Calls split into row pieces (the int32 offset guard, hit for real only at ~2**31 elements) match one call:
     a tiny limit forces several pieces here (shapes unique to this test, so no earlier trace is reused)."""
@@ -225,13 +212,12 @@ def test_row_pieces_split_gives_the_same_result(monkeypatch):
     cs = _colsum((b, h, g, n), ties=True)
     cfg = _cfg(top_keys=0.1, counts_multiple_of=16, compress_indices=True, dynamic_random_keys=0.0)
     k = S.attention_column_count(cfg.top_keys, n, 16)
-    bits = S.pack_mask(jax.random.bernoulli(_key(), 0.2, (b, h, g, n)))
+    bits = S.pack_mask(jax.random.bernoulli(fresh_key(), 0.2, (b, h, g, n)))
     counts = S.mask_to_indices(S.unpack_mask(bits, n), 16).counts
     whole = (F.select_columns_fast(cs, k, 16, compress=True, impl="interpret"),
              F.mask_bits_to_indices(bits, counts, n, impl="interpret"))
     monkeypatch.setattr(F, "_MAX_ELEMS", 2 * n * g)  # two G-row blocks / 2 * 3 rows per piece
     split = (F.select_columns_fast(cs, k, 16, compress=True, impl="interpret", width=512),
              F.mask_bits_to_indices(bits, counts, n, impl="interpret", width=512))
-    for a, c in zip(jax.tree_util.tree_leaves(whole[0]), jax.tree_util.tree_leaves(split[0])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    chex.assert_trees_all_equal(whole[0], split[0])
     _assert_prefix_equal(split[1], S.ColumnSelection(whole[1], counts, None))

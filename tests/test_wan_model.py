@@ -1,9 +1,12 @@
 """Wan 2.1 model: fp32 parity with diffusers' own WanTransformer3DModel (random weights, CPU) from the
-diffusers and the original Wan-AI layouts, T2V and I2V, bf16/jit smoke tests, input validation, and
-Chipmunk inside the model (every key kept == dense, voxel order invisible, CFG branch caches)."""
+diffusers and the original Wan-AI layouts, T2V and I2V, bf16/jit smoke tests, input validation, and the
+Wan-specific parts of Chipmunk inside the model (voxel tails, CFG branch caches, the CFG denoiser against a
+Python loop). What every model shares (ModelOutput, head, caches, step plans, token order, every key kept ==
+dense on a grid of whole voxels) is in tests/test_model_contract.py."""
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -13,8 +16,13 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from chipmunk_jax import cache as chipmunk_cache  # noqa: E402
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.models import wan  # noqa: E402
 from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, attention_schedule, step_plan  # noqa: E402
+
+from helpers import max_rel_error, randomized_torch_model, torch_forward  # noqa: E402
 
 RTOL = 1e-5
 
@@ -27,19 +35,9 @@ I2V_CONFIG = dict(TEST_SUITE_CONFIG, in_channels=12, image_dim=8, added_kv_proj_
 I2V_TEXT_LEN = 512  # diffusers' I2V processor hard-codes the text length
 
 
-def max_rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def make_torch_model(kwargs, seed):
     """diffusers model with every parameter (zero biases, unit norm scales, scale_shift_table) randomised."""
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(**kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return randomized_torch_model(diffusers.WanTransformer3DModel, kwargs, seed)
 
 
 def make_inputs(rng, config: wan.WanConfig, *, batch, frames, height, width, text_len, image_len=257):
@@ -54,10 +52,10 @@ def make_inputs(rng, config: wan.WanConfig, *, batch, frames, height, width, tex
     return inputs
 
 
-def torch_forward(model, inputs):
-    with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
-    return out.numpy()
+def zero_params(config):
+    """Zero params with init_params' structure, from abstract shapes (for checks that never use the values)."""
+    abstract = jax.eval_shape(lambda key: wan.init_params(config, key, dtype=jnp.float32), jax.random.key(0))
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
 
 
 def diffusers_to_original(state):
@@ -131,11 +129,12 @@ def test_parity_diffusers_test_suite_config(t2v_model, layout):
     inputs = make_inputs(rng, config, batch=1, frames=2, height=16, width=16, text_len=12)
     inputs["timestep"] = np.asarray([999], np.int64)  # the test suite's int timestep
     expected = torch_forward(t2v_model, inputs)
-    out = wan.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.shape == expected.shape == (1, 4, 2, 16, 16)
-    assert max_rel_err(out, expected) <= RTOL
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    chex.assert_shape([out, expected], (1, 4, 2, 16, 16))
+    assert max_rel_error(out, expected) <= RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["diffusers", "original", "original_prefixed"])
 def test_parity_i2v_batch2_non_square(i2v_model, layout):
     rng = np.random.default_rng(11)
@@ -143,18 +142,19 @@ def test_parity_i2v_batch2_non_square(i2v_model, layout):
     assert config.added_kv_proj_dim == 24 and config.image_dim == 8
     inputs = make_inputs(rng, config, batch=2, frames=3, height=8, width=12, text_len=I2V_TEXT_LEN)
     expected = torch_forward(i2v_model, inputs)
-    out = wan.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.shape == expected.shape == (2, 4, 3, 8, 12)
-    assert max_rel_err(out, expected) <= RTOL
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    chex.assert_shape([out, expected], (2, 4, 3, 8, 12))
+    assert max_rel_error(out, expected) <= RTOL
     # the comparison can fail: dropping the image branch moves the output well past the tolerance
     no_image = dict(params, blocks=[dict(b, attn2={k: v for k, v in b["attn2"].items()
                                                    if k not in ("add_k_proj", "add_v_proj", "norm_added_k")})
                                     for b in params["blocks"]])
     moved = wan.forward(no_image, config.__class__(**{**I2V_CONFIG, "added_kv_proj_dim": None}),
-                        **inputs, dtype=jnp.float32)
-    assert max_rel_err(moved, expected) > 100 * RTOL
+                        **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(moved, expected) > 100 * RTOL
 
 
+@pytest.mark.slow
 def test_parity_non_square_frames_and_image_tokens_in_text_context():
     """T2V on a non-square, odd-sized token grid with patch (1, 2, 2) and batch 2; image_dim without
     added_kv_proj_dim (the I2V pipeline-test config), where the image tokens join the text context; FLF2V."""
@@ -163,36 +163,39 @@ def test_parity_non_square_frames_and_image_tokens_in_text_context():
     config, params = wan_ports.from_diffusers(model)
     assert not config.cross_attn_norm
     inputs = make_inputs(rng, config, batch=2, frames=5, height=6, width=14, text_len=7)
-    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(out, torch_forward(model, inputs)) <= RTOL
 
     model = make_torch_model(dict(TEST_SUITE_CONFIG, num_layers=1, in_channels=12, image_dim=4), seed=3)
     config, params = wan_ports.from_diffusers(model)
     inputs = make_inputs(rng, config, batch=1, frames=2, height=10, width=6, text_len=9, image_len=5)
-    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(out, torch_forward(model, inputs)) <= RTOL
 
     # FLF2V: pos_embed on the first- and last-frame CLIP states, which diffusers joins per sample
     model = make_torch_model(dict(I2V_CONFIG, num_layers=1, pos_embed_seq_len=6), seed=4)
     config, params = wan_ports.from_diffusers(model)
     inputs = make_inputs(rng, config, batch=1, frames=1, height=4, width=6, text_len=I2V_TEXT_LEN)
     inputs["encoder_hidden_states_image"] = rng.standard_normal((2, 3, config.image_dim)).astype(np.float32)
-    assert max_rel_err(wan.forward(params, config, **inputs, dtype=jnp.float32), torch_forward(model, inputs)) <= RTOL
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(out, torch_forward(model, inputs)) <= RTOL
 
 
 def test_jit_bf16_close_to_f32(t2v_model):
     rng = np.random.default_rng(13)
     config, params = wan_ports.from_diffusers(t2v_model)
     inputs = make_inputs(rng, config, batch=2, frames=2, height=8, width=8, text_len=6)
-    rope = wan.rotary_emb(config, (2, 4, 4))
+    rope = wan.pos_embed(config, wan.token_grid(config, inputs["hidden_states"].shape))
 
     @jax.jit
     def run(params, inputs, rope):
-        return wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.bfloat16)
+        return wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.bfloat16).sample
 
     out = run(params, inputs, rope)
-    reference = wan.forward(params, config, **inputs, dtype=jnp.float32)
-    assert out.dtype == jnp.float32  # the input dtype
-    assert np.all(np.isfinite(out))
-    assert max_rel_err(out, reference) < 5e-2
+    reference = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    chex.assert_type(out, jnp.float32)  # the input dtype
+    chex.assert_tree_all_finite(out)
+    assert max_rel_error(out, reference) < 5e-2
 
 
 def test_init_params_matches_diffusers_structure():
@@ -207,7 +210,7 @@ def test_init_params_matches_diffusers_structure():
     ("t2v_14b", 1095, 14_288_491_584),
     ("i2v_14b", 1303, 16_394_878_784),
 ])
-def test_full_size_config_parameter_counts(preset, tensors, count):  # MODELS.md §3.2
+def test_full_size_config_parameter_counts(preset, tensors, count):  # docs/models.md §3.2
     shapes = wan_ports.expected_diffusers_shapes(getattr(wan.WanConfig, preset)())
     assert tensors is None or len(shapes) == tensors
     assert sum(int(np.prod(s)) for s in shapes.values()) == count
@@ -216,13 +219,13 @@ def test_full_size_config_parameter_counts(preset, tensors, count):  # MODELS.md
 def test_rope_dims_and_tables():
     assert wan.rope_dims(128) == (44, 42, 42)
     config = wan.WanConfig(**TEST_SUITE_CONFIG)
-    cos, sin = wan.rotary_emb(config, (2, 3, 4))
+    cos, sin = wan.pos_embed(config, (2, 3, 4))
     torch_rope = diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed(12, (1, 2, 2), 32)
     ref_cos, ref_sin = torch_rope(torch.zeros(1, 1, 2, 6, 8))
     np.testing.assert_allclose(cos, ref_cos[0, :, 0].numpy(), atol=1e-7)
     np.testing.assert_allclose(sin, ref_sin[0, :, 0].numpy(), atol=1e-7)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
-        wan.rotary_emb(config, (2, 3, 33))
+        wan.pos_embed(config, (2, 3, 33))
 
 
 def test_config_validation():
@@ -275,18 +278,27 @@ def test_forward_validates_inputs():
         wan.forward(params, dict(I2V_CONFIG), **inputs)
     with pytest.raises(TypeError, match="params"):
         wan.forward([params], config, **inputs)
-    with pytest.raises(ValueError, match="only used with chipmunk"):
-        wan.forward(params, config, **inputs, step=0)
     with pytest.raises(ValueError, match="rotary_emb"):
-        wan.forward(params, config, **inputs, rotary_emb=wan.rotary_emb(config, (1, 2, 2)))
+        wan.forward(params, config, **inputs, rotary_emb=wan.pos_embed(config, (1, 2, 2)))
+    # the token grid of [B, C, F, H, W] latents (patch (1, 2, 2))
+    assert wan.token_grid(config, inputs["hidden_states"].shape) == (1, 2, 3)
+    assert wan.token_grid(config, inputs["hidden_states"]) == (1, 2, 3)
+    with pytest.raises(ValueError, match="B, C, F, H, W"):
+        wan.token_grid(config, (1, 4, 6))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        wan.token_grid(config, (1, 12, 1, 4, 5))
+    # head: the final layer on a stored hidden state; checked before the parameters are used
+    hidden = np.zeros((2, 6, config.inner_dim), np.float32)
+    with pytest.raises(TypeError, match="config"):
+        wan.head(params, dict(I2V_CONFIG), hidden, {}, grid=(1, 2, 3))
+    with pytest.raises(ValueError, match="hidden must be"):
+        wan.head(params, config, hidden[:, :-1], {}, grid=(1, 2, 3))
+    with pytest.raises(ValueError, match="wan.timestep_conditioning"):
+        wan.head(params, config, hidden, {"temb": hidden[:, 0]}, grid=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------------
 # Chipmunk inside Wan
-
-from chipmunk_jax import cache as chipmunk_cache  # noqa: E402
-from chipmunk_jax import config as chipmunk_config  # noqa: E402
-from chipmunk_jax.schedule import AttentionStep, attention_schedule  # noqa: E402
 
 # latents (5, 26, 32) -> tokens (5, 13, 16) = 1,040: four full (4, 6, 8) voxels (768 tokens) plus a frame
 # tail (208) and a row tail (64), six 192-query groups, the last one ragged.
@@ -307,7 +319,7 @@ def chipmunk_inputs(config, step, text_seed=20):
 
 def all_keys_kept():
     # Compressed selection keeps a group's dynamic top-k only while static + top-k stays below N
-    # (eligibility, SPEC §1.6), so "every key" is top-k = N (0.995 * 1040 rounds up to 1040 in steps of 16)
+    # (eligibility, docs/algorithm.md §1.6), so "every key" is top-k = N (0.995 * 1040 rounds up to 1040 in steps of 16)
     # over an empty static mask (no local window, no static random keys; the last group is dense anyway).
     return chipmunk_config.wan().replace(
         attention__top_keys=0.995, attention__counts_multiple_of=16, attention__local_voxels=0,
@@ -317,7 +329,10 @@ def all_keys_kept():
     )
 
 
-def test_chipmunk_all_keys_kept_equals_dense_every_step_kind():
+@pytest.mark.slow
+def test_chipmunk_all_keys_kept_equals_dense_with_voxel_tails():
+    """Every step kind (attention and MLP) on a grid with a frame tail and a row tail outside the whole voxels
+    and a ragged last query group: all equal the dense model (the contract test covers whole voxels only)."""
     config = wan.WanConfig(**CHIPMUNK_CONFIG)
     params = wan.init_params(config, jax.random.key(5), dtype=jnp.float32)
     chipmunk = all_keys_kept()
@@ -325,60 +340,46 @@ def test_chipmunk_all_keys_kept_equals_dense_every_step_kind():
     steps = range(5)
     kinds = {AttentionStep(int(attention_schedule(chipmunk)[s])) for s in steps}
     assert kinds >= {AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.SPARSE}
-    rope = wan.rotary_emb(config, GRID)
+    rope = wan.pos_embed(config, GRID)
     dense_fn = jax.jit(lambda inputs: wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.float32))
-    chipmunk_fn = jax.jit(lambda inputs, cache, step, key: wan.forward(
-        params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key, rotary_emb=rope,
+    chipmunk_fn = jax.jit(lambda inputs, cache, plan, key: wan.forward(
+        params, config, **inputs, chipmunk=chipmunk, cache=cache, plan=plan, key=key, rotary_emb=rope,
         dtype=jnp.float32))
     cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0), dtype=jnp.float32)
     for step in steps:
         inputs = chipmunk_inputs(config, step)
-        out, cache = chipmunk_fn(inputs, cache, jnp.int32(step), jax.random.key(step))
-        assert max_rel_err(out, dense_fn(inputs)) <= 1e-5, step
-    assert len(cache["mlp"]) == config.num_layers
+        out = chipmunk_fn(inputs, cache, step_plan(chipmunk, jnp.int32(step)), jax.random.key(step))
+        assert max_rel_error(out.sample, dense_fn(inputs).sample) <= 1e-5, step
+        cache = out.cache
 
 
-def test_chipmunk_voxel_order_is_invisible_and_head_reproduces_output():
+def test_chipmunk_caches_and_input_validation():
     config = wan.WanConfig(**CHIPMUNK_CONFIG)
-    params = wan.init_params(config, jax.random.key(6), dtype=jnp.float32)
-    inputs = chipmunk_inputs(config, 0)
-    dense, dense_hidden = wan.forward(params, config, **inputs, return_hidden=True, dtype=jnp.float32)
+    assert wan.token_grid(config, (1, 4) + LATENT) == GRID
     chipmunk = all_keys_kept().replace(mlp__enabled=False)
-    out, cache, hidden = wan.forward(params, config, **inputs, chipmunk=chipmunk, step=0, key=jax.random.key(1),
-                                     return_hidden=True, dtype=jnp.float32)
-    assert max_rel_err(out, dense) <= 1e-5
-    assert max_rel_err(hidden, dense_hidden) <= 1e-5  # the stored hidden state is back in raster order
-    assert cache["mlp"] == []
-    # step caching: the head alone on the stored hidden state gives the same output
-    from_head = wan.head(params, config, hidden, inputs["timestep"], latent_shape=LATENT, dtype=jnp.float32)
-    assert max_rel_err(from_head, out) <= 1e-6
-    later = wan.head(params, config, hidden, inputs["timestep"] - 500.0, latent_shape=LATENT, dtype=jnp.float32)
-    assert max_rel_err(later, out) > 1e-3  # conditioned on the current timestep
-    # without reordering (and no local window) the model is the same function
-    plain = chipmunk.replace(reorder__kind="none")
-    out_plain, _ = wan.forward(params, config, **inputs, chipmunk=plain, step=0, key=jax.random.key(1),
-                               dtype=jnp.float32)
-    assert max_rel_err(out_plain, dense) <= 1e-5
+    # MLP slots exist when the MLP is off (None), like the slots of always-dense layers
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0))
+    assert cache.mlp == (None, None) and all(slot is not None for slot in cache.attention)
+    chex.assert_shape(cache.static_mask_bits, (6, 1040 // 8))  # six 192-query groups over 1040 keys, packed
+    chex.assert_type([cache.static_mask_bits, cache.eligible], [jnp.uint8, jnp.bool_])
+    params = zero_params(config)
+    inputs = chipmunk_inputs(config, 0)
+    plan = step_plan(chipmunk, 0)
     with pytest.raises(ValueError, match="reorder.kind"):
-        wan.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="tiles"), step=0)
+        wan.forward(params, config, **inputs, chipmunk=chipmunk.replace(reorder__kind="tiles"), plan=plan)
     preset = chipmunk_config.wan()
     with pytest.raises(ValueError, match="local_voxels"):
-        wan.forward(params, config, **inputs, chipmunk=preset.replace(reorder__kind="none"), step=0)
-    with pytest.raises(ValueError, match="step is required"):
-        wan.forward(params, config, **inputs, chipmunk=chipmunk)
-    with pytest.raises(ValueError, match="key"):
-        wan.init_cache(config, preset, batch=1, grid=GRID)  # static random keys need a key
+        wan.forward(params, config, **inputs, chipmunk=preset.replace(reorder__kind="none"), plan=plan)
+    with pytest.raises(ValueError, match="key"):  # static random keys need a key
+        wan.init_cache(config, preset.replace(attention__local_voxels=1), batch=1, grid=GRID)
     with pytest.raises(ValueError, match="group"):
         wan.init_cache(config, chipmunk, batch=1, grid=(1, 4, 4), key=jax.random.key(0))
     branches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0))
-    with pytest.raises(ValueError, match="select a branch"):
-        wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, step=0)
-    with pytest.raises(TypeError, match="config"):
-        wan.head(params, dict(CHIPMUNK_CONFIG), hidden, inputs["timestep"], latent_shape=LATENT)
-    with pytest.raises(ValueError, match="hidden must be"):
-        wan.head(params, config, hidden[:, :-1], inputs["timestep"], latent_shape=LATENT)
+    with pytest.raises(ValueError, match="select_branch"):
+        wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, plan=plan)
 
 
+@pytest.mark.slow
 def test_chipmunk_cfg_branches_keep_separate_caches():
     """Wan preset (sparse steps from step 2), cond then uncond each step, one cache slot per branch: each
     branch's outputs equal a run of that branch alone, and sharing one cache between branches would not."""
@@ -387,19 +388,22 @@ def test_chipmunk_cfg_branches_keep_separate_caches():
     # a one-voxel window so the static mask leaves room for sparsity at this small size; layer 0 dense
     chipmunk = chipmunk_config.wan().replace(attention__local_voxels=1, attention__first_n_dense_layers=1)
     assert chipmunk.invocations_per_step == 2
-    rope = wan.rotary_emb(config, GRID)
+    rope = wan.pos_embed(config, GRID)
     mask_key = jax.random.key(42)
 
     @jax.jit
     def call(inputs, cache, step, key):
-        return wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, step=step, key=key,
-                           rotary_emb=rope, dtype=jnp.float32)
+        out = wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, plan=step_plan(chipmunk, step),
+                          key=key, rotary_emb=rope, dtype=jnp.float32)
+        return out.sample, out.cache
+
+    dense_fn = jax.jit(lambda inputs: wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.float32).sample)
 
     def branch_inputs(step, branch):
         return chipmunk_inputs(config, step, text_seed=20 + branch)  # cond / uncond text
 
     caches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
-    assert caches["attention"][1].lse.shape[0] == 2
+    assert caches.attention[1].lse.shape[0] == 2
     alone = [wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32) for _ in range(2)]
     shared = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
     for step in range(4):  # dense, dense + column sums, sparse, sparse
@@ -410,36 +414,37 @@ def test_chipmunk_cfg_branches_keep_separate_caches():
             caches = chipmunk_cache.update_branch(caches, branch, new)
             out_alone, alone[branch] = call(inputs, alone[branch], jnp.int32(step), key)
             out_shared, shared = call(inputs, shared, jnp.int32(step), key)
-            assert max_rel_err(out, out_alone) <= 1e-6, (step, branch)
-            err = max_rel_err(out, wan.forward(params, config, **inputs, rotary_emb=rope, dtype=jnp.float32))
+            assert max_rel_error(out, out_alone) <= 1e-6, (step, branch)
+            err = max_rel_error(out, dense_fn(inputs))
             if step < 2:
                 assert err <= 1e-5, (step, branch, err)
             else:  # sparse: close to dense, yet not equal (something was skipped)
                 assert 1e-5 < err < 5e-2, (step, branch, err)
         # the two branches hold different caches
-        lse = caches["attention"][1].lse
+        lse = caches.attention[1].lse
         assert not np.allclose(lse[0], lse[1])
-        assert caches["attention"][0] is None  # the always-dense layer keeps no cache
-        np.testing.assert_array_equal(caches["static_mask"][0], caches["static_mask"][1])
+        assert caches.attention[0] is None  # the always-dense layer keeps no cache
+        np.testing.assert_array_equal(caches.static_mask_bits[0], caches.static_mask_bits[1])
     # sharing one cache mixes the branches: at a sparse step the cond output moves off its own run
     inputs = branch_inputs(3, 0)
     out_from_shared, _ = call(inputs, shared, jnp.int32(3), jax.random.key(103))
     out_own, _ = call(inputs, chipmunk_cache.select_branch(caches, 0), jnp.int32(3), jax.random.key(103))
-    assert max_rel_err(out_from_shared, out_own) > 1e-4
+    assert max_rel_error(out_from_shared, out_own) > 1e-4
     assert call._cache_size() == 1  # one compilation for every step kind
 
 
+@pytest.mark.slow
 def test_denoiser_in_the_jitted_cfg_sampler_matches_a_python_loop():
     """sampling.sample with CFG (two branch caches) and a skipped step equals the same steps written out
-    with forward / head and one cache per branch."""
+    with forward / head (timestep = 1000 sigma) and one cache per branch."""
     from chipmunk_jax import sampling
 
     config = wan.WanConfig(**CHIPMUNK_CONFIG)
     params = wan.init_params(config, jax.random.key(8), dtype=jnp.float32)
     chipmunk = chipmunk_config.wan().replace(attention__local_voxels=1, attention__first_n_dense_layers=1,
                                              step_cache__skip_step_schedule=(2,), num_steps=3)
-    rope = wan.rotary_emb(config, GRID)
-    den = wan.denoiser(config, chipmunk, latent_shape=LATENT, rotary_emb=rope, dtype=jnp.float32)
+    rope = wan.pos_embed(config, GRID)
+    den = wan.denoiser(config, chipmunk, grid=GRID, rotary_emb=rope, dtype=jnp.float32)
     cond, uncond = ({"encoder_hidden_states": chipmunk_inputs(config, 0, text_seed=s)["encoder_hidden_states"]}
                     for s in (20, 21))
     latents = chipmunk_inputs(config, 0)["hidden_states"]
@@ -449,9 +454,9 @@ def test_denoiser_in_the_jitted_cfg_sampler_matches_a_python_loop():
     out, _, step_cache = sampling.sample(den, chipmunk, params, jnp.asarray(latents), cond, cache, sigmas=sigmas,
                                          key=key, hidden_shape=(1, 1040, config.inner_dim),
                                          hidden_dtype=jnp.float32, guidance_scale=5.0, uncond=uncond)
-    compute = jax.jit(lambda x, t, c, cache, step, key: wan.forward(
-        params, config, hidden_states=x, timestep=t, **c, chipmunk=chipmunk, cache=cache, step=step, key=key,
-        rotary_emb=rope, return_hidden=True, dtype=jnp.float32))
+    compute = jax.jit(lambda x, t, c, cache, plan, key: wan.forward(
+        params, config, hidden_states=x, timestep=t, **c, chipmunk=chipmunk, cache=cache, plan=plan, key=key,
+        rotary_emb=rope, dtype=jnp.float32))
     x = jnp.asarray(latents)
     caches = [cache, cache]
     hidden = [None, None]
@@ -459,12 +464,16 @@ def test_denoiser_in_the_jitted_cfg_sampler_matches_a_python_loop():
         t, step_key = sigmas[step] * 1000.0, jax.random.fold_in(key, step)
         v = []
         for branch, c in enumerate((cond, uncond)):
-            if step == 2:
-                v.append(wan.head(params, config, hidden[branch], t, latent_shape=LATENT, dtype=jnp.float32))
+            if step == 2:  # skipped: the head on the branch's stored (voxel-order) hidden state
+                conditioning = wan.timestep_conditioning(params, config, timestep=t, batch=1)
+                v.append(wan.head(params, config, hidden[branch], conditioning, grid=GRID, chipmunk=chipmunk,
+                                  dtype=jnp.float32))
             else:
-                o, caches[branch], hidden[branch] = compute(x, t, c, caches[branch], jnp.int32(step), step_key)
-                v.append(o)
+                o = compute(x, t, c, caches[branch], step_plan(chipmunk, jnp.int32(step)), step_key)
+                caches[branch], hidden[branch] = o.cache, o.hidden
+                v.append(o.sample)
         x = x + (sigmas[step + 1] - sigmas[step]) * (v[1] + 5.0 * (v[0] - v[1]))
-    assert max_rel_err(out, x) <= 1e-5
-    assert max_rel_err(step_cache.hidden[0], hidden[0]) <= 1e-5 and max_rel_err(step_cache.hidden[1], hidden[1]) <= 1e-5
+    assert max_rel_error(out, x) <= 1e-5
+    for branch in range(2):
+        assert max_rel_error(step_cache.hidden[branch], hidden[branch]) <= 1e-5, branch
     assert not np.allclose(step_cache.hidden[0], step_cache.hidden[1])
