@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from functools import partial
 from typing import Any
 
@@ -46,6 +46,11 @@ __all__ = [
 DEFAULT_SKIP_STEP_SCHEDULE = (
     7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43,
 )
+
+
+def _default_skip_schedule(num_steps: int) -> tuple[int, ...]:
+    """DEFAULT_SKIP_STEP_SCHEDULE without the steps a ``num_steps``-step run does not reach."""
+    return tuple(s for s in DEFAULT_SKIP_STEP_SCHEDULE if s < num_steps)
 
 
 def _check_steps(name: str, steps) -> tuple[int, ...]:
@@ -177,7 +182,14 @@ _SECTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class ChipmunkConfig:
-    """Everything Chipmunk needs to know; hashable, so it can be a static jit argument."""
+    """Everything Chipmunk needs to know; hashable, so it can be a static jit argument.
+
+    Step schedules must fit ``num_steps``: an entry of ``step_cache.skip_step_schedule`` or
+    ``attention.full_step_schedule`` >= num_steps is a ValueError, except in the default skip schedule
+    (DEFAULT_SKIP_STEP_SCHEDULE, made for 50 steps, given or left out), which is clipped to num_steps, so
+    ``ChipmunkConfig(num_steps=8)`` and ``flux().replace(num_steps=8)`` work and skip step 7 only (and
+    ``replace(num_steps=50)`` restores the full default).
+    """
 
     attention: AttentionConfig = AttentionConfig()
     mlp: MLPConfig = MLPConfig()
@@ -191,6 +203,23 @@ class ChipmunkConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         validate_fields(self)
+        self._fit_schedules()
+
+    def _fit_schedules(self) -> None:
+        """The default skip schedule (DEFAULT_SKIP_STEP_SCHEDULE, made for 50 steps) is clipped to num_steps; an
+        entry of any other skip schedule, or of attention.full_step_schedule, past the last step is an error."""
+        if self.step_cache.skip_step_schedule == DEFAULT_SKIP_STEP_SCHEDULE:
+            clipped = _default_skip_schedule(self.num_steps)
+            if clipped != DEFAULT_SKIP_STEP_SCHEDULE:
+                object.__setattr__(self, "step_cache", dataclasses.replace(self.step_cache, skip_step_schedule=clipped))
+        for name, steps in (("step_cache.skip_step_schedule", self.step_cache.skip_step_schedule),
+                            ("attention.full_step_schedule", self.attention.full_step_schedule or ())):
+            late = [s for s in steps if s >= self.num_steps]
+            if late:
+                raise ValueError(
+                    f"{name} entry {late[0]} is past the last step: num_steps={self.num_steps} runs steps 0.."
+                    f"{self.num_steps - 1} (entries past it: {late}); drop them or raise num_steps"
+                )
 
     def replace(self, **changes: Any) -> "ChipmunkConfig":
         """Returns a copy with top-level fields or ``section__field`` entries replaced."""
@@ -201,6 +230,11 @@ class ChipmunkConfig:
                 nested.setdefault(section, {})[name] = value
             else:
                 top[key] = value
+        if ("num_steps" in top and "step_cache" not in top and "skip_step_schedule" not in nested.get("step_cache", {})
+                and self.step_cache.skip_step_schedule == _default_skip_schedule(self.num_steps)):
+            # the default schedule, clipped to the old num_steps: clipped again to the new one (so a round trip
+            # replace(num_steps=8).replace(num_steps=50) gives the full default back)
+            nested.setdefault("step_cache", {})["skip_step_schedule"] = DEFAULT_SKIP_STEP_SCHEDULE
         for section, fields in nested.items():
             if section not in _SECTIONS:
                 raise ValueError(f"unknown config section {section!r}")
@@ -252,16 +286,7 @@ class ChipmunkConfig:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         else:
             raise ValueError(f"config path must end in .yaml, .yml or .json, got {path!r}")
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-config-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_atomically(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChipmunkConfig":
@@ -274,6 +299,24 @@ class ChipmunkConfig:
             else:
                 raise ValueError(f"config path must end in .yaml, .yml or .json, got {path!r}")
         return cls.from_dict(data)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to a temp file beside ``path`` and renames it onto ``path``. The temp file is created with
+    mode 0o666 less the umask (the user's normal permissions; mkstemp's would be 0o600) and named like
+    ``chipmunk_jax.ports.safetensors_io.atomic_write``'s (``.chipmunk-tmp-<pid>-...``: the core cannot import the
+    ports), so that the converter's stale-file cleanup recognises one a killed process left."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".chipmunk-tmp-{os.getpid()}-{secrets.token_hex(6)}.config")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def flux() -> ChipmunkConfig:

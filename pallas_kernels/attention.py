@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from chipmunk_jax.pallas_kernels import attention_pallas, triton_call
 from chipmunk_jax.pallas_kernels import attention_reference as ref
@@ -95,6 +96,38 @@ def _check_qkv(q, k, v):
         )
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got q {q.shape} and k {k.shape}")
+
+
+def _is_concrete(x) -> bool:
+    """A numpy array, or a JAX array with values here (not a tracer, not spread over other hosts)."""
+    if isinstance(x, np.ndarray):
+        return True
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            and getattr(x, "is_fully_addressable", True))
+
+
+def check_concrete_indices(indices, counts, num_items: int, *, items: str) -> None:
+    """When ``indices`` [..., K] and ``counts`` [...] are concrete arrays (not jit tracers): a ValueError naming the
+    argument, the bad value and its position for a count outside [0, K] or, among the entries in use
+    (``indices[..., :count]``), an index outside [0, num_items). Entries past a row's count are padding and are
+    not checked. Tracers are not checked (the caller's docstring says what happens). One min/max per array."""
+    if not (_is_concrete(indices) and _is_concrete(counts)):
+        return
+    counts = np.asarray(counts)
+    capacity = indices.shape[-1]
+    if counts.size and (counts.min() < 0 or counts.max() > capacity):
+        pos = tuple(int(i) for i in np.argwhere((counts < 0) | (counts > capacity))[0])
+        raise ValueError(f"counts must be in [0, K = {capacity}] (K: indices' last axis), got counts{list(pos)} = "
+                         f"{int(counts[pos])}")
+    indices = np.asarray(indices)
+    used = np.arange(capacity) < counts[..., None]
+    if not used.any():
+        return
+    in_use = np.where(used, indices, 0)
+    if in_use.min() < 0 or in_use.max() >= num_items:
+        pos = tuple(int(i) for i in np.argwhere(used & ((indices < 0) | (indices >= num_items)))[0])
+        raise ValueError(f"indices must be in [0, {num_items}) ({items}) within each row's count, got "
+                         f"indices{list(pos)} = {int(indices[pos])}")
 
 
 def _scale(scale, head_dim):
@@ -180,6 +213,12 @@ def column_sparse_attention(
     indices [B, H, G, K] int32 with entries in [0, N_k); counts [B, H, G] int32 in [0, K];
     G = ceil(N_q / group_size). Rows of a group with count 0 give 0. With ``base`` (like q) the
     result is base + sign * attention (a new array: base is read, never aliased, so a cached base survives).
+
+    Concrete (not traced) indices and counts are checked: a count outside [0, K] or an index outside [0, N_k)
+    among each group's first ``count`` entries raises ValueError (entries past the count are padding, never
+    read). Under jit nothing is checked: an out-of-range index makes the result undefined (the reference gathers
+    another key, negative indices wrapping and large ones clamped; the kernels may read another key's row or
+    memory out of bounds), and so does a count outside [0, K].
     """
     _check_qkv(q, k, v)
     group_size = positive_int("group_size", group_size)
@@ -196,6 +235,7 @@ def column_sparse_attention(
         raise ValueError(f"counts must have shape [B, H, G] = {(b, h, groups)}, got {getattr(counts, 'shape', None)}")
     if counts.dtype != jnp.int32:
         raise TypeError(f"counts must be int32, got {counts.dtype}")
+    check_concrete_indices(indices, counts, k.shape[1], items="the key count N_k")
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign!r}")
     if base is not None:

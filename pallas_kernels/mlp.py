@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from chipmunk_jax.pallas_kernels import mlp_pallas, triton_call
 from chipmunk_jax.pallas_kernels import mlp_reference as ref
-from chipmunk_jax.pallas_kernels.attention import resolve_impl
+from chipmunk_jax.pallas_kernels.attention import check_concrete_indices, resolve_impl
 from chipmunk_jax.validation import check_bool, positive_int
 
 __all__ = ["sparse_mlp_delta"]
@@ -56,6 +56,7 @@ def _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_
         raise ValueError(f"counts must be [B, NB] = {(b, nb)}, got {getattr(counts, 'shape', None)}")
     if counts.dtype != jnp.int32:
         raise TypeError(f"counts must be int32, got {counts.dtype}")
+    check_concrete_indices(indices, counts, f, items="the hidden feature count F")
 
 
 def _triton_unsupported(x, w1, w2, block_size: int, interpret: bool) -> str | None:
@@ -92,6 +93,11 @@ def sparse_mlp_delta(
     tiles: an mlp_pallas.MlpTiles for the Pallas paths (None: mlp_pallas.DEFAULT_TILES), an
       mlp_triton.TritonMlpConfig for the Triton paths (None: mlp_triton.DEFAULT_CONFIG).
     Under jax.jit, donate act_cache and out_cache: the Pallas kernels update them in place.
+    indices [B, NB, K] int32 in [0, F), counts [B, NB] int32 in [0, K]: concrete (not traced) ones are checked,
+    a count outside [0, K] or an index outside [0, F) among a block's first ``count`` entries raises ValueError
+    (entries past the count are padding). Under jit nothing is checked: an out-of-range index or count makes the
+    result undefined (the reference wraps negative indices and drops large ones; the kernels may touch another
+    feature or memory out of bounds).
     """
     _check_mlp_args(x, w1, b1, w2, act_cache, out_cache, indices, counts, block_size, w1_transposed)
     impl = resolve_mlp_impl(impl, x, w1, w2, block_size, tiles)

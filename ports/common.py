@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from chipmunk_jax.ports.safetensors_io import load_state_dict, read_safetensors, write_safetensors
+from chipmunk_jax.ports.safetensors_io import atomic_write, load_state_dict, read_safetensors, write_safetensors
 
 __all__ = [
     "PORT_API",
@@ -243,22 +242,15 @@ def block_count(keys: Iterable[str], prefix: str) -> int:
 
 
 def write_params_folder(directory: str | os.PathLike, config_dict: Mapping[str, Any], params, fmt: str) -> None:
-    """Writes ``params.safetensors`` (flattened names) then ``config.json``, each atomically; the config
-    goes last, so a folder with a config always has complete params."""
+    """Writes ``params.safetensors`` (flattened names) then ``config.json``, each atomically
+    (``safetensors_io.atomic_write``: no temp file survives an exception, files get the umask's permissions);
+    the config goes last, so a folder with a config always has complete params."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     flat = {k: to_numpy(v) for k, v in flatten_params(params).items()}
     write_safetensors(os.path.join(directory, PARAMS_FILE), flat, metadata={"format": fmt})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-config-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(config_dict), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(dict(config_dict), indent=2) + "\n"
+    atomic_write(os.path.join(directory, CONFIG_FILE), lambda f: f.write(text), binary=False, suffix=".json")
 
 
 def read_params_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -3,13 +3,14 @@ saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latent
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from chipmunk_jax import cli  # noqa: E402
+from chipmunk_jax.apps import cli  # noqa: E402
 from chipmunk_jax import config as C  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
 
@@ -79,7 +80,8 @@ def test_converted_weights_without_vae_write_latents(files, capsys):
     assert _generate("--weights", files["weights"], *common, "--out", out_weights) == 0
     assert _generate("--diffusers", files["pipeline"] + "/transformer", *common, "--out", out_diffusers) == 0
     latents = np.load(out_weights)
-    assert latents.shape == (1, LATENT_CHANNELS, 8, 6) and np.all(np.isfinite(latents))
+    chex.assert_shape(latents, (1, LATENT_CHANNELS, 8, 6))
+    chex.assert_tree_all_finite(latents)
     np.testing.assert_allclose(np.load(out_diffusers), latents, rtol=0, atol=1e-6)  # on-the-fly == converted
     assert "dense" in capsys.readouterr().out
 
@@ -98,6 +100,13 @@ def test_bad_arguments_exit_2(args, needle, capsys):
         cli.main(["generate", *map(str, args), *extra])
     assert exit_info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_schedule_past_steps_is_a_usage_error(capsys):
+    """The HunyuanVideo preset's full step 40 does not fit 30 steps: a message, not a traceback."""
+    code = cli.main(["generate", "--weights", "W", "--prompt-embeds", "p.npz", "--out", "x.npy", "--chipmunk",
+                     "hunyuan_video", "--steps", "30"])
+    assert code == 1 and "--steps 30" in capsys.readouterr().err
 
 
 def test_bad_files_exit_1(files, tmp_path, capsys):

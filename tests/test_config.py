@@ -75,3 +75,51 @@ def test_wrong_section_type_and_unknown_keys():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         C.flux().num_steps = 3
+
+
+# ---- issue 27: booleans only from booleans; schedules must fit num_steps ------------------------------------------
+
+
+@pytest.mark.parametrize("text", ['{"mlp": {"enabled": "no"}}', 'mlp:\n  enabled: "no"\n', 'mlp:\n  enabled: 0\n'],
+                         ids=["json-string", "yaml-quoted-string", "yaml-int"])
+def test_booleans_only_from_booleans(tmp_path, text):
+    path = tmp_path / ("cfg.json" if text.startswith("{") else "cfg.yaml")
+    path.write_text(text)
+    with pytest.raises(TypeError, match="mlp.enabled must be a bool"):
+        C.ChipmunkConfig.load(path)
+    (tmp_path / "ok.yaml").write_text("mlp:\n  enabled: no\n")  # YAML's unquoted no is the boolean False
+    assert C.ChipmunkConfig.load(tmp_path / "ok.yaml").mlp.enabled is False
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: C.ChipmunkConfig(num_steps=20, step_cache=C.StepCacheConfig(skip_step_schedule=(3, 19, 20, 25))),
+     r"step_cache.skip_step_schedule entry 20 is past the last step: num_steps=20 runs steps 0..19 "
+     r"\(entries past it: \[20, 25\]\)"),
+    (lambda: C.ChipmunkConfig(num_steps=8, attention=C.AttentionConfig(full_step_schedule=(0, 1, 4, 8))),
+     r"attention.full_step_schedule entry 8 is past the last step: num_steps=8"),
+    (lambda: C.hunyuan_video().replace(num_steps=30), r"attention.full_step_schedule entry 40 .*num_steps=30"),
+    (lambda: C.flux().replace(num_steps=10, step_cache__skip_step_schedule=(3, 12)),
+     r"skip_step_schedule entry 12 .*num_steps=10"),
+    (lambda: C.ChipmunkConfig.from_dict({"num_steps": 4, "step_cache": {"skip_step_schedule": [2, 7]}}),
+     r"skip_step_schedule entry 7"),
+], ids=["skip-schedule", "full-step-schedule", "hunyuan-preset-30-steps", "replace", "from-dict"])
+def test_schedule_entries_past_num_steps_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_default_skip_schedule_is_clipped_to_num_steps(tmp_path):
+    for preset in C.PRESETS.values():  # the presets construct, with the full default schedule at 50 steps
+        assert preset().step_cache.skip_step_schedule == C.DEFAULT_SKIP_STEP_SCHEDULE
+    short = C.flux().replace(num_steps=8)
+    assert short.step_cache.skip_step_schedule == (7,)
+    assert C.ChipmunkConfig(num_steps=6).step_cache.skip_step_schedule == ()
+    assert C.ChipmunkConfig(num_steps=20, step_cache=C.StepCacheConfig(
+        skip_step_schedule=C.DEFAULT_SKIP_STEP_SCHEDULE)).step_cache.skip_step_schedule == (7, 11, 13, 14, 15, 17, 18, 19)
+    assert short.replace(num_steps=50) == C.flux()  # widening gives the full default back
+    assert short.replace(num_steps=12).step_cache.skip_step_schedule == (7, 11)
+    explicit = C.flux().replace(num_steps=30, step_cache__skip_step_schedule=(4, 9))
+    assert explicit.replace(num_steps=40).step_cache.skip_step_schedule == (4, 9)  # an explicit schedule stays
+    path = tmp_path / "short.yaml"
+    short.save(path)
+    assert C.ChipmunkConfig.load(path) == short

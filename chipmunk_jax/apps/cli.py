@@ -124,7 +124,10 @@ def _chipmunk_config(args):
     else:
         raise UsageError(f"--chipmunk: unknown preset {spec!r} (presets: {', '.join(sorted(C.PRESETS))}; "
                          "or a .yaml/.json config file)")
-    sampler = base.replace(num_steps=args.steps, step_cache__enabled=bool(args.step_cache))
+    try:
+        sampler = base.replace(num_steps=args.steps, step_cache__enabled=bool(args.step_cache))
+    except ValueError as e:  # e.g. a schedule entry past --steps
+        raise UsageError(f"--chipmunk {spec} with --steps {args.steps}: {e}") from None
     return (None if args.dense else sampler), sampler
 
 
@@ -156,14 +159,28 @@ def _load_model(args, dtype):
     return config, params
 
 
+_NPZ_WORDS = "--prompt-embeds must be an .npz file written by numpy.savez with prompt_embeds and pooled_prompt_embeds"
+
+
 def _load_prompt_embeds(path, config):
+    """(prompt_embeds, pooled_prompt_embeds) of an .npz file; pickles are never loaded (allow_pickle=False, and a
+    file that is not a zip archive, e.g. JSON or a pickle, is refused before numpy sees it)."""
     if not os.path.isfile(path):
         raise UsageError(f"--prompt-embeds: no such file {path!r}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (empty or not): what numpy.savez writes
+        raise UsageError(f"{_NPZ_WORDS} ({path!r} is not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.asarray(data[k], np.float32) for k in data.files}
+    except ValueError as e:
+        if "pickle" in str(e):  # an object array inside the archive
+            raise UsageError(f"{_NPZ_WORDS} holding float arrays ({path!r} holds an object array, which would "
+                             "need unpickling: refused)") from None
+        raise UsageError(f"{_NPZ_WORDS} holding float arrays ({path!r}: {e})") from None
     except Exception as e:
-        raise UsageError(f"--prompt-embeds {path!r} is not a readable .npz file: {e}") from None
+        raise UsageError(f"{_NPZ_WORDS} ({path!r} is not a readable .npz file: {e})") from None
     missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in arrays]
     if missing:
         raise UsageError(f"--prompt-embeds {path!r} lacks {missing} (has {sorted(arrays)})")

@@ -29,8 +29,8 @@ def tiny_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
         the preset's 30% (154) up to 50% (256).
       attention/mlp.first_n_dense_layers 2 -> 1: 2 of FLUX's 57 layers are dense; 2 of our 6 would be
         a third of the model, 1 keeps the first block dense as the original does for its first layers.
-      num_steps = the sampling steps (the preset's 10-step full-step interval and the 50-step step-cache
-        schedule are kept as they are).
+      num_steps = the sampling steps (the preset's 10-step full-step interval is kept; the default
+        step-cache schedule is clipped to num_steps by ChipmunkConfig).
     ``changes`` are ``ChipmunkConfig.replace`` keywords applied on top.
     """
     base = C.flux().replace(
