@@ -69,6 +69,7 @@ def _python_euler(params, latents, text, pooled, grid, sigmas, skip=()):
     return x
 
 
+@pytest.mark.slow
 def test_head_of_hidden_is_forward_for_any_timestep_and_token_order():
     grid = (16, 16)
     params, latents, text, pooled = _problem(grid, seed=1)

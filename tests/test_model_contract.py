@@ -160,6 +160,7 @@ def _chipmunk_fn(case, params, chipmunk=None):
         **case.forward_kw))
 
 
+@pytest.mark.slow
 def test_output_structure(case, params):
     inputs = case.inputs(0)
     dense = _dense_fn(case, params)(inputs)
@@ -233,6 +234,7 @@ def test_caches(case):
         fn(stacked)
 
 
+@pytest.mark.slow
 def test_step_plan(case, params):
     """Models take the step's plan: traced kinds (lax.switch per layer) and static kinds give the same
     outputs; no plan with Chipmunk, or a plan without Chipmunk, is an error."""
@@ -258,6 +260,7 @@ def test_step_plan(case, params):
     chex.assert_trees_all_close(cache_traced, cache_static, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_hidden_is_in_chipmunk_token_order(case, params):
     inputs = case.inputs(0)
     dense = _dense_fn(case, params)(inputs)
