@@ -45,7 +45,7 @@ from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
-from chipmunk_jax.models.inputs import check_guidance
+from chipmunk_jax.models.inputs import check_guidance, pooled_timestep_guidance
 from chipmunk_jax.models.layers import (
     layer_norm,
     linear,
@@ -296,16 +296,9 @@ def timestep_conditioning(params: Params, config: FluxConfig, *, timestep, poole
     before its loop (``denoiser``), as one GEMM per layer over the steps: inside each step they are GEMVs that
     read 6.5 GB of FLUX.1 weights. ``timestep`` / ``guidance``: scalar or [B]; pooled_projections [B, P]."""
     _check_config(config)
-    check_array("pooled_projections", pooled_projections, 2)
-    batch = pooled_projections.shape[0]
-    if pooled_projections.shape[1] != config.pooled_projection_dim:
-        raise ValueError(f"pooled_projections must be [{batch}, {config.pooled_projection_dim}], got "
-                         f"{tuple(pooled_projections.shape)}")
-    check_batch_scalar("timestep", timestep, batch)
-    check_batch_scalar("guidance", guidance, batch)
-    check_guidance(config.guidance_embeds, guidance, "this FLUX config")
-    guidance = None if guidance is None else batch_vector(guidance, batch)
-    temb = _time_text_embed(params["time_text_embed"], batch_vector(timestep, batch), guidance, pooled_projections)
+    timestep, guidance = pooled_timestep_guidance(pooled_projections, config.pooled_projection_dim, timestep, guidance,
+                                                  guidance_embeds=config.guidance_embeds, model="this FLUX config")
+    temb = _time_text_embed(params["time_text_embed"], timestep, guidance, pooled_projections)
     return {
         "transformer_blocks": [mmdit.block_modulation(b, temb, double=True) for b in params["transformer_blocks"]],
         "single_transformer_blocks": [

@@ -65,7 +65,7 @@ from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
-from chipmunk_jax.models.inputs import check_guidance
+from chipmunk_jax.models.inputs import check_guidance, pooled_timestep_guidance
 from chipmunk_jax.models.layers import (
     affine_layer_norm,
     layer_norm,
@@ -355,16 +355,9 @@ def timestep_conditioning(params: Params, config: HunyuanVideoConfig, *, timeste
     diffusers gives the first latent frame's tokens). ``timestep`` / ``guidance``: scalar or [B] (in [0, 1000]
     and guidance_scale * 1000, as the pipeline passes them). For ``forward(..., conditioning=)`` and ``head``."""
     _check_config(config)
-    check_array("pooled_projections", pooled_projections, 2)
-    batch = pooled_projections.shape[0]
-    if pooled_projections.shape[1] != config.pooled_projection_dim:
-        raise ValueError(f"pooled_projections must be [{batch}, {config.pooled_projection_dim}], got "
-                         f"{tuple(pooled_projections.shape)}")
-    check_batch_scalar("timestep", timestep, batch)
-    check_batch_scalar("guidance", guidance, batch)
-    check_guidance(config.guidance_embeds, guidance, "this HunyuanVideo config")
-    timestep = batch_vector(timestep, batch)
-    guidance = None if guidance is None else batch_vector(guidance, batch)
+    timestep, guidance = pooled_timestep_guidance(pooled_projections, config.pooled_projection_dim, timestep, guidance,
+                                                  guidance_embeds=config.guidance_embeds,
+                                                  model="this HunyuanVideo config")
     tte = params["time_text_embed"]
     out = {"temb": _condition_embedding(tte, timestep, pooled_projections, guidance)}
     if config.image_condition_type == "token_replace":

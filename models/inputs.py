@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from chipmunk_jax.validation import check_int_tuple
 
-__all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype", "check_guidance", "check_grid"]
+__all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype", "check_guidance", "check_grid",
+           "pooled_timestep_guidance"]
 
 
 def check_array(name: str, x, ndim: int) -> None:
@@ -49,3 +50,18 @@ def check_grid(grid, ndim: int) -> tuple[int, ...]:
     """A token grid of ``ndim`` positive integers ((height, width) for images, (frames, height, width) for
     video), as a tuple of Python ints."""
     return check_int_tuple("grid", grid, length=ndim)
+
+
+def pooled_timestep_guidance(pooled_projections, pooled_dim: int, timestep, guidance, *, guidance_embeds: bool,
+                             model: str):
+    """The checked inputs of a pooled-text model's timestep conditioning (FLUX, HunyuanVideo): pooled_projections
+    [B, pooled_dim], a scalar or [B] timestep, and a guidance exactly when the model embeds one. Returns
+    (timestep [B], guidance [B] or None) as float32 vectors."""
+    check_array("pooled_projections", pooled_projections, 2)
+    batch = pooled_projections.shape[0]
+    if pooled_projections.shape[1] != pooled_dim:
+        raise ValueError(f"pooled_projections must be [{batch}, {pooled_dim}], got {tuple(pooled_projections.shape)}")
+    check_batch_scalar("timestep", timestep, batch)
+    check_batch_scalar("guidance", guidance, batch)
+    check_guidance(guidance_embeds, guidance, model)
+    return batch_vector(timestep, batch), None if guidance is None else batch_vector(guidance, batch)
