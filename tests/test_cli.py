@@ -102,6 +102,15 @@ def test_bad_arguments_exit_2(args, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("chipmunk-jax 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "(default: 1024)" in " ".join(capsys.readouterr().out.split())  # help text wraps
+
+
 def test_a_schedule_past_steps_is_a_usage_error(capsys):
     """The HunyuanVideo preset's full step 40 does not fit 30 steps: a message, not a traceback."""
     code = cli.main(["generate", "--weights", "W", "--prompt-embeds", "p.npz", "--out", "x.npy", "--chipmunk",

@@ -19,6 +19,7 @@ Pillow are optional and imported where they are used.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import struct
 import sys
@@ -53,12 +54,22 @@ def _log(msg: str) -> None:
 # Arguments
 
 
+def _version() -> str:
+    """The installed package's version (the source tree's when it is not installed)."""
+    try:
+        return importlib.metadata.version("chipmunk-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chipmunk-jax", description="Chipmunk (JAX/Pallas) sampling tools")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="sample one image with a flow-matching DiT",
-                              description=__doc__.split("\n\n")[1])
-    gen.add_argument("--model", choices=_MODELS, default="flux")
+                              description=__doc__.split("\n\n")[1],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--model", choices=_MODELS, default="flux", help="the transformer")
     weights = gen.add_mutually_exclusive_group(required=True)
     weights.add_argument("--weights", metavar="DIR", help="converted params folder (params.safetensors + config.json)")
     weights.add_argument("--diffusers", metavar="DIR", help="diffusers transformer or pipeline folder")
@@ -66,10 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-embeds", metavar="FILE.npz", help="prompt_embeds + pooled_prompt_embeds")
     prompt.add_argument("--prompt", help="text, encoded with the pipeline's text encoders")
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=1024, help="image height in pixels (a multiple of 16)")
+    gen.add_argument("--width", type=int, default=1024, help="image width in pixels (a multiple of 16)")
+    gen.add_argument("--steps", type=int, default=50, help="sampling steps")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     gen.add_argument("--guidance", type=float, default=None,
                      help="embedded guidance scale of guidance-distilled models (FLUX.1-dev; default 3.5)")
     sparsity = gen.add_mutually_exclusive_group()
@@ -78,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     sparsity.add_argument("--dense", action="store_true", help="no Chipmunk: the dense model")
     gen.add_argument("--step-cache", action="store_true",
                      help="skip the config's skip_step_schedule steps (re-run only the final layer)")
-    gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="compute dtype of the matmuls")
     gen.add_argument("--static-step-dispatch", action="store_true",
                      help="one switch per step over the schedule's kinds (see sampling.make_sampler)")
     gen.add_argument("--no-progress", action="store_true", help="no tqdm bar")
