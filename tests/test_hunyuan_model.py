@@ -357,9 +357,9 @@ SMALL_CONFIG = dict(TEST_SUITE_CONFIG)  # 1 double + 1 single block
 
 def all_keys_kept(**changes):
     # static random keys with probability 1: every group's static mask is every key
-    return chipmunk_config.hunyuan_video().replace(
-        attention__random_keys=1.0, attention__first_n_dense_layers=0, attention__full_step_schedule=(0, 1, 4),
-        **changes)
+    return chipmunk_config.hunyuan_video().replace(**{
+        "attention__random_keys": 1.0, "attention__first_n_dense_layers": 0, "attention__full_step_schedule": (0, 1, 4),
+        **changes})
 
 
 def trajectory_inputs(config, step, latent=LATENT, seed=20):
@@ -521,7 +521,7 @@ def test_denoiser_in_the_jitted_sampler_matches_a_python_loop(latent_dtype):
 
     config = hv.HunyuanVideoConfig(**SMALL_CONFIG)
     params = random_params(config, 11)
-    chipmunk = all_keys_kept(num_steps=4, step_cache__skip_step_schedule=(3,))
+    chipmunk = all_keys_kept(num_steps=4, step_cache__skip_step_schedule=(3,), attention__full_step_schedule=(0, 1))
     grid = hv.token_grid(config, (1, config.in_channels) + LATENT)
     rope = hv.pos_embed(config, grid)
     den = hv.denoiser(config, chipmunk, grid=grid, text_length=VALID, rotary_emb=rope, dtype=jnp.float32)
