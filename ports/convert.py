@@ -100,8 +100,9 @@ def _cli_words(message: str) -> str:
     return message
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chipmunk_jax.ports.convert", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m chipmunk_jax.ports.convert") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, choices=_available_models())
     parser.add_argument("--src", required=True, help="diffusers folder or .safetensors file")
     parser.add_argument("--dst", required=True, help="output folder (new or empty, unless --overwrite)")

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from chipmunk_jax.apps import cli  # noqa: E402
 from chipmunk_jax.models import flux  # noqa: E402
 from chipmunk_jax.ports import convert  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
@@ -191,3 +192,6 @@ def test_convert_cli(model, config, tmp_path):
     # a bad source gives an error message and a non-zero status, and writes nothing
     assert convert.main(["--model", "flux", "--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "d3")]) == 1
     assert not (tmp_path / "d3").exists()
+    # the same converter as a subcommand of the chipmunk-jax command
+    assert cli.main(["convert", "--model", "flux", "--src", str(src), "--dst", str(tmp_path / "d4")]) == 0
+    assert_same_params(flux_ports.load_params(tmp_path / "d4")[1], flux_ports.from_diffusers(model)[1])

@@ -34,6 +34,7 @@ from chipmunk_jax import config as C
 from chipmunk_jax import sampling
 from chipmunk_jax.cache import init_step_cache
 from chipmunk_jax.models import flux
+from chipmunk_jax.ports import convert
 from chipmunk_jax.ports import flux as flux_ports
 from chipmunk_jax.schedule import AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule
 
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chipmunk-jax", description="Chipmunk (JAX/Pallas) sampling tools")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+    # parsed by the converter itself (main hands it the rest of the command line)
+    commands.add_parser("convert", help="a PyTorch checkpoint -> Flax params folder (chipmunk-jax convert --help)",
+                        add_help=False)
     gen = commands.add_parser("generate", help="sample one image with a flow-matching DiT",
                               description=__doc__.split("\n\n")[1],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -396,6 +400,9 @@ def generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        return convert.main(argv[1:], prog="chipmunk-jax convert")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
