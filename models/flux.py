@@ -45,7 +45,7 @@ from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
-from chipmunk_jax.models.inputs import check_guidance, pooled_timestep_guidance
+from chipmunk_jax.models.inputs import check_guidance, check_rotary_emb, pooled_timestep_guidance
 from chipmunk_jax.models.layers import (
     layer_norm,
     linear,
@@ -389,10 +389,8 @@ def forward(
 
     if rotary_emb is None:
         rotary_emb = pos_embed(config, txt_ids, img_ids)
-    elif rotary_emb[0].shape != (num_txt + num_img, config.attention_head_dim):
-        raise ValueError(
-            f"rotary_emb tables must be [{num_txt + num_img}, {config.attention_head_dim}], got {rotary_emb[0].shape}"
-        )
+    else:
+        check_rotary_emb(rotary_emb, num_txt + num_img, config.attention_head_dim)
     if conditioning is None:
         conditioning = timestep_conditioning(params, config, timestep=timestep,
                                              pooled_projections=pooled_projections, guidance=guidance)

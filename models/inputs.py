@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from chipmunk_jax.validation import check_int_tuple
 
 __all__ = ["check_array", "check_batch_scalar", "batch_vector", "check_compute_dtype", "check_guidance", "check_grid",
-           "pooled_timestep_guidance"]
+           "pooled_timestep_guidance", "check_rotary_emb"]
 
 
 def check_array(name: str, x, ndim: int) -> None:
@@ -65,3 +65,10 @@ def pooled_timestep_guidance(pooled_projections, pooled_dim: int, timestep, guid
     check_batch_scalar("guidance", guidance, batch)
     check_guidance(guidance_embeds, guidance, model)
     return batch_vector(timestep, batch), None if guidance is None else batch_vector(guidance, batch)
+
+
+def check_rotary_emb(rotary_emb, rows: int, head_dim: int) -> None:
+    """Precomputed RoPE tables (cos, sin) of [rows, head_dim] each, as the model's ``pos_embed`` makes them."""
+    shape = tuple(getattr(rotary_emb[0], "shape", ()))
+    if shape != (rows, head_dim):
+        raise ValueError(f"rotary_emb tables must be [{rows}, {head_dim}], got {shape}")

@@ -46,6 +46,7 @@ from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
 from chipmunk_jax.models.diffusers_config import DiffusersConfig
 from chipmunk_jax.models.inputs import batch_vector, check_array, check_batch_scalar, check_compute_dtype, check_grid
+from chipmunk_jax.models.inputs import check_rotary_emb
 from chipmunk_jax.models.layers import (
     affine_layer_norm,
     apply_rotary_emb,
@@ -508,9 +509,8 @@ def forward(
 
     if rotary_emb is None:
         rotary_emb = pos_embed(config, grid)
-    elif tuple(rotary_emb[0].shape) != (num_tokens, config.attention_head_dim):
-        raise ValueError(f"rotary_emb tables must be [{num_tokens}, {config.attention_head_dim}], "
-                         f"got {tuple(rotary_emb[0].shape)}")
+    else:
+        check_rotary_emb(rotary_emb, num_tokens, config.attention_head_dim)
     if conditioning is None:
         conditioning = timestep_conditioning(params, config, timestep=timestep, batch=batch)
     else:
