@@ -33,6 +33,8 @@ __all__ = [
     "cache_bytes",
     "attention_cache_bytes",
     "layer_is_sparse",
+    "stack_layers",
+    "sparse_layer_range",
     "offload_layer_caches",
 ]
 
@@ -111,9 +113,11 @@ def cache_bytes(cache) -> int:
 class ModelCache:
     """The Chipmunk caches of one model call (one CFG branch), the same type for every model.
 
-    attention: one slot per sparse-capable layer (a model's ``num_sparse_layers``, in block order): an
-      ``AttentionCache``, or None for a layer that is dense at every step (below first_n_dense_layers, or
-      attention off).
+    Each model runs its blocks as stacks of same-shaped blocks (FLUX: double then single blocks; HunyuanVideo:
+    double then single; Wan: one stack) under ``lax.scan``, and its caches are stacked the same way:
+    attention: one entry per block stack, in the model's stack order: an ``AttentionCache`` whose arrays carry a
+      leading layer axis over the stack's sparse layers (those at or above first_n_dense_layers, counted in the
+      model's global layer order), or None when no layer of the stack ever leaves the dense path.
     mlp: the same for the MLP layers (``MLPCache`` or None).
     static_mask_bits: uint8 [G, ceil(P / 8)] bit-packed static column mask of video models (local voxel
       window, text keys, static random keys; docs/algorithm.md §1.6) over the P tokens Chipmunk runs on,
@@ -126,11 +130,32 @@ class ModelCache:
     static_mask_bits: jax.Array | None = None
     eligible: jax.Array | None = None
 
-    def with_layer(self, layer: int, attention=None, mlp=None) -> "ModelCache":
-        """This cache with layer ``layer``'s attention / MLP slot replaced (None keeps the slot)."""
-        attn = self.attention if attention is None else _replaced(self.attention, layer, attention)
-        mlps = self.mlp if mlp is None else _replaced(self.mlp, layer, mlp)
+    def with_stack(self, stack: int, attention=None, mlp=None) -> "ModelCache":
+        """This cache with block stack ``stack``'s attention / MLP caches replaced (None keeps them)."""
+        attn = self.attention if attention is None else _replaced(self.attention, stack, attention)
+        mlps = self.mlp if mlp is None else _replaced(self.mlp, stack, mlp)
         return self.replace(attention=attn, mlp=mlps)
+
+    def layer(self, stack: int, index: int) -> tuple:
+        """(attention, mlp) cache of the ``index``-th sparse layer of block stack ``stack`` (None where the stack
+        keeps none); for inspection and tests, the models index inside their scan."""
+        pick = lambda slot: None if slot is None else jax.tree_util.tree_map(lambda x: x[index], slot)  # noqa: E731
+        return pick(self.attention[stack]), pick(self.mlp[stack])
+
+
+def stack_layers(layer_cache, num_layers: int):
+    """``num_layers`` copies of one layer's cache stacked on a new leading layer axis (None for 0 layers)."""
+    if num_layers == 0 or layer_cache is None:
+        return None
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (num_layers,) + x.shape), layer_cache)
+
+
+def sparse_layer_range(section, first_layer: int, num_layers: int) -> range:
+    """The global layer indices of a block stack (``first_layer`` .. +``num_layers``) that ever leave the dense
+    path under ``section`` (``config.attention`` or ``config.mlp``): the layers the stack's cache covers."""
+    end = first_layer + num_layers
+    start = min(max(section.first_n_dense_layers, first_layer), end) if section.enabled else end
+    return range(start, end)
 
 
 def _replaced(slots: tuple, index: int, value) -> tuple:

@@ -2,10 +2,11 @@
 
 ``ChipmunkRun.start`` is the prelude every model runs before its blocks: it checks the config and the
 step plan, builds a fresh cache when none is given, checks a given one against the model, unpacks the
-video static mask and fixes the token order. ``ops(layer)`` then gives each block its attention / MLP
-op (none for layers that are dense at every step: they run the model's own dense path, cuDNN attention
-on GPUs); the model keeps the slots the ops return with ``ModelCache.with_layer``, so the new cache comes
-out of the call as an explicit value.
+video static mask and fixes the token order. ``ops(layer, attention_cache, mlp_cache)`` then gives a block
+its attention / MLP op over that layer's caches (``models.block_stack`` picks them out of the stacked
+caches inside its scan and writes back the caches the ops return), so the new cache comes out of the call
+as an explicit value. Layers that are dense at every step get no op: they run the model's own dense path
+(cuDNN attention on GPUs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.attention import sparse_delta_attention
-from chipmunk_jax.cache import ModelCache, layer_is_sparse
+from chipmunk_jax.cache import ModelCache, sparse_layer_range
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import MLPWeights, sparse_delta_mlp
 from chipmunk_jax.models.mmdit import dense_attention
@@ -26,7 +27,11 @@ from chipmunk_jax.reorder import tile_permutation, voxel_permutation
 from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.selection import unpack_mask
 
-__all__ = ["ChipmunkRun", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens"]
+__all__ = ["ChipmunkRun", "BlockStacks", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens",
+           "check_model_cache"]
+
+# A model's block stacks as (first global layer, number of blocks), in stack order: FLUX ((0, 19), (19, 38)).
+BlockStacks = tuple[tuple[int, int], ...]
 
 
 def check_chipmunk(model: str, chipmunk, *, reorder_kinds: tuple[str, ...], mlp: bool = True) -> None:
@@ -75,9 +80,10 @@ class ChipmunkRun:
     attention_impl: str | None
 
     @classmethod
-    def start(cls, chipmunk, plan, cache, key, *, num_layers: int, init_cache: Callable[[], ModelCache],
+    def start(cls, chipmunk, plan, cache, key, *, stacks: BlockStacks, init_cache: Callable[[], ModelCache],
               kernel_impl=None, prefix: int | None = None, attention_impl=None, num_tokens: int) -> "ChipmunkRun":
-        """The prelude: ``plan`` required, ``cache`` from ``init_cache()`` when None, else checked.
+        """The prelude: ``plan`` required, ``cache`` from ``init_cache()`` when None, else checked against the
+        model's block ``stacks``.
 
         ``num_tokens``: the tokens Chipmunk's attention runs on (the static mask's columns)."""
         if not isinstance(plan, StepPlan):
@@ -85,33 +91,34 @@ class ChipmunkRun:
                             f"step), got {type(plan).__name__}")
         if cache is None:
             cache = init_cache()
-        check_model_cache(cache, num_layers, num_tokens)
+        check_model_cache(cache, chipmunk, stacks, num_tokens)
         static_mask = None
         if cache.static_mask_bits is not None:
             static_mask = unpack_mask(cache.static_mask_bits, num_tokens)
         return cls(chipmunk, plan, cache, key, kernel_impl, static_mask, prefix, attention_impl)
 
-    def _layer_keys(self, layer: int):
+    def _layer_keys(self, layer):
         if self.key is None:
             return None, None
         return tuple(jax.random.split(jax.random.fold_in(self.key, layer)))
 
-    def ops(self, layer: int) -> dict[str, Any]:
-        """``{"attention_op", "mlp_op"}`` for sparse-capable layer ``layer`` (each returns ``(out, new slot)``);
-        layers dense at every step get no op."""
+    def ops(self, layer, attention_cache=None, mlp_cache=None) -> dict[str, Any]:
+        """``{"attention_op", "mlp_op"}`` of global layer ``layer`` (an int, or traced inside a scan) over that
+        layer's caches (each op returns ``(out, new cache)``); an op whose cache is None is left out (the layer
+        runs the dense path)."""
         ops = {}
         attn_key, mlp_key = self._layer_keys(layer)
-        if layer_is_sparse(self.chipmunk.attention, layer):
-            ops["attention_op"] = self._attention_op(layer, attn_key)
-        if layer_is_sparse(self.chipmunk.mlp, layer):
-            ops["mlp_op"] = self._mlp_op(layer, mlp_key)
+        if attention_cache is not None:
+            ops["attention_op"] = self._attention_op(attention_cache, attn_key)
+        if mlp_cache is not None:
+            ops["mlp_op"] = self._mlp_op(mlp_cache, mlp_key)
         return ops
 
-    def _attention_op(self, layer: int, key):
+    def _attention_op(self, layer_cache, key):
         def attention_op(q, k, v):
             p = q.shape[1] if self.prefix is None else self.prefix
             out, slot = sparse_delta_attention(
-                q[:, :p], k[:, :p], v[:, :p], self.cache.attention[layer], self.plan.attention, self.chipmunk,
+                q[:, :p], k[:, :p], v[:, :p], layer_cache, self.plan.attention, self.chipmunk,
                 key=key, static_mask=self.static_mask, eligible=self.cache.eligible, impl=self.kernel_impl,
             )
             if p < q.shape[1]:  # the queries past the prefix (padded text) attend densely to the prefix
@@ -121,30 +128,39 @@ class ChipmunkRun:
 
         return attention_op
 
-    def _mlp_op(self, layer: int, key):
+    def _mlp_op(self, layer_cache, key):
         def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
             cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
             weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed)
-            return sparse_delta_mlp(x, weights, self.cache.mlp[layer], self.plan.mlp, self.chipmunk, key=key,
+            return sparse_delta_mlp(x, weights, layer_cache, self.plan.mlp, self.chipmunk, key=key,
                                     impl=self.kernel_impl)
 
         return mlp_op
 
 
-def check_model_cache(cache, num_layers: int, num_tokens: int) -> None:
-    """A ``ModelCache`` of this model's layer count (one CFG branch) over ``num_tokens`` tokens."""
+def check_model_cache(cache, chipmunk: ChipmunkConfig, stacks: BlockStacks, num_tokens: int) -> None:
+    """A ``ModelCache`` of this model's block ``stacks`` under ``chipmunk`` (one CFG branch) over ``num_tokens``
+    tokens: one entry per stack, holding a leading layer axis over the stack's sparse layers."""
     if not isinstance(cache, ModelCache):
         raise TypeError("cache must be the ModelCache of the model's init_cache (one CFG branch: use "
                         f"chipmunk_jax.cache.select_branch on stacked caches), got {type(cache).__name__}")
-    if len(cache.attention) != num_layers or len(cache.mlp) != num_layers:
-        raise ValueError(f"cache has {len(cache.attention)} attention and {len(cache.mlp)} MLP slots, the model "
-                         f"{num_layers} sparse-capable layers: rebuild it with the model's init_cache")
+    if len(cache.attention) != len(stacks) or len(cache.mlp) != len(stacks):
+        raise ValueError(f"cache has {len(cache.attention)} attention and {len(cache.mlp)} MLP block stacks, the model "
+                         f"{len(stacks)}: rebuild it with the model's init_cache")
     slots = [slot for slot in cache.attention if slot is not None]
-    stacked = (slots and slots[0].lse.ndim != 3) or (cache.static_mask_bits is not None
+    stacked = (slots and slots[0].lse.ndim != 4) or (cache.static_mask_bits is not None
                                                      and cache.static_mask_bits.ndim != 2)
     if stacked:
         raise ValueError("cache holds several CFG branches: pass one branch's cache "
                          "(chipmunk_jax.cache.select_branch(caches, i))")
+    for what, section, slots in (("attention", chipmunk.attention, cache.attention), ("MLP", chipmunk.mlp, cache.mlp)):
+        for s, (first, count) in enumerate(stacks):
+            expected = len(sparse_layer_range(section, first, count))
+            leaves = jax.tree_util.tree_leaves(slots[s])
+            held = leaves[0].shape[0] if leaves else 0
+            if held != expected or any(x.shape[0] != held for x in leaves):
+                raise ValueError(f"cache block stack {s} holds {held} {what} layers, this model and chipmunk config "
+                                 f"{expected}: rebuild it with the model's init_cache")
     if cache.static_mask_bits is not None and cache.static_mask_bits.shape[-1] != -(-num_tokens // 8):
         raise ValueError(f"cache static mask covers {cache.static_mask_bits.shape[-1] * 8} tokens, not {num_tokens}: "
                          "not this token grid's cache (rebuild it with the model's init_cache)")

@@ -1,11 +1,11 @@
 """FLUX.1 transformer (diffusers ``FluxTransformer2DModel``) as pure functions, with Chipmunk inside.
 
 Params: a nested dict whose paths joined by "." are the diffusers state-dict names, with each
-``weight`` renamed ``kernel`` (Linear, transposed to [in, out]) or ``scale`` (RMSNorm). Blocks are
-Python lists (``params["transformer_blocks"][i]``, ``params["single_transformer_blocks"][i]``), not
-stacked: the loop is unrolled so each block can take its own Chipmunk op (first_n_dense_layers)
-and its own cache slot; ModuleList indices inside a block stay string keys (``to_out["0"]``,
-``ff["net"]["0"]["proj"]``). See ``chipmunk_jax.ports.flux`` for the converters.
+``weight`` renamed ``kernel`` (Linear, transposed to [in, out]) or ``scale`` (RMSNorm). Each block type
+is ONE tree whose arrays carry a leading layer axis (``params["transformer_blocks"]["attn"]["to_q"]["kernel"]``
+is [num_layers, D, D]), run with ``lax.scan`` (``models.block_stack``); the diffusers name
+``transformer_blocks.3.attn.to_q.weight`` is row 3 of that array. ModuleList indices inside a block stay
+string keys (``to_out["0"]``, ``ff["net"]["0"]["proj"]``). See ``chipmunk_jax.ports.flux`` for the converters.
 
 ``forward`` mirrors diffusers' keywords and shapes:
   hidden_states [B, N, in_channels] (packed latents, raster order), encoder_hidden_states
@@ -20,7 +20,8 @@ Chipmunk (docs/algorithm.md §5.1): every double and single block's joint attent
 ``sparse_delta_attention``; the double-block image MLP and the single-block MLP through
 ``sparse_delta_mlp`` (the text MLP stays dense). Layer indices count double blocks 0..num_layers-1 then
 single blocks; the attention and MLP of one block share the index. Layers below first_n_dense_layers
-(or with the op disabled) run the dense path (cuDNN attention on GPUs) and keep no cache (None slots).
+(or with the op disabled) run the dense path (cuDNN attention on GPUs) and keep no cache; the cache
+holds two block stacks (double, single), each stacked over its sparse layers.
 With ``reorder.kind == "tiles"`` the image tokens (and their RoPE rows) are permuted to 8x8/4x4 tile order
 inside ``forward``; ``sample`` comes back in raster order, ``hidden`` stays in tile order.
 """
@@ -36,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.attention import check_seq_len, init_attention_cache
-from chipmunk_jax.cache import ModelCache, layer_is_sparse
+from chipmunk_jax.cache import ModelCache, sparse_layer_range, stack_layers
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models import mmdit
+from chipmunk_jax.models.block_stack import check_block_stack, num_blocks, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -108,6 +110,10 @@ class FluxConfig(DiffusersConfig):
     def num_sparse_layers(self) -> int:
         return self.num_layers + self.num_single_layers
 
+    @property
+    def block_stacks(self) -> tuple[tuple[int, int], ...]:
+        """(first layer, count) of the double and the single block stack, in Chipmunk's layer numbering."""
+        return ((0, self.num_layers), (self.num_layers, self.num_single_layers))
 
     @classmethod
     def dev(cls) -> "FluxConfig":
@@ -127,15 +133,18 @@ def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.bfloat16) -> Param
     if not isinstance(config, FluxConfig):
         raise TypeError(f"config must be a FluxConfig, got {type(config).__name__}")
     d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
-    keys = iter(jax.random.split(key, 16 + 32 * config.num_sparse_layers))
-    lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
+    key, double_key, single_key = jax.random.split(key, 3)
+    keys = iter(jax.random.split(key, 16))
+    lin = lambda i, o, keys=keys: linear_init(next(keys), i, o, dtype)  # noqa: E731
     norm = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
     emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731
     time_text_embed = {"timestep_embedder": emb(256), "text_embedder": emb(config.pooled_projection_dim)}
     if config.guidance_embeds:
         time_text_embed["guidance_embedder"] = emb(256)
 
-    def double():
+    def double(key):
+        keys = iter(jax.random.split(key, 16))
+        lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
         attn.update({name: norm() for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")})
         attn.update({"to_out": {"0": lin(d, d)}, "to_add_out": lin(d, d)})
@@ -143,7 +152,9 @@ def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.bfloat16) -> Param
         return {"norm1": {"linear": lin(d, 6 * d)}, "norm1_context": {"linear": lin(d, 6 * d)}, "attn": attn,
                 "ff": ff(), "ff_context": ff()}
 
-    def single():
+    def single(key):
+        keys = iter(jax.random.split(key, 8))
+        lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
         attn.update({"norm_q": norm(), "norm_k": norm()})
         return {"norm": {"linear": lin(d, 3 * d)}, "attn": attn, "proj_mlp": lin(d, f), "proj_out": lin(d + f, d)}
@@ -152,8 +163,8 @@ def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.bfloat16) -> Param
         "x_embedder": lin(config.in_channels, d),
         "context_embedder": lin(config.joint_attention_dim, d),
         "time_text_embed": time_text_embed,
-        "transformer_blocks": [double() for _ in range(config.num_layers)],
-        "single_transformer_blocks": [single() for _ in range(config.num_single_layers)],
+        "transformer_blocks": jax.vmap(double)(jax.random.split(double_key, config.num_layers)),
+        "single_transformer_blocks": jax.vmap(single)(jax.random.split(single_key, config.num_single_layers)),
         "norm_out": {"linear": lin(d, 2 * d)},
         "proj_out": lin(d, config.output_channels),
     }
@@ -200,68 +211,66 @@ def grid_from_ids(img_ids) -> tuple[int, int]:
 def init_cache(config: FluxConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int],
                num_text_tokens: int, key: jax.Array | None = None, dtype=jnp.bfloat16) -> ModelCache:
     """The ``ModelCache`` of one generation over a (height, width) token ``grid`` and ``num_text_tokens``:
-    one attention and one MLP slot per block, double blocks first (the image MLP of a double block caches
-    the N image tokens, the single-block MLP all L+N tokens); None for the layers that are dense at every
-    step. FLUX has no static mask (``key`` is accepted for the common signature and unused)."""
+    per block stack (double, single) the attention and MLP caches of its sparse layers stacked on a leading
+    axis (the image MLP of a double block caches the N image tokens, the single-block MLP all L+N tokens);
+    None for a stack whose layers are dense at every step. FLUX has no static mask (``key`` is accepted for
+    the common signature and unused)."""
     _check_chipmunk(config, chipmunk)
     num_img = math.prod(check_grid(grid, 2))
     non_negative_int("num_text_tokens", num_text_tokens)
     joint = num_img + num_text_tokens
     check_seq_len(joint, chipmunk)  # also when every layer is dense: the config asks for Chipmunk
-    attention = tuple(
-        init_attention_cache(chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
-                             head_dim=config.attention_head_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.attention, i) else None
-        for i in range(config.num_sparse_layers)
-    )
-    mlp = tuple(
-        init_mlp_cache(chipmunk, batch=batch, seq_len=num_img if i < config.num_layers else joint,
-                       in_features=config.inner_dim, hidden_features=config.mlp_hidden_dim,
-                       out_features=config.inner_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.mlp, i) else None
-        for i in range(config.num_sparse_layers)
-    )
-    return ModelCache(attention=attention, mlp=mlp)
+    attention, mlp = [], []
+    for (first, count), mlp_tokens in zip(config.block_stacks, (num_img, joint)):
+        attn_layers = len(sparse_layer_range(chipmunk.attention, first, count))
+        mlp_layers = len(sparse_layer_range(chipmunk.mlp, first, count))
+        attention.append(stack_layers(
+            attn_layers and init_attention_cache(chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
+                                                 head_dim=config.attention_head_dim, dtype=dtype), attn_layers))
+        mlp.append(stack_layers(
+            mlp_layers and init_mlp_cache(chipmunk, batch=batch, seq_len=mlp_tokens, in_features=config.inner_dim,
+                                          hidden_features=config.mlp_hidden_dim, out_features=config.inner_dim,
+                                          dtype=dtype), mlp_layers))
+    return ModelCache(attention=tuple(attention), mlp=tuple(mlp))
 
 
 def prepare_params(params: Params, config: FluxConfig, chipmunk: ChipmunkConfig) -> Params:
     """Params laid out for the sparse MLP kernels, made ONCE before sampling (the same function).
 
-    For every layer whose MLP is sparse-capable: fc1 (``ff.net.0.proj`` of a double block,
-    ``proj_mlp`` of a single block) is stored transposed as ``kernel_t`` [F, C], the layout the Pallas
-    fc1 kernel gathers rows from, and a single block's fused ``proj_out`` kernel is stored as its
-    attention rows ``kernel_attn`` [D, D] and MLP rows ``kernel_mlp`` [F, D]. Otherwise every sparse
-    step would transpose W1 and slice ``proj_out`` (two copies of ~75 MB per layer at FLUX.1 size).
-    Other layers are returned as they are (shared, not copied). Converted checkpoints keep the plain
-    layout: call this on loaded params; drop the originals to keep one copy on the device.
+    For every block stack with a sparse-capable MLP layer: fc1 (``ff.net.0.proj`` of the double blocks,
+    ``proj_mlp`` of the single blocks) is stored transposed as ``kernel_t`` [L, F, C], the layout the Pallas
+    fc1 kernel gathers rows from, and the single blocks' fused ``proj_out`` kernel is stored as its attention
+    rows ``kernel_attn`` [L, D, D] and MLP rows ``kernel_mlp`` [L, F, D]. Otherwise every sparse step would
+    transpose W1 and slice ``proj_out`` (two copies of ~75 MB per layer at FLUX.1 size). A stack is prepared
+    whole (its dense layers read the same layout; the dense path takes either). Other params are returned as
+    they are (shared, not copied). Converted checkpoints keep the plain layout: call this on loaded params and
+    drop the originals to keep one copy on the device.
     """
     _check_chipmunk(config, chipmunk)
     dim = config.inner_dim
-    doubles = list(params["transformer_blocks"])
-    singles = list(params["single_transformer_blocks"])
-    for i in range(config.num_sparse_layers):
-        if not layer_is_sparse(chipmunk.mlp, i):
-            continue
-        if i < config.num_layers:
-            block = doubles[i]
-            net = dict(block["ff"]["net"])
-            net["0"] = {"proj": _transposed_fc1(net["0"]["proj"])}
-            doubles[i] = dict(block, ff=dict(block["ff"], net=net))
-        else:
-            j = i - config.num_layers
-            block = singles[j]
-            proj_out = block["proj_out"]
-            if "kernel" in proj_out:
-                proj_out = {"kernel_attn": proj_out["kernel"][:dim], "kernel_mlp": proj_out["kernel"][dim:],
-                            "bias": proj_out["bias"]}
-            singles[j] = dict(block, proj_mlp=_transposed_fc1(block["proj_mlp"]), proj_out=proj_out)
-    return dict(params, transformer_blocks=doubles, single_transformer_blocks=singles)
+    (double_first, doubles), (single_first, singles) = config.block_stacks
+    out = dict(params)
+    if len(sparse_layer_range(chipmunk.mlp, double_first, doubles)):
+        block = params["transformer_blocks"]
+        net = dict(block["ff"]["net"])
+        net["0"] = {"proj": _transposed_fc1(net["0"]["proj"])}
+        out["transformer_blocks"] = dict(block, ff=dict(block["ff"], net=net))
+    if len(sparse_layer_range(chipmunk.mlp, single_first, singles)):
+        block = params["single_transformer_blocks"]
+        proj_out = block["proj_out"]
+        if "kernel" in proj_out:
+            proj_out = {"kernel_attn": proj_out["kernel"][:, :dim], "kernel_mlp": proj_out["kernel"][:, dim:],
+                        "bias": proj_out["bias"]}
+        out["single_transformer_blocks"] = dict(block, proj_mlp=_transposed_fc1(block["proj_mlp"]),
+                                                proj_out=proj_out)
+    return out
 
 
 def _transposed_fc1(proj: Params) -> Params:
     if "kernel_t" in proj:
         return proj
-    return {"kernel_t": jnp.asarray(proj["kernel"]).T, **{k: v for k, v in proj.items() if k != "kernel"}}
+    kernel_t = jnp.swapaxes(jnp.asarray(proj["kernel"]), -1, -2)
+    return {"kernel_t": kernel_t, **{k: v for k, v in proj.items() if k != "kernel"}}
 
 
 def _check_config(config) -> None:
@@ -299,21 +308,34 @@ def timestep_conditioning(params: Params, config: FluxConfig, *, timestep, poole
     timestep, guidance = pooled_timestep_guidance(pooled_projections, config.pooled_projection_dim, timestep, guidance,
                                                   guidance_embeds=config.guidance_embeds, model="this FLUX config")
     temb = _time_text_embed(params["time_text_embed"], timestep, guidance, pooled_projections)
+    def modulation(name, double):
+        if not num_blocks(params.get(name)):
+            return {}
+        return jax.vmap(lambda block: mmdit.block_modulation(block, temb, double=double))(
+            _modulation_params(params[name]))
+
     return {
-        "transformer_blocks": [mmdit.block_modulation(b, temb, double=True) for b in params["transformer_blocks"]],
-        "single_transformer_blocks": [
-            mmdit.block_modulation(b, temb, double=False) for b in params["single_transformer_blocks"]
-        ],
+        "transformer_blocks": modulation("transformer_blocks", True),
+        "single_transformer_blocks": modulation("single_transformer_blocks", False),
         "norm_out": linear(params["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32),
     }
 
 
+def _modulation_params(stack: Params) -> Params:
+    """The AdaLayerNormZero Linears of a block stack (what ``block_modulation`` reads)."""
+    return {name: stack[name] for name in ("norm1", "norm1_context", "norm") if name in stack}
+
+
 def _check_conditioning(config: FluxConfig, conditioning: Params, batch: int) -> None:
-    blocks = conditioning.get("transformer_blocks", ()) if isinstance(conditioning, dict) else ()
-    singles = conditioning.get("single_transformer_blocks", ()) if isinstance(conditioning, dict) else ()
-    if len(blocks) != config.num_layers or len(singles) != config.num_single_layers or "norm_out" not in conditioning:
-        raise ValueError(f"conditioning must come from flux.timestep_conditioning for this config ({config.num_layers} double "
-                         f"and {config.num_single_layers} single blocks)")
+    message = (f"conditioning must come from flux.timestep_conditioning for this config ({config.num_layers} double "
+               f"and {config.num_single_layers} single blocks, batch {batch})")
+    if not isinstance(conditioning, dict) or "norm_out" not in conditioning:
+        raise ValueError(message)
+    for name, count in (("transformer_blocks", config.num_layers), ("single_transformer_blocks",
+                                                                     config.num_single_layers)):
+        shapes = {x.shape[:2] for x in jax.tree_util.tree_leaves(conditioning.get(name))}
+        if shapes != ({(count, batch)} if count else set()):
+            raise ValueError(f"{message}; conditioning[{name!r}] has leading axes {sorted(shapes)}")
     expected = (batch, 2 * config.inner_dim)
     if conditioning["norm_out"].shape != expected:
         raise ValueError(f"conditioning['norm_out'] must be {list(expected)} (batch {batch}), got "
@@ -379,6 +401,7 @@ def forward(
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                   guidance)
+    _check_params(params, config)
     dtype = check_compute_dtype(dtype)
     if chipmunk is None and (cache is not None or plan is not None):
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
@@ -402,7 +425,7 @@ def forward(
         grid = _image_grid(grid, img_ids, num_img, chipmunk)
         init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, num_text_tokens=num_txt,  # noqa: E731
                                   dtype=dtype)
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, num_layers=config.num_sparse_layers, init_cache=init,
+        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
                                 kernel_impl=kernel_impl, num_tokens=num_txt + num_img)
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
@@ -414,23 +437,33 @@ def forward(
     img = linear(params["x_embedder"], hidden_states, dtype, jnp.float32)
     txt = linear(params["context_embedder"], encoder_hidden_states, dtype, jnp.float32)
     block_kw = dict(head_dim=config.attention_head_dim, dtype=dtype, attention_impl=attention_impl)
-    for i, block in enumerate(params["transformer_blocks"]):
-        txt, img, (attn_slot, mlp_slot) = mmdit.double_block(
-            block, img, txt, None, rotary_emb, text_first=True, modulation=conditioning["transformer_blocks"][i],
-            **block_kw, **({} if run is None else run.ops(i))
-        )
-        cache = cache if run is None else cache.with_layer(i, attn_slot, mlp_slot)
-    joint_states = jnp.concatenate([txt, img], axis=1)
-    for j, block in enumerate(params["single_transformer_blocks"]):
-        layer = config.num_layers + j
-        joint_states, (attn_slot, mlp_slot) = mmdit.single_block(
-            block, joint_states, None, rotary_emb, modulation=conditioning["single_transformer_blocks"][j],
-            **block_kw, **({} if run is None else run.ops(layer))
-        )
-        cache = cache if run is None else cache.with_layer(layer, attn_slot, mlp_slot)
+
+    def double(block, modulation, state, ops):
+        txt, img = state
+        txt, img, slots = mmdit.double_block(block, img, txt, None, rotary_emb, text_first=True,
+                                             modulation=modulation, **block_kw, **ops)
+        return (txt, img), slots
+
+    def single(block, modulation, joint_states, ops):
+        return mmdit.single_block(block, joint_states, None, rotary_emb, modulation=modulation, **block_kw, **ops)
+
+    (double_first, _), (single_first, _) = config.block_stacks
+    (txt, img), cache = scan_blocks(double, params["transformer_blocks"], (txt, img), first_layer=double_first,
+                                    run=run, stack_index=0, per_layer=conditioning["transformer_blocks"])
+    run = run if run is None else dataclasses.replace(run, cache=cache)
+    joint_states, cache = scan_blocks(single, params["single_transformer_blocks"], jnp.concatenate([txt, img], axis=1),
+                                      first_layer=single_first, run=run, stack_index=1,
+                                      per_layer=conditioning["single_transformer_blocks"])
     hidden = joint_states[:, num_txt:]
     sample = _final_layer(params, hidden, conditioning["norm_out"], dtype)
     return ModelOutput(sample=unpermute_tokens(sample, perm).astype(hidden_states.dtype), hidden=hidden, cache=cache)
+
+
+def _check_params(params, config: FluxConfig) -> None:
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
+    check_block_stack("transformer_blocks", params.get("transformer_blocks"), config.num_layers)
+    check_block_stack("single_transformer_blocks", params.get("single_transformer_blocks"), config.num_single_layers)
 
 
 def _image_grid(grid, img_ids, num_img: int, chipmunk: ChipmunkConfig) -> tuple[int, int]:

@@ -3,9 +3,10 @@
 Params: a nested dict whose paths joined by "." are the diffusers state-dict names, with each Linear
 ``weight`` renamed ``kernel`` ([in, out]) and each norm ``weight`` renamed ``scale``. The patch embedding
 ``x_embedder.proj`` (a Conv3d with kernel = stride = (pt, p, p)) is kept as patchify + Linear:
-``kernel`` [C*pt*p*p, D] with patch features ordered (c, pt, ph, pw) (``W.reshape(D, -1).T``). Blocks are
-Python lists (``transformer_blocks``, ``single_transformer_blocks``,
-``context_embedder.token_refiner.refiner_blocks``). See ``chipmunk_jax.ports.hunyuan_video``.
+``kernel`` [C*pt*p*p, D] with patch features ordered (c, pt, ph, pw) (``W.reshape(D, -1).T``). Each block
+type (``transformer_blocks``, ``single_transformer_blocks``, ``context_embedder.token_refiner.refiner_blocks``)
+is ONE tree whose arrays carry a leading layer axis, run with ``lax.scan`` (``models.block_stack``). See
+``chipmunk_jax.ports.hunyuan_video``.
 
 ``forward`` mirrors diffusers' keywords and shapes (docs/models.md §2):
   hidden_states [B, C, F, H, W], timestep [B] (in [0, 1000], no scaling inside), encoder_hidden_states
@@ -21,7 +22,8 @@ I2V ``token_replace`` modulates the first latent frame's image tokens with the e
 
 Chipmunk (docs/algorithm.md §5.2): the joint attention of all num_layers + num_single_layers blocks goes through
 ``sparse_delta_attention`` (no MLP sparsity, as the original); layers below first_n_dense_layers run the
-dense path and keep no cache (None slots). Image tokens are put in voxel order (``reorder.voxel``,
+dense path and keep no cache; the cache holds two block stacks (double, single), each stacked over its
+sparse layers. Image tokens are put in voxel order (``reorder.voxel``,
 tails in raster order, docs/algorithm.md §3.1) inside ``forward`` with their RoPE rows permuted identically, text is
 appended unpermuted; ``sample`` is permuted back, ``hidden`` stays in voxel order. Chipmunk runs on the prefix [image; valid text]
 (as the original, which cuts at ``cu_seqlens_q[1]``); the padded text queries attend densely to that
@@ -34,7 +36,7 @@ random keys; docs/algorithm.md §1.6) is built once per generation by ``init_cac
 Memory per sparse layer at 720x1280x129 (118,800 image + 256 text tokens, B=1, bf16 out_cache), measured
 with ``chipmunk_jax.cache.cache_bytes`` on ``jax.eval_shape(init_cache)`` (``cache_bytes_per_layer``):
   out_cache 731.5 MB, packed mask 221.8 MB, LSE 11.4 MB, counts 0.06 MB: 964.8 MB per layer,
-  56.0 GB for the 58 sparse layers of the preset (the 2 always-dense layers keep no cache: None slots),
+  56.0 GB for the 58 sparse layers of the preset (the 2 always-dense layers keep no cache),
   plus the per-generation static mask, 9.2 MB packed.
 With 23.9 GiB of bf16 weights that fits a 141 GB H200 (measured peak 99.8 GiB) but not an 80 GB H100: there,
 ``chipmunk_jax.cache.offload_layer_caches(cache)`` keeps every layer's cache in pinned host memory and each
@@ -57,9 +59,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.attention import init_attention_cache
-from chipmunk_jax.cache import ModelCache, cache_bytes, layer_is_sparse
+from chipmunk_jax.cache import ModelCache, cache_bytes, sparse_layer_range, stack_layers
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import mmdit
+from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -174,6 +177,11 @@ class HunyuanVideoConfig(DiffusersConfig):
     def num_sparse_layers(self) -> int:
         return self.num_layers + self.num_single_layers
 
+    @property
+    def block_stacks(self) -> tuple[tuple[int, int], ...]:
+        """(first layer, count) of the double and the single block stack, in Chipmunk's layer numbering."""
+        return ((0, self.num_layers), (self.num_layers, self.num_single_layers))
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,46 +193,54 @@ def init_params(config: HunyuanVideoConfig, key: jax.Array, dtype=jnp.bfloat16) 
     if not isinstance(config, HunyuanVideoConfig):
         raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
     d, f, hd = config.inner_dim, config.mlp_hidden_dim, config.attention_head_dim
-    n_keys = 32 + 32 * (config.num_sparse_layers + config.num_refiner_layers)
-    keys = iter(jax.random.split(key, n_keys))
-    lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
+    key, refiner_key, double_key, single_key = jax.random.split(key, 4)
+
+    def linears(key, n):
+        keys = iter(jax.random.split(key, n))
+        return lambda i, o: linear_init(next(keys), i, o, dtype)
+
+    lin = linears(key, 32)
     rms = lambda: {"scale": jnp.ones((hd,), dtype)}  # noqa: E731
     ln = lambda: {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}  # noqa: E731
     emb = lambda i: {"linear_1": lin(i, d), "linear_2": lin(d, d)}  # noqa: E731
-    ff = lambda hidden: {"net": {"0": {"proj": lin(d, hidden)}, "2": lin(hidden, d)}}  # noqa: E731
+    ff = lambda lin, hidden: {"net": {"0": {"proj": lin(d, hidden)}, "2": lin(hidden, d)}}  # noqa: E731
 
-    def refiner_block():
+    def refiner_block(key):
+        lin = linears(key, 8)
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
         attn["to_out"] = {"0": lin(d, d)}
-        return {"norm1": ln(), "attn": attn, "norm2": ln(), "ff": ff(config.refiner_mlp_hidden_dim),
+        return {"norm1": ln(), "attn": attn, "norm2": ln(), "ff": ff(lin, config.refiner_mlp_hidden_dim),
                 "norm_out": {"linear": lin(d, 2 * d)}}
 
-    def double():
+    def double(key):
+        lin = linears(key, 16)
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
         attn.update({name: rms() for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")})
         attn.update({"to_out": {"0": lin(d, d)}, "to_add_out": lin(d, d)})
         return {"norm1": {"linear": lin(d, 6 * d)}, "norm1_context": {"linear": lin(d, 6 * d)}, "attn": attn,
-                "ff": ff(f), "ff_context": ff(f)}
+                "ff": ff(lin, f), "ff_context": ff(lin, f)}
 
-    def single():
+    def single(key):
+        lin = linears(key, 8)
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
         attn.update({"norm_q": rms(), "norm_k": rms()})
         return {"norm": {"linear": lin(d, 3 * d)}, "attn": attn, "proj_mlp": lin(d, f), "proj_out": lin(d + f, d)}
 
+    stack = lambda init, key, count: jax.vmap(init)(jax.random.split(key, count))  # noqa: E731
     time_text_embed = {"timestep_embedder": emb(256), "text_embedder": emb(config.pooled_projection_dim)}
     if config.guidance_embeds:
         time_text_embed["guidance_embedder"] = emb(256)
     context_embedder = {
         "time_text_embed": {"timestep_embedder": emb(256), "text_embedder": emb(config.text_embed_dim)},
         "proj_in": lin(config.text_embed_dim, d),
-        "token_refiner": {"refiner_blocks": [refiner_block() for _ in range(config.num_refiner_layers)]},
+        "token_refiner": {"refiner_blocks": stack(refiner_block, refiner_key, config.num_refiner_layers)},
     }
     return {
         "x_embedder": {"proj": lin(config.patch_features, d)},
         "context_embedder": context_embedder,
         "time_text_embed": time_text_embed,
-        "transformer_blocks": [double() for _ in range(config.num_layers)],
-        "single_transformer_blocks": [single() for _ in range(config.num_single_layers)],
+        "transformer_blocks": stack(double, double_key, config.num_layers),
+        "single_transformer_blocks": stack(single, single_key, config.num_single_layers),
         "norm_out": {"linear": lin(d, 2 * d)},
         "proj_out": lin(d, config.patch_size_t * config.patch_size ** 2 * config.output_channels),
     }
@@ -329,14 +345,17 @@ def token_refiner(params: Params, config: HunyuanVideoConfig, encoder_hidden_sta
     valid = jnp.asarray(encoder_attention_mask).astype(bool)
     # diffusers: mask[i, j] = valid_i & valid_j, with key 0 always visible (no all-masked rows)
     mask = (valid[:, :, None] & valid[:, None, :]).at[:, :, 0].set(True)
-    for block in params.get("token_refiner", {}).get("refiner_blocks", []):
+
+    def refiner_block(block, _, h, ops):
         gate_msa, gate_mlp = jnp.split(linear(block["norm_out"]["linear"], jax.nn.silu(temb), jnp.float32), 2, -1)
         attn_out = _refiner_attention(block["attn"], affine_layer_norm(block["norm1"], h, _EPS), mask,
                                       head_dim=config.attention_head_dim, dtype=dtype)
         h = h + attn_out * gate_msa[:, None]
         ff = block["ff"]["net"]
         hidden = jax.nn.silu(linear(ff["0"]["proj"], affine_layer_norm(block["norm2"], h, _EPS), dtype, jnp.float32))
-        h = h + linear(ff["2"], hidden, dtype, jnp.float32) * gate_mlp[:, None]
+        return h + linear(ff["2"], hidden, dtype, jnp.float32) * gate_mlp[:, None], (None, None)
+
+    h, _ = scan_blocks(refiner_block, params.get("token_refiner", {}).get("refiner_blocks"), h, first_layer=0)
     return h
 
 
@@ -396,26 +415,25 @@ def _check_chipmunk(config, chipmunk) -> None:
 def init_cache(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
                text_length: int, key: jax.Array | None = None, dtype=jnp.bfloat16) -> ModelCache:
     """The ``ModelCache`` of one generation over the token ``grid`` (``token_grid(config, latents)``) and
-    ``text_length`` valid text tokens: one attention slot per block (None for always-dense layers), no MLP
-    caches (HunyuanVideo runs Chipmunk on attention only), and on the compressed path the static mask over
-    the P = image tokens + text_length prefix Chipmunk runs on, bit-packed, with its eligible groups.
+    ``text_length`` valid text tokens: per block stack (double, single) the attention caches of its sparse
+    layers stacked on a leading axis (None for a stack that is dense at every step), no MLP caches
+    (HunyuanVideo runs Chipmunk on attention only), and on the compressed path the static mask over the
+    P = image tokens + text_length prefix Chipmunk runs on, bit-packed, with its eligible groups.
     ``key`` draws the static random keys (needed when attention.random_keys > 0 on the compressed path)."""
     _check_chipmunk(config, chipmunk)
     grid = check_grid(grid, 3)
     text_length = non_negative_int("text_length", text_length)
     prefix = math.prod(grid) + text_length
-    attention = tuple(
-        init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
-                             head_dim=config.attention_head_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.attention, i) else None
-        for i in range(config.num_sparse_layers)
-    )
+    layer_cache = init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
+                                       head_dim=config.attention_head_dim, dtype=dtype)
+    attention = tuple(stack_layers(layer_cache, len(sparse_layer_range(chipmunk.attention, first, count)))
+                      for first, count in config.block_stacks)
     static_bits = eligible = None
     if chipmunk.attention.compress_indices:
         mask, eligible = static_video_mask(grid, text_length, chipmunk.attention, voxel=chipmunk.reorder.voxel,
                                            key=key)
         static_bits = pack_mask(mask)
-    return ModelCache(attention=attention, mlp=(None,) * config.num_sparse_layers, static_mask_bits=static_bits,
+    return ModelCache(attention=attention, mlp=(None,) * len(attention), static_mask_bits=static_bits,
                       eligible=eligible)
 
 
@@ -428,7 +446,7 @@ def cache_bytes_per_layer(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, 
     abstract = jax.eval_shape(lambda key: init_cache(one_layer, sparse_layer, batch=batch, grid=grid,
                                                      text_length=text_length, key=key, dtype=dtype),
                               jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
-    layer = abstract.attention[0]
+    layer = abstract.attention[0]  # a stack of one layer: its bytes are the layer's
     out = {f.name: cache_bytes(getattr(layer, f.name)) for f in dataclasses.fields(layer)
            if getattr(layer, f.name) is not None}
     out["total"] = cache_bytes(layer)
@@ -530,6 +548,12 @@ def forward(
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                   pooled_projections, guidance)
+    for name, count in (("transformer_blocks", config.num_layers), ("single_transformer_blocks",
+                                                                     config.num_single_layers)):
+        check_block_stack(name, params.get(name), count)
+    check_block_stack("context_embedder.token_refiner.refiner_blocks",
+                      params.get("context_embedder", {}).get("token_refiner", {}).get("refiner_blocks"),
+                      config.num_refiner_layers)
     dtype = check_compute_dtype(dtype)
     if chipmunk is None and (cache is not None or plan is not None):
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
@@ -561,7 +585,7 @@ def forward(
         init = lambda: init_cache(  # noqa: E731
             config, chipmunk, batch=batch, grid=grid, text_length=text_length,
             key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, num_layers=config.num_sparse_layers, init_cache=init,
+        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
                                 kernel_impl=kernel_impl, prefix=prefix, attention_impl=attention_impl,
                                 num_tokens=prefix)
         cache = run.cache
@@ -589,17 +613,22 @@ def forward(
 
     block_kw = dict(head_dim=config.attention_head_dim, key_lengths=key_lengths, dtype=dtype,
                     attention_impl=attention_impl)
-    for i, block in enumerate(params.get("transformer_blocks", [])):
-        txt, img, (attn_slot, _) = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
-                                                      token_replace=double_replace,
-                                                      **({} if run is None else run.ops(i)))
-        cache = cache if run is None else cache.with_layer(i, attention=attn_slot)
-    joint = jnp.concatenate([img, txt], axis=1)
-    for j, block in enumerate(params.get("single_transformer_blocks", [])):
-        layer = config.num_layers + j
-        joint, (attn_slot, _) = mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace,
-                                                   **({} if run is None else run.ops(layer)))
-        cache = cache if run is None else cache.with_layer(layer, attention=attn_slot)
+
+    def double(block, _, state, ops):
+        img, txt = state
+        txt, img, slots = mmdit.double_block(block, img, txt, temb, rope, text_first=False, **block_kw,
+                                             token_replace=double_replace, **ops)
+        return (img, txt), slots
+
+    def single(block, _, joint, ops):
+        return mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace, **ops)
+
+    (double_first, _), (single_first, _) = config.block_stacks
+    (img, txt), cache = scan_blocks(double, params.get("transformer_blocks"), (img, txt), first_layer=double_first,
+                                    run=run, stack_index=0)
+    run = run if run is None else dataclasses.replace(run, cache=cache)
+    joint, cache = scan_blocks(single, params.get("single_transformer_blocks"), jnp.concatenate([img, txt], axis=1),
+                               first_layer=single_first, run=run, stack_index=1)
     hidden = joint[:, :num_img]
     sample = _final_layer(params, config, hidden, temb, grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=hidden, cache=cache)

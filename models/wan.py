@@ -3,8 +3,8 @@
 Params: a nested dict whose paths joined by "." are the diffusers state-dict names, with each
 ``weight`` renamed ``kernel`` (Linear and the patch Conv3d: the torch weight with its axes reversed,
 so a Linear kernel is [in, out] and the patch kernel [pw, ph, pt, in, out]) or ``scale`` (RMSNorm and
-affine LayerNorm). ``blocks`` is a Python list (the loop is unrolled so each block takes its own
-Chipmunk op and cache slot); ModuleList indices inside a block stay string keys
+affine LayerNorm). ``blocks`` is ONE tree whose arrays carry a leading layer axis, run with ``lax.scan``
+(``models.block_stack``); ModuleList indices inside a block stay string keys
 (``attn1["to_out"]["0"]``, ``ffn["net"]["0"]["proj"]``). Converters: ``chipmunk_jax.ports.wan``.
 
 ``forward`` mirrors diffusers' keywords and shapes:
@@ -38,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax.attention import init_attention_cache
-from chipmunk_jax.cache import ModelCache, layer_is_sparse, offload_layer_caches, split_branches, stack_branches
+from chipmunk_jax.cache import ModelCache, offload_layer_caches, sparse_layer_range, split_branches, stack_branches
+from chipmunk_jax.cache import stack_layers
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
+from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -150,6 +152,11 @@ class WanConfig(DiffusersConfig):
     def num_sparse_layers(self) -> int:
         return self.num_layers
 
+    @property
+    def block_stacks(self) -> tuple[tuple[int, int], ...]:
+        """(first layer, count) of the one block stack, in Chipmunk's layer numbering."""
+        return ((0, self.num_layers),)
+
 
     @classmethod
     def t2v_1_3b(cls) -> "WanConfig":
@@ -193,13 +200,14 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
     if not isinstance(config, WanConfig):
         raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
     d, f = config.inner_dim, config.ffn_dim
-    keys = iter(jax.random.split(key, 16 + 16 * config.num_layers))
+    key, blocks_key = jax.random.split(key)
+    keys = iter(jax.random.split(key, 16))
     lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
     rms = lambda: {"scale": jnp.ones((d,), dtype)}  # noqa: E731
     affine = lambda n: {"scale": jnp.ones((n,), dtype), "bias": jnp.zeros((n,), dtype)}  # noqa: E731
-    table = lambda n: jax.random.normal(next(keys), (1, n, d), dtype) / np.sqrt(d)  # noqa: E731
+    table = lambda key, n: jax.random.normal(key, (1, n, d), dtype) / np.sqrt(d)  # noqa: E731
 
-    def attention(cross):
+    def attention(lin, cross):
         attn = {name: lin(d, d) for name in ("to_q", "to_k", "to_v")}
         attn.update({"to_out": {"0": lin(d, d)}, "norm_q": rms(), "norm_k": rms()})
         if cross and config.added_kv_proj_dim is not None:
@@ -207,9 +215,11 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
                          "norm_added_k": rms()})
         return attn
 
-    def block():
-        out = {"scale_shift_table": table(6), "attn1": attention(False), "attn2": attention(True),
-               "ffn": {"net": {"0": {"proj": lin(d, f)}, "2": lin(f, d)}}}
+    def block(key):
+        keys = iter(jax.random.split(key, 16))
+        lin = lambda i, o: linear_init(next(keys), i, o, dtype)  # noqa: E731
+        out = {"scale_shift_table": table(next(keys), 6), "attn1": attention(lin, False),
+               "attn2": attention(lin, True), "ffn": {"net": {"0": {"proj": lin(d, f)}, "2": lin(f, d)}}}
         if config.cross_attn_norm:
             out["norm2"] = affine(d)
         return out
@@ -233,9 +243,9 @@ def init_params(config: WanConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params
     return {
         "patch_embedding": patch,
         "condition_embedder": condition_embedder,
-        "blocks": [block() for _ in range(config.num_layers)],
+        "blocks": jax.vmap(block)(jax.random.split(blocks_key, config.num_layers)),
         "proj_out": lin(d, config.patch_features * config.output_channels),
-        "scale_shift_table": table(2),
+        "scale_shift_table": table(next(keys), 2),
     }
 
 
@@ -272,27 +282,24 @@ def _check_chipmunk(config, chipmunk) -> None:
 
 def init_cache(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
                key: jax.Array | None = None, dtype=jnp.bfloat16) -> ModelCache:
-    """The ``ModelCache`` of ONE invocation branch over the (F', H', W') token ``grid`` (``token_grid``): one
-    attention and one MLP slot per block (None for layers dense at every step, and for every MLP slot when
-    chipmunk.mlp is off) and the bit-packed static mask (docs/algorithm.md §1.6), drawn here, once per
-    generation, from ``key`` (required when attention.random_keys > 0)."""
+    """The ``ModelCache`` of ONE invocation branch over the (F', H', W') token ``grid`` (``token_grid``): the
+    attention and the MLP caches of the sparse blocks, each stacked on a leading layer axis in a one-stack tuple
+    (None when no block ever leaves the dense path, e.g. the MLP when chipmunk.mlp is off) and the bit-packed
+    static mask (docs/algorithm.md §1.6), drawn here, once per generation, from ``key`` (required when
+    attention.random_keys > 0)."""
     _check_chipmunk(config, chipmunk)
     grid = check_grid(grid, 3)
     n = math.prod(grid)
-    attention = tuple(
-        init_attention_cache(chipmunk, batch=batch, seq_len=n, heads=config.num_attention_heads,
-                             head_dim=config.attention_head_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.attention, i) else None
-        for i in range(config.num_layers)
-    )
-    mlp = tuple(
-        init_mlp_cache(chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim,
-                       hidden_features=config.ffn_dim, out_features=config.inner_dim, dtype=dtype)
-        if layer_is_sparse(chipmunk.mlp, i) else None
-        for i in range(config.num_layers)
-    )
+    attn_layers = len(sparse_layer_range(chipmunk.attention, 0, config.num_layers))
+    mlp_layers = len(sparse_layer_range(chipmunk.mlp, 0, config.num_layers))
+    attention = stack_layers(attn_layers and init_attention_cache(
+        chipmunk, batch=batch, seq_len=n, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
+        dtype=dtype), attn_layers)
+    mlp = stack_layers(mlp_layers and init_mlp_cache(
+        chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim, hidden_features=config.ffn_dim,
+        out_features=config.inner_dim, dtype=dtype), mlp_layers)
     static_mask, eligible = static_video_mask(grid, 0, chipmunk.attention, voxel=chipmunk.reorder.voxel, key=key)
-    return ModelCache(attention=attention, mlp=mlp, static_mask_bits=pack_mask(static_mask), eligible=eligible)
+    return ModelCache(attention=(attention,), mlp=(mlp,), static_mask_bits=pack_mask(static_mask), eligible=eligible)
 
 
 def init_branch_caches(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
@@ -511,6 +518,7 @@ def forward(
         rotary_emb = pos_embed(config, grid)
     else:
         check_rotary_emb(rotary_emb, num_tokens, config.attention_head_dim)
+    check_block_stack("blocks", params.get("blocks"), config.num_layers)
     if conditioning is None:
         conditioning = timestep_conditioning(params, config, timestep=timestep, batch=batch)
     else:
@@ -519,7 +527,7 @@ def forward(
     run = perm = None
     if chipmunk is not None:
         init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)  # noqa: E731
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, num_layers=config.num_sparse_layers, init_cache=init,
+        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
                                 kernel_impl=kernel_impl, num_tokens=num_tokens)
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
@@ -532,12 +540,13 @@ def forward(
 
     x = permute_tokens(_patchify(params, config, hidden_states, dtype), perm)
     rotary_emb = tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb)
-    for i, block in enumerate(params["blocks"]):
-        ops = {} if run is None else run.ops(i)
-        x, (attn_slot, mlp_slot) = _block(block, x, text, image, conditioning["timestep_proj"], rotary_emb,
-                                          config=config, dtype=dtype, attention_op=ops.get("attention_op"),
-                                          mlp_op=ops.get("mlp_op"), attention_impl=attention_impl)
-        cache = cache if run is None else cache.with_layer(i, attn_slot, mlp_slot)
+
+    def block(block_params, _, x, ops):
+        return _block(block_params, x, text, image, conditioning["timestep_proj"], rotary_emb, config=config,
+                      dtype=dtype, attention_op=ops.get("attention_op"), mlp_op=ops.get("mlp_op"),
+                      attention_impl=attention_impl)
+
+    x, cache = scan_blocks(block, params["blocks"], x, first_layer=0, run=run)
     sample = _final_layer(params, config, x, conditioning["temb"], grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=x, cache=cache)
 

@@ -19,6 +19,7 @@ __all__ = [
     "PORT_API",
     "flatten_params",
     "unflatten_params",
+    "STACKED_BLOCKS",
     "param_to_diffusers_name",
     "diffusers_to_params",
     "params_to_diffusers",
@@ -59,11 +60,24 @@ PORT_API = [
 ]
 
 
+# The block stacks of the three models (dotted paths): in a params tree each is ONE subtree whose arrays carry a
+# leading layer axis (the models scan over it); flat names and files keep diffusers' per-block names
+# (``transformer_blocks.3.attn.to_q.kernel``), so converted folders stay readable by name.
+STACKED_BLOCKS = ("transformer_blocks", "single_transformer_blocks", "blocks",
+                  "context_embedder.token_refiner.refiner_blocks")
+
+
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """{"transformer_blocks.0.attn.to_q.kernel": array, ...}: the params tree with "."-joined paths."""
+    """{"transformer_blocks.0.attn.to_q.kernel": array, ...}: the params tree with "."-joined paths; a stacked
+    block node (``STACKED_BLOCKS``) is unstacked into one name per block (``value[i]``: a view of numpy
+    arrays; abstract ``ShapeDtypeStruct`` leaves lose their leading axis)."""
     out: dict[str, Any] = {}
 
     def walk(node, prefix):
+        if prefix[:-1] in STACKED_BLOCKS and isinstance(node, Mapping):
+            for i in range(_stack_size(node, prefix[:-1])):
+                walk(jax.tree_util.tree_map(lambda x: _block_of(x, i), node), f"{prefix}{i}.")
+            return
         if isinstance(node, Mapping):
             items = node.items()
         elif isinstance(node, (list, tuple)):
@@ -78,8 +92,23 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def unflatten_params(flat: Mapping[str, Any], list_nodes: Iterable[str] = ()) -> dict[str, Any]:
-    """Inverse of ``flatten_params``; the top-level nodes named in ``list_nodes`` become lists."""
+def _stack_size(node, name: str) -> int:
+    sizes = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(node)}
+    if len(sizes) > 1:
+        raise ValueError(f"the arrays of block stack {name} have different leading (layer) axes: {sorted(sizes)}")
+    return sizes.pop() if sizes else 0
+
+
+def _block_of(x, i: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[i]
+
+
+def unflatten_params(flat: Mapping[str, Any], stacked_nodes: Iterable[str] = ()) -> dict[str, Any]:
+    """Inverse of ``flatten_params``: the nodes named in ``stacked_nodes`` (dotted paths), keyed by block index
+    ``0..n-1``, become one tree stacked on a leading layer axis (``np.stack``: a host copy of each block array,
+    made one stacked array at a time)."""
     tree: dict[str, Any] = {}
     for name, value in flat.items():
         node = tree
@@ -87,14 +116,30 @@ def unflatten_params(flat: Mapping[str, Any], list_nodes: Iterable[str] = ()) ->
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    for name in list_nodes:
-        if name in tree:
-            blocks = tree[name]
-            indices = sorted(int(i) for i in blocks)
-            if indices != list(range(len(indices))):
-                raise ValueError(f"{name} indices are not contiguous from 0: {indices}")
-            tree[name] = [blocks[str(i)] for i in indices]
+    for name in stacked_nodes:
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {})
+        if leaf not in node:
+            continue
+        blocks = node[leaf]
+        if not all(i.isdigit() for i in blocks):
+            raise ValueError(f"{name} must hold numbered blocks, got keys {sorted(blocks)[:5]}")
+        indices = sorted(int(i) for i in blocks)
+        if indices != list(range(len(indices))):
+            raise ValueError(f"{name} indices are not contiguous from 0: {indices}")
+        node[leaf] = _stack_numbered([blocks.pop(str(i)) for i in indices], name)
     return tree
+
+
+def _stack_numbered(blocks: list, name: str):
+    structures = {jax.tree_util.tree_structure(b) for b in blocks}
+    if len(structures) > 1:
+        raise ValueError(f"the blocks of {name} do not all hold the same parameters")
+    if all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(blocks)):
+        return jax.tree_util.tree_map(lambda *xs: jax.numpy.stack(xs), *blocks)
+    return jax.tree_util.tree_map(lambda *xs: np.stack([to_numpy(x) for x in xs]), *blocks)
 
 
 def param_to_diffusers_name(name: str) -> str:

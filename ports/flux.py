@@ -1,14 +1,14 @@
 """FLUX.1 weight ports: diffusers and original BFL checkpoints -> ``chipmunk_jax.models.flux`` params.
 
 Names follow docs/models.md §5.1 / §5.5. The diffusers state dict maps one to one: ``a.b.weight`` [out, in]
-becomes ``params[a][b]["kernel"]`` [in, out] (an RMSNorm ``weight`` becomes ``scale``), biases are
-copied, and ``transformer_blocks`` / ``single_transformer_blocks`` are lists. The BFL layout is first
-rewritten to diffusers names (fused qkv split in three, single-block ``linear1`` split into q, k, v,
+becomes ``params[a][b]["kernel"]`` [in, out] (an RMSNorm ``weight`` becomes ``scale``), biases are copied, and
+``transformer_blocks`` / ``single_transformer_blocks`` are stacked on a leading layer axis. The BFL layout is
+first rewritten to diffusers names (fused qkv split in three, single-block ``linear1`` split into q, k, v,
 mlp, the final modulation halves swapped from (shift, scale) to (scale, shift)).
 
-Returned params hold numpy arrays (memory-mapped views where the input was), in the checkpoint dtype
-unless ``dtype`` is given; ``jax.device_put`` them when needed. Every key is checked against the
-config: missing keys, unexpected keys and wrong shapes raise one ValueError that lists them all.
+Returned params hold numpy arrays (memory-mapped views where the input was, outside the stacked blocks), in
+the checkpoint dtype unless ``dtype`` is given; ``jax.device_put`` them when needed. Every key is checked
+against the config: missing keys, unexpected keys and wrong shapes raise one ValueError that lists them all.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _NORM_NAMES = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of ``flatten_params`` (the two block stacks become lists)."""
+    """Inverse of ``flatten_params`` (the two block stacks stacked on a leading layer axis)."""
     return common.unflatten_params(flat, _LIST_NODES)
 
 
@@ -209,7 +209,8 @@ def save_params(directory: str | os.PathLike, config: FluxConfig, params: Mappin
 
 
 def load_params(directory: str | os.PathLike):
-    """(FluxConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    """(FluxConfig, params) written by ``save_params`` / the convert CLI (numpy: the block stacks are copied into
+    stacked host arrays, the rest stay memory-mapped)."""
     config, flat = common.load_model_params(directory, FluxConfig, init_params, "FLUX")
     return config, unflatten_params(flat)
 

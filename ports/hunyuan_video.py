@@ -32,14 +32,8 @@ _PATCH = "x_embedder.proj"
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of ``flatten_params`` (the block stacks, refiner blocks included, become lists)."""
-    tree = common.unflatten_params(flat, _LIST_NODES)
-    refiner = tree.get("context_embedder", {}).get("token_refiner")
-    if refiner is not None and "refiner_blocks" in refiner:
-        refiner.update(common.unflatten_params(
-            {f"refiner_blocks.{k}": v for k, v in flatten_params(refiner["refiner_blocks"]).items()},
-            ("refiner_blocks",)))
-    return tree
+    """Inverse of ``flatten_params`` (the block stacks, refiner blocks included, stacked on a leading axis)."""
+    return common.unflatten_params(flat, (*_LIST_NODES, _REFINER))
 
 
 def _patch_shape(config: HunyuanVideoConfig) -> tuple[int, ...]:
@@ -231,7 +225,8 @@ def save_params(directory: str | os.PathLike, config: HunyuanVideoConfig, params
 
 
 def load_params(directory: str | os.PathLike):
-    """(HunyuanVideoConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    """(HunyuanVideoConfig, params) written by ``save_params`` / the convert CLI (numpy: the block stacks are
+    copied into stacked host arrays, the rest stay memory-mapped)."""
     config, flat = common.load_model_params(directory, HunyuanVideoConfig, init_params, _MODEL)
     return config, unflatten_params(flat)
 

@@ -11,10 +11,9 @@ The original layout (``blocks.N.self_attn.q``, ``head.head``, ...) is first rewr
 names; its affine cross-attention norm ``norm3`` becomes ``norm2``. A ``model.diffusion_model.`` or
 ``diffusion_model.`` prefix (ComfyUI repacks) is stripped.
 
-Returned params hold numpy arrays (memory-mapped views where the input was), in the checkpoint dtype
-unless ``dtype`` is given. Every key is checked against the config: missing keys, unexpected keys and
-wrong shapes raise one ValueError that lists them all. Pickle checkpoints are refused.
-"""
+Returned params hold numpy arrays (memory-mapped views where the input was, outside the stacked blocks), in
+the checkpoint dtype unless ``dtype`` is given. Every key is checked against the config: missing keys,
+unexpected keys and wrong shapes raise one ValueError that lists them all. Pickle checkpoints are refused. """
 
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ _RAW = ("scale_shift_table", "pos_embed")
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of ``flatten_params`` (``blocks`` becomes a list)."""
+    """Inverse of ``flatten_params`` (``blocks`` stacked on a leading layer axis)."""
     return common.unflatten_params(flat, _LIST_NODES)
 
 
@@ -183,7 +182,8 @@ def save_params(directory: str | os.PathLike, config: WanConfig, params: Mapping
 
 
 def load_params(directory: str | os.PathLike):
-    """(WanConfig, params) written by ``save_params`` / the convert CLI (memory-mapped numpy)."""
+    """(WanConfig, params) written by ``save_params`` / the convert CLI (numpy: the block stacks are copied into
+    stacked host arrays, the rest stay memory-mapped)."""
     config, flat = common.load_model_params(directory, WanConfig, init_params, "Wan")
     return config, unflatten_params(flat)
 

@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax.cache import ModelCache  # noqa: E402
 from chipmunk_jax.models import flux, mmdit  # noqa: E402
+from chipmunk_jax.models.block_stack import block_at  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
 from chipmunk_jax.schedule import step_plan  # noqa: E402
 
@@ -343,8 +344,9 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
         if step >= 2:
             # sparse steps read the caches written before: the attention column sets stay fixed
             # (recompute_mask=False) and the layers below first_n_dense_layers stay untouched
-            np.testing.assert_array_equal(cache.attention[3].indices, previous_cache.attention[3].indices)
-            assert cache.attention[0] is None and cache.mlp[1] is None  # always-dense layers keep no cache
+            np.testing.assert_array_equal(cache.attention[1].indices, previous_cache.attention[1].indices)
+            # the always-dense layers 0, 1 (the double stack) keep no cache; the single stack holds layers 2, 3
+            assert cache.attention[0] is None and cache.mlp[0] is None and cache.attention[1].lse.shape[0] == 2
         previous_cache = cache
     assert step_fn._cache_size() == 1  # one compilation for every step kind
 
@@ -352,19 +354,26 @@ def test_chipmunk_flux_preset_step_by_step_under_jit():
 @pytest.mark.slow
 def test_prepare_params_same_outputs_dense_and_chipmunk():
     """prepare_params (fc1 stored [F, C], proj_out split) changes the layout, not the function: the dense
-    forward and every Chipmunk step kind give the plain params' outputs; layers below
-    first_n_dense_layers keep their plain layout."""
+    forward and every Chipmunk step kind give the plain params' outputs; a block stack is prepared whole when
+    any of its layers has a sparse MLP (its dense layers read the same layout), and a stack without one keeps
+    its plain layout."""
     config = flux.FluxConfig(**{**DEV_CONFIG, "num_layers": 2, "num_single_layers": 2})
     params = flux.init_params(config, jax.random.key(8), dtype=jnp.float32)
     chipmunk = chipmunk_config.flux().replace(attention__full_step_every=4, mlp__full_step_every=4,
                                               mlp__first_n_dense_layers=1)
     prepared = flux.prepare_params(params, config, chipmunk)
-    first = prepared["transformer_blocks"][0]["ff"]["net"]["0"]["proj"]
-    second = prepared["transformer_blocks"][1]["ff"]["net"]["0"]["proj"]
-    assert "kernel" in first and "kernel_t" not in first  # dense-only layer 0 untouched
-    np.testing.assert_array_equal(second["kernel_t"], params["transformer_blocks"][1]["ff"]["net"]["0"]["proj"]["kernel"].T)
-    single = prepared["single_transformer_blocks"][0]
+    fc1 = prepared["transformer_blocks"]["ff"]["net"]["0"]["proj"]
+    assert set(fc1) == {"kernel_t", "bias"}  # layer 1 is sparse: the stack (layer 0 too) is stored [L, F, C]
+    plain_fc1 = params["transformer_blocks"]["ff"]["net"]["0"]["proj"]["kernel"]
+    np.testing.assert_array_equal(fc1["kernel_t"], np.swapaxes(plain_fc1, 1, 2))
+    single = prepared["single_transformer_blocks"]
     assert set(single["proj_out"]) == {"kernel_attn", "kernel_mlp", "bias"} and "kernel_t" in single["proj_mlp"]
+    np.testing.assert_array_equal(np.concatenate([single["proj_out"]["kernel_attn"], single["proj_out"]["kernel_mlp"]],
+                                                 axis=1), params["single_transformer_blocks"]["proj_out"]["kernel"])
+    # a stack whose layers are all dense-MLP keeps the plain layout (shared, not copied)
+    doubles_dense = flux.prepare_params(params, config, chipmunk.replace(mlp__first_n_dense_layers=2))
+    assert doubles_dense["transformer_blocks"] is params["transformer_blocks"]
+    assert "kernel_t" in doubles_dense["single_transformer_blocks"]["proj_mlp"]
     inputs = chipmunk_inputs(config, 0)
     dense = flux.forward(params, config, **inputs, dtype=jnp.float32).sample
     assert max_rel_error(flux.forward(prepared, config, **inputs, dtype=jnp.float32).sample, dense) <= 1e-6
@@ -401,14 +410,16 @@ def test_mmdit_blocks_image_first_order_matches_text_first():
     params, img, txt, temb, rope = _block_inputs(30)
     n_txt = txt.shape[1]
     kw = dict(head_dim=16, dtype=jnp.float32)
-    txt_a, img_a, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope, text_first=True, **kw)
+    double = block_at(params["transformer_blocks"], 0)
+    txt_a, img_a, _ = mmdit.double_block(double, img, txt, temb, rope, text_first=True, **kw)
     rope_image_first = tuple(jnp.concatenate([t[n_txt:], t[:n_txt]]) for t in rope)
-    txt_b, img_b, _ = mmdit.double_block(params["transformer_blocks"][0], img, txt, temb, rope_image_first,
+    txt_b, img_b, _ = mmdit.double_block(double, img, txt, temb, rope_image_first,
                                          text_first=False, **kw)
     assert max_rel_error(img_b, img_a) <= 1e-5 and max_rel_error(txt_b, txt_a) <= 1e-5
-    joint_a, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([txt, img], 1), temb,
+    single = block_at(params["single_transformer_blocks"], 0)
+    joint_a, _ = mmdit.single_block(single, jnp.concatenate([txt, img], 1), temb,
                                     rope, **kw)
-    joint_b, _ = mmdit.single_block(params["single_transformer_blocks"][0], jnp.concatenate([img, txt], 1), temb,
+    joint_b, _ = mmdit.single_block(single, jnp.concatenate([img, txt], 1), temb,
                                     rope_image_first, **kw)
     assert max_rel_error(jnp.concatenate([joint_b[:, -n_txt:], joint_b[:, :-n_txt]], 1), joint_a) <= 1e-5
 
@@ -420,7 +431,7 @@ def test_mmdit_key_lengths_equal_dropping_padded_text(dtype):
     kw = dict(head_dim=16, dtype=dtype, text_first=False)
     rope_if = tuple(jnp.concatenate([t[n_txt:], t[:n_txt]]) for t in rope)
     lengths = jnp.full((2,), img.shape[1] + keep, jnp.int32)
-    block = params["transformer_blocks"][0]
+    block = block_at(params["transformer_blocks"], 0)
     if dtype == jnp.bfloat16:
         block = jax.tree_util.tree_map(lambda a: a.astype(dtype), block)
         img, txt = img.astype(dtype), txt.astype(dtype)

@@ -43,10 +43,11 @@ def assert_same_params(a, b):
 def test_tree_layout_and_infer_config(model, config):
     _, params = hv_ports.from_diffusers(model)
     refiner = params["context_embedder"]["token_refiner"]["refiner_blocks"]
-    assert isinstance(refiner, list) and len(refiner) == 2
-    assert isinstance(params["transformer_blocks"], list) and isinstance(params["single_transformer_blocks"], list)
+    # every block stack is one tree with a leading layer axis (the model scans over it)
+    assert refiner["norm1"]["scale"].shape == (2, 20)
+    assert params["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (config.num_layers, 20, 20)
+    assert params["single_transformer_blocks"]["proj_out"]["kernel"].shape[0] == config.num_single_layers
     assert params["x_embedder"]["proj"]["kernel"].shape == (4 * 1 * 2 * 2, 20)
-    assert refiner[1]["norm1"]["scale"].shape == (20,)
     # the released sizes are inferred from shapes alone (abstract arrays: nothing allocated)
     for full in (hv.HunyuanVideoConfig(), hv.HunyuanVideoConfig(in_channels=33, guidance_embeds=False,
                                                                  image_condition_type=None)):

@@ -1,6 +1,6 @@
 """The one model contract (docs/architecture.md §4), the same test functions for FLUX, HunyuanVideo and Wan:
 ``forward`` returns a ``ModelOutput``; ``head`` turns its hidden state back into the sample; caches are
-``ModelCache``s with one slot per sparse-capable layer; models take a ``StepPlan`` (static or traced), not
+``ModelCache``s with one entry per block stack, stacked over its sparse layers; models take a ``StepPlan`` (static or traced), not
 a step index; the hidden state is in Chipmunk's token order; with every column kept Chipmunk equals dense
 at every step kind; the denoisers run dense (``chipmunk=None``) and Chipmunk in the one-jit sampler."""
 
@@ -208,15 +208,22 @@ def test_head_reproduces_the_sample_for_its_timestep(case, params):
 
 def test_caches(case):
     cache = case.init_cache(key=jax.random.key(1))
-    n = case.config.num_sparse_layers
-    assert isinstance(cache, ModelCache) and len(cache.attention) == len(cache.mlp) == n
+    stacks = case.config.block_stacks
+    assert isinstance(cache, ModelCache) and len(cache.attention) == len(cache.mlp) == len(stacks)
+    # one cache per block stack, stacked on a leading layer axis as the stack's params
+    assert [slot.lse.shape[0] for slot in cache.attention] == [count for _, count in stacks]
     assert all(isinstance(slot, AttentionCache) for slot in cache.attention)
     dense_layers = case.chipmunk.replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1)
     cache = case.init_cache(dense_layers, key=jax.random.key(1))
-    assert cache.attention[0] is None and cache.mlp[0] is None  # always-dense layers keep no cache
-    mlp_slots = [slot for slot in cache.mlp[1:]]
-    assert all(isinstance(s, MLPCache) for s in mlp_slots) if dense_layers.mlp.enabled else all(
-        s is None for s in mlp_slots)
+    for s, (first, count) in enumerate(stacks):
+        sparse = count - min(count, max(0, 1 - first))  # the stack's layers at or above layer 1
+        for slots, kind, enabled in ((cache.attention, AttentionCache, True),
+                                     (cache.mlp, MLPCache, dense_layers.mlp.enabled)):
+            if sparse and enabled:
+                assert isinstance(slots[s], kind)
+                assert {x.shape[0] for x in jax.tree_util.tree_leaves(slots[s])} == {sparse}
+            else:  # always-dense layers keep no cache
+                assert slots[s] is None
     if case.name == "flux":
         assert cache.static_mask_bits is None
     else:  # the video static mask, bit-packed over the tokens Chipmunk runs on
@@ -227,8 +234,11 @@ def test_caches(case):
                                        plan=step_plan(case.chipmunk, 0), dtype=jnp.float32, **case.forward_kw)
     with pytest.raises(TypeError, match="ModelCache"):
         fn({"attention": []})
-    with pytest.raises(ValueError, match="slots"):
+    with pytest.raises(ValueError, match="block stacks"):
         fn(cache.replace(attention=cache.attention[:-1]))
+    full = case.init_cache(key=jax.random.key(1))
+    with pytest.raises(ValueError, match="rebuild it"):  # a cache built for other first_n_dense_layers
+        fn(full.replace(attention=tuple(jax.tree_util.tree_map(lambda x: x[1:], s) for s in full.attention)))
     stacked = stack_branches(case.init_cache(key=jax.random.key(1)), 2)
     with pytest.raises(ValueError, match="select_branch"):
         fn(stacked)
@@ -327,3 +337,39 @@ def test_denoisers_run_dense_and_chipmunk_in_the_sampler(case, params):
         results.append(np.asarray(x))
     chex.assert_tree_all_finite(results)
     assert max_rel_error(results[1], results[0]) <= 1e-4
+
+
+def _equation_count(jaxpr) -> int:
+    """Equations of a jaxpr, those of its sub-jaxprs (scan, cond, pjit bodies) included."""
+    return sum(1 + sum(_equation_count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+def _deeper(config, extra: int):
+    if isinstance(config, wan.WanConfig):
+        return dataclasses.replace(config, num_layers=config.num_layers + extra)
+    return dataclasses.replace(config, num_layers=config.num_layers + extra,
+                               num_single_layers=config.num_single_layers + extra)
+
+
+def test_traced_program_does_not_grow_with_depth(case):
+    """Each block type is stacked and run as a scan (models/block_stack.py), so the program XLA compiles for a
+    Chipmunk step (dense first layer, Chipmunk layers after it: several segments per stack) is the same size for
+    a model three blocks deeper per stack: compile time does not scale with depth."""
+    chipmunk = case.chipmunk.replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1)
+    sizes = []
+    for extra in (1, 4):  # at least two blocks per stack: the same segments (dense, Chipmunk) at both depths
+        config = _deeper(case.config, extra)
+        params = jax.eval_shape(lambda: case.module.init_params(config, jax.random.key(0), dtype=jnp.float32))
+        cache = jax.eval_shape(lambda: case.module.init_cache(config, chipmunk, batch=1, grid=case.grid,
+                                                              key=jax.random.key(1), dtype=jnp.float32,
+                                                              **case.cache_kw))
+        inputs = case.inputs(2)
+
+        def fn(params, cache):
+            return case.module.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache,
+                                       plan=step_plan(chipmunk, 2), key=jax.random.key(0), dtype=jnp.float32,
+                                       **case.forward_kw)
+
+        sizes.append(_equation_count(jax.make_jaxpr(fn)(params, cache).jaxpr))
+    assert sizes[0] == sizes[1], sizes

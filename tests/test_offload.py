@@ -200,7 +200,7 @@ def test_wan_branch_caches_offloaded():
     split = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32,
                                    offload=True)
     assert isinstance(split, BranchCaches) and len(split) == 2
-    assert _kinds(split[1].attention[1]) == {HOST} and HOST not in _kinds(split[1].static_mask_bits)
+    assert _kinds(split[1].attention[0]) == {HOST} and HOST not in _kinds(split[1].static_mask_bits)
     keys = jax.random.split(jax.random.key(5), 2)
     inputs = dict(hidden_states=jax.random.normal(keys[0], (1, config.in_channels, *latent)),
                   timestep=jnp.asarray([900.0]), encoder_hidden_states=jax.random.normal(keys[1], (1, 16, 64)))
@@ -209,4 +209,4 @@ def test_wan_branch_caches_offloaded():
     out_stacked = call(select_branch(stacked, 1))
     out_split = call(select_branch(split, 1))
     chex.assert_trees_all_equal(out_split.sample, out_stacked.sample)
-    assert _kinds(out_split.cache.attention[1]) == {HOST}
+    assert _kinds(out_split.cache.attention[0]) == {HOST}

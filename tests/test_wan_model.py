@@ -146,9 +146,9 @@ def test_parity_i2v_batch2_non_square(i2v_model, layout):
     chex.assert_shape([out, expected], (2, 4, 3, 8, 12))
     assert max_rel_error(out, expected) <= RTOL
     # the comparison can fail: dropping the image branch moves the output well past the tolerance
-    no_image = dict(params, blocks=[dict(b, attn2={k: v for k, v in b["attn2"].items()
-                                                   if k not in ("add_k_proj", "add_v_proj", "norm_added_k")})
-                                    for b in params["blocks"]])
+    blocks = params["blocks"]  # one stacked tree: drop the image keys of every block at once
+    no_image = dict(params, blocks=dict(blocks, attn2={k: v for k, v in blocks["attn2"].items()
+                                                       if k not in ("add_k_proj", "add_v_proj", "norm_added_k")}))
     moved = wan.forward(no_image, config.__class__(**{**I2V_CONFIG, "added_kv_proj_dim": None}),
                         **inputs, dtype=jnp.float32).sample
     assert max_rel_error(moved, expected) > 100 * RTOL
@@ -359,7 +359,7 @@ def test_chipmunk_caches_and_input_validation():
     chipmunk = all_keys_kept().replace(mlp__enabled=False)
     # MLP slots exist when the MLP is off (None), like the slots of always-dense layers
     cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0))
-    assert cache.mlp == (None, None) and all(slot is not None for slot in cache.attention)
+    assert cache.mlp == (None,) and cache.attention[0].lse.shape[:2] == (2, 1)  # one stack of both layers
     chex.assert_shape(cache.static_mask_bits, (6, 1040 // 8))  # six 192-query groups over 1040 keys, packed
     chex.assert_type([cache.static_mask_bits, cache.eligible], [jnp.uint8, jnp.bool_])
     params = zero_params(config)
@@ -403,7 +403,7 @@ def test_chipmunk_cfg_branches_keep_separate_caches():
         return chipmunk_inputs(config, step, text_seed=20 + branch)  # cond / uncond text
 
     caches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
-    assert caches.attention[1].lse.shape[0] == 2
+    assert caches.attention[0].lse.shape[:2] == (2, 1)  # (CFG branches, the stack's one sparse layer)
     alone = [wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32) for _ in range(2)]
     shared = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
     for step in range(4):  # dense, dense + column sums, sparse, sparse
@@ -421,9 +421,9 @@ def test_chipmunk_cfg_branches_keep_separate_caches():
             else:  # sparse: close to dense, yet not equal (something was skipped)
                 assert 1e-5 < err < 5e-2, (step, branch, err)
         # the two branches hold different caches
-        lse = caches.attention[1].lse
+        lse = caches.attention[0].lse
         assert not np.allclose(lse[0], lse[1])
-        assert caches.attention[0] is None  # the always-dense layer keeps no cache
+        assert caches.attention[0].lse.shape[1] == 1  # the always-dense layer 0 keeps no cache
         np.testing.assert_array_equal(caches.static_mask_bits[0], caches.static_mask_bits[1])
     # sharing one cache mixes the branches: at a sparse step the cond output moves off its own run
     inputs = branch_inputs(3, 0)

@@ -33,6 +33,7 @@ from chipmunk_jax.apps.tiny import dataset as D
 from chipmunk_jax.apps.tiny.label_check import NearestNeighbourCheck
 from chipmunk_jax.apps.tiny.sampling import average_sparsity, sample_images, tiny_chipmunk_config
 from chipmunk_jax.models import flux, mmdit
+from chipmunk_jax.models.block_stack import block_at
 from chipmunk_jax.models.layers import gelu_tanh, linear
 
 __all__ = ["change_fractions", "cross_step_change", "line_chart", "main"]
@@ -73,14 +74,17 @@ def _recording_forward(model: flux.FluxConfig, grid: tuple[int, int]):
         txt = linear(params["context_embedder"], text, jnp.float32, jnp.float32)
         kw = dict(head_dim=model.attention_head_dim, dtype=jnp.float32, attention_op=attention_op, mlp_op=mlp_op)
         probs, hiddens = [], []
-        for block, modulation in zip(params["transformer_blocks"], conditioning["transformer_blocks"]):
-            txt, img, (p, h) = mmdit.double_block(block, img, txt, None, rotary, text_first=True,
-                                                  modulation=modulation, **kw)
+        # unrolled on purpose: every layer's probabilities and hidden features are kept for the analysis
+        for i in range(model.num_layers):
+            txt, img, (p, h) = mmdit.double_block(block_at(params["transformer_blocks"], i), img, txt, None, rotary,
+                                                  text_first=True,
+                                                  modulation=block_at(conditioning["transformer_blocks"], i), **kw)
             probs.append(p)
             hiddens.append(h)
         joint = jnp.concatenate([txt, img], axis=1)
-        for block, modulation in zip(params["single_transformer_blocks"], conditioning["single_transformer_blocks"]):
-            joint, (p, h) = mmdit.single_block(block, joint, None, rotary, modulation=modulation, **kw)
+        for i in range(model.num_single_layers):
+            joint, (p, h) = mmdit.single_block(block_at(params["single_transformer_blocks"], i), joint, None, rotary,
+                                               modulation=block_at(conditioning["single_transformer_blocks"], i), **kw)
             probs.append(p)
             hiddens.append(h)
         velocity = flux.head(params, model, joint[:, text.shape[1]:], conditioning, grid=grid, dtype=jnp.float32)

@@ -59,11 +59,9 @@ __all__ = ["main", "init_tiny_params", "make_train_step", "model_inputs", "learn
 def init_tiny_params(config: flux.FluxConfig, key: jax.Array):
     params = flux.init_params(config, key, jnp.float32)
     zero = lambda p: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
-    for block in params["transformer_blocks"]:
-        block["norm1"] = zero(block["norm1"])
-        block["norm1_context"] = zero(block["norm1_context"])
-    for block in params["single_transformer_blocks"]:
-        block["norm"] = zero(block["norm"])
+    blocks = params["transformer_blocks"]  # block stacks: one tree per block type, a leading layer axis
+    blocks["norm1"], blocks["norm1_context"] = zero(blocks["norm1"]), zero(blocks["norm1_context"])
+    params["single_transformer_blocks"]["norm"] = zero(params["single_transformer_blocks"]["norm"])
     params["norm_out"] = zero(params["norm_out"])
     params["proj_out"] = zero(params["proj_out"])
     return params
