@@ -1,14 +1,20 @@
 """``chipmunk-jax generate`` end to end on CPU: a tiny random diffusers FLUX transformer + AutoencoderKL
-saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; bad arguments."""
+saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; bad arguments.
+
+Every test gets its own XDG_CACHE_HOME (the default --compile-cache folder) and JAX's persistent-cache settings
+back afterwards (the CLI runs in this process)."""
 
 from __future__ import annotations
 
 import chex
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+from jax.experimental.compilation_cache import compilation_cache as jax_cache  # noqa: E402
 
 from chipmunk_jax.apps import cli  # noqa: E402
 from chipmunk_jax import config as C  # noqa: E402
@@ -19,6 +25,19 @@ TRANSFORMER = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, 
                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                    axes_dims_rope=[4, 4, 8], guidance_embeds=True)
 TEXT_LEN = 8
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def own_compile_cache(tmp_path, monkeypatch):
+    """The default --compile-cache folder in tmp_path, never ~/.cache; JAX's cache settings restored."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +75,7 @@ def _generate(*args):
     return cli.main(["generate", "--no-progress", "--dtype", "float32", *map(str, args)])
 
 
-def test_pipeline_folder_to_png_with_chipmunk_and_step_caching(files, capsys):
+def test_pipeline_folder_to_png_with_chipmunk_and_step_caching(files, tmp_path, capsys):
     from PIL import Image
 
     out = files["root"] / "image.png"
@@ -71,19 +90,26 @@ def test_pipeline_folder_to_png_with_chipmunk_and_step_caching(files, capsys):
     # per step kind: step 0 dense, 1 colsum, 2 skipped, 3 a full (refresh) step
     assert "skipped (final layer only)" in captured.out and "attention dense_colsum" in captured.out
     assert "total sampling wall time" in captured.out
+    default_cache = tmp_path / "xdg" / "chipmunk-jax" / "xla"  # $XDG_CACHE_HOME/chipmunk-jax/xla
+    assert "compiled in" in captured.err and f"(persistent cache: {default_cache}, written)" in captured.err
 
 
-def test_converted_weights_without_vae_write_latents(files, capsys):
+def test_converted_weights_without_vae_write_latents(files, tmp_path, capsys):
     out_weights, out_diffusers = files["root"] / "w.npy", files["root"] / "d.npy"
     common = ("--prompt-embeds", files["embeds"], "--height", 64, "--width", 48, "--steps", 3, "--dense",
-              "--seed", 7, "--guidance", 2.0)
+              "--seed", 7, "--guidance", 2.0, "--compile-cache", tmp_path / "xla")
     assert _generate("--weights", files["weights"], *common, "--out", out_weights) == 0
+    first = capsys.readouterr()
     assert _generate("--diffusers", files["pipeline"] + "/transformer", *common, "--out", out_diffusers) == 0
+    second = capsys.readouterr()
     latents = np.load(out_weights)
     chex.assert_shape(latents, (1, LATENT_CHANNELS, 8, 6))
     chex.assert_tree_all_finite(latents)
     np.testing.assert_allclose(np.load(out_diffusers), latents, rtol=0, atol=1e-6)  # on-the-fly == converted
-    assert "dense" in capsys.readouterr().out
+    assert "dense" in first.out and "dense" in second.out
+    # the same sampling loop: the second run loads it from the persistent cache
+    assert "compiled in" in first.err and f"(persistent cache: {tmp_path / 'xla'}, written)" in first.err
+    assert f"(persistent cache: {tmp_path / 'xla'}, hit)" in second.err, second.err
 
 
 @pytest.mark.parametrize("args, needle", [

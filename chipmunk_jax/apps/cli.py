@@ -2,7 +2,8 @@
 
     chipmunk-jax generate --model flux (--weights DIR | --diffusers DIR) [--pipeline DIR]
         (--prompt-embeds FILE.npz | --prompt TEXT) --height 1024 --width 1024 --steps 50 --seed 0
-        [--guidance 3.5] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.png|out.npy
+        [--guidance 3.5] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] [--compile-cache DIR|none]
+        --out out.png|out.npy
 
 --weights: converted params (``python -m chipmunk_jax.ports.convert``); --diffusers: a diffusers
 transformer or pipeline folder, converted on the fly. A pipeline folder (--diffusers or --pipeline,
@@ -10,6 +11,8 @@ with ``vae/``) decodes the latents through its torch VAE into a PNG; without one
 and receives the latents [1, C, H/8, W/8] in VAE latent space (before the scaling/shift undo).
 --prompt-embeds FILE.npz holds ``prompt_embeds`` [1, L, 4096] (T5) and ``pooled_prompt_embeds``
 [1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs transformers).
+--compile-cache keeps the compiled sampling loop in JAX's persistent compilation cache, so a second run with the
+same shapes and flags loads it from disk; 'none' leaves JAX's cache settings alone.
 Exit codes: 0 done, 2 bad arguments, 1 bad files or contents.
 
 This is the application layer over models, ports and the sampler; torch, diffusers, transformers and
@@ -32,6 +35,7 @@ import numpy as np
 
 from chipmunk_jax import config as C
 from chipmunk_jax import sampling
+from chipmunk_jax.apps.compile_cache import default_compile_cache_dir, enable_compile_cache, watch_compile_cache
 from chipmunk_jax.cache import init_step_cache
 from chipmunk_jax.models import flux
 from chipmunk_jax.ports import convert
@@ -97,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="compute dtype of the matmuls")
     gen.add_argument("--static-step-dispatch", action="store_true",
                      help="one switch per step over the schedule's kinds (see sampling.make_sampler)")
+    gen.add_argument("--compile-cache", default=default_compile_cache_dir(), metavar="DIR|none",
+                     help="JAX persistent compilation cache folder: a second run with the same shapes loads the "
+                          "compiled sampler from it; 'none': no cache of ours")
     gen.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     gen.add_argument("--out", required=True, help="out.png (needs a pipeline VAE) or out.npy (latents)")
     return parser
@@ -334,6 +341,10 @@ def generate(args) -> int:
     if args.out.endswith(".png") and pipeline_dir is None:
         raise UsageError("--out .png needs a VAE: pass a diffusers pipeline folder (--pipeline, or --diffusers "
                          "with a vae/ subfolder), or write the latents with --out FILE.npy")
+    try:  # before JAX compiles anything
+        cache_dir = enable_compile_cache(args.compile_cache)
+    except ValueError as e:
+        raise UsageError(f"--compile-cache: {e}") from None
     dtype = jnp.dtype(args.dtype)
     config, params = _load_model(args, dtype)
     if args.guidance is not None and not config.guidance_embeds:
@@ -375,8 +386,11 @@ def generate(args) -> int:
     sample_key = jax.random.fold_in(key, 1)
 
     t0 = time.perf_counter()
-    compiled = run.lower(params, latents, cond, cache, step_cache, sample_key).compile()
-    _log(f"compiled the sampling loop in {time.perf_counter() - t0:.1f} s")
+    with watch_compile_cache() as cache_events:
+        compiled = run.lower(params, latents, cond, cache, step_cache, sample_key).compile()
+    cache_dir = cache_dir if cache_dir is not None else jax.config.jax_compilation_cache_dir  # none: JAX's own
+    where = "off" if cache_dir is None else f"{cache_dir}, {cache_events.describe()}"
+    _log(f"sampling loop compiled in {time.perf_counter() - t0:.1f} s (persistent cache: {where})")
     start = time.perf_counter()
     latents, _, _ = compiled(params, latents, cond, cache, step_cache, sample_key)
     latents = np.asarray(jax.block_until_ready(latents), np.float32)
