@@ -38,6 +38,16 @@ compile)
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 3 \
     --results "$OUT/flux_static.md"
   ;;
+compile_quick)
+  # issue 20, the part of `compile` that fits a short device budget (~5 min): no GPU tests, 2 timed runs each
+  rm -rf /tmp/xla_compile_cache
+  for pass in 1 2; do
+    run python3 -P benchmarks/compile_time.py --models flux --dispatch static --compile-cache /tmp/xla_compile_cache \
+      --json "$OUT/compile_time_$pass.json" --results "$OUT/compile_time.md"
+  done
+  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 2 \
+    --results "$OUT/flux_static.md"
+  ;;
 video)
   # dense timed in the same process (on the H200: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
   # `video hunyuan` or `video wan`

@@ -81,7 +81,7 @@ def _segments(run: ChipmunkRun | None, first_layer: int, count: int):
 
 
 def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run: ChipmunkRun | None = None,
-                stack_index: int = 0, per_layer=None):
+                stack_index: int = 0, per_layer=None, default_ops: dict | None = None):
     """Runs every block of a stack on ``state``; returns (state, run's cache with this stack's caches updated,
     or None without ``run``).
 
@@ -90,6 +90,7 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
     Chipmunk ops of its layer (``ChipmunkRun.ops``; empty on dense layers, whose returned caches are ignored).
     ``first_layer``: the stack's first global layer index (Chipmunk's layer numbering, for first_n_dense_layers
     and the per-layer random keys); ``stack_index``: its entry in ``ModelCache.attention`` / ``.mlp``.
+    ``default_ops``: the ops of layers without a Chipmunk op (the sequence-parallel dense attention on a mesh).
     """
     count = num_blocks(stack)
     cache = None if run is None else run.cache
@@ -100,9 +101,9 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
     for start, stop, attn_on, mlp_on, attn_offset, mlp_offset in _segments(run, first_layer, count):
         def body(carry, i, attn_on=attn_on, mlp_on=mlp_on, attn_offset=attn_offset, mlp_offset=mlp_offset):
             state, attn_cache, mlp_cache = carry
-            ops = {}
+            ops = dict(default_ops or {})
             if run is not None:
-                ops = run.ops(first_layer + i, block_at(attn_cache, i - attn_offset) if attn_on else None,
+                ops |= run.ops(first_layer + i, block_at(attn_cache, i - attn_offset) if attn_on else None,
                               block_at(mlp_cache, i - mlp_offset) if mlp_on else None)
             extra = None if per_layer is None else block_at(per_layer, i)
             state, (new_attn, new_mlp) = block(block_at(stack, i), extra, state, ops)

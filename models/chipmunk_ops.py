@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import sparse_delta_attention
 from chipmunk_jax.cache import ModelCache, sparse_layer_range
 from chipmunk_jax.config import ChipmunkConfig
@@ -78,10 +79,12 @@ class ChipmunkRun:
     static_mask: jax.Array | None  # [G, P] bool, unpacked once per call
     prefix: int | None  # Chipmunk runs on the first ``prefix`` tokens; the rest attend densely (HunyuanVideo)
     attention_impl: str | None
+    mesh: Any = None  # a parallel.make_mesh mesh: the ops run sequence-parallel (Ulysses attention, token-local MLP)
 
     @classmethod
     def start(cls, chipmunk, plan, cache, key, *, stacks: BlockStacks, init_cache: Callable[[], ModelCache],
-              kernel_impl=None, prefix: int | None = None, attention_impl=None, num_tokens: int) -> "ChipmunkRun":
+              kernel_impl=None, prefix: int | None = None, attention_impl=None, num_tokens: int,
+              mesh=None) -> "ChipmunkRun":
         """The prelude: ``plan`` required, ``cache`` from ``init_cache()`` when None, else checked against the
         model's block ``stacks``.
 
@@ -95,7 +98,7 @@ class ChipmunkRun:
         static_mask = None
         if cache.static_mask_bits is not None:
             static_mask = unpack_mask(cache.static_mask_bits, num_tokens)
-        return cls(chipmunk, plan, cache, key, kernel_impl, static_mask, prefix, attention_impl)
+        return cls(chipmunk, plan, cache, key, kernel_impl, static_mask, prefix, attention_impl, mesh)
 
     def _layer_keys(self, layer):
         if self.key is None:
@@ -115,25 +118,34 @@ class ChipmunkRun:
         return ops
 
     def _attention_op(self, layer_cache, key):
-        def attention_op(q, k, v):
+        def op(q, k, v, layer_cache, static_mask, eligible):
             p = q.shape[1] if self.prefix is None else self.prefix
             out, slot = sparse_delta_attention(
                 q[:, :p], k[:, :p], v[:, :p], layer_cache, self.plan.attention, self.chipmunk,
-                key=key, static_mask=self.static_mask, eligible=self.cache.eligible, impl=self.kernel_impl,
+                key=key, static_mask=static_mask, eligible=eligible, impl=self.kernel_impl,
             )
             if p < q.shape[1]:  # the queries past the prefix (padded text) attend densely to the prefix
                 tail = dense_attention(q[:, p:], k[:, :p], v[:, :p], implementation=self.attention_impl)
                 out = jnp.concatenate([out, tail.astype(out.dtype)], axis=1)
             return out, slot
 
-        return attention_op
+        shared = (self.static_mask, self.cache.eligible)
+        if self.mesh is not None:  # every device runs the op on its heads over the whole sequence
+            op = parallel.ulysses_attention(op, self.mesh, layer_cache, replicated=shared)
+        return lambda q, k, v: op(q, k, v, layer_cache, *shared)
 
     def _mlp_op(self, layer_cache, key):
-        def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
-            cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
-            weights = MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed)
+        def op(x, weights, layer_cache):
             return sparse_delta_mlp(x, weights, layer_cache, self.plan.mlp, self.chipmunk, key=key,
                                     impl=self.kernel_impl)
+
+        if self.mesh is not None:  # each device's whole token blocks select their own features
+            op = parallel.token_local(op, self.mesh, layer_cache)
+
+        def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
+            cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
+            return op(x, MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed),
+                      layer_cache)
 
         return mlp_op
 

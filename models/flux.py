@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import check_seq_len, init_attention_cache
 from chipmunk_jax.cache import ModelCache, sparse_layer_range, stack_layers
 from chipmunk_jax.config import ChipmunkConfig
@@ -56,6 +57,7 @@ from chipmunk_jax.models.layers import (
     timestep_embedding,
     timestep_sinusoids,
 )
+from chipmunk_jax.models.parallel_ops import sequence_parallel_dense_attention
 from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.reorder import joint_permutation
 from chipmunk_jax.sampling import Denoiser
@@ -381,7 +383,7 @@ def forward(
     guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
     plan: StepPlan | None = None, key: jax.Array | None = None, grid: tuple[int, int] | None = None,
     rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
-    attention_impl: str | None = None, kernel_impl: str | None = None,
+    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None,
 ) -> ModelOutput:
     """FLUX.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
@@ -394,7 +396,11 @@ def forward(
     projections, computed ahead (those inputs are then only checked).
     ``attention_impl``: passed to ``jax.nn.dot_product_attention`` for the dense path (None, "xla",
     "cudnn"); ``kernel_impl``: passed to the Chipmunk ops.
-    The output's ``hidden`` is the image hidden state after the last single block, before ``norm_out``.
+    ``mesh``: a ``parallel.make_mesh`` mesh: every attention runs sequence-parallel over its "sequence" axis
+    (Ulysses: all-to-all to head shards and back; the text tokens join the image tokens in the one joint
+    sequence, so text + image tokens must split evenly), the Chipmunk MLPs on each device's token shard
+    (whole mlp.block_size blocks per shard). The output's ``hidden`` is the image hidden state after the last
+    single block, before ``norm_out``.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -420,13 +426,15 @@ def forward(
     else:
         _check_conditioning(config, conditioning, batch)
 
+    if mesh is not None:
+        _check_mesh(config, chipmunk, mesh, num_img, num_txt)
     run = perm = None
     if chipmunk is not None:
         grid = _image_grid(grid, img_ids, num_img, chipmunk)
         init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, num_text_tokens=num_txt,  # noqa: E731
                                   dtype=dtype)
         run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
-                                kernel_impl=kernel_impl, num_tokens=num_txt + num_img)
+                                kernel_impl=kernel_impl, num_tokens=num_txt + num_img, mesh=mesh)
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
         if perm is not None:
@@ -437,6 +445,7 @@ def forward(
     img = linear(params["x_embedder"], hidden_states, dtype, jnp.float32)
     txt = linear(params["context_embedder"], encoder_hidden_states, dtype, jnp.float32)
     block_kw = dict(head_dim=config.attention_head_dim, dtype=dtype, attention_impl=attention_impl)
+    default_ops = None if mesh is None else {"attention_op": sequence_parallel_dense_attention(mesh, attention_impl)}
 
     def double(block, modulation, state, ops):
         txt, img = state
@@ -449,14 +458,25 @@ def forward(
 
     (double_first, _), (single_first, _) = config.block_stacks
     (txt, img), cache = scan_blocks(double, params["transformer_blocks"], (txt, img), first_layer=double_first,
-                                    run=run, stack_index=0, per_layer=conditioning["transformer_blocks"])
+                                    run=run, stack_index=0, per_layer=conditioning["transformer_blocks"],
+                                    default_ops=default_ops)
     run = run if run is None else dataclasses.replace(run, cache=cache)
     joint_states, cache = scan_blocks(single, params["single_transformer_blocks"], jnp.concatenate([txt, img], axis=1),
                                       first_layer=single_first, run=run, stack_index=1,
-                                      per_layer=conditioning["single_transformer_blocks"])
+                                      per_layer=conditioning["single_transformer_blocks"], default_ops=default_ops)
     hidden = joint_states[:, num_txt:]
     sample = _final_layer(params, hidden, conditioning["norm_out"], dtype)
     return ModelOutput(sample=unpermute_tokens(sample, perm).astype(hidden_states.dtype), hidden=hidden, cache=cache)
+
+
+def _check_mesh(config: FluxConfig, chipmunk, mesh, num_img: int, num_txt: int) -> None:
+    parallel.check_heads("FLUX", config.num_attention_heads, mesh)
+    parallel.check_tokens("FLUX's joint sequence (text + image)", num_txt + num_img, mesh)
+    if chipmunk is not None and chipmunk.mlp.enabled:
+        block = chipmunk.mlp.block_size
+        parallel.check_tokens("FLUX's image tokens (the double blocks' sparse MLP)", num_img, mesh, multiple=block)
+        parallel.check_tokens("FLUX's joint sequence (the single blocks' sparse MLP)", num_txt + num_img, mesh,
+                              multiple=block)
 
 
 def _check_params(params, config: FluxConfig) -> None:

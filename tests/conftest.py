@@ -7,13 +7,20 @@ everything. Shared helpers live in tests/helpers.py (``from helpers import rel_e
 
 On the CPU backend, XLA's optimisation passes are turned off (``jax_disable_most_optimizations``): the tests'
 problems are small, so compiling dominates (Pallas interpret mode compiles large loops), and the suite needs about
-a third less CPU time. Set ``CHIPMUNK_TEST_XLA_OPTIMIZE=1`` to keep the optimisations.
+a third less CPU time. Set ``CHIPMUNK_TEST_XLA_OPTIMIZE=1`` to keep the optimisations. The CPU backend gets 8
+devices (``--xla_force_host_platform_device_count=8``) for the multi-device tests; single-device code runs on the
+first, as before.
 """
 
 import os
 
-import jax
-import pytest
+# 8 host-platform devices, so the multi-device tests (tests/test_parallel.py) run the same SPMD programs XLA runs on
+# 8 GPUs; read when the CPU backend starts, so it must be set before anything touches jax's backends.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):
