@@ -313,8 +313,10 @@ def timestep_conditioning(params: Params, config: FluxConfig, *, timestep, poole
     def modulation(name, double):
         if not num_blocks(params.get(name)):
             return {}
-        return jax.vmap(lambda block: mmdit.block_modulation(block, temb, double=double))(
-            _modulation_params(params[name]))
+        # one layer at a time (lax.map): the float32 modulation of every layer at once would hold a float32 copy of
+        # all 6 GB of modulation weights (12 GiB of temporaries at FLUX.1 size)
+        return jax.lax.map(lambda block: mmdit.block_modulation(block, temb, double=double),
+                           _modulation_params(params[name]))
 
     return {
         "transformer_blocks": modulation("transformer_blocks", True),

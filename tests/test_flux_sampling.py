@@ -229,17 +229,20 @@ def test_static_step_dispatch_matches_traced_and_switches_once_per_step():
     assert _conditionals(run_static, *args) == 1
 
 
-def _loop_dot_operand_shapes(jaxpr):
+def _loop_dot_operand_shapes(jaxpr, steps):
     """Operand shapes (last two axes: a block stack's weights carry a layer axis) of every dot_general inside the
-    loops of a jaxpr (fori_loop with static bounds is a scan)."""
+    sampler's step loop (fori_loop with static bounds is a scan of ``steps`` iterations; the scans over layers,
+    inside or outside it, do not count as that loop)."""
     shapes = set()
 
     def walk(jaxpr, in_loop):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "dot_general" and in_loop:
                 shapes.update(tuple(v.aval.shape[-2:]) for v in eqn.invars)
+            step_loop = eqn.primitive.name == "while" or (eqn.primitive.name == "scan"
+                                                          and eqn.params.get("length") == steps)
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub, in_loop or eqn.primitive.name in ("while", "scan"))
+                walk(sub, in_loop or step_loop)
 
     walk(jaxpr.jaxpr, False)
     return shapes
@@ -294,7 +297,7 @@ def test_timestep_conditioning_is_computed_before_the_loop(chipmunk, guidance_sc
         if guidance_scale is not None:
             step_cache = stack_branches(step_cache, 2)
         args = (params, jnp.copy(latents), cond, cache, step_cache, jax.random.key(0), uncond)
-        dot_shapes.append(_loop_dot_operand_shapes(jax.make_jaxpr(run)(*args)))
+        dot_shapes.append(_loop_dot_operand_shapes(jax.make_jaxpr(run)(*args), steps))
         outputs.append(run(*args)[0])
     dim = TINY.inner_dim
     modulation_weights = {(dim, 6 * dim), (dim, 3 * dim), (dim, 2 * dim)}  # double, single blocks, norm_out
