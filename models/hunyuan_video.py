@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, cache_bytes, sparse_layer_range, stack_layers
 from chipmunk_jax.config import ChipmunkConfig
@@ -80,6 +81,7 @@ from chipmunk_jax.models.layers import (
     timestep_embedding,
     timestep_sinusoids,
 )
+from chipmunk_jax.models.parallel_ops import sequence_parallel_dense_attention
 from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.sampling import Denoiser
 from chipmunk_jax.schedule import StepPlan
@@ -527,7 +529,7 @@ def forward(
     guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
     plan: StepPlan | None = None, key: jax.Array | None = None, text_length: int | None = None,
     rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
-    attention_impl: str | None = None, kernel_impl: str | None = None,
+    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None,
 ) -> ModelOutput:
     """HunyuanVideo transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
@@ -541,7 +543,9 @@ def forward(
     of this call's timestep, computed ahead (the token refiner still reads ``timestep``).
     ``attention_impl``: the dense path's ``jax.nn.dot_product_attention`` implementation; ``kernel_impl``:
     passed to the Chipmunk ops. The output's ``hidden`` is the image hidden state [B, N, D] (float32) after
-    the last single block, in voxel order under Chipmunk.
+    the last single block, in voxel order under Chipmunk. ``mesh``: a ``parallel.make_mesh`` mesh: the joint
+    attention runs sequence-parallel over its "sequence" axis (Ulysses; image + padded text tokens must split
+    evenly), the token refiner replicated.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -575,6 +579,9 @@ def forward(
     else:
         _check_conditioning(config, conditioning, batch)
 
+    if mesh is not None:
+        parallel.check_heads("HunyuanVideo", config.num_attention_heads, mesh)
+        parallel.check_tokens("HunyuanVideo's joint sequence (image + padded text)", num_img + num_txt, mesh)
     run = perm = None
     if chipmunk is not None:
         text_length = _text_length(text_length, encoder_attention_mask, num_txt)
@@ -587,7 +594,7 @@ def forward(
             key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
         run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
                                 kernel_impl=kernel_impl, prefix=prefix, attention_impl=attention_impl,
-                                num_tokens=prefix)
+                                num_tokens=prefix, mesh=mesh)
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
         tokens = permute_tokens(tokens, perm)
@@ -613,6 +620,9 @@ def forward(
 
     block_kw = dict(head_dim=config.attention_head_dim, key_lengths=key_lengths, dtype=dtype,
                     attention_impl=attention_impl)
+    default_ops = None
+    if mesh is not None:  # the image + text joint attention, sequence-parallel; the text refiner stays replicated
+        default_ops = {"attention_op": sequence_parallel_dense_attention(mesh, attention_impl, key_lengths)}
 
     def double(block, _, state, ops):
         img, txt = state
@@ -625,10 +635,10 @@ def forward(
 
     (double_first, _), (single_first, _) = config.block_stacks
     (img, txt), cache = scan_blocks(double, params.get("transformer_blocks"), (img, txt), first_layer=double_first,
-                                    run=run, stack_index=0)
+                                    run=run, stack_index=0, default_ops=default_ops)
     run = run if run is None else dataclasses.replace(run, cache=cache)
     joint, cache = scan_blocks(single, params.get("single_transformer_blocks"), jnp.concatenate([img, txt], axis=1),
-                               first_layer=single_first, run=run, stack_index=1)
+                               first_layer=single_first, run=run, stack_index=1, default_ops=default_ops)
     hidden = joint[:, :num_img]
     sample = _final_layer(params, config, hidden, temb, grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=hidden, cache=cache)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, offload_layer_caches, sparse_layer_range, split_branches, stack_branches
 from chipmunk_jax.cache import stack_layers
@@ -63,6 +64,7 @@ from chipmunk_jax.models.layers import (
     timestep_sinusoids,
 )
 from chipmunk_jax.models.mmdit import dense_attention, dense_mlp
+from chipmunk_jax.models.parallel_ops import sequence_parallel_dense_attention
 from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.sampling import Denoiser
 from chipmunk_jax.schedule import StepPlan
@@ -489,7 +491,7 @@ def forward(
     chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None, plan: StepPlan | None = None,
     key: jax.Array | None = None, rotary_emb: tuple[jax.Array, jax.Array] | None = None,
     conditioning: Params | None = None, dtype=jnp.bfloat16, attention_impl: str | None = None,
-    kernel_impl: str | None = None,
+    kernel_impl: str | None = None, mesh=None,
 ) -> ModelOutput:
     """Wan 2.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
@@ -500,8 +502,11 @@ def forward(
     ``rotary_emb``: precomputed raster-order ``pos_embed(config, grid)`` tables. ``conditioning``:
     ``timestep_conditioning`` of this call's timestep, computed ahead (``timestep`` is then only checked).
     ``attention_impl``: the dense attention implementation (None, "xla", "cudnn"); ``kernel_impl``:
-    passed to the Chipmunk ops. The output's ``hidden`` is the hidden state [B, N, D] (float32) after the last
-    block, in voxel order under Chipmunk's voxel reordering.
+    passed to the Chipmunk ops. ``mesh``: a ``parallel.make_mesh`` mesh: the self-attentions run sequence-parallel
+    over its "sequence" axis (Ulysses), the Chipmunk MLPs on each device's token shard; the cross-attention reads
+    the replicated text per token (the tokens must split evenly, and into whole mlp.block_size blocks with MLP
+    sparsity). The output's ``hidden`` is the hidden state [B, N, D] (float32) after the last block, in voxel
+    order under Chipmunk's voxel reordering.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -524,11 +529,15 @@ def forward(
     else:
         _check_conditioning(config, conditioning, batch)
 
+    if mesh is not None:
+        parallel.check_heads("Wan", config.num_attention_heads, mesh)
+        multiple = chipmunk.mlp.block_size if chipmunk is not None and chipmunk.mlp.enabled else 1
+        parallel.check_tokens("Wan's video tokens", num_tokens, mesh, multiple=multiple)
     run = perm = None
     if chipmunk is not None:
         init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)  # noqa: E731
         run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
-                                kernel_impl=kernel_impl, num_tokens=num_tokens)
+                                kernel_impl=kernel_impl, num_tokens=num_tokens, mesh=mesh)
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
 
@@ -546,7 +555,8 @@ def forward(
                       dtype=dtype, attention_op=ops.get("attention_op"), mlp_op=ops.get("mlp_op"),
                       attention_impl=attention_impl)
 
-    x, cache = scan_blocks(block, params["blocks"], x, first_layer=0, run=run)
+    default_ops = None if mesh is None else {"attention_op": sequence_parallel_dense_attention(mesh, attention_impl)}
+    x, cache = scan_blocks(block, params["blocks"], x, first_layer=0, run=run, default_ops=default_ops)
     sample = _final_layer(params, config, x, conditioning["temb"], grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=x, cache=cache)
 

@@ -147,3 +147,62 @@ def test_flux_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="single blocks' sparse MLP\\): 524 tokens do not split into 4 x 128"):
         flux.forward(params, config, **inputs(0), dtype=jnp.float32, mesh=mesh, chipmunk=chipmunk,
                      plan=step_plan(chipmunk, 0), grid=grid)
+
+
+@pytest.mark.slow
+def test_video_models_sequence_parallel_forward_equals_one_device():
+    """The same contract for HunyuanVideo (joint image + padded text, Chipmunk on the valid prefix, dense path with
+    key lengths) and Wan (self-attention sharded, cross-attention per token): sharded over 2 devices, a dense step
+    and a column-sum step equal one device."""
+    from chipmunk_jax.models import hunyuan_video as hv
+    from chipmunk_jax.models import wan
+
+    mesh = parallel.make_mesh(sequence=2, devices=jax.devices()[:2])
+    rng = np.random.default_rng(5)
+    hv_config = hv.HunyuanVideoConfig(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                      num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                      patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                      pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+    text, valid = 10, 7  # 768 image + 10 text tokens: an even joint sequence, a ragged valid prefix
+    hv_inputs = dict(hidden_states=rng.standard_normal((1, 4, 4, 12, 16)).astype(np.float32),
+                     timestep=np.asarray([900.0], np.float32),
+                     encoder_hidden_states=rng.standard_normal((1, text, 16)).astype(np.float32),
+                     encoder_attention_mask=(np.arange(text) < valid)[None].astype(np.float32),
+                     pooled_projections=rng.standard_normal((1, 8)).astype(np.float32),
+                     guidance=np.asarray([6000.0], np.float32))
+    hv_chipmunk = chipmunk_config.hunyuan_video().replace(attention__first_n_dense_layers=1,
+                                                         attention__random_keys=0.0, step_cache__enabled=False)
+    hv_params = hv.init_params(hv_config, jax.random.key(0), dtype=jnp.float32)
+    wan_config = wan.WanConfig(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                               out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                               rope_max_seq_len=32)
+    wan_inputs = dict(hidden_states=rng.standard_normal((1, 4, 4, 12, 32)).astype(np.float32),
+                      timestep=np.asarray([900.0], np.float32),
+                      encoder_hidden_states=rng.standard_normal((1, 6, 16)).astype(np.float32))
+    wan_chipmunk = chipmunk_config.wan().replace(attention__first_n_dense_layers=1, attention__local_voxels=1,
+                                                 attention__random_keys=0.0, mlp__enabled=False)
+    wan_params = wan.init_params(wan_config, jax.random.key(1), dtype=jnp.float32)
+    cases = [
+        (hv, hv_config, hv_params, hv_inputs, hv_chipmunk, dict(text_length=valid),
+         lambda c: hv.init_cache(hv_config, c, batch=1, grid=(4, 12, 16), text_length=valid,
+                                 key=jax.random.key(2), dtype=jnp.float32)),
+        (wan, wan_config, wan_params, wan_inputs, wan_chipmunk, {},
+         lambda c: wan.init_cache(wan_config, c, batch=1, grid=(4, 6, 16), key=jax.random.key(2),
+                                  dtype=jnp.float32)),
+    ]
+    for module, config, params, inputs, chipmunk, extra, init in cases:
+        dense = module.forward(params, config, **inputs, dtype=jnp.float32).sample
+        dense_many = jax.jit(lambda p, x: module.forward(p, config, **x, dtype=jnp.float32, mesh=mesh).sample)
+        assert max_rel_error(dense_many(params, inputs), dense) <= 1e-5, module.__name__
+        one_cache = init(chipmunk)
+        many_cache = jax.device_put(one_cache, parallel.cache_shardings(one_cache, mesh))
+        for step in range(2):
+            def call(cache, mesh):
+                return module.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache,
+                                      plan=step_plan(chipmunk, step), key=jax.random.key(3), dtype=jnp.float32,
+                                      mesh=mesh, **extra)
+
+            one = jax.jit(lambda c: call(c, None))(one_cache)
+            many = jax.jit(lambda c: call(c, mesh))(many_cache)
+            one_cache, many_cache = one.cache, many.cache
+            assert max_rel_error(many.sample, one.sample) <= 1e-5, (module.__name__, step)
