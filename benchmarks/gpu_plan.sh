@@ -1,6 +1,7 @@
 # The device calls still owed to the open issues, one plan per 10-minute call (run it from the repo root on
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 are measured (benchmarks/RESULTS.md).
-#   bash benchmarks/gpu_plan.sh compile       # issue 20 (~6 min): sampler compile time, memory, persistent cache
+#   bash benchmarks/gpu_plan.sh compile       # issue 20 (~6 min; compile_quick ~4 min): sampler compile time, memory,
+#                                             #   persistent cache, speed
 #   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
 #                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
 #   bash benchmarks/gpu_plan.sh flux_sparse   # issue 5 (~9 min): column-sparse tilings at N = 4,608, then the static
@@ -25,27 +26,22 @@ mkdir -p "$OUT"
 run() { echo "+ $*"; "$@" 2>&1 | grep -v "^WARNING" | tee -a "$OUT/plan.log"; }
 
 case "${1:-}" in
-compile)
-  # issue 20 (~6 min on the H200): host caches under the block scan (GPU tests), the FLUX.1-dev 1024^2 50-step sampler's
-  # compile seconds and compiled memory (dense / Chipmunk, static dispatch) twice, in two processes sharing one
-  # persistent compilation cache (written, then hit), then the 50-step run: dense vs Chipmunk (static) in one process
-  run timeout 150 python3 -P -m pytest -q -m gpu tests/test_offload.py
+compile|compile_quick)
+  # issue 20: the FLUX.1-dev 1024^2 50-step sampler's compile seconds and compiled memory (dense / Chipmunk, static
+  # dispatch) twice, in two processes sharing one persistent compilation cache (written, then hit), then the 50-step
+  # run: dense vs Chipmunk (static) in one process. `compile` (~6 min on the H200) first runs the GPU tests of host
+  # caches under the block scan and times 3 runs; `compile_quick` (~4 min) skips the tests and times 2.
+  reps=2
+  if [ "$1" = compile ]; then
+    run timeout 150 python3 -P -m pytest -q -m gpu tests/test_offload.py
+    reps=3
+  fi
   rm -rf /tmp/xla_compile_cache
   for pass in 1 2; do
     run python3 -P benchmarks/compile_time.py --models flux --dispatch static --compile-cache /tmp/xla_compile_cache \
       --json "$OUT/compile_time_$pass.json" --results "$OUT/compile_time.md"
   done
-  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 3 \
-    --results "$OUT/flux_static.md"
-  ;;
-compile_quick)
-  # issue 20, the part of `compile` that fits a short device budget (~5 min): no GPU tests, 2 timed runs each
-  rm -rf /tmp/xla_compile_cache
-  for pass in 1 2; do
-    run python3 -P benchmarks/compile_time.py --models flux --dispatch static --compile-cache /tmp/xla_compile_cache \
-      --json "$OUT/compile_time_$pass.json" --results "$OUT/compile_time.md"
-  done
-  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps 2 \
+  run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps "$reps" \
     --results "$OUT/flux_static.md"
   ;;
 video)
