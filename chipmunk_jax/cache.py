@@ -32,7 +32,6 @@ __all__ = [
     "update_branch",
     "cache_bytes",
     "attention_cache_bytes",
-    "layer_is_sparse",
     "stack_layers",
     "sparse_layer_range",
     "offload_layer_caches",
@@ -96,12 +95,6 @@ def update_branch(cache, branch, new_branch_cache):
 def _branch_index(cache: BranchCaches, branch) -> int:
     """A BranchCaches index: a concrete int (a traced one cannot pick a Python list entry)."""
     return check_int("branch of BranchCaches (a Python int)", branch, minimum=0, maximum=len(cache) - 1)
-
-
-def layer_is_sparse(section, layer: int) -> bool:
-    """Whether sparse-capable layer ``layer`` ever leaves the dense path under ``section``
-    (``config.attention`` or ``config.mlp``); layers that never do need no cache slot (None)."""
-    return bool(section.enabled) and layer >= section.first_n_dense_layers
 
 
 def cache_bytes(cache) -> int:

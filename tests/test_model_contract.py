@@ -20,6 +20,7 @@ from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax import sampling
 from chipmunk_jax.cache import AttentionCache, MLPCache, ModelCache, StepCache, stack_branches
 from chipmunk_jax.models import flux, hunyuan_video, wan
+from chipmunk_jax.models.block_stack import block_at, num_blocks, stack_blocks
 from chipmunk_jax.models.chipmunk_ops import token_permutation
 from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.schedule import AttentionStep, MLPStep, StepPlan, attention_schedule, mlp_schedule, step_plan
@@ -224,6 +225,9 @@ def test_caches(case):
                 assert {x.shape[0] for x in jax.tree_util.tree_leaves(slots[s])} == {sparse}
             else:  # always-dense layers keep no cache
                 assert slots[s] is None
+    attention, mlp = cache.layer(len(stacks) - 1, 0)  # one layer's caches, as forward's ops receive them
+    assert attention.lse.shape == cache.attention[-1].lse.shape[1:]
+    assert (mlp is None) == (cache.mlp[-1] is None)
     if case.name == "flux":
         assert cache.static_mask_bits is None
     else:  # the video static mask, bit-packed over the tokens Chipmunk runs on
@@ -373,3 +377,18 @@ def test_traced_program_does_not_grow_with_depth(case):
 
         sizes.append(_equation_count(jax.make_jaxpr(fn)(params, cache).jaxpr))
     assert sizes[0] == sizes[1], sizes
+
+
+def test_block_stacks_are_required(case):
+    """A list of blocks (diffusers' ModuleList layout) is refused with the way out; stack_blocks makes the stack."""
+    params = case.params(4)
+    name = "blocks" if case.name == "wan" else "transformer_blocks"
+    count = num_blocks(params[name])
+    listed = dict(params, **{name: [block_at(params[name], i) for i in range(count)]})
+    with pytest.raises(TypeError, match="is a list of blocks.*stack_blocks"):
+        case.module.forward(listed, case.config, **case.inputs(0), dtype=jnp.float32)
+    restacked = dict(params, **{name: stack_blocks(listed[name])})
+    chex.assert_trees_all_equal(restacked, params)
+    fewer = dict(params, **{name: jax.tree_util.tree_map(lambda x: x[:-1], params[name])})
+    with pytest.raises(ValueError, match=f"must hold {count} blocks stacked on a leading axis"):
+        case.module.forward(fewer, case.config, **case.inputs(0), dtype=jnp.float32)
