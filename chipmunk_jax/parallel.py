@@ -33,12 +33,17 @@ __all__ = [
     "make_mesh",
     "check_heads",
     "check_tokens",
+    "sequence_padding",
     "attention_cache_spec",
     "mlp_cache_spec",
+    "cfg_size",
     "cache_shardings",
+    "step_cache_shardings",
+    "sampler_cache_shardings",
     "token_spec",
     "ulysses_attention",
     "token_local",
+    "replicate",
     "per_device_bytes",
 ]
 
@@ -80,53 +85,99 @@ def check_tokens(what: str, tokens: int, mesh: Mesh, *, multiple: int = 1) -> No
                          f"(size {size})")
 
 
+def sequence_padding(tokens: int, mesh: Mesh, *, multiple: int = 1) -> int:
+    """How many tokens to append so ``tokens`` split into equal shards of whole ``multiple``-token blocks along
+    the sequence axis (a model masks them: HunyuanVideo appends masked text tokens)."""
+    unit = _sequence_size(mesh) * multiple
+    return -tokens % unit
+
+
 def token_spec(ndim: int, axis: int = 1) -> P:
     """PartitionSpec of an array whose ``axis`` is the token axis, sharded along "sequence"."""
     return P(*[SEQUENCE if i == axis else None for i in range(ndim)])
 
 
-def attention_cache_spec(cache: AttentionCache, *, layer_axis: bool = False) -> AttentionCache:
+def _leading(layer_axis: bool, branch) -> tuple:
+    """The spec entries of a cache's leading axes: the CFG branch axis (``branch``: its mesh axis name or None
+    for a branch axis kept whole, ``False`` for no branch axis), then the block stack's layer axis."""
+    return (() if branch is False else (branch,)) + ((None,) if layer_axis else ())
+
+
+def _spec(x, axis: int, lead: tuple):
+    """PartitionSpec of ``x`` whose ``axis`` (counted after the ``lead`` axes) is on "sequence"."""
+    return None if x is None else P(*lead, *[SEQUENCE if i == axis else None for i in range(x.ndim - len(lead))])
+
+
+def attention_cache_spec(cache: AttentionCache, *, layer_axis: bool = False, branch=False) -> AttentionCache:
     """The PartitionSpecs of an ``AttentionCache``: every field on its head axis (out_cache [B, N, H, D] on axis 2,
-    the rest [B, H, ...] on axis 1); ``layer_axis``: the fields carry a leading layer axis (a block stack)."""
-    lead = (None,) if layer_axis else ()
-
-    def spec(x, head_axis):
-        if x is None:
-            return None
-        return P(*lead, *[SEQUENCE if i == head_axis else None for i in range(x.ndim - len(lead))])
-
-    return AttentionCache(lse=spec(cache.lse, 1), counts=spec(cache.counts, 1), out_cache=spec(cache.out_cache, 2),
-                          indices=spec(cache.indices, 1), mask_bits=spec(cache.mask_bits, 1))
+    the rest [B, H, ...] on axis 1); ``layer_axis``: the fields carry a leading layer axis (a block stack);
+    ``branch``: a CFG branch axis before it, on that mesh axis (``CFG``) or whole (None)."""
+    lead = _leading(layer_axis, branch)
+    return AttentionCache(lse=_spec(cache.lse, 1, lead), counts=_spec(cache.counts, 1, lead),
+                          out_cache=_spec(cache.out_cache, 2, lead), indices=_spec(cache.indices, 1, lead),
+                          mask_bits=_spec(cache.mask_bits, 1, lead))
 
 
-def mlp_cache_spec(cache: MLPCache, *, layer_axis: bool = False) -> MLPCache:
+def mlp_cache_spec(cache: MLPCache, *, layer_axis: bool = False, branch=False) -> MLPCache:
     """The PartitionSpecs of an ``MLPCache``: every field on its token (or token-block) axis: act_cache [B, F, N]
-    on axis 2, out_cache [B, N, C], blockmean_cache / indices [B, NB, F] and counts [B, NB] on axis 1."""
-    lead = (None,) if layer_axis else ()
-
-    def spec(x, axis):
-        return P(*lead, *[SEQUENCE if i == axis else None for i in range(x.ndim - len(lead))])
-
-    return MLPCache(act_cache=spec(cache.act_cache, 2), out_cache=spec(cache.out_cache, 1),
-                    blockmean_cache=spec(cache.blockmean_cache, 1), indices=spec(cache.indices, 1),
-                    counts=spec(cache.counts, 1))
+    on axis 2, out_cache [B, N, C], blockmean_cache / indices [B, NB, F] and counts [B, NB] on axis 1 (leading
+    axes as ``attention_cache_spec``)."""
+    lead = _leading(layer_axis, branch)
+    return MLPCache(act_cache=_spec(cache.act_cache, 2, lead), out_cache=_spec(cache.out_cache, 1, lead),
+                    blockmean_cache=_spec(cache.blockmean_cache, 1, lead), indices=_spec(cache.indices, 1, lead),
+                    counts=_spec(cache.counts, 1, lead))
 
 
-def cache_shardings(cache, mesh: Mesh):
+def cfg_size(mesh: Mesh) -> int:
+    """The size of the mesh's "cfg" axis (2: the CFG branches run side by side)."""
+    _sequence_size(mesh)
+    return int(mesh.shape[CFG])
+
+
+def _branch_axis(mesh: Mesh, branches: bool):
+    return False if not branches else (CFG if cfg_size(mesh) == 2 else None)
+
+
+def _named(mesh: Mesh, specs):
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def cache_shardings(cache, mesh: Mesh, *, branches: bool = False):
     """``NamedSharding``s of a ``ModelCache`` (block stacks with a leading layer axis): attention caches
-    head-sharded, MLP caches token-sharded, the static mask and eligible groups replicated."""
+    head-sharded, MLP caches token-sharded, the static mask and eligible groups replicated. ``branches``: the
+    cache holds the two CFG branches on a leading axis (``cache.stack_branches``), sharded over "cfg" when the
+    mesh's cfg axis is 2, else whole on every device."""
     from chipmunk_jax.cache import ModelCache  # cache imports this module's neighbours, not this module
 
     if not isinstance(cache, ModelCache):
         raise TypeError(f"cache must be a ModelCache, got {type(cache).__name__}")
-    named = lambda spec: jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), spec,  # noqa: E731
-                                                is_leaf=lambda s: isinstance(s, P))
-    replicated = lambda x: None if x is None else NamedSharding(mesh, P())  # noqa: E731
+    branch = _branch_axis(mesh, branches)
+    shared = lambda x: None if x is None else NamedSharding(mesh, P(*_leading(False, branch)))  # noqa: E731
     return ModelCache(
-        attention=tuple(None if c is None else named(attention_cache_spec(c, layer_axis=True))
+        attention=tuple(None if c is None else _named(mesh, attention_cache_spec(c, layer_axis=True, branch=branch))
                         for c in cache.attention),
-        mlp=tuple(None if c is None else named(mlp_cache_spec(c, layer_axis=True)) for c in cache.mlp),
-        static_mask_bits=replicated(cache.static_mask_bits), eligible=replicated(cache.eligible))
+        mlp=tuple(None if c is None else _named(mesh, mlp_cache_spec(c, layer_axis=True, branch=branch))
+                  for c in cache.mlp),
+        static_mask_bits=shared(cache.static_mask_bits), eligible=shared(cache.eligible))
+
+
+def step_cache_shardings(step_cache, mesh: Mesh, *, branches: bool = False):
+    """``NamedSharding``s of a ``StepCache``: the stored hidden state [B, N, D] on its token axis (when N splits
+    evenly over "sequence", else whole), ``valid`` replicated; a CFG branch axis as ``cache_shardings``."""
+    from chipmunk_jax.cache import StepCache
+
+    lead = _leading(False, _branch_axis(mesh, branches))
+    hidden = step_cache.hidden
+    even = hidden.shape[len(lead) + 1] % _sequence_size(mesh) == 0
+    return StepCache(hidden=NamedSharding(mesh, _spec(hidden, 1 if even else -1, lead)),
+                     valid=NamedSharding(mesh, P(*lead)))
+
+
+def sampler_cache_shardings(cache, step_cache, mesh: Mesh, *, branches: bool = False):
+    """``(cache_shardings, step_cache_shardings)`` of the sampler's carried state (``cache`` None: the dense
+    model keeps none)."""
+    return (None if cache is None else cache_shardings(cache, mesh, branches=branches),
+            step_cache_shardings(step_cache, mesh, branches=branches))
 
 
 def _to_heads(x):
@@ -181,6 +232,14 @@ def token_local(op: Callable, mesh: Mesh, cache: MLPCache | None, *, ndim: int =
     cache_spec = None if cache is None else mlp_cache_spec(cache)
     return jax.shard_map(op, mesh=mesh, in_specs=(spec, P(), cache_spec), out_specs=(spec, cache_spec),
                          check_vma=False)
+
+
+def replicate(tree, mesh: Mesh | None):
+    """``tree`` whole on every device of ``mesh`` (as is without one): for small tables every device reads in
+    full (RoPE tables in Chipmunk's token order), which XLA would otherwise shard and gather back each step."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
 def per_device_bytes(x) -> int:

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.cache import StepCache, select_branch, stack_branches, update_branch
+from chipmunk_jax import parallel
+from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.schedule import ModelStep, StepPlan, attention_schedule, mlp_schedule, model_schedule, step_plan
 from chipmunk_jax.validation import positive_int
@@ -52,6 +53,9 @@ class Denoiser:
     # Why: FLUX's modulation vectors are GEMVs per layer and step, bound by reading 6.5 GB of weights; over all
     # steps at once they are a few GEMMs (the models' ``timestep_conditioning``).
     timestep_tables: Callable[..., Any] | None = None
+    # The ``parallel.make_mesh`` mesh the model's ops run on (the models' ``denoiser(..., mesh=)``); the sampler
+    # shards its caches over the same mesh.
+    mesh: Any = None
 
 
 def flux_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -102,6 +106,7 @@ def make_sampler(
     progress: bool = False,
     static_step_dispatch: bool = False,
     on_step: Callable[[int], None] | None = None,
+    mesh=None,
 ):
     """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
     step_cache), jitted once, with latents/cache/step_cache donated.
@@ -122,6 +127,14 @@ def make_sampler(
     ``on_step(step)``: host callback after each step's Euler update. It depends on the new latents,
     so it runs once that step's work is done: per-step wall times (the CLI); it syncs every step, so
     leave it off in benchmarks.
+
+    ``mesh`` (default: the denoiser's, from the model's ``denoiser(..., mesh=mesh)``): a ``parallel.make_mesh``
+    mesh. The caches are kept sharded as ``parallel.cache_shardings`` documents (attention caches on their head
+    axis, MLP caches and the step cache on their token axis, the CFG branch axis on "cfg"), the params, latents
+    and conditioning replicated. With a "cfg" axis of 2 the two CFG branches run side by side, each on its half
+    of the devices (``jax.vmap`` over the branch axis with ``spmd_axis_name="cfg"``), and the guidance combine
+    is their one exchange per step; with a "cfg" axis of 1 they run in turn on all devices. Host-resident caches
+    (``BranchCaches``, ``offload_layer_caches``) are for one device: a mesh shards the caches instead.
     """
     sigmas = np.asarray(sigmas, np.float32)
     num_steps = sigmas.size - 1
@@ -132,27 +145,33 @@ def make_sampler(
     skip_table = jnp.asarray(model_schedule(config)[:num_steps])
     sigma_table = jnp.asarray(sigmas)
     cfg_on = guidance_scale is not None
+    mesh = _sampler_mesh(denoiser, mesh, cfg_on)
+    cfg_parallel = mesh is not None and parallel.cfg_size(mesh) == 2
     bar = _ProgressBar(num_steps) if progress else None
 
     if static_step_dispatch:
         group_table, static_plans = _static_plans(config, num_steps)
         group_table = jnp.asarray(group_table)
 
-    def model_call(params, x, t, cond, cache, step_cache, step, key):
+    def model_call(params, x, t, cond, cache, step_cache, step, key, branches=False):
+        """One model call, or with ``branches`` both CFG branches side by side (t, cond, cache and step cache
+        stacked on a leading branch axis sharded over "cfg")."""
+        per_branch = (lambda fn: jax.vmap(fn, spmd_axis_name=parallel.CFG)) if branches else (lambda fn: fn)
+
         def compute_with(plan):
-            def compute(operand):
-                cache, step_cache = operand
+            def compute(t, cond, cache, step_cache):
                 out = denoiser.compute(params, x, t, cond, cache, plan, key)
                 hidden = StepCache(hidden=out.hidden.astype(step_cache.hidden.dtype), valid=jnp.bool_(True))
                 return out.sample, out.cache, hidden
 
-            return compute
+            return lambda operand: per_branch(compute)(t, cond, *operand)
 
-        def skip(operand):
-            cache, step_cache = operand
+        def skip_one(t, cond, cache, step_cache):
             return denoiser.head(params, step_cache.hidden, t, cond), cache, step_cache
 
-        skipping = (skip_table[step] == ModelStep.SKIP) & step_cache.valid
+        skip = lambda operand: per_branch(skip_one)(t, cond, *operand)  # noqa: E731
+        # both branches compute and skip at the same steps: their valid flags agree
+        skipping = (skip_table[step] == ModelStep.SKIP) & jnp.all(step_cache.valid)
         if not static_step_dispatch:
             return jax.lax.cond(skipping, skip, compute_with(step_plan(config, step)), (cache, step_cache))
         branches = [skip] + [compute_with(plan) for plan in static_plans]
@@ -164,12 +183,22 @@ def make_sampler(
             return sigma_table[:num_steps]
         return denoiser.timestep_tables(params, sigma_table[:num_steps], cond)
 
+    def sharded(cache, step_cache):
+        if mesh is None:
+            return cache, step_cache
+        shardings = parallel.sampler_cache_shardings(cache, step_cache, mesh, branches=cfg_on)
+        return jax.lax.with_sharding_constraint((cache, step_cache), shardings)
+
     def body(step, carry):
         params, cond, uncond, x, cache, step_cache, key, tables = carry
         sigma, sigma_next = sigma_table[step], sigma_table[step + 1]
         model_t = jax.tree.map(lambda table: table[step], tables)  # sigma, or the denoiser's tables at the step
         step_key = jax.random.fold_in(key, step)
-        if cfg_on:
+        if cfg_parallel:
+            v, cache, step_cache = model_call(params, x, _stack(*model_t), _stack(cond, uncond), cache, step_cache,
+                                              step, step_key, branches=True)
+            v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_scale)
+        elif cfg_on:
             v_c, c_c, s_c = model_call(params, x, model_t[0], cond, select_branch(cache, 0),
                                        select_branch(step_cache, 0), step, step_key)
             v_u, c_u, s_u = model_call(params, x, model_t[1], uncond, select_branch(cache, 1),
@@ -179,6 +208,7 @@ def make_sampler(
             step_cache = update_branch(update_branch(step_cache, 0, s_c), 1, s_u)
         else:
             v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key)
+        cache, step_cache = sharded(cache, step_cache)
         x = (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
         if bar is not None:
             jax.debug.callback(bar.update, step, ordered=True)
@@ -189,6 +219,10 @@ def make_sampler(
     def run(params, latents, cond, cache, step_cache, key, uncond=None):
         if cfg_on and uncond is None:
             raise ValueError("uncond is required when guidance_scale is set")
+        if mesh is not None and isinstance(cache, BranchCaches):
+            raise ValueError("host-resident BranchCaches (split_branches / offload_layer_caches) are for one "
+                             "device; with a mesh pass stacked caches (cache.stack_branches): they are sharded")
+        cache, step_cache = sharded(cache, step_cache)
         tables = model_tables(params, cond)
         if cfg_on:
             tables = (tables, model_tables(params, uncond))
@@ -196,7 +230,57 @@ def make_sampler(
         _, _, _, x, cache, step_cache, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
         return x, cache, step_cache
 
-    return jax.jit(run, donate_argnums=(1, 3, 4))
+    jitted = jax.jit(run, donate_argnums=(1, 3, 4))
+    return jitted if mesh is None else _MeshSampler(jitted)
+
+
+def _stack(first, second):
+    """Two pytrees of one structure (the CFG branches' conditioning) stacked on a new leading axis."""
+    if jax.tree.structure(first) != jax.tree.structure(second):
+        raise ValueError("cond and uncond must have the same structure to run the CFG branches side by side "
+                         f"on the mesh's cfg axis: {jax.tree.structure(first)} vs {jax.tree.structure(second)}")
+    return jax.tree.map(lambda a, b: jnp.stack([a, b]), first, second)
+
+
+def _sampler_mesh(denoiser: Denoiser, mesh, cfg_on: bool):
+    """The mesh the sampler shards over: the denoiser's (they must agree) and a cfg axis that fits the guidance."""
+    if mesh is None:
+        mesh = denoiser.mesh
+    elif denoiser.mesh is not mesh:
+        raise ValueError("make_sampler's mesh is not the denoiser's: build the denoiser on the same mesh "
+                         "(the model's denoiser(..., mesh=mesh))")
+    if mesh is None:
+        return None
+    cfg = parallel.cfg_size(mesh)
+    if cfg > 1 and not cfg_on:
+        raise ValueError(f"the mesh has a cfg axis of {cfg} but no guidance_scale is set: the cfg axis holds the "
+                         "two classifier-free guidance branches (use cfg=1 without guidance)")
+    if cfg > 2:
+        raise ValueError(f"the mesh's cfg axis is {cfg}: classifier-free guidance has 2 branches (cfg=1 or 2)")
+    return mesh
+
+
+class _MeshSampler:
+    """The jitted sampler over a mesh: refuses host-resident caches before they reach the devices (a sharding
+    constraint would silently move them back), else the jitted function as is (``__call__``, ``lower``)."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+
+    @staticmethod
+    def _check(cache):
+        for leaf in jax.tree.leaves(cache):
+            if getattr(getattr(leaf, "sharding", None), "memory_kind", None) == "pinned_host":
+                raise ValueError("the cache holds host-resident layers (offload_layer_caches): with a mesh the "
+                                 "caches are sharded over the devices instead; pass device caches")
+
+    def __call__(self, params, latents, cond, cache, step_cache, key, uncond=None):
+        self._check(cache)
+        return self._jitted(params, latents, cond, cache, step_cache, key, uncond)
+
+    def lower(self, params, latents, cond, cache, step_cache, key, uncond=None):
+        self._check(cache)
+        return self._jitted.lower(params, latents, cond, cache, step_cache, key, uncond)
 
 
 class _ProgressBar:
@@ -222,12 +306,12 @@ class _ProgressBar:
 
 def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache, *, sigmas, key,
            hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False,
-           static_step_dispatch=False):
+           static_step_dispatch=False, mesh=None):
     """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop."""
     step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
     if guidance_scale is not None:
         cache = stack_branches(cache, 2)
         step_cache = stack_branches(step_cache, 2)
     run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress,
-                       static_step_dispatch=static_step_dispatch)
+                       static_step_dispatch=static_step_dispatch, mesh=mesh)
     return run(params, latents, cond, cache, step_cache, key, uncond)

@@ -13,7 +13,7 @@ __all__ = ["model_denoiser"]
 
 
 def model_denoiser(config, chipmunk, *, forward: Callable, head: Callable, conditioning: Callable, grid, dtype,
-                   timestep_scale: float, kernel_impl=None, model_kw: dict) -> Denoiser:
+                   timestep_scale: float, kernel_impl=None, model_kw: dict, mesh=None) -> Denoiser:
     """The Denoiser of a model that keeps the contract of docs/architecture.md §4.
 
     ``forward`` and ``head`` are the model's own (called with ``config``); ``conditioning(params, timestep,
@@ -21,8 +21,9 @@ def model_denoiser(config, chipmunk, *, forward: Callable, head: Callable, condi
     timestep ``sigma * timestep_scale``; the conditioning of every step is computed before the loop
     (``timestep_tables``), and the velocities come back in float32 from both the full call and the head.
     ``model_kw`` go to every forward call (with ``dtype``, and ``kernel_impl`` under Chipmunk); without
-    ``chipmunk`` the cache passes through untouched."""
-    model_kw = dict(model_kw, dtype=dtype, **({} if chipmunk is None else dict(kernel_impl=kernel_impl)))
+    ``chipmunk`` the cache passes through untouched. ``mesh``: every forward runs sequence-parallel on it (the
+    sampler shards its caches over the same mesh)."""
+    model_kw = dict(model_kw, dtype=dtype, mesh=mesh, **({} if chipmunk is None else dict(kernel_impl=kernel_impl)))
 
     def timestep_tables(params, sigmas, cond):
         at = lambda sigma: conditioning(params, sigma * timestep_scale, cond)  # noqa: E731
@@ -38,4 +39,4 @@ def model_denoiser(config, chipmunk, *, forward: Callable, head: Callable, condi
         return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
                     out_dtype=jnp.float32)
 
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables)
+    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables, mesh=mesh)

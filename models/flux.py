@@ -442,7 +442,7 @@ def forward(
         if perm is not None:
             hidden_states = permute_tokens(hidden_states, perm)
             joint = joint_permutation(perm, num_txt, text_first=True)
-            rotary_emb = tuple(permute_tokens(t, joint, axis=0) for t in rotary_emb)
+            rotary_emb = parallel.replicate(tuple(permute_tokens(t, joint, axis=0) for t in rotary_emb), mesh)
 
     img = linear(params["x_embedder"], hidden_states, dtype, jnp.float32)
     txt = linear(params["context_embedder"], encoder_hidden_states, dtype, jnp.float32)
@@ -559,7 +559,7 @@ def sampling_cond(config: FluxConfig, *, encoder_hidden_states, pooled_projectio
 
 
 def denoiser(config: FluxConfig, chipmunk: ChipmunkConfig | None = None, *, grid: tuple[int, int],
-             dtype=jnp.bfloat16, attention_impl: str | None = None, kernel_impl: str | None = None) -> Denoiser:
+             dtype=jnp.bfloat16, attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None) -> Denoiser:
     """FLUX as a ``chipmunk_jax.sampling.Denoiser`` over raster-order packed latents [B, N, C].
 
     ``chipmunk=None`` runs the dense model (the cache passes through untouched; use ``None``). With
@@ -574,7 +574,7 @@ def denoiser(config: FluxConfig, chipmunk: ChipmunkConfig | None = None, *, grid
     grid = check_grid(grid, 2)
     return model_denoiser(
         config, chipmunk, forward=forward, head=head, grid=grid, dtype=dtype, timestep_scale=1.0,
-        kernel_impl=kernel_impl, model_kw=dict(grid=grid, attention_impl=attention_impl),
+        kernel_impl=kernel_impl, mesh=mesh, model_kw=dict(grid=grid, attention_impl=attention_impl),
         conditioning=lambda params, timestep, cond: timestep_conditioning(
             params, config, timestep=timestep, pooled_projections=cond["pooled_projections"],
             guidance=cond.get("guidance")))

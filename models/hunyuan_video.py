@@ -544,8 +544,8 @@ def forward(
     ``attention_impl``: the dense path's ``jax.nn.dot_product_attention`` implementation; ``kernel_impl``:
     passed to the Chipmunk ops. The output's ``hidden`` is the image hidden state [B, N, D] (float32) after
     the last single block, in voxel order under Chipmunk. ``mesh``: a ``parallel.make_mesh`` mesh: the joint
-    attention runs sequence-parallel over its "sequence" axis (Ulysses; image + padded text tokens must split
-    evenly), the token refiner replicated.
+    attention runs sequence-parallel over its "sequence" axis (Ulysses), the token refiner replicated; when the
+    image + text tokens do not split evenly, masked text tokens are appended (as the prompt's own padding).
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -579,9 +579,10 @@ def forward(
     else:
         _check_conditioning(config, conditioning, batch)
 
+    pad = 0
     if mesh is not None:
         parallel.check_heads("HunyuanVideo", config.num_attention_heads, mesh)
-        parallel.check_tokens("HunyuanVideo's joint sequence (image + padded text)", num_img + num_txt, mesh)
+        pad = parallel.sequence_padding(num_img + num_txt, mesh)
     run = perm = None
     if chipmunk is not None:
         text_length = _text_length(text_length, encoder_attention_mask, num_txt)
@@ -598,7 +599,8 @@ def forward(
         cache = run.cache
         perm = token_permutation(chipmunk, grid)
         tokens = permute_tokens(tokens, perm)
-        rotary_emb = tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb)
+        rotary_emb = parallel.replicate(tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb),
+                                        mesh)
 
     temb = conditioning["temb"]
     double_replace = single_replace = None
@@ -608,15 +610,18 @@ def forward(
             first_frame = first_frame[perm]
         replace_temb = conditioning["token_replace_temb"]
         double_replace = (replace_temb, jnp.asarray(first_frame))
-        single_replace = (replace_temb, jnp.asarray(np.concatenate([first_frame, np.zeros(num_txt, bool)])))
+        single_replace = (replace_temb, jnp.asarray(np.concatenate([first_frame, np.zeros(num_txt + pad, bool)])))
     img = linear(params["x_embedder"]["proj"], tokens, dtype, jnp.float32)
     txt = token_refiner(params["context_embedder"], config, encoder_hidden_states, batch_vector(timestep, batch),
                         encoder_attention_mask, dtype)
-    rope = _joint_rotary(rotary_emb, num_txt)
     # Right-padded text after the image: the valid keys are a prefix of the joint sequence.
     key_lengths = num_img + jnp.sum(encoder_attention_mask.astype(jnp.int32), axis=1)
-    if not isinstance(encoder_attention_mask, jax.core.Tracer) and np.all(np.asarray(encoder_attention_mask)):
+    if (not pad and not isinstance(encoder_attention_mask, jax.core.Tracer)
+            and np.all(np.asarray(encoder_attention_mask))):
         key_lengths = None  # nothing padded: the unmasked (faster) dense attention path
+    if pad:  # on a mesh: more masked text tokens, so the joint sequence splits evenly over the sequence axis
+        txt = jnp.pad(txt, ((0, 0), (0, pad), (0, 0)))
+    rope = _joint_rotary(rotary_emb, num_txt + pad)
 
     block_kw = dict(head_dim=config.attention_head_dim, key_lengths=key_lengths, dtype=dtype,
                     attention_impl=attention_impl)
@@ -650,7 +655,7 @@ def forward(
 
 def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None = None, *, grid, text_length: int,
              rotary_emb: tuple[jax.Array, jax.Array] | None = None, dtype=jnp.bfloat16,
-             attention_impl: str | None = None, kernel_impl: str | None = None) -> Denoiser:
+             attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None) -> Denoiser:
     """A ``chipmunk_jax.sampling.Denoiser`` for flow-matching sampling with step caching.
 
     ``cond`` is a dict with encoder_hidden_states, encoder_attention_mask, pooled_projections and (for
@@ -667,7 +672,7 @@ def denoiser(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig | None = None,
         model_kw["text_length"] = text_length
     return model_denoiser(
         config, chipmunk, forward=forward, head=head, grid=check_grid(grid, 3), dtype=dtype, timestep_scale=1000.0,
-        kernel_impl=kernel_impl, model_kw=model_kw,
+        kernel_impl=kernel_impl, mesh=mesh, model_kw=model_kw,
         conditioning=lambda params, timestep, cond: timestep_conditioning(
             params, config, timestep=timestep, pooled_projections=cond["pooled_projections"],
             guidance=cond.get("guidance")))

@@ -548,7 +548,7 @@ def forward(
         text, image = jnp.concatenate([image, text], axis=1), None
 
     x = permute_tokens(_patchify(params, config, hidden_states, dtype), perm)
-    rotary_emb = tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb)
+    rotary_emb = parallel.replicate(tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb), mesh)
 
     def block(block_params, _, x, ops):
         return _block(block_params, x, text, image, conditioning["timestep_proj"], rotary_emb, config=config,
@@ -583,7 +583,7 @@ def head(params: Params, config: WanConfig, hidden: jax.Array, conditioning: Par
 
 def denoiser(config: WanConfig, chipmunk: ChipmunkConfig | None = None, *, grid: tuple[int, int, int],
              rotary_emb: tuple[jax.Array, jax.Array] | None = None, dtype=jnp.bfloat16,
-             attention_impl: str | None = None, kernel_impl: str | None = None) -> Denoiser:
+             attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None) -> Denoiser:
     """``chipmunk_jax.sampling.Denoiser`` for this model: ``cond`` is a dict with ``encoder_hidden_states``
     (and ``encoder_hidden_states_image`` for I2V); sigma in [0, 1] becomes the timestep sigma * 1000
     (diffusers' flow-matching scheduler). ``grid`` is the (frames, height, width) token grid; the conditioning
@@ -593,6 +593,6 @@ def denoiser(config: WanConfig, chipmunk: ChipmunkConfig | None = None, *, grid:
         _check_chipmunk(config, chipmunk)
     return model_denoiser(
         config, chipmunk, forward=forward, head=head, grid=check_grid(grid, 3), dtype=dtype, timestep_scale=1000.0,
-        kernel_impl=kernel_impl, model_kw=dict(rotary_emb=rotary_emb, attention_impl=attention_impl),
+        kernel_impl=kernel_impl, mesh=mesh, model_kw=dict(rotary_emb=rotary_emb, attention_impl=attention_impl),
         conditioning=lambda params, timestep, cond: timestep_conditioning(
             params, config, timestep=timestep, batch=cond["encoder_hidden_states"].shape[0]))
