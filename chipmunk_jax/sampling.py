@@ -210,10 +210,11 @@ def make_sampler(
             v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key)
         cache, step_cache = sharded(cache, step_cache)
         x = (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
+        # ordered host callbacks run on one device only; on a mesh the data dependency on x keeps them in step
         if bar is not None:
-            jax.debug.callback(bar.update, step, ordered=True)
+            jax.debug.callback(bar.update, step, x.reshape(-1)[0], ordered=mesh is None)
         if on_step is not None:
-            jax.debug.callback(lambda s, _: on_step(int(s)), step, x.reshape(-1)[0], ordered=True)
+            jax.debug.callback(lambda s, _: on_step(int(s)), step, x.reshape(-1)[0], ordered=mesh is None)
         return params, cond, uncond, x, cache, step_cache, key, tables
 
     def run(params, latents, cond, cache, step_cache, key, uncond=None):
@@ -268,19 +269,20 @@ class _MeshSampler:
         self._jitted = jitted
 
     @staticmethod
-    def _check(cache):
+    def _check(args, kwargs):
+        cache = kwargs["cache"] if "cache" in kwargs else args[3] if len(args) > 3 else None
         for leaf in jax.tree.leaves(cache):
             if getattr(getattr(leaf, "sharding", None), "memory_kind", None) == "pinned_host":
                 raise ValueError("the cache holds host-resident layers (offload_layer_caches): with a mesh the "
                                  "caches are sharded over the devices instead; pass device caches")
 
-    def __call__(self, params, latents, cond, cache, step_cache, key, uncond=None):
-        self._check(cache)
-        return self._jitted(params, latents, cond, cache, step_cache, key, uncond)
+    def __call__(self, *args, **kwargs):
+        self._check(args, kwargs)
+        return self._jitted(*args, **kwargs)
 
-    def lower(self, params, latents, cond, cache, step_cache, key, uncond=None):
-        self._check(cache)
-        return self._jitted.lower(params, latents, cond, cache, step_cache, key, uncond)
+    def lower(self, *args, **kwargs):
+        self._check(args, kwargs)
+        return self._jitted.lower(*args, **kwargs)
 
 
 class _ProgressBar:
@@ -290,7 +292,7 @@ class _ProgressBar:
         self.total = total
         self._bar = None
 
-    def update(self, step):
+    def update(self, step, _=None):
         step = int(step)
         if step == 0 or self._bar is None:
             from tqdm.auto import tqdm

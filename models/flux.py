@@ -65,7 +65,7 @@ from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.validation import check_bool, check_int_tuple, field, non_negative_int, optional, positive_int
 
 __all__ = ["FluxConfig", "forward", "head", "timestep_conditioning", "denoiser", "sampling_cond", "init_params",
-           "init_cache", "prepare_params", "pos_embed", "image_ids", "grid_from_ids", "FLUX_THETA"]
+           "init_cache", "prepare_params", "pos_embed", "image_ids", "grid_from_ids", "check_mesh", "FLUX_THETA"]
 
 Params = dict[str, Any]
 FLUX_THETA = 10000.0
@@ -429,7 +429,7 @@ def forward(
         _check_conditioning(config, conditioning, batch)
 
     if mesh is not None:
-        _check_mesh(config, chipmunk, mesh, num_img, num_txt)
+        check_mesh(config, chipmunk, mesh, num_img=num_img, num_txt=num_txt)
     run = perm = None
     if chipmunk is not None:
         grid = _image_grid(grid, img_ids, num_img, chipmunk)
@@ -471,7 +471,10 @@ def forward(
     return ModelOutput(sample=unpermute_tokens(sample, perm).astype(hidden_states.dtype), hidden=hidden, cache=cache)
 
 
-def _check_mesh(config: FluxConfig, chipmunk, mesh, num_img: int, num_txt: int) -> None:
+def check_mesh(config: FluxConfig, chipmunk: ChipmunkConfig | None, mesh, *, num_img: int, num_txt: int) -> None:
+    """Raises ValueError unless ``forward`` can run sequence-parallel on ``mesh`` at this size: heads divisible by
+    the sequence axis, the joint sequence split evenly, and with Chipmunk's MLP into whole mlp.block_size blocks
+    (image tokens and joint sequence alike). FLUX adds no padding: its attention has no key mask."""
     parallel.check_heads("FLUX", config.num_attention_heads, mesh)
     parallel.check_tokens("FLUX's joint sequence (text + image)", num_txt + num_img, mesh)
     if chipmunk is not None and chipmunk.mlp.enabled:

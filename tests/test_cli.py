@@ -112,7 +112,28 @@ def test_converted_weights_without_vae_write_latents(files, tmp_path, capsys):
     assert f"(persistent cache: {tmp_path / 'xla'}, hit)" in second.err, second.err
 
 
+def test_mesh_runs_sequence_parallel_and_matches_one_device(files, tmp_path, capsys):
+    """--mesh sequence=2 (fake CPU devices, tests/conftest.py) writes the latents of --mesh none; a mesh the size
+    does not split, or a cfg axis for FLUX, is a usage error naming the problem."""
+    outs = {m: files["root"] / f"mesh_{m.replace('=', '')}.npy" for m in ("none", "sequence=2")}
+    attention_only = tmp_path / "attention.yaml"  # 256 + 8 tokens split in two, not in 128-token MLP blocks
+    C.flux().replace(attention__first_n_dense_layers=1, attention__full_step_every=2, mlp__enabled=False).save(
+        attention_only)
+    common = ("--weights", files["weights"], "--prompt-embeds", files["embeds"], "--height", 256, "--width", 256,
+              "--steps", 3, "--chipmunk", attention_only, "--compile-cache", "none")
+    for mesh, out in outs.items():
+        assert _generate(*common, "--mesh", mesh, "--out", out) == 0
+    assert "sequence-parallel over 2 devices" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(outs["sequence=2"]), np.load(outs["none"]), rtol=0, atol=1e-5)
+    assert _generate(*common, "--mesh", "sequence=3", "--out", outs["none"]) == 1
+    assert "--mesh sequence=3: FLUX has" in capsys.readouterr().err
+    assert _generate(*common, "--mesh", "sequence=2,cfg=2", "--out", outs["none"]) == 1
+    assert "use cfg=1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, needle", [
+    (("--weights", "W", "--mesh", "sequence=two"), "--mesh: expected sequence=P[,cfg=C]"),
+    (("--weights", "W", "--mesh", "sequence=0"), "--mesh: sequence must be >= 1"),
     (("--weights", "W", "--diffusers", "D"), "not allowed with argument"),
     (("--weights", "W", "--height", 100), "--height must be a positive multiple of 16"),
     (("--weights", "W", "--steps", 0), "--steps must be >= 1"),

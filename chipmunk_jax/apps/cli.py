@@ -3,7 +3,7 @@
     chipmunk-jax generate --model flux (--weights DIR | --diffusers DIR) [--pipeline DIR]
         (--prompt-embeds FILE.npz | --prompt TEXT) --height 1024 --width 1024 --steps 50 --seed 0
         [--guidance 3.5] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] [--compile-cache DIR|none]
-        --out out.png|out.npy
+        [--mesh sequence=P | none] --out out.png|out.npy
 
 --weights: converted params (``python -m chipmunk_jax.ports.convert``); --diffusers: a diffusers
 transformer or pipeline folder, converted on the fly. A pipeline folder (--diffusers or --pipeline,
@@ -13,6 +13,8 @@ and receives the latents [1, C, H/8, W/8] in VAE latent space (before the scalin
 [1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs transformers).
 --compile-cache keeps the compiled sampling loop in JAX's persistent compilation cache, so a second run with the
 same shapes and flags loads it from disk; 'none' leaves JAX's cache settings alone.
+--mesh runs the sampler sequence-parallel over P GPUs (``chipmunk_jax.parallel``; docs/architecture.md §6); the
+default uses every local GPU when there are several (the most of them the image size splits over), 'none' one.
 Exit codes: 0 done, 2 bad arguments, 1 bad files or contents.
 
 This is the application layer over models, ports and the sampler; torch, diffusers, transformers and
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax import config as C
-from chipmunk_jax import sampling
+from chipmunk_jax import parallel, sampling
 from chipmunk_jax.apps.compile_cache import default_compile_cache_dir, enable_compile_cache, watch_compile_cache
 from chipmunk_jax.cache import init_step_cache
 from chipmunk_jax.models import flux
@@ -104,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile-cache", default=default_compile_cache_dir(), metavar="DIR|none",
                      help="JAX persistent compilation cache folder: a second run with the same shapes loads the "
                           "compiled sampler from it; 'none': no cache of ours")
+    gen.add_argument("--mesh", default="auto", metavar="sequence=P[,cfg=1]|none|auto",
+                     help="devices to run on: the sampler sequence-parallel over P GPUs; 'auto' uses every local GPU "
+                          "when there are several (the most of them the size splits over), 'none' one device")
     gen.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     gen.add_argument("--out", required=True, help="out.png (needs a pipeline VAE) or out.npy (latents)")
     return parser
@@ -123,6 +128,26 @@ def _check_generate_args(parser, args) -> None:
         parser.error(f"--out must end in .png or .npy, got {args.out!r}")
     if args.step_cache and args.steps < 2:
         parser.error("--step-cache needs --steps >= 2")
+    try:
+        args.mesh_axes = _parse_mesh(args.mesh)
+    except ValueError as e:
+        parser.error(f"--mesh: {e}")
+
+
+def _parse_mesh(spec: str):
+    """'none' -> None, 'auto' -> 'auto', 'sequence=4,cfg=1' -> {"sequence": 4, "cfg": 1}."""
+    if spec in ("none", "auto"):
+        return None if spec == "none" else spec
+    axes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in (parallel.SEQUENCE, parallel.CFG) or name in axes or not value.strip().isdigit():
+            raise ValueError(f"expected sequence=P[,cfg=C], 'auto' or 'none', got {spec!r}")
+        axes[name] = int(value)
+        if axes[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {spec!r}")
+    return axes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +351,40 @@ def _timing_report(kinds, starts, ends) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Devices
+
+
+def _mesh(args, config, model_chipmunk, num_img: int, num_txt: int):
+    """The ``--mesh`` mesh (None: one device). FLUX runs no CFG branches, so the cfg axis is 1."""
+    axes = args.mesh_axes
+    if axes is None:
+        return None
+    if axes == "auto":
+        gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+        for size in range(len(gpus), 1, -1):  # the most local GPUs this size splits over
+            mesh = parallel.make_mesh(sequence=size, devices=gpus[:size])
+            try:
+                flux.check_mesh(config, model_chipmunk, mesh, num_img=num_img, num_txt=num_txt)
+            except ValueError as e:
+                _log(f"--mesh auto: not {size} GPUs ({e})")
+                continue
+            return mesh
+        return None
+    if axes.get(parallel.CFG, 1) != 1:
+        raise UsageError("--mesh: FLUX.1 runs no classifier-free guidance branches (its guidance is embedded): "
+                         "use cfg=1")
+    size = axes.get(parallel.SEQUENCE, 1)
+    if size > jax.device_count():
+        raise UsageError(f"--mesh sequence={size}: only {jax.device_count()} devices are visible")
+    mesh = parallel.make_mesh(sequence=size, devices=jax.devices()[:size])
+    try:
+        flux.check_mesh(config, model_chipmunk, mesh, num_img=num_img, num_txt=num_txt)
+    except ValueError as e:
+        raise UsageError(f"--mesh sequence={size}: {e}") from None
+    return mesh
+
+
+# ----------------------------------------------------------------------------------------------
 # generate
 
 
@@ -367,9 +426,14 @@ def generate(args) -> int:
     try:
         cond = flux.sampling_cond(config, encoder_hidden_states=jnp.asarray(text, dtype),
                                   pooled_projections=jnp.asarray(pooled, dtype), grid=grid, guidance=guidance)
+        mesh = _mesh(args, config, model_chipmunk, num_img, num_txt)
         cache = None if model_chipmunk is None else flux.init_cache(
             config, model_chipmunk, batch=1, grid=grid, num_text_tokens=num_txt, dtype=dtype)
-        denoiser = flux.denoiser(config, model_chipmunk, grid=grid, dtype=dtype)
+        if cache is not None and mesh is not None:
+            cache = jax.device_put(cache, parallel.cache_shardings(cache, mesh))
+        denoiser = flux.denoiser(config, model_chipmunk, grid=grid, dtype=dtype, mesh=mesh)
+        if mesh is not None:
+            _log(f"sequence-parallel over {mesh.size} devices ({', '.join(str(d) for d in mesh.devices.flat)})")
         if model_chipmunk is not None:  # the sparse MLP layers' layout, made once (the plain copy is dropped)
             params = flux.prepare_params(params, config, model_chipmunk)
     except (ValueError, TypeError) as e:
