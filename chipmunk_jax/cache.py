@@ -35,6 +35,7 @@ __all__ = [
     "stack_layers",
     "sparse_layer_range",
     "offload_layer_caches",
+    "init_stack_cache",
 ]
 
 
@@ -141,6 +142,14 @@ def stack_layers(layer_cache, num_layers: int):
     if num_layers == 0 or layer_cache is None:
         return None
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[None], (num_layers,) + x.shape), layer_cache)
+
+
+def init_stack_cache(section, first_layer: int, num_layers: int, init_layer_cache):
+    """The cache of one block stack under ``section`` (``config.attention`` or ``config.mlp``): one layer's cache
+    (``init_layer_cache()``, called only when needed) stacked over the stack's sparse layers; None when every layer
+    of the stack is dense."""
+    layers = len(sparse_layer_range(section, first_layer, num_layers))
+    return stack_layers(init_layer_cache(), layers) if layers else None
 
 
 def sparse_layer_range(section, first_layer: int, num_layers: int) -> range:

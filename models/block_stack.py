@@ -16,6 +16,7 @@ statically dispatched step has no per-layer host sync on the GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -82,8 +83,8 @@ def _segments(run: ChipmunkRun | None, first_layer: int, count: int):
 
 def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run: ChipmunkRun | None = None,
                 stack_index: int = 0, per_layer=None, default_ops: dict | None = None):
-    """Runs every block of a stack on ``state``; returns (state, run's cache with this stack's caches updated,
-    or None without ``run``).
+    """Runs every block of a stack on ``state``; returns (state, ``run`` with this stack's caches updated in its
+    cache, or None without ``run``), so the next stack continues from it.
 
     ``block(params, per_layer, state, ops) -> (state, (attention cache, mlp cache))`` is one block: ``params``
     and ``per_layer`` (e.g. that block's precomputed modulation; None) are the block's slices, ``ops`` the
@@ -93,9 +94,9 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
     ``default_ops``: the ops of layers without a Chipmunk op (the sequence-parallel dense attention on a mesh).
     """
     count = num_blocks(stack)
-    cache = None if run is None else run.cache
     if count == 0:
-        return state, cache
+        return state, run
+    cache = None if run is None else run.cache
     attn_cache = None if run is None else cache.attention[stack_index]
     mlp_cache = None if run is None else cache.mlp[stack_index]
     for start, stop, attn_on, mlp_on, attn_offset, mlp_offset in _segments(run, first_layer, count):
@@ -116,5 +117,5 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
         indices = jnp.arange(start, stop, dtype=jnp.int32)
         (state, attn_cache, mlp_cache), _ = jax.lax.scan(body, (state, attn_cache, mlp_cache), indices)
     if run is not None:
-        cache = cache.with_stack(stack_index, attn_cache, mlp_cache)
-    return state, cache
+        run = dataclasses.replace(run, cache=cache.with_stack(stack_index, attn_cache, mlp_cache))
+    return state, run

@@ -38,7 +38,7 @@ import numpy as np
 
 from chipmunk_jax import parallel
 from chipmunk_jax.attention import check_seq_len, init_attention_cache
-from chipmunk_jax.cache import ModelCache, sparse_layer_range, stack_layers
+from chipmunk_jax.cache import ModelCache, init_stack_cache, sparse_layer_range
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models import mmdit
@@ -224,15 +224,12 @@ def init_cache(config: FluxConfig, chipmunk: ChipmunkConfig, *, batch: int, grid
     check_seq_len(joint, chipmunk)  # also when every layer is dense: the config asks for Chipmunk
     attention, mlp = [], []
     for (first, count), mlp_tokens in zip(config.block_stacks, (num_img, joint)):
-        attn_layers = len(sparse_layer_range(chipmunk.attention, first, count))
-        mlp_layers = len(sparse_layer_range(chipmunk.mlp, first, count))
-        attention.append(stack_layers(
-            attn_layers and init_attention_cache(chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
-                                                 head_dim=config.attention_head_dim, dtype=dtype), attn_layers))
-        mlp.append(stack_layers(
-            mlp_layers and init_mlp_cache(chipmunk, batch=batch, seq_len=mlp_tokens, in_features=config.inner_dim,
-                                          hidden_features=config.mlp_hidden_dim, out_features=config.inner_dim,
-                                          dtype=dtype), mlp_layers))
+        attention.append(init_stack_cache(chipmunk.attention, first, count, lambda: init_attention_cache(
+            chipmunk, batch=batch, seq_len=joint, heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim, dtype=dtype)))
+        mlp.append(init_stack_cache(chipmunk.mlp, first, count, lambda: init_mlp_cache(
+            chipmunk, batch=batch, seq_len=mlp_tokens, in_features=config.inner_dim,
+            hidden_features=config.mlp_hidden_dim, out_features=config.inner_dim, dtype=dtype)))
     return ModelCache(attention=tuple(attention), mlp=tuple(mlp))
 
 
@@ -459,13 +456,13 @@ def forward(
         return mmdit.single_block(block, joint_states, None, rotary_emb, modulation=modulation, **block_kw, **ops)
 
     (double_first, _), (single_first, _) = config.block_stacks
-    (txt, img), cache = scan_blocks(double, params["transformer_blocks"], (txt, img), first_layer=double_first,
-                                    run=run, stack_index=0, per_layer=conditioning["transformer_blocks"],
-                                    default_ops=default_ops)
-    run = run if run is None else dataclasses.replace(run, cache=cache)
-    joint_states, cache = scan_blocks(single, params["single_transformer_blocks"], jnp.concatenate([txt, img], axis=1),
-                                      first_layer=single_first, run=run, stack_index=1,
-                                      per_layer=conditioning["single_transformer_blocks"], default_ops=default_ops)
+    (txt, img), run = scan_blocks(double, params["transformer_blocks"], (txt, img), first_layer=double_first,
+                                  run=run, stack_index=0, per_layer=conditioning["transformer_blocks"],
+                                  default_ops=default_ops)
+    joint_states, run = scan_blocks(single, params["single_transformer_blocks"], jnp.concatenate([txt, img], axis=1),
+                                    first_layer=single_first, run=run, stack_index=1,
+                                    per_layer=conditioning["single_transformer_blocks"], default_ops=default_ops)
+    cache = None if run is None else run.cache
     hidden = joint_states[:, num_txt:]
     sample = _final_layer(params, hidden, conditioning["norm_out"], dtype)
     return ModelOutput(sample=unpermute_tokens(sample, perm).astype(hidden_states.dtype), hidden=hidden, cache=cache)

@@ -60,7 +60,7 @@ import numpy as np
 
 from chipmunk_jax import parallel
 from chipmunk_jax.attention import init_attention_cache
-from chipmunk_jax.cache import ModelCache, cache_bytes, sparse_layer_range, stack_layers
+from chipmunk_jax.cache import ModelCache, cache_bytes, init_stack_cache
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import mmdit
 from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
@@ -426,9 +426,10 @@ def init_cache(config: HunyuanVideoConfig, chipmunk: ChipmunkConfig, *, batch: i
     grid = check_grid(grid, 3)
     text_length = non_negative_int("text_length", text_length)
     prefix = math.prod(grid) + text_length
-    layer_cache = init_attention_cache(chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads,
-                                       head_dim=config.attention_head_dim, dtype=dtype)
-    attention = tuple(stack_layers(layer_cache, len(sparse_layer_range(chipmunk.attention, first, count)))
+    layer_cache = lambda: init_attention_cache(  # noqa: E731
+        chipmunk, batch=batch, seq_len=prefix, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
+        dtype=dtype)
+    attention = tuple(init_stack_cache(chipmunk.attention, first, count, layer_cache)
                       for first, count in config.block_stacks)
     static_bits = eligible = None
     if chipmunk.attention.compress_indices:
@@ -639,11 +640,11 @@ def forward(
         return mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace, **ops)
 
     (double_first, _), (single_first, _) = config.block_stacks
-    (img, txt), cache = scan_blocks(double, params.get("transformer_blocks"), (img, txt), first_layer=double_first,
-                                    run=run, stack_index=0, default_ops=default_ops)
-    run = run if run is None else dataclasses.replace(run, cache=cache)
-    joint, cache = scan_blocks(single, params.get("single_transformer_blocks"), jnp.concatenate([img, txt], axis=1),
-                               first_layer=single_first, run=run, stack_index=1, default_ops=default_ops)
+    (img, txt), run = scan_blocks(double, params.get("transformer_blocks"), (img, txt), first_layer=double_first,
+                                  run=run, stack_index=0, default_ops=default_ops)
+    joint, run = scan_blocks(single, params.get("single_transformer_blocks"), jnp.concatenate([img, txt], axis=1),
+                             first_layer=single_first, run=run, stack_index=1, default_ops=default_ops)
+    cache = None if run is None else run.cache
     hidden = joint[:, :num_img]
     sample = _final_layer(params, config, hidden, temb, grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=hidden, cache=cache)

@@ -39,8 +39,7 @@ import numpy as np
 
 from chipmunk_jax import parallel
 from chipmunk_jax.attention import init_attention_cache
-from chipmunk_jax.cache import ModelCache, offload_layer_caches, sparse_layer_range, split_branches, stack_branches
-from chipmunk_jax.cache import stack_layers
+from chipmunk_jax.cache import ModelCache, init_stack_cache, offload_layer_caches, split_branches, stack_branches
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
@@ -292,14 +291,12 @@ def init_cache(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid:
     _check_chipmunk(config, chipmunk)
     grid = check_grid(grid, 3)
     n = math.prod(grid)
-    attn_layers = len(sparse_layer_range(chipmunk.attention, 0, config.num_layers))
-    mlp_layers = len(sparse_layer_range(chipmunk.mlp, 0, config.num_layers))
-    attention = stack_layers(attn_layers and init_attention_cache(
+    attention = init_stack_cache(chipmunk.attention, 0, config.num_layers, lambda: init_attention_cache(
         chipmunk, batch=batch, seq_len=n, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
-        dtype=dtype), attn_layers)
-    mlp = stack_layers(mlp_layers and init_mlp_cache(
+        dtype=dtype))
+    mlp = init_stack_cache(chipmunk.mlp, 0, config.num_layers, lambda: init_mlp_cache(
         chipmunk, batch=batch, seq_len=n, in_features=config.inner_dim, hidden_features=config.ffn_dim,
-        out_features=config.inner_dim, dtype=dtype), mlp_layers)
+        out_features=config.inner_dim, dtype=dtype))
     static_mask, eligible = static_video_mask(grid, 0, chipmunk.attention, voxel=chipmunk.reorder.voxel, key=key)
     return ModelCache(attention=(attention,), mlp=(mlp,), static_mask_bits=pack_mask(static_mask), eligible=eligible)
 
@@ -556,7 +553,8 @@ def forward(
                       attention_impl=attention_impl)
 
     default_ops = None if mesh is None else {"attention_op": sequence_parallel_dense_attention(mesh, attention_impl)}
-    x, cache = scan_blocks(block, params["blocks"], x, first_layer=0, run=run, default_ops=default_ops)
+    x, run = scan_blocks(block, params["blocks"], x, first_layer=0, run=run, default_ops=default_ops)
+    cache = None if run is None else run.cache
     sample = _final_layer(params, config, x, conditioning["temb"], grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=x, cache=cache)
 
