@@ -405,6 +405,15 @@ def _check_config(config) -> None:
         raise TypeError(f"config must be a HunyuanVideoConfig, got {type(config).__name__}")
 
 
+def _check_params(params, config: HunyuanVideoConfig) -> None:
+    """Every block type stacked on a leading layer axis with the config's block count."""
+    check_block_stack("transformer_blocks", params.get("transformer_blocks"), config.num_layers)
+    check_block_stack("single_transformer_blocks", params.get("single_transformer_blocks"), config.num_single_layers)
+    check_block_stack("context_embedder.token_refiner.refiner_blocks",
+                      params.get("context_embedder", {}).get("token_refiner", {}).get("refiner_blocks"),
+                      config.num_refiner_layers)
+
+
 def _check_chipmunk(config, chipmunk) -> None:
     _check_config(config)
     check_chipmunk("HunyuanVideo", chipmunk, reorder_kinds=("none", "voxels"), mlp=False)
@@ -553,12 +562,7 @@ def forward(
         raise TypeError(f"params must be a dict of parameters, got {type(params).__name__}")
     _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                   pooled_projections, guidance)
-    for name, count in (("transformer_blocks", config.num_layers), ("single_transformer_blocks",
-                                                                     config.num_single_layers)):
-        check_block_stack(name, params.get(name), count)
-    check_block_stack("context_embedder.token_refiner.refiner_blocks",
-                      params.get("context_embedder", {}).get("token_refiner", {}).get("refiner_blocks"),
-                      config.num_refiner_layers)
+    _check_params(params, config)
     dtype = check_compute_dtype(dtype)
     if chipmunk is None and (cache is not None or plan is not None):
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
