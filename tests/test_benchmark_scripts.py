@@ -1,5 +1,6 @@
 """The GPU benchmark scripts run end to end on CPU with --tiny, so a refactor cannot break them unseen."""
 
+import json
 import os
 import re
 import subprocess
@@ -77,3 +78,39 @@ def test_mlp_benchmark_runs_tiny_on_cpu(tmp_path):
                  "full sparse step, best Triton choices", "fastest full step:", "| flux_double |"):
         assert line in text, (line, text[-3000:])
     assert "ERROR" not in text and "FAILED" not in text
+
+
+def test_multi_gpu_runs_tiny_on_fake_devices(tmp_path):
+    """multi_gpu.py on 8 fake CPU devices: P = 1, 2, 4 of both models and modes (HunyuanVideo sequence parallel, Wan
+    cfg 2 x sequence P/2), a P over the device count as a skipped row, collectives only where a mesh is, the JSON."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # as tests/conftest.py: compiling dominates on a CPU
+    results, rows_file = tmp_path / "multi_gpu.md", tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "multi_gpu.py"), "--tiny", "--devices", "1,2,4,16",
+         "--results", str(results), "--json", str(rows_file)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert text.strip() in proc.stdout
+    assert "### HunyuanVideo:" in text and "### Wan2.1-T2V-14B, CFG:" in text
+    rows = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 2 * 4 * 2, text  # models x P x modes
+    meshes = {(r[0].strip("| "), r[1]) for r in rows}
+    assert {("2", "cfg 1 x sequence 2"), ("4", "cfg 1 x sequence 4"), ("2", "cfg 2 x sequence 1"),
+            ("4", "cfg 2 x sequence 2"), ("1", "one device")} <= meshes
+    for r in rows:
+        if r[0].strip("| ") == "16":
+            assert r[3] == "skipped: only 8 device(s)", r
+            continue
+        assert not r[3].startswith("skipped"), r
+        kinds = ["dense model"] if r[2] == "dense" else ["DENSE", "DENSE_COLSUM", "SPARSE", "SKIPPED"]
+        assert [k.rsplit(" ", 1)[0] for k in r[3].split(", ")] == kinds, r
+        assert float(r[4]) > 0 and r[8] == "n/a"  # 50-step seconds; no memory stats on the CPU backend
+        moved = [float(k.rsplit(" ", 1)[1]) for k in r[9].strip(" |").split(", ")]
+        assert (max(moved) > 0) == (r[0].strip("| ") != "1"), r  # collectives only on a mesh
+        if r[0].strip("| ") == "1":
+            assert r[6:8] == ["1.00x", "1.00"], r  # its own baseline
+    saved = json.loads(rows_file.read_text())["rows"]
+    assert len(saved) == 16 and sum("error" in r for r in saved) == 4
