@@ -2,6 +2,8 @@
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 are measured (benchmarks/RESULTS.md).
 #   bash benchmarks/gpu_plan.sh compile       # issue 20 (~6 min; compile_quick ~4 min): sampler compile time, memory,
 #                                             #   persistent cache, speed
+#   bash benchmarks/gpu_plan.sh scan_diag     # issue 20 (~4 min): the scanned Chipmunk sampler with XLA's dynamic-slice
+#                                             #   fusion on / off, then the sparse step's device profile
 #   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
 #                                             #   host sync per step instead of 110 per-layer conditionals), compile timed
 #   bash benchmarks/gpu_plan.sh flux_sparse   # issue 5 (~9 min): column-sparse tilings at N = 4,608, then the static
@@ -43,6 +45,17 @@ compile|compile_quick)
   done
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps "$reps" \
     --results "$OUT/flux_static.md"
+  ;;
+scan_diag)
+  # issue 20: why the scanned Chipmunk sampler is slower than the unrolled one (RESULTS.md §12.1): 50 steps with
+  # XLA's dynamic-slice fusion on, then off (each in its own process, same machine), then a device profile of the
+  # statically dispatched sparse step (copies of cache / weight slices around the Pallas and Triton calls)
+  run timeout 80 env XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 -P benchmarks/flux_sample.py \
+    --variants chipmunk --static-step-dispatch --reps 1 --results "$OUT/flux_dsf_on.md"
+  run timeout 80 python3 -P benchmarks/flux_sample.py --variants chipmunk --static-step-dispatch --reps 1 \
+    --results "$OUT/flux_dsf_off.md"
+  run timeout 120 python3 -P benchmarks/flux_profile.py --no-dense --dispatch static --kinds SPARSE+SPARSE_SELECT \
+    --calls 2 --top 30 --out "$OUT/flux_profile.md"
   ;;
 video)
   # dense timed in the same process (on the H200: Hunyuan ~4.5 min, Wan 720p ~5 min): one model per call,
@@ -106,7 +119,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton | h100" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac
