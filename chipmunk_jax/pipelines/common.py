@@ -1,0 +1,614 @@
+"""What the three pipelines share: the folder layout check, the transformer weights (converted once, cached on disk),
+the Chipmunk config, the torch components, the scheduler's sigmas, argument checks, the compiled sampler and the
+typed outputs.
+
+Weights cache: a diffusers (or original single-file) transformer checkpoint is converted to our params once and
+saved with the ports' own ``save_params`` (params.safetensors, then config.json, each written atomically) under
+``<cache_dir>/<key>``, where ``cache_dir`` defaults to :func:`default_weights_cache_dir`
+(``$XDG_CACHE_HOME/chipmunk-jax/weights``) and ``key`` hashes the model, the checkpoint's real path and the name,
+size and mtime of every file in its folder: editing or replacing the checkpoint gives a new key, so a stale
+conversion is never read. The next ``from_pretrained`` of the same checkpoint loads the cached params
+(``load_params``, names and shapes checked) instead of converting again. Old entries are never deleted by us:
+remove the folder to reclaim the space. A folder converted by ``chipmunk-jax convert`` is read as it is (nothing
+cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax import config as C
+from chipmunk_jax import sampling
+from chipmunk_jax.ports import common as port_common
+from chipmunk_jax.ports.safetensors_io import atomic_write
+from chipmunk_jax.validation import check_int, check_number, positive_int
+
+__all__ = [
+    "ImagePipelineOutput",
+    "VideoPipelineOutput",
+    "default_weights_cache_dir",
+    "weights_cache_key",
+    "load_transformer",
+    "resolve_chipmunk",
+    "scheduler_sigmas",
+    "Pipeline",
+]
+
+# Bump when the cached layout changes, so old entries are not read.
+WEIGHTS_CACHE_FORMAT = 1
+SOURCE_FILE = "source.json"
+
+# diffusers pipeline class -> ours (for the "wrong pipeline" error)
+_OUR_CLASS = {"FluxPipeline": "FluxPipeline", "WanPipeline": "WanPipeline",
+              "HunyuanVideoPipeline": "HunyuanVideoPipeline"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePipelineOutput:
+    """``images``: one entry per prompt: a ``PIL.Image.Image`` (output_type "pil"), a uint8 [H, W, 3] array ("np";
+    diffusers' "np" is float in [0, 1]) or the final VAE latents [C, H/8, W/8] float32 ("latent": before the
+    scaling / shift undo). ``timings``: seconds spent encoding prompts, compiling the sampler (0 when a compiled
+    one was reused), sampling and decoding, summed over the prompts."""
+
+    images: list
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPipelineOutput:
+    """``frames``: one entry per prompt: a uint8 [F, H, W, 3] array ("np", the default; diffusers' is float in
+    [0, 1]), a list of F ``PIL.Image.Image`` ("pil") or the final VAE latents [C, F', H/8, W/8] float32 ("latent").
+    ``timings``: as ``ImagePipelineOutput``'s."""
+
+    frames: list
+    timings: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional dependencies
+
+
+def import_torch_stack():
+    """(torch, diffusers): the pipelines' optional dependencies, with one clear error when one is missing."""
+    try:  # local: optional dependencies
+        import diffusers
+        import torch
+        import transformers  # noqa: F401  (diffusers imports the text encoders' classes lazily)
+    except ImportError as e:
+        raise ImportError(f"chipmunk_jax.pipelines needs torch, diffusers and transformers ({e}); install them with "
+                          "pip install -c constraints.txt -e '.[pipelines]'") from None
+    return torch, diffusers
+
+
+def torch_placement(torch_device, torch_dtype):
+    """(torch.device, torch.dtype) of the text encoders and the VAE: the GPU when torch sees one, else the CPU;
+    bfloat16 on a GPU, float32 on the CPU, unless given (a torch.dtype or its name, e.g. "float16")."""
+    torch, _ = import_torch_stack()
+    if torch_device is None:
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(torch_device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"torch_device: {e}") from None
+    if torch_dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(torch_dtype, str):
+        dtype = getattr(torch, torch_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"torch_dtype: unknown torch dtype {torch_dtype!r} (e.g. 'float32', 'bfloat16')")
+    elif isinstance(torch_dtype, torch.dtype):
+        dtype = torch_dtype
+    else:
+        raise TypeError(f"torch_dtype must be a torch.dtype, its name or None, got {type(torch_dtype).__name__}")
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
+
+
+def _layout_hint(path: str) -> str:
+    """Why ``path`` is not a diffusers pipeline folder, and what to pass instead."""
+    names = sorted(os.listdir(path))
+    if port_common.PARAMS_FILE in names:
+        return (f"{path!r} is a converted chipmunk-jax transformer folder ({port_common.PARAMS_FILE}), not a pipeline: "
+                "pass the diffusers pipeline folder (model_index.json, text encoders, vae/) as the path and this "
+                "folder as transformer=")
+    if "config.json" in names:
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                cls = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            cls = None
+        what = f"a diffusers {cls} model folder" if cls else "a model folder (config.json)"
+        return (f"{path!r} is {what}, not a pipeline folder (no model_index.json): pass the diffusers pipeline folder "
+                "as the path (and a transformer checkpoint as transformer= if it lives elsewhere)")
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+    return f"{path!r} is not a diffusers pipeline folder: no model_index.json (it holds {shown})"
+
+
+def read_model_index(path, pipeline_class: str, components: tuple[str, ...]) -> dict:
+    """The ``model_index.json`` of a diffusers ``pipeline_class`` folder, after checking that the folder holds that
+    pipeline and the ``components`` subfolders. Errors name the folder and what to pass instead."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such pipeline folder {path!r}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is a file: pass a diffusers {pipeline_class} folder (model_index.json, "
+                         "text encoders, tokenizers, vae/, scheduler/)")
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(_layout_hint(path))
+    try:
+        with open(index) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{index!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index!r} must hold a JSON object, got {type(data).__name__}")
+    found = data.get("_class_name")
+    if found != pipeline_class:
+        ours = _OUR_CLASS.get(found)
+        hint = (f": load it with chipmunk_jax.pipelines.{ours}" if ours
+                else f" (supported: {', '.join(sorted(_OUR_CLASS))})")
+        raise ValueError(f"{path!r} holds a diffusers {found} pipeline, not a {pipeline_class}{hint}")
+    missing = [c for c in components if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise ValueError(f"{path!r}: the {pipeline_class} folder lacks the subfolders {missing}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer weights and their cache
+
+
+def default_weights_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/chipmunk-jax/weights``, or ``~/.cache/chipmunk-jax/weights`` when XDG_CACHE_HOME is unset,
+    empty or relative (the XDG base directory spec ignores relative paths)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "chipmunk-jax", "weights")
+
+
+def _source_files(source: str) -> list[list]:
+    """[name, size, mtime_ns] of the checkpoint file, or of every file in the checkpoint folder."""
+    if os.path.isdir(source):
+        folder, names = source, sorted(n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)))
+    else:
+        folder, names = os.path.dirname(source), [os.path.basename(source)]
+    entries = []
+    for name in names:
+        st = os.stat(os.path.join(folder, name))
+        entries.append([name, st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def weights_cache_key(model: str, source) -> str:
+    """The cache entry name of a transformer checkpoint: sha256 (32 hex digits) of the model name, the checkpoint's
+    real path and the name, size and mtime of each of its files."""
+    real = os.path.realpath(os.fspath(source))
+    blob = json.dumps({"format": WEIGHTS_CACHE_FORMAT, "model": model, "source": real, "files": _source_files(real)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _check_class(source: str, expected: str | None) -> None:
+    """A folder's config.json ``_class_name`` (diffusers' and converted folders both write one) must be ``expected``."""
+    path = os.path.join(source, port_common.CONFIG_FILE)
+    if expected is None or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            found = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # the port's loader reports it
+    if found is not None and found != expected:
+        raise ValueError(f"transformer {source!r} holds a {found}, not a {expected}")
+
+
+def load_transformer(port, model: str, source, *, cache_weights: bool = True, cache_dir=None,
+                     expected_class: str | None = None):
+    """(config, numpy params, where they came from) of a transformer checkpoint.
+
+    ``source``: a converted params folder (``params.safetensors`` + ``config.json``: read as it is), a diffusers
+    transformer folder or one .safetensors file (converted by ``port.from_checkpoint``). With ``cache_weights`` a
+    conversion is saved under ``cache_dir`` (default :func:`default_weights_cache_dir`) and read from there next
+    time (see the module docstring). ``expected_class``: the diffusers model class the folder's config.json must
+    name (checked before anything is read)."""
+    source = os.fspath(source)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"transformer: no such file or folder {source!r}")
+    if os.path.isdir(source):
+        _check_class(source, expected_class)
+    try:
+        if os.path.isdir(source) and os.path.isfile(os.path.join(source, port_common.PARAMS_FILE)):
+            config, params = port.load_params(source)
+            return config, params, f"converted params {source}"
+        if not cache_weights:
+            config, params = port.from_checkpoint(source)
+            return config, params, f"converted from {source} (not cached)"
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ValueError(f"transformer {source!r}: {e}") from None
+    root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None \
+        else default_weights_cache_dir()
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"cache_dir {root!r} exists and is not a folder")
+    target = os.path.join(root, weights_cache_key(model, source))
+    if os.path.isfile(os.path.join(target, port_common.CONFIG_FILE)):  # written last: the params are complete
+        try:
+            config, params = port.load_params(target)
+            return config, params, f"cached conversion {target} (of {source})"
+        except (ValueError, TypeError, KeyError, OSError):
+            pass  # unreadable (e.g. written by another version): converted and written again below
+    try:
+        config, params = port.from_checkpoint(source)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ValueError(f"transformer {source!r}: {e}") from None
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the weights cache folder {target!r} ({e}); pass cache_dir= or "
+                         "cache_weights=False") from None
+    note = json.dumps({"model": model, "source": os.path.realpath(source), "files": _source_files(source)}, indent=1)
+    atomic_write(os.path.join(target, SOURCE_FILE), lambda f: f.write(note), binary=False, suffix=".json")
+    port.save_params(target, config, params)
+    return config, params, f"converted from {source}, cached in {target}"
+
+
+def to_device(params, dtype):
+    """The numpy param tree as JAX arrays in the compute ``dtype``."""
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chipmunk
+
+
+def resolve_chipmunk(spec, preset: str):
+    """A ChipmunkConfig, or None (the dense model), from ``chipmunk=``: a preset name (``chipmunk_jax.config.PRESETS``),
+    a .yaml/.json config file, a ``ChipmunkConfig`` or None."""
+    if spec is None or isinstance(spec, C.ChipmunkConfig):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"chipmunk must be a preset name, a .yaml/.json path, a ChipmunkConfig or None, "
+                        f"got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if spec.endswith((".yaml", ".yml", ".json")):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"chipmunk: no such config file {spec!r}")
+        try:
+            return C.ChipmunkConfig.load(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"chipmunk config {spec!r}: {e}") from None
+        except Exception as e:  # yaml / json syntax errors
+            raise ValueError(f"chipmunk config {spec!r} is not a valid config file: {e}") from None
+    if spec in C.PRESETS:
+        return C.PRESETS[spec]()
+    raise ValueError(f"chipmunk: unknown preset {spec!r} (presets: {', '.join(sorted(C.PRESETS))}, this model's is "
+                     f"{preset!r}; or a .yaml/.json config file, a ChipmunkConfig, or None for the dense model)")
+
+
+def step_configs(chipmunk, num_steps: int):
+    """(the model's Chipmunk config or None, the sampler's config) for ``num_steps`` steps."""
+    if chipmunk is None:
+        return None, C.ChipmunkConfig(num_steps=num_steps)
+    try:
+        config = chipmunk.replace(num_steps=num_steps)
+    except ValueError as e:  # a schedule entry past the last step
+        raise ValueError(f"the Chipmunk config with num_inference_steps={num_steps}: {e}") from None
+    return config, config
+
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler
+
+
+_UNSUPPORTED_FLOW_MATCH = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                           "invert_sigmas", "stochastic_sampling")
+
+
+def _is_flow_unipc(name: str, cfg: dict) -> bool:
+    return (name == "UniPCMultistepScheduler" and bool(cfg.get("use_flow_sigmas"))
+            and cfg.get("prediction_type") == "flow_prediction")
+
+
+def scheduler_sigmas(scheduler, num_steps: int, *, image_seq_len: int | None = None, shift: float | None = None,
+                     pipeline_sigmas: bool = True) -> np.ndarray:
+    """The num_steps + 1 noise levels (float32, 1 -> 0) diffusers' pipeline would step through with the folder's
+    ``scheduler``, for our Euler sampler.
+
+    ``pipeline_sigmas=True`` (FLUX, HunyuanVideo: the diffusers pipeline hands its FlowMatchEulerDiscreteScheduler
+    ``sigmas = linspace(1, 1/N, N)``): ``sampling.flow_sigmas`` with the scheduler's shift: FLUX's exponential
+    ``mu = flux_shift(image_seq_len, ...)`` with the scheduler's base/max shift and sequence lengths when
+    ``use_dynamic_shifting``, else the fixed ``shift`` (``shift=`` overrides it). Equal to diffusers' sigmas.
+
+    ``pipeline_sigmas=False`` (Wan: diffusers' WanPipeline calls ``set_timesteps(N)`` and the scheduler picks its own
+    grid, e.g. FlowMatchEuler's ``linspace(1, sigma_min, N)`` shifted, where sigma_min depends on the scheduler's
+    training sigmas): the sigmas of the scheduler's own ``set_timesteps(N)`` on a copy (``shift=`` overrides its
+    ``shift`` / ``flow_shift``). FlowMatchEulerDiscreteScheduler (without ``use_dynamic_shifting``) and
+    UniPCMultistepScheduler with flow sigmas (the Wan 2.1 folders) are accepted; with UniPC our sampler still takes
+    first-order Euler steps on its sigmas, where diffusers takes UniPC's 2nd-order multistep ones, so results differ
+    from diffusers' at equal step counts.
+
+    Other schedulers and options raise ValueError naming them.
+    """
+    cfg = dict(scheduler.config)
+    name = type(scheduler).__name__
+    if shift is not None:
+        shift = check_number("shift", shift, positive=True)
+    flow_match = name == "FlowMatchEulerDiscreteScheduler"
+    if not flow_match and not (not pipeline_sigmas and _is_flow_unipc(name, cfg)):
+        accepted = "FlowMatchEulerDiscreteScheduler" + ("" if pipeline_sigmas else
+                                                        " or UniPCMultistepScheduler with use_flow_sigmas")
+        raise ValueError(f"the folder's scheduler {name} is not supported here: {accepted} (flow matching) only")
+    if flow_match and cfg.get("stochastic_sampling"):
+        raise ValueError("the folder's FlowMatchEulerDiscreteScheduler sets stochastic_sampling: not supported")
+    if not pipeline_sigmas:
+        if cfg.get("use_dynamic_shifting"):
+            raise ValueError(f"the folder's {name} sets use_dynamic_shifting (resolution-dependent shift): not "
+                             "supported for this model")
+        if shift is not None:
+            cfg["flow_shift" if not flow_match else "shift"] = shift
+        copy = type(scheduler).from_config(cfg)
+        copy.set_timesteps(num_steps)
+        sigmas = copy.sigmas.detach().float().cpu().numpy()
+        if sigmas.shape != (num_steps + 1,) or not sigmas[-1] == 0 or np.any(np.diff(sigmas) >= 0):
+            raise ValueError(f"the folder's {name} gives sigmas {sigmas.tolist()}: not a decreasing flow-matching "
+                             f"schedule of {num_steps} steps ending at 0")
+        return sigmas.astype(np.float32)
+    unsupported = [k for k in _UNSUPPORTED_FLOW_MATCH if cfg.get(k)]
+    if unsupported:
+        raise ValueError(f"the folder's FlowMatchEulerDiscreteScheduler sets {unsupported}: not supported")
+    if cfg.get("use_dynamic_shifting"):
+        if shift is not None:
+            raise ValueError("shift=: this scheduler shifts by resolution (use_dynamic_shifting); leave shift None")
+        if cfg.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"time_shift_type={cfg.get('time_shift_type')!r} is not supported (exponential only)")
+        if image_seq_len is None:
+            raise ValueError("image_seq_len is required: this scheduler shifts by resolution (use_dynamic_shifting)")
+        mu = sampling.flux_shift(image_seq_len, base_shift=cfg.get("base_shift", 0.5),
+                                 max_shift=cfg.get("max_shift", 1.15), base_seq_len=cfg.get("base_image_seq_len", 256),
+                                 max_seq_len=cfg.get("max_image_seq_len", 4096))
+        return sampling.flow_sigmas(num_steps, mu=mu)
+    return sampling.flow_sigmas(num_steps, shift=shift if shift is not None else float(cfg.get("shift", 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str | None]]:
+    """(prompts, one negative prompt or None per prompt): a str or a non-empty list of str each."""
+    def as_list(name, value):
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+            return list(value)
+        raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r:.80}")
+
+    prompts = as_list("prompt", prompt)
+    if negative_prompt is None:
+        return prompts, [None] * len(prompts)
+    negatives = as_list("negative_prompt", negative_prompt)
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    return prompts, negatives
+
+
+def check_size(name: str, value, multiple: int) -> int:
+    """A height or width in pixels: a positive multiple of ``multiple``."""
+    value = positive_int(name, value)
+    if value % multiple:
+        raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
+    return value
+
+
+def check_num_frames(num_frames, temporal: int) -> int:
+    """A frame count ``temporal * k + 1`` (what the video VAE decodes from k + 1 latent frames)."""
+    num_frames = positive_int("num_frames", num_frames)
+    if (num_frames - 1) % temporal:
+        raise ValueError(f"num_frames must be {temporal}k + 1 (the VAE's temporal factor is {temporal}: 1, "
+                         f"{temporal + 1}, {2 * temporal + 1}, ...), got {num_frames}")
+    return num_frames
+
+
+def check_output_type(output_type, allowed: tuple[str, ...]) -> str:
+    if output_type not in allowed:
+        raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
+    return output_type
+
+
+def check_latents(latents, shape: tuple[int, ...]) -> np.ndarray:
+    """User-given initial noise as float32 numpy of ``shape`` (a torch tensor, numpy or JAX array)."""
+    if hasattr(latents, "detach"):  # a torch tensor
+        latents = latents.detach().float().cpu().numpy()
+    array = np.asarray(latents, np.float32)
+    if array.shape != tuple(shape):
+        raise ValueError(f"latents must have shape {tuple(shape)}, got {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("latents hold NaN or inf")
+    return array
+
+
+def check_seed(seed) -> int:
+    return check_int("seed", seed, minimum=0)
+
+
+def to_uint8(images):
+    """torch [..., 3, H, W] in [-1, 1] -> uint8 numpy [..., H, W, 3] (diffusers' postprocess + numpy_to_pil math)."""
+    x = (images / 2 + 0.5).clamp(0, 1).float().cpu().numpy()
+    x = np.moveaxis(x, -3, -1)
+    return np.ascontiguousarray((x * 255).round().astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline base
+
+
+class Pipeline:
+    """Shared state and plumbing of the three pipelines (build them with ``from_pretrained``).
+
+    Attributes: ``config`` (the transformer's model config), ``params`` (JAX arrays in ``dtype``), ``chipmunk`` (the
+    Chipmunk config, None when dense), ``dtype`` (the transformer's compute dtype), ``components`` (the diffusers
+    pipeline loaded without its transformer: tokenizers, text encoders, ``vae``, ``scheduler``; torch modules on
+    ``torch_device``, a ``torch.device``), ``weights_from`` (where the params came from: a converted folder, the
+    weights cache or a fresh conversion) and ``path``.
+    """
+
+    _MODEL: str
+    _PIPELINE_CLASS: str
+    _PRESET: str
+    _COMPONENTS: tuple[str, ...]
+    _PORT: Any
+    _TRANSFORMER_CLASS: str
+
+    def __init__(self, *, path, config, params, chipmunk, dtype, components, weights_from, static_step_dispatch,
+                 torch_device):
+        self.path = path
+        self.torch_device = torch_device
+        self.config = config
+        self.params = params
+        self.chipmunk = chipmunk
+        self.dtype = dtype
+        self.components = components
+        self.weights_from = weights_from
+        self.static_step_dispatch = bool(static_step_dispatch)
+        self._compiled: dict = {}
+
+    @property
+    def vae(self):
+        """The torch VAE (e.g. ``pipe.vae.enable_tiling()`` for large videos)."""
+        return self.components.vae
+
+    @property
+    def scheduler(self):
+        return self.components.scheduler
+
+    @classmethod
+    def from_pretrained(cls, path, *, chipmunk: Any = "default", transformer=None, dtype=jnp.bfloat16,
+                        cache_weights: bool = True, cache_dir=None, torch_device=None, torch_dtype=None,
+                        static_step_dispatch: bool = False):
+        """A pipeline from a diffusers pipeline folder.
+
+        ``path``: the diffusers pipeline folder (``model_index.json``; text encoders, tokenizers, ``vae/`` and
+        ``scheduler/`` are loaded from it). Its ``transformer/`` may hold the diffusers checkpoint or params converted
+        by ``chipmunk-jax convert``; ``transformer=`` (a converted params folder, a diffusers transformer folder or one
+        .safetensors file, diffusers or original layout) takes the transformer from elsewhere instead.
+        ``chipmunk``: "default" (this model's own preset: "flux", "wan" or "hunyuan_video"), a preset name, a
+        .yaml/.json config file, a ``ChipmunkConfig`` or None for the dense model. ``dtype``: the transformer's
+        compute (and param) dtype.
+        ``cache_weights`` / ``cache_dir``: a checkpoint that needs converting is converted once and cached in
+        ``cache_dir`` (default ``$XDG_CACHE_HOME/chipmunk-jax/weights``), keyed by the checkpoint's path, file sizes
+        and mtimes; ``cache_weights=False`` converts in memory every time and writes nothing.
+        ``torch_device`` / ``torch_dtype``: where the torch text encoders and VAE run (default: "cuda" when torch sees
+        a GPU, else "cpu"; bfloat16 on a GPU, float32 on the CPU). ``static_step_dispatch``: see
+        ``sampling.make_sampler`` (faster steps on GPUs, longer compile).
+
+        Note for GPUs: JAX preallocates 75% of the GPU memory at its first use; the torch encoders and VAE need
+        the rest (or set ``XLA_PYTHON_CLIENT_MEM_FRACTION`` / ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` before
+        importing jax).
+        """
+        path = os.fspath(path)
+        read_model_index(path, cls._PIPELINE_CLASS, cls._COMPONENTS)
+        model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
+        source = os.path.join(path, "transformer") if transformer is None else os.fspath(transformer)
+        if transformer is None and not os.path.isdir(source):
+            raise ValueError(f"{path!r} has no transformer/ subfolder: pass transformer= (a converted params folder, a "
+                             "diffusers transformer folder or a .safetensors checkpoint)")
+        config, params, weights_from = load_transformer(cls._PORT, cls._MODEL, source, cache_weights=cache_weights,
+                                                        cache_dir=cache_dir, expected_class=cls._TRANSFORMER_CLASS)
+        cls._check_config(config, source)
+        device, torch_dtype = torch_placement(torch_device, torch_dtype)
+        components = cls._load_components(path, device, torch_dtype)
+        pipe = cls(path=path, config=config, params=None, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
+                   components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
+                   torch_device=device)
+        pipe._check_components()
+        pipe.params = pipe._prepare_params(to_device(params, pipe.dtype))
+        return pipe
+
+    # ---- model hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def _check_config(cls, config, source) -> None:
+        """Raises when the transformer is not this pipeline's kind of model."""
+
+    def _check_components(self) -> None:
+        """Raises when the VAE / text encoders do not fit the transformer."""
+
+    def _prepare_params(self, params):
+        return params
+
+    @classmethod
+    def _load_components(cls, path, device, torch_dtype):
+        """The diffusers pipeline without its transformer (tokenizers, text encoders, VAE, scheduler) on ``device``."""
+        _, diffusers = import_torch_stack()
+        try:
+            loaded = cls._preloaded_components(path, torch_dtype)
+            pipe = getattr(diffusers, cls._PIPELINE_CLASS).from_pretrained(path, transformer=None, dtype=torch_dtype,
+                                                                           **loaded)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"cannot load the {cls._PIPELINE_CLASS} components of {path!r}: {e}") from None
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def _preloaded_components(cls, path, torch_dtype) -> dict:
+        """Components loaded ahead with their own settings (e.g. a float32 VAE), passed to diffusers' loader."""
+        return {}
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def _sample(self, *, static, make_denoiser: Callable, sampler_config, sigmas, guidance_scale, progress, latents,
+                cond, cache, step_cache, key, uncond=None):
+        """Runs the one-jit sampler; returns (final latents as float32 numpy, compile seconds, sampling seconds).
+        Compiled samplers are kept per (``static``, shapes, steps, guidance, ...) and reused by later calls."""
+        args = (self.params, jnp.asarray(latents), cond, cache, step_cache, key, uncond)
+        shapes = jax.tree_util.tree_map(lambda x: (tuple(jnp.shape(x)), str(jnp.result_type(x))), args[1:])
+        entry_key = (static, sampler_config, tuple(np.asarray(sigmas).tolist()), guidance_scale, bool(progress),
+                     str(jax.tree_util.tree_structure(shapes)), tuple(jax.tree_util.tree_leaves(shapes)))
+        compiled = self._compiled.get(entry_key)
+        compile_s = 0.0
+        if compiled is None:
+            run = sampling.make_sampler(make_denoiser(), sampler_config, sigmas, guidance_scale=guidance_scale,
+                                        progress=progress, static_step_dispatch=self.static_step_dispatch)
+            t0 = time.perf_counter()
+            compiled = run.lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+            self._compiled[entry_key] = compiled
+        t0 = time.perf_counter()
+        out, _, _ = compiled(*args)
+        out = np.asarray(jax.block_until_ready(out), np.float32)
+        sample_s = time.perf_counter() - t0
+        if not np.all(np.isfinite(out)):
+            raise FloatingPointError("sampling produced non-finite latents (NaN or inf)")
+        return out, compile_s, sample_s
+
+    @staticmethod
+    def _keys(seed: int):
+        """(noise key, sampler key, Chipmunk cache key) of a seed (the CLI draws its noise the same way)."""
+        key = jax.random.key(check_seed(seed))
+        return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+
+    def __repr__(self) -> str:
+        kind = "dense" if self.chipmunk is None else "Chipmunk"
+        return (f"{type(self).__name__}({self.path!r}, {kind}, dtype={self.dtype.name}, "
+                f"torch on {self.torch_device}, weights: {self.weights_from})")
+
+
+def add_timings(total: dict[str, float], **seconds: float) -> None:
+    for name, value in seconds.items():
+        total[name] = total.get(name, 0.0) + value

@@ -1,0 +1,574 @@
+"""``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1 and HunyuanVideo are
+built here (tiny random transformers, text encoders, VAEs; tokenizers made from a word list with BPE merges written
+in the test; saved with diffusers' ``save_pretrained``; nothing downloaded) and run from ``pipe(prompt=...)`` to
+images / frames, dense and Chipmunk. The dense runs are checked against diffusers' own pipelines on the same
+components and the same initial noise (float32): the final latents agree to <= 1e-5 relative, the decoded pixels to
+one level in 255. Also: the weights cache, the scheduler's sigmas against diffusers' schedulers, write_video, and
+the errors for bad folders and arguments.
+
+Every test gets its own XDG_CACHE_HOME (the default weights cache); the module fixtures write theirs under a
+tmp_path_factory folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from chipmunk_jax import config as C  # noqa: E402
+from chipmunk_jax import sampling  # noqa: E402
+from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanPipeline, write_video  # noqa: E402
+from chipmunk_jax.pipelines import common  # noqa: E402
+from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
+
+WORDS = "a cat dog on the grass red blue photo of describe video".split()
+PROMPT = "a cat on the grass"
+F32 = jnp.float32
+
+
+@pytest.fixture(autouse=True)
+def own_weights_cache(tmp_path, monkeypatch):
+    """The default weights cache folder in tmp_path, never ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny components (tokenizers from a word list: every word one token, through real BPE merges)
+
+
+def bpe(special, *, prefix="", suffix=""):
+    """(vocab, merges) of a BPE model whose merges build every word of WORDS from its characters (``prefix``: the
+    word-start marker, Llama's "▁"; ``suffix``: the word-end marker, CLIP's "</w>")."""
+    vocab = {t: i for i, t in enumerate(special)}
+    chars = sorted(set("".join(WORDS)))
+    for c in chars + ([prefix] if prefix else []):
+        vocab.setdefault(c, len(vocab))
+    for c in chars if suffix else ():
+        vocab.setdefault(c + suffix, len(vocab))
+    merges = []
+    for word in WORDS:
+        pieces = ([prefix] if prefix else []) + list(word[:-1]) + [word[-1] + suffix]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    return vocab, merges
+
+
+def clip_parts(hidden: int, max_length: int):
+    vocab, merges = bpe(["<|startoftext|>", "<|endoftext|>"], suffix="</w>")
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    return tokenizer, encoder
+
+
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer: one piece per word plus single characters."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
+    vocab += [(c, -5.0) for c in sorted(set("".join(WORDS)))] + [("▁", -3.0)]
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def t5_config(cls, tokenizer, d_model: int):
+    return cls(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+               relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def perturbed(module, scale=0.1):
+    """Random non-zero values everywhere (diffusers zero-inits some output layers)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny pipeline folders
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    tokenizer, clip = clip_parts(hidden=16, max_length=8)
+    tokenizer_2 = t5_tokenizer()
+    t5 = transformers.T5EncoderModel(t5_config(transformers.T5Config, tokenizer_2, 16)).eval()
+    transformer = perturbed(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=True))
+    vae = diffusers.AutoencoderKL(  # 4 blocks: factor 8, as FLUX's; FLUX's scaling and shift
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8] * 4, layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    reference = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                                       text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(root / "pipeline")
+    return dict(root=root, path=str(root / "pipeline"), reference=reference)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    torch.manual_seed(1)
+    tokenizer = t5_tokenizer()
+    encoder = transformers.UMT5EncoderModel(t5_config(transformers.UMT5Config, tokenizer, 16)).eval()
+    transformer = perturbed(diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32))
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                     latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
+    # the released Wan 2.1 folders ship UniPC; this one Euler, so that diffusers' pipeline steps as ours does
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
+                                      transformer=transformer)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(root / "pipeline")
+    return dict(root=root, path=str(root / "pipeline"), reference=reference)
+
+
+HUNYUAN_TEMPLATE = {"template": "describe the video: {}", "crop_start": None}
+
+
+@pytest.fixture(scope="module")
+def hunyuan_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hunyuan")
+    torch.manual_seed(2)
+    vocab, merges = bpe(["<unk>", "<s>", "</s>", "<pad>"], prefix="▁")
+    tokenizer = transformers.LlamaTokenizerFast(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right")
+    llama = transformers.LlamaModel(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=1,
+        eos_token_id=2)).eval()
+    tokenizer_2, clip = clip_parts(hidden=8, max_length=77)  # diffusers' HunyuanVideo pads CLIP to 77 tokens
+    transformer = perturbed(diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)))
+    vae = diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    reference = diffusers.HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer,
+                                               vae=vae, scheduler=scheduler, text_encoder_2=clip,
+                                               tokenizer_2=tokenizer_2)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(root / "pipeline")
+    return dict(root=root, path=str(root / "pipeline"), reference=reference)
+
+
+def _load(cls, folder, chipmunk=None, **kw):
+    return cls.from_pretrained(folder["path"], chipmunk=chipmunk, dtype=F32, cache_dir=folder["root"] / "weights",
+                               **kw)
+
+
+@pytest.fixture(scope="module")
+def flux_dense(flux_folder):
+    return _load(FluxPipeline, flux_folder)
+
+
+@pytest.fixture(scope="module")
+def wan_dense(wan_folder):
+    return _load(WanPipeline, wan_folder)
+
+
+@pytest.fixture(scope="module")
+def hunyuan_dense(hunyuan_folder):
+    return _load(HunyuanVideoPipeline, hunyuan_folder)
+
+
+def _noise(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert np.all(np.isfinite(x))
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+def _pixels_match(ours_uint8, reference_float):
+    """Our uint8 pixels against diffusers' float [0, 1] ones: at most one level apart (rounding)."""
+    reference = (np.asarray(reference_float, np.float64) * 255).round()
+    assert ours_uint8.dtype == np.uint8 and ours_uint8.shape == reference.shape
+    assert np.abs(ours_uint8.astype(np.float64) - reference).max() <= 1
+    assert ours_uint8.std() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX
+
+
+FLUX_CALL = dict(height=64, width=64, num_inference_steps=3, max_sequence_length=8, guidance_scale=2.5)
+
+
+def test_flux_dense_matches_diffusers(flux_folder, flux_dense):
+    reference = flux_folder["reference"]
+    noise = _noise((1, 16, 16))
+    ours = flux_dense(PROMPT, **FLUX_CALL, latents=noise, output_type="np", progress=False)
+    with torch.no_grad():
+        theirs = reference(PROMPT, **FLUX_CALL, latents=torch.from_numpy(noise), output_type="latent").images
+        theirs = reference._unpack_latents(theirs, 64, 64, reference.vae_scale_factor).numpy()
+        image = reference(PROMPT, **FLUX_CALL, latents=torch.from_numpy(noise), output_type="np").images[0]
+    latent = flux_dense(PROMPT, **FLUX_CALL, latents=noise, output_type="latent", progress=False)
+    assert latent.timings["compile"] == 0.0  # the first call's compiled sampler, reused
+    assert _rel(latent.images[0], theirs[0]) <= 1e-5
+    _pixels_match(ours.images[0], image)
+    assert set(ours.timings) == {"encode_prompt", "compile", "sampling", "decode"}
+
+
+def test_flux_true_cfg_matches_diffusers(flux_folder, flux_dense):
+    reference = flux_folder["reference"]
+    noise = _noise((1, 16, 16), seed=3)
+    call = dict(FLUX_CALL, negative_prompt="blue dog", true_cfg_scale=3.0)
+    ours = flux_dense(PROMPT, **call, latents=noise, output_type="latent", progress=False)
+    with torch.no_grad():
+        theirs = reference(PROMPT, **call, latents=torch.from_numpy(noise), output_type="latent").images
+    theirs = reference._unpack_latents(theirs, 64, 64, reference.vae_scale_factor).numpy()
+    assert _rel(ours.images[0], theirs[0]) <= 1e-5
+
+
+def test_flux_chipmunk_pil_images_with_step_caching(flux_folder):
+    chipmunk = C.flux().replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1,
+                                attention__full_step_every=3, mlp__full_step_every=3, step_cache__enabled=True,
+                                step_cache__skip_step_schedule=(2,))
+    pipe = _load(FluxPipeline, flux_folder, chipmunk=chipmunk)
+    assert pipe.chipmunk is chipmunk
+    out = pipe([PROMPT, "a red dog"], height=256, width=256, num_inference_steps=4, max_sequence_length=8,
+               seed=5, progress=False)
+    assert len(out.images) == 2
+    for image in out.images:
+        assert image.size == (256, 256) and image.mode == "RGB" and np.asarray(image).std() > 0
+    assert np.abs(np.asarray(out.images[0], float) - np.asarray(out.images[1], float)).mean() > 0
+    again = pipe(PROMPT, height=256, width=256, num_inference_steps=4, max_sequence_length=8, seed=5,
+                 output_type="np", progress=False)
+    assert again.timings["compile"] == 0.0
+    np.testing.assert_array_equal(again.images[0], np.asarray(out.images[0]))  # same seed, same image
+
+
+def test_flux_bad_arguments(flux_dense):
+    pipe = flux_dense
+    cases = [
+        (dict(height=72), ValueError, "height must be a multiple of 16"),
+        (dict(width=0), ValueError, "width"),
+        (dict(negative_prompt="blurry"), ValueError, "negative_prompt needs true_cfg_scale > 1"),
+        (dict(true_cfg_scale=4.0), ValueError, "needs a negative_prompt"),
+        (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(output_type="tensor"), ValueError, "output_type must be one of"),
+        (dict(max_sequence_length=513), ValueError, "cannot be greater than 512"),
+        (dict(latents=np.zeros((1, 5, 16), np.float32)), ValueError, r"latents must have shape \(1, 16, 16\)"),
+        (dict(seed=-1), ValueError, "seed"),
+    ]
+    for kwargs, error, words in cases:
+        call = dict(height=64, width=64, num_inference_steps=2, progress=False)
+        call.update(kwargs)
+        with pytest.raises(error, match=words):
+            pipe(PROMPT, **call)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        pipe(3, height=64, width=64)
+    with pytest.raises(ValueError, match="latents= is for one prompt"):
+        pipe([PROMPT, PROMPT], height=64, width=64, latents=np.zeros((1, 16, 16), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.1
+
+
+WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3, max_sequence_length=12,
+                guidance_scale=4.0, negative_prompt="blue dog")
+
+
+def test_wan_dense_cfg_matches_diffusers(wan_folder, wan_dense):
+    reference = wan_folder["reference"]
+    noise = _noise((1, 4, 2, 4, 4))
+    ours = wan_dense(PROMPT, **WAN_CALL, latents=noise, progress=False)
+    latent = wan_dense(PROMPT, **WAN_CALL, latents=noise, output_type="latent", progress=False)
+    with torch.no_grad():
+        theirs = reference(PROMPT, **WAN_CALL, latents=torch.from_numpy(noise), output_type="latent").frames
+        video = reference(PROMPT, **WAN_CALL, latents=torch.from_numpy(noise), output_type="np").frames[0]
+    assert _rel(latent.frames[0], theirs[0].numpy()) <= 1e-5
+    assert ours.frames[0].shape == (5, 32, 32, 3)
+    _pixels_match(ours.frames[0], video)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # imageio-ffmpeg starts ffmpeg
+def test_wan_chipmunk_cfg_frames_and_video_file(wan_folder, tmp_path):
+    # two (4, 6, 8) voxels of tokens: a real voxel order; every key kept at the sparse steps (top-k = N over an
+    # empty static mask), so the result stays near the dense one
+    chipmunk = C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16,
+                               attention__local_voxels=0, attention__random_keys=0.0,
+                               attention__first_n_dense_layers=1, attention__full_step_every=3,
+                               step_cache__skip_step_schedule=(3,))
+    pipe = _load(WanPipeline, wan_folder, chipmunk=chipmunk)
+    call = dict(height=96, width=256, num_frames=13, num_inference_steps=4, max_sequence_length=8,
+                guidance_scale=4.0, seed=0, progress=False)
+    out = pipe(PROMPT, **call)
+    video = out.frames[0]
+    assert video.shape == (13, 96, 256, 3) and video.dtype == np.uint8 and video.std() > 0
+    dense = _load(WanPipeline, wan_folder)(PROMPT, **call, output_type="latent")
+    sparse = pipe(PROMPT, **call, output_type="latent")
+    assert sparse.timings["compile"] == 0.0
+    assert 0 < _rel(sparse.frames[0], dense.frames[0]) < 0.02  # 0.0022 when written
+    path = write_video(tmp_path / "video.mp4", video, fps=8)
+    assert path == str(tmp_path / "video.mp4") and os.path.getsize(path) > 0
+
+
+def test_wan_bad_arguments(wan_dense):
+    call = dict(height=32, width=32, num_frames=5, num_inference_steps=2, progress=False)
+    cases = [
+        (dict(num_frames=6), "num_frames must be 4k \\+ 1"),
+        (dict(num_frames=0), "num_frames"),
+        (dict(height=40), "height must be a multiple of 16"),
+        (dict(negative_prompt="blurry", guidance_scale=1.0), "negative_prompt needs classifier-free guidance"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(shift=0.0), "shift"),
+        (dict(output_type="pt"), "output_type"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ValueError, match=words):
+            wan_dense(PROMPT, **dict(call, **kwargs))
+    with pytest.raises(ValueError, match="negative_prompt has 2 entries for 1 prompts"):
+        wan_dense(PROMPT, **call, negative_prompt=["x", "y"])
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanVideo
+
+
+HUNYUAN_CALL = dict(height=64, width=96, num_frames=5, num_inference_steps=3, max_sequence_length=12,
+                    guidance_scale=6.0, prompt_template=HUNYUAN_TEMPLATE)
+
+
+def test_hunyuan_dense_matches_diffusers(hunyuan_folder, hunyuan_dense):
+    reference = hunyuan_folder["reference"]
+    noise = _noise((1, 4, 2, 8, 12))
+    text, _, mask = hunyuan_dense.encode_prompt(PROMPT, prompt_template=HUNYUAN_TEMPLATE, max_sequence_length=12)
+    assert 0 < mask.sum() < 12 and text.shape == (1, 12, 16)  # padded: the mask is exercised
+    ours = hunyuan_dense(PROMPT, **HUNYUAN_CALL, latents=noise, progress=False)
+    latent = hunyuan_dense(PROMPT, **HUNYUAN_CALL, latents=noise, output_type="latent", progress=False)
+    with torch.no_grad():
+        theirs = reference(PROMPT, **HUNYUAN_CALL, latents=torch.from_numpy(noise), output_type="latent").frames
+        video = reference(PROMPT, **HUNYUAN_CALL, latents=torch.from_numpy(noise), output_type="np").frames[0]
+    assert _rel(latent.frames[0], theirs[0].numpy()) <= 1e-5
+    _pixels_match(ours.frames[0], video)
+
+
+def test_hunyuan_chipmunk_frames(hunyuan_folder):
+    chipmunk = C.hunyuan_video().replace(attention__random_keys=1.0, attention__first_n_dense_layers=1,
+                                         attention__full_step_schedule=(0, 1), step_cache__skip_step_schedule=(3,))
+    pipe = _load(HunyuanVideoPipeline, hunyuan_folder, chipmunk=chipmunk)
+    out = pipe(PROMPT, **dict(HUNYUAN_CALL, num_inference_steps=4), seed=1, output_type="pil", progress=False)
+    frames = out.frames[0]
+    assert len(frames) == 5 and frames[0].size == (96, 64) and np.asarray(frames[2]).std() > 0
+
+
+def test_hunyuan_default_prompt_template_is_diffusers():
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from chipmunk_jax.pipelines import hunyuan_video
+
+    assert hunyuan_video.DEFAULT_PROMPT_TEMPLATE == DEFAULT_PROMPT_TEMPLATE
+
+
+def test_hunyuan_bad_arguments(hunyuan_dense):
+    call = dict(height=64, width=96, num_frames=5, num_inference_steps=2, progress=False)
+    cases = [
+        (dict(negative_prompt="blurry"), "negative_prompt: HunyuanVideo's guidance is embedded"),
+        (dict(num_frames=4), "num_frames must be 4k \\+ 1"),
+        (dict(width=100), "width must be a multiple of 16"),
+        (dict(prompt_template={"crop_start": 0}), "prompt_template must be a dict with a 'template'"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ValueError, match=words):
+            hunyuan_dense(PROMPT, **dict(call, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders, weights and the weights cache
+
+
+def test_folder_layout_errors(flux_folder, wan_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such pipeline folder"):
+        FluxPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is a diffusers FluxTransformer2DModel model folder, not a pipeline"):
+        FluxPipeline.from_pretrained(os.path.join(flux_folder["path"], "transformer"))
+    with pytest.raises(ValueError, match="holds a diffusers WanPipeline pipeline, not a FluxPipeline: load it with "
+                                         "chipmunk_jax.pipelines.WanPipeline"):
+        FluxPipeline.from_pretrained(wan_folder["path"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder: no model_index.json"):
+        WanPipeline.from_pretrained(tmp_path / "empty")
+    converted = tmp_path / "converted"
+    flux_ports.save_params(converted, *flux_ports.from_checkpoint(os.path.join(flux_folder["path"], "transformer")))
+    with pytest.raises(ValueError, match="converted chipmunk-jax transformer folder .* as transformer="):
+        FluxPipeline.from_pretrained(converted)
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_folder["path"], broken, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ValueError, match=r"lacks the subfolders \['vae'\]"):
+        FluxPipeline.from_pretrained(broken)
+    with pytest.raises(ValueError, match="holds a FluxTransformer2DModel, not a WanTransformer3DModel"):
+        WanPipeline.from_pretrained(wan_folder["path"], transformer=converted)
+    with pytest.raises(ValueError, match="unknown preset 'fluxx'"):
+        FluxPipeline.from_pretrained(flux_folder["path"], chipmunk="fluxx")
+    with pytest.raises(TypeError, match="chipmunk must be"):
+        FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=3)
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=str(tmp_path / "none.yaml"))
+    with pytest.raises(ValueError, match="torch_dtype: unknown torch dtype 'float33'"):
+        FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, cache_weights=False, torch_dtype="float33")
+    with pytest.raises(ValueError, match="torch_device"):
+        FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, cache_weights=False, torch_device="gpu:x")
+
+
+def test_weights_cache_and_converted_folders(flux_folder, tmp_path):
+    default = tmp_path / "xdg" / "chipmunk-jax" / "weights"
+    assert common.default_weights_cache_dir() == str(default)
+    first = FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, dtype=F32)
+    entries = os.listdir(default)
+    assert len(entries) == 1 and f"cached in {default / entries[0]}" in first.weights_from
+    with open(default / entries[0] / common.SOURCE_FILE) as f:
+        assert json.load(f)["source"] == os.path.realpath(os.path.join(flux_folder["path"], "transformer"))
+    second = FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, dtype=F32)
+    assert second.weights_from.startswith(f"cached conversion {default / entries[0]}")
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                                         first.params, second.params))
+    # a changed checkpoint (here its mtime) is a new key: converted again, never the stale entry
+    copy = tmp_path / "pipeline"
+    shutil.copytree(flux_folder["path"], copy)
+    FluxPipeline.from_pretrained(copy, chipmunk=None, dtype=F32)
+    config = copy / "transformer" / "config.json"
+    os.utime(config, ns=(os.stat(config).st_atime_ns, os.stat(config).st_mtime_ns + 10**9))
+    FluxPipeline.from_pretrained(copy, chipmunk=None, dtype=F32)
+    assert len(os.listdir(default)) == 3
+    # no cache: nothing written; a converted folder (transformer/ or transformer=) is read as it is
+    own = tmp_path / "own"
+    pipe = FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, dtype=F32, cache_weights=False,
+                                        cache_dir=own)
+    assert "not cached" in pipe.weights_from and not own.exists()
+    converted = tmp_path / "converted"
+    flux_ports.save_params(converted, *flux_ports.from_checkpoint(os.path.join(flux_folder["path"], "transformer")))
+    pipe = FluxPipeline.from_pretrained(flux_folder["path"], chipmunk=None, dtype=F32, transformer=converted)
+    assert pipe.weights_from == f"converted params {converted}"
+    shutil.rmtree(copy / "transformer")
+    shutil.copytree(converted, copy / "transformer")
+    pipe = FluxPipeline.from_pretrained(copy, chipmunk=None, dtype=F32)
+    assert pipe.weights_from == f"converted params {copy / 'transformer'}"
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                                         first.params, pipe.params))
+    assert len(os.listdir(default)) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler sigmas
+
+
+def test_sigmas_follow_diffusers_schedulers():
+    flux = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    for steps, seq_len in ((28, 4096), (4, 256), (7, 1024)):
+        mu = sampling.flux_shift(seq_len)
+        flux.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        np.testing.assert_allclose(common.scheduler_sigmas(flux, steps, image_seq_len=seq_len), flux.sigmas.numpy(),
+                                   rtol=1e-6, atol=1e-6)
+    hunyuan = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    hunyuan.set_timesteps(sigmas=np.linspace(1.0, 0.0, 31)[:-1])
+    np.testing.assert_allclose(common.scheduler_sigmas(hunyuan, 30), hunyuan.sigmas.numpy(), rtol=1e-6, atol=1e-6)
+    # Wan: diffusers' WanPipeline calls set_timesteps(N) and the scheduler picks its own grid
+    for scheduler, override in ((diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), dict(shift=5.0)),
+                                (diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                   use_flow_sigmas=True, flow_shift=3.0),
+                                 dict(flow_shift=5.0))):
+        for shift, config in ((None, {}), (5.0, override)):
+            expected = type(scheduler).from_config(dict(scheduler.config, **config))
+            expected.set_timesteps(10)
+            ours = common.scheduler_sigmas(scheduler, 10, shift=shift, pipeline_sigmas=False)
+            np.testing.assert_allclose(ours, expected.sigmas.numpy(), rtol=1e-6)
+            assert ours.shape == (11,) and ours[0] <= 1 and ours[-1] == 0
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        common.scheduler_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), 4)
+    with pytest.raises(ValueError, match="shifts by resolution"):
+        common.scheduler_sigmas(flux, 4, image_seq_len=256, shift=2.0)
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        common.scheduler_sigmas(flux, 4, pipeline_sigmas=False)
+    with pytest.raises(ValueError, match="DDIMScheduler is not supported"):
+        common.scheduler_sigmas(diffusers.DDIMScheduler(), 4, pipeline_sigmas=False)
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler is not supported"):  # FLUX / HunyuanVideo
+        common.scheduler_sigmas(unipc_flow(), 4)
+
+
+def unipc_flow():
+    return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# write_video
+
+
+def _frames(f=4, h=10, w=14):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (f, h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_write_video_animated_images(tmp_path, suffix):
+    from PIL import Image
+
+    path = write_video(tmp_path / f"v{suffix}", _frames(), fps=8)
+    with Image.open(path) as image:
+        assert image.n_frames == 4 and image.size == (14, 10)
+        if suffix == ".webp":  # lossless
+            image.seek(2)
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), _frames()[2])
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # imageio-ffmpeg starts ffmpeg
+def test_write_video_mp4_or_gif_fallback(tmp_path, monkeypatch):
+    pytest.importorskip("imageio_ffmpeg")
+    path = write_video(tmp_path / "v.mp4", _frames(h=9, w=15).astype(np.float32) / 255.0, fps=8)
+    with open(path, "rb") as f:
+        assert f.read(12)[4:8] == b"ftyp"  # an MP4 container
+    import imageio_ffmpeg
+
+    assert imageio_ffmpeg.count_frames_and_secs(path)[0] == 4
+    monkeypatch.setitem(__import__("sys").modules, "imageio_ffmpeg", None)  # as if not installed
+    with pytest.warns(UserWarning, match="needs imageio and imageio-ffmpeg"):
+        path = write_video(tmp_path / "w.mp4", _frames(), fps=8)
+    assert path == str(tmp_path / "w.gif") and os.path.isfile(path)
+
+
+def test_write_video_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="must end in"):
+        write_video(tmp_path / "v.avi", _frames())
+    with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
+        write_video(tmp_path / "v.gif", _frames()[0])
+    with pytest.raises(ValueError, match=r"float frames must lie in \[0, 1\]"):
+        write_video(tmp_path / "v.gif", _frames().astype(np.float32))
+    with pytest.raises(ValueError, match="fps"):
+        write_video(tmp_path / "v.gif", _frames(), fps=0)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        write_video(tmp_path / "missing" / "v.gif", _frames())
