@@ -424,6 +424,26 @@ def check_num_frames(num_frames, temporal: int) -> int:
     return num_frames
 
 
+def video_request(*, height, width, num_frames, spatial: int, temporal: int, patch_hw: tuple[int, int],
+                  in_channels: int, token_grid: Callable, latents, num_prompts: int):
+    """The checked size of a video call: (height, width, num_frames, latent shape [1, C, F', H', W'], token grid,
+    checked ``latents`` or None). Height / width are multiples of 16 and of the VAE factor x the patch size;
+    ``token_grid(shape)`` is the model's; ``latents`` (one prompt only) must have the latent shape."""
+    height = check_size("height", height, int(np.lcm(16, spatial * patch_hw[0])))
+    width = check_size("width", width, int(np.lcm(16, spatial * patch_hw[1])))
+    num_frames = check_num_frames(num_frames, temporal)
+    shape = (1, in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+    try:
+        grid = token_grid(shape)
+    except ValueError as e:
+        raise ValueError(f"num_frames={num_frames}: {e}") from None
+    if latents is not None:
+        if num_prompts > 1:
+            raise ValueError("latents= is for one prompt; pass a str prompt")
+        latents = check_latents(latents, shape)
+    return height, width, num_frames, shape, grid, latents
+
+
 def check_output_type(output_type, allowed: tuple[str, ...]) -> str:
     if output_type not in allowed:
         raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")

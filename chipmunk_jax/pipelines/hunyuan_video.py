@@ -127,24 +127,15 @@ class HunyuanVideoPipeline(common.Pipeline):
         if prompt_template is not None and (not isinstance(prompt_template, dict) or
                                             not isinstance(prompt_template.get("template"), str)):
             raise ValueError("prompt_template must be a dict with a 'template' string holding '{}' (and 'crop_start')")
-        spatial, temporal = self.vae_scale_factor_spatial, self.vae_scale_factor_temporal
-        multiple = int(np.lcm(16, spatial * self.config.patch_size))
-        height = common.check_size("height", height, multiple)
-        width = common.check_size("width", width, multiple)
-        num_frames = common.check_num_frames(num_frames, temporal)
+        height, width, num_frames, shape, grid, latents = common.video_request(
+            height=height, width=width, num_frames=num_frames, spatial=self.vae_scale_factor_spatial,
+            temporal=self.vae_scale_factor_temporal, patch_hw=(self.config.patch_size,) * 2,
+            in_channels=self.config.in_channels, token_grid=lambda shape: hv.token_grid(self.config, shape),
+            latents=latents, num_prompts=len(prompts))
         steps = positive_int("num_inference_steps", num_inference_steps)
         max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         common.check_output_type(output_type, ("np", "pil", "latent"))
         seed = common.check_seed(seed)
-        shape = (1, self.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-        try:
-            grid = hv.token_grid(self.config, shape)
-        except ValueError as e:
-            raise ValueError(f"num_frames={num_frames}: {e}") from None
-        if latents is not None:
-            if len(prompts) > 1:
-                raise ValueError("latents= is for one prompt; pass a str prompt")
-            latents = common.check_latents(latents, shape)
         model_chipmunk, sampler_config = common.step_configs(self.chipmunk, steps)
         sigmas = common.scheduler_sigmas(self.scheduler, steps, shift=shift)
 
