@@ -192,11 +192,12 @@ def make_sampler(
     def body(step, carry):
         params, cond, uncond, x, cache, step_cache, key, tables = carry
         sigma, sigma_next = sigma_table[step], sigma_table[step + 1]
-        model_t = jax.tree.map(lambda table: table[step], tables)  # sigma, or the denoiser's tables at the step
+        # sigma, or the denoiser's tables at the step (after the branch axis when the branches run side by side)
+        model_t = jax.tree.map(lambda table: table[:, step] if cfg_parallel else table[step], tables)
         step_key = jax.random.fold_in(key, step)
         if cfg_parallel:
-            v, cache, step_cache = model_call(params, x, _stack(*model_t), _stack(cond, uncond), cache, step_cache,
-                                              step, step_key, branches=True)
+            v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key,
+                                              branches=True)
             v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_scale)
         elif cfg_on:
             v_c, c_c, s_c = model_call(params, x, model_t[0], cond, select_branch(cache, 0),
@@ -227,6 +228,8 @@ def make_sampler(
         tables = model_tables(params, cond)
         if cfg_on:
             tables = (tables, model_tables(params, uncond))
+        if cfg_parallel:  # side by side: the branches' conditioning stacked once, on a leading branch axis
+            cond, uncond, tables = _stack(cond, uncond), None, _stack(*tables)
         carry = (params, cond, uncond, latents, cache, step_cache, key, tables)
         _, _, _, x, cache, step_cache, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
         return x, cache, step_cache
@@ -236,10 +239,13 @@ def make_sampler(
 
 
 def _stack(first, second):
-    """Two pytrees of one structure (the CFG branches' conditioning) stacked on a new leading axis."""
-    if jax.tree.structure(first) != jax.tree.structure(second):
-        raise ValueError("cond and uncond must have the same structure to run the CFG branches side by side "
-                         f"on the mesh's cfg axis: {jax.tree.structure(first)} vs {jax.tree.structure(second)}")
+    """Two pytrees of one structure and shapes (the CFG branches' conditioning) stacked on a new leading axis."""
+    same = jax.tree.structure(first) == jax.tree.structure(second) and all(
+        jnp.shape(a) == jnp.shape(b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+    if not same:
+        raise ValueError("cond and uncond must have the same structure and shapes to run the CFG branches side by "
+                         f"side on the mesh's cfg axis: {jax.tree.map(jnp.shape, first)} vs "
+                         f"{jax.tree.map(jnp.shape, second)}")
     return jax.tree.map(lambda a, b: jnp.stack([a, b]), first, second)
 
 

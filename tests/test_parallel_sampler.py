@@ -199,6 +199,9 @@ def test_sampler_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="BranchCaches .* are for one device"):
         run(params, jnp.zeros((1, 4, 2, 8, 16)), cond, split_branches(branch, 2), step_cache, jax.random.key(0),
             cond)
+    with pytest.raises(ValueError, match="cond and uncond must have the same structure and shapes"):
+        run(params, jnp.zeros((1, 4, 2, 8, 16)), cond, stack_branches(branch, 2), step_cache, jax.random.key(0),
+            {"encoder_hidden_states": jnp.zeros((1, 7, 16))})
     host = jax.device_put(stack_branches(branch, 2), NamedSharding(cfg_mesh, P(), memory_kind="pinned_host"))
     with pytest.raises(ValueError, match="host-resident layers"):
         run(params, jnp.zeros((1, 4, 2, 8, 16)), cond, host, step_cache, jax.random.key(0), cond)
