@@ -1,10 +1,14 @@
 """``chipmunk-jax generate`` end to end on CPU: a tiny random diffusers FLUX transformer + AutoencoderKL
-saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; bad arguments.
+saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; tiny Wan 2.1 and HunyuanVideo
+pipeline folders (tests/pipeline_folders.py) -> MP4, dense and Chipmunk; bad arguments.
 
-Every test gets its own XDG_CACHE_HOME (the default --compile-cache folder) and JAX's persistent-cache settings
-back afterwards (the CLI runs in this process)."""
+Every test gets its own XDG_CACHE_HOME (the default --compile-cache and weights-cache folders) and JAX's
+persistent-cache settings back afterwards (the CLI runs in this process)."""
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import chex
 import jax
@@ -25,6 +29,7 @@ TRANSFORMER = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, 
                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                    axes_dims_rope=[4, 4, 8], guidance_embeds=True)
 TEXT_LEN = 8
+PROMPT = "a cat on the grass"  # words of tests/pipeline_folders.py's tiny tokenizers
 _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                    "jax_persistent_cache_min_entry_size_bytes")
 
@@ -112,6 +117,7 @@ def test_converted_weights_without_vae_write_latents(files, tmp_path, capsys):
     assert f"(persistent cache: {tmp_path / 'xla'}, hit)" in second.err, second.err
 
 
+@pytest.mark.slow
 def test_mesh_runs_sequence_parallel_and_matches_one_device(files, tmp_path, capsys):
     """--mesh sequence=2 (fake CPU devices, tests/conftest.py) writes the latents of --mesh none; a mesh the size
     does not split, or a cfg axis for FLUX, is a usage error naming the problem."""
@@ -149,13 +155,23 @@ def test_bad_arguments_exit_2(args, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_version_and_defaults_in_help(capsys):
+def test_version_defaults_in_help_and_convert(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help to the terminal: one line per option
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("chipmunk-jax 0.")
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
-    assert "(default: 1024)" in " ".join(capsys.readouterr().out.split())  # help text wraps
+    text = capsys.readouterr().out
+    for default in ("the transformer (default: flux)", "(default: 1024 flux, 720 hunyuan-video, 480 wan)",
+                    "(default: 1024 flux, 1280 hunyuan-video, 832 wan)", "(default: 129 hunyuan-video, 81 wan)",
+                    "(default: 24 hunyuan-video, 16 wan)", "(default: 3.5 flux, 6.0 hunyuan-video, 5.0 wan)",
+                    "sampling steps (default: 50)", "(default: the model's preset: flux, hunyuan_video, wan)"):
+        assert default in text, default
+    assert "(default: None)" not in text
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "--help"])
+    assert exit_info.value.code == 0 and "--src" in capsys.readouterr().out
 
 
 def test_a_schedule_past_steps_is_a_usage_error(capsys):
@@ -193,3 +209,157 @@ def test_bad_files_exit_1(files, tmp_path, capsys):
         assert _generate(*args) == 1, args
         err = capsys.readouterr().err
         assert needle in err, (needle, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video models: tiny Wan 2.1 / HunyuanVideo pipeline folders -> MP4
+
+
+@pytest.fixture(scope="module")
+def video_files(tmp_path_factory):
+    """Tiny Wan and HunyuanVideo pipeline folders and Chipmunk configs that fit their few tokens."""
+    folders = pytest.importorskip("pipeline_folders")  # tests/pipeline_folders.py: needs transformers too
+    root = tmp_path_factory.mktemp("cli_video")
+    (root / "wan").mkdir()
+    (root / "hunyuan").mkdir()
+    wan, hunyuan = folders.build_wan_folder(root / "wan"), folders.build_hunyuan_folder(root / "hunyuan")
+    # 2 x 8 x 12 = 192 Wan tokens at 128x192x5 (one query group); every key kept at the sparse steps
+    wan_chipmunk = root / "wan.yaml"
+    C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16, attention__local_voxels=0,
+                    attention__random_keys=0.0, attention__first_n_dense_layers=1, attention__full_step_every=3,
+                    step_cache__skip_step_schedule=(3,)).save(wan_chipmunk)
+    hunyuan_chipmunk = root / "hunyuan.yaml"
+    C.hunyuan_video().replace(attention__random_keys=1.0, attention__first_n_dense_layers=1,
+                              attention__full_step_schedule=(0, 1), step_cache__skip_step_schedule=(3,)).save(
+        hunyuan_chipmunk)
+    return dict(root=root, wan=wan["path"], hunyuan=hunyuan["path"], wan_chipmunk=str(wan_chipmunk),
+                hunyuan_chipmunk=str(hunyuan_chipmunk))
+
+
+def _read_video(path):
+    """[F, H, W, 3] uint8 frames of a video file, read back through imageio's ffmpeg plugin."""
+    import imageio
+
+    with warnings.catch_warnings():  # imageio-ffmpeg starts ffmpeg (fork + exec), which JAX's os.fork warning flags
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            return np.stack(list(reader.iter_data()))
+
+
+def _check_mp4(path, frames: int, height: int, width: int):
+    with open(path, "rb") as f:
+        assert f.read(12)[4:8] == b"ftyp"  # an MP4 container
+    video = _read_video(path)
+    assert video.shape == (frames, height, width, 3) and video.std() > 0
+
+
+@pytest.mark.slow
+def test_wan_dense_cfg_to_mp4_then_latents_from_the_compile_cache(video_files, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    out = tmp_path / "wan.mp4"
+    common = ("--model", "wan", "--diffusers", video_files["wan"], "--prompt", PROMPT, "--negative-prompt",
+              "blue dog", "--height", 32, "--width", 32, "--num-frames", 5, "--steps", 3, "--dense", "--fps", 8)
+    assert _generate(*common, "--out", out) == 0
+    captured = capsys.readouterr()
+    _check_mp4(out, 5, 32, 32)
+    # progress: loading, compiling, sampling, decoding, writing; the per-step and the pipeline's timings
+    for words in ("loading the Wan 2.1 pipeline from", "Wan 2.1, 5 frames x 32x32, 3 steps, dense, float32, loaded in",
+                  "encoding the prompt ...", "compiling the sampling loop ...", "sampling loop compiled in",
+                  "(persistent cache: ", "written)", "sampling 3 steps ...", "decoding with the VAE ...",
+                  f"writing {out} ...", "written in"):
+        assert words in captured.err, words
+    for words in ("dense ", "total sampling wall time", "2 transformer calls per step",
+                  "pipeline timings: encode_prompt", "compile", "decode", f"wrote {out} (5 frames of 32x32, 8 fps)"):
+        assert words in captured.out, words
+    assert _generate(*common, "--out", tmp_path / "wan.npy") == 0
+    assert "hit)" in capsys.readouterr().err  # the same sampling loop, from the persistent cache
+    latents = np.load(tmp_path / "wan.npy")
+    chex.assert_shape(latents, (1, 4, 2, 4, 4))  # [1, C, (F-1)/4 + 1, H/8, W/8]
+    chex.assert_tree_all_finite(latents)
+
+
+@pytest.mark.slow
+def test_wan_chipmunk_cfg_step_cache_to_mp4(video_files, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    out = tmp_path / "wan_chipmunk.mp4"
+    code = _generate("--model", "wan", "--diffusers", video_files["wan"], "--prompt", PROMPT, "--height", 128,
+                     "--width", 192, "--num-frames", 5, "--steps", 4, "--chipmunk", video_files["wan_chipmunk"],
+                     "--step-cache", "--compile-cache", "none", "--out", out)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _check_mp4(out, 5, 128, 192)
+    # step 0 dense, 1 column sums, 2 sparse, 3 skipped (step caching)
+    for kind in ("attention dense_colsum", "attention sparse", "skipped (final layer only)"):
+        assert kind in captured.out, kind
+    assert "+ step caching" in captured.err and "(persistent cache: off)" in captured.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chipmunk", ["dense", "chipmunk"])
+def test_hunyuan_video_to_mp4(video_files, tmp_path, capsys, chipmunk):
+    pytest.importorskip("imageio_ffmpeg")
+    out = tmp_path / "hunyuan.mp4"
+    sparsity = ("--dense",) if chipmunk == "dense" else ("--chipmunk", video_files["hunyuan_chipmunk"],
+                                                         "--step-cache")
+    code = _generate("--model", "hunyuan-video", "--diffusers", video_files["hunyuan"], "--prompt", PROMPT,
+                     "--height", 64, "--width", 96, "--num-frames", 5, "--steps", 4, *sparsity, "--out", out)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _check_mp4(out, 5, 64, 96)
+    assert f"wrote {out} (5 frames of 64x96, 24 fps)" in captured.out  # HunyuanVideo's default fps
+    if chipmunk == "chipmunk":
+        assert "skipped (final layer only)" in captured.out and "attention sparse" in captured.out
+
+
+def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
+    mp4 = str(tmp_path / "x.mp4")
+    cases = [
+        (("--model", "wan", "--diffusers", video_files["hunyuan"]),
+         "holds a diffusers HunyuanVideoPipeline pipeline, not a WanPipeline"),
+        (("--model", "wan", "--diffusers", tmp_path / "missing"), "no such pipeline folder"),
+        (("--model", "hunyuan-video", "--diffusers", os.path.join(video_files["hunyuan"], "transformer")),
+         "not a pipeline folder"),
+        (("--model", "wan", "--diffusers", video_files["wan"], "--chipmunk", "nope"), "unknown preset 'nope'"),
+        # the HunyuanVideo preset's full step 40 does not fit 30 steps
+        (("--model", "hunyuan-video", "--diffusers", video_files["hunyuan"], "--steps", 30), "--steps 30"),
+    ]
+    for args, needle in cases:
+        assert _generate(*args, "--prompt", PROMPT, "--out", mp4) == 1, args
+        err = capsys.readouterr().err
+        assert needle in err, (needle, err)
+    assert _generate("--model", "wan", "--diffusers", video_files["wan"], "--prompt", PROMPT,
+                     "--out", tmp_path / "no" / "x.mp4") == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--model", "flux", "--negative-prompt", "blurry"), "--negative-prompt is for --model wan, not --model flux"),
+    (("--model", "flux", "--num-frames", 5), "--num-frames is for the video models"),
+    (("--model", "flux", "--fps", 8), "--fps is for the video models"),
+    (("--model", "flux", "--out", "x.mp4"), "--out must end in .png or .npy (--model flux makes an image)"),
+    (("--out", "x.png",), "--out must end in .mp4, .gif, .webp or .npy (--model wan makes a video)"),
+    (("--prompt-embeds", "p.npz"), "--prompt-embeds is for --model flux"),
+    (("--num-frames", 6), "--num-frames must be 4k + 1"),
+    (("--num-frames", 0), "--num-frames must be 4k + 1"),
+    (("--fps", 0), "--fps must be > 0"),
+    (("--width", 100), "--width must be a positive multiple of 16"),
+    (("--model", "hunyuan-video", "--negative-prompt", "blurry"), "--negative-prompt is for --model wan"),
+    (("--model", "hunyuan_video", "--negative-prompt", "blurry"), "--negative-prompt is for --model wan"),
+    (("--negative-prompt", "blurry", "--guidance", 1.0), "--negative-prompt needs classifier-free guidance"),
+    (("--mesh", "sequence=2"), "--mesh sequence=2: sequence parallel runs for --model flux only"),
+    (("--weights", "W"), "--model wan needs its diffusers pipeline folder"),
+    (("--dense", "--step-cache"), "--step-cache with --dense runs for --model flux only"),
+    (("--model", "sdxl"), "invalid choice: 'sdxl'"),
+])
+def test_bad_video_arguments_exit_2(args, needle, capsys):
+    base = {"--model": "wan", "--diffusers": "D", "--prompt": "a cat", "--out": "x.mp4"}
+    given = set(args)
+    if "--prompt-embeds" in given:
+        base.pop("--prompt")
+    if "--weights" in given:
+        base.pop("--diffusers")
+    extra = [str(a) for k, v in base.items() if k not in given for a in (k, v)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", *map(str, args), *extra])
+    assert exit_info.value.code == 2
+    assert needle in " ".join(capsys.readouterr().err.split())

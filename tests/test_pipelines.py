@@ -1,10 +1,10 @@
-"""``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1 and HunyuanVideo are
-built here (tiny random transformers, text encoders, VAEs; tokenizers made from a word list with BPE merges written
-in the test; saved with diffusers' ``save_pretrained``; nothing downloaded) and run from ``pipe(prompt=...)`` to
-images / frames, dense and Chipmunk. The dense runs are checked against diffusers' own pipelines on the same
-components and the same initial noise (float32): the final latents agree to <= 1e-5 relative, the decoded pixels to
-one level in 255. Also: the weights cache, the scheduler's sigmas against diffusers' schedulers, write_video, and
-the errors for bad folders and arguments.
+"""``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1 and HunyuanVideo
+(built by tests/pipeline_folders.py: tiny random transformers, text encoders, VAEs; tokenizers made from a word list
+with BPE merges; nothing downloaded) are run from ``pipe(prompt=...)`` to images / frames, dense and Chipmunk.
+The dense runs are checked against diffusers' own pipelines on the same components and the same initial noise
+(float32): the final latents agree to <= 1e-5 relative, the decoded pixels to one level in 255. Also: the weights
+cache, the scheduler's sigmas against diffusers' schedulers, write_video, and the errors for bad folders and
+arguments.
 
 Every test gets its own XDG_CACHE_HOME (the default weights cache); the module fixtures write theirs under a
 tmp_path_factory folder."""
@@ -12,6 +12,7 @@ tmp_path_factory folder."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -29,9 +30,9 @@ from chipmunk_jax import sampling  # noqa: E402
 from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanPipeline, write_video  # noqa: E402
 from chipmunk_jax.pipelines import common  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
+from pipeline_folders import (  # noqa: E402
+    HUNYUAN_TEMPLATE, PROMPT, build_flux_folder, build_hunyuan_folder, build_wan_folder)
 
-WORDS = "a cat dog on the grass red blue photo of describe video".split()
-PROMPT = "a cat on the grass"
 F32 = jnp.float32
 
 
@@ -42,142 +43,22 @@ def own_weights_cache(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny components (tokenizers from a word list: every word one token, through real BPE merges)
-
-
-def bpe(special, *, prefix="", suffix=""):
-    """(vocab, merges) of a BPE model whose merges build every word of WORDS from its characters (``prefix``: the
-    word-start marker, Llama's "▁"; ``suffix``: the word-end marker, CLIP's "</w>")."""
-    vocab = {t: i for i, t in enumerate(special)}
-    chars = sorted(set("".join(WORDS)))
-    for c in chars + ([prefix] if prefix else []):
-        vocab.setdefault(c, len(vocab))
-    for c in chars if suffix else ():
-        vocab.setdefault(c + suffix, len(vocab))
-    merges = []
-    for word in WORDS:
-        pieces = ([prefix] if prefix else []) + list(word[:-1]) + [word[-1] + suffix]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if (current, piece) not in merges:
-                merges.append((current, piece))
-            current += piece
-            vocab.setdefault(current, len(vocab))
-    return vocab, merges
-
-
-def clip_parts(hidden: int, max_length: int):
-    vocab, merges = bpe(["<|startoftext|>", "<|endoftext|>"], suffix="</w>")
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).eval()
-    return tokenizer, encoder
-
-
-def t5_tokenizer():
-    """A T5 (Unigram) tokenizer: one piece per word plus single characters."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
-    vocab += [(c, -5.0) for c in sorted(set("".join(WORDS)))] + [("▁", -3.0)]
-    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
-
-
-def t5_config(cls, tokenizer, d_model: int):
-    return cls(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
-               relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-
-
-def perturbed(module, scale=0.1):
-    """Random non-zero values everywhere (diffusers zero-inits some output layers)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny pipeline folders
+# Tiny pipeline folders (tests/pipeline_folders.py)
 
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux")
-    torch.manual_seed(0)
-    tokenizer, clip = clip_parts(hidden=16, max_length=8)
-    tokenizer_2 = t5_tokenizer()
-    t5 = transformers.T5EncoderModel(t5_config(transformers.T5Config, tokenizer_2, 16)).eval()
-    transformer = perturbed(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=True))
-    vae = diffusers.AutoencoderKL(  # 4 blocks: factor 8, as FLUX's; FLUX's scaling and shift
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8] * 4, layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-        use_post_quant_conv=False).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096)
-    reference = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
-                                       text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
-    reference.set_progress_bar_config(disable=True)
-    reference.save_pretrained(root / "pipeline")
-    return dict(root=root, path=str(root / "pipeline"), reference=reference)
+    return build_flux_folder(tmp_path_factory.mktemp("flux"))
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    torch.manual_seed(1)
-    tokenizer = t5_tokenizer()
-    encoder = transformers.UMT5EncoderModel(t5_config(transformers.UMT5Config, tokenizer, 16)).eval()
-    transformer = perturbed(diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32))
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                     latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
-    # the released Wan 2.1 folders ship UniPC; this one Euler, so that diffusers' pipeline steps as ours does
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
-                                      transformer=transformer)
-    reference.set_progress_bar_config(disable=True)
-    reference.save_pretrained(root / "pipeline")
-    return dict(root=root, path=str(root / "pipeline"), reference=reference)
-
-
-HUNYUAN_TEMPLATE = {"template": "describe the video: {}", "crop_start": None}
+    return build_wan_folder(tmp_path_factory.mktemp("wan"))
 
 
 @pytest.fixture(scope="module")
 def hunyuan_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hunyuan")
-    torch.manual_seed(2)
-    vocab, merges = bpe(["<unk>", "<s>", "</s>", "<pad>"], prefix="▁")
-    tokenizer = transformers.LlamaTokenizerFast(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right")
-    llama = transformers.LlamaModel(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=1,
-        eos_token_id=2)).eval()
-    tokenizer_2, clip = clip_parts(hidden=8, max_length=77)  # diffusers' HunyuanVideo pads CLIP to 77 tokens
-    transformer = perturbed(diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)))
-    vae = diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-        temporal_compression_ratio=4, mid_block_add_attention=True).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
-    reference = diffusers.HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer,
-                                               vae=vae, scheduler=scheduler, text_encoder_2=clip,
-                                               tokenizer_2=tokenizer_2)
-    reference.set_progress_bar_config(disable=True)
-    reference.save_pretrained(root / "pipeline")
-    return dict(root=root, path=str(root / "pipeline"), reference=reference)
+    return build_hunyuan_folder(tmp_path_factory.mktemp("hunyuan"))
 
 
 def _load(cls, folder, chipmunk=None, **kw):
@@ -336,6 +217,23 @@ def test_wan_chipmunk_cfg_frames_and_video_file(wan_folder, tmp_path):
     assert 0 < _rel(sparse.frames[0], dense.frames[0]) < 0.02  # 0.0022 when written
     path = write_video(tmp_path / "video.mp4", video, fps=8)
     assert path == str(tmp_path / "video.mp4") and os.path.getsize(path) > 0
+
+
+def test_progress_log_and_on_step(wan_dense, caplog):
+    """The sampler events on the ``chipmunk_jax.pipelines`` logger and the per-step host callback (the CLI's
+    progress lines and per-step times)."""
+    steps = []
+    wan_dense.on_step = steps.append
+    try:
+        with caplog.at_level(logging.INFO, logger="chipmunk_jax.pipelines"):
+            wan_dense(PROMPT, height=32, width=32, num_frames=5, num_inference_steps=2, output_type="latent",
+                      progress=False)
+    finally:
+        wan_dense.on_step = None
+    assert steps == [0, 1]
+    records = [r for r in caplog.records if r.name == "chipmunk_jax.pipelines"]
+    assert [r.event for r in records] == ["compile", "compiled", "sampling", "sampled"]
+    assert records[1].seconds > 0 and records[2].steps == 2
 
 
 def test_wan_bad_arguments(wan_dense):

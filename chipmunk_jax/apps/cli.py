@@ -1,33 +1,48 @@
 """``chipmunk-jax`` command line (also ``python -m chipmunk_jax.apps.cli``).
 
     chipmunk-jax generate --model flux (--weights DIR | --diffusers DIR) [--pipeline DIR]
-        (--prompt-embeds FILE.npz | --prompt TEXT) --height 1024 --width 1024 --steps 50 --seed 0
-        [--guidance 3.5] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] [--compile-cache DIR|none]
+        (--prompt-embeds FILE.npz | --prompt TEXT) [--height 1024 --width 1024 --steps 50 --seed 0 --guidance 3.5]
+        [--chipmunk PRESET|config.yaml | --dense] [--step-cache] [--compile-cache DIR|none]
         [--mesh sequence=P | none] --out out.png|out.npy
+    chipmunk-jax generate --model hunyuan-video|wan (--diffusers PIPELINE | --pipeline PIPELINE --weights DIR)
+        --prompt TEXT [--negative-prompt TEXT (wan)] [--height --width --num-frames --fps --steps --seed --guidance]
+        [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.mp4|out.gif|out.webp|out.npy
+    chipmunk-jax convert --model flux|hunyuan_video|wan --src CHECKPOINT --dst DIR
 
---weights: converted params (``python -m chipmunk_jax.ports.convert``); --diffusers: a diffusers
-transformer or pipeline folder, converted on the fly. A pipeline folder (--diffusers or --pipeline,
-with ``vae/``) decodes the latents through its torch VAE into a PNG; without one, --out must be .npy
-and receives the latents [1, C, H/8, W/8] in VAE latent space (before the scaling/shift undo).
---prompt-embeds FILE.npz holds ``prompt_embeds`` [1, L, 4096] (T5) and ``pooled_prompt_embeds``
-[1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs transformers).
+FLUX: --weights: converted params (``chipmunk-jax convert``); --diffusers: a diffusers transformer or pipeline
+folder, converted on the fly. A pipeline folder (--diffusers or --pipeline, with ``vae/``) decodes the latents through
+its torch VAE into a PNG; without one, --out must be .npy and receives the latents [1, C, H/8, W/8] in VAE latent
+space (before the scaling/shift undo). --prompt-embeds FILE.npz holds ``prompt_embeds`` [1, L, 4096] (T5) and
+``pooled_prompt_embeds`` [1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs
+transformers). --mesh runs the sampler sequence-parallel over P GPUs (``chipmunk_jax.parallel``;
+docs/architecture.md §6); the default uses every local GPU when there are several (the most of them the image size
+splits over), 'none' one.
+
+HunyuanVideo / Wan 2.1: the diffusers pipeline folder (--diffusers, or --pipeline with the transformer from --weights
+or --diffusers) runs through ``chipmunk_jax.pipelines`` (its torch text encoders encode --prompt, its torch VAE
+decodes; the JAX transformer samples, one jit, on one device); --out .mp4 is H.264 through imageio-ffmpeg (an
+animated GIF beside it when imageio-ffmpeg is missing), .gif / .webp animated images, .npy the latents
+[1, C, (F-1)/4 + 1, H/8, W/8]. A checkpoint that needs converting is converted once and cached in
+``$XDG_CACHE_HOME/chipmunk-jax/weights``.
+
 --compile-cache keeps the compiled sampling loop in JAX's persistent compilation cache, so a second run with the
 same shapes and flags loads it from disk; 'none' leaves JAX's cache settings alone.
---mesh runs the sampler sequence-parallel over P GPUs (``chipmunk_jax.parallel``; docs/architecture.md §6); the
-default uses every local GPU when there are several (the most of them the image size splits over), 'none' one.
 Exit codes: 0 done, 2 bad arguments, 1 bad files or contents.
 
-This is the application layer over models, ports and the sampler; torch, diffusers, transformers and
-Pillow are optional and imported where they are used.
+This is the application layer over models, ports, pipelines and the sampler; torch, diffusers, transformers, imageio
+and Pillow are optional and imported where they are used.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import logging
 import os
 import struct
 import sys
+import threading
 import time
 import zlib
 
@@ -46,7 +61,34 @@ from chipmunk_jax.schedule import AttentionStep, MLPStep, ModelStep, attention_s
 
 __all__ = ["main"]
 
-_MODELS = ("flux",)
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """A ``--model`` choice: its name in messages, Chipmunk preset, defaults and (video) pipeline class."""
+
+    title: str
+    preset: str
+    height: int
+    width: int
+    guidance: float
+    num_frames: int | None = None  # None: an image model
+    fps: int | None = None
+    pipeline: str | None = None  # the chipmunk_jax.pipelines class (video models)
+
+    @property
+    def video(self) -> bool:
+        return self.num_frames is not None
+
+
+_MODELS = {
+    "flux": _Model("FLUX.1", "flux", 1024, 1024, 3.5),
+    "hunyuan-video": _Model("HunyuanVideo", "hunyuan_video", 720, 1280, 6.0, num_frames=129, fps=24,
+                            pipeline="HunyuanVideoPipeline"),
+    "wan": _Model("Wan 2.1", "wan", 480, 832, 5.0, num_frames=81, fps=16, pipeline="WanPipeline"),
+}
+_IMAGE_SUFFIXES = (".png", ".npy")
+_VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".npy")
+_TEMPORAL = 4  # the video VAEs' temporal factor (HunyuanVideo and Wan 2.1): 4k + 1 frames
 
 
 class UsageError(Exception):
@@ -55,6 +97,39 @@ class UsageError(Exception):
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class _Elapsed:
+    """Progress of one long call: ``label ...`` on stderr; on a terminal the line then counts the elapsed seconds
+    (a daemon thread rewrites it every second) until ``stop``, which clears it and returns the seconds."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self._done = threading.Event()
+        self._thread = None
+        self._t0 = time.perf_counter()
+        if sys.stderr.isatty():
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        else:
+            _log(f"{label} ...")
+
+    def _tick(self) -> None:
+        while True:
+            sys.stderr.write(f"\r{self.label} ... {time.perf_counter() - self._t0:.0f} s")
+            sys.stderr.flush()
+            if self._done.wait(1.0):
+                return
+
+    def stop(self) -> float:
+        seconds = time.perf_counter() - self._t0
+        if self._thread is not None and not self._done.is_set():
+            self._done.set()
+            self._thread.join()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        self._done.set()
+        return seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +144,24 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written; ``(default: ...)`` after each option that has a default (not None / False:
+    those options say their per-model defaults themselves)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _per_model(field: str) -> str:
+    return ", ".join(f"{getattr(m, field)} {name}" for name, m in _MODELS.items() if getattr(m, field) is not None)
+
+
+def _model_name(text: str) -> str:
+    return text.replace("_", "-")  # hunyuan_video (the preset's and convert's spelling) = hunyuan-video
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chipmunk-jax", description="Chipmunk (JAX/Pallas) sampling tools")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -76,62 +169,121 @@ def _parser() -> argparse.ArgumentParser:
     # parsed by the converter itself (main hands it the rest of the command line)
     commands.add_parser("convert", help="a PyTorch checkpoint -> Flax params folder (chipmunk-jax convert --help)",
                         add_help=False)
-    gen = commands.add_parser("generate", help="sample one image with a flow-matching DiT",
-                              description=__doc__.split("\n\n")[1],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--model", choices=_MODELS, default="flux", help="the transformer")
+    gen = commands.add_parser("generate", help="sample one image (FLUX) or video (HunyuanVideo, Wan 2.1)",
+                              description=__doc__.split("\n\n")[1], formatter_class=_HelpFormatter)
+    gen.add_argument("--model", choices=tuple(_MODELS), default="flux", type=_model_name, help="the transformer")
     weights = gen.add_mutually_exclusive_group(required=True)
     weights.add_argument("--weights", metavar="DIR", help="converted params folder (params.safetensors + config.json)")
-    weights.add_argument("--diffusers", metavar="DIR", help="diffusers transformer or pipeline folder")
-    gen.add_argument("--pipeline", metavar="DIR", help="diffusers pipeline folder for the VAE / text encoders")
+    weights.add_argument("--diffusers", metavar="DIR",
+                         help="diffusers pipeline folder (video models: its transformer/ may hold converted params), "
+                              "or for flux a diffusers transformer folder")
+    gen.add_argument("--pipeline", metavar="DIR",
+                     help="diffusers pipeline folder for the VAE / text encoders when the transformer comes from "
+                          "--weights (or --diffusers TRANSFORMER_DIR)")
     prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt-embeds", metavar="FILE.npz", help="prompt_embeds + pooled_prompt_embeds")
-    prompt.add_argument("--prompt", help="text, encoded with the pipeline's text encoders")
-    gen.add_argument("--height", type=int, default=1024, help="image height in pixels (a multiple of 16)")
-    gen.add_argument("--width", type=int, default=1024, help="image width in pixels (a multiple of 16)")
+    prompt.add_argument("--prompt-embeds", metavar="FILE.npz",
+                        help="flux only: prompt_embeds + pooled_prompt_embeds, precomputed (offline use)")
+    prompt.add_argument("--prompt", metavar="TEXT", help="text, encoded with the pipeline's text encoders")
+    gen.add_argument("--negative-prompt", metavar="TEXT",
+                     help="wan only: the unconditional text of classifier-free guidance (default: '')")
+    gen.add_argument("--height", type=int, default=None,
+                     help=f"height in pixels, a multiple of 16 (default: {_per_model('height')})")
+    gen.add_argument("--width", type=int, default=None,
+                     help=f"width in pixels, a multiple of 16 (default: {_per_model('width')})")
+    gen.add_argument("--num-frames", type=int, default=None,
+                     help=f"video models: frames, 4k + 1 (default: {_per_model('num_frames')})")
+    gen.add_argument("--fps", type=float, default=None,
+                     help=f"video models: frames per second of the video file (default: {_per_model('fps')})")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="embedded guidance scale of guidance-distilled models (FLUX.1-dev; default 3.5)")
+                     help="flux (guidance-distilled FLUX.1-dev) and hunyuan-video: the embedded guidance scale; wan: "
+                          f"the classifier-free guidance scale, <= 1 for none (default: {_per_model('guidance')})")
     sparsity = gen.add_mutually_exclusive_group()
     sparsity.add_argument("--chipmunk", default=None, metavar="PRESET|FILE",
-                          help="Chipmunk preset name or a .yaml/.json config (default: flux)")
+                          help="Chipmunk preset name or a .yaml/.json config (default: the model's preset: "
+                               f"{', '.join(m.preset for m in _MODELS.values())})")
     sparsity.add_argument("--dense", action="store_true", help="no Chipmunk: the dense model")
     gen.add_argument("--step-cache", action="store_true",
                      help="skip the config's skip_step_schedule steps (re-run only the final layer)")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                     help="compute dtype of the matmuls")
+                     help="compute dtype of the transformer")
     gen.add_argument("--static-step-dispatch", action="store_true",
                      help="one switch per step over the schedule's kinds (see sampling.make_sampler)")
     gen.add_argument("--compile-cache", default=default_compile_cache_dir(), metavar="DIR|none",
                      help="JAX persistent compilation cache folder: a second run with the same shapes loads the "
                           "compiled sampler from it; 'none': no cache of ours")
     gen.add_argument("--mesh", default="auto", metavar="sequence=P[,cfg=1]|none|auto",
-                     help="devices to run on: the sampler sequence-parallel over P GPUs; 'auto' uses every local GPU "
-                          "when there are several (the most of them the size splits over), 'none' one device")
+                     help="flux: devices to run on: the sampler sequence-parallel over P GPUs; 'auto' uses every local "
+                          "GPU when there are several (the most of them the size splits over), 'none' one device. "
+                          "Video models run on one device ('auto' / 'none')")
     gen.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    gen.add_argument("--out", required=True, help="out.png (needs a pipeline VAE) or out.npy (latents)")
+    gen.add_argument("--out", required=True,
+                     help="flux: out.png (needs a pipeline VAE) or out.npy (latents); video models: out.mp4 (else an "
+                          "animated .gif beside it when imageio-ffmpeg is missing), out.gif, out.webp or out.npy "
+                          "(latents)")
     return parser
 
 
 def _check_generate_args(parser, args) -> None:
-    """Argument-level checks (exit code 2, argparse's usage message)."""
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value < 16 or value % 16:
-            parser.error(f"--{name} must be a positive multiple of 16 (VAE factor 8 x 2x2 packing), got {value}")
+    """Argument-level checks (exit code 2, argparse's usage message); fills in the model's defaults."""
+    model = _MODELS[args.model]
+    name = f"--model {args.model}"
+    if not model.video:
+        for flag, value, models in (("--negative-prompt", args.negative_prompt, "--model wan"),
+                                    ("--num-frames", args.num_frames, "the video models (--model hunyuan-video / wan)"),
+                                    ("--fps", args.fps, "the video models (--model hunyuan-video / wan)")):
+            if value is not None:
+                parser.error(f"{flag} is for {models}, not {name}")
+    else:
+        if args.prompt_embeds is not None:
+            parser.error(f"--prompt-embeds is for --model flux (precomputed T5 + CLIP embeddings); {name} encodes "
+                         "--prompt TEXT with the pipeline folder's text encoders")
+        if args.weights is not None and args.pipeline is None:
+            parser.error(f"{name} needs its diffusers pipeline folder (text encoders, VAE, scheduler): "
+                         "--diffusers PIPELINE_DIR, or --pipeline PIPELINE_DIR beside --weights")
+        if args.negative_prompt is not None and args.model != "wan":
+            parser.error(f"--negative-prompt is for --model wan: {model.title}'s guidance is embedded (--guidance) "
+                         "and true classifier-free guidance is not supported")
+        if args.dense and args.step_cache:
+            parser.error(f"--step-cache with --dense runs for --model flux only; {name} caches steps with a "
+                         "Chipmunk config (--chipmunk)")
+        if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % _TEMPORAL):
+            parser.error(f"--num-frames must be {_TEMPORAL}k + 1 (1, 5, 9, ..., the VAE's temporal factor is "
+                         f"{_TEMPORAL}), got {args.num_frames}")
+        if args.fps is not None and not args.fps > 0:
+            parser.error(f"--fps must be > 0, got {args.fps}")
+        args.num_frames = model.num_frames if args.num_frames is None else args.num_frames
+        args.fps = model.fps if args.fps is None else args.fps
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value < 16 or value % 16):
+            parser.error(f"--{flag} must be a positive multiple of 16 (VAE factor 8 x 2x2 packing), got {value}")
+    args.height = model.height if args.height is None else args.height
+    args.width = model.width if args.width is None else args.width
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 0:
         parser.error(f"--guidance must be >= 0, got {args.guidance}")
-    if not args.out.endswith((".png", ".npy")):
-        parser.error(f"--out must end in .png or .npy, got {args.out!r}")
+    if model.video:
+        args.guidance = model.guidance if args.guidance is None else args.guidance
+        if args.negative_prompt is not None and not args.guidance > 1:
+            parser.error(f"--negative-prompt needs classifier-free guidance: --guidance must be > 1, got "
+                         f"{args.guidance}")
+    suffixes = _VIDEO_SUFFIXES if model.video else _IMAGE_SUFFIXES
+    if not args.out.lower().endswith(suffixes):
+        what = "a video" if model.video else "an image"
+        parser.error(f"--out must end in {', '.join(suffixes[:-1])} or {suffixes[-1]} ({name} makes {what}), "
+                     f"got {args.out!r}")
     if args.step_cache and args.steps < 2:
         parser.error("--step-cache needs --steps >= 2")
     try:
         args.mesh_axes = _parse_mesh(args.mesh)
     except ValueError as e:
         parser.error(f"--mesh: {e}")
+    if model.video and args.mesh_axes not in (None, "auto"):
+        parser.error(f"--mesh {args.mesh}: sequence parallel runs for --model flux only for now; {name} runs on one "
+                     "device (--mesh auto or none)")
 
 
 def _parse_mesh(spec: str):
@@ -394,7 +546,9 @@ def generate(args) -> int:
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out: folder {out_dir!r} does not exist")
     if args.chipmunk is None:
-        args.chipmunk = args.model  # the model's own preset
+        args.chipmunk = _MODELS[args.model].preset  # the model's own preset
+    if _MODELS[args.model].video:
+        return generate_video(args, t_start)
     model_chipmunk, sampler_config = _chipmunk_config(args)
     pipeline_dir = _pipeline_dir(args)
     if args.out.endswith(".png") and pipeline_dir is None:
@@ -405,7 +559,11 @@ def generate(args) -> int:
     except ValueError as e:
         raise UsageError(f"--compile-cache: {e}") from None
     dtype = jnp.dtype(args.dtype)
-    config, params = _load_model(args, dtype)
+    loading = _Elapsed(f"loading the transformer from {args.weights if args.weights is not None else args.diffusers}")
+    try:
+        config, params = _load_model(args, dtype)
+    finally:
+        loading.stop()
     if args.guidance is not None and not config.guidance_embeds:
         raise UsageError("--guidance: this model has no guidance embedding (FLUX.1-schnell style); drop --guidance")
     guidance = (3.5 if args.guidance is None else args.guidance) if config.guidance_embeds else None
@@ -421,7 +579,8 @@ def generate(args) -> int:
     _log(f"FLUX {'dev' if config.guidance_embeds else 'schnell'}-style, {args.height}x{args.width} "
          f"({num_img} image + {num_txt} text tokens), {args.steps} steps, "
          f"{'dense' if model_chipmunk is None else 'Chipmunk ' + args.chipmunk}"
-         f"{' + step caching' if args.step_cache else ''}, {args.dtype}, loaded in {time.perf_counter() - t_start:.1f} s")
+         f"{' + step caching' if args.step_cache else ''}, {args.dtype}, "
+         f"loaded in {time.perf_counter() - t_start:.1f} s")
 
     try:
         cond = flux.sampling_cond(config, encoder_hidden_states=jnp.asarray(text, dtype),
@@ -449,12 +608,14 @@ def generate(args) -> int:
     step_cache = init_step_cache(batch=1, seq_len=num_img, width=config.inner_dim, dtype=jnp.float32)
     sample_key = jax.random.fold_in(key, 1)
 
-    t0 = time.perf_counter()
-    with watch_compile_cache() as cache_events:
-        compiled = run.lower(params, latents, cond, cache, step_cache, sample_key).compile()
-    cache_dir = cache_dir if cache_dir is not None else jax.config.jax_compilation_cache_dir  # none: JAX's own
-    where = "off" if cache_dir is None else f"{cache_dir}, {cache_events.describe()}"
-    _log(f"sampling loop compiled in {time.perf_counter() - t0:.1f} s (persistent cache: {where})")
+    compiling = _Elapsed("compiling the sampling loop")
+    try:
+        with watch_compile_cache() as cache_events:
+            compiled = run.lower(params, latents, cond, cache, step_cache, sample_key).compile()
+    finally:
+        seconds = compiling.stop()
+    _log(f"sampling loop compiled in {seconds:.1f} s (persistent cache: {_cache_words(cache_dir, cache_events)})")
+    _log(f"sampling {args.steps} steps ...")
     start = time.perf_counter()
     latents, _, _ = compiled(params, latents, cond, cache, step_cache, sample_key)
     latents = np.asarray(jax.block_until_ready(latents), np.float32)
@@ -472,8 +633,158 @@ def generate(args) -> int:
     if vae is None:
         np.save(args.out, image_latents)
     else:
-        _write_png(args.out, _decode(vae, image_latents))
+        decoding = _Elapsed("decoding with the VAE")
+        image = _decode(vae, image_latents)
+        _log(f"decoded in {decoding.stop():.1f} s")
+        _write_png(args.out, image)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _cache_words(cache_dir, events) -> str:
+    """'off', or the persistent cache's folder and what it did (hit / written)."""
+    cache_dir = cache_dir if cache_dir is not None else jax.config.jax_compilation_cache_dir  # none: JAX's own
+    return "off" if cache_dir is None else f"{cache_dir}, {events.describe()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# generate: video models (through chipmunk_jax.pipelines)
+
+
+class _PipelineProgress(logging.Handler):
+    """Prints the pipeline's sampler events (``chipmunk_jax.pipelines`` logger; pipelines/common.py): the compile
+    with its elapsed seconds and what the persistent cache did (only the sampler's compile is watched), the sampling
+    start (kept in ``sampling_start`` for the per-step times) and the hand-over to the VAE."""
+
+    def __init__(self, cache_dir, decodes: bool):
+        super().__init__(logging.INFO)
+        self.cache_dir, self.decodes = cache_dir, decodes
+        self.sampling_start = None
+        self._compiling = self._watch = self._events = None
+
+    def emit(self, record) -> None:
+        event = getattr(record, "event", None)
+        if event == "compile":
+            self._watch = watch_compile_cache()
+            self._events = self._watch.__enter__()
+            self._compiling = _Elapsed("compiling the sampling loop")
+        elif event == "compiled":
+            self._stop_compile()
+            _log(f"sampling loop compiled in {record.seconds:.1f} s (persistent cache: "
+                 f"{_cache_words(self.cache_dir, self._events)})")
+        elif event == "sampling":
+            _log(f"sampling {record.steps} steps ...")
+            self.sampling_start = time.perf_counter()
+        elif event == "sampled" and self.decodes:
+            _log("decoding with the VAE ...")
+
+    def _stop_compile(self) -> None:
+        if self._compiling is not None:
+            self._compiling.stop()
+            self._watch.__exit__(None, None, None)
+            self._compiling = None
+
+    def close(self) -> None:
+        self._stop_compile()
+        super().close()
+
+
+def _quiet_torch_libraries() -> None:
+    """diffusers' / transformers' loading bars and advice off (our own progress lines say what happens); their
+    errors still print."""
+    try:  # local: optional dependencies
+        import diffusers
+        import transformers
+    except ImportError:
+        return  # the pipeline says what is missing
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def generate_video(args, t_start: float) -> int:
+    """--model hunyuan-video / wan: ``chipmunk_jax.pipelines`` from the pipeline folder, one video, written."""
+    from chipmunk_jax import pipelines  # local: the application layer above the models
+
+    model = _MODELS[args.model]
+    model_chipmunk, sampler_config = _chipmunk_config(args)
+    try:  # before JAX compiles anything
+        cache_dir = enable_compile_cache(args.compile_cache)
+    except ValueError as e:
+        raise UsageError(f"--compile-cache: {e}") from None
+    if args.pipeline is not None:
+        folder, flag, transformer = args.pipeline, "--pipeline", args.weights or args.diffusers
+    else:
+        folder, flag, transformer = args.diffusers, "--diffusers", None
+    _quiet_torch_libraries()
+    loading = _Elapsed(f"loading the {model.title} pipeline from {folder}")
+    try:
+        pipe = getattr(pipelines, model.pipeline).from_pretrained(
+            folder, chipmunk=model_chipmunk, transformer=transformer, dtype=jnp.dtype(args.dtype),
+            static_step_dispatch=args.static_step_dispatch)
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        raise UsageError(f"{flag} {folder!r}: {e}") from None
+    finally:
+        loaded_s = loading.stop()
+    if args.model == "hunyuan-video":
+        pipe.vae.enable_tiling()  # diffusers' advice: 720p x 129 frames does not fit the GPU untiled
+    size = f"{args.num_frames} frames x {args.height}x{args.width}"
+    _log(f"{model.title}, {size}, {args.steps} steps, "
+         f"{'dense' if model_chipmunk is None else 'Chipmunk ' + args.chipmunk}"
+         f"{' + step caching' if args.step_cache else ''}, {args.dtype}, loaded in {loaded_s:.1f} s "
+         f"(transformer: {pipe.weights_from}; torch text encoders and VAE on {pipe.torch_device})")
+
+    latent_out = args.out.lower().endswith(".npy")
+    call = dict(height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, seed=args.seed, output_type="latent" if latent_out else "np",
+                progress=not args.no_progress)
+    if args.negative_prompt is not None:
+        call["negative_prompt"] = args.negative_prompt
+    step_ends: dict[int, float] = {}
+    pipe.on_step = lambda s: step_ends.__setitem__(s, time.perf_counter())
+    progress = _PipelineProgress(cache_dir, decodes=not latent_out)
+    logger = logging.getLogger("chipmunk_jax.pipelines")
+    level = logger.level
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    _log("encoding the prompt ...")
+    try:
+        out = pipe(args.prompt, **call)
+    except FloatingPointError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{size} with --chipmunk {args.chipmunk if model_chipmunk is not None else '(dense)'}: "
+                         f"{e}") from None
+    finally:
+        logger.removeHandler(progress)
+        logger.setLevel(level)
+        progress.close()
+    done = step_ends[args.steps - 1]
+
+    kinds = _step_kinds(model_chipmunk, sampler_config, args.steps)
+    starts = [progress.sampling_start] + [step_ends[s] for s in range(args.steps - 1)]
+    ends = [step_ends[s] for s in range(args.steps)]
+    print(_timing_report(kinds, starts, ends))
+    cfg = " (2 transformer calls per step: classifier-free guidance)" if args.model == "wan" and args.guidance > 1 \
+        else ""
+    print(f"total sampling wall time {done - progress.sampling_start:.2f} s (compile excluded){cfg}")
+    print("pipeline timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in out.timings.items()))
+
+    frames = out.frames[0]
+    writing = _Elapsed(f"writing {args.out}")
+    if latent_out:
+        np.save(args.out, np.asarray(frames, np.float32)[None])
+        path, what = args.out, f"latents {tuple(np.shape(frames[None]))}"
+    else:
+        try:
+            path = pipelines.write_video(args.out, frames, fps=args.fps)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--out {args.out!r}: {e}") from None
+        what = f"{frames.shape[0]} frames of {frames.shape[1]}x{frames.shape[2]}, {args.fps:g} fps"
+    _log(f"written in {writing.stop():.1f} s")
+    print(f"wrote {path} ({what})")
     return 0
 
 

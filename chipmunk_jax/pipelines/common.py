@@ -11,6 +11,11 @@ conversion is never read. The next ``from_pretrained`` of the same checkpoint lo
 (``load_params``, names and shapes checked) instead of converting again. Old entries are never deleted by us:
 remove the folder to reclaim the space. A folder converted by ``chipmunk-jax convert`` is read as it is (nothing
 cached).
+
+Progress: the pipelines log to the ``chipmunk_jax.pipelines`` logger at INFO level (silent unless configured), one
+record per sampler event with an ``event`` attribute: "compile" (a sampler is being compiled), "compiled" (with
+``seconds``), "sampling" (with ``steps``) and "sampled" (with ``seconds``). ``Pipeline.on_step`` (None or a callable
+taking the step index) runs on the host after each sampling step (the CLI's per-step times; it syncs every step).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -42,6 +48,8 @@ __all__ = [
     "scheduler_sigmas",
     "Pipeline",
 ]
+
+logger = logging.getLogger("chipmunk_jax.pipelines")
 
 # Bump when the cached layout changes, so old entries are not read.
 WEIGHTS_CACHE_FORMAT = 1
@@ -484,8 +492,11 @@ class Pipeline:
     Chipmunk config, None when dense), ``dtype`` (the transformer's compute dtype), ``components`` (the diffusers
     pipeline loaded without its transformer: tokenizers, text encoders, ``vae``, ``scheduler``; torch modules on
     ``torch_device``, a ``torch.device``), ``weights_from`` (where the params came from: a converted folder, the
-    weights cache or a fresh conversion) and ``path``.
+    weights cache or a fresh conversion) and ``path``. ``on_step``: None, or a callable run on the host with the
+    step index after each sampling step (it syncs every step: leave it None when timing).
     """
+
+    on_step: Callable[[int], None] | None = None
 
     _MODEL: str
     _PIPELINE_CLASS: str
@@ -598,24 +609,37 @@ class Pipeline:
         Compiled samplers are kept per (``static``, shapes, steps, guidance, ...) and reused by later calls."""
         args = (self.params, jnp.asarray(latents), cond, cache, step_cache, key, uncond)
         shapes = jax.tree_util.tree_map(lambda x: (tuple(jnp.shape(x)), str(jnp.result_type(x))), args[1:])
+        hooked = self.on_step is not None
         entry_key = (static, sampler_config, tuple(np.asarray(sigmas).tolist()), guidance_scale, bool(progress),
-                     str(jax.tree_util.tree_structure(shapes)), tuple(jax.tree_util.tree_leaves(shapes)))
+                     hooked, str(jax.tree_util.tree_structure(shapes)), tuple(jax.tree_util.tree_leaves(shapes)))
         compiled = self._compiled.get(entry_key)
         compile_s = 0.0
         if compiled is None:
             run = sampling.make_sampler(make_denoiser(), sampler_config, sigmas, guidance_scale=guidance_scale,
-                                        progress=progress, static_step_dispatch=self.static_step_dispatch)
+                                        progress=progress, static_step_dispatch=self.static_step_dispatch,
+                                        on_step=self._step_done if hooked else None)
+            logger.info("compiling the sampling loop", extra={"event": "compile"})
             t0 = time.perf_counter()
             compiled = run.lower(*args).compile()
             compile_s = time.perf_counter() - t0
+            logger.info("sampling loop compiled in %.1f s", compile_s,
+                        extra={"event": "compiled", "seconds": compile_s})
             self._compiled[entry_key] = compiled
+        steps = int(np.size(sigmas)) - 1
+        logger.info("sampling %d steps", steps, extra={"event": "sampling", "steps": steps})
         t0 = time.perf_counter()
         out, _, _ = compiled(*args)
         out = np.asarray(jax.block_until_ready(out), np.float32)
         sample_s = time.perf_counter() - t0
+        logger.info("sampled %d steps in %.2f s", steps, sample_s, extra={"event": "sampled", "seconds": sample_s})
         if not np.all(np.isfinite(out)):
             raise FloatingPointError("sampling produced non-finite latents (NaN or inf)")
         return out, compile_s, sample_s
+
+    def _step_done(self, step: int) -> None:
+        """The sampler's per-step host callback: forwards to ``on_step`` (read at each call, so it can change)."""
+        if self.on_step is not None:
+            self.on_step(step)
 
     @staticmethod
     def _keys(seed: int):

@@ -73,10 +73,13 @@ def _write_mp4(imageio, path, frames, fps) -> None:
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:  # yuv420p subsamples chroma 2x2
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-                            macro_block_size=1, quality=8) as writer:
-        for frame in frames:
-            writer.append_data(frame)
+    with warnings.catch_warnings():
+        # imageio-ffmpeg starts ffmpeg through subprocess (fork + exec at once), which JAX's os.fork warning flags
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                                macro_block_size=1, quality=8) as writer:
+            for frame in frames:
+                writer.append_data(frame)
 
 
 def _write_pillow(path, frames, fps) -> None:
