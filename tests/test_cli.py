@@ -363,3 +363,28 @@ def test_bad_video_arguments_exit_2(args, needle, capsys):
         cli.main(["generate", *map(str, args), *extra])
     assert exit_info.value.code == 2
     assert needle in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsity", ["--dense", "chipmunk"])
+def test_flux_prompt_to_png_through_the_pipeline_folder(tmp_path_factory, tmp_path, capsys, sparsity):
+    """--prompt encoded by the folder's own CLIP + T5 (tiny, built locally), the JAX sampler, the folder's VAE: a PNG,
+    dense and Chipmunk (the preset with every layer past the first sparse, sized to the tiny model's 264 tokens)."""
+    from PIL import Image
+
+    folders = pytest.importorskip("pipeline_folders")
+    folder = folders.build_flux_folder(tmp_path_factory.mktemp("flux_prompt"))["path"]
+    if sparsity == "chipmunk":
+        chipmunk = tmp_path / "flux.yaml"
+        C.flux().replace(attention__first_n_dense_layers=1, mlp__first_n_dense_layers=1, attention__full_step_every=2,
+                         mlp__full_step_every=2).save(chipmunk)
+        sparsity_args = ("--chipmunk", chipmunk)
+    else:
+        sparsity_args = ("--dense",)
+    out = tmp_path / "cat.png"
+    code = _generate("--model", "flux", "--diffusers", folder, "--prompt", folders.PROMPT, "--height", 256,
+                     "--width", 256, "--steps", 3, *sparsity_args, "--compile-cache", "none", "--out", out)
+    assert code == 0, capsys.readouterr().err
+    image = Image.open(out)
+    image.load()
+    assert image.size == (256, 256) and np.asarray(image).std() > 0
