@@ -1,6 +1,7 @@
 """The layers import one way (docs/architecture.md §1): apps -> ports -> models -> core -> pallas_kernels,
 with ``chipmunk_jax.validation`` a leaf every layer may use. ``chipmunk_jax.pipelines`` (the diffusers-style
-pipelines) belongs to the apps layer: on top of models, ports and the core, imported by nothing below. Reads every
+pipelines) and ``chipmunk_jax.nnx`` (the Flax NNX modules, whose ``from_pretrained`` loads through the ports) belong
+to the apps layer: on top of models, ports and the core, imported by nothing below. Reads every
 module's imports (function-local ones included) from the source, so a back-edge fails CI before anything runs."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def layer_of(module: str) -> str:
         raise ValueError(f"not a chipmunk_jax module: {module}")
     if len(parts) == 1:
         return "core"  # the package __init__
-    if parts[1] == "pipelines":
+    if parts[1] in ("pipelines", "nnx"):
         return "apps"
     if parts[1] in ("pallas_kernels", "models", "ports", "apps", "validation"):
         return parts[1]
@@ -83,8 +84,9 @@ def test_the_package_imports_one_way():
     modules = package_modules()
     assert {"chipmunk_jax.sampling", "chipmunk_jax.models.flux", "chipmunk_jax.ports.wan",
             "chipmunk_jax.pallas_kernels.attention", "chipmunk_jax.apps.cli", "chipmunk_jax.pipelines.flux",
-            "chipmunk_jax.pipelines.common"} <= set(modules)
+            "chipmunk_jax.pipelines.common", "chipmunk_jax.nnx.modules"} <= set(modules)
     assert layer_of("chipmunk_jax.pipelines.wan") == "apps"
+    assert layer_of("chipmunk_jax.nnx") == layer_of("chipmunk_jax.nnx.transformer") == "apps"
     assert back_edges(modules) == []
 
 
@@ -98,6 +100,8 @@ def test_the_package_imports_one_way():
     ("chipmunk_jax.models.flux", "from chipmunk_jax.apps.tiny import tiny_config"),
     ("chipmunk_jax.ports.wan", "from chipmunk_jax.pipelines import WanPipeline"),
     ("chipmunk_jax.sampling", "def f():\n    from chipmunk_jax.pipelines.common import load_transformer\n"),
+    ("chipmunk_jax.models.flux", "from chipmunk_jax.nnx import FluxTransformer2DModel"),
+    ("chipmunk_jax.ports.wan", "def f():\n    import chipmunk_jax.nnx.modules\n"),
     ("chipmunk_jax.validation", "from chipmunk_jax.config import ChipmunkConfig"),
 ])
 def test_a_back_edge_fails(importer, statement):
