@@ -36,6 +36,7 @@ __all__ = [
     "read_params_folder",
     "PARAMS_FILE",
     "CONFIG_FILE",
+    "check_class_name",
 ]
 
 PARAMS_FILE = "params.safetensors"
@@ -357,6 +358,21 @@ def load_model_params(directory, config_cls, init_params: Callable[[Any, jax.Arr
     expected = expected_param_shapes(lambda key: init_params(config, key))
     check_state(flat, expected, f"params in {os.fspath(directory)!r}", model)
     return config, flat
+
+
+def check_class_name(folder: str | os.PathLike, expected: str, what: str) -> None:
+    """A folder's config.json ``_class_name`` (diffusers' folders and converted ones both write it) must be
+    ``expected``; ``what`` starts the error. A folder without a readable config.json passes: its loader reports it."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            found = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if found is not None and found != expected:
+        raise ValueError(f"{what} {os.fspath(folder)!r} holds a {found}, not a {expected}")
 
 
 def read_config_file(config_path: str | None, config_cls):

@@ -9,7 +9,6 @@ forms a user may hold (plain tree, ``nnx.State``, the module) into the plain tre
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from types import ModuleType
@@ -133,7 +132,7 @@ class TransformerModule(nnx.Module):
             cls._check_config(config)
         source = _transformer_folder(path)
         if os.path.isdir(source):
-            cls._check_class(source)
+            port_common.check_class_name(source, cls._config.DIFFUSERS_CLASS, f"{cls.__name__}.from_pretrained:")
         try:
             if os.path.isfile(os.path.join(source, port_common.PARAMS_FILE)):
                 loaded, params = cls._port.load_params(source)
@@ -187,21 +186,6 @@ class TransformerModule(nnx.Module):
         if not isinstance(config, cls._config):
             raise TypeError(f"config must be a {cls._config.__name__} (the config of {cls.__name__}), got "
                             f"{type(config).__name__}")
-
-    @classmethod
-    def _check_class(cls, folder: str) -> None:
-        """A folder's config.json (diffusers' and converted folders both name their class) must name this model."""
-        path = os.path.join(folder, port_common.CONFIG_FILE)
-        if not os.path.isfile(path):
-            return
-        try:
-            with open(path) as f:
-                found = json.load(f).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            return  # the port's loader reports it
-        expected = cls._config.DIFFUSERS_CLASS
-        if found is not None and found != expected:
-            raise ValueError(f"{cls.__name__}.from_pretrained: {folder!r} holds a {found}, not a {expected}")
 
     @classmethod
     def _checked_params(cls, params: dict, config) -> dict:

@@ -210,20 +210,6 @@ def weights_cache_key(model: str, source) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _check_class(source: str, expected: str | None) -> None:
-    """A folder's config.json ``_class_name`` (diffusers' and converted folders both write one) must be ``expected``."""
-    path = os.path.join(source, port_common.CONFIG_FILE)
-    if expected is None or not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            found = json.load(f).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return  # the port's loader reports it
-    if found is not None and found != expected:
-        raise ValueError(f"transformer {source!r} holds a {found}, not a {expected}")
-
-
 def load_transformer(port, model: str, source, *, cache_weights: bool = True, cache_dir=None,
                      expected_class: str | None = None):
     """(config, numpy params, where they came from) of a transformer checkpoint.
@@ -237,7 +223,8 @@ def load_transformer(port, model: str, source, *, cache_weights: bool = True, ca
     if not os.path.exists(source):
         raise FileNotFoundError(f"transformer: no such file or folder {source!r}")
     if os.path.isdir(source):
-        _check_class(source, expected_class)
+        if expected_class is not None:
+            port_common.check_class_name(source, expected_class, "transformer")
     try:
         if os.path.isdir(source) and os.path.isfile(os.path.join(source, port_common.PARAMS_FILE)):
             config, params = port.load_params(source)
@@ -472,6 +459,13 @@ def check_latents(latents, shape: tuple[int, ...]) -> np.ndarray:
 
 def check_seed(seed) -> int:
     return check_int("seed", seed, minimum=0)
+
+
+def to_pil_frames(video):
+    """uint8 frames [F, H, W, 3] -> a list of PIL images."""
+    from PIL import Image  # local: optional dependency (diffusers needs Pillow)
+
+    return [Image.fromarray(frame) for frame in video]
 
 
 def to_uint8(images):

@@ -153,7 +153,7 @@ class HunyuanVideoPipeline(common.Pipeline):
                 frames.append(out[0])
             else:
                 video = self.decode(out)
-                frames.append(video if output_type == "np" else _to_pil_frames(video))
+                frames.append(video if output_type == "np" else common.to_pil_frames(video))
             common.add_timings(timings, encode_prompt=t_encode, compile=t_compile, sampling=t_sample,
                                decode=time.perf_counter() - t0)
         return VideoPipelineOutput(frames=frames, timings=timings)
@@ -191,9 +191,3 @@ class HunyuanVideoPipeline(common.Pipeline):
         return self._sample(static=static, make_denoiser=make_denoiser,
                             sampler_config=sampler_config, sigmas=sigmas, guidance_scale=None, progress=progress,
                             latents=latents, cond=cond, cache=cache, step_cache=step_cache, key=sample_key)
-
-
-def _to_pil_frames(video):
-    from PIL import Image  # local: optional dependency (diffusers needs Pillow)
-
-    return [Image.fromarray(frame) for frame in video]

@@ -150,7 +150,7 @@ class WanPipeline(common.Pipeline):
                 frames.append(out[0])
             else:
                 video = self.decode(out)
-                frames.append(video if output_type == "np" else _to_pil_frames(video))
+                frames.append(video if output_type == "np" else common.to_pil_frames(video))
             common.add_timings(timings, encode_prompt=t_encode, compile=t_compile, sampling=t_sample,
                                decode=time.perf_counter() - t0)
         return VideoPipelineOutput(frames=frames, timings=timings)
@@ -179,9 +179,3 @@ class WanPipeline(common.Pipeline):
         return self._sample(static=("wan", grid), make_denoiser=make_denoiser, sampler_config=sampler_config,
                             sigmas=sigmas, guidance_scale=cfg_scale, progress=progress, latents=latents, cond=cond,
                             cache=cache, step_cache=step_cache, key=sample_key, uncond=uncond)
-
-
-def _to_pil_frames(video):
-    from PIL import Image  # local: optional dependency (diffusers needs Pillow)
-
-    return [Image.fromarray(frame) for frame in video]
