@@ -121,8 +121,8 @@ def make_sampler(
     is compiled per distinct plan (5 for FLUX). Why: on a GPU every ``lax.switch`` is a host sync (XLA
     copies the branch index to the host and waits for the stream), and traced dispatch runs one per
     Chipmunk op per layer: 110 per FLUX step, ~10 ms of idle GPU per sparse step on the H200
-    (benchmarks/RESULTS.md). Static dispatch runs one per step; its compile is ~1.4x the traced one (the
-    57-block FLUX with scanned block stacks, CPU: 12.1 s vs 8.4 s; RESULTS.md §12).
+    (benchmarks/RESULTS.md). Static dispatch runs one per step; its compile is ~1.6x the traced one (the
+    narrow 57-block FLUX with scanned block stacks, CPU: 5.7 s vs 3.6 s; RESULTS.md §12.2).
 
     ``on_step(step)``: host callback after each step's Euler update. It depends on the new latents,
     so it runs once that step's work is done: per-step wall times (the CLI); it syncs every step, so
