@@ -131,6 +131,10 @@ def test_mesh_runs_sequence_parallel_and_matches_one_device(files, tmp_path, cap
         assert _generate(*common, "--mesh", mesh, "--out", out) == 0
     assert "sequence-parallel over 2 devices" in capsys.readouterr().err
     np.testing.assert_allclose(np.load(outs["sequence=2"]), np.load(outs["none"]), rtol=0, atol=1e-5)
+    dense = {m: files["root"] / f"dense_mesh_{m.replace('=', '')}.npy" for m in ("none", "sequence=2")}
+    for mesh, out in dense.items():  # the dense sampler on a mesh too (it carries no Chipmunk cache)
+        assert _generate(*common[:-4], "--dense", "--compile-cache", "none", "--mesh", mesh, "--out", out) == 0
+    np.testing.assert_allclose(np.load(dense["sequence=2"]), np.load(dense["none"]), rtol=0, atol=1e-5)
     assert _generate(*common, "--mesh", "sequence=3", "--out", outs["none"]) == 1
     assert "--mesh sequence=3: FLUX has" in capsys.readouterr().err
     assert _generate(*common, "--mesh", "sequence=2,cfg=2", "--out", outs["none"]) == 1
