@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from chipmunk_jax.attention import AttentionCache
+from chipmunk_jax.cache import ModelCache, StepCache
 from chipmunk_jax.mlp import MLPCache
 from chipmunk_jax.validation import positive_int
 
@@ -147,8 +148,6 @@ def cache_shardings(cache, mesh: Mesh, *, branches: bool = False):
     head-sharded, MLP caches token-sharded, the static mask and eligible groups replicated. ``branches``: the
     cache holds the two CFG branches on a leading axis (``cache.stack_branches``), sharded over "cfg" when the
     mesh's cfg axis is 2, else whole on every device."""
-    from chipmunk_jax.cache import ModelCache  # cache imports this module's neighbours, not this module
-
     if not isinstance(cache, ModelCache):
         raise TypeError(f"cache must be a ModelCache, got {type(cache).__name__}")
     branch = _branch_axis(mesh, branches)
@@ -164,8 +163,6 @@ def cache_shardings(cache, mesh: Mesh, *, branches: bool = False):
 def step_cache_shardings(step_cache, mesh: Mesh, *, branches: bool = False):
     """``NamedSharding``s of a ``StepCache``: the stored hidden state [B, N, D] on its token axis (when N splits
     evenly over "sequence", else whole), ``valid`` replicated; a CFG branch axis as ``cache_shardings``."""
-    from chipmunk_jax.cache import StepCache
-
     lead = _leading(False, _branch_axis(mesh, branches))
     hidden = step_cache.hidden
     even = hidden.shape[len(lead) + 1] % _sequence_size(mesh) == 0
