@@ -468,6 +468,15 @@ def to_pil_frames(video):
     return [Image.fromarray(frame) for frame in video]
 
 
+def video_frames(latents, output_type: str, decode):
+    """One video's entry of ``VideoPipelineOutput.frames``: its latents ("latent"), or ``decode(latents)`` as
+    uint8 frames ("np") or PIL frames ("pil")."""
+    if output_type == "latent":
+        return latents[0]
+    video = decode(latents)
+    return video if output_type == "np" else to_pil_frames(video)
+
+
 def to_uint8(images):
     """torch [..., 3, H, W] in [-1, 1] -> uint8 numpy [..., H, W, 3] (diffusers' postprocess + numpy_to_pil math)."""
     x = (images / 2 + 0.5).clamp(0, 1).float().cpu().numpy()

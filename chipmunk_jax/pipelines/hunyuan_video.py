@@ -149,11 +149,7 @@ class HunyuanVideoPipeline(common.Pipeline):
                 text, pooled, mask, shape=shape, grid=grid, guidance=guidance_scale, model_chipmunk=model_chipmunk,
                 sampler_config=sampler_config, sigmas=sigmas, seed=seed + i, latents=latents, progress=progress)
             t0 = time.perf_counter()
-            if output_type == "latent":
-                frames.append(out[0])
-            else:
-                video = self.decode(out)
-                frames.append(video if output_type == "np" else common.to_pil_frames(video))
+            frames.append(common.video_frames(out, output_type, self.decode))
             common.add_timings(timings, encode_prompt=t_encode, compile=t_compile, sampling=t_sample,
                                decode=time.perf_counter() - t0)
         return VideoPipelineOutput(frames=frames, timings=timings)
