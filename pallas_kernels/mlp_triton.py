@@ -128,14 +128,23 @@ def _gelu_tanh(z):
 
 
 @triton.jit
-def chipmunk_triton_mlp_fc1(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr, act_out_ptr,
+def chipmunk_triton_mlp_fc1(layers_ptr, ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr, delta_ptr, act_out_ptr,
                             B: tl.constexpr, N: tl.constexpr, C: tl.constexpr, F: tl.constexpr, KP: tl.constexpr,
                             NB: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
-                            GROUP: tl.constexpr, TOKENS_M: tl.constexpr):
+                            GROUP: tl.constexpr, TOKENS_M: tl.constexpr, W_STACKED: tl.constexpr,
+                            CACHE_STACKED: tl.constexpr):
     r, j = _launch_order(tl.program_id(0), NB, KP // BF, GROUP)
     b = tl.program_id(1)
     count = tl.load(counts_ptr + b * NB + r)
     if j * BF < count:
+        if W_STACKED:  # entry layers[0] of [L, F, C] / [L, F]
+            w_layer = tl.load(layers_ptr).to(tl.int64)
+            w1t_ptr += w_layer * F * C
+            b1_ptr += w_layer * F
+        if CACHE_STACKED:  # entry layers[1] of [L', B, F, N], updated in place in the whole stack
+            c_layer = tl.load(layers_ptr + 1).to(tl.int64)
+            act_ptr += c_layer * B * F * N
+            act_out_ptr += c_layer * B * F * N
         pos = j * BF + tl.arange(0, BF)
         feat_ok = pos < count
         feats = tl.where(feat_ok, tl.load(ids_ptr + (b * NB + r) * KP + pos), 0)
@@ -168,14 +177,20 @@ def chipmunk_triton_mlp_fc1(ids_ptr, counts_ptr, x_ptr, w1t_ptr, b1_ptr, act_ptr
 
 
 @triton.jit
-def chipmunk_triton_mlp_fc2(ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out_out_ptr,
-                            B: tl.constexpr, N: tl.constexpr, KP: tl.constexpr, COUT: tl.constexpr,
+def chipmunk_triton_mlp_fc2(layers_ptr, ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out_out_ptr,
+                            B: tl.constexpr, N: tl.constexpr, F: tl.constexpr, KP: tl.constexpr, COUT: tl.constexpr,
                             NB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            GROUP: tl.constexpr):
+                            GROUP: tl.constexpr, W_STACKED: tl.constexpr, CACHE_STACKED: tl.constexpr):
     r, nt = _launch_order(tl.program_id(0), NB, COUT // BN, GROUP)
     b = tl.program_id(1)
     count = tl.load(counts_ptr + b * NB + r)
     if count > 0:
+        if W_STACKED:  # entry layers[0] of [L, F, C_out]
+            w2_ptr += tl.load(layers_ptr).to(tl.int64) * F * COUT
+        if CACHE_STACKED:  # entry layers[1] of [L', B, N, C_out], updated in place in the whole stack
+            c_layer = tl.load(layers_ptr + 1).to(tl.int64)
+            out_ptr += c_layer * B * N * COUT
+            out_out_ptr += c_layer * B * N * COUT
         dd = tl.make_tensor_descriptor(delta_ptr, shape=[B * NB * BM, KP], strides=[KP, 1], block_shape=[BM, BK])
         cols = nt * BN + tl.arange(0, BN)
         acc = tl.zeros([BM, BN], tl.float32)
@@ -191,80 +206,106 @@ def chipmunk_triton_mlp_fc2(ids_ptr, counts_ptr, delta_ptr, w2_ptr, out_ptr, out
         tl.store(out_out_ptr + off, (old + acc).to(out_out_ptr.dtype.element_ty), mask=ok)
 
 
-def _fc1_constexprs(x_shape, num_features, indices_shape, block_size, config):
+def _fc1_constexprs(x_shape, num_features, indices_shape, block_size, config, *, w_stacked=False,
+                    cache_stacked=False):
     b, n, c = x_shape
     nb, kp = indices_shape[1:]
     return dict(B=b, N=n, C=c, F=num_features, KP=kp, NB=nb, BM=block_size, BF=config.fc1_features,
-                BK=_pow2_divisor(c, config.fc1_k, "C"), GROUP=config.row_group, TOKENS_M=config.fc1_tokens_major)
+                BK=_pow2_divisor(c, config.fc1_k, "C"), GROUP=config.row_group, TOKENS_M=config.fc1_tokens_major,
+                W_STACKED=w_stacked, CACHE_STACKED=cache_stacked)
 
 
-def _fc2_constexprs(out_shape, indices_shape, block_size, config):
+def _fc2_constexprs(out_shape, num_features, indices_shape, block_size, config, *, w_stacked=False,
+                    cache_stacked=False):
     b, n, c_out = out_shape
     nb, kp = indices_shape[1:]
-    return dict(B=b, N=n, KP=kp, COUT=c_out, NB=nb, BM=block_size,
+    return dict(B=b, N=n, F=num_features, KP=kp, COUT=c_out, NB=nb, BM=block_size,
                 BN=_pow2_divisor(c_out, config.fc2_cols, "C_out"),
-                BK=config.fc2_k, GROUP=config.row_group)
+                BK=config.fc2_k, GROUP=config.row_group, W_STACKED=w_stacked, CACHE_STACKED=cache_stacked)
 
 
-def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size: int, config: TritonMlpConfig = DEFAULT_CONFIG,
-              interpret: bool = False):
-    """(delta [B, NB*block_size, Kp] token-major, new act_cache); Kp a multiple of config.fc1_features."""
+def _layers_operand(weights_layer, cache_layer):
+    """[weights_layer, cache_layer] as the int32 [2] array the kernels load (0 for an operand not stacked)."""
+    as_index = lambda i: jnp.zeros((), jnp.int32) if i is None else jnp.asarray(i, jnp.int32)  # noqa: E731
+    return jnp.stack([as_index(weights_layer), as_index(cache_layer)])
+
+
+def fc1_delta(x, w1t, b1, act_cache, indices, counts, *, block_size: int, weights_layer=None, cache_layer=None,
+              config: TritonMlpConfig = DEFAULT_CONFIG, interpret: bool = False):
+    """(delta [B, NB*block_size, Kp] token-major, new act_cache); Kp a multiple of config.fc1_features.
+
+    Stacks (told apart by rank): w1t [L, F, C] with b1 [L, F] use entry ``weights_layer``, act_cache
+    [L', B, F, N] entry ``cache_layer`` (int32 scalars, may be traced); a stacked act_cache is returned whole,
+    updated in place (aliased), so a layer scan never copies its layer out and back."""
     b, n, c = x.shape
     nb, kp = indices.shape[1:]
+    w_stacked, cache_stacked = w1t.ndim == 3, act_cache.ndim == 4
     if interpret:  # Triton's interpreter (3.7) misreads bf16 through tensor descriptors: the MMA operands in f32
         x, w1t = x.astype(jnp.float32), w1t.astype(jnp.float32)
     outs = (jax.ShapeDtypeStruct((b, nb * block_size, kp), x.dtype),
             jax.ShapeDtypeStruct(act_cache.shape, act_cache.dtype))
-    constexprs = _fc1_constexprs(x.shape, w1t.shape[0], indices.shape, block_size, config)
-    return tc.triton_call(chipmunk_triton_mlp_fc1, indices, counts, x, w1t, b1, act_cache, out_shapes=outs,
-                          grid=(nb * (kp // config.fc1_features), b, 1), constexprs=constexprs,
-                          num_warps=config.fc1_warps, num_stages=config.fc1_stages, input_output_aliases={5: 1},
+    constexprs = _fc1_constexprs(x.shape, w1t.shape[-2], indices.shape, block_size, config, w_stacked=w_stacked,
+                                 cache_stacked=cache_stacked)
+    return tc.triton_call(chipmunk_triton_mlp_fc1, _layers_operand(weights_layer, cache_layer), indices, counts, x, w1t, b1, act_cache,
+                          out_shapes=outs, grid=(nb * (kp // config.fc1_features), b, 1), constexprs=constexprs,
+                          num_warps=config.fc1_warps, num_stages=config.fc1_stages, input_output_aliases={6: 1},
                           interpret=interpret)
 
 
-def fc2_delta(delta, w2, out_cache, indices, counts, *, block_size: int, config: TritonMlpConfig = DEFAULT_CONFIG,
-              interpret: bool = False):
-    """out_cache[b, rows of block r] += delta[b, rows, :counts] @ w2[indices[b, r, :counts]], in place."""
-    b, n, c_out = out_cache.shape
+def fc2_delta(delta, w2, out_cache, indices, counts, *, block_size: int, weights_layer=None, cache_layer=None,
+              config: TritonMlpConfig = DEFAULT_CONFIG, interpret: bool = False):
+    """out_cache[b, rows of block r] += delta[b, rows, :counts] @ w2[indices[b, r, :counts]], in place.
+
+    Stacks as fc1_delta's: w2 [L, F, C_out] (``weights_layer``), out_cache [L', B, N, C_out] (``cache_layer``)."""
+    w_stacked, cache_stacked = w2.ndim == 3, out_cache.ndim == 4
+    b, n, c_out = out_cache.shape[-3:]
     nb = indices.shape[1]
     if interpret:
         delta, w2 = delta.astype(jnp.float32), w2.astype(jnp.float32)
-    constexprs = _fc2_constexprs(out_cache.shape, indices.shape, block_size, config)
-    (out,) = tc.triton_call(chipmunk_triton_mlp_fc2, indices, counts, delta, w2, out_cache,
+    constexprs = _fc2_constexprs((b, n, c_out), w2.shape[-2], indices.shape, block_size, config,
+                                 w_stacked=w_stacked, cache_stacked=cache_stacked)
+    (out,) = tc.triton_call(chipmunk_triton_mlp_fc2, _layers_operand(weights_layer, cache_layer), indices, counts, delta, w2, out_cache,
                             out_shapes=(jax.ShapeDtypeStruct(out_cache.shape, out_cache.dtype),),
                             grid=(nb * (c_out // constexprs["BN"]), b, 1), constexprs=constexprs,
-                            num_warps=config.fc2_warps, num_stages=config.fc2_stages, input_output_aliases={4: 0},
+                            num_warps=config.fc2_warps, num_stages=config.fc2_stages, input_output_aliases={5: 0},
                             interpret=interpret)
     return out
 
 
 def sparse_mlp_delta(x, w1, b1, w2, act_cache, out_cache, indices, counts, *, block_size: int = 128,
-                     interpret: bool = False, w1_transposed: bool = False, config: TritonMlpConfig = DEFAULT_CONFIG):
-    """fc1_delta then fc2_delta; returns (act_cache, out_cache). Arguments as in mlp.sparse_mlp_delta."""
-    w1t = w1 if w1_transposed else w1.T
+                     interpret: bool = False, w1_transposed: bool = False, weights_layer=None, cache_layer=None,
+                     config: TritonMlpConfig = DEFAULT_CONFIG):
+    """fc1_delta then fc2_delta; returns (act_cache, out_cache). Arguments as in mlp.sparse_mlp_delta (weights and
+    / or caches stacked on a leading layer axis, told apart by rank; stacked caches come back whole)."""
+    w1t = w1 if w1_transposed else jnp.swapaxes(w1, -1, -2)
     indices = pad_indices(indices, config.fc1_features)
-    delta, act_cache = fc1_delta(x, w1t, b1, act_cache, indices, counts, block_size=block_size, config=config,
-                                 interpret=interpret)
-    out_cache = fc2_delta(delta, w2, out_cache, indices, counts, block_size=block_size, config=config,
+    layers = dict(weights_layer=weights_layer, cache_layer=cache_layer)
+    delta, act_cache = fc1_delta(x, w1t, b1, act_cache, indices, counts, block_size=block_size, **layers,
+                                 config=config, interpret=interpret)
+    out_cache = fc2_delta(delta, w2, out_cache, indices, counts, block_size=block_size, **layers, config=config,
                           interpret=interpret)
     return act_cache, out_cache
 
 
-def compile_for_sm90(x_shape, num_features, c_out, block_size, dtype, *, config: TritonMlpConfig = DEFAULT_CONFIG):
+def compile_for_sm90(x_shape, num_features, c_out, block_size, dtype, *, config: TritonMlpConfig = DEFAULT_CONFIG,
+                     stacked: bool = False):
     """triton.compile of both kernels for the H100 without a GPU (compile tests): (fc1, fc2) compiled kernels.
 
-    The packed width is every feature (Kp = F rounded up to fc1_features), as on a step that keeps them all."""
+    The packed width is every feature (Kp = F rounded up to fc1_features), as on a step that keeps them all.
+    ``stacked``: the variant that indexes stacked weights and caches by a layer operand (a layer scan's)."""
     b, n, _ = x_shape
     nb = -(-n // block_size)
     kp = -(-num_features // config.fc1_features) * config.fc1_features
     ptr = tc._POINTER_TYPES[jnp.dtype(dtype)]
     i32 = tc._POINTER_TYPES[jnp.dtype(jnp.int32)]
+    stacked = dict(w_stacked=stacked, cache_stacked=stacked)
     fc1 = tc.compile_kernel(
-        chipmunk_triton_mlp_fc1, (i32, i32, ptr, ptr, ptr, ptr, ptr, ptr),
-        tuple(sorted(_fc1_constexprs(x_shape, num_features, (b, nb, kp), block_size, config).items())),
+        chipmunk_triton_mlp_fc1, (i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr),
+        tuple(sorted(_fc1_constexprs(x_shape, num_features, (b, nb, kp), block_size, config, **stacked).items())),
         config.fc1_warps, config.fc1_stages, 90)
     fc2 = tc.compile_kernel(
-        chipmunk_triton_mlp_fc2, (i32, i32, ptr, ptr, ptr, ptr),
-        tuple(sorted(_fc2_constexprs((b, n, c_out), (b, nb, kp), block_size, config).items())),
+        chipmunk_triton_mlp_fc2, (i32, i32, i32, ptr, ptr, ptr, ptr),
+        tuple(sorted(_fc2_constexprs((b, n, c_out), num_features, (b, nb, kp), block_size, config,
+                                     **stacked).items())),
         config.fc2_warps, config.fc2_stages, 90)
     return fc1, fc2

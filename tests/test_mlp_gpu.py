@@ -218,3 +218,29 @@ def test_triton_model_op_inside_a_command_buffer():
     np.testing.assert_array_equal(np.asarray(c_k.counts), np.asarray(c_r.counts))
     assert rel_error(y_k - out, y_r - out) <= 2e-2
     assert rel_error(c_k.act_cache, c_r.act_cache) <= 1e-2
+
+
+def test_triton_stacked_layers_in_place_under_a_scan():
+    """A lax.scan over 3 layers with stacked weights and caches (a model's block scan): each iteration's kernels
+    index the stacks by the loop counter and update the cache stack in place; equals three one-layer calls."""
+    b, n, c, f, c_out, layers = 1, 1000, 256, 1024, 256, 3
+    problems = [_problem(80 + i, b, n, c, f, c_out, jnp.bfloat16) for i in range(layers)]
+    w1t, b1, w2, act, out = (jnp.stack([p[i].T if i == 1 else p[i] for p in problems]) for i in (1, 2, 3, 5, 6))
+    x = problems[0][0]
+    idx, cnt = random_feature_sets(90, b, 8, f, [[256, 0, 1, 1024, 130, 512, 77, 384]])
+
+    def run(act, out):
+        def body(carry, i):
+            act, out = carry
+            return mlp_op.sparse_mlp_delta(x, w1t, b1, w2, act, out, idx, cnt, impl="triton", w1_transposed=True,
+                                           weights_layer=i, cache_layer=i), None
+        return jax.lax.scan(body, (act, out), jnp.arange(layers, dtype=jnp.int32))[0]
+
+    hlo = jax.jit(run, donate_argnums=(0, 1)).lower(act, out).compile().as_text()
+    act_k, out_k = jax.jit(run, donate_argnums=(0, 1))(jnp.array(act), jnp.array(out))
+    for i in range(layers):
+        act_r, out_r = _step(x, w1t[i].T, b1[i], w2[i], act[i], out[i], idx, cnt, "reference")
+        assert rel_error(act_k[i], act_r) <= 1e-2
+        assert rel_error(out_k[i] - out[i], out_r - out[i]) <= 2e-2
+    for one_layer in ("bf16[1,1024,1000]", "bf16[1,1000,256]", "bf16[1024,256]"):  # act, out, w1t / w2
+        assert one_layer not in hlo, f"a layer of a stack is materialized: {one_layer}"

@@ -128,3 +128,74 @@ def test_production_configs_compile_for_sm90(shape, config):
         assert compiled.metadata.num_warps == warps
         assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
         assert "cp.async.cg.shared.global" in ptx  # the gathered weight rows: 16-byte cp.async
+
+
+def _stacked_problem(weights_layers: int, cache_layers: int, **kw):
+    """_problem with w1 [F, C], b1, w2 stacked over ``weights_layers`` and act / out over ``cache_layers`` (fresh
+    random layers around entry 0, the problem's own)."""
+    x, w1, b1, w2, act, out, idx, cnt = _problem(**kw)
+    noise = lambda a, n: jnp.concatenate([a[None], jax.random.normal(_key(), (n - 1, *a.shape), a.dtype)])  # noqa
+    return (x, noise(w1.T, weights_layers), noise(b1, weights_layers), noise(w2, weights_layers),
+            noise(act, cache_layers), noise(out, cache_layers), idx, cnt)
+
+
+@pytest.mark.parametrize("impl", ["triton_interpret", "interpret", "reference"])
+def test_stacked_weights_and_caches_match_one_layer(impl):
+    """weights_layer / cache_layer (a scan's stacks): the chosen entries give the one-layer result, the other cache
+    entries come back untouched (stacks of different lengths, as a model's caches cover only its sparse layers)."""
+    x, w1, b1, w2, act, out, idx, cnt = _stacked_problem(4, 3, b=1, n=200, c=32, f=128, c_out=48,
+                                                         counts=[[128, 0]])
+    wl, cl = 2, 1
+    act_s, out_s = mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, impl=impl, w1_transposed=True,
+                                           weights_layer=wl, cache_layer=cl)
+    act_r, out_r = mlp_op.sparse_mlp_delta(x, w1[wl], b1[wl], w2[wl], act[cl], out[cl], idx, cnt, impl="reference",
+                                           w1_transposed=True)
+    assert act_s.shape == act.shape and out_s.shape == out.shape
+    assert _rel(act_s[cl], act_r) <= 1e-5 and _rel(out_s[cl] - out[cl], out_r - out[cl]) <= 1e-5
+    others = np.array([i for i in range(act.shape[0]) if i != cl])
+    np.testing.assert_array_equal(act_s[others], act[others])
+    np.testing.assert_array_equal(out_s[others], out[others])
+
+
+def test_stacked_caches_with_one_layer_of_weights_under_jit():
+    """Only the caches stacked, the layer traced (a scan's index): in place under donation."""
+    x, w1, b1, w2, act, out, idx, cnt = _stacked_problem(1, 3, b=1, n=128, c=32, f=256, c_out=32, counts=[[128]])
+    w1, b1, w2 = w1[0], b1[0], w2[0]
+    step = jax.jit(lambda a, o, layer: mt.sparse_mlp_delta(x, w1, b1, w2, a, o, idx, cnt, interpret=True,
+                                                           w1_transposed=True, cache_layer=layer),
+                   donate_argnums=(0, 1))
+    a_in, o_in = jnp.array(act), jnp.array(out)
+    a_new, o_new = step(a_in, o_in, jnp.int32(2))
+    assert a_in.is_deleted() and o_in.is_deleted()
+    act_r, out_r = mlp_op.sparse_mlp_delta(x, w1, b1, w2, act[2], out[2], idx, cnt, impl="reference",
+                                           w1_transposed=True)
+    assert _rel(a_new[2], act_r) <= 1e-5 and _rel(o_new[2] - out[2], out_r - out[2]) <= 1e-5
+    np.testing.assert_array_equal(a_new[:2], act[:2])
+
+
+def test_stacked_operand_errors():
+    x, w1, b1, w2, act, out, idx, cnt = _stacked_problem(3, 2, b=1, n=128, c=32, f=256, c_out=32, counts=[[64]])
+    kw = dict(w1_transposed=True, impl="reference")
+    with pytest.raises(ValueError, match="pass weights_layer="):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, cache_layer=0, **kw)
+    with pytest.raises(ValueError, match="pass cache_layer="):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, weights_layer=0, **kw)
+    with pytest.raises(ValueError, match=r"weights_layer must be in \[0, 3\), got 3"):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, weights_layer=3, cache_layer=0, **kw)
+    with pytest.raises(ValueError, match=r"cache_layer must be in \[0, 2\), got -1"):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, weights_layer=0, cache_layer=-1, **kw)
+    with pytest.raises(TypeError, match="cache_layer must be an integer scalar"):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act, out, idx, cnt, weights_layer=0, cache_layer=1.0, **kw)
+    with pytest.raises(ValueError, match="share their leading layer axis"):
+        mlp_op.sparse_mlp_delta(x, w1, b1[:2], w2, act, out, idx, cnt, weights_layer=0, cache_layer=0, **kw)
+    with pytest.raises(ValueError, match="cache_layer= is for act_cache / out_cache stacked"):
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act[0], out[0], idx, cnt, weights_layer=0, cache_layer=0, **kw)
+    with pytest.raises(ValueError, match="act_cache must be"):  # one layer's shapes are still checked
+        mlp_op.sparse_mlp_delta(x, w1, b1, w2, act[:, :, :128], out, idx, cnt, weights_layer=0, cache_layer=0, **kw)
+
+
+def test_stacked_variant_compiles_for_sm90():
+    """The layer-indexed kernels (stacked weights and caches) compile at FLUX's single-block shape with TMA."""
+    for compiled in mt.compile_for_sm90((1, 4608, 3072), 12288, 3072, 128, jnp.bfloat16, stacked=True):
+        assert compiled.metadata.shared <= tc.MAX_SHARED_BYTES
+        assert "wgmma.mma_async" in compiled.asm["ptx"] and "cp.async.bulk.tensor" in compiled.asm["ptx"]
