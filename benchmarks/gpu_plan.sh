@@ -2,6 +2,8 @@
 # the device machine, after `source benchmarks/gpu_env.sh`). Issues 8 and 9 are measured (benchmarks/RESULTS.md).
 #   bash benchmarks/gpu_plan.sh compile       # issue 20 (~6 min; compile_quick ~4 min): sampler compile time, memory,
 #                                             #   persistent cache, speed
+#   bash benchmarks/gpu_plan.sh stacked_mlp   # issue 20 (~8 min): GPU tests of the MLP kernels over stacked layers, then
+#                                             #   the 50-step sampler, the unrolled tree (.baseline) vs this one
 #   bash benchmarks/gpu_plan.sh scan_diag     # issue 20 (~4 min): the scanned Chipmunk sampler with XLA's dynamic-slice
 #                                             #   fusion on / off, then the sparse step's device profile
 #   bash benchmarks/gpu_plan.sh flux_static   # issue 5 (~8 min): dense vs Chipmunk with ONE lax.switch per step (one
@@ -20,6 +22,11 @@
 #                                             #   Pallas with 3-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
+#   bash benchmarks/gpu_plan.sh pipeline      # pipelines (~4 min): the FLUX.1-dev-shaped random-weight FluxPipeline at
+#                                             #   1024^2 end to end (text encoding + 50 steps + VAE decode; dense, Chipmunk,
+#                                             #   + step caching), each part's share. Needs diffusers: carry .whl and run
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site && source benchmarks/gpu_env.sh && bash benchmarks/gpu_plan.sh pipeline
 # Every plan writes its markdown sections and logs under $OUT (update the claim tables in benchmarks/RESULTS.md
 # from them) and runs the GPU tests of what it measures first, each under a cap so a hang cannot eat the call.
 set -u
@@ -45,6 +52,14 @@ compile|compile_quick)
   done
   run python3 -P benchmarks/flux_sample.py --variants dense,chipmunk --static-step-dispatch --reps "$reps" \
     --results "$OUT/flux_static.md"
+  ;;
+stacked_mlp)
+  # issue 20: the sparse-MLP kernels index the stacked weights and caches by layer (no per-layer slice copies).
+  # GPU tests of the MLP kernels (the stacked variant under a scan included) and of host caches under the block
+  # scan, then the 50-step FLUX sampler, dense and Chipmunk (static dispatch), in the unrolled tree (.baseline =
+  # `git archive 852e711 chipmunk_jax models pallas_kernels ports benchmarks`) and in this one, one process each.
+  run timeout 120 python3 -P -m pytest -q -m gpu tests/test_mlp_gpu.py tests/test_offload.py
+  run bash benchmarks/flux_sample_ab.sh .baseline --variants dense,chipmunk --static-step-dispatch --reps 3
   ;;
 scan_diag)
   # issue 20: why the scanned Chipmunk sampler is slower than the unrolled one (RESULTS.md §12.1): 50 steps with
@@ -101,6 +116,14 @@ flux_sparse)
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
+pipeline)
+  # FluxPipeline end to end with FLUX.1-dev-shaped random weights built in memory (torch CLIP / T5-XXL / VAE in bf16,
+  # the JAX transformer in bf16): one warm-up (compile, ~20-35 s) + 3 timed calls per variant (~5-9 s each), ~4 min
+  # in all; SIGTERM from the cap still writes the rows measured so far
+  python3 -c "import diffusers" 2>/dev/null || { echo "no diffusers: install .whl/*.whl first (header)" >&2; exit 2; }
+  run timeout -k 20 420 python3 -P benchmarks/flux_pipeline_e2e.py --static-step-dispatch --reps 3 \
+    --results "$OUT/flux_pipeline.md"
+  ;;
 verify)
   run timeout 200 python3 -P -m pytest -q -m gpu tests/test_attention_gpu.py tests/test_mlp_gpu.py \
     -k "triton or command_buffer"
@@ -119,7 +142,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | kernels | verify | triton | h100" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | pipeline | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac

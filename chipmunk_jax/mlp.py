@@ -131,7 +131,7 @@ def dense_mlp(x, weights: MLPWeights):
     return y.astype(x.dtype)
 
 
-def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfig):
+def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfig, weights_layer, cache_layer):
     if not isinstance(config, ChipmunkConfig):
         raise TypeError(f"config must be a ChipmunkConfig, got {type(config).__name__}")
     if not isinstance(weights, MLPWeights):
@@ -139,15 +139,33 @@ def _check_inputs(x, weights: MLPWeights, cache: MLPCache, config: ChipmunkConfi
     check_bool("weights.w1_transposed", weights.w1_transposed)
     if not isinstance(cache, MLPCache):
         raise TypeError(f"cache must be an MLPCache, got {type(cache).__name__}")
-    kernels._check_mlp_args(
-        x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, cache.indices, cache.counts,
-        config.mlp.block_size, weights.w1_transposed,
-    )
-    if weights.b2 is not None and weights.b2.shape != (weights.w2.shape[1],):
-        raise ValueError(f"b2 must have shape ({weights.w2.shape[1]},), got {weights.b2.shape}")
-    expected = cache.indices.shape
-    if cache.blockmean_cache.shape != expected:
-        raise ValueError(f"cache.blockmean_cache has shape {cache.blockmean_cache.shape}, expected {expected}")
+    w_stacked, cache_stacked = weights.w1.ndim == 3, cache.act_cache.ndim == 4
+    if w_stacked and weights.b2 is not None and weights.b2.ndim != 2:
+        raise ValueError(f"stacked weights need b2 stacked too ([L, C_out]), got shape {weights.b2.shape}")
+    if cache_stacked:
+        held = {name: getattr(cache, name).shape[0] for name in ("blockmean_cache", "indices", "counts")}
+        if set(held.values()) != {cache.act_cache.shape[0]}:
+            raise ValueError(f"a stacked MLPCache has every field on one leading layer axis of "
+                             f"{cache.act_cache.shape[0]} layers, got {held}")
+    # the kernels' checks of one layer (and of the layer indices against the stacks)
+    shapes, _, _ = kernels._layer_shapes(weights_layer, cache_layer, weights.w1, weights.b1, weights.w2,
+                                         cache.act_cache, cache.out_cache)
+    one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if cache_stacked else a  # noqa: E731
+    indices, counts, blockmean = one(cache.indices), one(cache.counts), one(cache.blockmean_cache)
+    kernels._check_mlp_args(x, *shapes, indices, counts, config.mlp.block_size, weights.w1_transposed)
+    c_out = shapes[2].shape[1]
+    b2_shape = None if weights.b2 is None else weights.b2.shape[int(w_stacked):]
+    if b2_shape is not None and b2_shape != (c_out,):
+        raise ValueError(f"b2 must have shape ({c_out},), got {b2_shape}")
+    if blockmean.shape != indices.shape:
+        raise ValueError(f"cache.blockmean_cache has shape {blockmean.shape}, expected {indices.shape}")
+
+
+def _layer_weights(weights: MLPWeights, layer) -> MLPWeights:
+    """One layer of stacked weights (a dynamic slice: the XLA paths' GEMMs read it)."""
+    if weights.w1.ndim == 2:
+        return weights
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), weights)
 
 
 def _block_preactivation(x, weights: MLPWeights, block_size: int):
@@ -162,7 +180,8 @@ def _block_preactivation(x, weights: MLPWeights, block_size: int):
 
 
 def sparse_delta_mlp(
-    x, weights: MLPWeights, cache: MLPCache, step_kind, config: ChipmunkConfig, *, key=None, impl: str | None = None
+    x, weights: MLPWeights, cache: MLPCache, step_kind, config: ChipmunkConfig, *, key=None, impl: str | None = None,
+    weights_layer=None, cache_layer=None,
 ):
     """One Chipmunk MLP call. x: [B, N, C]. step_kind: an MLPStep (static) or a traced int32.
 
@@ -172,12 +191,29 @@ def sparse_delta_mlp(
       select with mlp_selection.select_from_preactivation (scores, top-k and the block-mean baseline update
       in one kernel) and run the fc1/fc2 delta kernels; weights.w1_transposed=True avoids a per-call W1
       transpose there (see MLPWeights).
+    weights_layer / cache_layer: for weights (every field, w1 [L, ...]) and / or a cache (every field,
+      act_cache [L', B, F, N]) stacked on a leading layer axis, as a scan over blocks holds them: the entries
+      this call uses (int32 scalars, may be traced). A stacked cache comes back whole with its entry updated;
+      the Triton delta kernels read and update the stacks in place (pallas_kernels.mlp.sparse_mlp_delta).
     Returns (y [B, N, C_out] in x's dtype, new cache).
     """
-    _check_inputs(x, weights, cache, config)
+    _check_inputs(x, weights, cache, config, weights_layer, cache_layer)
     m = config.mlp
     kernel_impl = impl  # the delta kernels also have a Triton implementation; selection maps it to Pallas
     impl = resolve_impl(impl)
+    stacked_weights = weights
+    weights = _layer_weights(weights, weights_layer)  # what the XLA paths read
+    cache_stacked = cache.act_cache.ndim == 4
+
+    def get(cache, field):  # this layer's entry of a cache field
+        value = getattr(cache, field)
+        return jax.lax.dynamic_index_in_dim(value, cache_layer, keepdims=False) if cache_stacked else value
+
+    def put(cache, **fields):  # the cache with this layer's entries of ``fields`` replaced
+        if cache_stacked:
+            fields = {k: jax.lax.dynamic_update_index_in_dim(getattr(cache, k), v.astype(getattr(cache, k).dtype),
+                                                             cache_layer, 0) for k, v in fields.items()}
+        return cache.replace(**fields)
 
     def always_dense(cache):
         return dense_mlp(x, weights), cache
@@ -186,19 +222,19 @@ def sparse_delta_mlp(
         a_t = gelu_tanh(_fc1(x, weights, feature_major=True) + weights.b1.astype(jnp.float32)[:, None])
         y = jnp.einsum("bfn,fo->bno", a_t.astype(x.dtype), weights.w2, precision=_HI,
                        preferred_element_type=jnp.float32) + _bias(weights, weights.w2.shape[1])
-        new = cache.replace(
-            act_cache=a_t.astype(cache.act_cache.dtype),
-            out_cache=y.astype(cache.out_cache.dtype),
-            blockmean_cache=_block_preactivation(x, weights, m.block_size),
-        )
+        new = put(cache, act_cache=a_t.astype(cache.act_cache.dtype), out_cache=y.astype(cache.out_cache.dtype),
+                  blockmean_cache=_block_preactivation(x, weights, m.block_size))
         return y.astype(x.dtype), new
 
     def delta(cache, indices, counts):
+        w = stacked_weights
         act, out = kernels.sparse_mlp_delta(
-            x, weights.w1, weights.b1, weights.w2, cache.act_cache, cache.out_cache, indices, counts,
-            block_size=m.block_size, impl=kernel_impl, w1_transposed=weights.w1_transposed,
+            x, w.w1, w.b1, w.w2, cache.act_cache, cache.out_cache, indices, counts,
+            block_size=m.block_size, impl=kernel_impl, w1_transposed=w.w1_transposed,
+            weights_layer=weights_layer if w.w1.ndim == 3 else None, cache_layer=cache_layer if cache_stacked else None,
         )
-        return out.astype(x.dtype), cache.replace(act_cache=act, out_cache=out, indices=indices, counts=counts)
+        y = jax.lax.dynamic_index_in_dim(out, cache_layer, keepdims=False) if cache_stacked else out
+        return y.astype(x.dtype), put(cache.replace(act_cache=act, out_cache=out), indices=indices, counts=counts)
 
     def sparse_select(cache):
         z_blocks = _block_preactivation(x, weights, m.block_size)
@@ -212,19 +248,19 @@ def sparse_delta_mlp(
                 extra = jax.random.bernoulli(key, m.random_keys, z_blocks.shape)
             keep = selection.mlp_feature_count(m.top_keys, weights.hidden_features)
             indices, counts, baseline = mlp_selection.select_from_preactivation(
-                z_blocks, cache.blockmean_cache, keep, m.counts_multiple_of, extra=extra, impl=impl
+                z_blocks, get(cache, "blockmean_cache"), keep, m.counts_multiple_of, extra=extra, impl=impl
             )
-            return delta(cache.replace(blockmean_cache=baseline), indices, counts)
-        scores = jnp.abs(z_blocks - cache.blockmean_cache)
+            return delta(put(cache, blockmean_cache=baseline), indices, counts)
+        baseline = get(cache, "blockmean_cache")
+        scores = jnp.abs(z_blocks - baseline)
         indices, counts = selection.select_mlp_features(
             scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key, impl=impl
         )
         recomputed = selection.indices_to_mask(indices, counts, scores.shape[-1])
-        cache = cache.replace(blockmean_cache=jnp.where(recomputed, z_blocks, cache.blockmean_cache))
-        return delta(cache, indices, counts)
+        return delta(put(cache, blockmean_cache=jnp.where(recomputed, z_blocks, baseline)), indices, counts)
 
     def sparse_reuse(cache):
-        return delta(cache, cache.indices, cache.counts)
+        return delta(cache, get(cache, "indices"), get(cache, "counts"))
 
     branches = (always_dense, dense, sparse_select, sparse_reuse)
     # a host-resident cache (cache.offload_layer_caches) visits the device for this call

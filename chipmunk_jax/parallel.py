@@ -222,13 +222,19 @@ def ulysses_attention(op: Callable, mesh: Mesh, cache: AttentionCache | None, *,
     return lambda q, k, v, cache, *extra: mapped(q, k, v, cache, *[extra[i] for i in present])
 
 
-def token_local(op: Callable, mesh: Mesh, cache: MLPCache | None, *, ndim: int = 3) -> Callable:
-    """``op(x, weights, cache) -> (y, new cache)`` of a per-token layer (the MLP) run on each device's token shard:
-    x and y [B, N, C] token-sharded, ``weights`` replicated, the cache token-sharded (``mlp_cache_spec``)."""
+def token_local(op: Callable, mesh: Mesh, cache: MLPCache | None, *, ndim: int = 3,
+                layer_axis: bool = False) -> Callable:
+    """``op(x, weights, cache, *replicated) -> (y, new cache)`` of a per-token layer (the MLP) run on each device's
+    token shard: x and y [B, N, C] token-sharded, ``weights`` and the rest replicated, the cache token-sharded
+    (``mlp_cache_spec``; ``layer_axis``: a stack of layer caches)."""
     spec = token_spec(ndim)
-    cache_spec = None if cache is None else mlp_cache_spec(cache)
-    return jax.shard_map(op, mesh=mesh, in_specs=(spec, P(), cache_spec), out_specs=(spec, cache_spec),
-                         check_vma=False)
+    cache_spec = None if cache is None else mlp_cache_spec(cache, layer_axis=layer_axis)
+
+    def local(x, weights, cache, *replicated):
+        return jax.shard_map(op, mesh=mesh, in_specs=(spec, P(), cache_spec) + (P(),) * len(replicated),
+                             out_specs=(spec, cache_spec), check_vma=False)(x, weights, cache, *replicated)
+
+    return local
 
 
 def replicate(tree, mesh: Mesh | None):

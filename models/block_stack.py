@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import memory
 from chipmunk_jax.cache import sparse_layer_range
-from chipmunk_jax.models.chipmunk_ops import ChipmunkRun
+from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, WeightStacks
 
 __all__ = ["stack_blocks", "num_blocks", "check_block_stack", "block_at", "scan_blocks"]
 
@@ -99,19 +100,28 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
     cache = None if run is None else run.cache
     attn_cache = None if run is None else cache.attention[stack_index]
     mlp_cache = None if run is None else cache.mlp[stack_index]
+    # The MLP op takes its cache stack whole (its kernels update their layer in place: a layer sliced out for a
+    # kernel is a copy, and so is writing it back), unless the caches live on the host (then one layer visits
+    # the device per call: memory.with_device_cache).
+    whole_mlp_stack = mlp_cache is not None and not memory.on_host(mlp_cache)
     for start, stop, attn_on, mlp_on, attn_offset, mlp_offset in _segments(run, first_layer, count):
         def body(carry, i, attn_on=attn_on, mlp_on=mlp_on, attn_offset=attn_offset, mlp_offset=mlp_offset):
             state, attn_cache, mlp_cache = carry
+            params = block_at(stack, i)
             ops = dict(default_ops or {})
             if run is not None:
+                layer_mlp = None
+                if mlp_on:
+                    layer_mlp = mlp_cache if whole_mlp_stack else block_at(mlp_cache, i - mlp_offset)
                 ops |= run.ops(first_layer + i, block_at(attn_cache, i - attn_offset) if attn_on else None,
-                              block_at(mlp_cache, i - mlp_offset) if mlp_on else None)
+                               layer_mlp, mlp_cache_layer=i - mlp_offset if whole_mlp_stack else None,
+                               weight_stacks=WeightStacks.of(params, stack, i))
             extra = None if per_layer is None else block_at(per_layer, i)
-            state, (new_attn, new_mlp) = block(block_at(stack, i), extra, state, ops)
+            state, (new_attn, new_mlp) = block(params, extra, state, ops)
             if attn_on:
                 attn_cache = _put_block(attn_cache, i - attn_offset, new_attn)
             if mlp_on:
-                mlp_cache = _put_block(mlp_cache, i - mlp_offset, new_mlp)
+                mlp_cache = new_mlp if whole_mlp_stack else _put_block(mlp_cache, i - mlp_offset, new_mlp)
             return (state, attn_cache, mlp_cache), None
 
         indices = jnp.arange(start, stop, dtype=jnp.int32)

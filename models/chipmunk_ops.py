@@ -28,7 +28,7 @@ from chipmunk_jax.reorder import tile_permutation, voxel_permutation
 from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.selection import unpack_mask
 
-__all__ = ["ChipmunkRun", "BlockStacks", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens",
+__all__ = ["ChipmunkRun", "WeightStacks", "BlockStacks", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens",
            "check_model_cache"]
 
 # A model's block stacks as (first global layer, number of blocks), in stack order: FLUX ((0, 19), (19, 38)).
@@ -105,16 +105,21 @@ class ChipmunkRun:
             return None, None
         return tuple(jax.random.split(jax.random.fold_in(self.key, layer)))
 
-    def ops(self, layer, attention_cache=None, mlp_cache=None) -> dict[str, Any]:
+    def ops(self, layer, attention_cache=None, mlp_cache=None, *, mlp_cache_layer=None,
+            weight_stacks: "WeightStacks | None" = None) -> dict[str, Any]:
         """``{"attention_op", "mlp_op"}`` of global layer ``layer`` (an int, or traced inside a scan) over that
         layer's caches (each op returns ``(out, new cache)``); an op whose cache is None is left out (the layer
-        runs the dense path)."""
+        runs the dense path).
+
+        ``mlp_cache_layer``: ``mlp_cache`` is a whole stack (every field [L', ...]) and this layer's entry is
+        ``mlp_cache_layer``; the op then returns the whole stack updated. ``weight_stacks``: the stacks behind
+        the block's param slices, so the MLP kernels read the stacked weights in place."""
         ops = {}
         attn_key, mlp_key = self._layer_keys(layer)
         if attention_cache is not None:
             ops["attention_op"] = self._attention_op(attention_cache, attn_key)
         if mlp_cache is not None:
-            ops["mlp_op"] = self._mlp_op(mlp_cache, mlp_key)
+            ops["mlp_op"] = self._mlp_op(mlp_cache, mlp_key, mlp_cache_layer, weight_stacks)
         return ops
 
     def _attention_op(self, layer_cache, key):
@@ -134,20 +139,52 @@ class ChipmunkRun:
             op = parallel.ulysses_attention(op, self.mesh, layer_cache, replicated=shared)
         return lambda q, k, v: op(q, k, v, layer_cache, *shared)
 
-    def _mlp_op(self, layer_cache, key):
-        def op(x, weights, layer_cache):
+    def _mlp_op(self, layer_cache, key, cache_layer, weight_stacks):
+        def op(x, weights, layer_cache, weights_layer):
             return sparse_delta_mlp(x, weights, layer_cache, self.plan.mlp, self.chipmunk, key=key,
-                                    impl=self.kernel_impl)
+                                    impl=self.kernel_impl, weights_layer=weights_layer, cache_layer=cache_layer)
 
         if self.mesh is not None:  # each device's whole token blocks select their own features
-            op = parallel.token_local(op, self.mesh, layer_cache)
+            op = parallel.token_local(op, self.mesh, layer_cache, layer_axis=cache_layer is not None)
 
         def mlp_op(x, w1, b1, w2, b2, w1_transposed=False):
+            given = (w1, b1, w2, b2)
+            stacks = None if weight_stacks is None or not w1_transposed else weight_stacks.find(given, x.dtype)
+            if stacks is not None:  # the kernels index the stacks: no per-layer copy of W1 / W2
+                return op(x, MLPWeights(*stacks, w1_transposed=True), layer_cache, weight_stacks.index)
             cast = lambda w: None if w is None else w.astype(x.dtype)  # noqa: E731
-            return op(x, MLPWeights(cast(w1), cast(b1), cast(w2), cast(b2), w1_transposed=w1_transposed),
-                      layer_cache)
+            return op(x, MLPWeights(*map(cast, given), w1_transposed=w1_transposed), layer_cache, None)
 
         return mlp_op
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStacks:
+    """The stacked params behind one scan iteration's param slices (``models.block_stack``): ``find`` maps arrays a
+    block passes to an op back to their whole stacks, so a kernel can take the stack and ``index`` instead of the
+    slice, which XLA would copy out for a custom call (a dynamic slice is materialized for every kernel operand)."""
+
+    by_slice: dict  # id(slice) -> (slice, stack): the slice is kept so its id stays its own
+    index: Any
+
+    @classmethod
+    def of(cls, slices, stacks, index) -> "WeightStacks":
+        pairs = zip(jax.tree_util.tree_leaves(slices), jax.tree_util.tree_leaves(stacks))
+        return cls({id(s): (s, full) for s, full in pairs}, index)
+
+    def find(self, arrays, dtype):
+        """The stacks of ``arrays`` (None entries stay None), or None when any is not a slice of this iteration's
+        params or not already ``dtype`` (then the caller casts the slices)."""
+        stacks = []
+        for a in arrays:
+            if a is None:
+                stacks.append(None)
+                continue
+            hit = self.by_slice.get(id(a))
+            if hit is None or hit[0] is not a or hit[1].dtype != dtype:
+                return None
+            stacks.append(hit[1])
+        return tuple(stacks)
 
 
 def check_model_cache(cache, chipmunk: ChipmunkConfig, stacks: BlockStacks, num_tokens: int) -> None:

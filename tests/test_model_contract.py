@@ -392,3 +392,35 @@ def test_block_stacks_are_required(case):
     fewer = dict(params, **{name: jax.tree_util.tree_map(lambda x: x[:-1], params[name])})
     with pytest.raises(ValueError, match=f"must hold {count} blocks stacked on a leading axis"):
         case.module.forward(fewer, case.config, **case.inputs(0), dtype=jnp.float32)
+
+
+def test_sparse_mlp_kernels_take_whole_stacks(case, monkeypatch):
+    """Inside the block scan the MLP delta kernels get the stacked caches (and, with fc1 stored [F, C] as
+    flux.prepare_params lays it out, the stacked weights) plus layer indices, not per-layer slices: a dynamic slice
+    feeding a kernel is copied out (and the new cache copied back in) on every layer of every sparse step."""
+    from chipmunk_jax.pallas_kernels import mlp as mlp_kernels
+
+    chipmunk = case.chipmunk.replace(mlp__first_n_dense_layers=1)
+    if not chipmunk.mlp.enabled:
+        pytest.skip(f"{case.name} runs Chipmunk on attention only")
+    config = _deeper(case.config, 2)
+    params = jax.eval_shape(lambda: case.module.init_params(config, jax.random.key(0), dtype=jnp.float32))
+    if case.name == "flux":
+        params = jax.eval_shape(lambda p: flux.prepare_params(p, config, chipmunk), params)
+    cache = jax.eval_shape(lambda: case.module.init_cache(config, chipmunk, batch=1, grid=case.grid,
+                                                          dtype=jnp.float32, **case.cache_kw))
+    calls = []
+    original = mlp_kernels.sparse_mlp_delta
+
+    def recording(x, w1, b1, w2, act_cache, out_cache, *args, **kw):
+        calls.append((w1.ndim, act_cache.ndim, kw.get("weights_layer") is not None, kw.get("cache_layer") is not None))
+        return original(x, w1, b1, w2, act_cache, out_cache, *args, **kw)
+
+    monkeypatch.setattr(mlp_kernels, "sparse_mlp_delta", recording)
+    plan = StepPlan(attention=AttentionStep.SPARSE, mlp=MLPStep.SPARSE_REUSE)
+    jax.eval_shape(lambda p, c: case.module.forward(p, config, **case.inputs(2), chipmunk=chipmunk, cache=c,
+                                                    plan=plan, dtype=jnp.float32, **case.forward_kw), params, cache)
+    assert calls, "no sparse MLP kernel call traced"
+    weights_stacked = case.name == "flux"  # Wan keeps fc1 [C, F]: its layer slice is transposed for the kernels
+    assert all(call[1] == 4 and call[3] for call in calls), calls
+    assert all((call[0] == 3) == weights_stacked and call[2] == weights_stacked for call in calls), calls
