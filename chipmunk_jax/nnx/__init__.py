@@ -18,6 +18,11 @@ leaves, so ``nnx.state(model, nnx.Param)`` has exactly the paths and the very ar
 the model's ``sampling.Denoiser``, and its functions take the params as a plain tree, an ``nnx.State`` or the module
 itself, so ``nnx.split`` -> the jitted one-loop sampler -> ``nnx.merge`` works.
 
+``ChipmunkAttention`` and ``ChipmunkMLP`` (``chipmunk_jax.nnx.layers``) are Chipmunk for your own NNX DiT: they take
+the place of a block's attention core and MLP, keep their caches in ``ChipmunkCache`` variables of the module state,
+and ``make_denoiser(model, chipmunk)`` runs the model in the one-jit sampler, each step under ``chipmunk_step``
+(README "Chipmunk for your own Flax DiT"; ``init_caches`` builds the caches).
+
 Where this package sits (docs/architecture.md §1): in the application layer, beside ``chipmunk_jax.pipelines``, not
 in ``chipmunk_jax.models``, because ``from_pretrained`` loads checkpoints through ``chipmunk_jax.ports``, which sits
 above the models. ``tests/test_layers.py`` maps ``chipmunk_jax.nnx.*`` to the apps layer.
@@ -25,6 +30,8 @@ above the models. ``tests/test_layers.py`` maps ``chipmunk_jax.nnx.*`` to the ap
 
 from __future__ import annotations
 
+from chipmunk_jax.nnx.layers import (ChipmunkAttention, ChipmunkCache, ChipmunkMLP, chipmunk_step, init_caches,
+                                     make_denoiser)
 from chipmunk_jax.nnx.modules import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 from chipmunk_jax.nnx.transformer import TransformerModule, param_tree
 
@@ -34,4 +41,10 @@ __all__ = [
     "WanTransformer3DModel",
     "TransformerModule",
     "param_tree",
+    "ChipmunkAttention",
+    "ChipmunkMLP",
+    "ChipmunkCache",
+    "chipmunk_step",
+    "init_caches",
+    "make_denoiser",
 ]
