@@ -142,7 +142,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | pipeline | kernels | verify | triton | h100" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | stacked_mlp | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | pipeline | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac

@@ -33,6 +33,31 @@ def test_benchmark_script_runs_tiny_on_cpu(tmp_path, script, expected):
     assert not list(tmp_path.iterdir())  # nothing written without --results
 
 
+def test_flux_pipeline_e2e_runs_tiny_on_cpu(tmp_path):
+    """flux_pipeline_e2e.py --tiny: the in-memory FluxPipeline end to end for every variant, each row's parts adding
+    up to its total (shares to 100%), the section written to --results."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compiling dominates on a CPU
+    results = tmp_path / "pipeline.md"
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "flux_pipeline_e2e.py"), "--tiny", "--results",
+         str(results)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert text.strip() in proc.stdout and "FAILED" not in text
+    assert "## FLUX.1-dev pipeline end to end" in text and "T5 1.0 M params" in text
+    rows = {r[0]: r for r in (line.strip("| ").split(" | ") for line in text.splitlines())
+            if r[0] in ("dense", "chipmunk", "chipmunk+cache")}
+    assert [rows[v][1] for v in ("dense", "chipmunk", "chipmunk+cache")] == ["4/4", "4/4", "3/4"], text
+    for row in rows.values():
+        parts = [re.fullmatch(r"([\d.]+) \(([\d.]+)%\)", cell) for cell in row[2:6]]  # encode, sampling, decode, other
+        assert all(parts), row
+        assert abs(sum(float(m[2]) for m in parts) - 100) < 0.5, row
+        assert abs(sum(float(m[1]) for m in parts) - float(row[6])) < 0.01, row
+        assert float(row[10]) > 0 and row[-1] == "1", row  # the warm-up's compile seconds; one timed call
+
+
 def test_flux_profile_runs_tiny_on_cpu(tmp_path):
     """The profiler script parses its own perfetto trace (CPU thunks stand in for GPU kernels)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -11,6 +11,7 @@ tmp_path_factory folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 from chipmunk_jax import config as C  # noqa: E402
 from chipmunk_jax import sampling  # noqa: E402
+from chipmunk_jax.models import flux as flux_model  # noqa: E402
 from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanPipeline, write_video  # noqa: E402
 from chipmunk_jax.pipelines import common  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
@@ -173,6 +175,51 @@ def test_flux_bad_arguments(flux_dense):
         pipe(3, height=64, width=64)
     with pytest.raises(ValueError, match="latents= is for one prompt"):
         pipe([PROMPT, PROMPT], height=64, width=64, latents=np.zeros((1, 16, 16), np.float32))
+
+
+def test_flux_from_components_in_memory(flux_folder, flux_dense, tmp_path):
+    """from_components: from_pretrained's pipeline from parts already in memory (nothing written: no weights cache),
+    the params cast to the dtype and laid out for Chipmunk once (params prepared ahead are used as they are, not
+    copied: several pipelines can share them), and its argument errors."""
+    parts = {k: v for k, v in flux_folder["reference"].components.items() if k != "transformer"}
+    components = diffusers.FluxPipeline(**parts, transformer=None)
+    config, params = flux_ports.from_checkpoint(os.path.join(flux_folder["path"], "transformer"))  # numpy
+    pipe = FluxPipeline.from_components(components, config, params, chipmunk=None, dtype=F32)
+    assert pipe.components is components and pipe.torch_device == torch.device("cpu") and pipe.chipmunk is None
+    assert pipe.path is None and pipe.weights_from == "in-memory params" and "in-memory params" in repr(pipe)
+    noise = _noise((1, 16, 16), seed=7)
+    ours = pipe(PROMPT, **FLUX_CALL, latents=noise, output_type="latent", progress=False)
+    theirs = flux_dense(PROMPT, **FLUX_CALL, latents=noise, output_type="latent", progress=False)
+    np.testing.assert_allclose(ours.images[0], theirs.images[0], rtol=0, atol=1e-6)
+    assert set(ours.timings) == {"encode_prompt", "compile", "sampling", "decode"}
+    assert not (tmp_path / "xdg").exists()  # the default weights cache folder was never made
+
+    assert FluxPipeline.from_components(components, config, params).chipmunk == C.flux()  # "default": the preset
+    chipmunk = C.flux().replace(mlp__first_n_dense_layers=0)  # the tiny 1+1-block model's MLPs sparse
+    bf16 = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.bfloat16), params)
+    prepared = flux_model.prepare_params(bf16, config, chipmunk)
+    first = FluxPipeline.from_components(components, config, prepared, chipmunk=chipmunk)
+    second = FluxPipeline.from_components(components, config, prepared, chipmunk=chipmunk.replace(
+        step_cache__enabled=True), static_step_dispatch=True)
+    kernel_t = prepared["single_transformer_blocks"]["proj_mlp"]["kernel_t"]
+    assert first.params["single_transformer_blocks"]["proj_mlp"]["kernel_t"] is kernel_t
+    assert second.params["single_transformer_blocks"]["proj_mlp"]["kernel_t"] is kernel_t
+    assert second.static_step_dispatch and first.dtype == jnp.bfloat16
+    laid_out = FluxPipeline.from_components(components, config, params, chipmunk=chipmunk).params  # plain: prepared
+    assert "kernel_t" in laid_out["transformer_blocks"]["ff"]["net"]["0"]["proj"]
+
+    with pytest.raises(TypeError, match="components must be a diffusers FluxPipeline"):
+        FluxPipeline.from_components(parts, config, params)
+    with pytest.raises(ValueError, match=r"components: the FluxPipeline lacks \['tokenizer_2'\]"):
+        FluxPipeline.from_components(diffusers.FluxPipeline(**dict(parts, tokenizer_2=None), transformer=None),
+                                     config, params)
+    with pytest.raises(ValueError, match="is not a FLUX transformer"):
+        FluxPipeline.from_components(components, object(), params)
+    with pytest.raises(ValueError, match="unknown preset 'fluxx'"):
+        FluxPipeline.from_components(components, config, params, chipmunk="fluxx")
+    with pytest.raises(ValueError, match="the VAE has 4 latent channels"):
+        FluxPipeline.from_components(components, dataclasses.replace(config, in_channels=32), params,
+                                     chipmunk=None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,11 @@ class ImagePipelineOutput:
     """``images``: one entry per prompt: a ``PIL.Image.Image`` (output_type "pil"), a uint8 [H, W, 3] array ("np";
     diffusers' "np" is float in [0, 1]) or the final VAE latents [C, H/8, W/8] float32 ("latent": before the
     scaling / shift undo). ``timings``: seconds spent encoding prompts, compiling the sampler (0 when a compiled
-    one was reused), sampling and decoding, summed over the prompts."""
+    one was reused), sampling and decoding, summed over the prompts. Each part's time ends once its device work is
+    done: the encoders' and the VAE's outputs come back as numpy through blocking device-to-host copies, and the
+    sampler's latents through ``jax.block_until_ready``. The host work between the parts (initial noise, the
+    transformer's conditioning, the Chipmunk caches) is in none of them (their device work, queued ahead of the
+    sampler, is waited for in ``sampling``)."""
 
     images: list
     timings: dict[str, float]
@@ -295,8 +299,8 @@ def resolve_chipmunk(spec, preset: str):
 
 def step_configs(chipmunk, num_steps: int):
     """(the model's Chipmunk config or None, the sampler's config) for ``num_steps`` steps."""
-    if chipmunk is None:
-        return None, C.ChipmunkConfig(num_steps=num_steps)
+    if chipmunk is None:  # Chipmunk off: one step plan, so static dispatch compiles the dense model once
+        return None, C.ChipmunkConfig(num_steps=num_steps).replace(attention__enabled=False)
     try:
         config = chipmunk.replace(num_steps=num_steps)
     except ValueError as e:  # a schedule entry past the last step
@@ -489,7 +493,8 @@ def to_uint8(images):
 
 
 class Pipeline:
-    """Shared state and plumbing of the three pipelines (build them with ``from_pretrained``).
+    """Shared state and plumbing of the three pipelines (build them with ``from_pretrained``, or with
+    ``from_components`` from parts already in memory).
 
     Attributes: ``config`` (the transformer's model config), ``params`` (JAX arrays in ``dtype``), ``chipmunk`` (the
     Chipmunk config, None when dense), ``dtype`` (the transformer's compute dtype), ``components`` (the diffusers
@@ -569,6 +574,39 @@ class Pipeline:
         pipe = cls(path=path, config=config, params=None, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
                    components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
                    torch_device=device)
+        pipe._check_components()
+        pipe.params = pipe._prepare_params(to_device(params, pipe.dtype))
+        return pipe
+
+    @classmethod
+    def from_components(cls, components, config, params, *, chipmunk: Any = "default", dtype=jnp.bfloat16,
+                        static_step_dispatch: bool = False, weights_from: str = "in-memory params"):
+        """A pipeline from parts already in memory: nothing is read from or written to disk (benchmarks with random
+        weights, weights loaded by other means).
+
+        ``components``: this model's diffusers pipeline built without its transformer (e.g.
+        ``diffusers.FluxPipeline(scheduler=..., vae=..., text_encoder=..., tokenizer=..., text_encoder_2=...,
+        tokenizer_2=..., transformer=None)``), its torch modules already on the device and in the dtype they are to
+        run in: they are not moved, and ``torch_device`` is theirs. ``config``: the transformer's model config (e.g.
+        ``flux.FluxConfig.dev()``); ``params``: its param tree (numpy or JAX arrays), cast to ``dtype`` (JAX arrays
+        already in ``dtype`` are used as they are, not copied) and laid out for the Chipmunk config as
+        ``from_pretrained`` does (FLUX: ``flux.prepare_params``, which leaves prepared params as they are, so params
+        prepared once can be shared by several pipelines). ``chipmunk``, ``dtype``, ``static_step_dispatch``: as
+        ``from_pretrained``'s; ``weights_from``: shown by ``repr``.
+        """
+        _, diffusers = import_torch_stack()
+        expected = getattr(diffusers, cls._PIPELINE_CLASS)
+        if not isinstance(components, expected):
+            raise TypeError(f"components must be a diffusers {cls._PIPELINE_CLASS} (built with transformer=None), "
+                            f"got {type(components).__name__}")
+        missing = [name for name in cls._COMPONENTS if getattr(components, name, None) is None]
+        if missing:
+            raise ValueError(f"components: the {cls._PIPELINE_CLASS} lacks {missing}")
+        model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
+        cls._check_config(config, f"<{type(config).__name__}>")
+        pipe = cls(path=None, config=config, params=None, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
+                   components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
+                   torch_device=components.device)
         pipe._check_components()
         pipe.params = pipe._prepare_params(to_device(params, pipe.dtype))
         return pipe

@@ -151,6 +151,9 @@ class FluxPipeline(common.Pipeline):
 
         images, timings = [], {}
         for i, (text_prompt, negative) in enumerate(zip(prompts, negatives)):
+            # The timings wait for the device: encode_prompt and decode return numpy through blocking
+            # device-to-host copies (``.cpu()`` waits for the torch stream's queued work, so no extra
+            # torch.cuda.synchronize is needed) and _sample blocks on the sampled latents (jax.block_until_ready).
             t0 = time.perf_counter()
             text, pooled = self.encode_prompt(text_prompt, max_sequence_length)
             uncond_text = self.encode_prompt(negative, max_sequence_length) if do_cfg else None
