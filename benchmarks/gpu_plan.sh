@@ -22,6 +22,9 @@
 #                                             #   Pallas with 3-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
+#   bash benchmarks/gpu_plan.sh nnx           # issue 28 (~4 min; H200): the FLUX.1-dev 50-step Chipmunk sampler (static
+#                                             #   dispatch) through the NNX module's state vs the functional tree, one
+#                                             #   process: compile s (two orders) and wall time (alternating), the ratio
 #   bash benchmarks/gpu_plan.sh pipeline      # pipelines (~4 min): the FLUX.1-dev-shaped random-weight FluxPipeline at
 #                                             #   1024^2 end to end (text encoding + 50 steps + VAE decode; dense, Chipmunk,
 #                                             #   + step caching), each part's share. Needs diffusers: carry .whl and run
@@ -116,6 +119,11 @@ flux_sparse)
 flux_profile)
   run python3 -P benchmarks/flux_profile.py --calls 3 --out "$OUT/flux_profile.md"
   ;;
+nnx)
+  # issue 28: "compile time and GPU speed of the FLUX sampler through the NNX module equal the functional path (H200,
+  # same run, within 2%)": both paths compiled twice (orders swapped, caches cleared), 3 timed runs each alternating
+  run timeout 560 python3 -P benchmarks/flux_nnx.py --reps 3 --results "$OUT/flux_nnx.md"
+  ;;
 pipeline)
   # FluxPipeline end to end with FLUX.1-dev-shaped random weights built in memory (torch CLIP / T5-XXL / VAE in bf16,
   # the JAX transformer in bf16): one warm-up (compile, ~20-35 s) + 3 timed calls per variant (~5-9 s each), ~4 min
@@ -142,7 +150,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | stacked_mlp | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | pipeline | kernels | verify | triton | h100" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | stacked_mlp | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | nnx | pipeline | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow  # every test runs a benchmark script in a fresh i
         ("hunyuan_e2e.py", "SKIPPED"),
         ("wan_e2e.py", "SKIP (head)"),
         ("flux_sample.py", "chipmunk+cache"),
+        ("flux_nnx.py", "nnx / functional: compile"),
     ],
 )
 def test_benchmark_script_runs_tiny_on_cpu(tmp_path, script, expected):

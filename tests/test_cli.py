@@ -392,3 +392,43 @@ def test_flux_prompt_to_png_through_the_pipeline_folder(tmp_path_factory, tmp_pa
     image = Image.open(out)
     image.load()
     assert image.size == (256, 256) and np.asarray(image).std() > 0
+
+
+def test_weights_take_an_orbax_checkpoint_of_an_nnx_state(files, tmp_path, capsys):
+    """--weights reads an orbax checkpoint of a chipmunk_jax.nnx module's state as README "Flax NNX modules" saves
+    it (the config from --pipeline's transformer/ or a config.json in the checkpoint): the latents of the converted
+    folder it came from; a checkpoint without a config that fits, or a folder that is neither form, exits 1 naming
+    what --weights takes."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from chipmunk_jax.nnx import FluxTransformer2DModel
+
+    config, params = flux_ports.load_params(files["weights"])
+    model = FluxTransformer2DModel.from_params(params, config)
+    checkpoint, with_config = tmp_path / "flux_ckpt", tmp_path / "flux_ckpt_config"
+    checkpointer = ocp.StandardCheckpointer()
+    for folder in (checkpoint, with_config):
+        checkpointer.save(folder, nnx.state(model))
+        checkpointer.wait_until_finished()
+    with open(os.path.join(files["weights"], "config.json")) as f:
+        (with_config / "config.json").write_text(f.read())  # the converted folder's (diffusers) config
+    common = ("--prompt-embeds", files["embeds"], "--height", 64, "--width", 48, "--steps", 2, "--dense",
+              "--compile-cache", "none")
+    outs = {name: tmp_path / f"{name}.npy" for name in ("converted", "pipeline", "config")}
+    assert _generate("--weights", files["weights"], *common, "--out", outs["converted"]) == 0
+    assert _generate("--weights", checkpoint, "--pipeline", files["pipeline"], *common, "--out", outs["pipeline"]) == 0
+    assert "config from --pipeline's transformer/config.json" in capsys.readouterr().err
+    assert _generate("--weights", with_config, *common, "--out", outs["config"]) == 0
+    assert "config from its config.json" in capsys.readouterr().err
+    for name in ("pipeline", "config"):
+        np.testing.assert_array_equal(np.load(outs[name]), np.load(outs["converted"]))
+    assert _generate("--weights", checkpoint, *common, "--out", outs["pipeline"]) == 1
+    err = capsys.readouterr().err
+    assert "match none of the FLUX configs tried" in err and "FLUX.1-dev: wrong shapes (" in err and "wrong shapes" in err, err
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "notes.txt").write_text("")
+    assert _generate("--weights", tmp_path / "neither", *common, "--out", outs["pipeline"]) == 1
+    err = capsys.readouterr().err
+    assert "is neither a converted params folder" in err and "orbax checkpoint of an NNX module's state" in err
+    assert "it holds notes.txt" in err, err

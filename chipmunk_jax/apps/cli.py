@@ -9,8 +9,9 @@
         [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.mp4|out.gif|out.webp|out.npy
     chipmunk-jax convert --model flux|hunyuan_video|wan --src CHECKPOINT --dst DIR
 
-FLUX: --weights: converted params (``chipmunk-jax convert``); --diffusers: a diffusers transformer or pipeline
-folder, converted on the fly. A pipeline folder (--diffusers or --pipeline, with ``vae/``) decodes the latents through
+FLUX: --weights: converted params (``chipmunk-jax convert``) or an orbax checkpoint of a ``chipmunk_jax.nnx``
+module's state (``ocp.StandardCheckpointer().save(path, nnx.state(model))``); --diffusers: a diffusers transformer
+or pipeline folder, converted on the fly. A pipeline folder (--diffusers or --pipeline, with ``vae/``) decodes the latents through
 its torch VAE into a PNG; without one, --out must be .npy and receives the latents [1, C, H/8, W/8] in VAE latent
 space (before the scaling/shift undo). --prompt-embeds FILE.npz holds ``prompt_embeds`` [1, L, 4096] (T5) and
 ``pooled_prompt_embeds`` [1, 768] (CLIP); --prompt encodes the text with the pipeline's own text encoders (needs
@@ -55,6 +56,7 @@ from chipmunk_jax import parallel, sampling
 from chipmunk_jax.apps.compile_cache import default_compile_cache_dir, enable_compile_cache, watch_compile_cache
 from chipmunk_jax.cache import init_step_cache
 from chipmunk_jax.models import flux
+from chipmunk_jax.ports import common as port_common
 from chipmunk_jax.ports import convert
 from chipmunk_jax.ports import flux as flux_ports
 from chipmunk_jax.schedule import AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule
@@ -173,7 +175,10 @@ def _parser() -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[1], formatter_class=_HelpFormatter)
     gen.add_argument("--model", choices=tuple(_MODELS), default="flux", type=_model_name, help="the transformer")
     weights = gen.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--weights", metavar="DIR", help="converted params folder (params.safetensors + config.json)")
+    weights.add_argument("--weights", metavar="DIR",
+                         help="converted params folder (params.safetensors + config.json), or for flux an orbax "
+                              "checkpoint of a chipmunk_jax.nnx module's state (its config: a config.json in it, "
+                              "--pipeline's transformer/, or FLUX.1-dev / schnell by shape)")
     weights.add_argument("--diffusers", metavar="DIR",
                          help="diffusers pipeline folder (video models: its transformer/ may hold converted params), "
                               "or for flux a diffusers transformer folder")
@@ -342,11 +347,63 @@ def _pipeline_dir(args) -> str | None:
     return None
 
 
+_WEIGHTS_FORMS = ("a converted params folder (params.safetensors + config.json, from chipmunk-jax convert) or an "
+                  "orbax checkpoint of an NNX module's state (ocp.StandardCheckpointer().save(path, nnx.state(model)), "
+                  "README 'Flax NNX modules')")
+
+
+def _folder_listing(path: str) -> str:
+    names = sorted(os.listdir(path))
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+
+
+def _load_orbax(path: str, args, dtype):
+    """(config, params) of an orbax checkpoint of a ``chipmunk_jax.nnx.FluxTransformer2DModel`` state. The checkpoint
+    holds no config: the first of a config.json in the checkpoint folder, the --pipeline folder's transformer/
+    config.json, FLUX.1-dev and FLUX.1-schnell whose param shapes match it."""
+    from chipmunk_jax.nnx import FluxTransformer2DModel  # local: flax / orbax only when an orbax checkpoint is read
+
+    candidates = []
+    for where, config_path in (("its config.json", os.path.join(path, "config.json")),
+                               ("--pipeline's transformer/config.json",
+                                None if args.pipeline is None else os.path.join(args.pipeline, "transformer",
+                                                                                 "config.json"))):
+        if config_path is not None and os.path.isfile(config_path):
+            try:
+                candidates.append((where, port_common.read_config_file(config_path, flux.FluxConfig)))
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                raise UsageError(f"--weights {path!r}: {where} ({config_path}) is not a FLUX config: {e}") from None
+    candidates += [("FLUX.1-dev", flux.FluxConfig.dev()), ("FLUX.1-schnell", flux.FluxConfig.schnell())]
+    mismatches = []
+    for where, config in candidates:
+        try:  # paths and shapes are checked against the config before any array is read
+            model = FluxTransformer2DModel.from_orbax(path, config, dtype=dtype)
+        except ValueError as e:
+            if "params do not match" not in str(e):
+                raise UsageError(f"--weights {path!r}: {e}") from None
+            problems = str(e).split(f"of {FluxTransformer2DModel.__name__}: ", 1)[-1]
+            mismatches.append(f"{where}: {problems[:240]}{' ...' if len(problems) > 240 else ''}")
+            continue
+        _log(f"orbax checkpoint of an NNX module's state, config from {where}")
+        return config, model.params_tree()
+    raise UsageError(f"--weights {path!r}: an orbax checkpoint whose params match none of the FLUX configs tried (an "
+                     "orbax checkpoint holds no config: put the model's diffusers config.json in the checkpoint "
+                     "folder or pass its pipeline as --pipeline); " + " | ".join(mismatches))
+
+
 def _load_model(args, dtype):
+    from chipmunk_jax.nnx import is_orbax_checkpoint  # local: flax only when it is needed
+
     path = args.weights if args.weights is not None else args.diffusers
     flag = "--weights" if args.weights is not None else "--diffusers"
     if not os.path.exists(path):
         raise UsageError(f"{flag}: no such folder {path!r}")
+    if args.weights is not None:
+        if is_orbax_checkpoint(path):
+            return _load_orbax(path, args, dtype)
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, port_common.PARAMS_FILE)):
+            what = f"it holds {_folder_listing(path)}" if os.path.isdir(path) else "it is a file"
+            raise UsageError(f"--weights {path!r} is neither {_WEIGHTS_FORMS}: {what}")
     try:
         if args.weights is not None:
             config, params = flux_ports.load_params(path)
@@ -714,6 +771,11 @@ def generate_video(args, t_start: float) -> int:
         raise UsageError(f"--compile-cache: {e}") from None
     if args.pipeline is not None:
         folder, flag, transformer = args.pipeline, "--pipeline", args.weights or args.diffusers
+        from chipmunk_jax.nnx import is_orbax_checkpoint  # local: flax only when it is needed
+
+        if args.weights is not None and is_orbax_checkpoint(args.weights):
+            raise UsageError(f"--weights {args.weights!r} is an orbax checkpoint: read for --model flux only so far; "
+                             f"for {model.title} pass a converted params folder or a diffusers transformer folder")
     else:
         folder, flag, transformer = args.diffusers, "--diffusers", None
     _quiet_torch_libraries()

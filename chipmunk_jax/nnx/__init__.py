@@ -18,6 +18,12 @@ leaves, so ``nnx.state(model, nnx.Param)`` has exactly the paths and the very ar
 the model's ``sampling.Denoiser``, and its functions take the params as a plain tree, an ``nnx.State`` or the module
 itself, so ``nnx.split`` -> the jitted one-loop sampler -> ``nnx.merge`` works.
 
+Every ``nnx.Param`` carries flax's sharding annotation (``out_sharding``, as ``nnx.with_partitioning`` sets it) in
+the axis names of ``parallel.make_mesh``'s meshes: replicated (``param_partition``; docs/architecture.md §6 keeps the
+params whole on every device), so ``nnx.get_partition_spec(nnx.state(model))`` is ``P(None, ...)`` (= ``P()``) per
+param and ``model.shard(mesh)`` places the state for the sampler built on that mesh. ``Model.from_orbax(path,
+config)`` restores an orbax checkpoint of ``nnx.state(model)`` (``is_orbax_checkpoint`` tells one apart).
+
 ``ChipmunkAttention`` and ``ChipmunkMLP`` (``chipmunk_jax.nnx.layers``) are Chipmunk for your own NNX DiT: they take
 the place of a block's attention core and MLP, keep their caches in ``ChipmunkCache`` variables of the module state,
 and ``make_denoiser(model, chipmunk)`` runs the model in the one-jit sampler, each step under ``chipmunk_step``
@@ -33,7 +39,7 @@ from __future__ import annotations
 from chipmunk_jax.nnx.layers import (ChipmunkAttention, ChipmunkCache, ChipmunkMLP, chipmunk_step, init_caches,
                                      make_denoiser)
 from chipmunk_jax.nnx.modules import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
-from chipmunk_jax.nnx.transformer import TransformerModule, param_tree
+from chipmunk_jax.nnx.transformer import TransformerModule, is_orbax_checkpoint, param_partition, param_tree
 
 __all__ = [
     "FluxTransformer2DModel",
@@ -41,6 +47,8 @@ __all__ = [
     "WanTransformer3DModel",
     "TransformerModule",
     "param_tree",
+    "param_partition",
+    "is_orbax_checkpoint",
     "ChipmunkAttention",
     "ChipmunkMLP",
     "ChipmunkCache",

@@ -4,6 +4,14 @@ The module holds nothing but the param tree (as ``nnx.Param`` leaves, one attrib
 static attributes, ``config`` and ``dtype``. Everything it computes is the functional model's: a call is
 ``forward(params_tree(), config, ...)``, ``denoiser`` is the model's ``denoiser``. ``param_tree`` turns any of the
 forms a user may hold (plain tree, ``nnx.State``, the module) into the plain tree the functions take.
+
+Sharding (docs/architecture.md §6): every ``nnx.Param`` carries flax's sharding annotation (``out_sharding``, the
+metadata ``nnx.with_partitioning`` sets) in the axis names of ``parallel.make_mesh``'s ("cfg", "sequence") meshes.
+The multi-GPU design keeps the params replicated (sequence and CFG parallel, no weight sharding), so each annotation
+is one ``None`` per array axis: ``nnx.get_partition_spec(nnx.state(model))`` gives ``P(None, ..., None)`` (= ``P()``)
+for every param, ``nnx.get_named_sharding(state, mesh)`` the fully replicated ``NamedSharding``s, and
+``model.shard(mesh)`` puts the state there. The annotation is metadata only (``eager_sharding=False``): building a
+module never moves or copies an array, also under ``jax.set_mesh``.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.ports import common as port_common
 from chipmunk_jax.sampling import Denoiser
 
-__all__ = ["TransformerModule", "param_tree"]
+__all__ = ["TransformerModule", "param_tree", "param_partition", "is_orbax_checkpoint"]
 
 _SHOWN = 8  # names listed per kind of mismatch in an error message
 
@@ -55,12 +64,48 @@ def _plain(node):
     return node
 
 
+def param_partition(shape) -> tuple[None, ...]:
+    """The sharding annotation (``out_sharding``, mesh axis names per array axis) of a param of this ``shape``:
+    replicated, one ``None`` per axis, on every ``parallel.make_mesh`` mesh (docs/architecture.md §6: the params stay
+    whole on every device; no weight sharding). The one place a weight-sharded layout would name mesh axes."""
+    return (None,) * len(shape)
+
+
 def _as_params(node):
-    """The same nested dicts with every array wrapped in an ``nnx.Param``: a JAX array itself, a numpy array put on
-    the device (``jnp.asarray``)."""
+    """The same nested dicts with every array wrapped in an ``nnx.Param`` carrying its sharding annotation
+    (``param_partition``): a JAX array itself, a numpy array put on the device (``jnp.asarray``)."""
     if isinstance(node, dict):
         return {key: _as_params(value) for key, value in node.items()}
-    return nnx.Param(jnp.asarray(node) if isinstance(node, np.ndarray) else node)
+    value = jnp.asarray(node) if isinstance(node, np.ndarray) else node
+    # metadata only: eager sharding would device_put the value under a mesh context (a copy) or fail without one
+    return nnx.Param(value, out_sharding=param_partition(value.shape), eager_sharding=False)
+
+
+def is_orbax_checkpoint(path) -> bool:
+    """Whether ``path`` is a folder an orbax ``StandardCheckpointer`` (or ``PyTreeCheckpointer``) saved: it holds
+    orbax's ``_METADATA`` or ``_CHECKPOINT_METADATA`` file."""
+    path = os.fspath(path)
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
+                                       for name in ("_METADATA", "_CHECKPOINT_METADATA"))
+
+
+def _orbax_metadata_tree(path: str):
+    """The nested dicts of ``ArrayMetadata`` (shape, dtype) an orbax checkpoint holds (no array is read)."""
+    import orbax.checkpoint as ocp  # a flax dependency; imported where it is used
+
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    return getattr(tree, "tree", tree)
+
+
+def _strip_values(node):
+    """An orbax-read ``nnx.State`` (each param saved as ``{"value": array}``) as the plain param tree; a plain
+    tree as it is."""
+    if isinstance(node, Mapping):
+        if set(node) == {"value"} and not isinstance(node["value"], Mapping):
+            return node["value"]
+        return {key: _strip_values(value) for key, value in node.items()}
+    return node
 
 
 class TransformerModule(nnx.Module):
@@ -144,6 +189,73 @@ class TransformerModule(nnx.Module):
             raise ValueError(f"{cls.__name__}.from_pretrained({path!r}): {e}") from None
         params = jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), params)
         return cls.from_params(params, loaded, dtype=dtype)
+
+    @classmethod
+    def from_orbax(cls, path, config, *, dtype=None, mesh=None):
+        """The module from an orbax checkpoint of a module's state, as saved by
+        ``ocp.StandardCheckpointer().save(path, nnx.state(model))`` (README "Flax NNX modules"; a plain param tree
+        saved the same way reads too). The checkpoint holds no config: pass the model's ``config`` (every path and
+        shape is checked against it before anything is read). ``dtype``: the params' dtype after restoring (orbax
+        casts while reading) and the default compute dtype (None: the checkpoint's own). ``mesh``: restore straight
+        onto a ``parallel.make_mesh`` mesh with the params' annotated (replicated) shardings (None: the default
+        device)."""
+        import orbax.checkpoint as ocp  # a flax dependency; imported where it is used
+
+        path = os.path.abspath(os.fspath(path))
+        cls._check_config(config)
+        if not is_orbax_checkpoint(path):
+            raise ValueError(f"{cls.__name__}.from_orbax: {path!r} is not an orbax checkpoint folder (no _METADATA / "
+                             "_CHECKPOINT_METADATA; save one with ocp.StandardCheckpointer().save(path, "
+                             "nnx.state(model)))")
+        try:
+            saved = _orbax_metadata_tree(path)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise ValueError(f"{cls.__name__}.from_orbax({path!r}): {e}") from None
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{cls.__name__}.from_orbax({path!r}): the checkpoint holds a "
+                             f"{type(saved).__name__}, not a module state (a tree of params)")
+        is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+        # the restore target in the checkpoint's own structure: the wanted dtype, the annotated placement
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(
+                tuple(x.shape), x.dtype if dtype is None else dtype,
+                sharding=one_device if mesh is None else NamedSharding(mesh, P(*param_partition(x.shape)))),
+            saved, is_leaf=is_array)
+        try:
+            cls.from_params(_strip_values(target), config, dtype=dtype)  # checks paths and shapes; nothing is read
+            restored = ocp.StandardCheckpointer().restore(path, target)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise ValueError(f"{cls.__name__}.from_orbax({path!r}): {e}") from None
+        return cls.from_params(_strip_values(restored), config, dtype=dtype)
+
+    # ---- placement on a mesh --------------------------------------------------------------------
+
+    def shardings(self, mesh):
+        """The params' ``NamedSharding``s on ``mesh`` (a ``parallel.make_mesh`` mesh, or any ``jax.sharding.Mesh``),
+        from their sharding annotations: ``nnx.get_named_sharding(nnx.state(self), mesh)``, an ``nnx.State`` of the
+        state's structure (replicated: every param whole on every device). An annotation naming an axis the mesh
+        lacks is an error."""
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (parallel.make_mesh), got {type(mesh).__name__}")
+        state = nnx.state(self, nnx.Param)
+        for path, spec in nnx.to_flat_state(nnx.get_partition_spec(state)):
+            spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+            names = [n for entry in spec if entry is not None for n in (entry if isinstance(entry, tuple) else
+                                                                         (entry,))]
+            unknown = [n for n in names if n not in mesh.axis_names]
+            if unknown:
+                raise ValueError(f"param {'.'.join(map(str, path))} is annotated with mesh axes {unknown} that the "
+                                 f"mesh (axes {mesh.axis_names}) lacks")
+        return nnx.get_named_sharding(state, mesh)
+
+    def shard(self, mesh):
+        """Puts every param on ``mesh`` with its annotated sharding (replicated: ``jax.device_put`` of the state
+        onto ``self.shardings(mesh)``) and returns the module, now holding the placed arrays; the sampler built on
+        the same mesh (``model.denoiser(..., mesh=mesh)``) takes it, its ``nnx.state`` or its ``params_tree()``."""
+        placed = jax.device_put(nnx.state(self, nnx.Param), self.shardings(mesh))
+        nnx.update(self, placed)
+        return self
 
     # ---- the functional model -------------------------------------------------------------------
 
