@@ -8,7 +8,8 @@ affine LayerNorm). ``blocks`` is ONE tree whose arrays carry a leading layer axi
 (``attn1["to_out"]["0"]``, ``ffn["net"]["0"]["proj"]``). Converters: ``chipmunk_jax.ports.wan``.
 
 ``forward`` mirrors diffusers' keywords and shapes:
-  hidden_states [B, C, F, H, W] (latents), timestep [B] (raw, in [0, 1000]: no x1000 inside),
+  hidden_states [B, C, F, H, W] (latents), timestep [B] (raw, in [0, 1000]: no x1000 inside) or per token
+  [B, N] in raster token order (Wan 2.2 TI2V, diffusers' ``expand_timesteps``: per-token modulation),
   encoder_hidden_states [B, L, text_dim] (umT5 states, zero-padded, never masked: as diffusers),
   encoder_hidden_states_image [B, 257, image_dim] (CLIP states, I2V models only).
 It returns a ``ModelOutput`` whose ``sample`` is [B, out_channels, F, H, W] in hidden_states' dtype (the
@@ -171,6 +172,26 @@ class WanConfig(DiffusersConfig):
     def i2v_14b(cls) -> "WanConfig":
         """Wan2.1-I2V-14B (480P and 720P share the config): 36 input channels (noise + condition + mask)."""
         return cls(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+
+    # Wan 2.2 (docs/models.md §3.4). The A14B models are two Wan2.1-14B-shaped experts each (diffusers
+    # ``transformer`` = high noise, ``transformer_2`` = low noise; both experts share one config).
+    @classmethod
+    def t2v_a14b(cls) -> "WanConfig":
+        """One expert of Wan2.2-T2V-A14B: the Wan2.1-T2V-14B shape."""
+        return cls()
+
+    @classmethod
+    def i2v_a14b(cls) -> "WanConfig":
+        """One expert of Wan2.2-I2V-A14B: 36 input channels (noise + condition + mask) like Wan2.1-I2V-14B, but
+        no CLIP image embedder (image_dim / added_kv_proj_dim None: the image enters through the latents only)."""
+        return cls(in_channels=36)
+
+    @classmethod
+    def ti2v_5b(cls) -> "WanConfig":
+        """Wan2.2-TI2V-5B: 48-channel Wan2.2-VAE latents in and out, 24 heads x 128 (D 3072), ffn 14336, 30 blocks;
+        its pipeline passes per-token timesteps [B, N] (``expand_timesteps``: the first latent frame at t = 0 for
+        image conditioning)."""
+        return cls(num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30)
 
 
 def rope_dims(head_dim: int) -> tuple[int, int, int]:
@@ -356,8 +377,12 @@ def _cross_attention(attn, x, text, image, *, head_dim, dtype, eps, attention_im
 def _block(params, x, text, image, timestep_proj, rope, *, config, dtype, attention_op, mlp_op, attention_impl):
     """One ``WanTransformerBlock`` on the float32 residual stream x [B, N, D]."""
     eps, hd = config.eps, config.attention_head_dim
-    modulation = params["scale_shift_table"].astype(jnp.float32) + timestep_proj  # [B, 6, D]
-    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (modulation[:, i][:, None] for i in range(6))
+    if timestep_proj.ndim == 4:  # per-token (Wan 2.2 TI2V): [B, N, 6, D]
+        modulation = params["scale_shift_table"].astype(jnp.float32)[:, None] + timestep_proj
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (modulation[:, :, i] for i in range(6))
+    else:
+        modulation = params["scale_shift_table"].astype(jnp.float32) + timestep_proj  # [B, 6, D]
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (modulation[:, i][:, None] for i in range(6))
 
     norm = (layer_norm(x, eps) * (1.0 + scale_msa) + shift_msa).astype(dtype)
     attn_out, attn_aux = _self_attention(params["attn1"], norm, rope, head_dim=hd, dtype=dtype, eps=eps,
@@ -382,8 +407,12 @@ def _block(params, x, text, image, timestep_proj, rope, *, config, dtype, attent
 def timestep_conditioning(params: Params, config: WanConfig, *, timestep, batch: int | None = None) -> Params:
     """The timestep-conditioned embeddings (float32), as ``WanTimeTextImageEmbedding``'s time path:
     ``{"temb": [B, D], "timestep_proj": [B, 6, D]}`` for ``forward(..., conditioning=)`` and ``head``.
-    ``timestep``: scalar or [B] in [0, 1000]; ``batch`` broadcasts a scalar timestep (default: its size)."""
+    ``timestep``: scalar or [B] in [0, 1000]; ``batch`` broadcasts a scalar timestep (default: its size).
+    A per-token timestep [B, N] (or [1, N]; Wan 2.2 TI2V, diffusers' ``expand_timesteps``) gives per-token
+    ``{"temb": [B, N, D], "timestep_proj": [B, N, 6, D]}`` in raster token order."""
     _check_config(config)
+    if jnp.ndim(timestep) == 2:
+        return _token_conditioning(params, config, timestep, batch)
     batch = max(1, int(jnp.size(timestep))) if batch is None else batch
     check_batch_scalar("timestep", timestep, batch)
     timestep = batch_vector(timestep, batch)
@@ -393,12 +422,30 @@ def timestep_conditioning(params: Params, config: WanConfig, *, timestep, batch:
     return {"temb": temb, "timestep_proj": timestep_proj}
 
 
-def _check_conditioning(config: WanConfig, conditioning, batch: int) -> None:
+def _token_conditioning(params, config, timestep, batch):
+    """Per-token conditioning of a [B, N] timestep, as diffusers: the sinusoids and embedders of the flattened
+    B * N timesteps, unflattened to [B, N, ...]."""
+    timestep = jnp.asarray(timestep, jnp.float32)
+    batch = timestep.shape[0] if batch is None else batch
+    if timestep.shape[0] not in (1, batch):
+        raise ValueError(f"a per-token timestep must be [{batch}, N] (or [1, N]), got shape {timestep.shape}")
+    timestep = jnp.broadcast_to(timestep, (batch, timestep.shape[1]))
+    cond = params["condition_embedder"]
+    temb = timestep_embedding(cond["time_embedder"], timestep_sinusoids(timestep.reshape(-1), config.freq_dim))
+    timestep_proj = linear(cond["time_proj"], jax.nn.silu(temb), jnp.float32)
+    return {"temb": temb.reshape(*timestep.shape, -1), "timestep_proj": timestep_proj.reshape(*timestep.shape, 6, -1)}
+
+
+def _check_conditioning(config: WanConfig, conditioning, batch: int, num_tokens: int | None = None) -> None:
     if not isinstance(conditioning, dict) or set(conditioning) != {"temb", "timestep_proj"}:
         raise ValueError("conditioning must come from wan.timestep_conditioning (keys 'temb', 'timestep_proj')")
-    if conditioning["timestep_proj"].shape != (batch, 6, config.inner_dim):
-        raise ValueError(f"conditioning['timestep_proj'] must be [{batch}, 6, {config.inner_dim}], got "
-                         f"{tuple(conditioning['timestep_proj'].shape)}")
+    shape = tuple(conditioning["timestep_proj"].shape)
+    if shape == (batch, num_tokens, 6, config.inner_dim) and conditioning["temb"].ndim == 3:
+        return  # per-token (Wan 2.2 TI2V)
+    if shape != (batch, 6, config.inner_dim):
+        per_token = "" if num_tokens is None else f" or [{batch}, {num_tokens}, 6, {config.inner_dim}]"
+        raise ValueError(f"conditioning['timestep_proj'] must be [{batch}, 6, {config.inner_dim}]{per_token}, got "
+                         f"{shape}")
 
 
 def _context(params, config, encoder_hidden_states, encoder_hidden_states_image, dtype):
@@ -433,8 +480,13 @@ def _patchify(params, config, hidden_states, dtype):
 def _final_layer(params, config, hidden, temb, grid, perm, dtype):
     """Final norm with (shift, scale) = table + temb, ``proj_out``, Chipmunk order back to raster order and
     unpatchify -> [B, C, F, H, W] f32."""
-    modulation = params["scale_shift_table"].astype(jnp.float32)[0][:, None, :] + temb[None]  # [2, B, D]
-    shift, scale = modulation[0][:, None], modulation[1][:, None]
+    table = params["scale_shift_table"].astype(jnp.float32)[0]  # [2, D]
+    if temb.ndim == 3:  # per-token (Wan 2.2 TI2V): [B, N, D] in raster order, to the hidden state's token order
+        temb = permute_tokens(temb, perm)
+        shift, scale = table[0] + temb, table[1] + temb
+    else:
+        modulation = table[:, None, :] + temb[None]  # [2, B, D]
+        shift, scale = modulation[0][:, None], modulation[1][:, None]
     x = (layer_norm(hidden, config.eps) * (1.0 + scale) + shift).astype(dtype)
     x = unpermute_tokens(linear(params["proj_out"], x, dtype, jnp.float32), perm)
     b = x.shape[0]
@@ -476,9 +528,14 @@ def _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encode
                              f"(pos_embed_seq_len={config.pos_embed_seq_len}), got {encoder_hidden_states_image.shape[1]}")
     elif config.added_kv_proj_dim is not None:
         raise ValueError("encoder_hidden_states_image is required: this config has added_kv_proj_dim (I2V model)")
-    if jnp.ndim(timestep) > 1 or (jnp.ndim(timestep) == 1 and jnp.shape(timestep)[0] not in (1, b)):
-        raise ValueError(f"timestep must be a scalar or have shape [{b}] (per-token Wan 2.2 timesteps are not "
-                         f"supported), got shape {jnp.shape(timestep)}")
+    num_tokens = math.prod(grid)
+    if jnp.ndim(timestep) == 2:  # per-token (Wan 2.2 TI2V, diffusers' expand_timesteps)
+        if jnp.shape(timestep)[0] not in (1, b) or jnp.shape(timestep)[1] != num_tokens:
+            raise ValueError(f"a per-token timestep must be [{b}, {num_tokens}] (one per patch token), got shape "
+                             f"{jnp.shape(timestep)}")
+    elif jnp.ndim(timestep) > 1 or (jnp.ndim(timestep) == 1 and jnp.shape(timestep)[0] not in (1, b)):
+        raise ValueError(f"timestep must be a scalar, [{b}] or per-token [{b}, {num_tokens}], got shape "
+                         f"{jnp.shape(timestep)}")
     return grid
 
 
@@ -490,7 +547,7 @@ def forward(
     conditioning: Params | None = None, dtype=jnp.bfloat16, attention_impl: str | None = None,
     kernel_impl: str | None = None, mesh=None,
 ) -> ModelOutput:
-    """Wan 2.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
+    """Wan 2.1 / 2.2 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
     Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``plan`` (``schedule.step_plan(chipmunk, step)``) and the
     cache of this invocation's CFG branch (``init_cache`` / ``select_branch(init_branch_caches(...), i)``;
@@ -524,7 +581,7 @@ def forward(
     if conditioning is None:
         conditioning = timestep_conditioning(params, config, timestep=timestep, batch=batch)
     else:
-        _check_conditioning(config, conditioning, batch)
+        _check_conditioning(config, conditioning, batch, num_tokens)
 
     if mesh is not None:
         parallel.check_heads("Wan", config.num_attention_heads, mesh)
@@ -547,8 +604,12 @@ def forward(
     x = permute_tokens(_patchify(params, config, hidden_states, dtype), perm)
     rotary_emb = parallel.replicate(tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb), mesh)
 
+    timestep_proj = conditioning["timestep_proj"]
+    if timestep_proj.ndim == 4:  # per-token modulation follows the tokens into Chipmunk's order
+        timestep_proj = permute_tokens(timestep_proj, perm)
+
     def block(block_params, _, x, ops):
-        return _block(block_params, x, text, image, conditioning["timestep_proj"], rotary_emb, config=config,
+        return _block(block_params, x, text, image, timestep_proj, rotary_emb, config=config,
                       dtype=dtype, attention_op=ops.get("attention_op"), mlp_op=ops.get("mlp_op"),
                       attention_impl=attention_impl)
 
@@ -572,7 +633,7 @@ def head(params: Params, config: WanConfig, hidden: jax.Array, conditioning: Par
     if hidden.shape[1:] != (math.prod(grid), config.inner_dim):
         raise ValueError(f"hidden must be [B, {math.prod(grid)}, {config.inner_dim}] for grid {grid}, got "
                          f"{tuple(hidden.shape)}")
-    _check_conditioning(config, conditioning, hidden.shape[0])
+    _check_conditioning(config, conditioning, hidden.shape[0], hidden.shape[1])
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
     return _final_layer(params, config, hidden.astype(jnp.float32), conditioning["temb"], grid,

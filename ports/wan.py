@@ -17,6 +17,7 @@ unexpected keys and wrong shapes raise one ValueError that lists them all. Pickl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -27,7 +28,7 @@ from chipmunk_jax.models.wan import WanConfig, init_params
 from chipmunk_jax.ports import common
 from chipmunk_jax.ports.common import flatten_params  # noqa: F401  (re-exported: common.PORT_API)
 
-__all__ = [*common.PORT_API, "ORIGINAL_PREFIXES"]
+__all__ = [*common.PORT_API, "ORIGINAL_PREFIXES", "pipeline_options", "load_experts"]
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _LIST_NODES = ("blocks",)
@@ -164,12 +165,55 @@ def from_original(state_dict: Mapping[str, Any], config: WanConfig | None = None
         raise ValueError(f"original Wan checkpoint (converted to diffusers names): {e}") from None
 
 
-def from_checkpoint(path: str | os.PathLike, config: WanConfig | None = None, *, dtype=None):
+def from_checkpoint(path: str | os.PathLike, config: WanConfig | None = None, *, dtype=None,
+                    subfolder: str | None = None):
     """(WanConfig, params) from a diffusers folder (config.json + safetensors shards; a pipeline folder
-    with ``transformer/`` works too) or one .safetensors file in either layout, memory-mapped."""
+    with ``transformer/`` works too) or one .safetensors file in either layout, memory-mapped.
+    ``subfolder``: the model folder inside a pipeline folder, e.g. ``"transformer_2"`` for the low-noise expert
+    of a Wan 2.2 A14B pipeline (``"transformer"`` is the high-noise one); a missing one is a clear error."""
+    if subfolder is not None:
+        path = _pipeline_subfolder(path, subfolder)
     state, config = common.checkpoint_state(path, config, WanConfig)
     convert = from_original if is_original_layout(state) else from_diffusers
     return convert(state, config, dtype=dtype)
+
+
+def _pipeline_subfolder(path, subfolder: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"subfolder={subfolder!r} needs a diffusers pipeline folder, got {path!r}")
+    folder = os.path.join(path, subfolder)
+    if not os.path.isdir(folder):
+        hint = ""
+        if subfolder == "transformer_2":
+            hint = (": this pipeline has no low-noise expert (Wan 2.1 and Wan2.2-TI2V-5B pipelines hold one "
+                    "transformer; Wan 2.2 A14B pipelines hold transformer/ and transformer_2/)")
+        raise FileNotFoundError(f"no {subfolder}/ in pipeline folder {path!r}{hint}")
+    return folder
+
+
+def pipeline_options(path: str | os.PathLike) -> dict[str, Any]:
+    """The Wan 2.2 entries of a diffusers pipeline folder's model_index.json: ``boundary_ratio`` (None for one
+    expert) and ``expand_timesteps`` (per-token timesteps, TI2V-5B), with diffusers' defaults when absent."""
+    index = os.path.join(os.fspath(path), "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"no model_index.json in pipeline folder {os.fspath(path)!r}")
+    with open(index) as f:
+        data = json.load(f)
+    return {"boundary_ratio": data.get("boundary_ratio"), "expand_timesteps": bool(data.get("expand_timesteps", False))}
+
+
+def load_experts(path: str | os.PathLike, *, dtype=None):
+    """Both experts of a Wan 2.2 A14B diffusers pipeline folder: ((config, params) of ``transformer/`` (high
+    noise), (config, params) of ``transformer_2/`` (low noise), boundary_ratio). A folder without transformer_2/
+    or without a boundary_ratio in model_index.json is refused."""
+    high = from_checkpoint(path, dtype=dtype, subfolder="transformer")
+    low = from_checkpoint(path, dtype=dtype, subfolder="transformer_2")
+    ratio = pipeline_options(path)["boundary_ratio"]
+    if ratio is None:
+        raise ValueError(f"pipeline folder {os.fspath(path)!r} holds transformer_2/ but its model_index.json sets no "
+                         "boundary_ratio: the expert switch is unknown")
+    return high, low, float(ratio)
 
 
 # ----------------------------------------------------------------------------------------------

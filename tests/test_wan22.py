@@ -1,0 +1,332 @@
+"""Wan 2.2: configs (A14B experts, TI2V-5B), per-token timesteps (TI2V) against diffusers' WanTransformer3DModel,
+the A14B pipeline ports (transformer / transformer_2), and the two-expert sampler (models.wan_experts): diffusers'
+expert choice, the Chipmunk refresh at the switch, and the one-jit sample against a hand-rolled loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from chipmunk_jax import config as chipmunk_config  # noqa: E402
+from chipmunk_jax import sampling  # noqa: E402
+from chipmunk_jax.models import wan, wan_experts  # noqa: E402
+from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
+from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan  # noqa: E402
+
+from helpers import max_rel_error, torch_forward  # noqa: E402
+from test_wan_model import TEST_SUITE_CONFIG, make_inputs, make_torch_model  # noqa: E402
+
+RTOL = 1e-5
+# TI2V-5B-like: in == out channels (48 there), no image embedder
+TI2V_CONFIG = dict(TEST_SUITE_CONFIG, in_channels=12, out_channels=12)
+# the A14B experts: T2V (Wan2.1-T2V-14B-shaped) and I2V (36 = 16 + 16 + 4 channels there, no CLIP embedder)
+A14B_CONFIGS = {"t2v_a14b": dict(TEST_SUITE_CONFIG), "i2v_a14b": dict(TEST_SUITE_CONFIG, in_channels=9)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("preset, fields", [
+    ("t2v_a14b", dict(in_channels=16, out_channels=16, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                      image_dim=None, added_kv_proj_dim=None)),
+    ("i2v_a14b", dict(in_channels=36, out_channels=16, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                      image_dim=None, added_kv_proj_dim=None)),
+    ("ti2v_5b", dict(in_channels=48, out_channels=48, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                     image_dim=None, added_kv_proj_dim=None)),
+])
+def test_wan22_presets(preset, fields):
+    config = getattr(wan.WanConfig, preset)()
+    assert {k: getattr(config, k) for k in fields} == fields
+    shared = (config.attention_head_dim, config.text_dim, config.freq_dim, config.patch_size, config.eps)
+    assert shared == (128, 4096, 256, (1, 2, 2), 1e-6)
+    # diffusers builds the same structure (shapes only: no weights are materialised)
+    with torch.device("meta"):
+        model = diffusers.WanTransformer3DModel(**{k: v for k, v in config.to_diffusers().items()
+                                                   if not k.startswith("_")})
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert wan_ports.expected_diffusers_shapes(config) == shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token timesteps (TI2V-5B, diffusers' expand_timesteps)
+
+
+@pytest.fixture(scope="module")
+def ti2v_model():
+    return make_torch_model(TI2V_CONFIG, seed=21)
+
+
+def _first_frame_timesteps(t, batch, grid):
+    """diffusers' expand_timesteps: ``(first_frame_mask[:, ::2, ::2] * t).flatten()`` per sample, the first latent
+    frame at 0."""
+    f, h, w = grid
+    mask = np.ones((f, h, w), np.float32)
+    mask[0] = 0.0
+    return np.stack([(mask * ti).reshape(-1) for ti in t]).astype(np.float32)
+
+
+@pytest.mark.parametrize("timestep_kind", ["per_token", "per_sample"])
+def test_ti2v_parity_per_token_and_per_sample_timesteps(ti2v_model, timestep_kind):
+    rng = np.random.default_rng(30)
+    config, params = wan_ports.from_diffusers(ti2v_model)
+    assert config == wan.WanConfig(**TI2V_CONFIG)
+    inputs = make_inputs(rng, config, batch=2, frames=3, height=8, width=12, text_len=7)
+    grid = wan.token_grid(config, inputs["hidden_states"].shape)
+    if timestep_kind == "per_token":
+        inputs["timestep"] = _first_frame_timesteps(inputs["timestep"], 2, grid)
+        assert inputs["timestep"].shape == (2, 3 * 4 * 6)
+    expected = torch_forward(ti2v_model, inputs)
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(out, expected) <= RTOL
+    if timestep_kind == "per_token":
+        # the comparison can fail: the per-sample timestep (no t = 0 frame) is far from the per-token output
+        flat = wan.forward(params, config, **dict(inputs, timestep=inputs["timestep"].max(axis=1)),
+                           dtype=jnp.float32).sample
+        assert max_rel_error(flat, expected) > 100 * RTOL
+        # a constant per-token timestep equals the per-sample one
+        t = np.asarray([300.0, 700.0], np.float32)
+        const = wan.forward(params, config, **dict(inputs, timestep=np.repeat(t[:, None], 72, axis=1)),
+                            dtype=jnp.float32).sample
+        per_sample = wan.forward(params, config, **dict(inputs, timestep=t), dtype=jnp.float32).sample
+        assert max_rel_error(const, per_sample) <= RTOL
+
+
+@pytest.mark.slow
+def test_per_token_timesteps_under_chipmunk_voxel_order_and_head():
+    """Per-token modulation follows the tokens into Chipmunk's voxel order: with every key kept the Chipmunk
+    forward equals the dense one, and head() on the stored hidden state equals the forward's sample."""
+    from test_wan_model import all_keys_kept
+
+    config = wan.WanConfig(**dict(TI2V_CONFIG, num_layers=1))
+    params = wan.init_params(config, jax.random.key(3), dtype=jnp.float32)
+    grid = (4, 6, 8)  # one whole voxel
+    rng = np.random.default_rng(31)
+    inputs = make_inputs(rng, config, batch=1, frames=4, height=12, width=16, text_len=5)
+    inputs["timestep"] = _first_frame_timesteps([640.0], 1, grid)
+    chipmunk = all_keys_kept().replace(mlp__enabled=False, attention__counts_multiple_of=16)
+    dense = wan.forward(params, config, **inputs, dtype=jnp.float32)
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=grid, key=jax.random.key(0), dtype=jnp.float32)
+    out = wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=cache, plan=step_plan(chipmunk, 0),
+                      dtype=jnp.float32)
+    assert max_rel_error(out.sample, dense.sample) <= RTOL
+    conditioning = wan.timestep_conditioning(params, config, timestep=inputs["timestep"])
+    assert conditioning["timestep_proj"].shape == (1, 192, 6, config.inner_dim)
+    head = wan.head(params, config, out.hidden, conditioning, grid=grid, chipmunk=chipmunk, dtype=jnp.float32)
+    assert max_rel_error(head, dense.sample) <= RTOL
+    with pytest.raises(ValueError, match="per-token timestep"):
+        wan.forward(params, config, **dict(inputs, timestep=inputs["timestep"][:, :-1]), dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("preset", sorted(A14B_CONFIGS))
+def test_a14b_expert_configs_parity(preset):
+    """The A14B experts are Wan2.1-shaped (I2V: extra latent channels, no image embedder): fp32 parity."""
+    model = make_torch_model(A14B_CONFIGS[preset], seed=22)
+    config, params = wan_ports.from_diffusers(model)
+    assert config.image_dim is None and config.added_kv_proj_dim is None
+    inputs = make_inputs(np.random.default_rng(32), config, batch=1, frames=2, height=8, width=8, text_len=6)
+    out = wan.forward(params, config, **inputs, dtype=jnp.float32).sample
+    assert max_rel_error(out, torch_forward(model, inputs)) <= RTOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Ports: A14B pipeline folders (transformer/ + transformer_2/)
+
+
+def test_pipeline_folder_experts(tmp_path):
+    high, low = make_torch_model(TEST_SUITE_CONFIG, seed=23), make_torch_model(TEST_SUITE_CONFIG, seed=24)
+    pipe = tmp_path / "pipe"
+    high.save_pretrained(pipe / "transformer", safe_serialization=True)
+    low.save_pretrained(pipe / "transformer_2", safe_serialization=True, max_shard_size="20KB")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875,
+                                                        "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                        "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    (config_h, params_h), (config_l, params_l), ratio = wan_ports.load_experts(pipe)
+    assert ratio == 0.875 and config_h == config_l == wan.WanConfig(**TEST_SUITE_CONFIG)
+    for model, params in ((high, params_h), (low, params_l)):
+        expected = wan_ports.from_diffusers(model)[1]
+        flat, ref = wan_ports.flatten_params(params), wan_ports.flatten_params(expected)
+        assert flat.keys() == ref.keys()
+        for k in flat:
+            np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(ref[k]), err_msg=k)
+    # the experts differ: transformer_2 is really read
+    assert not np.array_equal(params_h["proj_out"]["kernel"], params_l["proj_out"]["kernel"])
+    np.testing.assert_array_equal(wan_ports.from_checkpoint(pipe, subfolder="transformer_2")[1]["proj_out"]["kernel"],
+                                  params_l["proj_out"]["kernel"])
+    assert wan_ports.pipeline_options(pipe) == {"boundary_ratio": 0.875, "expand_timesteps": False}
+
+    # a one-expert pipeline (Wan 2.1 / TI2V-5B): a clear error for transformer_2
+    one = tmp_path / "one"
+    high.save_pretrained(one / "transformer", safe_serialization=True)
+    (one / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    with pytest.raises(FileNotFoundError, match="no low-noise expert"):
+        wan_ports.from_checkpoint(one, subfolder="transformer_2")
+    with pytest.raises(FileNotFoundError, match="transformer_2"):
+        wan_ports.load_experts(one)
+    assert wan_ports.pipeline_options(one) == {"boundary_ratio": None, "expand_timesteps": True}
+    # transformer_2 without a boundary_ratio
+    low.save_pretrained(one / "transformer_2", safe_serialization=True)
+    with pytest.raises(ValueError, match="boundary_ratio"):
+        wan_ports.load_experts(one)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-expert sampler
+
+
+def diffusers_expert_choice(sigmas, boundary_ratio):
+    """diffusers' rule on its own scheduler timesteps for the same sigmas: FlowMatchEulerDiscreteScheduler given
+    the sampler's sigmas (shift 1: no re-shift), then ``t >= boundary_ratio * num_train_timesteps`` -> transformer."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(sigmas=list(np.asarray(sigmas[:-1], np.float64)))
+    np.testing.assert_allclose(scheduler.sigmas.numpy(), sigmas, atol=1e-7)
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    return [wan_experts.HIGH if t >= boundary else wan_experts.LOW for t in scheduler.timesteps]
+
+
+def test_expert_choice_matches_diffusers_and_switch_refresh():
+    for steps, shift, ratio in ((40, 12.0, 0.875), (40, 5.0, 0.9), (8, 5.0, 0.875), (50, 3.0, 0.9)):
+        sigmas = sampling.flow_sigmas(steps, shift=shift)
+        boundary = wan_experts.boundary_timestep(ratio)
+        ours = wan_experts.expert_schedule(sigmas, boundary).tolist()
+        assert ours == diffusers_expert_choice(sigmas, ratio), (steps, shift, ratio)
+        assert 0 < ours.count(wan_experts.HIGH) < steps
+    # recorded: 8 steps, shift 5, T2V boundary 875: t = 1000, 972.2, 937.5, 892.9 (high) | 833.3, 750, 625, 416.7
+    sigmas = sampling.flow_sigmas(8, shift=5.0)
+    assert wan_experts.expert_schedule(sigmas, 875.0).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert wan_experts.switch_step(sigmas, 875.0) == 4
+    # the boundary itself goes to the high-noise expert (t >= boundary), as in diffusers
+    assert wan_experts.expert_schedule(sigmas, 937.5).tolist()[2] == wan_experts.HIGH
+    assert wan_experts.switch_step(sigmas, 0.0) is None and wan_experts.switch_step(sigmas, 1001.0) is None
+
+    switch = wan_experts.switch_step(sigmas, 875.0)
+    preset = chipmunk_config.wan().replace(num_steps=8, step_cache__skip_step_schedule=(3, 4, 5, 7))
+    assert AttentionStep(int(attention_schedule(preset)[switch])) == AttentionStep.SPARSE  # without the refresh
+    refreshed = wan_experts.switch_refresh(preset, switch)
+    assert refreshed.attention.full_step_schedule == (0, 1, 4)
+    # the switch step: a full step (dense + fresh column sets), never skipped by step caching
+    assert AttentionStep(int(attention_schedule(refreshed)[switch])) == AttentionStep.DENSE_COLSUM
+    assert ModelStep(int(model_schedule(refreshed)[switch])) == ModelStep.COMPUTE
+    assert [int(k) for k in model_schedule(refreshed)] == [0, 0, 0, 1, 0, 1, 0, 1]
+    # the other steps keep their kinds
+    for s in (0, 1, 2, 3, 5, 6, 7):
+        assert attention_schedule(refreshed)[s] == attention_schedule(preset)[s], s
+    assert wan_experts.switch_refresh(preset, None) is preset
+    with pytest.raises(ValueError, match="mlp.full_step_every"):
+        wan_experts.switch_refresh(preset.replace(mlp__enabled=True, mlp__full_step_every=3), switch)
+    assert wan_experts.switch_refresh(preset.replace(mlp__enabled=True, mlp__full_step_every=2), switch).mlp.enabled
+
+
+# tiny latents: grid (4, 6, 8) = one whole voxel, 192 tokens
+LATENT = (4, 12, 16)
+GRID = (4, 6, 8)
+
+
+def _expert_pair():
+    config = wan.WanConfig(**dict(TEST_SUITE_CONFIG, num_layers=2))
+    return config, (wan.init_params(config, jax.random.key(11), dtype=jnp.float32),
+                    wan.init_params(config, jax.random.key(12), dtype=jnp.float32))
+
+
+def _hand_rolled(params, config, sigmas, latents, cond, uncond, boundary, g, g2, chipmunk=None, cache=None, key=None):
+    """The diffusers loop written out: per step the expert by ``t >= boundary``, its own guidance scale, one cache
+    per CFG branch shared by both experts; Euler steps; returns (latents, experts used)."""
+    rope = wan.pos_embed(config, GRID)
+
+    @jax.jit
+    def call(p, x, t, c, cache, plan, key):
+        kw = {} if chipmunk is None else dict(chipmunk=chipmunk, cache=cache, plan=plan, key=key)
+        return wan.forward(p, config, hidden_states=x, timestep=t, **c, rotary_emb=rope, dtype=jnp.float32, **kw)
+
+    x, caches, used = jnp.asarray(latents), [cache, cache], []
+    for step in range(len(sigmas) - 1):
+        t = np.float32(sigmas[step]) * np.float32(1000.0)
+        expert = 0 if t >= boundary else 1
+        used.append(expert)
+        scale = g if expert == 0 else g2
+        plan = None if chipmunk is None else step_plan(chipmunk, step)
+        step_key = None if key is None else jax.random.fold_in(key, step)
+        v = []
+        for branch, c in enumerate((cond, uncond)):
+            out = call(params[expert], x, jnp.float32(t), c, caches[branch], plan, step_key)
+            caches[branch] = out.cache
+            v.append(out.sample)
+        x = x + (sigmas[step + 1] - sigmas[step]) * (v[1] + scale * (v[0] - v[1]))
+    return x, used
+
+
+@pytest.mark.slow
+def test_two_expert_sampler_matches_hand_rolled_loop_dense_and_chipmunk():
+    config, params = _expert_pair()
+    sigmas = sampling.flow_sigmas(5, shift=5.0)
+    boundary = 900.0  # t = 1000, 952, 882 | ...: switch at step 2
+    assert wan_experts.expert_schedule(sigmas, boundary).tolist() == [0, 0, 1, 1, 1]
+    switch = wan_experts.switch_step(sigmas, boundary)
+    rng = np.random.default_rng(40)
+    latents = rng.standard_normal((1, config.in_channels) + LATENT).astype(np.float32)
+    cond, uncond = ({"encoder_hidden_states": rng.standard_normal((1, 6, config.text_dim)).astype(np.float32)}
+                    for _ in range(2))
+    g, g2 = 4.0, 3.0
+    rope = wan.pos_embed(config, GRID)
+    expected, used = _hand_rolled(params, config, sigmas, latents, cond, uncond, boundary, g, g2)
+    assert used == diffusers_expert_choice(sigmas, 0.9)
+
+    # dense (no Chipmunk): the sampler's cache passes through untouched
+    den = wan_experts.two_expert_denoiser(config, config, None, boundary_timestep=boundary, grid=GRID,
+                                          guidance_scale=g, guidance_scale_2=g2, rotary_emb=rope, dtype=jnp.float32)
+    dense_chipmunk = chipmunk_config.ChipmunkConfig(num_steps=5)  # the sampler's schedules; no step caching
+    out, _, _ = wan_experts.sample(den, dense_chipmunk, params, jnp.asarray(latents), cond, jnp.zeros(()),
+                                   sigmas=sigmas, key=jax.random.key(0), hidden_shape=(1, 192, config.inner_dim),
+                                   hidden_dtype=jnp.float32, guidance_scale=g, uncond=uncond)
+    assert max_rel_error(out, expected) <= RTOL
+    # the comparison can fail: one guidance scale for both experts moves the result
+    one_scale, _ = _hand_rolled(params, config, sigmas, latents, cond, uncond, boundary, g, g)
+    assert max_rel_error(one_scale, expected) > 100 * RTOL
+    # ... and so does the other expert at the switch step
+    late, _ = _hand_rolled(params, config, sigmas, latents, cond, uncond, 870.0, g, g2)
+    assert max_rel_error(late, expected) > 100 * RTOL
+
+    # Chipmunk with every key kept, refreshed at the switch, one cache set for both experts: equals dense
+    from test_wan_model import all_keys_kept
+
+    chipmunk = wan_experts.switch_refresh(
+        all_keys_kept().replace(num_steps=5, attention__counts_multiple_of=16, attention__full_step_every=4,
+                                mlp__enabled=False), switch)
+    assert AttentionStep(int(attention_schedule(chipmunk)[switch])) == AttentionStep.DENSE_COLSUM
+    assert {AttentionStep(int(k)) for k in attention_schedule(chipmunk)} >= {AttentionStep.SPARSE}
+    den = wan_experts.two_expert_denoiser(config, config, chipmunk, boundary_timestep=boundary, grid=GRID,
+                                          guidance_scale=g, guidance_scale_2=g2, rotary_emb=rope, dtype=jnp.float32)
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(1), dtype=jnp.float32)
+    for static in (False, True):
+        out, caches, _ = wan_experts.sample(den, chipmunk, params, jnp.asarray(latents), cond, cache, sigmas=sigmas,
+                                            key=jax.random.key(2), hidden_shape=(1, 192, config.inner_dim),
+                                            hidden_dtype=jnp.float32, guidance_scale=g, uncond=uncond,
+                                            static_step_dispatch=static)
+        assert max_rel_error(out, expected) <= RTOL, static
+    assert caches.attention[0].lse.shape[0] == 2  # one cache per CFG branch, shared by the experts
+    # the Chipmunk loop written out (same caches, plans and keys) agrees too
+    hand, _ = _hand_rolled(params, config, sigmas, latents, cond, uncond, boundary, g, g2, chipmunk=chipmunk,
+                           cache=cache, key=jax.random.key(2))
+    assert max_rel_error(out, hand) <= RTOL
+
+
+def test_two_expert_denoiser_validation():
+    config, _ = _expert_pair()
+    with pytest.raises(ValueError, match="share their shapes"):
+        wan_experts.two_expert_denoiser(config, config.__class__(**dict(TEST_SUITE_CONFIG, num_layers=3)),
+                                        boundary_timestep=875.0, grid=GRID)
+    with pytest.raises(ValueError, match="guidance_scale=None"):
+        wan_experts.two_expert_denoiser(config, config, boundary_timestep=875.0, grid=GRID, guidance_scale=1.0,
+                                        guidance_scale_2=3.0)
+    with pytest.raises(ValueError, match="boundary_ratio"):
+        wan_experts.boundary_timestep(1.5)
+    assert wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS["t2v_a14b"]) == 875.0
+    assert wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS["i2v_a14b"]) == 900.0
