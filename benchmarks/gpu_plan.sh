@@ -122,7 +122,7 @@ flux_profile)
 nnx)
   # issue 28: "compile time and GPU speed of the FLUX sampler through the NNX module equal the functional path (H200,
   # same run, within 2%)": both paths compiled twice (orders swapped, caches cleared), 3 timed runs each alternating
-  run timeout 560 python3 -P benchmarks/flux_nnx.py --reps 3 --results "$OUT/flux_nnx.md"
+  run timeout 560 python3 -P benchmarks/flux_nnx.py --prepared --reps 3 --results "$OUT/flux_nnx.md"
   ;;
 pipeline)
   # FluxPipeline end to end with FLUX.1-dev-shaped random weights built in memory (torch CLIP / T5-XXL / VAE in bf16,
