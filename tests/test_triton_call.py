@@ -40,7 +40,8 @@ def test_scratch_output_lands_in_the_kernels_global_scratch_slot(which):
         num_arrays = 7  # q, k, v, prev_lse, o, lse, colsum
     else:
         fc1, fc2 = mt.compile_for_sm90((1, 4096, 3072), 12288, 3072, 128, jnp.bfloat16)
-        compiled, num_arrays = (fc1, 8) if which == "fc1" else (fc2, 6)
+        # + the [weights layer, cache layer] index pair in front (stacked-layer operands)
+        compiled, num_arrays = (fc1, 9) if which == "fc1" else (fc2, 7)
     md = compiled.metadata
     assert md.global_scratch_size > 0  # in-kernel TMA descriptors
     _, params = tc.launch_layout(num_arrays, (), (), (3, 2, 1), md.num_ctas, md.global_scratch_size,
