@@ -253,10 +253,9 @@ def sparse_delta_mlp(
             return delta(put(cache, blockmean_cache=baseline), indices, counts)
         baseline = get(cache, "blockmean_cache")
         scores = jnp.abs(z_blocks - baseline)
-        indices, counts = selection.select_mlp_features(
-            scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key, impl=impl
+        indices, counts, recomputed = selection.mlp_feature_sets(
+            scores, m.top_keys, m.random_keys, m.counts_multiple_of, key=key
         )
-        recomputed = selection.indices_to_mask(indices, counts, scores.shape[-1])
         return delta(put(cache, blockmean_cache=jnp.where(recomputed, z_blocks, baseline)), indices, counts)
 
     def sparse_reuse(cache):

@@ -143,6 +143,20 @@ def test_mlp_selection_counts_and_kept_fraction():
         S.select_mlp_features(scores, 0.3, 0.05, 256)
 
 
+@pytest.mark.parametrize("top_keys,random_keys,multiple", [(0.3, 0.05, 256), (0.0, 0.0, 256), (0.3, 0.0, 1),
+                                                            (0.97, 0.05, 256), (1.0, 0.0, 64)])
+def test_mlp_feature_sets_list_the_features_a_sparse_step_recomputes(top_keys, random_keys, multiple):
+    """``mlp_feature_sets``: ``select_mlp_features``' lists and, without a scatter, the features in their first
+    ``counts`` entries (the selected ones and their padding; at 0.97 the count is capped at F)."""
+    scores = jnp.round(jax.random.uniform(jax.random.PRNGKey(5), (2, 3, 1000)) * 50)  # ties at the threshold
+    key = jax.random.PRNGKey(6) if random_keys else None
+    idx, counts = S.select_mlp_features(scores, top_keys, random_keys, multiple, key=key)
+    idx2, counts2, listed = S.mlp_feature_sets(scores, top_keys, random_keys, multiple, key=key)
+    np.testing.assert_array_equal(idx2, idx)
+    np.testing.assert_array_equal(counts2, counts)
+    np.testing.assert_array_equal(listed, S.indices_to_mask(idx, counts, 1000))
+
+
 def test_block_mean_partial_last_block():
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 300, 4))
     m = S.block_mean(x, 128)
