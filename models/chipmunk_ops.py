@@ -28,8 +28,8 @@ from chipmunk_jax.reorder import tile_permutation, voxel_permutation
 from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.selection import unpack_mask
 
-__all__ = ["ChipmunkRun", "WeightStacks", "BlockStacks", "check_chipmunk", "token_permutation", "permute_tokens", "unpermute_tokens",
-           "check_model_cache"]
+__all__ = ["ChipmunkRun", "WeightStacks", "BlockStacks", "check_chipmunk", "token_permutation", "permute_tokens",
+           "unpermute_tokens", "check_model_cache"]
 
 # A model's block stacks as (first global layer, number of blocks), in stack order: FLUX ((0, 19), (19, 38)).
 BlockStacks = tuple[tuple[int, int], ...]

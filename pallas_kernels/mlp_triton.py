@@ -12,6 +12,10 @@ pointer loads (cp.async): Hopper has no TMA gather.
   fc2: program (row block r, output tile n): out_cache[rows, n-tile] += delta[rows, :count] @ w2[ids, n-tile],
        f32 accumulation, in place.
 
+Both kernels also take a layer scan's stacks (weights [L, ...] and / or caches [L', ...], told apart by rank): they
+load the [weights layer, cache layer] index pair and offset their pointers, and a stacked cache is updated in place
+as a whole (aliased), so no layer is copied out of a stack for them (pallas_kernels.mlp.sparse_mlp_delta).
+
 The delta buffer is token-major here (mlp_pallas keeps it feature-major): fc2 then reads it as the MMA's A
 operand with K contiguous, the layout TMA and wgmma want. It is internal to sparse_mlp_delta.
 Chunks at or past ceil(count / BF) are never written and never read (fc2 reads ceil(count / fc2 BK) chunks of
