@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_sample's variant configs
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_sample's setup
 
-from flux_sample import variant_configs  # noqa: E402
+from flux_sample import random_weights, run_shape, variant_configs  # noqa: E402
 
 from chipmunk_jax import sampling  # noqa: E402
 from chipmunk_jax.cache import init_step_cache  # noqa: E402
@@ -60,28 +60,13 @@ def main():
     parser.add_argument("--results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
 
-    if args.tiny:
-        config = flux.FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, joint_attention_dim=64,
-                                 pooled_projection_dim=32, guidance_embeds=True)
-        height = width = 256
-        steps, text_len, reps, kernel_impl = 8, 64, 1, "reference"
-    else:
-        config = flux.FluxConfig.dev()
-        height, width = (int(v) for v in args.size.split("x"))
-        steps, text_len, reps, kernel_impl = args.steps, args.text_len, args.reps, None
-    if height % 16 or width % 16:
-        parser.error(f"--size must be multiples of 16, got {height}x{width}")
+    config, (height, width), steps, text_len, reps, kernel_impl = run_shape(args, parser)
     grid = (height // 16, width // 16)
     num_img = grid[0] * grid[1]
     device = jax.devices()[0]
     log(f"device {device.device_kind}, jax {jax.__version__}, {height}x{width}, {steps} steps, config {config}")
 
-    t0 = time.perf_counter()
-    params = jax.block_until_ready(flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
-    keys = jax.random.split(jax.random.key(1), 2)
-    text = jax.random.normal(keys[0], (1, text_len, config.joint_attention_dim), jnp.bfloat16)
-    pooled = jax.random.normal(keys[1], (1, config.pooled_projection_dim), jnp.bfloat16)
-    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s")
+    params, text, pooled = random_weights(config, text_len)
 
     chipmunk, sampler_config = variant_configs("chipmunk", steps, args.tiny)
     model = FluxTransformer2DModel.from_params(params, config)  # the very arrays of `params` (no copy)

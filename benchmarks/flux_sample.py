@@ -57,6 +57,30 @@ def variant_configs(name, steps, tiny):
     return base, base.replace(step_cache__enabled=True)
 
 
+def run_shape(args, parser):
+    """(config, (height, width), steps, text_len, reps, kernel_impl): the tiny 2+2-block CPU check (--tiny) or
+    FLUX.1-dev at --size / --steps / --text-len / --reps; sizes must be multiples of 16 (VAE 8 x 2x2 packing)."""
+    if args.tiny:
+        config = flux.FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, joint_attention_dim=64,
+                                 pooled_projection_dim=32, guidance_embeds=True)
+        return config, (256, 256), 8, 64, 1, "reference"
+    height, width = (int(v) for v in args.size.split("x"))
+    if height % 16 or width % 16:
+        parser.error(f"--size must be multiples of 16, got {height}x{width}")
+    return flux.FluxConfig.dev(), (height, width), args.steps, args.text_len, args.reps, None
+
+
+def random_weights(config, text_len: int):
+    """(params, text, pooled): random bf16 weights and text conditioning, the same seeds in every FLUX benchmark."""
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
+    keys = jax.random.split(jax.random.key(1), 2)
+    text = jax.random.normal(keys[0], (1, text_len, config.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[1], (1, config.pooled_projection_dim), jnp.bfloat16)
+    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s")
+    return params, text, pooled
+
+
 def run_variant(name, params, config, text, pooled, grid, steps, reps, tiny, static_dispatch, kernel_impl):
     model_chipmunk, sampler_config = variant_configs(name, steps, tiny)
     num_img, num_txt = grid[0] * grid[1], text.shape[1]
@@ -115,17 +139,7 @@ def main():
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {VARIANTS}")
 
-    if args.tiny:
-        config = flux.FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, joint_attention_dim=64,
-                                 pooled_projection_dim=32, guidance_embeds=True)
-        height = width = 256
-        steps, text_len, reps, kernel_impl = 8, 64, 1, "reference"
-    else:
-        config = flux.FluxConfig.dev()
-        height, width = (int(v) for v in args.size.split("x"))
-        steps, text_len, reps, kernel_impl = args.steps, args.text_len, args.reps, None
-    if height % 16 or width % 16:
-        parser.error(f"--size must be multiples of 16, got {height}x{width}")
+    config, (height, width), steps, text_len, reps, kernel_impl = run_shape(args, parser)
     grid = (height // 16, width // 16)
     if args.sparse_config:
         with open(args.sparse_config) as fh:
@@ -136,12 +150,7 @@ def main():
     device = jax.devices()[0]
     log(f"device {device.device_kind}, jax {jax.__version__}, {height}x{width}, {steps} steps, config {config}")
 
-    t0 = time.perf_counter()
-    params = jax.block_until_ready(flux.init_params(config, jax.random.key(0), dtype=jnp.bfloat16))
-    keys = jax.random.split(jax.random.key(1), 2)
-    text = jax.random.normal(keys[0], (1, text_len, config.joint_attention_dim), jnp.bfloat16)
-    pooled = jax.random.normal(keys[1], (1, config.pooled_projection_dim), jnp.bfloat16)
-    log(f"random bf16 params in {time.perf_counter() - t0:.1f} s")
+    params, text, pooled = random_weights(config, text_len)
 
     rows, dense = [], None
     for name in variants:
