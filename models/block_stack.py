@@ -105,8 +105,8 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
     # the device per call: memory.with_device_cache).
     whole_mlp_stack = mlp_cache is not None and not memory.on_host(mlp_cache)
     for start, stop, attn_on, mlp_on, attn_offset, mlp_offset in _segments(run, first_layer, count):
-        def body(carry, i, attn_on=attn_on, mlp_on=mlp_on, attn_offset=attn_offset, mlp_offset=mlp_offset):
-            state, attn_cache, mlp_cache = carry
+        def body(carry, _, attn_on=attn_on, mlp_on=mlp_on, attn_offset=attn_offset, mlp_offset=mlp_offset):
+            state, attn_cache, mlp_cache, i = carry
             params = block_at(stack, i)
             ops = dict(default_ops or {})
             if run is not None:
@@ -122,10 +122,13 @@ def scan_blocks(block: Callable, stack: Params, state, *, first_layer: int, run:
                 attn_cache = _put_block(attn_cache, i - attn_offset, new_attn)
             if mlp_on:
                 mlp_cache = new_mlp if whole_mlp_stack else _put_block(mlp_cache, i - mlp_offset, new_mlp)
-            return (state, attn_cache, mlp_cache), None
+            return (state, attn_cache, mlp_cache, i + 1), None
 
-        indices = jnp.arange(start, stop, dtype=jnp.int32)
-        (state, attn_cache, mlp_cache), _ = jax.lax.scan(body, (state, attn_cache, mlp_cache), indices)
+        # The layer index is carried, not scanned over an arange: XLA's dynamic-slice fusion reads a GEMM operand
+        # in place only when the slice offset is a function of the loop counter alone (an index read from an
+        # iota array is not), otherwise every layer's weights are copied out of the stack before each GEMM.
+        carry = (state, attn_cache, mlp_cache, jnp.int32(start))
+        (state, attn_cache, mlp_cache, _), _ = jax.lax.scan(body, carry, None, length=stop - start)
     if run is not None:
         run = dataclasses.replace(run, cache=cache.with_stack(stack_index, attn_cache, mlp_cache))
     return state, run
