@@ -7,11 +7,13 @@ Error measures (both in float64, both assert that the tested output ``x`` is fin
 Random inputs: fresh_key, random_qkv, mlp_problem, random_feature_sets, mlp_weights, drifting_x.
 CUDA lowering on CPU: H100, lower_for_h100.
 Fast/slow split: slow_beyond.
+The tiny models: check_deterministic_stream, run_tiny_trainer.
 Model / port tests (torch imported lazily): randomized_torch_model, torch_forward, assert_same_params,
 assert_raises_with, max_abs_error.
 """
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,36 @@ def assert_raises_with(fn, *needles, error=ValueError):
         fn()
     for needle in needles:
         assert needle in str(info.value), (needle, str(info.value))
+
+
+# ---- procedural datasets -------------------------------------------------------------------------------------
+
+
+def check_deterministic_stream(make_batch):
+    """A tiny model's ``make_batch(seed, start, batch, labels=None)`` -> (items, labels): item i of a seed is the same
+    whatever batch it is drawn in, another seed draws other items for the same labels, values are float32 in
+    [-1, 1]. Returns the batch of items 10..13 of seed 3 (items, labels)."""
+    a, labels_a = make_batch(3, 10, 4)
+    b, labels_b = make_batch(3, 10, 4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    c, _ = make_batch(3, 12, 2)
+    np.testing.assert_array_equal(a[2:], c)
+    other, _ = make_batch(4, 10, 4, labels_a)
+    assert np.abs(other - a).max() > 0.1
+    assert a.dtype == np.float32 and a.min() >= -1.0 and a.max() <= 1.0
+    return a, labels_a
+
+
+def run_tiny_trainer(main, load_shipped, folder, *, steps: int, batch: int):
+    """Runs a tiny model's trainer ``main`` (``apps.training``'s command line) for ``steps`` steps of ``batch`` items
+    into ``folder``, checks that the EMA and raw weights load with one structure and the log counts the steps, and
+    returns (the saved config, the train log)."""
+    assert main(["--out", str(folder), "--steps", str(steps), "--warmup", "1", "--batch", str(batch),
+                 "--log-every", "1"]) == 0
+    config, params = load_shipped(folder)
+    _, raw = load_shipped(folder / "raw")
+    assert jax.tree.structure(params) == jax.tree.structure(raw)
+    log = json.loads((folder / "train_log.json").read_text())
+    assert log["steps_done"] == steps and np.isfinite(log["final_loss"])
+    return config, log

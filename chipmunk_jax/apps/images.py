@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["psnr", "ssim", "as_unit", "to_uint8", "write_png", "image_grid"]
+__all__ = ["psnr", "ssim", "as_unit", "to_uint8", "write_png", "image_grid", "video_grid"]
 
 
 def as_unit(images) -> np.ndarray:
@@ -91,3 +91,12 @@ def image_grid(rows: list[np.ndarray], scale: int = 2, gap: int = 2) -> np.ndarr
         lines.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(lines, axis=0)
     return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def video_grid(rows: list[np.ndarray], scale: int = 2, gap: int = 2) -> np.ndarray:
+    """Rows of [B, F, H, W, 3] videos in [-1, 1] (one frame count) -> uint8 frames [F, H', W', 3], frame f the
+    ``image_grid`` of every video's frame f."""
+    frames = {row.shape[1] for row in rows}
+    if len(frames) != 1:
+        raise ValueError(f"every row must hold videos of one frame count, got {sorted(frames)}")
+    return np.stack([image_grid([row[:, f] for row in rows], scale, gap) for f in range(frames.pop())])

@@ -13,7 +13,7 @@ from pathlib import Path
 from chipmunk_jax.models.flux import FluxConfig
 from chipmunk_jax.ports.flux import load_params
 
-__all__ = ["tiny_config", "WEIGHTS_DIR", "load_shipped", "IMAGE_GRID"]
+__all__ = ["tiny_config", "WEIGHTS_DIR", "load_shipped", "load_trained", "IMAGE_GRID"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IMAGE_GRID = (32, 32)
@@ -40,9 +40,13 @@ def tiny_config() -> FluxConfig:
 
 def load_shipped(directory: str | os.PathLike | None = None):
     """(FluxConfig, params) of the shipped model (or of a ``train`` output folder)."""
-    directory = WEIGHTS_DIR if directory is None else Path(directory)
+    return load_trained(directory, WEIGHTS_DIR, load_params, what="tiny model", trainer="chipmunk_jax.apps.tiny.train")
+
+
+def load_trained(directory, shipped: Path, load_params, *, what: str, trainer: str):
+    """(config, params) by ``load_params`` from ``directory`` (None: the ``shipped`` weights folder); a folder
+    without config.json is a FileNotFoundError that names the ``trainer`` module to run."""
+    directory = shipped if directory is None else Path(directory)
     if not (Path(directory) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no trained tiny model in {os.fspath(directory)!r}: run `python -m chipmunk_jax.apps.tiny.train` first"
-        )
+        raise FileNotFoundError(f"no trained {what} in {os.fspath(directory)!r}: run `python -m {trainer}` first")
     return load_params(directory)

@@ -2,7 +2,9 @@
 
 Each image: a two-colour linear gradient background (random direction) with a faint sinusoidal texture,
 and one anti-aliased foreground shape of a given class and colour at a jittered position and size.
-The label is ``(shape, colour)``; ``text_embeddings`` turns it into FLUX's text inputs.
+The label is ``(shape, colour)``; ``text_embeddings`` turns it into FLUX's text inputs (``VOCABULARY``,
+``chipmunk_jax.apps.labels``). ``signed_distances``, ``gradient_background`` and ``paint_shape`` also draw the tiny
+video model's scenes (``chipmunk_jax.apps.tiny_video.dataset``).
 
 Deterministic: image ``i`` of seed ``s`` depends only on ``(s, i)`` (its own numpy Generator draws its
 scene parameters, ``scene_params``; ``render`` draws them with numpy or, jitted on a GPU, jax.numpy), so any
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from chipmunk_jax.validation import check_int, positive_int
+from chipmunk_jax.apps.labels import LabelVocabulary
+from chipmunk_jax.validation import check_int
 
 __all__ = [
     "SHAPES",
@@ -31,8 +34,12 @@ __all__ = [
     "scene_batch",
     "render",
     "random_labels",
+    "VOCABULARY",
     "text_embedding_table",
     "text_embeddings",
+    "signed_distances",
+    "gradient_background",
+    "paint_shape",
     "pack",
     "unpack",
 ]
@@ -52,8 +59,9 @@ IMAGE_SIZE = 64
 PATCH = 2
 NUM_TEXT_TOKENS = 8
 TEXT_DIM = 64
-# The embedding table is a fixed random matrix (no learning): a stand-in for a frozen text encoder.
-_TABLE_SEED = 20250603
+# Tokens 0-3 carry the shape row, tokens 4-7 the colour row; the table is fixed (a frozen text encoder's stand-in).
+VOCABULARY = LabelVocabulary(kinds=("shape", "colour"), values=(SHAPES, tuple(COLOURS)), num_tokens=NUM_TEXT_TOKENS,
+                             dim=TEXT_DIM, seed=20250603)
 
 
 def _check_index(name, value, upper=None):
@@ -86,15 +94,16 @@ def scene_params(seed: int, index: int, shape: int, colour: int) -> dict:
 def scene_batch(seed: int, start: int, batch: int, labels=None) -> dict:
     """``scene_params`` of images ``start .. start+batch-1`` stacked into arrays with a leading [B] axis
     (float32; ``shape``/``colour`` int32): the input of ``render``. ``labels`` as in ``make_batch``."""
-    labels = _batch_labels(seed, start, batch, labels)
+    labels = VOCABULARY.stream(seed, start, batch, labels)
     scenes = [scene_params(seed, start + i, int(s), int(c)) for i, (s, c) in enumerate(labels)]
     out = {k: np.asarray([sc[k] for sc in scenes], np.float32) for k in _SCENE_FIELDS[:-2]}
     out["shape"], out["colour"] = labels[:, 0].copy(), labels[:, 1].copy()
     return out
 
 
-def _signed_distances(dy, dx, radius, xp):
-    """[6, ...] signed distances (pixels; negative inside) of the six shapes, in ``SHAPES`` order."""
+def signed_distances(dy, dx, radius, xp=np):
+    """[6, ...] signed distances (pixels; negative inside) of the six shapes, in ``SHAPES`` order, at offsets
+    ``dy``, ``dx`` (pixels, y down) from the shape's centre, for ``radius`` (all broadcast together)."""
     circle = xp.sqrt(dx * dx + dy * dy) - radius
     square = xp.maximum(xp.abs(dx), xp.abs(dy)) - 0.85 * radius
     ring = xp.abs(circle + 0.25 * radius) - 0.28 * radius  # |hypot - 0.75 r| - 0.28 r
@@ -110,6 +119,29 @@ def _signed_distances(dy, dx, radius, xp):
     return xp.stack([circle, square, triangle, ring, cross, diamond])
 
 
+def gradient_background(c0, c1, angle, yy, xx, size: int, xp=np):
+    """Two-colour linear gradient from ``c0`` to ``c1`` ([..., 3]) along ``angle`` (radians) across a ``size``-pixel
+    frame, at pixel centres ``yy``, ``xx``; ``angle`` broadcasts with ``yy``/``xx``, the colours with their result
+    plus a channel axis."""
+    ramp = ((xx - size / 2) * xp.cos(angle) + (yy - size / 2) * xp.sin(angle)) / size + 0.5
+    ramp = xp.clip(ramp, 0.0, 1.0)[..., None]
+    return c0 * (1 - ramp) + c1 * ramp
+
+
+def paint_shape(image, scene: dict, dy, dx, radius, xp=np):
+    """``image`` [B, ..., 3] with each scene's shape painted over it: anti-aliased coverage clip(0.5 - distance,
+    0, 1) of shape ``scene["shape"]`` [B] at offsets ``dy``, ``dx`` from its centre (broadcasting to [B, ...]),
+    in ``scene["brightness"]`` [B] x its palette colour ``scene["colour"]`` [B]."""
+    dists = signed_distances(dy, dx, radius, xp)
+    per_item = lambda v: xp.reshape(v, (-1,) + (1,) * (dists.ndim - 2))  # noqa: E731  [B] -> [B, 1, ...]
+    shape = xp.asarray(scene["shape"], np.int32)
+    dist = sum(xp.where(per_item(shape == i), dists[i], 0.0) for i in range(len(SHAPES)))
+    mask = xp.clip(0.5 - dist, 0.0, 1.0)[..., None]
+    palette = xp.asarray(np.asarray(list(COLOURS.values()), np.float32))
+    shade = palette[xp.asarray(scene["colour"], np.int32)] * xp.asarray(scene["brightness"], np.float32)[:, None]
+    return image * (1 - mask) + xp.reshape(shade, (shade.shape[0],) + (1,) * (dists.ndim - 2) + (3,)) * mask
+
+
 def render(scene: dict, xp=np):
     """Images [B, 64, 64, 3] in [-1, 1] of a ``scene_batch`` (arrays with a leading [B] axis), float32.
 
@@ -122,21 +154,12 @@ def render(scene: dict, xp=np):
     grid = xp.arange(size, dtype=f32) + f32(0.5)
     yy, xx = grid[None, :, None], grid[None, None, :]  # [1, H, 1], [1, 1, W]
     col = lambda v: xp.asarray(v, f32)[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
-    angle, tex_angle = col(scene["angle"]), col(scene["tex_angle"])
-    ramp = ((xx - size / 2) * xp.cos(angle) + (yy - size / 2) * xp.sin(angle)) / size + 0.5
-    ramp = xp.clip(ramp, 0.0, 1.0)[..., None]
-    c0 = xp.asarray(scene["c0"], f32)[:, None, None, :]
-    c1 = xp.asarray(scene["c1"], f32)[:, None, None, :]
-    image = c0 * (1 - ramp) + c1 * ramp
+    tex_angle = col(scene["tex_angle"])
+    colour = lambda name: xp.asarray(scene[name], f32)[:, None, None, :]  # noqa: E731  [B, 3] -> [B, 1, 1, 3]
+    image = gradient_background(colour("c0"), colour("c1"), col(scene["angle"]), yy, xx, size, xp)
     texture = xp.sin(col(scene["freq"]) * (xx * xp.cos(tex_angle) + yy * xp.sin(tex_angle)) + col(scene["phase"]))
     image = image + 0.05 * texture[..., None]
-    dists = _signed_distances(yy - col(scene["cy"]), xx - col(scene["cx"]), col(scene["radius"]), xp)
-    shape = xp.asarray(scene["shape"], np.int32)
-    dist = sum(xp.where((shape == i)[:, None, None], dists[i], 0.0) for i in range(len(SHAPES)))
-    mask = xp.clip(0.5 - dist, 0.0, 1.0)[..., None]
-    palette = xp.asarray(np.asarray(list(COLOURS.values()), f32))
-    shade = palette[xp.asarray(scene["colour"], np.int32)] * xp.asarray(scene["brightness"], f32)[:, None]
-    image = image * (1 - mask) + shade[:, None, None, :] * mask
+    image = paint_shape(image, scene, yy - col(scene["cy"]), xx - col(scene["cx"]), col(scene["radius"]), xp)
     return (xp.clip(image, 0.0, 1.0) * 2.0 - 1.0).astype(f32)
 
 
@@ -148,21 +171,7 @@ def make_image(seed: int, index: int, shape: int, colour: int) -> np.ndarray:
 
 def random_labels(seed: int, index: int) -> tuple[int, int]:
     """The (shape, colour) the training stream uses for image ``index`` (uniform, deterministic)."""
-    _check_index("seed", seed)
-    _check_index("index", index)
-    rng = np.random.default_rng([seed, index, 1])
-    return int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS)))
-
-
-def _batch_labels(seed, start, batch, labels):
-    _check_index("start", start)
-    positive_int("batch", batch)
-    if labels is None:
-        labels = np.array([random_labels(seed, start + i) for i in range(batch)], np.int32)
-    labels = np.asarray(labels, np.int32)
-    if labels.shape != (batch, 2):
-        raise ValueError(f"labels must be [{batch}, 2] (shape, colour) ids, got shape {labels.shape}")
-    return labels
+    return VOCABULARY.random(seed, index)
 
 
 def make_batch(seed: int, start: int, batch: int, labels=None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,9 +186,7 @@ def make_batch(seed: int, start: int, batch: int, labels=None) -> tuple[np.ndarr
 def text_embedding_table() -> np.ndarray:
     """[len(SHAPES) + len(COLOURS) + NUM_TEXT_TOKENS, TEXT_DIM] fixed random rows (unit-variance entries):
     shape rows, colour rows, then one row per text position (added so tokens differ by position)."""
-    rng = np.random.default_rng(_TABLE_SEED)
-    rows = len(SHAPES) + len(COLOURS) + NUM_TEXT_TOKENS
-    return rng.standard_normal((rows, TEXT_DIM)).astype(np.float32)
+    return VOCABULARY.table()
 
 
 def text_embeddings(labels, table: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -188,22 +195,7 @@ def text_embeddings(labels, table: np.ndarray | None = None) -> tuple[np.ndarray
     Tokens 0-3 carry the shape row, tokens 4-7 the colour row, each plus its position row; the pooled
     vector is the mean of the shape and colour rows (as CLIP's pooled output summarises the prompt).
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[1] != 2:
-        raise ValueError(f"labels must be [B, 2] (shape, colour) ids, got shape {labels.shape}")
-    if labels.min(initial=0) < 0 or (labels[:, 0] >= len(SHAPES)).any() or (labels[:, 1] >= len(COLOURS)).any():
-        raise ValueError(f"labels out of range: shapes < {len(SHAPES)}, colours < {len(COLOURS)}")
-    table = text_embedding_table() if table is None else np.asarray(table, np.float32)
-    shape_rows = table[labels[:, 0]]
-    colour_rows = table[len(SHAPES) + labels[:, 1]]
-    position_rows = table[len(SHAPES) + len(COLOURS):]
-    half = NUM_TEXT_TOKENS // 2
-    tokens = np.concatenate(
-        [np.repeat(shape_rows[:, None], half, 1), np.repeat(colour_rows[:, None], NUM_TEXT_TOKENS - half, 1)], 1
-    )
-    tokens = tokens + 0.5 * position_rows[None]
-    pooled = 0.5 * (shape_rows + colour_rows)
-    return tokens.astype(np.float32), pooled.astype(np.float32)
+    return VOCABULARY.embed(labels, table)
 
 
 def pack(images, xp=np):

@@ -22,19 +22,12 @@ from chipmunk_jax.apps.tiny import dataset as D
 from chipmunk_jax.apps.tiny.label_check import NearestNeighbourCheck
 from chipmunk_jax.apps.tiny.sampling import average_sparsity, sample_images, tiny_chipmunk_config
 
-__all__ = ["main", "parse_labels"]
+__all__ = ["main", "parse_labels", "check_demo_args"]
 
 
 def parse_labels(text: str, count: int) -> np.ndarray:
     """"circle:red,square:blue" -> [[0, 0], [1, 2]], cycled to ``count`` images."""
-    labels = []
-    for item in text.split(","):
-        shape, _, colour = item.strip().partition(":")
-        if shape not in D.SHAPES or colour not in D.COLOURS:
-            raise ValueError(f"label {item!r} must be shape:colour with shape in {D.SHAPES} and colour in "
-                             f"{tuple(D.COLOURS)}")
-        labels.append((D.SHAPES.index(shape), list(D.COLOURS).index(colour)))
-    return np.asarray([labels[i % len(labels)] for i in range(count)], np.int32)
+    return D.VOCABULARY.parse(text, count)
 
 
 def _parse(argv):
@@ -47,15 +40,22 @@ def _parse(argv):
     p.add_argument("--weights", default=None, help="model folder (default: the shipped weights)")
     p.add_argument("--out", default="tiny_flux_grid.png")
     args = p.parse_args(argv)
-    if args.images < 1:
-        p.error("--images must be >= 1")
-    if args.steps < 2:
-        p.error("--steps must be >= 2 (Chipmunk's step 0 and 1 are dense)")
-    try:
-        args.labels = parse_labels(args.labels, args.images)
-    except ValueError as e:
-        p.error(str(e))
+    check_demo_args(p, args, "images", D.VOCABULARY)
     return args
+
+
+def check_demo_args(parser: argparse.ArgumentParser, args, count: str, vocabulary) -> None:
+    """The tiny demos' shared checks: ``--<count>`` (how many samples) >= 1 and ``--steps`` >= 2; ``args.labels``
+    becomes the prompts parsed by ``vocabulary`` (a ``labels.LabelVocabulary``), cycled to that many samples.
+    A bad value exits through ``parser.error``."""
+    if getattr(args, count) < 1:
+        parser.error(f"--{count} must be >= 1")
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (Chipmunk's step 0 and 1 are dense)")
+    try:
+        args.labels = vocabulary.parse(args.labels, getattr(args, count))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def main(argv=None):

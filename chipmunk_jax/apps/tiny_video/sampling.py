@@ -1,0 +1,92 @@
+"""Sampling the tiny Wan video model: its Chipmunk settings, the one-jit sampler run, and the nominal sparsity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipmunk_jax import config as C
+from chipmunk_jax import sampling as SA
+from chipmunk_jax.apps.tiny.sampling import average_sparsity, timed_sample
+from chipmunk_jax.apps.tiny_video import TOKEN_GRID
+from chipmunk_jax.models import wan
+from chipmunk_jax.selection import static_video_mask
+from chipmunk_jax.validation import positive_int
+
+__all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_sparsity", "sample_videos"]
+
+
+def tiny_video_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
+    """``config.wan()`` adapted to the tiny video model (a (4, 16, 16) grid of 1,024 video tokens, 8 blocks).
+
+    Changes from the Wan preset, and why:
+      reorder.voxel (4, 6, 8) -> (4, 4, 4) and attention.group_size 192 -> 64: a voxel is one query group
+        (4 x 6 x 8 = 192 in the original); the tiny grid splits into 1 x 4 x 4 voxels of 64 tokens, the smallest
+        group the kernels take.
+      attention.local_voxels 5 -> 1 (each group's own voxel, 6% of the keys): at 720p the 5-voxel window holds
+        about 36% of the keys; on the tiny 1 x 4 x 4 voxel grid the next wider window (3 voxels, shifted inward at
+        the borders) would hold 56%, past the half where ``static_video_mask`` warns that sparse steps keep too
+        many keys to pay off.
+      attention.counts_multiple_of 128 -> 16: 10% of 1,024 keys is 102; a 128 multiple would make it 12.5%, 16
+        keeps 112 (10.9%).
+      attention.first_n_dense_layers 2 -> 1: 2 of Wan's 40 layers are dense; 2 of our 8 would be a quarter.
+      invocations_per_step 2 -> 1: the tiny model is sampled without classifier-free guidance (it was trained
+        on labels only, with no unconditional branch).
+      num_steps = the sampling steps (the preset's 10-step full-step interval and default step-cache schedule
+        are kept; ChipmunkConfig clips the schedule to num_steps).
+    Kept: top_keys 0.10, random / dynamic random keys 0.01, compressed indices, mask recompute, step caching,
+    attention-only sparsity (Wan's MLP stays dense, as the original). ``changes`` are ``ChipmunkConfig.replace``
+    keywords applied on top.
+    """
+    base = C.wan().replace(
+        num_steps=num_steps,
+        invocations_per_step=1,
+        reorder__voxel=(4, 4, 4),
+        attention__group_size=64,
+        attention__local_voxels=1,
+        attention__counts_multiple_of=16,
+        attention__first_n_dense_layers=1,
+    )
+    return base.replace(**changes) if changes else base
+
+
+def static_key_share(chipmunk: C.ChipmunkConfig, grid=TOKEN_GRID) -> float:
+    """Share of the (query group, key) pairs the static column mask keeps (local voxel window; the static random
+    keys are added at their rate): what every sparse step attends on top of its top-k."""
+    a = chipmunk.attention
+    mask, _ = static_video_mask(grid, 0, dataclasses.replace(a, random_keys=0.0), voxel=chipmunk.reorder.voxel)
+    share = float(np.asarray(mask).mean())
+    return min(1.0, share + a.random_keys * (1.0 - share))
+
+
+def video_sparsity(chipmunk: C.ChipmunkConfig, model: wan.WanConfig, num_steps: int,
+                   grid=TOKEN_GRID) -> dict[str, float]:
+    """``apps.tiny.sampling.average_sparsity`` of the video model: the static mask's share counts as kept keys."""
+    return average_sparsity(chipmunk, model, num_steps, math.prod(grid), mlp_features=model.ffn_dim,
+                            static_keys=static_key_share(chipmunk, grid) if chipmunk.attention.enabled else 0.0)
+
+
+def sample_videos(params, model: wan.WanConfig, text, noise, *, num_steps: int,
+                  chipmunk: C.ChipmunkConfig | None = None, key=None):
+    """Euler flow-matching samples from ``noise`` [B, 3, F, H, W] (Wan's latent layout) with FLUX's
+    resolution-dependent shift for the video tokens (Wan's fixed shifts 3.0 / 5.0 are set for 32k-75k tokens);
+    ``text``: the label tokens [B, 12, 64]. ``wan.forward`` moves the tokens into Chipmunk's voxel order and back.
+    ``key`` (default PRNGKey(0)) seeds the static mask (its fold 1) and the sampler's random keys.
+
+    Returns (samples [B, 3, F, H, W] numpy float32, seconds of the second, compiled, run)."""
+    positive_int("num_steps", num_steps)
+    noise = np.asarray(noise, np.float32)
+    grid = wan.token_grid(model, noise.shape)
+    batch, num_tokens = noise.shape[0], math.prod(grid)
+    sigmas = SA.flow_sigmas(num_steps, mu=SA.flux_shift(num_tokens))
+    key = jax.random.PRNGKey(0) if key is None else key
+    den = wan.denoiser(model, chipmunk, grid=grid, dtype=jnp.float32)
+    cond = {"encoder_hidden_states": jnp.asarray(text, jnp.float32)}
+    init_cache = None if chipmunk is None else lambda: wan.init_cache(
+        model, chipmunk, batch=batch, grid=grid, key=jax.random.fold_in(key, 1), dtype=jnp.float32)
+    return timed_sample(den, chipmunk, sigmas, params, noise, cond, init_cache=init_cache,
+                        hidden_shape=(batch, num_tokens, model.inner_dim), key=key)
