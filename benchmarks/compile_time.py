@@ -101,8 +101,10 @@ def fit_steps(chipmunk, steps):
     """The preset for a ``steps``-step run: num_steps = steps, full-step and skip schedule entries past it dropped."""
     changes = dict(num_steps=steps, step_cache__skip_step_schedule=tuple(
         s for s in chipmunk.step_cache.skip_step_schedule if s < steps))
-    if chipmunk.attention.full_step_schedule is not None:
-        changes["attention__full_step_schedule"] = tuple(s for s in chipmunk.attention.full_step_schedule if s < steps)
+    for section in ("attention", "mlp"):
+        full = getattr(chipmunk, section).full_step_schedule
+        if full is not None:
+            changes[f"{section}__full_step_schedule"] = tuple(s for s in full if s < steps)
     return chipmunk.replace(**changes)
 
 

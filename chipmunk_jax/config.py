@@ -119,7 +119,9 @@ class MLPConfig:
       enabled: run the MLP layers through Chipmunk at all.
       top_keys: fraction of hidden features kept per row block (exact per-row top-k; docs/algorithm.md §10.9).
       random_keys: extra random keep-probability per feature.
-      full_step_every: full step iff ``step % full_step_every == 0``.
+      full_step_every: full step iff ``step % full_step_every == 0`` (when no schedule).
+      full_step_schedule: explicit sorted set of full steps; must contain 0 (not in the original Chipmunk: the
+        attention's ``full_step_schedule`` for the MLP, e.g. a full step at a Wan 2.2 expert switch).
       block_mask_cache: for ``step >= mask_cache_after_step`` recompute the feature sets only on
         steps divisible by this (1 = every sparse step).
       mask_cache_after_step: first step at which ``block_mask_cache`` applies (10 in the original).
@@ -132,6 +134,7 @@ class MLPConfig:
     top_keys: float = field(0.3, check=check_fraction)
     random_keys: float = field(0.05, check=check_fraction)
     full_step_every: int = field(10, check=positive_int)
+    full_step_schedule: tuple[int, ...] | None = field(None, check=optional(_check_steps))
     block_mask_cache: int = field(2, check=positive_int)
     mask_cache_after_step: int = field(10, check=non_negative_int)
     first_n_dense_layers: int = field(2, check=non_negative_int)
@@ -142,6 +145,9 @@ class MLPConfig:
         validate_fields(self, prefix="mlp.")
         if self.block_size % 64:
             raise ValueError(f"mlp.block_size must be a multiple of 64, got {self.block_size}")
+        if self.full_step_schedule is not None and 0 not in self.full_step_schedule:
+            raise ValueError(f"mlp.full_step_schedule must contain step 0 (it fills the MLP caches the sparse steps "
+                             f"update), got {self.full_step_schedule}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +190,11 @@ _SECTIONS = {
 class ChipmunkConfig:
     """Everything Chipmunk needs to know; hashable, so it can be a static jit argument.
 
-    Step schedules must fit ``num_steps``: an entry of ``step_cache.skip_step_schedule`` or
-    ``attention.full_step_schedule`` >= num_steps is a ValueError, except in the default skip schedule
-    (DEFAULT_SKIP_STEP_SCHEDULE, made for 50 steps, given or left out), which is clipped to num_steps, so
-    ``ChipmunkConfig(num_steps=8)`` and ``flux().replace(num_steps=8)`` work and skip step 7 only (and
-    ``replace(num_steps=50)`` restores the full default).
+    Step schedules must fit ``num_steps``: an entry of ``step_cache.skip_step_schedule``,
+    ``attention.full_step_schedule`` or ``mlp.full_step_schedule`` >= num_steps is a ValueError, except in the
+    default skip schedule (DEFAULT_SKIP_STEP_SCHEDULE, made for 50 steps, given or left out), which is clipped to
+    num_steps, so ``ChipmunkConfig(num_steps=8)`` and ``flux().replace(num_steps=8)`` work and skip step 7 only
+    (and ``replace(num_steps=50)`` restores the full default).
     """
 
     attention: AttentionConfig = AttentionConfig()
@@ -207,13 +213,14 @@ class ChipmunkConfig:
 
     def _fit_schedules(self) -> None:
         """The default skip schedule (DEFAULT_SKIP_STEP_SCHEDULE, made for 50 steps) is clipped to num_steps; an
-        entry of any other skip schedule, or of attention.full_step_schedule, past the last step is an error."""
+        entry of any other skip schedule, or of a full-step schedule, past the last step is an error."""
         if self.step_cache.skip_step_schedule == DEFAULT_SKIP_STEP_SCHEDULE:
             clipped = _default_skip_schedule(self.num_steps)
             if clipped != DEFAULT_SKIP_STEP_SCHEDULE:
                 object.__setattr__(self, "step_cache", dataclasses.replace(self.step_cache, skip_step_schedule=clipped))
         for name, steps in (("step_cache.skip_step_schedule", self.step_cache.skip_step_schedule),
-                            ("attention.full_step_schedule", self.attention.full_step_schedule or ())):
+                            ("attention.full_step_schedule", self.attention.full_step_schedule or ()),
+                            ("mlp.full_step_schedule", self.mlp.full_step_schedule or ())):
             late = [s for s in steps if s >= self.num_steps]
             if late:
                 raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["on_host", "to_device", "to_host", "with_device_cache"]
+__all__ = ["on_host", "to_device", "to_host", "with_device_cache", "with_device_params"]
 
 _HOST = jax.memory.Space.Host
 _DEVICE = jax.memory.Space.Device
@@ -37,3 +37,12 @@ def with_device_cache(fn, cache):
         return fn(cache)
     out, new_cache = fn(to_device(cache))
     return out, to_host(new_cache)
+
+
+def with_device_params(fn, params):
+    """``fn(params)``, with host-resident ``params`` (e.g. a Wan 2.2 expert waiting in pinned host memory) copied to
+    the device for the call; that copy is freed before this returns (it waits for ``fn``'s work), so the next call's
+    params can take its place. Device params go straight through, without waiting."""
+    if not on_host(params):
+        return fn(params)
+    return jax.block_until_ready(fn(to_device(params)))

@@ -88,13 +88,49 @@ def _guided(v_cond, v_uncond, guidance_scale):
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-def _static_plans(config: ChipmunkConfig, num_steps: int):
-    """Groups the steps by their plan: (group index per step, the distinct plans with Python-int kinds).
-    Steps of one group run the same per-layer code."""
+def _static_plans(config: ChipmunkConfig, num_steps: int, start: int, stop: int):
+    """Groups the steps start .. stop - 1 by their plan: (group index per step of all num_steps, the distinct plans
+    of those steps with Python-int kinds; steps outside the range get group 0, never run). Steps of one group run
+    the same per-layer code."""
     kinds = list(zip(attention_schedule(config)[:num_steps].tolist(), mlp_schedule(config)[:num_steps].tolist()))
-    unique = sorted(set(kinds), key=kinds.index)
-    group = np.array([unique.index(k) for k in kinds], np.int32)
+    ran = kinds[start:stop]
+    unique = sorted(set(ran), key=ran.index)
+    group = np.array([unique.index(k) if start <= s < stop else 0 for s, k in enumerate(kinds)], np.int32)
     return group, [StepPlan(attention=a, mlp=m) for a, m in unique]
+
+
+def _guidance(guidance_scale, num_steps: int):
+    """The sampler's guidance: None (no CFG), a Python float (one scale: a constant of the compiled loop, the common
+    case) or float32 [num_steps] (one scale per step, read at the step inside the loop). A table whose entries are
+    all equal becomes its float, so it compiles as the one-scale loop does."""
+    if guidance_scale is None:
+        return None
+    if isinstance(guidance_scale, (bool, np.bool_)):
+        raise TypeError(f"guidance_scale must be a number or one number per step, got {guidance_scale!r}")
+    table = np.asarray(guidance_scale)
+    if not (np.issubdtype(table.dtype, np.floating) or np.issubdtype(table.dtype, np.integer)):
+        raise TypeError(f"guidance_scale must be a number or one number per step, got {guidance_scale!r:.80}")
+    if table.ndim not in (0, 1) or (table.ndim == 1 and table.shape[0] != num_steps):
+        raise ValueError(f"guidance_scale: one number, or one per sampling step ({num_steps}), got shape "
+                         f"{table.shape}")
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r:.80}")
+    table = table.astype(np.float32)
+    if table.ndim == 0 or np.all(table == table[0]):
+        return float(table.reshape(-1)[0])
+    return table
+
+
+def _step_range(steps, num_steps: int) -> tuple[int, int]:
+    if steps is None:
+        return 0, num_steps
+    if (not isinstance(steps, (tuple, list)) or len(steps) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps)):
+        raise TypeError(f"steps must be None or a (start, stop) pair of ints, got {steps!r}")
+    start, stop = int(steps[0]), int(steps[1])
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"steps=({start}, {stop}) must satisfy 0 <= start < stop <= {num_steps} (the sampling steps)")
+    return start, stop
 
 
 def make_sampler(
@@ -102,11 +138,12 @@ def make_sampler(
     config: ChipmunkConfig,
     sigmas,
     *,
-    guidance_scale: float | None = None,
+    guidance_scale=None,
     progress: bool = False,
     static_step_dispatch: bool = False,
     on_step: Callable[[int], None] | None = None,
     mesh=None,
+    steps: tuple[int, int] | None = None,
 ):
     """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
     step_cache), jitted once, with latents/cache/step_cache donated.
@@ -114,6 +151,9 @@ def make_sampler(
     With ``guidance_scale`` (classifier-free guidance) the cache and step cache carry a leading
     branch axis of 2 (cond, uncond; ``chipmunk_jax.cache.stack_branches``), or the cache is a
     ``BranchCaches`` pair (``split_branches``: the layout for host-resident caches), and ``uncond`` is required.
+    ``guidance_scale`` is one number, or one per sampling step (a sequence or array of ``len(sigmas) - 1``: e.g.
+    Wan 2.2 A14B's two experts, each with its own scale, ``models.wan_experts.guidance_schedule``); a table costs
+    a lookup per step, and a table of equal entries compiles as its one number.
 
     ``static_step_dispatch``: instead of passing the model a plan of traced kinds (each layer then
     switches on its own kind), switch ONCE per step over the distinct plans of the schedule and call
@@ -135,6 +175,12 @@ def make_sampler(
     of the devices (``jax.vmap`` over the branch axis with ``spmd_axis_name="cfg"``), and the guidance combine
     is their one exchange per step; with a "cfg" axis of 1 they run in turn on all devices. Host-resident caches
     (``BranchCaches``, ``offload_layer_caches``) are for one device: a mesh shards the caches instead.
+
+    ``steps=(start, stop)``: run only the steps start .. stop - 1 (default: all), taking the latents, caches and
+    step cache as they are before step ``start`` and returning them after step ``stop - 1``, so a run can be split
+    into segments with host work between them (Wan 2.2 A14B with the idle expert's weights in host memory,
+    ``models.wan_experts.sample_segments``). Step indices, sigmas, schedules, per-step guidance, the random key's
+    per-step folds and ``on_step`` stay those of the whole run: the segments together equal the one loop.
     """
     sigmas = np.asarray(sigmas, np.float32)
     num_steps = sigmas.size - 1
@@ -142,15 +188,20 @@ def make_sampler(
         raise ValueError("sigmas must hold at least two noise levels")
     if num_steps > config.num_steps:
         raise ValueError(f"{num_steps} sampling steps exceed config.num_steps={config.num_steps}")
+    start, stop = _step_range(steps, num_steps)
     skip_table = jnp.asarray(model_schedule(config)[:num_steps])
     sigma_table = jnp.asarray(sigmas)
-    cfg_on = guidance_scale is not None
+    guidance = _guidance(guidance_scale, num_steps)
+    cfg_on = guidance is not None
     mesh = _sampler_mesh(denoiser, mesh, cfg_on)
     cfg_parallel = mesh is not None and parallel.cfg_size(mesh) == 2
-    bar = _ProgressBar(num_steps) if progress else None
+    bar = _ProgressBar(num_steps, start, stop) if progress else None
+
+    def guidance_at(step):
+        return guidance if isinstance(guidance, float) else jnp.asarray(guidance)[step]
 
     if static_step_dispatch:
-        group_table, static_plans = _static_plans(config, num_steps)
+        group_table, static_plans = _static_plans(config, num_steps, start, stop)
         group_table = jnp.asarray(group_table)
 
     def model_call(params, x, t, cond, cache, step_cache, step, key, branches=False):
@@ -198,13 +249,13 @@ def make_sampler(
         if cfg_parallel:
             v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key,
                                               branches=True)
-            v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_scale)
+            v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_at(step))
         elif cfg_on:
             v_c, c_c, s_c = model_call(params, x, model_t[0], cond, select_branch(cache, 0),
                                        select_branch(step_cache, 0), step, step_key)
             v_u, c_u, s_u = model_call(params, x, model_t[1], uncond, select_branch(cache, 1),
                                        select_branch(step_cache, 1), step, step_key)
-            v = _guided(v_c.astype(jnp.float32), v_u.astype(jnp.float32), guidance_scale)
+            v = _guided(v_c.astype(jnp.float32), v_u.astype(jnp.float32), guidance_at(step))
             cache = update_branch(update_branch(cache, 0, c_c), 1, c_u)
             step_cache = update_branch(update_branch(step_cache, 0, s_c), 1, s_u)
         else:
@@ -231,7 +282,7 @@ def make_sampler(
         if cfg_parallel:  # side by side: the branches' conditioning stacked once, on a leading branch axis
             cond, uncond, tables = _stack(cond, uncond), None, _stack(*tables)
         carry = (params, cond, uncond, latents, cache, step_cache, key, tables)
-        _, _, _, x, cache, step_cache, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
+        _, _, _, x, cache, step_cache, _, _ = jax.lax.fori_loop(start, stop, body, carry)
         return x, cache, step_cache
 
     jitted = jax.jit(run, donate_argnums=(1, 3, 4))
@@ -292,22 +343,23 @@ class _MeshSampler:
 
 
 class _ProgressBar:
-    """tqdm bar driven from inside the jitted loop by a host callback (one per sampler)."""
+    """tqdm bar driven from inside the jitted loop by a host callback (one per sampler; the sampler of a segment,
+    steps first .. stop - 1, shows the whole run's bar from ``first`` on and closes it after ``stop - 1``)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, first: int = 0, stop: int | None = None):
+        self.total, self.first, self.stop = total, first, total if stop is None else stop
         self._bar = None
 
     def update(self, step, _=None):
         step = int(step)
-        if step == 0 or self._bar is None:
+        if step == self.first or self._bar is None:
             from tqdm.auto import tqdm
 
             if self._bar is not None:
                 self._bar.close()
-            self._bar = tqdm(total=self.total, desc="sampling")
+            self._bar = tqdm(total=self.total, initial=step, desc="sampling")
         self._bar.update(1)
-        if step + 1 == self.total:
+        if step + 1 == self.stop:
             self._bar.close()
             self._bar = None
 
@@ -315,7 +367,8 @@ class _ProgressBar:
 def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache, *, sigmas, key,
            hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False,
            static_step_dispatch=False, mesh=None):
-    """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop."""
+    """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop (``guidance_scale``:
+    one number or one per step, as ``make_sampler``'s)."""
     step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
     if guidance_scale is not None:
         cache = stack_branches(cache, 2)

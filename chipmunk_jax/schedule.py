@@ -24,6 +24,7 @@ __all__ = [
     "MLPStep",
     "ModelStep",
     "attention_full_step",
+    "mlp_full_step",
     "attention_step_kind",
     "mlp_step_kind",
     "model_step_kind",
@@ -67,6 +68,13 @@ def attention_full_step(config: ChipmunkConfig, step: int) -> bool:
     return step < 2 or step % a.full_step_every == 0
 
 
+def mlp_full_step(config: ChipmunkConfig, step: int) -> bool:
+    m = config.mlp
+    if m.full_step_schedule is not None:
+        return step in m.full_step_schedule
+    return step % m.full_step_every == 0
+
+
 def _attention_kind_for_step(config: ChipmunkConfig, step: int) -> AttentionStep:
     if not config.attention.enabled:
         return AttentionStep.ALWAYS_DENSE
@@ -83,9 +91,9 @@ def _mlp_kind_for_step(config: ChipmunkConfig, step: int) -> MLPStep:
     m = config.mlp
     if not m.enabled:
         return MLPStep.ALWAYS_DENSE
-    if step % m.full_step_every == 0:
+    if mlp_full_step(config, step):
         return MLPStep.DENSE
-    sets_exist = any(s % m.full_step_every != 0 for s in range(step))
+    sets_exist = any(not mlp_full_step(config, s) for s in range(step))
     if sets_exist and step >= m.mask_cache_after_step and step % m.block_mask_cache != 0:
         return MLPStep.SPARSE_REUSE
     return MLPStep.SPARSE_SELECT

@@ -1,7 +1,8 @@
-"""Tiny diffusers pipeline folders for FLUX, Wan 2.1 and HunyuanVideo, built on the CPU with nothing downloaded
-(tiny random transformers, text encoders and VAEs; tokenizers made from a word list with BPE merges written here;
-saved with diffusers' ``save_pretrained``). Shared by tests/test_pipelines.py and tests/test_cli.py:
-``from pipeline_folders import build_wan_folder`` (pytest's default ``prepend`` import mode puts tests/ on sys.path).
+"""Tiny diffusers pipeline folders for FLUX, Wan 2.1, Wan 2.2 (T2V-A14B, TI2V-5B) and HunyuanVideo, built on the
+CPU with nothing downloaded (tiny random transformers, text encoders and VAEs; tokenizers made from a word list with
+BPE merges written here; saved with diffusers' ``save_pretrained``). Shared by tests/test_pipelines.py and
+tests/test_cli.py: ``from pipeline_folders import build_wan_folder`` (pytest's default ``prepend`` import mode puts
+tests/ on sys.path).
 
 Each ``build_*_folder(root)`` writes ``root/pipeline`` and returns dict(root=, path=, reference=), where
 ``reference`` is diffusers' own pipeline on the same components (for parity checks). Importing this module imports
@@ -15,7 +16,8 @@ import torch
 import transformers
 
 __all__ = ["WORDS", "PROMPT", "HUNYUAN_TEMPLATE", "bpe", "clip_parts", "t5_tokenizer", "t5_config", "perturbed",
-           "build_flux_folder", "build_wan_folder", "build_hunyuan_folder"]
+           "wan_transformer", "build_flux_folder", "build_wan_folder", "build_wan_a14b_folder", "build_wan_ti2v_folder",
+           "build_hunyuan_folder"]
 
 WORDS = "a cat dog on the grass red blue photo of describe video".split()
 PROMPT = "a cat on the grass"
@@ -106,24 +108,60 @@ def build_flux_folder(root):
     return dict(root=root, path=str(root / "pipeline"), reference=reference)
 
 
-def build_wan_folder(root):
-    torch.manual_seed(1)
+def wan_transformer(channels: int = 4):
+    """A tiny random diffusers WanTransformer3DModel (2 layers, 2 heads of 12) with ``channels`` latent channels."""
+    return perturbed(diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+        out_channels=channels, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32))
+
+
+def _wan_vae():
+    """A tiny Wan 2.1 VAE (z_dim 4, spatial factor 8)."""
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                      latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
+
+
+def _wan_pipeline_folder(root, *, make_transformers, vae, scheduler, **options):
+    """diffusers' WanPipeline on the tiny UMT5 text encoder, saved to ``root/pipeline`` (``make_transformers()``:
+    its transformer(s), built after the text encoder; ``options``: boundary_ratio / expand_timesteps)."""
     tokenizer = t5_tokenizer()
     encoder = transformers.UMT5EncoderModel(t5_config(transformers.UMT5Config, tokenizer, 16)).eval()
-    transformer = perturbed(diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32))
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                     latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
-    # the released Wan 2.1 folders ship UniPC; this one Euler, so that diffusers' pipeline steps as ours does
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
-                                      transformer=transformer)
+    models = make_transformers()
+    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae(), scheduler=scheduler,
+                                      **models, **options)
     reference.set_progress_bar_config(disable=True)
     reference.save_pretrained(root / "pipeline")
     return dict(root=root, path=str(root / "pipeline"), reference=reference)
+
+
+def build_wan_folder(root):
+    torch.manual_seed(1)
+    # the released Wan 2.1 folders ship UniPC; this one Euler, so that diffusers' pipeline steps as ours does
+    return _wan_pipeline_folder(root, make_transformers=lambda: {"transformer": wan_transformer()}, vae=_wan_vae,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def build_wan_a14b_folder(root):
+    """A Wan2.2-T2V-A14B-like folder: two different experts (transformer/, transformer_2/) and the T2V-A14B
+    boundary_ratio 0.875; Euler with shift 5, so that 4 steps switch at step 2 (t = 1000, 910 | 717, 24)."""
+    torch.manual_seed(3)
+    return _wan_pipeline_folder(
+        root, make_transformers=lambda: {"transformer": wan_transformer(), "transformer_2": wan_transformer()},
+        vae=_wan_vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), boundary_ratio=0.875)
+
+
+def build_wan_ti2v_folder(root):
+    """A Wan2.2-TI2V-5B-like folder: one transformer on the latents of a tiny Wan2.2 VAE (residual, patch 2,
+    spatial factor 16; z_dim 8 here, 48 in the release) and ``expand_timesteps``."""
+    torch.manual_seed(4)
+    vae = lambda: diffusers.AutoencoderKLWan(  # noqa: E731
+        base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.3, 0.0] * 2, latents_std=[1.5, 0.8, 1.2, 2.0] * 2).eval()
+    return _wan_pipeline_folder(root, make_transformers=lambda: {"transformer": wan_transformer(8)}, vae=vae,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=True)
 
 
 def build_hunyuan_folder(root):

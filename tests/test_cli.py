@@ -1,6 +1,7 @@
 """``chipmunk-jax generate`` end to end on CPU: a tiny random diffusers FLUX transformer + AutoencoderKL
-saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; tiny Wan 2.1 and HunyuanVideo
-pipeline folders (tests/pipeline_folders.py) -> MP4, dense and Chipmunk; bad arguments.
+saved as a pipeline folder -> PNG; converted params without a VAE -> .npy latents; tiny Wan 2.1, Wan 2.2 (T2V-A14B,
+TI2V-5B) and HunyuanVideo pipeline folders (tests/pipeline_folders.py) -> MP4 / latents, dense and Chipmunk; bad
+arguments.
 
 Every test gets its own XDG_CACHE_HOME (the default --compile-cache and weights-cache folders) and JAX's
 persistent-cache settings back afterwards (the CLI runs in this process)."""
@@ -8,6 +9,7 @@ persistent-cache settings back afterwards (the CLI runs in this process)."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import chex
@@ -167,9 +169,14 @@ def test_version_defaults_in_help_and_convert(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = capsys.readouterr().out
-    for default in ("the transformer (default: flux)", "(default: 1024 flux, 720 hunyuan-video, 480 wan)",
-                    "(default: 1024 flux, 1280 hunyuan-video, 832 wan)", "(default: 129 hunyuan-video, 81 wan)",
-                    "(default: 24 hunyuan-video, 16 wan)", "(default: 3.5 flux, 6.0 hunyuan-video, 5.0 wan)",
+    for default in ("the transformer (default: flux)",
+                    "(default: 1024 flux, 720 hunyuan-video, 480 wan, 720 wan2.2-t2v-a14b, 720 wan2.2-i2v-a14b, "
+                    "704 wan2.2-ti2v-5b)",
+                    "(default: 1024 flux, 1280 hunyuan-video, 832 wan, 1280 wan2.2-t2v-a14b",
+                    "(default: 129 hunyuan-video, 81 wan, 81 wan2.2-t2v-a14b, 81 wan2.2-i2v-a14b, 121 wan2.2-ti2v-5b)",
+                    "(default: 24 hunyuan-video, 16 wan, 16 wan2.2-t2v-a14b, 16 wan2.2-i2v-a14b, 24 wan2.2-ti2v-5b)",
+                    "(default: 3.5 flux, 6.0 hunyuan-video, 5.0 wan, 4.0 wan2.2-t2v-a14b",
+                    "(default: 3.0 wan2.2-t2v-a14b, 3.5 wan2.2-i2v-a14b)",
                     "sampling steps (default: 50)", "(default: the model's preset: flux, hunyuan_video, wan)"):
         assert default in text, default
     assert "(default: None)" not in text
@@ -224,9 +231,10 @@ def video_files(tmp_path_factory):
     """Tiny Wan and HunyuanVideo pipeline folders and Chipmunk configs that fit their few tokens."""
     folders = pytest.importorskip("pipeline_folders")  # tests/pipeline_folders.py: needs transformers too
     root = tmp_path_factory.mktemp("cli_video")
-    (root / "wan").mkdir()
-    (root / "hunyuan").mkdir()
+    for name in ("wan", "hunyuan", "a14b", "ti2v"):
+        (root / name).mkdir()
     wan, hunyuan = folders.build_wan_folder(root / "wan"), folders.build_hunyuan_folder(root / "hunyuan")
+    a14b, ti2v = folders.build_wan_a14b_folder(root / "a14b"), folders.build_wan_ti2v_folder(root / "ti2v")
     # 2 x 8 x 12 = 192 Wan tokens at 128x192x5 (one query group); every key kept at the sparse steps
     wan_chipmunk = root / "wan.yaml"
     C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16, attention__local_voxels=0,
@@ -236,8 +244,8 @@ def video_files(tmp_path_factory):
     C.hunyuan_video().replace(attention__random_keys=1.0, attention__first_n_dense_layers=1,
                               attention__full_step_schedule=(0, 1), step_cache__skip_step_schedule=(3,)).save(
         hunyuan_chipmunk)
-    return dict(root=root, wan=wan["path"], hunyuan=hunyuan["path"], wan_chipmunk=str(wan_chipmunk),
-                hunyuan_chipmunk=str(hunyuan_chipmunk))
+    return dict(root=root, wan=wan["path"], hunyuan=hunyuan["path"], a14b=a14b["path"], ti2v=ti2v["path"],
+                wan_chipmunk=str(wan_chipmunk), hunyuan_chipmunk=str(hunyuan_chipmunk))
 
 
 def _read_video(path):
@@ -315,6 +323,43 @@ def test_hunyuan_video_to_mp4(video_files, tmp_path, capsys, chipmunk):
         assert "skipped (final layer only)" in captured.out and "attention sparse" in captured.out
 
 
+@pytest.mark.slow
+def test_wan22_a14b_offloaded_chipmunk_step_cache_to_mp4(video_files, tmp_path, capsys):
+    """Two experts (switch at step 2 of 4), the idle one in host memory, Chipmunk + step caching: the switch step
+    is a full step in the per-step report, step 3 skipped."""
+    pytest.importorskip("imageio_ffmpeg")
+    out = tmp_path / "a14b.mp4"
+    code = _generate("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["a14b"], "--prompt", PROMPT,
+                     "--negative-prompt", "blue dog", "--height", 128, "--width", 192, "--num-frames", 5, "--steps", 4,
+                     "--chipmunk", video_files["wan_chipmunk"], "--step-cache", "--offload-idle-expert",
+                     "--compile-cache", "none", "--out", out)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _check_mp4(out, 5, 128, 192)
+    assert ("Wan 2.2 T2V-A14B, 5 frames x 128x192, 4 steps, Chipmunk" in captured.err
+            and "two experts switched at boundary_ratio 0.875, the idle one in host memory" in captured.err)
+    assert captured.err.count("sampling loop compiled in") == 2  # one jit per expert
+    # steps 0 dense, 1 column sums, 2 (the switch) column sums again, 3 skipped
+    assert re.search(r"^attention dense_colsum \+ mlp always_dense +2 ", captured.out, re.MULTILINE)
+    assert "skipped (final layer only)" in captured.out and "attention sparse" not in captured.out
+    assert "2 transformer calls per step" in captured.out
+
+
+@pytest.mark.slow
+def test_wan22_ti2v_and_a14b_dense_latents(video_files, tmp_path, capsys):
+    common = ("--prompt", PROMPT, "--num-frames", 5, "--steps", 2, "--dense", "--compile-cache", "none")
+    assert _generate("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["ti2v"], "--height", 64, "--width", 64,
+                     *common, "--out", tmp_path / "ti2v.npy") == 0
+    assert "Wan 2.2 TI2V-5B, 5 frames x 64x64, 2 steps, dense" in capsys.readouterr().err
+    latents = np.load(tmp_path / "ti2v.npy")
+    chex.assert_shape(latents, (1, 8, 2, 4, 4))  # z_dim 8, spatial factor 16
+    chex.assert_tree_all_finite(latents)
+    assert _generate("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["a14b"], "--height", 32, "--width",
+                     32, "--guidance-2", 2.0, *common, "--out", tmp_path / "a14b.npy") == 0
+    assert "two experts switched at boundary_ratio 0.875, loaded" in capsys.readouterr().err
+    chex.assert_shape(np.load(tmp_path / "a14b.npy"), (1, 4, 2, 4, 4))
+
+
 def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
     mp4 = str(tmp_path / "x.mp4")
     cases = [
@@ -326,6 +371,17 @@ def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
         (("--model", "wan", "--diffusers", video_files["wan"], "--chipmunk", "nope"), "unknown preset 'nope'"),
         # the HunyuanVideo preset's full step 40 does not fit 30 steps
         (("--model", "hunyuan-video", "--diffusers", video_files["hunyuan"], "--steps", 30), "--steps 30"),
+        # a Wan folder of another Wan model: the --model that runs it
+        (("--model", "wan", "--diffusers", video_files["a14b"]),
+         "is a Wan 2.2 T2V-A14B pipeline folder, not Wan 2.1: run it with --model wan2.2-t2v-a14b"),
+        (("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["wan"]),
+         "is a Wan 2.1 pipeline folder, not Wan 2.2 TI2V-5B: run it with --model wan"),
+        (("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["ti2v"]), "run it with --model wan2.2-ti2v-5b"),
+        (("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["hunyuan"]),
+         "holds a diffusers HunyuanVideoPipeline pipeline, not a WanPipeline"),
+        # TI2V-5B: VAE factor 16 x patch 2
+        (("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["ti2v"], "--height", 48, "--width", 64,
+          "--num-frames", 5, "--steps", 2), "height must be a multiple of 32"),
     ]
     for args, needle in cases:
         assert _generate(*args, "--prompt", PROMPT, "--out", mp4) == 1, args
@@ -337,7 +393,8 @@ def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--model", "flux", "--negative-prompt", "blurry"), "--negative-prompt is for --model wan, not --model flux"),
+    (("--model", "flux", "--negative-prompt", "blurry"),
+     "--negative-prompt is for --model wan / wan2.2-t2v-a14b / wan2.2-i2v-a14b / wan2.2-ti2v-5b, not --model flux"),
     (("--model", "flux", "--num-frames", 5), "--num-frames is for the video models"),
     (("--model", "flux", "--fps", 8), "--fps is for the video models"),
     (("--model", "flux", "--out", "x.mp4"), "--out must end in .png or .npy (--model flux makes an image)"),
@@ -354,6 +411,21 @@ def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
     (("--weights", "W"), "--model wan needs its diffusers pipeline folder"),
     (("--dense", "--step-cache"), "--step-cache with --dense runs for --model flux only"),
     (("--model", "sdxl"), "invalid choice: 'sdxl'"),
+    (("--guidance-2", 3.0), "--guidance-2 is for the two-expert --model wan2.2-t2v-a14b / wan2.2-i2v-a14b, not "
+                            "--model wan"),
+    (("--model", "wan2.2-ti2v-5b", "--offload-idle-expert"), "--offload-idle-expert is for the two-expert"),
+    (("--model", "wan2.2-t2v-a14b", "--image", "x.png"), "--image is for --model wan2.2-i2v-a14b (image-to-video), "
+                                                          "not --model wan2.2-t2v-a14b"),
+    (("--model", "wan2.2-i2v-a14b",), "--model wan2.2-i2v-a14b needs --image PATH (the first frame)"),
+    (("--model", "wan2.2-i2v-a14b", "--image", "x.png"), "image-to-video conditioning (diffusers' "
+                                                          "WanImageToVideoPipeline: the first frame VAE-encoded"),
+    (("--model", "wan2.2-t2v-a14b", "--weights", "W", "--pipeline", "P"),
+     "--model wan2.2-t2v-a14b takes its two experts from the pipeline folder: --diffusers PIPELINE_DIR"),
+    (("--model", "wan2.2-t2v-a14b", "--guidance", 1.0, "--guidance-2", 3.0),
+     "--guidance-2 needs classifier-free guidance: --guidance must be > 1"),
+    (("--model", "wan2.2-t2v-a14b", "--guidance-2", -1.0), "--guidance-2 must be >= 0"),
+    (("--model", "wan2.2_ti2v_5b", "--negative-prompt", "blurry", "--guidance", 1.0),
+     "--negative-prompt needs classifier-free guidance"),
 ])
 def test_bad_video_arguments_exit_2(args, needle, capsys):
     base = {"--model": "wan", "--diffusers": "D", "--prompt": "a cat", "--out": "x.mp4"}

@@ -50,6 +50,9 @@ def test_replace_nested():
         (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(top_keys=2.0)), "mlp.top_keys"),
         (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(block_size=96)), "block_size must be a multiple of 64"),
         (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(counts_multiple_of=0)), "counts_multiple_of"),
+        (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(full_step_schedule=(1, 10))), "mlp.full_step_schedule must contain "
+                                                                               "step 0"),
+        (lambda: C.ChipmunkConfig(mlp=C.MLPConfig(full_step_schedule=(0, 10, 10))), "sorted and free of duplicates"),
         (lambda: C.ChipmunkConfig(step_cache=C.StepCacheConfig(skip_step_schedule=(0, 3))), "cannot skip step 0"),
         (lambda: C.ChipmunkConfig(reorder=C.ReorderConfig(kind="spiral")), "reorder.kind"),
         (lambda: C.ChipmunkConfig(reorder=C.ReorderConfig(tile=8, subtile=3)), "multiple of reorder.subtile"),
@@ -98,11 +101,14 @@ def test_booleans_only_from_booleans(tmp_path, text):
     (lambda: C.ChipmunkConfig(num_steps=8, attention=C.AttentionConfig(full_step_schedule=(0, 1, 4, 8))),
      r"attention.full_step_schedule entry 8 is past the last step: num_steps=8"),
     (lambda: C.hunyuan_video().replace(num_steps=30), r"attention.full_step_schedule entry 40 .*num_steps=30"),
+    (lambda: C.flux().replace(num_steps=8, mlp__full_step_schedule=(0, 4, 9)),
+     r"mlp.full_step_schedule entry 9 is past the last step: num_steps=8"),
     (lambda: C.flux().replace(num_steps=10, step_cache__skip_step_schedule=(3, 12)),
      r"skip_step_schedule entry 12 .*num_steps=10"),
     (lambda: C.ChipmunkConfig.from_dict({"num_steps": 4, "step_cache": {"skip_step_schedule": [2, 7]}}),
      r"skip_step_schedule entry 7"),
-], ids=["skip-schedule", "full-step-schedule", "hunyuan-preset-30-steps", "replace", "from-dict"])
+], ids=["skip-schedule", "full-step-schedule", "hunyuan-preset-30-steps", "mlp-full-step-schedule", "replace",
+        "from-dict"])
 def test_schedule_entries_past_num_steps_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()

@@ -106,6 +106,28 @@ def test_offload_layer_caches_rejects_other_trees():
         offload_layer_caches([jnp.zeros(3)])
 
 
+def test_with_device_params_copies_host_params_in_for_the_call():
+    """Host-resident params (a Wan 2.2 expert waiting in host memory) reach ``fn`` on the device and stay on the
+    host; device params go through as they are."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    host = memory.to_host(params)
+    seen = []
+
+    @jax.jit
+    def fn_jit(p, x):
+        return x @ p["w"].T + p["b"][:2]
+
+    def fn(p):
+        seen.append(_kinds(p))
+        return fn_jit(p, jnp.ones((4, 3)))
+
+    out = memory.with_device_params(fn, host)
+    assert seen[-1] == {"device"} and _kinds(host) == {HOST}
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(fn_jit(params, jnp.ones((4, 3)))))
+    memory.with_device_params(lambda p: seen.append(p), params)
+    assert seen[-1] is params
+
+
 @pytest.mark.slow
 def test_one_jit_sampler_carries_host_caches():
     """The sampler's fori_loop carries host-resident layer caches (FLUX tiny, the FLUX preset, step caching):

@@ -1,6 +1,6 @@
-"""``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1 and HunyuanVideo
-(built by tests/pipeline_folders.py: tiny random transformers, text encoders, VAEs; tokenizers made from a word list
-with BPE merges; nothing downloaded) are run from ``pipe(prompt=...)`` to images / frames, dense and Chipmunk.
+"""``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1, Wan 2.2 (T2V-A14B
+with two experts, TI2V-5B with the Wan2.2 VAE) and HunyuanVideo (built by tests/pipeline_folders.py: tiny random
+transformers, text encoders, VAEs; tokenizers made from a word list with BPE merges; nothing downloaded) are run from ``pipe(prompt=...)`` to images / frames, dense and Chipmunk.
 The dense runs are checked against diffusers' own pipelines on the same components and the same initial noise
 (float32): the final latents agree to <= 1e-5 relative, the decoded pixels to one level in 255. Also: the weights
 cache, the scheduler's sigmas against diffusers' schedulers, write_video, and the errors for bad folders and
@@ -27,13 +27,18 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from chipmunk_jax import config as C  # noqa: E402
-from chipmunk_jax import sampling  # noqa: E402
+from chipmunk_jax import memory, sampling  # noqa: E402
 from chipmunk_jax.models import flux as flux_model  # noqa: E402
-from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanPipeline, write_video  # noqa: E402
+from chipmunk_jax.pipelines import (  # noqa: E402
+    FluxPipeline, HunyuanVideoPipeline, WanA14BPipeline, WanPipeline, write_video)
 from chipmunk_jax.pipelines import common  # noqa: E402
 from chipmunk_jax.ports import flux as flux_ports  # noqa: E402
+from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
+from chipmunk_jax.schedule import (  # noqa: E402
+    AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule)
 from pipeline_folders import (  # noqa: E402
-    HUNYUAN_TEMPLATE, PROMPT, build_flux_folder, build_hunyuan_folder, build_wan_folder)
+    HUNYUAN_TEMPLATE, PROMPT, build_flux_folder, build_hunyuan_folder, build_wan_a14b_folder, build_wan_folder,
+    build_wan_ti2v_folder)
 
 F32 = jnp.float32
 
@@ -48,19 +53,20 @@ def own_weights_cache(tmp_path, monkeypatch):
 # Tiny pipeline folders (tests/pipeline_folders.py)
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    return build_flux_folder(tmp_path_factory.mktemp("flux"))
+def _folder_fixture(build, name: str):
+    """A module-scoped fixture: the tiny pipeline folder ``build`` writes under a fresh ``name`` folder."""
+    @pytest.fixture(scope="module")
+    def folder(tmp_path_factory):
+        return build(tmp_path_factory.mktemp(name))
+
+    return folder
 
 
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    return build_wan_folder(tmp_path_factory.mktemp("wan"))
-
-
-@pytest.fixture(scope="module")
-def hunyuan_folder(tmp_path_factory):
-    return build_hunyuan_folder(tmp_path_factory.mktemp("hunyuan"))
+flux_folder = _folder_fixture(build_flux_folder, "flux")
+wan_folder = _folder_fixture(build_wan_folder, "wan")
+wan_a14b_folder = _folder_fixture(build_wan_a14b_folder, "wan_a14b")
+wan_ti2v_folder = _folder_fixture(build_wan_ti2v_folder, "wan_ti2v")
+hunyuan_folder = _folder_fixture(build_hunyuan_folder, "hunyuan")
 
 
 def _load(cls, folder, chipmunk=None, **kw):
@@ -299,6 +305,139 @@ def test_wan_bad_arguments(wan_dense):
             wan_dense(PROMPT, **dict(call, **kwargs))
     with pytest.raises(ValueError, match="negative_prompt has 2 entries for 1 prompts"):
         wan_dense(PROMPT, **call, negative_prompt=["x", "y"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.2: T2V-A14B (two experts), TI2V-5B (Wan2.2 VAE)
+
+
+# 4 Euler steps at shift 5: t = 1000, 910 (transformer/) | 717, 24 (transformer_2/)
+A14B_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=12,
+                 guidance_scale=4.0, guidance_scale_2=3.0, negative_prompt="blue dog")
+
+
+def _a14b_reference(folder, noise, **changes):
+    with torch.no_grad():
+        return folder["reference"](PROMPT, **dict(A14B_CALL, **changes), latents=torch.from_numpy(noise)).frames[0]
+
+
+def test_wan_a14b_dense_matches_diffusers(wan_a14b_folder):
+    noise = _noise((1, 4, 2, 4, 4), seed=5)
+    theirs = _a14b_reference(wan_a14b_folder, noise, output_type="latent").numpy()
+    pipe = _load(WanA14BPipeline, wan_a14b_folder)
+    assert pipe.boundary_ratio == 0.875 and not pipe.offload_idle_expert and pipe.config == pipe.config_2
+    assert "transformer_2" in pipe.weights_from
+    ours = pipe(PROMPT, **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    assert _rel(ours.frames[0], theirs) <= 1e-5
+    # the comparison can fail: the low-noise expert's own guidance scale moves the result
+    one_scale = _a14b_reference(wan_a14b_folder, noise, guidance_scale_2=None, output_type="latent").numpy()
+    assert _rel(one_scale, theirs) > 1e-3
+
+
+@pytest.mark.slow
+def test_wan_a14b_offloaded_experts_default_scale_and_frames(wan_a14b_folder):
+    noise = _noise((1, 4, 2, 4, 4), seed=5)
+    theirs = _a14b_reference(wan_a14b_folder, noise, output_type="latent").numpy()
+    # the idle expert in pinned host memory: two jitted segments, the same latents
+    offloaded = _load(WanA14BPipeline, wan_a14b_folder, offload_idle_expert=True)
+    assert memory.on_host(offloaded.params[0]) and memory.on_host(offloaded.params[1])
+    out = offloaded(PROMPT, **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    assert _rel(out.frames[0], theirs) <= 1e-5
+    assert memory.on_host(offloaded.params)  # still on the host after the generation
+    # guidance_scale_2 defaults to guidance_scale (diffusers' rule)
+    one_scale = _a14b_reference(wan_a14b_folder, noise, guidance_scale_2=None, output_type="latent").numpy()
+    default = offloaded(PROMPT, **dict(A14B_CALL, guidance_scale_2=None), latents=noise, output_type="latent",
+                        progress=False)
+    assert _rel(default.frames[0], one_scale) <= 1e-5
+    _pixels_match(offloaded(PROMPT, **A14B_CALL, latents=noise, progress=False).frames[0],
+                  _a14b_reference(wan_a14b_folder, noise, output_type="np"))
+    # from parts in memory: diffusers' pipeline (its boundary_ratio) and both experts' (config, params)
+    reference = wan_a14b_folder["reference"]
+    (config, params), (config_2, params_2) = (wan_ports.from_diffusers(m)
+                                              for m in (reference.transformer, reference.transformer_2))
+    in_memory = WanA14BPipeline.from_components(reference, (config, config_2), (params, params_2), chipmunk=None,
+                                                dtype=F32, offload_idle_expert=True)
+    assert in_memory.boundary_ratio == 0.875 and memory.on_host(in_memory.params)
+    out = in_memory(PROMPT, **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    assert _rel(out.frames[0], theirs) <= 1e-5
+    with pytest.raises(TypeError, match="must be \\(high-noise expert, low-noise expert\\) pairs"):
+        WanA14BPipeline.from_components(reference, config, params, chipmunk=None)
+
+
+@pytest.mark.slow
+def test_wan_a14b_chipmunk_refresh_at_the_switch_and_offload(wan_a14b_folder):
+    """Chipmunk with step caching on both experts: the switch step (2) is a full attention + MLP step and never
+    skipped; the offloaded segments give the one-jit latents."""
+    # 2 x 8 x 12 = 192 tokens at 128x192x5 (one query group); every key kept at the sparse steps
+    chipmunk = C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16,
+                               attention__local_voxels=0, attention__random_keys=0.0,
+                               attention__first_n_dense_layers=1, attention__full_step_every=3,
+                               mlp__enabled=True, mlp__first_n_dense_layers=1, mlp__full_step_every=3,
+                               mlp__counts_multiple_of=16, mlp__block_size=64,
+                               step_cache__skip_step_schedule=(2, 3))
+    call = dict(A14B_CALL, height=128, width=192, seed=0, output_type="latent", progress=False)
+    pipe = _load(WanA14BPipeline, wan_a14b_folder, chipmunk=chipmunk)
+    model_chipmunk, sampler_config = pipe.step_configs(4)
+    assert model_chipmunk is sampler_config and model_chipmunk.attention.full_step_schedule == (0, 1, 2, 3)
+    assert model_chipmunk.mlp.full_step_schedule == (0, 2, 3)
+    assert model_chipmunk.step_cache.skip_step_schedule == (3,)
+    assert pipe.step_configs(4)[0].replace(attention__full_step_schedule=None, mlp__full_step_schedule=None,
+                                           step_cache__skip_step_schedule=(2, 3)) == chipmunk.replace(num_steps=4)
+    assert AttentionStep(int(attention_schedule(model_chipmunk)[2])) == AttentionStep.DENSE_COLSUM
+    assert MLPStep(int(mlp_schedule(model_chipmunk)[2])) == MLPStep.DENSE
+    assert [ModelStep(int(k)) for k in model_schedule(model_chipmunk)] == [ModelStep.COMPUTE] * 3 + [ModelStep.SKIP]
+    sparse = pipe(PROMPT, **call)
+    dense = _load(WanA14BPipeline, wan_a14b_folder)(PROMPT, **call)
+    assert 0 < _rel(sparse.frames[0], dense.frames[0]) < 0.05
+    offloaded = _load(WanA14BPipeline, wan_a14b_folder, chipmunk=chipmunk, offload_idle_expert=True)(PROMPT, **call)
+    assert _rel(offloaded.frames[0], sparse.frames[0]) <= 1e-5
+    assert offloaded.timings["compile"] > 0 and sparse.timings["sampling"] > 0
+
+
+def test_wan_ti2v_dense_matches_diffusers(wan_ti2v_folder):
+    """TI2V-5B text-to-video: diffusers' expand_timesteps (a timestep per token, all equal without an image) and
+    the Wan2.2 VAE's latents (z_dim 8 here, spatial factor 16)."""
+    reference = wan_ti2v_folder["reference"]
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, max_sequence_length=12,
+                guidance_scale=4.0, negative_prompt="blue dog")
+    noise = _noise((1, 8, 2, 4, 4), seed=6)
+    with torch.no_grad():
+        theirs = reference(PROMPT, **call, latents=torch.from_numpy(noise), output_type="latent").frames[0]
+        video = reference(PROMPT, **call, latents=torch.from_numpy(noise), output_type="np").frames[0]
+    pipe = _load(WanPipeline, wan_ti2v_folder)
+    assert pipe.config.in_channels == 8 and pipe.vae_scale_factor_spatial == 16
+    latent = pipe(PROMPT, **call, latents=noise, output_type="latent", progress=False)
+    assert _rel(latent.frames[0], theirs.numpy()) <= 1e-5
+    frames = pipe(PROMPT, **call, latents=noise, progress=False).frames[0]
+    assert frames.shape == (5, 64, 64, 3)
+    _pixels_match(frames, video)
+    with pytest.raises(ValueError, match="height must be a multiple of 32"):  # VAE factor 16 x patch 2
+        pipe(PROMPT, **dict(call, height=48), progress=False)
+
+
+def test_wan22_folder_and_argument_errors(wan_folder, wan_a14b_folder, wan_dense, tmp_path):
+    with pytest.raises(ValueError, match="is a Wan 2.2 A14B pipeline .* load it with "
+                                         "chipmunk_jax.pipelines.WanA14BPipeline"):
+        _load(WanPipeline, wan_a14b_folder)
+    with pytest.raises(ValueError, match="is a one-transformer Wan pipeline .* load it with "
+                                         "chipmunk_jax.pipelines.WanPipeline"):
+        _load(WanA14BPipeline, wan_folder)
+    with pytest.raises(ValueError, match="pass both transformer= and transformer_2="):
+        _load(WanA14BPipeline, wan_a14b_folder, transformer=os.path.join(wan_a14b_folder["path"], "transformer"))
+    with pytest.raises(ValueError, match="guidance_scale_2 is the low-noise expert's"):
+        wan_dense(PROMPT, height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale_2=3.0)
+    broken = tmp_path / "no_ratio"
+    shutil.copytree(wan_a14b_folder["path"], broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=None)))
+    with pytest.raises(ValueError, match="lists transformer_2 but its model_index.json sets no boundary_ratio"):
+        WanA14BPipeline.from_pretrained(broken, chipmunk=None)
+    pipe = _load(WanA14BPipeline, wan_a14b_folder)
+    call = dict(height=32, width=32, num_frames=5, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale_2 needs classifier-free guidance"):
+        pipe(PROMPT, **call, guidance_scale=1.0, guidance_scale_2=3.0)
+    with pytest.raises(TypeError, match="guidance_scale_2"):
+        pipe(PROMPT, **call, guidance_scale_2="3")
 
 
 # ----------------------------------------------------------------------------------------------

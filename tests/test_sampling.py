@@ -1,6 +1,6 @@
 """The model-agnostic one-jit sampler on a toy denoiser: equality with a plain Python Euler loop, CFG branches
-with their own caches, skipped steps that call only the head, static step dispatch over the distinct
-``StepPlan``s, the progress bar and bad arguments."""
+with their own caches, a guidance scale per step, skipped steps that call only the head, static step dispatch over
+the distinct ``StepPlan``s, a run split into step ranges, the progress bar and bad arguments."""
 
 import chex
 import jax
@@ -46,7 +46,7 @@ def _python_euler(params, x, cond, sigmas, guidance=None, uncond=None):
         v = den.compute(params, x, sigmas[i], cond, 0, None, None).sample
         if guidance is not None:
             vu = den.compute(params, x, sigmas[i], uncond, 0, None, None).sample
-            v = vu + guidance * (v - vu)
+            v = vu + (guidance if np.ndim(guidance) == 0 else guidance[i]) * (v - vu)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 
@@ -90,6 +90,77 @@ def test_cfg_branches_each_carry_their_own_cache():
     chex.assert_trees_all_close(out, ref, rtol=0, atol=1e-5)
     chex.assert_shape(cache, (2,))
     assert (cache == 5).all()
+
+
+def test_guidance_scale_per_step():
+    """A table of one scale per step is read at the step inside the loop; a table of equal entries compiles as its
+    one number (the same program, the same result)."""
+    cfg = C.ChipmunkConfig(num_steps=5)
+    sigmas = SA.flow_sigmas(5)
+    params, cond, uncond = _params(), jnp.full((B, N, D), 0.2), jnp.full((B, N, D), -0.1)
+    kw = dict(sigmas=sigmas, key=jax.random.PRNGKey(0), hidden_shape=(B, N, D), hidden_dtype=jnp.float32,
+              uncond=uncond)
+    table = np.array([4.0, 4.0, 3.0, 1.0, 6.5], np.float32)
+    out, cache, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), guidance_scale=table, **kw)
+    chex.assert_trees_all_close(out, _python_euler(params, _x(), cond, sigmas, guidance=table, uncond=uncond),
+                                rtol=0, atol=1e-5)
+    assert (cache == 5).all()
+    # the comparison can fail: the first scale for every step is another result
+    one, _, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), guidance_scale=4.0, **kw)
+    assert float(jnp.abs(one - out).max()) > 1e-3
+    for equal in ([4.0] * 5, np.full(5, 4.0), jnp.full((5,), 4.0)):
+        same, _, _ = SA.sample(_toy(), cfg, params, _x(), cond, jnp.int32(0), guidance_scale=equal, **kw)
+        np.testing.assert_array_equal(np.asarray(same), np.asarray(one))
+    run = SA.make_sampler(_toy(), cfg, sigmas, guidance_scale=[4.0] * 5)
+    text = run.lower(params, _x(), cond, jnp.zeros((2,), jnp.int32),
+                     StepCache(hidden=jnp.zeros((2, B, N, D)), valid=jnp.zeros((2,), bool)), jax.random.PRNGKey(0),
+                     uncond).as_text()
+    plain = SA.make_sampler(_toy(), cfg, sigmas, guidance_scale=4.0).lower(
+        params, _x(), cond, jnp.zeros((2,), jnp.int32),
+        StepCache(hidden=jnp.zeros((2, B, N, D)), valid=jnp.zeros((2,), bool)), jax.random.PRNGKey(0),
+        uncond).as_text()
+    assert text == plain
+    for bad, error, words in (([4.0] * 4, ValueError, r"one per sampling step \(5\), got shape \(4,\)"),
+                              (np.ones((5, 1)), ValueError, "got shape"),
+                              ([4.0, np.nan, 4.0, 4.0, 4.0], ValueError, "finite"),
+                              (True, TypeError, "a number or one number per step"),
+                              ("4", TypeError, "a number or one number per step")):
+        with pytest.raises(error, match=words):
+            SA.make_sampler(_toy(), cfg, sigmas, guidance_scale=bad)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_step_ranges_run_in_turn_equal_the_whole_loop(static):
+    """steps=(start, stop): segments run one after the other (caches and step cache handed on) give the whole
+    run's result, with the whole run's step indices (schedules, per-step guidance, keys, on_step)."""
+    cfg = C.flux().replace(num_steps=8, step_cache=C.StepCacheConfig(enabled=True, skip_step_schedule=(3, 6)))
+    sigmas = SA.flow_sigmas(8)
+    params, cond, uncond = _params(), jnp.full((B, N, D), 0.2), jnp.full((B, N, D), -0.1)
+    table = np.linspace(2.0, 5.0, 8).astype(np.float32)
+
+    def fresh():
+        return (jnp.zeros((2,), jnp.int32),
+                StepCache(hidden=jnp.zeros((2, B, N, D)), valid=jnp.zeros((2,), bool)))
+
+    key = jax.random.PRNGKey(3)
+    whole, whole_cache, whole_sc = SA.make_sampler(_toy(), cfg, sigmas, guidance_scale=table,
+                                                   static_step_dispatch=static)(params, _x(), cond, *fresh(), key,
+                                                                                uncond)
+    steps = []
+    x, (cache, sc) = _x(), fresh()
+    for start, stop in ((0, 3), (3, 4), (4, 8)):
+        run = SA.make_sampler(_toy(), cfg, sigmas, guidance_scale=table, static_step_dispatch=static,
+                              steps=(start, stop), on_step=steps.append)
+        x, cache, sc = run(params, x, cond, cache, sc, key, uncond)
+    jax.block_until_ready(x)
+    assert steps == list(range(8))
+    chex.assert_trees_all_close((x, cache, sc), (whole, whole_cache, whole_sc), rtol=0, atol=1e-6)
+    assert (cache == 6).all()  # steps 3 and 6 skipped, across the segments
+    for bad in ((0, 9), (4, 4), (-1, 2)):
+        with pytest.raises(ValueError, match="0 <= start < stop <= 8"):
+            SA.make_sampler(_toy(), cfg, sigmas, steps=bad)
+    with pytest.raises(TypeError, match="a \\(start, stop\\) pair of ints"):
+        SA.make_sampler(_toy(), cfg, sigmas, steps=(0.0, 2))
 
 
 def test_skipped_steps_call_only_the_head_and_trace_once():

@@ -38,6 +38,19 @@ def test_flux_mlp_schedule_follows_block_mask_cache():
     assert all(s % 2 == 0 for s in _steps(table, M.SPARSE_SELECT) if s >= 10)
 
 
+def test_explicit_mlp_full_step_schedule():
+    """mlp.full_step_schedule replaces the full_step_every rule (as attention's does); a YAML round trip keeps it."""
+    explicit = C.flux().replace(num_steps=20, mlp__full_step_schedule=(0, 7, 10))
+    table = mlp_schedule(explicit)
+    assert _steps(table, M.DENSE) == [0, 7, 10]
+    implied = mlp_schedule(C.flux().replace(num_steps=20, mlp__full_step_schedule=(0, 10)))
+    assert (implied == mlp_schedule(C.flux().replace(num_steps=20))).all()  # the schedule full_step_every implies
+    # after full step 10 only even sparse steps re-select, as with the rule
+    assert _steps(table, M.SPARSE_REUSE) == [11, 13, 15, 17, 19]
+    assert (mlp_step_kind(explicit, jnp.int32(7), 5) == M.DENSE) and mlp_step_kind(explicit, 7, 5) == M.DENSE
+    assert C.ChipmunkConfig.from_dict(explicit.to_dict()) == explicit
+
+
 def test_hunyuan_schedule_with_step_caching():
     cfg = C.hunyuan_video()
     attn = attention_schedule(cfg)

@@ -1,6 +1,7 @@
 """Wan 2.2: configs (A14B experts, TI2V-5B), per-token timesteps (TI2V) against diffusers' WanTransformer3DModel,
 the A14B pipeline ports (transformer / transformer_2), and the two-expert sampler (models.wan_experts): diffusers'
-expert choice, the Chipmunk refresh at the switch, and the one-jit sample against a hand-rolled loop."""
+expert choice, per-expert guidance, the Chipmunk refresh at the switch (attention and MLP), the one-jit sample
+against a hand-rolled loop, and the two-segment sample (idle expert in host memory) against the one-jit one."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
-from chipmunk_jax import sampling  # noqa: E402
+from chipmunk_jax import memory, sampling  # noqa: E402
 from chipmunk_jax.models import wan, wan_experts  # noqa: E402
 from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
-from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan  # noqa: E402
+from chipmunk_jax.schedule import (  # noqa: E402
+    AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule, step_plan)
 
 from helpers import max_rel_error, torch_forward  # noqa: E402
 from test_wan_model import TEST_SUITE_CONFIG, make_inputs, make_torch_model  # noqa: E402
@@ -220,9 +222,45 @@ def test_expert_choice_matches_diffusers_and_switch_refresh():
     for s in (0, 1, 2, 3, 5, 6, 7):
         assert attention_schedule(refreshed)[s] == attention_schedule(preset)[s], s
     assert wan_experts.switch_refresh(preset, None) is preset
-    with pytest.raises(ValueError, match="mlp.full_step_every"):
-        wan_experts.switch_refresh(preset.replace(mlp__enabled=True, mlp__full_step_every=3), switch)
-    assert wan_experts.switch_refresh(preset.replace(mlp__enabled=True, mlp__full_step_every=2), switch).mlp.enabled
+    # the MLP (off in the Wan preset) gets the switch as a full step too, whatever its full_step_every
+    assert refreshed.mlp.full_step_schedule == (0, 4)
+    for every in (3, 2):
+        with_mlp = preset.replace(mlp__enabled=True, mlp__full_step_every=every, mlp__mask_cache_after_step=0)
+        mlp = wan_experts.switch_refresh(with_mlp, switch)
+        assert mlp.mlp.full_step_schedule == tuple(sorted(set(range(0, 8, every)) | {switch}))
+        kinds = [MLPStep(int(k)) for k in mlp_schedule(mlp)]
+        assert kinds[switch] == MLPStep.DENSE and kinds[0] == MLPStep.DENSE
+        # the other steps keep their kinds
+        before = [MLPStep(int(k)) for k in mlp_schedule(with_mlp)]
+        assert [k for s, k in enumerate(kinds) if s != switch] == [k for s, k in enumerate(before) if s != switch]
+        assert AttentionStep(int(attention_schedule(mlp)[switch])) == AttentionStep.DENSE_COLSUM
+    assert MLPStep(int(mlp_schedule(preset.replace(mlp__enabled=True, mlp__full_step_every=3))[switch])) \
+        == MLPStep.SPARSE_SELECT  # without the refresh
+    # an explicit MLP schedule is kept and extended
+    explicit = preset.replace(mlp__enabled=True, mlp__full_step_schedule=(0, 6))
+    assert wan_experts.switch_refresh(explicit, switch).mlp.full_step_schedule == (0, 4, 6)
+    with pytest.raises(ValueError, match=r"switch step 8 is not in \[1, num_steps=8\)"):
+        wan_experts.switch_refresh(preset, 8)
+
+
+def test_guidance_schedule_and_segments():
+    sigmas = sampling.flow_sigmas(8, shift=5.0)  # high-noise steps 0-3, low-noise 4-7 at boundary 875
+    table = wan_experts.guidance_schedule(sigmas, 875.0, 4.0, 3.0)
+    assert table.dtype == np.float32 and table.tolist() == [4.0] * 4 + [3.0] * 4
+    # one number when the experts share it (diffusers' default guidance_scale_2 = guidance_scale), None without CFG
+    assert wan_experts.guidance_schedule(sigmas, 875.0, 4.0) == 4.0
+    assert wan_experts.guidance_schedule(sigmas, 875.0, 4.0, 4.0) == 4.0
+    assert wan_experts.guidance_schedule(sigmas, 875.0, None) is None
+    with pytest.raises(ValueError, match="guidance_scale_2 without guidance_scale"):
+        wan_experts.guidance_schedule(sigmas, 875.0, None, 3.0)
+    with pytest.raises(ValueError, match="guidance_scale_2 must be finite"):
+        wan_experts.guidance_schedule(sigmas, 875.0, 4.0, float("nan"))
+    Segment = wan_experts.Segment
+    assert wan_experts.expert_segments(sigmas, 875.0, 4.0, 3.0) == [Segment(0, 0, 4, 4.0), Segment(1, 4, 8, 3.0)]
+    assert wan_experts.expert_segments(sigmas, 875.0) == [Segment(0, 0, 4, None), Segment(1, 4, 8, None)]
+    # one expert all the way: one segment with that expert's scale
+    assert wan_experts.expert_segments(sigmas, 0.0, 4.0, 3.0) == [Segment(0, 0, 8, 4.0)]
+    assert wan_experts.expert_segments(sigmas, 1001.0, 4.0, 3.0) == [Segment(1, 0, 8, 3.0)]
 
 
 # tiny latents: grid (4, 6, 8) = one whole voxel, 192 tokens
@@ -281,11 +319,12 @@ def test_two_expert_sampler_matches_hand_rolled_loop_dense_and_chipmunk():
 
     # dense (no Chipmunk): the sampler's cache passes through untouched
     den = wan_experts.two_expert_denoiser(config, config, None, boundary_timestep=boundary, grid=GRID,
-                                          guidance_scale=g, guidance_scale_2=g2, rotary_emb=rope, dtype=jnp.float32)
+                                          rotary_emb=rope, dtype=jnp.float32)
     dense_chipmunk = chipmunk_config.ChipmunkConfig(num_steps=5)  # the sampler's schedules; no step caching
     out, _, _ = wan_experts.sample(den, dense_chipmunk, params, jnp.asarray(latents), cond, jnp.zeros(()),
                                    sigmas=sigmas, key=jax.random.key(0), hidden_shape=(1, 192, config.inner_dim),
-                                   hidden_dtype=jnp.float32, guidance_scale=g, uncond=uncond)
+                                   hidden_dtype=jnp.float32, boundary_timestep=boundary, guidance_scale=g,
+                                   guidance_scale_2=g2, uncond=uncond)
     assert max_rel_error(out, expected) <= RTOL
     # the comparison can fail: one guidance scale for both experts moves the result
     one_scale, _ = _hand_rolled(params, config, sigmas, latents, cond, uncond, boundary, g, g)
@@ -303,13 +342,13 @@ def test_two_expert_sampler_matches_hand_rolled_loop_dense_and_chipmunk():
     assert AttentionStep(int(attention_schedule(chipmunk)[switch])) == AttentionStep.DENSE_COLSUM
     assert {AttentionStep(int(k)) for k in attention_schedule(chipmunk)} >= {AttentionStep.SPARSE}
     den = wan_experts.two_expert_denoiser(config, config, chipmunk, boundary_timestep=boundary, grid=GRID,
-                                          guidance_scale=g, guidance_scale_2=g2, rotary_emb=rope, dtype=jnp.float32)
+                                          rotary_emb=rope, dtype=jnp.float32)
     cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(1), dtype=jnp.float32)
     for static in (False, True):
         out, caches, _ = wan_experts.sample(den, chipmunk, params, jnp.asarray(latents), cond, cache, sigmas=sigmas,
                                             key=jax.random.key(2), hidden_shape=(1, 192, config.inner_dim),
-                                            hidden_dtype=jnp.float32, guidance_scale=g, uncond=uncond,
-                                            static_step_dispatch=static)
+                                            hidden_dtype=jnp.float32, boundary_timestep=boundary, guidance_scale=g,
+                                            guidance_scale_2=g2, uncond=uncond, static_step_dispatch=static)
         assert max_rel_error(out, expected) <= RTOL, static
     assert caches.attention[0].lse.shape[0] == 2  # one cache per CFG branch, shared by the experts
     # the Chipmunk loop written out (same caches, plans and keys) agrees too
@@ -318,14 +357,62 @@ def test_two_expert_sampler_matches_hand_rolled_loop_dense_and_chipmunk():
     assert max_rel_error(out, hand) <= RTOL
 
 
+@pytest.mark.slow
+def test_two_segments_with_host_resident_experts_equal_the_one_jit_sampler():
+    """The offload path (``sample_segments``: high-noise steps, then low-noise steps, each expert's params moved in
+    from pinned host memory for its segment) gives the one-jit two-expert sampler's latents and caches, with
+    Chipmunk (attention and MLP refreshed at the switch) and step caching across the switch."""
+    config, params = _expert_pair()
+    sigmas = sampling.flow_sigmas(6, shift=5.0)
+    boundary = 900.0
+    switch = wan_experts.switch_step(sigmas, boundary)
+    assert switch == 3  # t = 1000, 968, 923 | 857, ...
+    rng = np.random.default_rng(41)
+    latents = rng.standard_normal((1, config.in_channels) + LATENT).astype(np.float32)
+    cond, uncond = ({"encoder_hidden_states": rng.standard_normal((1, 6, config.text_dim)).astype(np.float32)}
+                    for _ in range(2))
+    from test_wan_model import all_keys_kept
+
+    chipmunk = wan_experts.switch_refresh(
+        all_keys_kept().replace(num_steps=6, attention__counts_multiple_of=16, attention__full_step_every=4,
+                                attention__first_n_dense_layers=1, mlp__enabled=True, mlp__full_step_every=4,
+                                mlp__first_n_dense_layers=1, mlp__counts_multiple_of=16, mlp__block_size=64,
+                                step_cache__enabled=True, step_cache__skip_step_schedule=(2, 3, 5)), switch)
+    assert chipmunk.step_cache.skip_step_schedule == (2, 5)
+    assert MLPStep(int(mlp_schedule(chipmunk)[switch])) == MLPStep.DENSE
+    rope = wan.pos_embed(config, GRID)
+    kw = dict(grid=GRID, rotary_emb=rope, dtype=jnp.float32)
+    cache = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(1), dtype=jnp.float32)
+    call = dict(sigmas=sigmas, key=jax.random.key(2), hidden_shape=(1, 192, config.inner_dim),
+                hidden_dtype=jnp.float32, boundary_timestep=boundary, guidance_scale=4.0, guidance_scale_2=3.0,
+                uncond=uncond)
+    one_jit = wan_experts.sample(wan_experts.two_expert_denoiser(config, config, chipmunk, boundary_timestep=boundary,
+                                                                 **kw),
+                                 chipmunk, params, jnp.asarray(latents), cond, cache, **call)
+    host_params = memory.to_host(params)
+    assert memory.on_host(host_params[0]) and memory.on_host(host_params[1])
+    segments = wan_experts.sample_segments(wan_experts.expert_denoisers(config, config, chipmunk, **kw), chipmunk,
+                                           host_params, jnp.asarray(latents), cond, cache, **call)
+    assert max_rel_error(segments[0], one_jit[0]) <= RTOL
+    for a, b in zip(jax.tree.leaves(segments[1:]), jax.tree.leaves(one_jit[1:])):
+        assert a.shape == b.shape and max_rel_error(a, b) <= 1e-4
+    assert memory.on_host(host_params)  # the caller's host copies stay where they are
+    # the comparison can fail: one guidance scale for both experts moves the result
+    other = wan_experts.sample_segments(wan_experts.expert_denoisers(config, config, chipmunk, **kw), chipmunk,
+                                        host_params, jnp.asarray(latents), cond, cache,
+                                        **dict(call, guidance_scale_2=4.0))
+    assert max_rel_error(other[0], one_jit[0]) > 100 * RTOL
+
+
 def test_two_expert_denoiser_validation():
     config, _ = _expert_pair()
     with pytest.raises(ValueError, match="share their shapes"):
         wan_experts.two_expert_denoiser(config, config.__class__(**dict(TEST_SUITE_CONFIG, num_layers=3)),
                                         boundary_timestep=875.0, grid=GRID)
-    with pytest.raises(ValueError, match="guidance_scale=None"):
-        wan_experts.two_expert_denoiser(config, config, boundary_timestep=875.0, grid=GRID, guidance_scale=1.0,
-                                        guidance_scale_2=3.0)
+    with pytest.raises(ValueError, match="share their shapes"):
+        wan_experts.expert_denoisers(config, config.__class__(**dict(TEST_SUITE_CONFIG, num_layers=3)), grid=GRID)
+    with pytest.raises(ValueError, match="boundary_timestep must be finite"):
+        wan_experts.two_expert_denoiser(config, config, boundary_timestep=float("inf"), grid=GRID)
     with pytest.raises(ValueError, match="boundary_ratio"):
         wan_experts.boundary_timestep(1.5)
     assert wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS["t2v_a14b"]) == 875.0

@@ -4,9 +4,11 @@
         (--prompt-embeds FILE.npz | --prompt TEXT) [--height 1024 --width 1024 --steps 50 --seed 0 --guidance 3.5]
         [--chipmunk PRESET|config.yaml | --dense] [--step-cache] [--compile-cache DIR|none]
         [--mesh sequence=P | none] --out out.png|out.npy
-    chipmunk-jax generate --model hunyuan-video|wan (--diffusers PIPELINE | --pipeline PIPELINE --weights DIR)
-        --prompt TEXT [--negative-prompt TEXT (wan)] [--height --width --num-frames --fps --steps --seed --guidance]
-        [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.mp4|out.gif|out.webp|out.npy
+    chipmunk-jax generate --model hunyuan-video|wan|wan2.2-ti2v-5b (--diffusers PIPELINE | --pipeline PIPELINE
+        --weights DIR) --prompt TEXT [--negative-prompt TEXT (wan*)] [--height --width --num-frames --fps --steps
+        --seed --guidance] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.mp4|.gif|.webp|.npy
+    chipmunk-jax generate --model wan2.2-t2v-a14b --diffusers PIPELINE --prompt TEXT [--guidance --guidance-2]
+        [--offload-idle-expert] [... as above] --out out.mp4|.gif|.webp|.npy
     chipmunk-jax convert --model flux|hunyuan_video|wan --src CHECKPOINT --dst DIR
 
 FLUX: --weights: converted params (``chipmunk-jax convert``) or an orbax checkpoint of a ``chipmunk_jax.nnx``
@@ -19,12 +21,16 @@ transformers). --mesh runs the sampler sequence-parallel over P GPUs (``chipmunk
 docs/architecture.md §6); the default uses every local GPU when there are several (the most of them the image size
 splits over), 'none' one.
 
-HunyuanVideo / Wan 2.1: the diffusers pipeline folder (--diffusers, or --pipeline with the transformer from --weights
+HunyuanVideo / Wan: the diffusers pipeline folder (--diffusers, or --pipeline with the transformer from --weights
 or --diffusers) runs through ``chipmunk_jax.pipelines`` (its torch text encoders encode --prompt, its torch VAE
 decodes; the JAX transformer samples, one jit, on one device); --out .mp4 is H.264 through imageio-ffmpeg (an
 animated GIF beside it when imageio-ffmpeg is missing), .gif / .webp animated images, .npy the latents
-[1, C, (F-1)/4 + 1, H/8, W/8]. A checkpoint that needs converting is converted once and cached in
-``$XDG_CACHE_HOME/chipmunk-jax/weights``.
+[1, C, (F-1)/4 + 1, H/s, W/s] (s: the VAE's factor, 8; 16 for Wan2.2-TI2V-5B). A checkpoint that needs converting
+is converted once and cached in ``$XDG_CACHE_HOME/chipmunk-jax/weights``. Wan 2.2: --model wan2.2-ti2v-5b takes a
+Wan2.2-TI2V-5B folder (text-to-video); --model wan2.2-t2v-a14b a Wan2.2-T2V-A14B folder, whose two experts
+(transformer/ and transformer_2/, switched at its boundary_ratio) each get their own guidance scale (--guidance,
+--guidance-2) and, with --offload-idle-expert, wait in host memory while the other one samples;
+--model wan2.2-i2v-a14b (image-to-video) is not supported yet.
 
 --compile-cache keeps the compiled sampling loop in JAX's persistent compilation cache, so a second run with the
 same shapes and flags loads it from disk; 'none' leaves JAX's cache settings alone.
@@ -75,22 +81,44 @@ class _Model:
     guidance: float
     num_frames: int | None = None  # None: an image model
     fps: int | None = None
-    pipeline: str | None = None  # the chipmunk_jax.pipelines class (video models)
+    pipeline: str | None = None  # the chipmunk_jax.pipelines class (video models; None: not supported yet)
+    wan_variant: str | None = None  # a Wan model: chipmunk_jax.pipelines.wan.folder_variant of its folders
+    guidance_2: float | None = None  # two experts (Wan 2.2 A14B): the low-noise expert's guidance scale
 
     @property
     def video(self) -> bool:
         return self.num_frames is not None
 
+    @property
+    def wan(self) -> bool:
+        """Wan models run true classifier-free guidance (two transformer calls per step, a negative prompt)."""
+        return self.wan_variant is not None
 
+    @property
+    def experts(self) -> bool:
+        return self.guidance_2 is not None
+
+
+# defaults: the original Wan2.2 configs (wan/configs/wan_{t2v,i2v}_A14B.py, wan_ti2v_5B.py: size, frame_num,
+# sample_fps, sample_guide_scale as (low-noise, high-noise))
 _MODELS = {
     "flux": _Model("FLUX.1", "flux", 1024, 1024, 3.5),
     "hunyuan-video": _Model("HunyuanVideo", "hunyuan_video", 720, 1280, 6.0, num_frames=129, fps=24,
                             pipeline="HunyuanVideoPipeline"),
-    "wan": _Model("Wan 2.1", "wan", 480, 832, 5.0, num_frames=81, fps=16, pipeline="WanPipeline"),
+    "wan": _Model("Wan 2.1", "wan", 480, 832, 5.0, num_frames=81, fps=16, pipeline="WanPipeline", wan_variant="t2v"),
+    "wan2.2-t2v-a14b": _Model("Wan 2.2 T2V-A14B", "wan", 720, 1280, 4.0, num_frames=81, fps=16,
+                              pipeline="WanA14BPipeline", wan_variant="t2v-a14b", guidance_2=3.0),
+    "wan2.2-i2v-a14b": _Model("Wan 2.2 I2V-A14B", "wan", 720, 1280, 3.5, num_frames=81, fps=16,
+                              wan_variant="i2v-a14b", guidance_2=3.5),
+    "wan2.2-ti2v-5b": _Model("Wan 2.2 TI2V-5B", "wan", 704, 1280, 5.0, num_frames=121, fps=24,
+                             pipeline="WanPipeline", wan_variant="ti2v-5b"),
 }
+_WAN_MODELS = " / ".join(name for name, m in _MODELS.items() if m.wan)
+_I2V_MISSING = ("image-to-video conditioning (diffusers' WanImageToVideoPipeline: the first frame VAE-encoded, with "
+                "its frame mask, as extra latent channels of every transformer call) is not implemented yet")
 _IMAGE_SUFFIXES = (".png", ".npy")
 _VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".npy")
-_TEMPORAL = 4  # the video VAEs' temporal factor (HunyuanVideo and Wan 2.1): 4k + 1 frames
+_TEMPORAL = 4  # the video VAEs' temporal factor (HunyuanVideo, Wan 2.1 and 2.2): 4k + 1 frames
 
 
 class UsageError(Exception):
@@ -171,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     # parsed by the converter itself (main hands it the rest of the command line)
     commands.add_parser("convert", help="a PyTorch checkpoint -> Flax params folder (chipmunk-jax convert --help)",
                         add_help=False)
-    gen = commands.add_parser("generate", help="sample one image (FLUX) or video (HunyuanVideo, Wan 2.1)",
+    gen = commands.add_parser("generate", help="sample one image (FLUX) or video (HunyuanVideo, Wan 2.1 / 2.2)",
                               description=__doc__.split("\n\n")[1], formatter_class=_HelpFormatter)
     gen.add_argument("--model", choices=tuple(_MODELS), default="flux", type=_model_name, help="the transformer")
     weights = gen.add_mutually_exclusive_group(required=True)
@@ -190,7 +218,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="flux only: prompt_embeds + pooled_prompt_embeds, precomputed (offline use)")
     prompt.add_argument("--prompt", metavar="TEXT", help="text, encoded with the pipeline's text encoders")
     gen.add_argument("--negative-prompt", metavar="TEXT",
-                     help="wan only: the unconditional text of classifier-free guidance (default: '')")
+                     help="wan models only: the unconditional text of classifier-free guidance (default: '')")
+    gen.add_argument("--image", metavar="PATH",
+                     help="wan2.2-i2v-a14b only: the first frame of an image-to-video generation")
     gen.add_argument("--height", type=int, default=None,
                      help=f"height in pixels, a multiple of 16 (default: {_per_model('height')})")
     gen.add_argument("--width", type=int, default=None,
@@ -202,12 +232,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50, help="sampling steps")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="flux (guidance-distilled FLUX.1-dev) and hunyuan-video: the embedded guidance scale; wan: "
-                          f"the classifier-free guidance scale, <= 1 for none (default: {_per_model('guidance')})")
+                     help="flux (guidance-distilled FLUX.1-dev) and hunyuan-video: the embedded guidance scale; wan "
+                          "models: the classifier-free guidance scale (A14B: of the high-noise expert), <= 1 for none "
+                          f"(default: {_per_model('guidance')})")
+    gen.add_argument("--guidance-2", type=float, default=None,
+                     help="wan2.2 A14B models: the low-noise expert's classifier-free guidance scale (default: "
+                          f"{_per_model('guidance_2')})")
+    gen.add_argument("--offload-idle-expert", action="store_true",
+                     help="wan2.2 A14B models: keep both experts in pinned host memory and move each to the GPU for "
+                          "its own steps (one expert on the GPU instead of two; the sampler runs as two jits)")
     sparsity = gen.add_mutually_exclusive_group()
     sparsity.add_argument("--chipmunk", default=None, metavar="PRESET|FILE",
                           help="Chipmunk preset name or a .yaml/.json config (default: the model's preset: "
-                               f"{', '.join(m.preset for m in _MODELS.values())})")
+                               f"{', '.join(dict.fromkeys(m.preset for m in _MODELS.values()))})")
     sparsity.add_argument("--dense", action="store_true", help="no Chipmunk: the dense model")
     gen.add_argument("--step-cache", action="store_true",
                      help="skip the config's skip_step_schedule steps (re-run only the final layer)")
@@ -234,12 +271,27 @@ def _check_generate_args(parser, args) -> None:
     """Argument-level checks (exit code 2, argparse's usage message); fills in the model's defaults."""
     model = _MODELS[args.model]
     name = f"--model {args.model}"
+    for flag, given, which, fits in (
+            ("--negative-prompt", args.negative_prompt is not None, f"--model {_WAN_MODELS}", model.wan),
+            ("--guidance-2", args.guidance_2 is not None, "the two-expert --model wan2.2-t2v-a14b / wan2.2-i2v-a14b",
+             model.experts),
+            ("--offload-idle-expert", args.offload_idle_expert,
+             "the two-expert --model wan2.2-t2v-a14b / wan2.2-i2v-a14b", model.experts),
+            ("--image", args.image is not None, "--model wan2.2-i2v-a14b (image-to-video)",
+             model.wan_variant == "i2v-a14b")):
+        if given and not fits:
+            parser.error(f"{flag} is for {which}, not {name}")
+    if model.wan_variant == "i2v-a14b":
+        if args.image is None:
+            parser.error(f"{name} needs --image PATH (the first frame); besides, {_I2V_MISSING}")
+        parser.error(f"{name}: {_I2V_MISSING}; --model wan2.2-t2v-a14b and wan2.2-ti2v-5b run text-to-video")
+    if model.experts and (args.weights is not None or args.pipeline is not None):
+        parser.error(f"{name} takes its two experts from the pipeline folder: --diffusers PIPELINE_DIR (its "
+                     "transformer/ and transformer_2/ may hold converted params), without --weights / --pipeline")
     if not model.video:
-        for flag, value, models in (("--negative-prompt", args.negative_prompt, "--model wan"),
-                                    ("--num-frames", args.num_frames, "the video models (--model hunyuan-video / wan)"),
-                                    ("--fps", args.fps, "the video models (--model hunyuan-video / wan)")):
+        for flag, value in (("--num-frames", args.num_frames), ("--fps", args.fps)):
             if value is not None:
-                parser.error(f"{flag} is for {models}, not {name}")
+                parser.error(f"{flag} is for the video models (--model hunyuan-video / {_WAN_MODELS}), not {name}")
     else:
         if args.prompt_embeds is not None:
             parser.error(f"--prompt-embeds is for --model flux (precomputed T5 + CLIP embeddings); {name} encodes "
@@ -247,9 +299,6 @@ def _check_generate_args(parser, args) -> None:
         if args.weights is not None and args.pipeline is None:
             parser.error(f"{name} needs its diffusers pipeline folder (text encoders, VAE, scheduler): "
                          "--diffusers PIPELINE_DIR, or --pipeline PIPELINE_DIR beside --weights")
-        if args.negative_prompt is not None and args.model != "wan":
-            parser.error(f"--negative-prompt is for --model wan: {model.title}'s guidance is embedded (--guidance) "
-                         "and true classifier-free guidance is not supported")
         if args.dense and args.step_cache:
             parser.error(f"--step-cache with --dense runs for --model flux only; {name} caches steps with a "
                          "Chipmunk config (--chipmunk)")
@@ -270,11 +319,16 @@ def _check_generate_args(parser, args) -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 0:
         parser.error(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance_2 is not None and not args.guidance_2 >= 0:
+        parser.error(f"--guidance-2 must be >= 0, got {args.guidance_2}")
     if model.video:
         args.guidance = model.guidance if args.guidance is None else args.guidance
-        if args.negative_prompt is not None and not args.guidance > 1:
-            parser.error(f"--negative-prompt needs classifier-free guidance: --guidance must be > 1, got "
-                         f"{args.guidance}")
+        for flag, given in (("--negative-prompt", args.negative_prompt is not None),
+                            ("--guidance-2", args.guidance_2 is not None)):
+            if given and not args.guidance > 1:
+                parser.error(f"{flag} needs classifier-free guidance: --guidance must be > 1, got {args.guidance}")
+        if model.experts and args.guidance_2 is None and args.guidance > 1:
+            args.guidance_2 = model.guidance_2
     suffixes = _VIDEO_SUFFIXES if model.video else _IMAGE_SUFFIXES
     if not args.out.lower().endswith(suffixes):
         what = "a video" if model.video else "an image"
@@ -759,12 +813,26 @@ def _quiet_torch_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
+def _check_wan_folder(model: _Model, folder: str, flag: str) -> None:
+    """A Wan pipeline folder of another Wan model than --model names: which --model runs it."""
+    from chipmunk_jax.pipelines import wan as wan_pipelines  # local: the application layer above the models
+
+    try:
+        variant = wan_pipelines.folder_variant(folder)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UsageError(f"{flag} {folder!r}: {e}") from None
+    if variant != model.wan_variant:
+        name, other = next((n, m) for n, m in _MODELS.items() if m.wan_variant == variant)
+        raise UsageError(f"{flag} {folder!r} is a {other.title} pipeline folder, not {model.title}: run it with "
+                         f"--model {name}")
+
+
 def generate_video(args, t_start: float) -> int:
-    """--model hunyuan-video / wan: ``chipmunk_jax.pipelines`` from the pipeline folder, one video, written."""
+    """--model hunyuan-video / wan*: ``chipmunk_jax.pipelines`` from the pipeline folder, one video, written."""
     from chipmunk_jax import pipelines  # local: the application layer above the models
 
     model = _MODELS[args.model]
-    model_chipmunk, sampler_config = _chipmunk_config(args)
+    model_chipmunk, _ = _chipmunk_config(args)
     try:  # before JAX compiles anything
         cache_dir = enable_compile_cache(args.compile_cache)
     except ValueError as e:
@@ -778,12 +846,17 @@ def generate_video(args, t_start: float) -> int:
                              f"for {model.title} pass a converted params folder or a diffusers transformer folder")
     else:
         folder, flag, transformer = args.diffusers, "--diffusers", None
+    if model.wan:
+        _check_wan_folder(model, folder, flag)
+    load = dict(transformer=transformer)
+    if model.experts:
+        load = dict(offload_idle_expert=args.offload_idle_expert)
     _quiet_torch_libraries()
     loading = _Elapsed(f"loading the {model.title} pipeline from {folder}")
     try:
         pipe = getattr(pipelines, model.pipeline).from_pretrained(
-            folder, chipmunk=model_chipmunk, transformer=transformer, dtype=jnp.dtype(args.dtype),
-            static_step_dispatch=args.static_step_dispatch)
+            folder, chipmunk=model_chipmunk, dtype=jnp.dtype(args.dtype),
+            static_step_dispatch=args.static_step_dispatch, **load)
     except ImportError as e:
         raise UsageError(str(e)) from None
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
@@ -793,9 +866,13 @@ def generate_video(args, t_start: float) -> int:
     if args.model == "hunyuan-video":
         pipe.vae.enable_tiling()  # diffusers' advice: 720p x 129 frames does not fit the GPU untiled
     size = f"{args.num_frames} frames x {args.height}x{args.width}"
+    experts = ""
+    if model.experts:
+        experts = (f", two experts switched at boundary_ratio {pipe.boundary_ratio:g}"
+                   f"{', the idle one in host memory' if args.offload_idle_expert else ''}")
     _log(f"{model.title}, {size}, {args.steps} steps, "
          f"{'dense' if model_chipmunk is None else 'Chipmunk ' + args.chipmunk}"
-         f"{' + step caching' if args.step_cache else ''}, {args.dtype}, loaded in {loaded_s:.1f} s "
+         f"{' + step caching' if args.step_cache else ''}, {args.dtype}{experts}, loaded in {loaded_s:.1f} s "
          f"(transformer: {pipe.weights_from}; torch text encoders and VAE on {pipe.torch_device})")
 
     latent_out = args.out.lower().endswith(".npy")
@@ -804,6 +881,8 @@ def generate_video(args, t_start: float) -> int:
                 progress=not args.no_progress)
     if args.negative_prompt is not None:
         call["negative_prompt"] = args.negative_prompt
+    if args.guidance_2 is not None:
+        call["guidance_scale_2"] = args.guidance_2
     step_ends: dict[int, float] = {}
     pipe.on_step = lambda s: step_ends.__setitem__(s, time.perf_counter())
     progress = _PipelineProgress(cache_dir, decodes=not latent_out)
@@ -825,12 +904,11 @@ def generate_video(args, t_start: float) -> int:
         progress.close()
     done = step_ends[args.steps - 1]
 
-    kinds = _step_kinds(model_chipmunk, sampler_config, args.steps)
+    kinds = _step_kinds(*pipe.step_configs(args.steps), args.steps)  # A14B: refreshed at the expert switch
     starts = [progress.sampling_start] + [step_ends[s] for s in range(args.steps - 1)]
     ends = [step_ends[s] for s in range(args.steps)]
     print(_timing_report(kinds, starts, ends))
-    cfg = " (2 transformer calls per step: classifier-free guidance)" if args.model == "wan" and args.guidance > 1 \
-        else ""
+    cfg = " (2 transformer calls per step: classifier-free guidance)" if model.wan and args.guidance > 1 else ""
     print(f"total sampling wall time {done - progress.sampling_start:.2f} s (compile excluded){cfg}")
     print("pipeline timings: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in out.timings.items()))
 

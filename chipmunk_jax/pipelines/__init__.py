@@ -1,6 +1,6 @@
 """Text-to-image / text-to-video pipelines in the diffusers manner, with the JAX transformer doing the sampling.
 
-    from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanPipeline, write_video
+    from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanA14BPipeline, WanPipeline, write_video
 
     pipe = FluxPipeline.from_pretrained("/path/to/FLUX.1-dev", chipmunk="flux")
     image = pipe("a photo of a cat", height=1024, width=1024, num_inference_steps=28, seed=0).images[0]
@@ -27,6 +27,7 @@ import importlib
 __all__ = [
     "FluxPipeline",
     "WanPipeline",
+    "WanA14BPipeline",
     "HunyuanVideoPipeline",
     "ImagePipelineOutput",
     "VideoPipelineOutput",
@@ -37,6 +38,7 @@ __all__ = [
 _WHERE = {
     "FluxPipeline": "flux",
     "WanPipeline": "wan",
+    "WanA14BPipeline": "wan",
     "HunyuanVideoPipeline": "hunyuan_video",
     "ImagePipelineOutput": "common",
     "VideoPipelineOutput": "common",

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax import config as C
-from chipmunk_jax import sampling
+from chipmunk_jax import memory, sampling
 from chipmunk_jax.ports import common as port_common
 from chipmunk_jax.ports.safetensors_io import atomic_write
 from chipmunk_jax.validation import check_int, check_number, positive_int
@@ -41,6 +41,7 @@ from chipmunk_jax.validation import check_int, check_number, positive_int
 __all__ = [
     "ImagePipelineOutput",
     "VideoPipelineOutput",
+    "SamplerLoop",
     "default_weights_cache_dir",
     "weights_cache_key",
     "load_transformer",
@@ -83,6 +84,20 @@ class VideoPipelineOutput:
 
     frames: list
     timings: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerLoop:
+    """One jitted sampling loop of a generation (``Pipeline._sample_loops``): ``make_denoiser()`` builds its
+    ``sampling.Denoiser``, ``static`` names it among the compiled samplers, ``params`` are its params (on the device,
+    or in pinned host memory: then moved to the device for this loop only), ``guidance_scale`` and ``steps`` (a
+    (start, stop) range; None: all steps) as ``sampling.make_sampler``'s."""
+
+    static: Any
+    make_denoiser: Callable
+    params: Any
+    guidance_scale: Any = None
+    steps: tuple[int, int] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,22 +575,43 @@ class Pipeline:
         importing jax).
         """
         path = os.fspath(path)
-        read_model_index(path, cls._PIPELINE_CLASS, cls._COMPONENTS)
+        cls._check_index(path, read_model_index(path, cls._PIPELINE_CLASS, cls._COMPONENTS))
         model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
-        source = os.path.join(path, "transformer") if transformer is None else os.fspath(transformer)
+        config, params, weights_from = cls._load_weights(path, transformer, "transformer", cache_weights=cache_weights,
+                                                         cache_dir=cache_dir)
+        return cls._assemble(path, config, params, weights_from, chipmunk=model_chipmunk, dtype=dtype,
+                             torch_device=torch_device, torch_dtype=torch_dtype,
+                             static_step_dispatch=static_step_dispatch)
+
+    @classmethod
+    def _load_weights(cls, path: str, transformer, subfolder: str, *, cache_weights: bool, cache_dir):
+        """(config, numpy params, where they came from) of the pipeline folder's ``subfolder`` (or of ``transformer``,
+        a checkpoint elsewhere), checked to be this pipeline's kind of model."""
+        source = os.path.join(path, subfolder) if transformer is None else os.fspath(transformer)
         if transformer is None and not os.path.isdir(source):
-            raise ValueError(f"{path!r} has no transformer/ subfolder: pass transformer= (a converted params folder, a "
+            raise ValueError(f"{path!r} has no {subfolder}/ subfolder: pass {subfolder}= (a converted params folder, a "
                              "diffusers transformer folder or a .safetensors checkpoint)")
         config, params, weights_from = load_transformer(cls._PORT, cls._MODEL, source, cache_weights=cache_weights,
                                                         cache_dir=cache_dir, expected_class=cls._TRANSFORMER_CLASS)
         cls._check_config(config, source)
+        return config, params, weights_from
+
+    @classmethod
+    def _assemble(cls, path: str, config, params, weights_from: str, *, chipmunk, dtype, torch_device, torch_dtype,
+                  static_step_dispatch: bool, **attributes):
+        """The pipeline of a folder's loaded weights: its torch components loaded, then the checks and the params
+        placed (``attributes``: a subclass's own constructor arguments)."""
         device, torch_dtype = torch_placement(torch_device, torch_dtype)
         components = cls._load_components(path, device, torch_dtype)
-        pipe = cls(path=path, config=config, params=None, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
-                   components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
-                   torch_device=device)
+        return cls._finish(params, path=path, config=config, chipmunk=chipmunk, dtype=jnp.dtype(dtype),
+                           components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
+                           torch_device=device, **attributes)
+
+    @classmethod
+    def _finish(cls, params, **attributes):
+        pipe = cls(params=None, **attributes)
         pipe._check_components()
-        pipe.params = pipe._prepare_params(to_device(params, pipe.dtype))
+        pipe.params = pipe._place_params(params)
         return pipe
 
     @classmethod
@@ -594,6 +630,17 @@ class Pipeline:
         prepared once can be shared by several pipelines). ``chipmunk``, ``dtype``, ``static_step_dispatch``: as
         ``from_pretrained``'s; ``weights_from``: shown by ``repr``.
         """
+        cls._check_diffusers_components(components)
+        model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
+        cls._check_config(config, f"<{type(config).__name__}>")
+        return cls._finish(params, path=None, config=config, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
+                           components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
+                           torch_device=components.device)
+
+    @classmethod
+    def _check_diffusers_components(cls, components) -> None:
+        """``from_components``' ``components``: this model's diffusers pipeline with every component but the
+        transformer."""
         _, diffusers = import_torch_stack()
         expected = getattr(diffusers, cls._PIPELINE_CLASS)
         if not isinstance(components, expected):
@@ -602,16 +649,12 @@ class Pipeline:
         missing = [name for name in cls._COMPONENTS if getattr(components, name, None) is None]
         if missing:
             raise ValueError(f"components: the {cls._PIPELINE_CLASS} lacks {missing}")
-        model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
-        cls._check_config(config, f"<{type(config).__name__}>")
-        pipe = cls(path=None, config=config, params=None, chipmunk=model_chipmunk, dtype=jnp.dtype(dtype),
-                   components=components, weights_from=weights_from, static_step_dispatch=static_step_dispatch,
-                   torch_device=components.device)
-        pipe._check_components()
-        pipe.params = pipe._prepare_params(to_device(params, pipe.dtype))
-        return pipe
 
     # ---- model hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def _check_index(cls, path: str, index: dict) -> None:
+        """Raises when the folder's ``model_index.json`` (``index``) describes a variant this pipeline does not run."""
 
     @classmethod
     def _check_config(cls, config, source) -> None:
@@ -619,6 +662,10 @@ class Pipeline:
 
     def _check_components(self) -> None:
         """Raises when the VAE / text encoders do not fit the transformer."""
+
+    def _place_params(self, params):
+        """The params as the sampler takes them: JAX arrays in ``dtype`` (laid out by ``_prepare_params``)."""
+        return self._prepare_params(to_device(params, self.dtype))
 
     def _prepare_params(self, params):
         return params
@@ -646,36 +693,72 @@ class Pipeline:
 
     def _sample(self, *, static, make_denoiser: Callable, sampler_config, sigmas, guidance_scale, progress, latents,
                 cond, cache, step_cache, key, uncond=None):
-        """Runs the one-jit sampler; returns (final latents as float32 numpy, compile seconds, sampling seconds).
-        Compiled samplers are kept per (``static``, shapes, steps, guidance, ...) and reused by later calls."""
-        args = (self.params, jnp.asarray(latents), cond, cache, step_cache, key, uncond)
-        shapes = jax.tree_util.tree_map(lambda x: (tuple(jnp.shape(x)), str(jnp.result_type(x))), args[1:])
-        hooked = self.on_step is not None
-        entry_key = (static, sampler_config, tuple(np.asarray(sigmas).tolist()), guidance_scale, bool(progress),
-                     hooked, str(jax.tree_util.tree_structure(shapes)), tuple(jax.tree_util.tree_leaves(shapes)))
-        compiled = self._compiled.get(entry_key)
-        compile_s = 0.0
-        if compiled is None:
-            run = sampling.make_sampler(make_denoiser(), sampler_config, sigmas, guidance_scale=guidance_scale,
-                                        progress=progress, static_step_dispatch=self.static_step_dispatch,
-                                        on_step=self._step_done if hooked else None)
-            logger.info("compiling the sampling loop", extra={"event": "compile"})
-            t0 = time.perf_counter()
-            compiled = run.lower(*args).compile()
-            compile_s = time.perf_counter() - t0
-            logger.info("sampling loop compiled in %.1f s", compile_s,
-                        extra={"event": "compiled", "seconds": compile_s})
-            self._compiled[entry_key] = compiled
+        """Runs the one-jit sampler over ``self.params``; returns (final latents as float32 numpy, compile seconds,
+        sampling seconds). Compiled samplers are kept per (``static``, shapes, steps, guidance, ...) and reused by
+        later calls."""
+        loop = SamplerLoop(static=static, make_denoiser=make_denoiser, params=self.params,
+                           guidance_scale=guidance_scale)
+        return self._sample_loops([loop], sampler_config=sampler_config, sigmas=sigmas, progress=progress,
+                                  latents=latents, cond=cond, cache=cache, step_cache=step_cache, key=key,
+                                  uncond=uncond)
+
+    def _sample_loops(self, loops, *, sampler_config, sigmas, progress, latents, cond, cache, step_cache, key,
+                      uncond=None):
+        """Runs the ``SamplerLoop``s in turn, the latents, caches and step cache of one going into the next; returns
+        as ``_sample``. Every loop is compiled before the first runs (the sampling time and the per-step times hold
+        no compile). A loop's host-resident params are copied to the device when it starts, and that copy is freed
+        (after the loop has finished) before the next loop's params come in (``memory.with_device_params``)."""
+        x = jnp.asarray(latents)
+        compiled, compile_s = [], 0.0
+        for loop in loops:
+            run, seconds = self._compiled_loop(loop, sampler_config, sigmas, progress,
+                                               (x, cond, cache, step_cache, key, uncond))
+            compiled.append(run)
+            compile_s += seconds
         steps = int(np.size(sigmas)) - 1
         logger.info("sampling %d steps", steps, extra={"event": "sampling", "steps": steps})
         t0 = time.perf_counter()
-        out, _, _ = compiled(*args)
-        out = np.asarray(jax.block_until_ready(out), np.float32)
+        for loop, run in zip(loops, compiled):
+            x, cache, step_cache = memory.with_device_params(
+                lambda params: run(params, x, cond, cache, step_cache, key, uncond), loop.params)
+        out = np.asarray(jax.block_until_ready(x), np.float32)
         sample_s = time.perf_counter() - t0
         logger.info("sampled %d steps in %.2f s", steps, sample_s, extra={"event": "sampled", "seconds": sample_s})
         if not np.all(np.isfinite(out)):
             raise FloatingPointError("sampling produced non-finite latents (NaN or inf)")
         return out, compile_s, sample_s
+
+    def _compiled_loop(self, loop, sampler_config, sigmas, progress, args):
+        """(the compiled sampler of ``loop``, compile seconds: 0 when a compiled one was reused). ``args``: the
+        sampler's arguments after the params. Host-resident params are lowered as the device arrays they become."""
+        params = loop.params
+        if memory.on_host(params):
+            params = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+        shapes = jax.tree_util.tree_map(lambda x: (tuple(jnp.shape(x)), str(jnp.result_type(x))), args)
+        hooked = self.on_step is not None
+        guidance = loop.guidance_scale
+        entry_key = (loop.static, sampler_config, tuple(np.asarray(sigmas).tolist()), loop.steps,
+                     None if guidance is None else tuple(np.asarray(guidance, np.float64).reshape(-1).tolist()),
+                     bool(progress), hooked, str(jax.tree_util.tree_structure(shapes)),
+                     tuple(jax.tree_util.tree_leaves(shapes)))
+        compiled = self._compiled.get(entry_key)
+        if compiled is not None:
+            return compiled, 0.0
+        run = sampling.make_sampler(loop.make_denoiser(), sampler_config, sigmas, guidance_scale=guidance,
+                                    progress=progress, static_step_dispatch=self.static_step_dispatch,
+                                    on_step=self._step_done if hooked else None, steps=loop.steps)
+        logger.info("compiling the sampling loop", extra={"event": "compile"})
+        t0 = time.perf_counter()
+        compiled = run.lower(params, *args).compile()
+        compile_s = time.perf_counter() - t0
+        logger.info("sampling loop compiled in %.1f s", compile_s, extra={"event": "compiled", "seconds": compile_s})
+        self._compiled[entry_key] = compiled
+        return compiled, compile_s
+
+    def step_configs(self, num_inference_steps: int, sigmas=None):
+        """(the model's Chipmunk config, None when dense; the sampler's config) a call with ``num_inference_steps``
+        steps runs (``sigmas``: its noise levels, for pipelines whose schedules depend on them)."""
+        return step_configs(self.chipmunk, positive_int("num_inference_steps", num_inference_steps))
 
     def _step_done(self, step: int) -> None:
         """The sampler's per-step host callback: forwards to ``on_step`` (read at each call, so it can change)."""

@@ -1,40 +1,76 @@
-"""Wan 2.1 text-to-video: diffusers' ``WanPipeline`` with the JAX transformer (``chipmunk_jax.models.wan``) sampling.
+"""Wan text-to-video: diffusers' ``WanPipeline`` with the JAX transformer (``chipmunk_jax.models.wan``) sampling.
 
     pipe = WanPipeline.from_pretrained("/path/to/Wan2.1-T2V-1.3B-Diffusers", chipmunk="wan")
     video = pipe("a cat", negative_prompt="blurry", height=480, width=832, num_frames=81).frames[0]  # uint8 [F,H,W,3]
 
+    pipe = WanA14BPipeline.from_pretrained("/path/to/Wan2.2-T2V-A14B-Diffusers", offload_idle_expert=True)
+    video = pipe("a cat", height=720, width=1280, guidance_scale=4.0, guidance_scale_2=3.0).frames[0]
+
 Follows diffusers' ``WanPipeline``: the prompt and the negative prompt go through its own ``encode_prompt`` (UMT5
 hidden states, cleaned prompt, zero-padded to ``max_sequence_length``, torch); classifier-free guidance runs when
 ``guidance_scale > 1`` (two transformer calls per step, each CFG branch with its own Chipmunk cache; the
-unconditional text is the negative prompt, "" when none is given); the latents are [1, z_dim, (F-1)/4 + 1, H/8,
-W/8]; they are un-normalised with the VAE's ``latents_mean`` / ``latents_std`` and decoded by the folder's torch
-``AutoencoderKLWan`` (in float32, as diffusers' example loads it). The sampling loop is one ``jax.jit`` of Euler
-steps on the sigmas of the folder's scheduler (``set_timesteps(N)``, as diffusers' WanPipeline calls it;
-``common.scheduler_sigmas``): a FlowMatchEulerDiscreteScheduler folder is followed exactly; the Wan 2.1 diffusers
-folders ship UniPCMultistepScheduler (flow sigmas, ``flow_shift``), a 2nd-order multistep solver, where our
-sampler takes first-order Euler steps on its sigmas.
+unconditional text is the negative prompt, "" when none is given); the latents are [1, z_dim, (F-1)/4 + 1,
+H/s, W/s] for the VAE's spatial factor s (8; 16 for the Wan2.2 VAE of TI2V-5B, z_dim 48); they are un-normalised
+with the VAE's ``latents_mean`` / ``latents_std`` and decoded by the folder's torch ``AutoencoderKLWan`` (in float32,
+as diffusers' example loads it). The sampling loop is one ``jax.jit`` of Euler steps on the sigmas of the folder's
+scheduler (``set_timesteps(N)``, as diffusers' WanPipeline calls it; ``common.scheduler_sigmas``): a
+FlowMatchEulerDiscreteScheduler folder is followed exactly; the Wan diffusers folders ship
+UniPCMultistepScheduler (flow sigmas, ``flow_shift``), a 2nd-order multistep solver, where our sampler takes
+first-order Euler steps on its sigmas.
+
+Which pipeline for which folder (docs/models.md §3.4):
+
+* ``WanPipeline``: one transformer: Wan 2.1 T2V and Wan2.2-TI2V-5B text-to-video. TI2V-5B's ``expand_timesteps``
+  gives every token its own timestep, the first latent frame's 0 when an image conditions it; without an image
+  (text-to-video) every token has the step's timestep, which is the per-sample timestep, so the sampler passes that.
+* ``WanA14BPipeline``: Wan2.2-T2V-A14B: ``transformer/`` (high noise) and ``transformer_2/`` (low noise), switched
+  at ``boundary_ratio`` (model_index.json) as diffusers does, each with its own guidance scale (``guidance_scale``,
+  ``guidance_scale_2``); both experts in one jit (``models.wan_experts``), Chipmunk refreshed at the switch
+  (attention and MLP full step, no step skipped there). ``offload_idle_expert=True`` keeps both experts in pinned
+  host memory and runs the sampler as two jitted segments, moving each expert to the device for its steps: one
+  expert (~28.6 GB in bf16) on the device instead of two, for one host-to-device copy per expert and generation.
+* Image-to-video (``WanImageToVideoPipeline`` folders, Wan2.2-I2V-A14B) is not run here: it needs the VAE-encoded
+  image and its mask as extra latent channels at every step.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chipmunk_jax import memory
 from chipmunk_jax.cache import init_step_cache, stack_branches
-from chipmunk_jax.models import wan
+from chipmunk_jax.models import wan, wan_experts
 from chipmunk_jax.pipelines import common
-from chipmunk_jax.pipelines.common import VideoPipelineOutput
+from chipmunk_jax.pipelines.common import SamplerLoop, VideoPipelineOutput
 from chipmunk_jax.ports import wan as wan_ports
-from chipmunk_jax.validation import check_number, positive_int
+from chipmunk_jax.validation import check_bool, check_number, positive_int
 
-__all__ = ["WanPipeline"]
+__all__ = ["WanPipeline", "WanA14BPipeline", "folder_variant"]
+
+
+def _two_experts(index: dict) -> bool:
+    """Whether a WanPipeline model_index.json describes a Wan 2.2 A14B expert pair."""
+    second = index.get("transformer_2")
+    return index.get("boundary_ratio") is not None or (isinstance(second, list) and any(second))
+
+
+def folder_variant(path) -> str:
+    """Which Wan model a diffusers ``WanPipeline`` folder holds: "t2v-a14b" (transformer_2 and boundary_ratio:
+    ``WanA14BPipeline``), "ti2v-5b" (expand_timesteps) or "t2v" (Wan 2.1); other folders raise as
+    ``from_pretrained`` does."""
+    index = common.read_model_index(os.fspath(path), WanPipeline._PIPELINE_CLASS, ())
+    if _two_experts(index):
+        return "t2v-a14b"
+    return "ti2v-5b" if index.get("expand_timesteps") else "t2v"
 
 
 class WanPipeline(common.Pipeline):
-    """Wan 2.1 text-to-video (T2V). Build with ``WanPipeline.from_pretrained`` (its arguments:
+    """Wan 2.1 and Wan2.2-TI2V-5B text-to-video (T2V). Build with ``WanPipeline.from_pretrained`` (its arguments:
     ``common.Pipeline.from_pretrained``; the VAE runs in float32 whatever ``torch_dtype`` says); call with a prompt."""
 
     _MODEL = "wan"
@@ -43,6 +79,13 @@ class WanPipeline(common.Pipeline):
     _COMPONENTS = ("vae", "scheduler", "text_encoder", "tokenizer")
     _PORT = wan_ports
     _TRANSFORMER_CLASS = "WanTransformer3DModel"
+
+    @classmethod
+    def _check_index(cls, path, index) -> None:
+        if _two_experts(index):
+            raise ValueError(f"{path!r} is a Wan 2.2 A14B pipeline (transformer/ and transformer_2/ switched at "
+                             f"boundary_ratio {index.get('boundary_ratio')}): load it with "
+                             "chipmunk_jax.pipelines.WanA14BPipeline")
 
     @classmethod
     def _check_config(cls, config, source) -> None:
@@ -104,18 +147,20 @@ class WanPipeline(common.Pipeline):
     # ---- generation -----------------------------------------------------------------------------
 
     def __call__(self, prompt, *, negative_prompt=None, height: int = 480, width: int = 832, num_frames: int = 81,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0,
-                 max_sequence_length: int = 512, shift: float | None = None, latents=None, output_type: str = "np",
-                 progress: bool = True) -> VideoPipelineOutput:
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, guidance_scale_2: float | None = None,
+                 seed: int = 0, max_sequence_length: int = 512, shift: float | None = None, latents=None,
+                 output_type: str = "np", progress: bool = True) -> VideoPipelineOutput:
         """One video per prompt.
 
         ``prompt``: a str or a list of str (one generation each, the i-th with ``seed + i``). ``guidance_scale`` > 1
         runs classifier-free guidance against ``negative_prompt`` (str or one per prompt; "" when None); a
-        ``negative_prompt`` with ``guidance_scale`` <= 1 is an error (diffusers ignores it). ``height`` / ``width``:
-        pixels, multiples of 16; ``num_frames``: 4k + 1 (the VAE's temporal factor). ``shift``: the flow shift
-        (default: the scheduler's ``flow_shift`` / ``shift``; Wan suggests 3.0 at 480p, 5.0 at 720p). ``seed``: the
-        JAX noise, or ``latents`` [1, C, F', H/8, W/8] (one prompt only). ``output_type``: "np" (uint8
-        [F, H, W, 3]), "pil" (a list of frames) or "latent" (see ``VideoPipelineOutput``).
+        ``negative_prompt`` with ``guidance_scale`` <= 1 is an error (diffusers ignores it). ``guidance_scale_2``:
+        the low-noise expert's scale (``WanA14BPipeline`` only, default ``guidance_scale``). ``height`` /
+        ``width``: pixels, multiples of 16 and of the VAE's spatial factor x 2 (32 for TI2V-5B); ``num_frames``:
+        4k + 1 (the VAE's temporal factor). ``shift``: the flow shift (default: the scheduler's ``flow_shift`` /
+        ``shift``; Wan suggests 3.0 at 480p, 5.0 at 720p). ``seed``: the JAX noise, or ``latents`` [1, C, F', H/s,
+        W/s] (one prompt only). ``output_type``: "np" (uint8 [F, H, W, 3]), "pil" (a list of frames) or "latent"
+        (see ``VideoPipelineOutput``).
         """
         prompts, negatives = common.check_prompts(prompt, negative_prompt)
         guidance_scale = check_number("guidance_scale", guidance_scale, minimum=0.0)
@@ -123,6 +168,7 @@ class WanPipeline(common.Pipeline):
         if negative_prompt is not None and not do_cfg:
             raise ValueError(f"negative_prompt needs classifier-free guidance: guidance_scale must be > 1, got "
                              f"{guidance_scale}")
+        guidance_scale_2 = self._check_guidance_scale_2(guidance_scale_2, guidance_scale)
         height, width, num_frames, shape, grid, latents = common.video_request(
             height=height, width=width, num_frames=num_frames, spatial=self.vae_scale_factor_spatial,
             temporal=self.vae_scale_factor_temporal, patch_hw=self.config.patch_size[1:],
@@ -132,8 +178,8 @@ class WanPipeline(common.Pipeline):
         max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         common.check_output_type(output_type, ("np", "pil", "latent"))
         seed = common.check_seed(seed)
-        model_chipmunk, sampler_config = common.step_configs(self.chipmunk, steps)
         sigmas = common.scheduler_sigmas(self.scheduler, steps, shift=shift, pipeline_sigmas=False)
+        model_chipmunk, sampler_config = self.step_configs(steps, sigmas)
 
         frames, timings = [], {}
         for i, (text_prompt, negative) in enumerate(zip(prompts, negatives)):
@@ -143,16 +189,28 @@ class WanPipeline(common.Pipeline):
             t_encode = time.perf_counter() - t0
             out, t_compile, t_sample = self._generate(
                 text, uncond_text, shape=shape, grid=grid, cfg_scale=guidance_scale if do_cfg else None,
-                model_chipmunk=model_chipmunk, sampler_config=sampler_config, sigmas=sigmas, seed=seed + i,
-                latents=latents, progress=progress)
+                cfg_scale_2=guidance_scale_2 if do_cfg else None, model_chipmunk=model_chipmunk,
+                sampler_config=sampler_config, sigmas=sigmas, seed=seed + i, latents=latents, progress=progress)
             t0 = time.perf_counter()
             frames.append(common.video_frames(out, output_type, self.decode))
             common.add_timings(timings, encode_prompt=t_encode, compile=t_compile, sampling=t_sample,
                                decode=time.perf_counter() - t0)
         return VideoPipelineOutput(frames=frames, timings=timings)
 
-    def _generate(self, text, uncond_text, *, shape, grid, cfg_scale, model_chipmunk, sampler_config, sigmas, seed,
-                  latents, progress):
+    def _check_guidance_scale_2(self, guidance_scale_2, guidance_scale: float):
+        if guidance_scale_2 is not None:
+            raise ValueError("guidance_scale_2 is the low-noise expert's guidance scale of a Wan 2.2 A14B pipeline "
+                             "(WanA14BPipeline); this pipeline runs one transformer")
+        return None
+
+    def _sampler_loops(self, *, grid, rope, model_chipmunk, sigmas, cfg_scale, cfg_scale_2) -> list[SamplerLoop]:
+        """The jitted sampling loops of one generation (``common.SamplerLoop``)."""
+        make = lambda: wan.denoiser(self.config, model_chipmunk, grid=grid, rotary_emb=rope,  # noqa: E731
+                                    dtype=self.dtype)
+        return [SamplerLoop(static=("wan", grid), make_denoiser=make, params=self.params, guidance_scale=cfg_scale)]
+
+    def _generate(self, text, uncond_text, *, shape, grid, cfg_scale, cfg_scale_2, model_chipmunk, sampler_config,
+                  sigmas, seed, latents, progress):
         noise_key, sample_key, cache_key = self._keys(seed)
         if latents is None:
             latents = jax.random.normal(noise_key, shape, jnp.float32)
@@ -163,15 +221,151 @@ class WanPipeline(common.Pipeline):
             # CFG: both branches start from one cache (one static mask draw, as wan.init_branch_caches)
             cache = None if model_chipmunk is None else wan.init_cache(
                 self.config, model_chipmunk, batch=1, grid=grid, key=cache_key, dtype=self.dtype)
-            make_denoiser = lambda: wan.denoiser(self.config, model_chipmunk, grid=grid, rotary_emb=rope,  # noqa: E731
-                                                 dtype=self.dtype)
-            make_denoiser()
+            loops = self._sampler_loops(grid=grid, rope=rope, model_chipmunk=model_chipmunk, sigmas=sigmas,
+                                        cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2)
+            for loop in loops:
+                loop.make_denoiser()
         except (ValueError, TypeError) as e:
             raise ValueError(f"the Chipmunk config does not fit this model at token grid {grid}: {e}") from None
         step_cache = init_step_cache(batch=1, seq_len=int(np.prod(grid)), width=self.config.inner_dim,
                                      dtype=jnp.float32)
         if cfg_scale is not None:
             cache, step_cache = stack_branches(cache, 2), stack_branches(step_cache, 2)
-        return self._sample(static=("wan", grid), make_denoiser=make_denoiser, sampler_config=sampler_config,
-                            sigmas=sigmas, guidance_scale=cfg_scale, progress=progress, latents=latents, cond=cond,
-                            cache=cache, step_cache=step_cache, key=sample_key, uncond=uncond)
+        return self._sample_loops(loops, sampler_config=sampler_config, sigmas=sigmas, progress=progress,
+                                  latents=latents, cond=cond, cache=cache, step_cache=step_cache, key=sample_key,
+                                  uncond=uncond)
+
+
+class WanA14BPipeline(WanPipeline):
+    """Wan2.2-T2V-A14B text-to-video: two experts, ``transformer`` for the high-noise steps (scheduler timestep t >=
+    ``boundary_ratio`` x num_train_timesteps) and ``transformer_2`` for the rest, as diffusers' ``WanPipeline`` runs
+    a folder with ``transformer_2`` (see the module docstring). Build with ``WanA14BPipeline.from_pretrained``; call
+    as ``WanPipeline`` (``guidance_scale_2``: the low-noise expert's scale, default ``guidance_scale``).
+
+    Attributes beyond ``common.Pipeline``'s: ``config_2`` (the low-noise expert's config; ``config`` is the
+    high-noise one's), ``params`` = (high, low), ``boundary_ratio`` and ``offload_idle_expert``."""
+
+    def __init__(self, *, config_2, offload_idle_expert: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.config_2 = config_2
+        self._offload_idle_expert = check_bool("offload_idle_expert", offload_idle_expert)
+        ratio = self.components.config.get("boundary_ratio")
+        if ratio is None:
+            raise ValueError("the diffusers WanPipeline components set no boundary_ratio: the expert switch is unknown")
+        self.boundary_ratio = check_number("boundary_ratio", ratio, minimum=0.0, maximum=1.0)
+
+    @property
+    def offload_idle_expert(self) -> bool:
+        """Whether the experts wait in pinned host memory (fixed at construction: it decides where ``params`` are)."""
+        return self._offload_idle_expert
+
+    @classmethod
+    def from_pretrained(cls, path, *, chipmunk="default", transformer=None, transformer_2=None,
+                        offload_idle_expert: bool = False, dtype=jnp.bfloat16, cache_weights: bool = True,
+                        cache_dir=None, torch_device=None, torch_dtype=None, static_step_dispatch: bool = False):
+        """As ``common.Pipeline.from_pretrained``, for both experts: ``transformer/`` and ``transformer_2/`` of the
+        folder, or ``transformer=`` and ``transformer_2=`` (both) from elsewhere. ``offload_idle_expert``: keep both
+        experts in pinned host memory, each moved to the device for its own steps (module docstring)."""
+        path = os.fspath(path)
+        cls._check_index(path, common.read_model_index(path, cls._PIPELINE_CLASS, cls._COMPONENTS))
+        if (transformer is None) != (transformer_2 is None):
+            raise ValueError("pass both transformer= and transformer_2= (the high- and the low-noise expert), or "
+                             "neither (the folder's transformer/ and transformer_2/)")
+        model_chipmunk = common.resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
+        loaded = [cls._load_weights(path, source, subfolder, cache_weights=cache_weights, cache_dir=cache_dir)
+                  for source, subfolder in ((transformer, "transformer"), (transformer_2, "transformer_2"))]
+        (config, params, weights_from), (config_2, params_2, weights_from_2) = loaded
+        cls._check_experts(config, config_2)
+        return cls._assemble(path, config, (params, params_2), f"{weights_from}; {weights_from_2}",
+                             chipmunk=model_chipmunk, dtype=dtype, torch_device=torch_device, torch_dtype=torch_dtype,
+                             static_step_dispatch=static_step_dispatch, config_2=config_2,
+                             offload_idle_expert=offload_idle_expert)
+
+    @classmethod
+    def from_components(cls, components, config, params, *, chipmunk="default", offload_idle_expert: bool = False,
+                        dtype=jnp.bfloat16, static_step_dispatch: bool = False,
+                        weights_from: str = "in-memory params"):
+        """As ``common.Pipeline.from_components`` with ``config`` = (high-noise config, low-noise config) and
+        ``params`` = (high, low); ``components``: a diffusers ``WanPipeline`` built with ``transformer=None``,
+        ``transformer_2=None`` and the ``boundary_ratio``."""
+        cls._check_diffusers_components(components)
+        if not (isinstance(config, tuple) and len(config) == 2 and isinstance(params, tuple) and len(params) == 2):
+            raise TypeError("config and params must be (high-noise expert, low-noise expert) pairs")
+        for one in config:
+            cls._check_config(one, f"<{type(one).__name__}>")
+        cls._check_experts(*config)
+        model_chipmunk = common.resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
+        return cls._finish(params, path=None, config=config[0], config_2=config[1], chipmunk=model_chipmunk,
+                           dtype=jnp.dtype(dtype), components=components, weights_from=weights_from,
+                           static_step_dispatch=static_step_dispatch, torch_device=components.device,
+                           offload_idle_expert=offload_idle_expert)
+
+    @staticmethod
+    def _check_experts(config, config_2) -> None:
+        try:
+            wan_experts.check_expert_pair(config, config_2)
+        except ValueError as e:
+            raise ValueError(f"transformer/ and transformer_2/: {e}") from None
+
+    @classmethod
+    def _check_index(cls, path, index) -> None:
+        if not _two_experts(index):
+            raise ValueError(f"{path!r} is a one-transformer Wan pipeline (Wan 2.1 or Wan2.2-TI2V-5B: no "
+                             "transformer_2 and no boundary_ratio in model_index.json): load it with "
+                             "chipmunk_jax.pipelines.WanPipeline")
+        if index.get("boundary_ratio") is None:
+            raise ValueError(f"{path!r} lists transformer_2 but its model_index.json sets no boundary_ratio: the "
+                             "expert switch is unknown")
+
+    @classmethod
+    def _preloaded_components(cls, path, torch_dtype) -> dict:
+        return dict(super()._preloaded_components(path, torch_dtype), transformer_2=None)
+
+    def _place_params(self, params):
+        if not self.offload_idle_expert:
+            return super()._place_params(params)
+        # numpy in the compute dtype straight to pinned host memory: no expert passes through the device here
+        return memory.to_host(jax.tree_util.tree_map(lambda v: np.asarray(v).astype(self.dtype, copy=False), params))
+
+    def _boundary_timestep(self) -> float:
+        return wan_experts.boundary_timestep(self.boundary_ratio, int(self.scheduler.config.num_train_timesteps))
+
+    def step_configs(self, num_inference_steps: int, sigmas=None):
+        """As ``common.Pipeline.step_configs``, the Chipmunk config refreshed at the expert switch for ``sigmas``
+        (default: the scheduler's; ``wan_experts.switch_refresh``: a full attention and MLP step, never skipped by
+        step caching)."""
+        model_chipmunk, sampler_config = super().step_configs(num_inference_steps)
+        if model_chipmunk is None:
+            return None, sampler_config
+        if sigmas is None:
+            sigmas = common.scheduler_sigmas(self.scheduler, num_inference_steps, pipeline_sigmas=False)
+        refreshed = wan_experts.switch_refresh(model_chipmunk,
+                                               wan_experts.switch_step(sigmas, self._boundary_timestep()))
+        return refreshed, refreshed
+
+    def _check_guidance_scale_2(self, guidance_scale_2, guidance_scale: float):
+        if guidance_scale_2 is None:
+            return guidance_scale
+        guidance_scale_2 = check_number("guidance_scale_2", guidance_scale_2, minimum=0.0)
+        if not guidance_scale > 1.0:
+            raise ValueError(f"guidance_scale_2 needs classifier-free guidance: guidance_scale must be > 1, got "
+                             f"{guidance_scale}")
+        return guidance_scale_2
+
+    def _sampler_loops(self, *, grid, rope, model_chipmunk, sigmas, cfg_scale, cfg_scale_2) -> list[SamplerLoop]:
+        boundary = self._boundary_timestep()
+        kw = dict(grid=grid, rotary_emb=rope, dtype=self.dtype)
+        if not self.offload_idle_expert:
+            make = lambda: wan_experts.two_expert_denoiser(  # noqa: E731
+                self.config, self.config_2, model_chipmunk, boundary_timestep=boundary, **kw)
+            guidance = wan_experts.guidance_schedule(sigmas, boundary, cfg_scale, cfg_scale_2)
+            return [SamplerLoop(static=("wan2.2-a14b", grid), make_denoiser=make, params=self.params,
+                                guidance_scale=guidance)]
+        loops = []
+        for segment in wan_experts.expert_segments(sigmas, boundary, cfg_scale, cfg_scale_2):
+            make = lambda expert=segment.expert: wan_experts.expert_denoisers(  # noqa: E731
+                self.config, self.config_2, model_chipmunk, **kw)[expert]
+            loops.append(SamplerLoop(static=("wan2.2-a14b", grid, segment.expert), make_denoiser=make,
+                                     params=self.params[segment.expert], guidance_scale=segment.guidance_scale,
+                                     steps=(segment.start, segment.stop)))
+        return loops
