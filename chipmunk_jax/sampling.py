@@ -10,6 +10,8 @@ The sampler is model-agnostic. A model plugs in through a ``Denoiser``:
     timestep_tables(params, sigmas, cond) -> tables (optional)
         conditioning that depends only on sigma and cond, for all steps at once (leading axis = steps),
         computed before the loop; ``t`` is then the step's slice of it, else the step's sigma
+    probe(params, latents, t, cond, kind) -> step_policies.Probe(signal, base) (optional)
+        the start of the model a step-caching policy reads (docs/algorithm.md §4.5), needed with ``step_policy``
 
 ``sigma`` is the flow-matching noise level in [0, 1]; each model converts it to its own timestep
 convention (FLUX multiplies by 1000 inside the model, HunyuanVideo and Wan take sigma * 1000).
@@ -33,6 +35,7 @@ from chipmunk_jax import parallel
 from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.schedule import ModelStep, StepPlan, attention_schedule, mlp_schedule, model_schedule, step_plan
+from chipmunk_jax.step_policies import MagCache, PolicyState, StepPolicy, init_policy_state
 from chipmunk_jax.validation import positive_int
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "flow_sigmas",
     "sample",
     "make_sampler",
+    "calibrate_magnitude_ratios",
 ]
 
 
@@ -56,6 +60,7 @@ class Denoiser:
     # The ``parallel.make_mesh`` mesh the model's ops run on (the models' ``denoiser(..., mesh=)``); the sampler
     # shards its caches over the same mesh.
     mesh: Any = None
+    probe: Callable[..., Any] | None = None
 
 
 def flux_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -144,6 +149,7 @@ def make_sampler(
     on_step: Callable[[int], None] | None = None,
     mesh=None,
     steps: tuple[int, int] | None = None,
+    step_policy: StepPolicy | None = None,
 ):
     """Returns ``run(params, latents, cond, cache, step_cache, key, uncond=None)`` -> (latents, cache,
     step_cache), jitted once, with latents/cache/step_cache donated.
@@ -181,6 +187,16 @@ def make_sampler(
     into segments with host work between them (Wan 2.2 A14B with the idle expert's weights in host memory,
     ``models.wan_experts.sample_segments``). Step indices, sigmas, schedules, per-step guidance, the random key's
     per-step folds and ``on_step`` stay those of the whole run: the segments together equal the one loop.
+
+    ``step_policy``: a step-caching baseline (``step_policies.FirstBlockCache``, ``TeaCache``, ``MagCache``;
+    docs/algorithm.md §4.5) decides at run time which steps are skipped; the denoiser needs a ``probe``. The
+    ``step_cache`` slot then holds the policy's ``step_policies.PolicyState`` (``init_policy_state``; stacked on a
+    branch axis with CFG) and comes back with ``computed``, the per-step mask of the steps that ran the model
+    (what executed compute is counted from). Each step probes every CFG branch, decides from the cond branch
+    (both branches skip or compute together) and runs ONE ``lax.cond`` (or, with static dispatch, one
+    ``lax.switch``) over the whole step: on a GPU one host sync per step, as the static step cache's. Computed
+    steps run the Chipmunk plan of their step as usual; Chipmunk's static skip schedule (``config.step_cache``)
+    and a policy both decide skips, so they are exclusive. Not yet on a mesh.
     """
     sigmas = np.asarray(sigmas, np.float32)
     num_steps = sigmas.size - 1
@@ -189,6 +205,7 @@ def make_sampler(
     if num_steps > config.num_steps:
         raise ValueError(f"{num_steps} sampling steps exceed config.num_steps={config.num_steps}")
     start, stop = _step_range(steps, num_steps)
+    policy = _step_policy(step_policy, denoiser, config, num_steps, mesh)
     skip_table = jnp.asarray(model_schedule(config)[:num_steps])
     sigma_table = jnp.asarray(sigmas)
     guidance = _guidance(guidance_scale, num_steps)
@@ -229,6 +246,45 @@ def make_sampler(
         index = jnp.where(skipping, 0, 1 + group_table[step])
         return jax.lax.switch(index, branches, (cache, step_cache))
 
+    def over_branches(fn, t, cond, uncond, stacked=(), carried=()):
+        """``fn(t, cond, *stacked, *carried) -> (value, *carried)`` of one CFG branch, over the branches in turn
+        (``select_branch`` / ``update_branch``; one call without CFG). ``stacked``: per-branch inputs with a leading
+        branch axis under CFG; ``value`` comes back with one too. (Policies run on one device: no mesh, so no
+        side-by-side branches.)"""
+        if not cfg_on:
+            return fn(t, cond, *stacked, *carried)
+        outs = [fn(t[i], branch_cond, *(select_branch(x, i) for x in stacked),
+                   *(select_branch(c, i) for c in carried)) for i, branch_cond in enumerate((cond, uncond))]
+        value = jax.tree.map(lambda a, b: jnp.stack([a, b]), outs[0][0], outs[1][0])
+        return (value, *(update_branch(update_branch(c, 0, a), 1, b)
+                         for c, a, b in zip(carried, outs[0][1:], outs[1][1:])))
+
+    def policy_call(params, x, t, cond, uncond, cache, state, step, key):
+        """One step under ``step_policy`` (docs/algorithm.md §4.5) -> (velocity, per branch under CFG; cache; state).
+        Every branch is probed; the cond branch's signal decides for both; one lax.cond (lax.switch) runs the step."""
+        probes = over_branches(lambda t, c: (denoiser.probe(params, x, t, c, policy.probe_kind),), t, cond, uncond)[0]
+        if cfg_on:
+            skip, decided = policy.decide(select_branch(state, 0), select_branch(probes, 0).signal, step, num_steps)
+            state = update_branch(update_branch(state, 0, decided), 1, select_branch(state, 1).with_decision(decided))
+        else:
+            skip, state = policy.decide(state, probes.signal, step, num_steps)
+
+        def skip_one(t, cond, base, cache, state):
+            return denoiser.head(params, state.reused(base), t, cond), cache, state
+
+        def compute_with(plan):
+            def compute_one(t, cond, base, cache, state):
+                out = denoiser.compute(params, x, t, cond, cache, plan, key)
+                return out.sample, out.cache, state.stored(out.hidden, base, step)
+
+            return lambda operand: over_branches(compute_one, t, cond, uncond, (probes.base,), operand)
+
+        skip_all = lambda operand: over_branches(skip_one, t, cond, uncond, (probes.base,), operand)  # noqa: E731
+        if not static_step_dispatch:
+            return jax.lax.cond(skip, skip_all, compute_with(step_plan(config, step)), (cache, state))
+        index = jnp.where(skip, 0, 1 + group_table[step])
+        return jax.lax.switch(index, [skip_all] + [compute_with(plan) for plan in static_plans], (cache, state))
+
     def model_tables(params, cond):
         if denoiser.timestep_tables is None:
             return sigma_table[:num_steps]
@@ -246,7 +302,11 @@ def make_sampler(
         # sigma, or the denoiser's tables at the step (after the branch axis when the branches run side by side)
         model_t = jax.tree.map(lambda table: table[:, step] if cfg_parallel else table[step], tables)
         step_key = jax.random.fold_in(key, step)
-        if cfg_parallel:
+        if policy is not None:
+            v, cache, step_cache = policy_call(params, x, model_t, cond, uncond, cache, step_cache, step, step_key)
+            if cfg_on:
+                v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_at(step))
+        elif cfg_parallel:
             v, cache, step_cache = model_call(params, x, model_t, cond, cache, step_cache, step, step_key,
                                               branches=True)
             v = _guided(v[0].astype(jnp.float32), v[1].astype(jnp.float32), guidance_at(step))
@@ -275,6 +335,7 @@ def make_sampler(
         if mesh is not None and isinstance(cache, BranchCaches):
             raise ValueError("host-resident BranchCaches (split_branches / offload_layer_caches) are for one "
                              "device; with a mesh pass stacked caches (cache.stack_branches): they are sharded")
+        _check_step_cache(step_cache, policy, num_steps, branches=cfg_on)
         cache, step_cache = sharded(cache, step_cache)
         tables = model_tables(params, cond)
         if cfg_on:
@@ -287,6 +348,42 @@ def make_sampler(
 
     jitted = jax.jit(run, donate_argnums=(1, 3, 4))
     return jitted if mesh is None else _MeshSampler(jitted)
+
+
+def _step_policy(step_policy, denoiser: Denoiser, config: ChipmunkConfig, num_steps: int, mesh):
+    """``step_policy`` checked against the sampler it joins (None: no policy)."""
+    if step_policy is None:
+        return None
+    if not isinstance(step_policy, StepPolicy):
+        raise TypeError(f"step_policy must be a step_policies.StepPolicy (FirstBlockCache, TeaCache, MagCache), got "
+                        f"{type(step_policy).__name__}")
+    if denoiser.probe is None:
+        raise ValueError("step_policy needs a denoiser with a probe (the models' denoiser(...) have one)")
+    if config.step_cache.enabled:
+        raise ValueError("step_policy and Chipmunk's static step cache (config.step_cache) both choose the skipped "
+                         "steps: use one of them (config.replace(step_cache__enabled=False) for the policy)")
+    if mesh is not None or denoiser.mesh is not None:
+        raise ValueError("step_policy runs on one device for now: build the denoiser without a mesh")
+    step_policy.check_steps(num_steps)
+    return step_policy
+
+
+def _check_step_cache(step_cache, policy: StepPolicy | None, num_steps: int, *, branches: bool) -> None:
+    """The sampler's step-cache slot holds a ``StepCache`` without a policy and the policy's ``PolicyState`` with
+    one (over every sampling step)."""
+    if policy is None:
+        if isinstance(step_cache, PolicyState):
+            raise TypeError("step_cache is a PolicyState but the sampler has no step_policy: pass a StepCache, or "
+                            "make_sampler(..., step_policy=)")
+        return
+    if not isinstance(step_cache, PolicyState):
+        raise TypeError(f"with a step_policy the step_cache slot holds the policy's state "
+                        f"(step_policies.init_policy_state), got {type(step_cache).__name__}")
+    expected = ((2,) if branches else ()) + (num_steps,)
+    if tuple(step_cache.computed.shape) != expected or (step_cache.reference is None) == policy.reads_signal:
+        raise ValueError(f"step_cache is not a state of this policy over {num_steps} steps"
+                         f"{' with 2 CFG branches (cache.stack_branches)' if branches else ''}: build it with "
+                         f"init_policy_state({type(policy).__name__}(...), num_steps={num_steps}, hidden_shape=...)")
 
 
 def _stack(first, second):
@@ -366,13 +463,33 @@ class _ProgressBar:
 
 def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache, *, sigmas, key,
            hidden_shape, hidden_dtype=jnp.bfloat16, guidance_scale=None, uncond=None, progress=False,
-           static_step_dispatch=False, mesh=None):
-    """Convenience wrapper: builds the step cache (and CFG branches) and runs the jitted loop (``guidance_scale``:
-    one number or one per step, as ``make_sampler``'s)."""
-    step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
+           static_step_dispatch=False, mesh=None, step_policy=None):
+    """Convenience wrapper: builds the step cache, or the ``step_policy``'s state (and CFG branches), and runs the
+    jitted loop (``guidance_scale``: one number or one per step, as ``make_sampler``'s)."""
+    if step_policy is None:
+        step_cache = StepCache(hidden=jnp.zeros(hidden_shape, hidden_dtype), valid=jnp.bool_(False))
+    else:
+        step_cache = init_policy_state(step_policy, num_steps=len(sigmas) - 1, hidden_shape=hidden_shape,
+                                       dtype=hidden_dtype)
     if guidance_scale is not None:
         cache = stack_branches(cache, 2)
         step_cache = stack_branches(step_cache, 2)
     run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress,
-                       static_step_dispatch=static_step_dispatch, mesh=mesh)
+                       static_step_dispatch=static_step_dispatch, mesh=mesh, step_policy=step_policy)
     return run(params, latents, cond, cache, step_cache, key, uncond)
+
+
+def calibrate_magnitude_ratios(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, cache=None, *,
+                               sigmas, key, hidden_shape, guidance_scale=None, uncond=None) -> np.ndarray:
+    """MagCache's per-step magnitude ratios (arXiv 2506.09045, docs/algorithm.md §4.5) from one run of the sampler
+    that computes every step: at step t the mean over tokens of ||r_t|| / ||r_{t-1}||, r = the pre-head hidden state
+    minus the input embedding (MagCache's residual), float64 [num_steps] with 1 at step 0; with CFG the cond
+    branch's (it decides for both). ``config``'s static step cache is turned off for the run; pass a dense
+    ``denoiser`` (``chipmunk=None``) for the dense ratios, as the paper calibrates."""
+    num_steps = len(np.asarray(sigmas)) - 1
+    never = MagCache(threshold=0.0, magnitude_ratios=(1.0,) * num_steps)
+    _, _, state = sample(denoiser, config.replace(step_cache__enabled=False), params, latents, cond, cache,
+                         sigmas=sigmas, key=key, hidden_shape=hidden_shape, hidden_dtype=jnp.float32,
+                         guidance_scale=guidance_scale, uncond=uncond, step_policy=never)
+    ratios = np.asarray(state.magnitudes, np.float64)
+    return ratios if guidance_scale is None else ratios[0]

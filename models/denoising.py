@@ -22,21 +22,29 @@ def model_denoiser(config, chipmunk, *, forward: Callable, head: Callable, condi
     (``timestep_tables``), and the velocities come back in float32 from both the full call and the head.
     ``model_kw`` go to every forward call (with ``dtype``, and ``kernel_impl`` under Chipmunk); without
     ``chipmunk`` the cache passes through untouched. ``mesh``: every forward runs sequence-parallel on it (the
-    sampler shards its caches over the same mesh)."""
+    sampler shards its caches over the same mesh). ``probe(params, latents, t, cond, kind)`` is the model's
+    ``forward(..., probe=kind)`` for the step policies (docs/algorithm.md §4.5)."""
     model_kw = dict(model_kw, dtype=dtype, mesh=mesh, **({} if chipmunk is None else dict(kernel_impl=kernel_impl)))
 
     def timestep_tables(params, sigmas, cond):
         at = lambda sigma: conditioning(params, sigma * timestep_scale, cond)  # noqa: E731
         return {"sigma": sigmas, "conditioning": jax.vmap(at)(sigmas)}
 
+    def call(params, latents, t, cond, **kw):
+        return forward(params, config, hidden_states=latents, timestep=t["sigma"] * timestep_scale,
+                       conditioning=t["conditioning"], **cond, **model_kw, **kw)
+
     def compute(params, latents, t, cond, cache, plan, key):
         chipmunk_kw = {} if chipmunk is None else dict(chipmunk=chipmunk, cache=cache, plan=plan, key=key)
-        out = forward(params, config, hidden_states=latents, timestep=t["sigma"] * timestep_scale,
-                      conditioning=t["conditioning"], **cond, **model_kw, **chipmunk_kw)
+        out = call(params, latents, t, cond, **chipmunk_kw)
         return out.replace(sample=out.sample.astype(jnp.float32), cache=cache if chipmunk is None else out.cache)
+
+    def probe(params, latents, t, cond, kind):
+        # Chipmunk's config only for its token order: the probe's base must be in the space of ``hidden``
+        return call(params, latents, t, cond, chipmunk=chipmunk, probe=kind)
 
     def final_layer(params, hidden, t, cond):
         return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
                     out_dtype=jnp.float32)
 
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables, mesh=mesh)
+    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables, probe=probe, mesh=mesh)

@@ -42,7 +42,7 @@ from chipmunk_jax.cache import ModelCache, init_stack_cache, sparse_layer_range
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models import mmdit
-from chipmunk_jax.models.block_stack import check_block_stack, num_blocks, scan_blocks
+from chipmunk_jax.models.block_stack import block_at, check_block_stack, num_blocks, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -62,6 +62,7 @@ from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.reorder import joint_permutation
 from chipmunk_jax.sampling import Denoiser
 from chipmunk_jax.schedule import StepPlan
+from chipmunk_jax.step_policies import Probe, check_probe_kind
 from chipmunk_jax.validation import check_bool, check_int_tuple, field, non_negative_int, optional, positive_int
 
 __all__ = ["FluxConfig", "forward", "head", "timestep_conditioning", "denoiser", "sampling_cond", "init_params",
@@ -382,8 +383,8 @@ def forward(
     guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
     plan: StepPlan | None = None, key: jax.Array | None = None, grid: tuple[int, int] | None = None,
     rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
-    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None,
-) -> ModelOutput:
+    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None, probe: str | None = None,
+) -> ModelOutput | Probe:
     """FLUX.1 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
     Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``plan`` (``schedule.step_plan(chipmunk, step)``) and
@@ -400,6 +401,10 @@ def forward(
     sequence, so text + image tokens must split evenly), the Chipmunk MLPs on each device's token shard
     (whole mlp.block_size blocks per shard). The output's ``hidden`` is the image hidden state after the last
     single block, before ``norm_out``.
+    ``probe``: a step-caching policy's probe kind (``step_policies.PROBE_KINDS``, docs/algorithm.md §4.5): run only
+    the input embedding ("modulated_input": block 0's modulated image input) or also the first block ("first_block":
+    its image residual), densely and in Chipmunk's token order, and return a ``step_policies.Probe`` whose ``base``
+    lives in the space of ``hidden``; the Chipmunk cache, plan and key are not used.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -412,6 +417,8 @@ def forward(
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
+    if probe is not None:
+        check_probe_kind(probe)
     batch, num_img, _ = hidden_states.shape
     num_txt = encoder_hidden_states.shape[1]
 
@@ -430,11 +437,12 @@ def forward(
     run = perm = None
     if chipmunk is not None:
         grid = _image_grid(grid, img_ids, num_img, chipmunk)
-        init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, num_text_tokens=num_txt,  # noqa: E731
-                                  dtype=dtype)
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
-                                kernel_impl=kernel_impl, num_tokens=num_txt + num_img, mesh=mesh)
-        cache = run.cache
+        if probe is None:  # a probe runs dense: it keeps Chipmunk's token order only
+            init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid,  # noqa: E731
+                                      num_text_tokens=num_txt, dtype=dtype)
+            run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
+                                    kernel_impl=kernel_impl, num_tokens=num_txt + num_img, mesh=mesh)
+            cache = run.cache
         perm = token_permutation(chipmunk, grid)
         if perm is not None:
             hidden_states = permute_tokens(hidden_states, perm)
@@ -455,6 +463,8 @@ def forward(
     def single(block, modulation, joint_states, ops):
         return mmdit.single_block(block, joint_states, None, rotary_emb, modulation=modulation, **block_kw, **ops)
 
+    if probe is not None:
+        return _probe(probe, params, conditioning, img, txt, double, single, default_ops or {})
     (double_first, _), (single_first, _) = config.block_stacks
     (txt, img), run = scan_blocks(double, params["transformer_blocks"], (txt, img), first_layer=double_first,
                                   run=run, stack_index=0, per_layer=conditioning["transformer_blocks"],
@@ -466,6 +476,25 @@ def forward(
     hidden = joint_states[:, num_txt:]
     sample = _final_layer(params, hidden, conditioning["norm_out"], dtype)
     return ModelOutput(sample=unpermute_tokens(sample, perm).astype(hidden_states.dtype), hidden=hidden, cache=cache)
+
+
+def _probe(kind: str, params: Params, conditioning: Params, img, txt, double, single, ops) -> Probe:
+    """``forward``'s probe (docs/algorithm.md §4.5) from the embedded image and text tokens: block 0 is the first
+    double block, or the first single block of a model without double blocks (image rows of its joint output)."""
+    name = "transformer_blocks" if num_blocks(params["transformer_blocks"]) else "single_transformer_blocks"
+    if not num_blocks(params[name]):
+        raise ValueError("a step-caching probe needs a block: this FLUX config has none")
+    block, modulation = block_at(params[name], 0), block_at(conditioning[name], 0)
+    double_first = name == "transformer_blocks"
+    if kind == "modulated_input":
+        return Probe(signal=mmdit.modulated_input(block, img, None, double=double_first, modulation=modulation),
+                     base=img)
+    if double_first:
+        (_, out), _ = double(block, modulation, (txt, img), ops)
+    else:
+        joint, _ = single(block, modulation, jnp.concatenate([txt, img], axis=1), ops)
+        out = joint[:, txt.shape[1]:]
+    return Probe(signal=out - img, base=out)
 
 
 def check_mesh(config: FluxConfig, chipmunk: ChipmunkConfig | None, mesh, *, num_img: int, num_txt: int) -> None:

@@ -63,7 +63,7 @@ from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, cache_bytes, init_stack_cache
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import mmdit
-from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
+from chipmunk_jax.models.block_stack import block_at, check_block_stack, num_blocks, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -86,6 +86,7 @@ from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.sampling import Denoiser
 from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.selection import pack_mask, static_video_mask
+from chipmunk_jax.step_policies import Probe, check_probe_kind
 from chipmunk_jax.validation import (
     check_bool,
     check_choice,
@@ -539,8 +540,8 @@ def forward(
     guidance: jax.Array | None = None, chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None,
     plan: StepPlan | None = None, key: jax.Array | None = None, text_length: int | None = None,
     rotary_emb: tuple[jax.Array, jax.Array] | None = None, conditioning: Params | None = None, dtype=jnp.bfloat16,
-    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None,
-) -> ModelOutput:
+    attention_impl: str | None = None, kernel_impl: str | None = None, mesh=None, probe: str | None = None,
+) -> ModelOutput | Probe:
     """HunyuanVideo transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
     Chipmunk: pass ``chipmunk`` (a ChipmunkConfig, e.g. ``chipmunk_jax.config.hunyuan_video()``),
@@ -556,6 +557,10 @@ def forward(
     the last single block, in voxel order under Chipmunk. ``mesh``: a ``parallel.make_mesh`` mesh: the joint
     attention runs sequence-parallel over its "sequence" axis (Ulysses), the token refiner replicated; when the
     image + text tokens do not split evenly, masked text tokens are appended (as the prompt's own padding).
+    ``probe``: a step-caching policy's probe kind (``step_policies.PROBE_KINDS``, docs/algorithm.md §4.5): run only
+    the embeddings ("modulated_input": block 0's modulated image input) or also the first block ("first_block": its
+    image residual), densely and in Chipmunk's token order, and return a ``step_policies.Probe`` whose ``base``
+    lives in the space of ``hidden``; the Chipmunk cache, plan and key are not used.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -568,6 +573,8 @@ def forward(
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
+    if probe is not None:
+        check_probe_kind(probe)
     batch = hidden_states.shape[0]
     num_txt = encoder_hidden_states.shape[1]
     grid = token_grid(config, hidden_states.shape)
@@ -590,18 +597,11 @@ def forward(
         pad = parallel.sequence_padding(num_img + num_txt, mesh)
     run = perm = None
     if chipmunk is not None:
-        text_length = _text_length(text_length, encoder_attention_mask, num_txt)
-        prefix = num_img + text_length
-        if prefix < chipmunk.attention.group_size:
-            raise ValueError(f"Chipmunk needs at least attention.group_size={chipmunk.attention.group_size} "
-                             f"image + valid text tokens, got {prefix}")
-        init = lambda: init_cache(  # noqa: E731
-            config, chipmunk, batch=batch, grid=grid, text_length=text_length,
-            key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
-                                kernel_impl=kernel_impl, prefix=prefix, attention_impl=attention_impl,
-                                num_tokens=prefix, mesh=mesh)
-        cache = run.cache
+        if probe is None:  # a probe runs dense: it keeps Chipmunk's token order only
+            run = _chipmunk_run(config, chipmunk, plan, cache, key, grid=grid, batch=batch, num_img=num_img,
+                                text_length=_text_length(text_length, encoder_attention_mask, num_txt), dtype=dtype,
+                                kernel_impl=kernel_impl, attention_impl=attention_impl, mesh=mesh)
+            cache = run.cache
         perm = token_permutation(chipmunk, grid)
         tokens = permute_tokens(tokens, perm)
         rotary_emb = parallel.replicate(tuple(permute_tokens(jnp.asarray(t), perm, axis=0) for t in rotary_emb),
@@ -643,6 +643,8 @@ def forward(
     def single(block, _, joint, ops):
         return mmdit.single_block(block, joint, temb, rope, **block_kw, token_replace=single_replace, **ops)
 
+    if probe is not None:
+        return _probe(probe, params, img, txt, temb, double_replace, double, single, default_ops or {})
     (double_first, _), (single_first, _) = config.block_stacks
     (img, txt), run = scan_blocks(double, params.get("transformer_blocks"), (img, txt), first_layer=double_first,
                                   run=run, stack_index=0, default_ops=default_ops)
@@ -652,6 +654,40 @@ def forward(
     hidden = joint[:, :num_img]
     sample = _final_layer(params, config, hidden, temb, grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=hidden, cache=cache)
+
+
+def _chipmunk_run(config, chipmunk, plan, cache, key, *, grid, batch, num_img, text_length, dtype, kernel_impl,
+                  attention_impl, mesh) -> ChipmunkRun:
+    """``forward``'s Chipmunk prelude: Chipmunk runs on the prefix [image; valid text] (``text_length`` tokens)."""
+    prefix = num_img + text_length
+    if prefix < chipmunk.attention.group_size:
+        raise ValueError(f"Chipmunk needs at least attention.group_size={chipmunk.attention.group_size} "
+                         f"image + valid text tokens, got {prefix}")
+    init = lambda: init_cache(  # noqa: E731
+        config, chipmunk, batch=batch, grid=grid, text_length=text_length,
+        key=None if key is None else jax.random.fold_in(key, _STATIC_MASK_STREAM), dtype=dtype)
+    return ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
+                             kernel_impl=kernel_impl, prefix=prefix, attention_impl=attention_impl,
+                             num_tokens=prefix, mesh=mesh)
+
+
+def _probe(kind: str, params: Params, img, txt, temb, token_replace, double, single, ops) -> Probe:
+    """``forward``'s probe (docs/algorithm.md §4.5) from the embedded image tokens (Chipmunk's order) and refined
+    text: block 0 is the first double block, or the first single block of a model without double blocks (image
+    rows of its joint output). ``token_replace``: the image tokens' I2V token replace (or None)."""
+    name = "transformer_blocks" if num_blocks(params.get("transformer_blocks")) else "single_transformer_blocks"
+    if not num_blocks(params.get(name)):
+        raise ValueError("a step-caching probe needs a block: this HunyuanVideo config has none")
+    block, double_first = block_at(params[name], 0), name == "transformer_blocks"
+    if kind == "modulated_input":
+        signal = mmdit.modulated_input(block, img, temb, double=double_first, token_replace=token_replace)
+        return Probe(signal=signal, base=img)
+    if double_first:
+        (out, _), _ = double(block, None, (img, txt), ops)
+    else:
+        joint, _ = single(block, None, jnp.concatenate([img, txt], axis=1), ops)
+        out = joint[:, :img.shape[1]]
+    return Probe(signal=out - img, base=out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from chipmunk_jax.models.layers import (
     split_heads,
 )
 
-__all__ = ["block_modulation", "dense_attention", "dense_mlp", "double_block", "single_block"]
+__all__ = ["block_modulation", "dense_attention", "dense_mlp", "double_block", "single_block", "modulated_input"]
 
 Params = dict[str, Any]
 AttentionOp = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -152,6 +152,17 @@ def _ada_chunks(params: Params, temb, n, token_replace=None, precomputed=None):
     emb, mask = token_replace
     replaced = jnp.split(ada_modulation(params, emb), n, axis=-1)
     return [jnp.where(mask[None, :, None], r[:, None], c[:, None]) for c, r in zip(chunks, replaced)]
+
+
+def modulated_input(params: Params, hidden_states, temb, *, double: bool, token_replace=None, modulation=None):
+    """The image stream's timestep-modulated normalised input of a double (``double=True``) or single block,
+    ``norm1(x) * (1 + scale_msa) + shift_msa`` in float32: what the block's attention reads, and TeaCache's signal
+    (docs/algorithm.md §4.5). ``hidden_states`` [B, N, D] are image tokens (the norm is per token, so a single
+    block's image rows need no text); ``token_replace`` and ``modulation`` as in ``double_block``."""
+    name = "norm1" if double else "norm"
+    shift, scale = _ada_chunks(params[name], temb, 6 if double else 3, token_replace,
+                               (modulation or {}).get(name))[:2]
+    return modulate(layer_norm(hidden_states, _EPS), shift, scale)
 
 
 def _norm_rope(parts, rotary_emb, dtype):

@@ -43,7 +43,7 @@ from chipmunk_jax.attention import init_attention_cache
 from chipmunk_jax.cache import ModelCache, init_stack_cache, offload_layer_caches, split_branches, stack_branches
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
-from chipmunk_jax.models.block_stack import check_block_stack, scan_blocks
+from chipmunk_jax.models.block_stack import block_at, check_block_stack, scan_blocks
 from chipmunk_jax.models.chipmunk_ops import ChipmunkRun, check_chipmunk, permute_tokens, token_permutation
 from chipmunk_jax.models.chipmunk_ops import unpermute_tokens
 from chipmunk_jax.models.denoising import model_denoiser
@@ -69,6 +69,7 @@ from chipmunk_jax.outputs import ModelOutput
 from chipmunk_jax.sampling import Denoiser
 from chipmunk_jax.schedule import StepPlan
 from chipmunk_jax.selection import pack_mask, static_video_mask
+from chipmunk_jax.step_policies import Probe, check_probe_kind
 from chipmunk_jax.validation import (
     check_bool,
     check_choice,
@@ -374,17 +375,27 @@ def _cross_attention(attn, x, text, image, *, head_dim, dtype, eps, attention_im
     return linear(attn["to_out"]["0"], out.reshape(*out.shape[:2], -1).astype(dtype), dtype, jnp.float32)
 
 
+def _modulation(params, timestep_proj):
+    """A block's six modulation vectors (shift, scale, gate of the self-attention, then of the MLP), float32,
+    broadcastable over x [B, N, D]: [B, 1, D] each, or [B, N, D] for a per-token timestep (Wan 2.2 TI2V)."""
+    if timestep_proj.ndim == 4:  # per-token (Wan 2.2 TI2V): [B, N, 6, D]
+        modulation = params["scale_shift_table"].astype(jnp.float32)[:, None] + timestep_proj
+        return tuple(modulation[:, :, i] for i in range(6))
+    modulation = params["scale_shift_table"].astype(jnp.float32) + timestep_proj  # [B, 6, D]
+    return tuple(modulation[:, i][:, None] for i in range(6))
+
+
+def _modulated_input(x, shift, scale, eps):
+    """``norm1(x) * (1 + scale) + shift``, float32: what the self-attention reads (TeaCache's signal)."""
+    return layer_norm(x, eps) * (1.0 + scale) + shift
+
+
 def _block(params, x, text, image, timestep_proj, rope, *, config, dtype, attention_op, mlp_op, attention_impl):
     """One ``WanTransformerBlock`` on the float32 residual stream x [B, N, D]."""
     eps, hd = config.eps, config.attention_head_dim
-    if timestep_proj.ndim == 4:  # per-token (Wan 2.2 TI2V): [B, N, 6, D]
-        modulation = params["scale_shift_table"].astype(jnp.float32)[:, None] + timestep_proj
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (modulation[:, :, i] for i in range(6))
-    else:
-        modulation = params["scale_shift_table"].astype(jnp.float32) + timestep_proj  # [B, 6, D]
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (modulation[:, i][:, None] for i in range(6))
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = _modulation(params, timestep_proj)
 
-    norm = (layer_norm(x, eps) * (1.0 + scale_msa) + shift_msa).astype(dtype)
+    norm = _modulated_input(x, shift_msa, scale_msa, eps).astype(dtype)
     attn_out, attn_aux = _self_attention(params["attn1"], norm, rope, head_dim=hd, dtype=dtype, eps=eps,
                                          attention_op=attention_op, attention_impl=attention_impl)
     x = x + attn_out * gate_msa
@@ -545,8 +556,8 @@ def forward(
     chipmunk: ChipmunkConfig | None = None, cache: ModelCache | None = None, plan: StepPlan | None = None,
     key: jax.Array | None = None, rotary_emb: tuple[jax.Array, jax.Array] | None = None,
     conditioning: Params | None = None, dtype=jnp.bfloat16, attention_impl: str | None = None,
-    kernel_impl: str | None = None, mesh=None,
-) -> ModelOutput:
+    kernel_impl: str | None = None, mesh=None, probe: str | None = None,
+) -> ModelOutput | Probe:
     """Wan 2.1 / 2.2 transformer forward (see the module docstring for shapes) -> ``ModelOutput``.
 
     Chipmunk: pass ``chipmunk`` (a ChipmunkConfig), ``plan`` (``schedule.step_plan(chipmunk, step)``) and the
@@ -561,6 +572,10 @@ def forward(
     the replicated text per token (the tokens must split evenly, and into whole mlp.block_size blocks with MLP
     sparsity). The output's ``hidden`` is the hidden state [B, N, D] (float32) after the last block, in voxel
     order under Chipmunk's voxel reordering.
+    ``probe``: a step-caching policy's probe kind (``step_policies.PROBE_KINDS``, docs/algorithm.md §4.5): run only
+    the patch embedding ("modulated_input": block 0's modulated input) or also the first block ("first_block": its
+    residual), densely and in Chipmunk's token order, and return a ``step_policies.Probe`` whose ``base`` lives in
+    the space of ``hidden``; the Chipmunk cache, plan and key are not used.
     """
     _check_config(config)
     if not isinstance(params, dict):
@@ -571,6 +586,8 @@ def forward(
         raise ValueError("cache and plan are only used with chipmunk; pass chipmunk=ChipmunkConfig(...)")
     if chipmunk is not None:
         _check_chipmunk(config, chipmunk)
+    if probe is not None:
+        check_probe_kind(probe)
     batch, num_tokens = hidden_states.shape[0], math.prod(grid)
 
     if rotary_emb is None:
@@ -589,10 +606,11 @@ def forward(
         parallel.check_tokens("Wan's video tokens", num_tokens, mesh, multiple=multiple)
     run = perm = None
     if chipmunk is not None:
-        init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)  # noqa: E731
-        run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
-                                kernel_impl=kernel_impl, num_tokens=num_tokens, mesh=mesh)
-        cache = run.cache
+        if probe is None:  # a probe runs dense: it keeps Chipmunk's token order only
+            init = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, dtype=dtype)  # noqa: E731
+            run = ChipmunkRun.start(chipmunk, plan, cache, key, stacks=config.block_stacks, init_cache=init,
+                                    kernel_impl=kernel_impl, num_tokens=num_tokens, mesh=mesh)
+            cache = run.cache
         perm = token_permutation(chipmunk, grid)
 
     text, image = _context(params["condition_embedder"], config, encoder_hidden_states, encoder_hidden_states_image,
@@ -614,10 +632,24 @@ def forward(
                       attention_impl=attention_impl)
 
     default_ops = None if mesh is None else {"attention_op": sequence_parallel_dense_attention(mesh, attention_impl)}
+    if probe is not None:
+        return _probe(probe, params, config, x, timestep_proj, block, default_ops or {})
     x, run = scan_blocks(block, params["blocks"], x, first_layer=0, run=run, default_ops=default_ops)
     cache = None if run is None else run.cache
     sample = _final_layer(params, config, x, conditioning["temb"], grid, perm, dtype)
     return ModelOutput(sample=sample.astype(hidden_states.dtype), hidden=x, cache=cache)
+
+
+def _probe(kind: str, params: Params, config: WanConfig, x, timestep_proj, block, ops) -> Probe:
+    """``forward``'s probe (docs/algorithm.md §4.5) from the patch-embedded tokens ``x`` (Chipmunk's order)."""
+    if not config.num_layers:
+        raise ValueError("a step-caching probe needs a block: this Wan config has none")
+    first = block_at(params["blocks"], 0)
+    if kind == "modulated_input":
+        shift, scale = _modulation(first, timestep_proj)[:2]
+        return Probe(signal=_modulated_input(x, shift, scale, config.eps), base=x)
+    out, _ = block(first, None, x, ops)
+    return Probe(signal=out - x, base=out)
 
 
 def head(params: Params, config: WanConfig, hidden: jax.Array, conditioning: Params, *,
