@@ -1,12 +1,13 @@
-"""Tiny diffusers pipeline folders for FLUX, Wan 2.1, Wan 2.2 (T2V-A14B, TI2V-5B) and HunyuanVideo, built on the
-CPU with nothing downloaded (tiny random transformers, text encoders and VAEs; tokenizers made from a word list with
-BPE merges written here; saved with diffusers' ``save_pretrained``). Shared by tests/test_pipelines.py and
+"""Tiny diffusers pipeline folders for FLUX, Wan 2.1, Wan 2.2 (T2V-A14B, I2V-A14B, TI2V-5B) and HunyuanVideo, built on
+the CPU with nothing downloaded (tiny random transformers, text encoders and VAEs; tokenizers made from a word list
+with BPE merges written here; saved with diffusers' ``save_pretrained``). Shared by tests/test_pipelines.py and
 tests/test_cli.py: ``from pipeline_folders import build_wan_folder`` (pytest's default ``prepend`` import mode puts
 tests/ on sys.path).
 
 Each ``build_*_folder(root)`` writes ``root/pipeline`` and returns dict(root=, path=, reference=), where
-``reference`` is diffusers' own pipeline on the same components (for parity checks). Importing this module imports
-torch, diffusers and transformers: call ``pytest.importorskip`` on them first.
+``reference`` is diffusers' own pipeline on the same components (for parity checks; the TI2V-5B folder's also has
+``reference_i2v``, diffusers' ``WanImageToVideoPipeline`` on them, its image-to-video path). Importing this module
+imports torch, diffusers and transformers: call ``pytest.importorskip`` on them first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 import transformers
 
 __all__ = ["WORDS", "PROMPT", "HUNYUAN_TEMPLATE", "bpe", "clip_parts", "t5_tokenizer", "t5_config", "perturbed",
-           "wan_transformer", "build_flux_folder", "build_wan_folder", "build_wan_a14b_folder", "build_wan_ti2v_folder",
-           "build_hunyuan_folder"]
+           "wan_transformer", "build_flux_folder", "build_wan_folder", "build_wan_a14b_folder",
+           "build_wan_i2v_a14b_folder", "build_wan_ti2v_folder", "build_hunyuan_folder", "tiny_image"]
 
 WORDS = "a cat dog on the grass red blue photo of describe video".split()
 PROMPT = "a cat on the grass"
@@ -108,12 +109,24 @@ def build_flux_folder(root):
     return dict(root=root, path=str(root / "pipeline"), reference=reference)
 
 
-def wan_transformer(channels: int = 4):
-    """A tiny random diffusers WanTransformer3DModel (2 layers, 2 heads of 12) with ``channels`` latent channels."""
+def wan_transformer(channels: int = 4, in_channels: int | None = None):
+    """A tiny random diffusers WanTransformer3DModel (2 layers, 2 heads of 12) with ``channels`` latent channels
+    (output; input too unless ``in_channels`` says otherwise)."""
     return perturbed(diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
-        out_channels=channels, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32))
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=channels if in_channels is None else in_channels, out_channels=channels, text_dim=16,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32))
+
+
+def tiny_image(height: int = 40, width: int = 56, seed: int = 0):
+    """A random RGB PIL image (not at any pipeline size: the pipelines resize it)."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=rng, dtype=torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
 
 
 def _wan_vae():
@@ -123,14 +136,15 @@ def _wan_vae():
                                       latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
 
 
-def _wan_pipeline_folder(root, *, make_transformers, vae, scheduler, **options):
-    """diffusers' WanPipeline on the tiny UMT5 text encoder, saved to ``root/pipeline`` (``make_transformers()``:
-    its transformer(s), built after the text encoder; ``options``: boundary_ratio / expand_timesteps)."""
+def _wan_pipeline_folder(root, *, make_transformers, vae, scheduler, pipeline=diffusers.WanPipeline, **options):
+    """diffusers' ``pipeline`` (WanPipeline or WanImageToVideoPipeline) on the tiny UMT5 text encoder, saved to
+    ``root/pipeline`` (``make_transformers()``: its transformer(s), built after the text encoder; ``options``:
+    boundary_ratio / expand_timesteps)."""
     tokenizer = t5_tokenizer()
     encoder = transformers.UMT5EncoderModel(t5_config(transformers.UMT5Config, tokenizer, 16)).eval()
     models = make_transformers()
-    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae(), scheduler=scheduler,
-                                      **models, **options)
+    reference = pipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae(), scheduler=scheduler, **models,
+                         **options)
     reference.set_progress_bar_config(disable=True)
     reference.save_pretrained(root / "pipeline")
     return dict(root=root, path=str(root / "pipeline"), reference=reference)
@@ -152,6 +166,19 @@ def build_wan_a14b_folder(root):
         vae=_wan_vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), boundary_ratio=0.875)
 
 
+def build_wan_i2v_a14b_folder(root):
+    """A Wan2.2-I2V-A14B-like folder: diffusers' WanImageToVideoPipeline with two different experts taking 4 + 4 + 4
+    input channels (noise, mask, image latents; 16 + 4 + 16 in the release), no CLIP image encoder, and the I2V-A14B
+    boundary_ratio 0.9; Euler with shift 5, so that 4 steps switch at step 2 (t = 1000, 910 | 717, 24)."""
+    torch.manual_seed(7)
+    def experts():
+        return {name: wan_transformer(4, in_channels=12) for name in ("transformer", "transformer_2")}
+
+    return _wan_pipeline_folder(root, make_transformers=experts, vae=_wan_vae,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                pipeline=diffusers.WanImageToVideoPipeline, boundary_ratio=0.9)
+
+
 def build_wan_ti2v_folder(root):
     """A Wan2.2-TI2V-5B-like folder: one transformer on the latents of a tiny Wan2.2 VAE (residual, patch 2,
     spatial factor 16; z_dim 8 here, 48 in the release) and ``expand_timesteps``."""
@@ -160,8 +187,14 @@ def build_wan_ti2v_folder(root):
         base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
         scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.3, 0.0] * 2, latents_std=[1.5, 0.8, 1.2, 2.0] * 2).eval()
-    return _wan_pipeline_folder(root, make_transformers=lambda: {"transformer": wan_transformer(8)}, vae=vae,
-                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=True)
+    folder = _wan_pipeline_folder(root, make_transformers=lambda: {"transformer": wan_transformer(8)}, vae=vae,
+                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                  expand_timesteps=True)
+    # diffusers runs TI2V-5B image-to-video with WanImageToVideoPipeline on the same folder
+    components = {k: v for k, v in folder["reference"].components.items() if k != "transformer_2"}
+    folder["reference_i2v"] = diffusers.WanImageToVideoPipeline(**components, expand_timesteps=True)
+    folder["reference_i2v"].set_progress_bar_config(disable=True)
+    return folder
 
 
 def build_hunyuan_folder(root):

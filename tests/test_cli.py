@@ -231,10 +231,13 @@ def video_files(tmp_path_factory):
     """Tiny Wan and HunyuanVideo pipeline folders and Chipmunk configs that fit their few tokens."""
     folders = pytest.importorskip("pipeline_folders")  # tests/pipeline_folders.py: needs transformers too
     root = tmp_path_factory.mktemp("cli_video")
-    for name in ("wan", "hunyuan", "a14b", "ti2v"):
+    for name in ("wan", "hunyuan", "a14b", "i2v", "ti2v"):
         (root / name).mkdir()
     wan, hunyuan = folders.build_wan_folder(root / "wan"), folders.build_hunyuan_folder(root / "hunyuan")
     a14b, ti2v = folders.build_wan_a14b_folder(root / "a14b"), folders.build_wan_ti2v_folder(root / "ti2v")
+    i2v = folders.build_wan_i2v_a14b_folder(root / "i2v")
+    image = root / "first_frame.png"
+    folders.tiny_image().save(image)
     # 2 x 8 x 12 = 192 Wan tokens at 128x192x5 (one query group); every key kept at the sparse steps
     wan_chipmunk = root / "wan.yaml"
     C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16, attention__local_voxels=0,
@@ -245,7 +248,8 @@ def video_files(tmp_path_factory):
                               attention__full_step_schedule=(0, 1), step_cache__skip_step_schedule=(3,)).save(
         hunyuan_chipmunk)
     return dict(root=root, wan=wan["path"], hunyuan=hunyuan["path"], a14b=a14b["path"], ti2v=ti2v["path"],
-                wan_chipmunk=str(wan_chipmunk), hunyuan_chipmunk=str(hunyuan_chipmunk))
+                i2v=i2v["path"], image=str(image), wan_chipmunk=str(wan_chipmunk),
+                hunyuan_chipmunk=str(hunyuan_chipmunk))
 
 
 def _read_video(path):
@@ -360,6 +364,27 @@ def test_wan22_ti2v_and_a14b_dense_latents(video_files, tmp_path, capsys):
     chex.assert_shape(np.load(tmp_path / "a14b.npy"), (1, 4, 2, 4, 4))
 
 
+@pytest.mark.slow
+def test_wan22_image_to_video_latents(video_files, tmp_path, capsys):
+    """--image: I2V-A14B (two experts, the image as extra input channels) and TI2V-5B (the image as latent frame
+    0), dense, to latents."""
+    common = ("--prompt", PROMPT, "--image", video_files["image"], "--num-frames", 5, "--steps", 2, "--dense",
+              "--compile-cache", "none")
+    assert _generate("--model", "wan2.2-i2v-a14b", "--diffusers", video_files["i2v"], "--height", 32, "--width", 32,
+                     *common, "--out", tmp_path / "i2v.npy") == 0
+    captured = capsys.readouterr()
+    assert (f"Wan 2.2 I2V-A14B, 5 frames x 32x32 from the first frame {video_files['image']} (56x40), 2 steps, dense"
+            in captured.err and "two experts switched at boundary_ratio 0.9" in captured.err)
+    assert "encode_image" in captured.out
+    chex.assert_shape(np.load(tmp_path / "i2v.npy"), (1, 4, 2, 4, 4))  # the latents: no mask / image channels
+    assert _generate("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["ti2v"], "--height", 64, "--width", 64,
+                     *common, "--out", tmp_path / "ti2v.npy") == 0
+    assert "Wan 2.2 TI2V-5B, 5 frames x 64x64 from the first frame" in capsys.readouterr().err
+    latents = np.load(tmp_path / "ti2v.npy")
+    chex.assert_shape(latents, (1, 8, 2, 4, 4))
+    chex.assert_tree_all_finite(latents)
+
+
 def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
     mp4 = str(tmp_path / "x.mp4")
     cases = [
@@ -379,6 +404,13 @@ def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
         (("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["ti2v"]), "run it with --model wan2.2-ti2v-5b"),
         (("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["hunyuan"]),
          "holds a diffusers HunyuanVideoPipeline pipeline, not a WanPipeline"),
+        (("--model", "wan2.2-i2v-a14b", "--diffusers", video_files["a14b"], "--image", video_files["image"]),
+         "is a Wan 2.2 T2V-A14B pipeline folder, not Wan 2.2 I2V-A14B: run it with --model wan2.2-t2v-a14b"),
+        (("--model", "wan2.2-t2v-a14b", "--diffusers", video_files["i2v"]), "run it with --model wan2.2-i2v-a14b"),
+        (("--model", "wan2.2-i2v-a14b", "--diffusers", video_files["i2v"], "--image", tmp_path / "missing.png"),
+         f"--image '{tmp_path / 'missing.png'}': "),
+        (("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["ti2v"], "--image", video_files["wan_chipmunk"]),
+         "cannot identify image file"),
         # TI2V-5B: VAE factor 16 x patch 2
         (("--model", "wan2.2-ti2v-5b", "--diffusers", video_files["ti2v"], "--height", 48, "--width", 64,
           "--num-frames", 5, "--steps", 2), "height must be a multiple of 32"),
@@ -414,11 +446,13 @@ def test_video_folder_and_config_errors_exit_1(video_files, tmp_path, capsys):
     (("--guidance-2", 3.0), "--guidance-2 is for the two-expert --model wan2.2-t2v-a14b / wan2.2-i2v-a14b, not "
                             "--model wan"),
     (("--model", "wan2.2-ti2v-5b", "--offload-idle-expert"), "--offload-idle-expert is for the two-expert"),
-    (("--model", "wan2.2-t2v-a14b", "--image", "x.png"), "--image is for --model wan2.2-i2v-a14b (image-to-video), "
-                                                          "not --model wan2.2-t2v-a14b"),
-    (("--model", "wan2.2-i2v-a14b",), "--model wan2.2-i2v-a14b needs --image PATH (the first frame)"),
-    (("--model", "wan2.2-i2v-a14b", "--image", "x.png"), "image-to-video conditioning (diffusers' "
-                                                          "WanImageToVideoPipeline: the first frame VAE-encoded"),
+    (("--model", "wan2.2-t2v-a14b", "--image", "x.png"), "--image is for --model wan2.2-i2v-a14b / wan2.2-ti2v-5b "
+                                                          "(image-to-video), not --model wan2.2-t2v-a14b"),
+    (("--model", "flux", "--image", "x.png"), "--image is for --model wan2.2-i2v-a14b / wan2.2-ti2v-5b"),
+    (("--image", "x.png"), "--image is for --model wan2.2-i2v-a14b / wan2.2-ti2v-5b (image-to-video), not --model wan"),
+    (("--model", "wan2.2-i2v-a14b",), "--model wan2.2-i2v-a14b needs --image PATH (the first frame of the video)"),
+    (("--model", "wan2.2-i2v-a14b", "--image", "x.png", "--offload-idle-expert", "--weights", "W", "--pipeline",
+      "P"), "--model wan2.2-i2v-a14b takes its two experts from the pipeline folder"),
     (("--model", "wan2.2-t2v-a14b", "--weights", "W", "--pipeline", "P"),
      "--model wan2.2-t2v-a14b takes its two experts from the pipeline folder: --diffusers PIPELINE_DIR"),
     (("--model", "wan2.2-t2v-a14b", "--guidance", 1.0, "--guidance-2", 3.0),

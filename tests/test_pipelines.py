@@ -1,6 +1,7 @@
 """``chipmunk_jax.pipelines`` end to end on CPU: tiny diffusers pipeline folders for FLUX, Wan 2.1, Wan 2.2 (T2V-A14B
-with two experts, TI2V-5B with the Wan2.2 VAE) and HunyuanVideo (built by tests/pipeline_folders.py: tiny random
-transformers, text encoders, VAEs; tokenizers made from a word list with BPE merges; nothing downloaded) are run from ``pipe(prompt=...)`` to images / frames, dense and Chipmunk.
+and I2V-A14B with two experts, TI2V-5B with the Wan2.2 VAE, text- and image-to-video) and HunyuanVideo (built by
+tests/pipeline_folders.py: tiny random transformers, text encoders, VAEs; tokenizers made from a word list with BPE
+merges; nothing downloaded) are run from ``pipe(prompt=...)`` to images / frames, dense and Chipmunk.
 The dense runs are checked against diffusers' own pipelines on the same components and the same initial noise
 (float32): the final latents agree to <= 1e-5 relative, the decoded pixels to one level in 255. Also: the weights
 cache, the scheduler's sigmas against diffusers' schedulers, write_video, and the errors for bad folders and
@@ -38,7 +39,7 @@ from chipmunk_jax.schedule import (  # noqa: E402
     AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule)
 from pipeline_folders import (  # noqa: E402
     HUNYUAN_TEMPLATE, PROMPT, build_flux_folder, build_hunyuan_folder, build_wan_a14b_folder, build_wan_folder,
-    build_wan_ti2v_folder)
+    build_wan_i2v_a14b_folder, build_wan_ti2v_folder, tiny_image)
 
 F32 = jnp.float32
 
@@ -66,6 +67,7 @@ flux_folder = _folder_fixture(build_flux_folder, "flux")
 wan_folder = _folder_fixture(build_wan_folder, "wan")
 wan_a14b_folder = _folder_fixture(build_wan_a14b_folder, "wan_a14b")
 wan_ti2v_folder = _folder_fixture(build_wan_ti2v_folder, "wan_ti2v")
+wan_i2v_a14b_folder = _folder_fixture(build_wan_i2v_a14b_folder, "wan_i2v_a14b")
 hunyuan_folder = _folder_fixture(build_hunyuan_folder, "hunyuan")
 
 
@@ -413,6 +415,139 @@ def test_wan_ti2v_dense_matches_diffusers(wan_ti2v_folder):
     _pixels_match(frames, video)
     with pytest.raises(ValueError, match="height must be a multiple of 32"):  # VAE factor 16 x patch 2
         pipe(PROMPT, **dict(call, height=48), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.2 image-to-video: I2V-A14B (extra input channels), TI2V-5B (the image as latent frame 0)
+
+
+def _i2v_reference(reference, text_folder, image, call, noise, output_type="latent"):
+    """diffusers' WanImageToVideoPipeline on ``image``. The prompts go in as embeddings from diffusers'
+    WanPipeline.encode_prompt on the same text encoder: the I2V module's copy of that code calls ftfy without
+    checking that it is installed (the pipeline under test does the same, see WanPipeline._prompt_encoder)."""
+    call = dict(call)
+    prompt, negative, length = PROMPT, call.pop("negative_prompt"), call.pop("max_sequence_length")
+    with torch.no_grad():
+        embeds, negative_embeds = text_folder.encode_prompt(prompt=prompt, negative_prompt=negative,
+                                                            do_classifier_free_guidance=True,
+                                                            max_sequence_length=length)
+        return reference(image=image, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, **call,
+                         latents=torch.from_numpy(noise), output_type=output_type).frames[0]
+
+
+def _text_encoding(reference):
+    """diffusers' WanPipeline over ``reference``'s tokenizer and text encoder (prompt encoding only)."""
+    return diffusers.WanPipeline(tokenizer=reference.tokenizer, text_encoder=reference.text_encoder,
+                                 vae=reference.vae, scheduler=reference.scheduler)
+
+
+def test_wan_i2v_a14b_dense_matches_diffusers(wan_i2v_a14b_folder):
+    """I2V-A14B: the image's VAE latents and diffusers' frame mask as extra input channels of both experts (12 =
+    4 + 4 + 4 here), no CLIP image encoder; the condition equals diffusers' prepare_latents'. A14B_CALL's 4 steps
+    switch experts at step 2 here too (t = 1000, 910 >= 900 | 717, 24)."""
+    reference, image = wan_i2v_a14b_folder["reference"], tiny_image()
+    noise = _noise((1, 4, 2, 4, 4), seed=7)
+    theirs = _i2v_reference(reference, _text_encoding(reference), image, A14B_CALL, noise).numpy()
+    pipe = _load(WanA14BPipeline, wan_i2v_a14b_folder)
+    assert pipe.image_conditioning == "channels" and pipe.boundary_ratio == 0.9
+    assert (pipe.config.in_channels, pipe.latent_channels) == (12, 4)
+    condition = pipe.encode_image(image, height=32, width=32, num_frames=5)
+    with torch.no_grad():
+        pixels = reference.video_processor.preprocess(image, height=32, width=32).float()
+        _, expected = reference.prepare_latents(pixels, 1, 4, 32, 32, 5, torch.float32, torch.device("cpu"),
+                                                latents=torch.from_numpy(noise))
+    assert condition.shape == (1, 8, 2, 4, 4)
+    np.testing.assert_allclose(condition, expected.numpy(), rtol=0, atol=1e-6)
+    ours = pipe(PROMPT, image=image, **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    assert _rel(ours.frames[0], theirs) <= 1e-5 and ours.timings["encode_image"] > 0
+    # the comparison can fail: another image moves the result
+    other = pipe(PROMPT, image=tiny_image(seed=1), **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    assert _rel(other.frames[0], theirs) > 1e-3
+    # a uint8 array is taken as the PIL image it holds
+    as_array = pipe(PROMPT, image=np.asarray(image), **A14B_CALL, latents=noise, output_type="latent", progress=False)
+    np.testing.assert_array_equal(as_array.frames[0], ours.frames[0])
+    frames = pipe(PROMPT, image=image, **A14B_CALL, latents=noise, progress=False).frames[0]
+    _pixels_match(frames, _i2v_reference(reference, _text_encoding(reference), image, A14B_CALL, noise, "np"))
+
+
+def test_wan_ti2v_image_to_video_matches_diffusers(wan_ti2v_folder):
+    """TI2V-5B with an image, as diffusers' WanImageToVideoPipeline runs the folder (expand_timesteps): the image's
+    latents are frame 0 of every model input and of the result, at timestep 0 on their tokens."""
+    reference = wan_ti2v_folder["reference"]
+    call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, max_sequence_length=12,
+                guidance_scale=4.0, negative_prompt="blue dog")
+    image, noise = tiny_image(seed=2), _noise((1, 8, 2, 4, 4), seed=8)
+    theirs = _i2v_reference(wan_ti2v_folder["reference_i2v"], reference, image, call, noise).numpy()
+    pipe = _load(WanPipeline, wan_ti2v_folder)
+    assert pipe.image_conditioning == "first_frame"
+    ours = pipe(PROMPT, image=image, **call, latents=noise, output_type="latent", progress=False).frames[0]
+    assert _rel(ours, theirs) <= 1e-5
+    condition = pipe.encode_image(image, height=64, width=64, num_frames=5)
+    assert condition.shape == (1, 8, 1, 4, 4)
+    np.testing.assert_array_equal(ours[:, :1], condition[0])  # frame 0 is the image's latents, never moved
+    np.testing.assert_allclose(ours[:, :1], theirs[:, :1], rtol=0, atol=1e-6)
+    # the comparison can fail: another image moves the result
+    other = pipe(PROMPT, image=tiny_image(seed=1), **call, latents=noise, output_type="latent", progress=False)
+    assert _rel(other.frames[0], theirs) > 1e-3
+    frames = pipe(PROMPT, image=image, **call, latents=noise, progress=False).frames[0]
+    _pixels_match(frames, _i2v_reference(wan_ti2v_folder["reference_i2v"], reference, image, call, noise, "np"))
+
+
+@pytest.mark.slow
+def test_wan_image_to_video_chipmunk_step_cache_and_offload(wan_i2v_a14b_folder, wan_ti2v_folder):
+    """Chipmunk + step caching with an image: I2V-A14B one jit against its offloaded segments (the same latents)
+    and near the dense result; TI2V-5B near the dense result, frame 0 still the image's latents (skipped steps run
+    the final layer only, with the per-token conditioning)."""
+    chipmunk = C.wan().replace(attention__top_keys=0.995, attention__counts_multiple_of=16,
+                               attention__local_voxels=0, attention__random_keys=0.0,
+                               attention__first_n_dense_layers=1, attention__full_step_every=3,
+                               step_cache__skip_step_schedule=(3,))
+    image = tiny_image(seed=3)
+    call = dict(A14B_CALL, height=128, width=192, seed=0, output_type="latent", progress=False)
+    sparse = _load(WanA14BPipeline, wan_i2v_a14b_folder, chipmunk=chipmunk)(PROMPT, image=image, **call)
+    dense = _load(WanA14BPipeline, wan_i2v_a14b_folder)(PROMPT, image=image, **call)
+    assert 0 < _rel(sparse.frames[0], dense.frames[0]) < 0.05
+    offloaded = _load(WanA14BPipeline, wan_i2v_a14b_folder, chipmunk=chipmunk, offload_idle_expert=True)
+    assert _rel(offloaded(PROMPT, image=image, **call).frames[0], sparse.frames[0]) <= 1e-5
+    # TI2V-5B: 2 x 8 x 12 = 192 tokens at 256x384 (spatial factor 16, patch 2; one query group)
+    call = dict(height=256, width=384, num_frames=5, num_inference_steps=4, max_sequence_length=12,
+                guidance_scale=4.0, seed=0, output_type="latent", progress=False)
+    pipe = _load(WanPipeline, wan_ti2v_folder, chipmunk=chipmunk)
+    sparse = pipe(PROMPT, image=image, **call).frames[0]
+    dense = _load(WanPipeline, wan_ti2v_folder)(PROMPT, image=image, **call).frames[0]
+    assert 0 < _rel(sparse, dense) < 0.05
+    np.testing.assert_array_equal(sparse[:, :1], pipe.encode_image(image, height=256, width=384, num_frames=5)[0])
+
+
+def test_wan_image_to_video_errors(wan_folder, wan_i2v_a14b_folder, wan_dense, tmp_path):
+    call = dict(height=32, width=32, num_frames=5, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="image=: this is a text-to-video pipeline"):
+        wan_dense(PROMPT, image=tiny_image(), **call)
+    pipe = _load(WanA14BPipeline, wan_i2v_a14b_folder)
+    with pytest.raises(ValueError, match="image= is required: this is an image-to-video pipeline"):
+        pipe(PROMPT, **call)
+    for image, error, words in (
+            ("cat.png", TypeError, "image must be a PIL image or an array \\[H, W, 3\\]"),
+            (torch.zeros(8, 8, 3), TypeError, "got Tensor"),
+            (np.zeros((8, 8), np.uint8), ValueError, "image must be \\[H, W, 3\\] \\(RGB\\)"),
+            (np.full((8, 8, 3), 2.0, np.float32), ValueError, "a float image must lie in \\[0, 1\\]"),
+            (np.zeros((8, 8, 3), np.int32), ValueError, "image must be uint8 or float")):
+        with pytest.raises(error, match=words):
+            pipe(PROMPT, image=image, **call)
+    with pytest.raises(ValueError, match="is a Wan 2.2 A14B pipeline .* load it with "
+                                         "chipmunk_jax.pipelines.WanA14BPipeline"):
+        _load(WanPipeline, wan_i2v_a14b_folder)
+    # a Wan 2.1 image-to-video folder (one transformer, CLIP image embeddings)
+    wan21_i2v = tmp_path / "wan21_i2v"
+    shutil.copytree(wan_folder["path"], wan21_i2v)
+    index = json.loads((wan21_i2v / "model_index.json").read_text())
+    (wan21_i2v / "model_index.json").write_text(json.dumps(dict(index, _class_name="WanImageToVideoPipeline")))
+    for cls in (WanPipeline, WanA14BPipeline):
+        with pytest.raises(ValueError, match="is a Wan 2.1 image-to-video pipeline .* not supported"):
+            cls.from_pretrained(wan21_i2v, chipmunk=None)
+    with pytest.raises(ValueError, match="holds a diffusers WanImageToVideoPipeline pipeline, not a FluxPipeline: "
+                                         "load it with chipmunk_jax.pipelines.WanA14BPipeline"):
+        FluxPipeline.from_pretrained(wan_i2v_a14b_folder["path"])
 
 
 def test_wan22_folder_and_argument_errors(wan_folder, wan_a14b_folder, wan_dense, tmp_path):

@@ -1,7 +1,8 @@
 """Wan 2.2: configs (A14B experts, TI2V-5B), per-token timesteps (TI2V) against diffusers' WanTransformer3DModel,
 the A14B pipeline ports (transformer / transformer_2), and the two-expert sampler (models.wan_experts): diffusers'
 expert choice, per-expert guidance, the Chipmunk refresh at the switch (attention and MLP), the one-jit sample
-against a hand-rolled loop, and the two-segment sample (idle expert in host memory) against the one-jit one."""
+against a hand-rolled loop, and the two-segment sample (idle expert in host memory) against the one-jit one; the
+image-to-video denoiser wrappers (models.wan_i2v) against the model's own forward on the inputs diffusers builds."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from chipmunk_jax import config as chipmunk_config  # noqa: E402
 from chipmunk_jax import memory, sampling  # noqa: E402
-from chipmunk_jax.models import wan, wan_experts  # noqa: E402
+from chipmunk_jax.models import wan, wan_experts, wan_i2v  # noqa: E402
 from chipmunk_jax.ports import wan as wan_ports  # noqa: E402
 from chipmunk_jax.schedule import (  # noqa: E402
     AttentionStep, MLPStep, ModelStep, attention_schedule, mlp_schedule, model_schedule, step_plan)
@@ -417,3 +418,68 @@ def test_two_expert_denoiser_validation():
         wan_experts.boundary_timestep(1.5)
     assert wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS["t2v_a14b"]) == 875.0
     assert wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS["i2v_a14b"]) == 900.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-to-video denoisers (models.wan_i2v); parity with diffusers' pipelines: tests/test_pipelines.py
+
+
+def _i2v_case(config, seed):
+    rng = np.random.default_rng(seed)
+    params = wan.init_params(config, jax.random.key(seed), dtype=jnp.float32)
+    latents = rng.standard_normal((1, config.output_channels, 3, 8, 12)).astype(np.float32)
+    text = rng.standard_normal((1, 5, config.text_dim)).astype(np.float32)
+    grid = wan.token_grid(config, latents.shape)
+    sigmas = jnp.asarray([0.8, 0.3, 0.0], jnp.float32)
+    return rng, params, jnp.asarray(latents), text, grid, sigmas
+
+
+def test_first_frame_conditioned_denoiser_is_the_per_token_forward():
+    """TI2V-5B with an image: every call sees the image latents as frame 0 with timestep 0 on its tokens (what
+    diffusers' expand_timesteps passes); frame 0's velocity is 0, also from the final layer of a skipped step."""
+    config = wan.WanConfig(**TI2V_CONFIG)
+    rng, params, latents, text, grid, sigmas = _i2v_case(config, 40)
+    condition = rng.standard_normal((1, config.in_channels, 1, 8, 12)).astype(np.float32)
+    denoiser = wan_i2v.first_frame_conditioned(wan.denoiser(config, grid=grid, dtype=jnp.float32), config, grid)
+    cond = {"encoder_hidden_states": text, wan_i2v.CONDITION: condition}
+    t = jax.tree.map(lambda table: table[0], denoiser.timestep_tables(params, sigmas, cond))
+    out = denoiser.compute(params, latents, t, cond, None, None, None)  # latents' own frame 0: replaced
+    x = wan_i2v.with_first_frame(latents, condition)
+    np.testing.assert_array_equal(x[:, :, 0:1], condition)
+    np.testing.assert_array_equal(x[:, :, 1:], latents[:, :, 1:])
+    timestep = _first_frame_timesteps([np.float32(0.8) * np.float32(1000.0)], 1, grid)
+    expected = wan.forward(params, config, hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                           dtype=jnp.float32).sample
+    assert np.all(np.asarray(out.sample[:, :, 0]) == 0)
+    assert max_rel_error(out.sample[:, :, 1:], expected[:, :, 1:]) <= RTOL
+    head = denoiser.head(params, out.hidden, t, cond)
+    assert max_rel_error(head, out.sample) <= RTOL and np.all(np.asarray(head[:, :, 0]) == 0)
+    with pytest.raises(ValueError, match="the first-frame condition must be \\[1, 12, 1, 8, 12\\]"):
+        denoiser.compute(params, latents, t, dict(cond, image_condition=condition[:, :, :, :4]), None, None, None)
+    with pytest.raises(ValueError, match="needs cond\\['image_condition'\\]"):
+        denoiser.timestep_tables(params, sigmas, {"encoder_hidden_states": text})
+    with pytest.raises(ValueError, match="temporal patch size of 1"):
+        wan_i2v.first_frame_conditioned(denoiser, wan.WanConfig(**dict(TI2V_CONFIG, patch_size=(2, 2, 2))), grid)
+
+
+def test_channel_conditioned_denoiser_concatenates_the_condition():
+    """I2V-A14B: every call takes [latents, frame mask, image latents] on the channel axis; the mask is diffusers'
+    mask_lat_size layout (all temporal-factor channels 1 on latent frame 0, 0 after)."""
+    config = wan.WanConfig(**dict(TEST_SUITE_CONFIG, in_channels=12))  # 4 latent + 4 mask + 4 image channels
+    rng, params, latents, text, grid, sigmas = _i2v_case(config, 41)
+    mask = wan_i2v.frame_mask(3, 8, 12, temporal=4)
+    assert mask.shape == (1, 4, 3, 8, 12) and np.all(mask[:, :, 0] == 1) and np.all(mask[:, :, 1:] == 0)
+    image_latents = rng.standard_normal((1, 4, 3, 8, 12)).astype(np.float32)
+    condition = wan_i2v.channel_condition(image_latents, temporal=4)
+    np.testing.assert_array_equal(condition, np.concatenate([mask, image_latents], axis=1))
+    denoiser = wan_i2v.channel_conditioned(wan.denoiser(config, grid=grid, dtype=jnp.float32))
+    cond = {"encoder_hidden_states": text, wan_i2v.CONDITION: condition}
+    t = jax.tree.map(lambda table: table[1], denoiser.timestep_tables(params, sigmas, cond))
+    out = denoiser.compute(params, latents, t, cond, None, None, None)
+    expected = wan.forward(params, config, hidden_states=jnp.concatenate([latents, condition], axis=1),
+                           timestep=np.float32(0.3) * np.float32(1000.0), encoder_hidden_states=text,
+                           dtype=jnp.float32).sample
+    assert out.sample.shape == latents.shape and max_rel_error(out.sample, expected) <= RTOL
+    assert max_rel_error(denoiser.head(params, out.hidden, t, cond), expected) <= RTOL
+    with pytest.raises(ValueError, match="the channel condition must be \\[1, channels, 3, 8, 12\\]"):
+        denoiser.compute(params, latents, t, dict(cond, image_condition=condition[:, :, :2]), None, None, None)

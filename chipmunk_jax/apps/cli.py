@@ -9,6 +9,8 @@
         --seed --guidance] [--chipmunk PRESET|config.yaml | --dense] [--step-cache] --out out.mp4|.gif|.webp|.npy
     chipmunk-jax generate --model wan2.2-t2v-a14b --diffusers PIPELINE --prompt TEXT [--guidance --guidance-2]
         [--offload-idle-expert] [... as above] --out out.mp4|.gif|.webp|.npy
+    chipmunk-jax generate --model wan2.2-i2v-a14b --diffusers PIPELINE --image FIRST_FRAME --prompt TEXT [... as
+        wan2.2-t2v-a14b]; --model wan2.2-ti2v-5b [--image FIRST_FRAME]
     chipmunk-jax convert --model flux|hunyuan_video|wan --src CHECKPOINT --dst DIR
 
 FLUX: --weights: converted params (``chipmunk-jax convert``) or an orbax checkpoint of a ``chipmunk_jax.nnx``
@@ -27,10 +29,11 @@ decodes; the JAX transformer samples, one jit, on one device); --out .mp4 is H.2
 animated GIF beside it when imageio-ffmpeg is missing), .gif / .webp animated images, .npy the latents
 [1, C, (F-1)/4 + 1, H/s, W/s] (s: the VAE's factor, 8; 16 for Wan2.2-TI2V-5B). A checkpoint that needs converting
 is converted once and cached in ``$XDG_CACHE_HOME/chipmunk-jax/weights``. Wan 2.2: --model wan2.2-ti2v-5b takes a
-Wan2.2-TI2V-5B folder (text-to-video); --model wan2.2-t2v-a14b a Wan2.2-T2V-A14B folder, whose two experts
-(transformer/ and transformer_2/, switched at its boundary_ratio) each get their own guidance scale (--guidance,
---guidance-2) and, with --offload-idle-expert, wait in host memory while the other one samples;
---model wan2.2-i2v-a14b (image-to-video) is not supported yet.
+Wan2.2-TI2V-5B folder (text-to-video, or image-to-video with --image); --model wan2.2-t2v-a14b a Wan2.2-T2V-A14B
+folder and --model wan2.2-i2v-a14b a Wan2.2-I2V-A14B folder (image-to-video: --image is required), whose two
+experts (transformer/ and transformer_2/, switched at its boundary_ratio) each get their own guidance scale
+(--guidance, --guidance-2) and, with --offload-idle-expert, wait in host memory while the other one samples.
+--image (PNG, JPEG, ...) is the first frame, resized to --height x --width as diffusers does (no crop).
 
 --compile-cache keeps the compiled sampling loop in JAX's persistent compilation cache, so a second run with the
 same shapes and flags loads it from disk; 'none' leaves JAX's cache settings alone.
@@ -109,13 +112,13 @@ _MODELS = {
     "wan2.2-t2v-a14b": _Model("Wan 2.2 T2V-A14B", "wan", 720, 1280, 4.0, num_frames=81, fps=16,
                               pipeline="WanA14BPipeline", wan_variant="t2v-a14b", guidance_2=3.0),
     "wan2.2-i2v-a14b": _Model("Wan 2.2 I2V-A14B", "wan", 720, 1280, 3.5, num_frames=81, fps=16,
-                              wan_variant="i2v-a14b", guidance_2=3.5),
+                              pipeline="WanA14BPipeline", wan_variant="i2v-a14b", guidance_2=3.5),
     "wan2.2-ti2v-5b": _Model("Wan 2.2 TI2V-5B", "wan", 704, 1280, 5.0, num_frames=121, fps=24,
                              pipeline="WanPipeline", wan_variant="ti2v-5b"),
 }
 _WAN_MODELS = " / ".join(name for name, m in _MODELS.items() if m.wan)
-_I2V_MISSING = ("image-to-video conditioning (diffusers' WanImageToVideoPipeline: the first frame VAE-encoded, with "
-                "its frame mask, as extra latent channels of every transformer call) is not implemented yet")
+# --image: required by the image-to-video models, optional for TI2V-5B (text- or image-to-video)
+_IMAGE_REQUIRED, _IMAGE_OPTIONAL = ("i2v-a14b",), ("ti2v-5b",)
 _IMAGE_SUFFIXES = (".png", ".npy")
 _VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".npy")
 _TEMPORAL = 4  # the video VAEs' temporal factor (HunyuanVideo, Wan 2.1 and 2.2): 4k + 1 frames
@@ -220,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", metavar="TEXT",
                      help="wan models only: the unconditional text of classifier-free guidance (default: '')")
     gen.add_argument("--image", metavar="PATH",
-                     help="wan2.2-i2v-a14b only: the first frame of an image-to-video generation")
+                     help="wan2.2-i2v-a14b (required) and wan2.2-ti2v-5b: the first frame of an image-to-video "
+                          "generation (an image file, resized to --height x --width)")
     gen.add_argument("--height", type=int, default=None,
                      help=f"height in pixels, a multiple of 16 (default: {_per_model('height')})")
     gen.add_argument("--width", type=int, default=None,
@@ -277,14 +281,12 @@ def _check_generate_args(parser, args) -> None:
              model.experts),
             ("--offload-idle-expert", args.offload_idle_expert,
              "the two-expert --model wan2.2-t2v-a14b / wan2.2-i2v-a14b", model.experts),
-            ("--image", args.image is not None, "--model wan2.2-i2v-a14b (image-to-video)",
-             model.wan_variant == "i2v-a14b")):
+            ("--image", args.image is not None, "--model wan2.2-i2v-a14b / wan2.2-ti2v-5b (image-to-video)",
+             model.wan_variant in _IMAGE_REQUIRED + _IMAGE_OPTIONAL)):
         if given and not fits:
             parser.error(f"{flag} is for {which}, not {name}")
-    if model.wan_variant == "i2v-a14b":
-        if args.image is None:
-            parser.error(f"{name} needs --image PATH (the first frame); besides, {_I2V_MISSING}")
-        parser.error(f"{name}: {_I2V_MISSING}; --model wan2.2-t2v-a14b and wan2.2-ti2v-5b run text-to-video")
+    if model.wan_variant in _IMAGE_REQUIRED and args.image is None:
+        parser.error(f"{name} needs --image PATH (the first frame of the video)")
     if model.experts and (args.weights is not None or args.pipeline is not None):
         parser.error(f"{name} takes its two experts from the pipeline folder: --diffusers PIPELINE_DIR (its "
                      "transformer/ and transformer_2/ may hold converted params), without --weights / --pipeline")
@@ -827,6 +829,17 @@ def _check_wan_folder(model: _Model, folder: str, flag: str) -> None:
                          f"--model {name}")
 
 
+def _load_image(path: str):
+    """The --image file as an RGB PIL image, turned upright by its EXIF orientation (diffusers' ``load_image``)."""
+    from PIL import Image, ImageOps  # local: optional dependency (the pipelines extra)
+
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as e:  # missing file, not an image (PIL.UnidentifiedImageError is an OSError)
+        raise UsageError(f"--image {path!r}: {e}") from None
+
+
 def generate_video(args, t_start: float) -> int:
     """--model hunyuan-video / wan*: ``chipmunk_jax.pipelines`` from the pipeline folder, one video, written."""
     from chipmunk_jax import pipelines  # local: the application layer above the models
@@ -848,6 +861,7 @@ def generate_video(args, t_start: float) -> int:
         folder, flag, transformer = args.diffusers, "--diffusers", None
     if model.wan:
         _check_wan_folder(model, folder, flag)
+    image = None if args.image is None else _load_image(args.image)
     load = dict(transformer=transformer)
     if model.experts:
         load = dict(offload_idle_expert=args.offload_idle_expert)
@@ -866,11 +880,12 @@ def generate_video(args, t_start: float) -> int:
     if args.model == "hunyuan-video":
         pipe.vae.enable_tiling()  # diffusers' advice: 720p x 129 frames does not fit the GPU untiled
     size = f"{args.num_frames} frames x {args.height}x{args.width}"
+    first = "" if image is None else f" from the first frame {args.image} ({image.width}x{image.height})"
     experts = ""
     if model.experts:
         experts = (f", two experts switched at boundary_ratio {pipe.boundary_ratio:g}"
                    f"{', the idle one in host memory' if args.offload_idle_expert else ''}")
-    _log(f"{model.title}, {size}, {args.steps} steps, "
+    _log(f"{model.title}, {size}{first}, {args.steps} steps, "
          f"{'dense' if model_chipmunk is None else 'Chipmunk ' + args.chipmunk}"
          f"{' + step caching' if args.step_cache else ''}, {args.dtype}{experts}, loaded in {loaded_s:.1f} s "
          f"(transformer: {pipe.weights_from}; torch text encoders and VAE on {pipe.torch_device})")
@@ -883,6 +898,8 @@ def generate_video(args, t_start: float) -> int:
         call["negative_prompt"] = args.negative_prompt
     if args.guidance_2 is not None:
         call["guidance_scale_2"] = args.guidance_2
+    if image is not None:
+        call["image"] = image
     step_ends: dict[int, float] = {}
     pipe.on_step = lambda s: step_ends.__setitem__(s, time.perf_counter())
     progress = _PipelineProgress(cache_dir, decodes=not latent_out)

@@ -1,4 +1,5 @@
-"""Text-to-image / text-to-video pipelines in the diffusers manner, with the JAX transformer doing the sampling.
+"""Text-to-image, text-to-video and (Wan 2.2) image-to-video pipelines in the diffusers manner, with the JAX
+transformer doing the sampling.
 
     from chipmunk_jax.pipelines import FluxPipeline, HunyuanVideoPipeline, WanA14BPipeline, WanPipeline, write_video
 

@@ -58,7 +58,7 @@ SOURCE_FILE = "source.json"
 
 # diffusers pipeline class -> ours (for the "wrong pipeline" error)
 _OUR_CLASS = {"FluxPipeline": "FluxPipeline", "WanPipeline": "WanPipeline",
-              "HunyuanVideoPipeline": "HunyuanVideoPipeline"}
+              "WanImageToVideoPipeline": "WanA14BPipeline", "HunyuanVideoPipeline": "HunyuanVideoPipeline"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,8 @@ class ImagePipelineOutput:
 class VideoPipelineOutput:
     """``frames``: one entry per prompt: a uint8 [F, H, W, 3] array ("np", the default; diffusers' is float in
     [0, 1]), a list of F ``PIL.Image.Image`` ("pil") or the final VAE latents [C, F', H/8, W/8] float32 ("latent").
-    ``timings``: as ``ImagePipelineOutput``'s."""
+    ``timings``: as ``ImagePipelineOutput``'s, with ``encode_image`` when an image conditions the video (its VAE
+    encoding, once per call)."""
 
     frames: list
     timings: dict[str, float]
@@ -163,14 +164,17 @@ def _layout_hint(path: str) -> str:
     return f"{path!r} is not a diffusers pipeline folder: no model_index.json (it holds {shown})"
 
 
-def read_model_index(path, pipeline_class: str, components: tuple[str, ...]) -> dict:
-    """The ``model_index.json`` of a diffusers ``pipeline_class`` folder, after checking that the folder holds that
-    pipeline and the ``components`` subfolders. Errors name the folder and what to pass instead."""
+def read_model_index(path, pipeline_class: str | tuple[str, ...], components: tuple[str, ...]) -> dict:
+    """The ``model_index.json`` of a diffusers ``pipeline_class`` folder (or of one of several classes), after
+    checking that the folder holds that pipeline and the ``components`` subfolders. Errors name the folder and what
+    to pass instead."""
     path = os.fspath(path)
+    classes = (pipeline_class,) if isinstance(pipeline_class, str) else tuple(pipeline_class)
+    wanted = " or ".join(classes)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such pipeline folder {path!r}")
     if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is a file: pass a diffusers {pipeline_class} folder (model_index.json, "
+        raise ValueError(f"{path!r} is a file: pass a diffusers {wanted} folder (model_index.json, "
                          "text encoders, tokenizers, vae/, scheduler/)")
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
@@ -183,14 +187,14 @@ def read_model_index(path, pipeline_class: str, components: tuple[str, ...]) -> 
     if not isinstance(data, dict):
         raise ValueError(f"{index!r} must hold a JSON object, got {type(data).__name__}")
     found = data.get("_class_name")
-    if found != pipeline_class:
+    if found not in classes:
         ours = _OUR_CLASS.get(found)
         hint = (f": load it with chipmunk_jax.pipelines.{ours}" if ours
                 else f" (supported: {', '.join(sorted(_OUR_CLASS))})")
-        raise ValueError(f"{path!r} holds a diffusers {found} pipeline, not a {pipeline_class}{hint}")
+        raise ValueError(f"{path!r} holds a diffusers {found} pipeline, not a {wanted}{hint}")
     missing = [c for c in components if not os.path.isdir(os.path.join(path, c))]
     if missing:
-        raise ValueError(f"{path!r}: the {pipeline_class} folder lacks the subfolders {missing}")
+        raise ValueError(f"{path!r}: the {wanted} folder lacks the subfolders {missing}")
     return data
 
 
@@ -439,14 +443,14 @@ def check_num_frames(num_frames, temporal: int) -> int:
 
 
 def video_request(*, height, width, num_frames, spatial: int, temporal: int, patch_hw: tuple[int, int],
-                  in_channels: int, token_grid: Callable, latents, num_prompts: int):
+                  latent_channels: int, token_grid: Callable, latents, num_prompts: int):
     """The checked size of a video call: (height, width, num_frames, latent shape [1, C, F', H', W'], token grid,
     checked ``latents`` or None). Height / width are multiples of 16 and of the VAE factor x the patch size;
     ``token_grid(shape)`` is the model's; ``latents`` (one prompt only) must have the latent shape."""
     height = check_size("height", height, int(np.lcm(16, spatial * patch_hw[0])))
     width = check_size("width", width, int(np.lcm(16, spatial * patch_hw[1])))
     num_frames = check_num_frames(num_frames, temporal)
-    shape = (1, in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+    shape = (1, latent_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
     try:
         grid = token_grid(shape)
     except ValueError as e:
@@ -527,6 +531,9 @@ class Pipeline:
     _COMPONENTS: tuple[str, ...]
     _PORT: Any
     _TRANSFORMER_CLASS: str
+    # diffusers pipeline classes whose folders this pipeline reads besides ``_PIPELINE_CLASS``'s (their components
+    # are loaded with the folder's own class)
+    _OTHER_PIPELINE_CLASSES: tuple[str, ...] = ()
 
     def __init__(self, *, path, config, params, chipmunk, dtype, components, weights_from, static_step_dispatch,
                  torch_device):
@@ -575,7 +582,7 @@ class Pipeline:
         importing jax).
         """
         path = os.fspath(path)
-        cls._check_index(path, read_model_index(path, cls._PIPELINE_CLASS, cls._COMPONENTS))
+        cls._check_index(path, read_model_index(path, cls._pipeline_classes(), cls._COMPONENTS))
         model_chipmunk = resolve_chipmunk(cls._PRESET if chipmunk == "default" else chipmunk, cls._PRESET)
         config, params, weights_from = cls._load_weights(path, transformer, "transformer", cache_weights=cache_weights,
                                                          cache_dir=cache_dir)
@@ -638,17 +645,22 @@ class Pipeline:
                            torch_device=components.device)
 
     @classmethod
+    def _pipeline_classes(cls) -> tuple[str, ...]:
+        """The diffusers pipeline classes whose folders (and ``from_components`` pipelines) this pipeline takes."""
+        return (cls._PIPELINE_CLASS, *cls._OTHER_PIPELINE_CLASSES)
+
+    @classmethod
     def _check_diffusers_components(cls, components) -> None:
         """``from_components``' ``components``: this model's diffusers pipeline with every component but the
         transformer."""
         _, diffusers = import_torch_stack()
-        expected = getattr(diffusers, cls._PIPELINE_CLASS)
-        if not isinstance(components, expected):
-            raise TypeError(f"components must be a diffusers {cls._PIPELINE_CLASS} (built with transformer=None), "
+        names = cls._pipeline_classes()
+        if not isinstance(components, tuple(getattr(diffusers, name) for name in names)):
+            raise TypeError(f"components must be a diffusers {' or '.join(names)} (built with transformer=None), "
                             f"got {type(components).__name__}")
         missing = [name for name in cls._COMPONENTS if getattr(components, name, None) is None]
         if missing:
-            raise ValueError(f"components: the {cls._PIPELINE_CLASS} lacks {missing}")
+            raise ValueError(f"components: the {type(components).__name__} lacks {missing}")
 
     # ---- model hooks ----------------------------------------------------------------------------
 
@@ -672,14 +684,15 @@ class Pipeline:
 
     @classmethod
     def _load_components(cls, path, device, torch_dtype):
-        """The diffusers pipeline without its transformer (tokenizers, text encoders, VAE, scheduler) on ``device``."""
+        """The diffusers pipeline without its transformer (tokenizers, text encoders, VAE, scheduler) on ``device``,
+        loaded with the folder's own pipeline class (one of ``_pipeline_classes``)."""
         _, diffusers = import_torch_stack()
+        name = read_model_index(path, cls._pipeline_classes(), ())["_class_name"]
         try:
             loaded = cls._preloaded_components(path, torch_dtype)
-            pipe = getattr(diffusers, cls._PIPELINE_CLASS).from_pretrained(path, transformer=None, dtype=torch_dtype,
-                                                                           **loaded)
+            pipe = getattr(diffusers, name).from_pretrained(path, transformer=None, dtype=torch_dtype, **loaded)
         except (OSError, ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"cannot load the {cls._PIPELINE_CLASS} components of {path!r}: {e}") from None
+            raise ValueError(f"cannot load the {name} components of {path!r}: {e}") from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -130,7 +130,7 @@ class HunyuanVideoPipeline(common.Pipeline):
         height, width, num_frames, shape, grid, latents = common.video_request(
             height=height, width=width, num_frames=num_frames, spatial=self.vae_scale_factor_spatial,
             temporal=self.vae_scale_factor_temporal, patch_hw=(self.config.patch_size,) * 2,
-            in_channels=self.config.in_channels, token_grid=lambda shape: hv.token_grid(self.config, shape),
+            latent_channels=self.config.in_channels, token_grid=lambda shape: hv.token_grid(self.config, shape),
             latents=latents, num_prompts=len(prompts))
         steps = positive_int("num_inference_steps", num_inference_steps)
         max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
