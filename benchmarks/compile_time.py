@@ -60,7 +60,7 @@ from chipmunk_jax.apps.compile_cache import enable_compile_cache, watch_compile_
 from chipmunk_jax.timing import log, emit_section
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax import sampling
-from chipmunk_jax.cache import init_step_cache, stack_branches
+from chipmunk_jax.cache import init_step_cache, split_branches, stack_branches
 from chipmunk_jax.schedule import attention_schedule, mlp_schedule
 
 MODELS = ("flux", "hunyuan", "wan")
@@ -246,7 +246,7 @@ def hunyuan_setup(tiny, steps):
         guidance_scale=None, build=build)
 
 
-def wan_setup(tiny, steps):
+def wan_setup(tiny, steps, cfg_caches="stacked"):
     from chipmunk_jax.models import wan
 
     chipmunk = chipmunk_config.wan()
@@ -269,15 +269,18 @@ def wan_setup(tiny, steps):
             return dict(encoder_hidden_states=jnp.zeros((1, text_len, config.text_dim), jnp.bfloat16),
                         rotary_emb=tuple(jnp.asarray(t) for t in wan.pos_embed(config, grid)))
 
-        cache = None if model_chipmunk is None else abstract(lambda: wan.init_branch_caches(
-            config, model_chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16))
+        # the two CFG branches' caches stacked on a leading axis (the sampler slices a branch out and writes it
+        # back each call) or as separate pytrees (``--cfg-caches split``: BranchCaches, taken by Python indexing)
+        branch_layout = stack_branches if cfg_caches == "stacked" else split_branches
+        cache = None if model_chipmunk is None else abstract(lambda: branch_layout(wan.init_cache(
+            config, model_chipmunk, batch=1, grid=grid, key=jax.random.key(7), dtype=jnp.bfloat16), branches))
         cond = abstract(make_cond)
         args = dict(
             params=abstract(lambda: wan.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)),
             latents=jax.ShapeDtypeStruct(shape, jnp.float32),
             cond=cond,
             cache=cache,
-            step_cache=abstract(lambda: stack_branches(init_step_cache(
+            step_cache=abstract(lambda: branch_layout(init_step_cache(
                 batch=1, seq_len=num_img, width=config.inner_dim, dtype=jnp.float32), branches)),
             key=key_struct(),
             uncond=cond,
@@ -287,7 +290,7 @@ def wan_setup(tiny, steps):
         return den, args
 
     return Setup(
-        label=f"{'tiny Wan' if tiny else 'Wan2.1-T2V-14B'} {width}x{height}x{frames}, CFG",
+        label=f"{'tiny Wan' if tiny else 'Wan2.1-T2V-14B'} {width}x{height}x{frames}, CFG ({cfg_caches} branch caches)",
         tokens=f"{num_img} + {text_len}", chipmunk=chipmunk, sigmas=sampling.flow_sigmas(steps, shift=5.0),
         guidance_scale=5.0, build=build)
 
@@ -398,6 +401,9 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (>= 2; presets clipped to them)")
     parser.add_argument("--kernel-impl", default=None, help="the Chipmunk ops' kernel_impl (default: the kernels' "
                         "own, Pallas on GPU and the jnp reference elsewhere)")
+    parser.add_argument("--cfg-caches", choices=("stacked", "split"), default="stacked",
+                        help="Wan's two CFG branch caches: stacked on a leading axis (wan.init_branch_caches) or split "
+                             "(cache.split_branches: no per-call branch slice and write-back)")
     parser.add_argument("--tiny", action="store_true", help="the e2e scripts' tiny configs: a CPU check in seconds")
     parser.add_argument("--narrow", action="store_true",
                         help="FLUX only: FLUX.1's 19 + 38 blocks at the tiny widths with the FLUX preset (the CPU "
@@ -427,7 +433,9 @@ def main():
     rows, labels = [], {}
     for model in models:
         try:
-            setup = SETUPS[model](args.tiny, args.steps, **({"narrow": True} if args.narrow else {}))
+            extra = {"narrow": True} if args.narrow and model == "flux" else {}
+            extra |= {"cfg_caches": args.cfg_caches} if model == "wan" else {}
+            setup = SETUPS[model](args.tiny, args.steps, **extra)
         except Exception as e:  # noqa: BLE001 - e.g. a model mid-edit: the other models still run
             traceback.print_exc()
             rows += [dict(model=model, mode=m, dispatch=d, error=f"{type(e).__name__}: {e}".splitlines()[0])

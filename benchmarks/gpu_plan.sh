@@ -22,6 +22,8 @@
 #                                             #   Pallas with 3-stage fc2, Triton defaults, vs dense XLA (no sweep)
 #   bash benchmarks/gpu_plan.sh triton        # issues 3, 4: GPU tests of the Triton attention and MLP kernels, the
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
+#   bash benchmarks/gpu_plan.sh wan_memory    # issue 20 (~2 min): compiled memory of the Wan 720p CFG Chipmunk sampler with
+#                                             #   the branch caches stacked vs split (no per-call branch slice + write-back)
 #   bash benchmarks/gpu_plan.sh nnx           # issue 28 (~4 min; H200): the FLUX.1-dev 50-step Chipmunk sampler (static
 #                                             #   dispatch) through the NNX module's state vs the functional tree, one
 #                                             #   process: compile s (two orders) and wall time (alternating), the ratio
@@ -63,6 +65,13 @@ stacked_mlp)
   # `git archive 852e711 chipmunk_jax models pallas_kernels ports benchmarks`) and in this one, one process each.
   run timeout 120 python3 -P -m pytest -q -m gpu tests/test_mlp_gpu.py tests/test_offload.py
   run bash benchmarks/flux_sample_ab.sh .baseline --variants dense,chipmunk --static-step-dispatch --reps 3
+  ;;
+wan_memory)
+  # issue 20: where Wan's 106 GiB of temporaries go; the stacked CFG caches are sliced per branch and written back
+  for layout in stacked split; do
+    run timeout 200 python3 -P benchmarks/compile_time.py --models wan --modes chipmunk --dispatch static \
+      --cfg-caches $layout --results "$OUT/wan_memory.md"
+  done
   ;;
 scan_diag)
   # issue 20: why the scanned Chipmunk sampler is slower than the unrolled one (RESULTS.md §12.1): 50 steps with
@@ -150,7 +159,7 @@ kernels)
   run timeout 220 python3 -P benchmarks/mlp.py --no-sweep --budget 180 --out "$OUT/mlp.md" --log "$OUT/mlp.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | stacked_mlp | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | nnx | pipeline | kernels | verify | triton | h100" >&2
+  echo "usage: bash benchmarks/gpu_plan.sh compile | compile_quick | stacked_mlp | wan_memory | scan_diag | video hunyuan|wan | flux | flux_static | flux_sparse | flux_profile | nnx | pipeline | kernels | verify | triton | h100" >&2
   exit 2
   ;;
 esac
