@@ -1,5 +1,8 @@
 import dataclasses
+import math
+import warnings
 
+import numpy as np
 import pytest
 
 from chipmunk_jax import config as C
@@ -129,3 +132,27 @@ def test_default_skip_schedule_is_clipped_to_num_steps(tmp_path):
     path = tmp_path / "short.yaml"
     short.save(path)
     assert C.ChipmunkConfig.load(path) == short
+
+
+def _static_window_share(preset, latent_hw):
+    """Share of the image keys the preset's static voxel window keeps, at a Wan2.1 81-frame latent size."""
+    from chipmunk_jax.selection import static_video_mask
+
+    cfg = C.PRESETS[preset]()
+    grid = (21, latent_hw[0] // 2, latent_hw[1] // 2)  # Wan's (1, 2, 2) patches over the VAE latent
+    voxel = cfg.reorder.voxel
+    attention = dataclasses.replace(cfg.attention, random_keys=0.0)  # the static window alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mask, _ = static_video_mask(grid, 0, attention, voxel=voxel)
+    groups = math.prod(g // v for g, v in zip(grid, voxel))
+    return float(np.asarray(mask)[:groups, :math.prod(grid)].mean())
+
+
+def test_wan_480p_preset_sizes_its_window_to_the_480p_voxel_grid():
+    """The 720p window of 5 voxels is ~1/3 of the keys at 720p (as the original's), 73% at 480p; the 480p preset's
+    window of 3 brings 480p back under 1/3."""
+    assert 0.30 < _static_window_share("wan", (90, 160)) < 0.40
+    assert _static_window_share("wan", (60, 104)) > 0.7
+    assert _static_window_share("wan_480p", (60, 104)) < 1 / 3
+    assert C.wan_480p().replace(attention__local_voxels=5) == C.wan()
