@@ -34,7 +34,8 @@ import numpy as np
 from chipmunk_jax import parallel
 from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.schedule import ModelStep, StepPlan, attention_schedule, mlp_schedule, model_schedule, step_plan
+from chipmunk_jax.schedule import (AttentionStep, MLPStep, ModelStep, StepPlan, attention_schedule, mlp_schedule,
+                                   model_schedule, step_plan)
 from chipmunk_jax.step_policies import MagCache, PolicyState, StepPolicy, init_policy_state
 from chipmunk_jax.validation import positive_int
 
@@ -61,6 +62,10 @@ class Denoiser:
     # shards its caches over the same mesh.
     mesh: Any = None
     probe: Callable[..., Any] | None = None
+    # Whether the model runs Chipmunk's ops (the models' ``denoiser(config, chipmunk)``): a step policy then never
+    # skips the config's refresh steps. The sampler's config alone cannot say it (a dense model samples with a
+    # default ChipmunkConfig's schedule too).
+    sparse: bool = False
 
 
 def flux_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -207,6 +212,7 @@ def make_sampler(
     start, stop = _step_range(steps, num_steps)
     policy = _step_policy(step_policy, denoiser, config, num_steps, mesh)
     skip_table = jnp.asarray(model_schedule(config)[:num_steps])
+    refresh_table = jnp.asarray(_refresh_steps(config, num_steps) & denoiser.sparse)
     sigma_table = jnp.asarray(sigmas)
     guidance = _guidance(guidance_scale, num_steps)
     cfg_on = guidance is not None
@@ -263,11 +269,15 @@ def make_sampler(
         """One step under ``step_policy`` (docs/algorithm.md §4.5) -> (velocity, per branch under CFG; cache; state).
         Every branch is probed; the cond branch's signal decides for both; one lax.cond (lax.switch) runs the step."""
         probes = over_branches(lambda t, c: (denoiser.probe(params, x, t, c, policy.probe_kind),), t, cond, uncond)[0]
+        # Chipmunk's refresh steps always run: skipping one would leave the column / feature sets and out_caches of
+        # the next sparse steps stale until the following refresh (the presets' static skip schedules avoid them too)
+        must_compute = refresh_table[step]
         if cfg_on:
-            skip, decided = policy.decide(select_branch(state, 0), select_branch(probes, 0).signal, step, num_steps)
+            skip, decided = policy.decide(select_branch(state, 0), select_branch(probes, 0).signal, step, num_steps,
+                                          must_compute)
             state = update_branch(update_branch(state, 0, decided), 1, select_branch(state, 1).with_decision(decided))
         else:
-            skip, state = policy.decide(state, probes.signal, step, num_steps)
+            skip, state = policy.decide(state, probes.signal, step, num_steps, must_compute)
 
         def skip_one(t, cond, base, cache, state):
             return denoiser.head(params, state.reused(base), t, cond), cache, state
@@ -348,6 +358,14 @@ def make_sampler(
 
     jitted = jax.jit(run, donate_argnums=(1, 3, 4))
     return jitted if mesh is None else _MeshSampler(jitted)
+
+
+def _refresh_steps(config: ChipmunkConfig, num_steps: int) -> np.ndarray:
+    """bool [num_steps]: the steps on which Chipmunk's sparse-capable layers refresh (dense attention of any kind,
+    a dense MLP step); all False without Chipmunk."""
+    attention = np.isin(attention_schedule(config)[:num_steps],
+                        (AttentionStep.DENSE, AttentionStep.DENSE_COLSUM, AttentionStep.DENSE_REFRESH))
+    return attention | (mlp_schedule(config)[:num_steps] == MLPStep.DENSE)
 
 
 def _step_policy(step_policy, denoiser: Denoiser, config: ChipmunkConfig, num_steps: int, mesh):

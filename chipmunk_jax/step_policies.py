@@ -188,11 +188,13 @@ class StepPolicy:
     def check_steps(self, num_steps: int) -> None:
         """Raises ValueError unless the policy fits a run of ``num_steps`` sampling steps."""
 
-    def decide(self, state: PolicyState, signal, step, num_steps: int) -> tuple[jax.Array, PolicyState]:
+    def decide(self, state: PolicyState, signal, step, num_steps: int,
+               must_compute=False) -> tuple[jax.Array, PolicyState]:
         """(skip: traced bool, the state after this step's decision) from the probe's ``signal`` at traced ``step``
-        of ``num_steps``. Skipping needs a stored residual, a step past the warmup and not the last step; the
-        residual itself is updated by the sampler after a computed step (``PolicyState.stored``)."""
-        allowed = (step >= self.warmup) & (step < num_steps - 1) & state.valid
+        of ``num_steps``. Skipping needs a stored residual, a step past the warmup and not the last step, and not
+        ``must_compute`` (traced bool: the sampler's Chipmunk refresh steps); the residual itself is updated by the
+        sampler after a computed step (``PolicyState.stored``)."""
+        allowed = (step >= self.warmup) & (step < num_steps - 1) & state.valid & ~jnp.asarray(must_compute)
         wants, if_skipped, if_computed = self._criterion(state, signal, step)
         skip = allowed & wants
         changed = {name: jnp.where(skip, if_skipped.get(name, getattr(state, name)),

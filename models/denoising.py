@@ -47,4 +47,5 @@ def model_denoiser(config, chipmunk, *, forward: Callable, head: Callable, condi
         return head(params, config, hidden, t["conditioning"], grid=grid, chipmunk=chipmunk, dtype=dtype,
                     out_dtype=jnp.float32)
 
-    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables, probe=probe, mesh=mesh)
+    return Denoiser(compute=compute, head=final_layer, timestep_tables=timestep_tables, probe=probe, mesh=mesh,
+                    sparse=chipmunk is not None)

@@ -162,11 +162,11 @@ def _reference_loop(den, params, x, cond, sigmas, policy, *, tables=None, guidan
     return x, np.array(computed)
 
 
-def _toy_run(policy, *, sigmas=None, guidance=None, static=False, config=None, **kw):
+def _toy_run(policy, *, sigmas=None, guidance=None, static=False, config=None, denoiser=None, **kw):
     sigmas = SA.flow_sigmas(STEPS, shift=3.0) if sigmas is None else sigmas
     config = config or C.ChipmunkConfig(num_steps=len(sigmas) - 1)
     uncond = _cond(-0.3) if guidance is not None else None
-    return SA.sample(_toy(), config, _params(), _x(), _cond(), jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
+    return SA.sample(denoiser or _toy(), config, _params(), _x(), _cond(), jnp.int32(0), sigmas=sigmas, key=jax.random.PRNGKey(0),
                      hidden_shape=(B, N, D), hidden_dtype=jnp.float32, guidance_scale=guidance, uncond=uncond,
                      static_step_dispatch=static, step_policy=policy, **kw)
 
@@ -208,6 +208,17 @@ def test_magcache_never_skips_more_than_max_skips_in_a_row():
     ratios = tuple(_toy_magnitudes())
     _, _, state = _toy_run(MagCache(HUGE, max_skips=2, magnitude_ratios=ratios, warmup=1))
     np.testing.assert_array_equal(np.asarray(state.computed), [1, 0, 0, 1, 0, 0, 1, 0, 0, 1])
+
+
+def test_a_chipmunk_model_computes_every_refresh_step():
+    """With a Chipmunk denoiser (``sparse``) a policy never skips the config's refresh steps (dense attention, a
+    dense MLP step), whose column / feature sets the next sparse steps use; a dense denoiser with the same config
+    skips them."""
+    config = C.ChipmunkConfig(num_steps=STEPS).replace(attention__full_step_every=4)  # refreshes at 0, 1, 4, 8
+    policy = FirstBlockCache(HUGE)
+    for sparse, expected in ((True, [1, 1, 0, 0, 1, 0, 0, 0, 1, 1]), (False, [1, 0, 0, 0, 0, 0, 0, 0, 0, 1])):
+        _, _, state = _toy_run(policy, config=config, denoiser=dataclasses.replace(_toy(), sparse=sparse))
+        np.testing.assert_array_equal(np.asarray(state.computed), np.array(expected, bool), err_msg=f"{sparse=}")
 
 
 def test_zero_threshold_never_skips_and_equals_the_plain_sampler():

@@ -319,4 +319,4 @@ def make_denoiser(model, chipmunk: ChipmunkConfig | None = None, *,
     def head(params, hidden, t, cond):
         return hidden
 
-    return Denoiser(compute=compute, head=head)
+    return Denoiser(compute=compute, head=head, sparse=chipmunk is not None)
