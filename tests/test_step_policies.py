@@ -513,12 +513,16 @@ def _denoiser(case: Case, chipmunk=None):
                                 **({} if case.name != "hunyuan_video" else dict(text_length=7)))
 
 
-def _model_run(case, params, policy, *, chipmunk=None, guidance=None, steps=6, static=False):
+def _model_run(case, params, policy, *, chipmunk=None, guidance=None, steps=6, static=False, keep_refreshes=False):
+    """``keep_refreshes``: the dense model keeps the config's Chipmunk refresh steps as a Chipmunk model does."""
     latents, cond = _model_inputs(case)
     config = (chipmunk or case.chipmunk).replace(num_steps=steps, step_cache__enabled=False)
     cache = None if chipmunk is None else case.init_cache(key=jax.random.key(1))
+    denoiser = _denoiser(case, chipmunk)
+    if keep_refreshes:
+        denoiser = dataclasses.replace(denoiser, sparse=True)
     run = lambda: SA.sample(  # noqa: E731
-        _denoiser(case, chipmunk), config, params, jnp.copy(latents), cond, cache,
+        denoiser, config, params, jnp.copy(latents), cond, cache,
         sigmas=SA.flow_sigmas(steps, shift=3.0), key=jax.random.key(0),
         hidden_shape=(1, case.num_tokens, case.config.inner_dim), hidden_dtype=jnp.float32,
         guidance_scale=guidance, uncond=None if guidance is None else cond, static_step_dispatch=static,
@@ -577,10 +581,13 @@ def test_wan_cfg_with_a_policy_follows_the_reference_loop():
 def test_chipmunk_and_a_policy_run_under_one_jit(model, model_params):
     """Chipmunk (every column kept: each step kind equals dense) with a policy: the computed steps run their
     Chipmunk plans inside the policy's lax.cond, one compiled loop (traced or statically dispatched plans), the
-    dense policy run's latents and computed steps."""
+    dense policy run's latents and computed steps once that run keeps the same refresh steps; a plain dense run
+    skips a refresh step the Chipmunk run computes."""
     case, params = model, model_params
     policy = FirstBlockCache(HUGE, warmup=2)
-    dense, _, dense_state = _model_run(case, params, policy)
+    dense, _, dense_state = _model_run(case, params, policy, keep_refreshes=True)
+    _, _, plain_state = _model_run(case, params, policy)
+    assert np.asarray(dense_state.computed).sum() > np.asarray(plain_state.computed).sum()
     for static in (False, True):
         x, cache, state = _model_run(case, params, policy, chipmunk=case.chipmunk, static=static)
         np.testing.assert_array_equal(np.asarray(state.computed), np.asarray(dense_state.computed))
