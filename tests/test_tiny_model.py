@@ -154,8 +154,9 @@ def test_shipped_weights_load_and_sample_two_steps():
                                             chipmunk=tiny_sampling.tiny_chipmunk_config(2))
     chex.assert_shape([dense, sparse], [(2, 1024, 12)] * 2)
     chex.assert_tree_all_finite([dense, sparse])
-    # step 0 is dense, step 1 runs the sparse MLP (MLP full steps: step % 10 == 0): close, not equal
-    assert 30.0 < images.psnr(D.unpack(sparse), D.unpack(dense)) < 100.0
+    # step 0 is dense, step 1 runs the sparse MLP (10% of the features; MLP full steps: step % 10 == 0): close, not
+    # equal (the one sparse step is half of this 2-step trajectory)
+    assert 25.0 < images.psnr(D.unpack(sparse), D.unpack(dense)) < 100.0
     # the trained model moved the noise towards images: not the noise itself, within the data range
     assert np.abs(dense - noise).mean() > 0.3
     assert np.abs(dense).mean() < 1.5

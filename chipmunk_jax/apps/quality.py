@@ -8,6 +8,7 @@ sparsity over all steps and sparse-capable layers, the label accuracy of a neare
 the sampling time. It also measures the paper's statistic (arXiv 2506.03275: "5-25% of attention/MLP
 values explain 70-90% of the cross-step change") on the dense trajectory. Writes ``sweep.md``,
 ``results.json``, sample grids (PNG) and plots (PNG; matplotlib when importable, else Pillow) to ``--out``.
+Quality against executed compute, with the step-caching baselines: ``python -m chipmunk_jax.apps.pareto``.
 
 Metrics: PSNR and SSIM as in ``chipmunk_jax.apps.images``.
   Cross-step change: for consecutive dense steps t-1 -> t and each layer, the entries of the attention
@@ -36,7 +37,7 @@ from chipmunk_jax.models import flux, mmdit
 from chipmunk_jax.models.block_stack import block_at
 from chipmunk_jax.models.layers import gelu_tanh, linear
 
-__all__ = ["change_fractions", "cross_step_change", "line_chart", "main"]
+__all__ = ["change_fractions", "cross_step_change", "line_chart", "write_charts", "COLOURS", "main"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,12 +169,13 @@ def line_chart(path, title: str, series, *, x_label: str, y_label: str, size=(64
     img.save(path)
 
 
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def _plot(out: Path, results: dict) -> list[str]:
-    """cross_step_change.png (per step, per layer) and sweep_psnr.png (PSNR vs average sparsity);
-    matplotlib when importable, else Pillow, else none."""
+def write_charts(out: Path, charts: dict) -> list[str]:
+    """Writes each chart of ``charts`` ({file name: (title, series, x_label, y_label)}, series as ``line_chart``'s)
+    into ``out``: matplotlib when importable, else Pillow's ``line_chart``, else none. Returns the names written."""
     try:
         import matplotlib
 
@@ -184,29 +186,8 @@ def _plot(out: Path, results: dict) -> list[str]:
         try:
             import PIL  # noqa: F401
         except ImportError:
-            print("neither matplotlib nor Pillow is importable: no plots (the data is in results.json)")
+            print("neither matplotlib nor Pillow is importable: no plots (the data is in the results json)")
             return []
-    change = results["cross_step_change"]
-    charts = {}
-    for op in ("attention", "mlp"):
-        series = []
-        for layer, pairs in enumerate(change[op]):
-            pairs = 100 * np.asarray(pairs)
-            steps = np.arange(1, len(pairs) + 1)
-            series.append((f"layer {layer} 70%", steps, pairs[:, 0], _COLOURS[layer % 6], False))
-            series.append((f"layer {layer} 90%", steps, pairs[:, 1], _COLOURS[layer % 6], True))
-        charts[f"cross_step_change_{op}.png"] = (
-            f"{op}: % of entries holding 70% (line) / 90% (dots) of the step-to-step |change|", series,
-            "sampling step t (change t-1 -> t)", "% of entries")
-    sweeps = {"attention top-k": "attention", "MLP top-k": "mlp", "full step every": "attention"}
-    series = []
-    for i, (prefix, axis) in enumerate(sweeps.items()):
-        rows = [s for s in results["settings"] if s["name"].startswith(prefix) or s["name"] == "FLUX preset (tiny)"]
-        rows.sort(key=lambda s: s["sparsity"][axis])
-        series.append((f"{prefix} (x: {axis})", [100 * s["sparsity"][axis] for s in rows],
-                       [s["psnr"] for s in rows], _COLOURS[i], False))
-    charts["sweep_psnr.png"] = ("PSNR vs dense samples, by the swept setting's average sparsity", series,
-                                "average sparsity over all steps and layers (%)", "PSNR (dB)")
     written = []
     for name, (title, series, x_label, y_label) in charts.items():
         if plt is None:
@@ -224,6 +205,32 @@ def _plot(out: Path, results: dict) -> list[str]:
             plt.close(fig)
         written.append(name)
     return written
+
+
+def _plot(out: Path, results: dict) -> list[str]:
+    """cross_step_change.png (per step, per layer) and sweep_psnr.png (PSNR vs average sparsity)."""
+    change = results["cross_step_change"]
+    charts = {}
+    for op in ("attention", "mlp"):
+        series = []
+        for layer, pairs in enumerate(change[op]):
+            pairs = 100 * np.asarray(pairs)
+            steps = np.arange(1, len(pairs) + 1)
+            series.append((f"layer {layer} 70%", steps, pairs[:, 0], COLOURS[layer % 6], False))
+            series.append((f"layer {layer} 90%", steps, pairs[:, 1], COLOURS[layer % 6], True))
+        charts[f"cross_step_change_{op}.png"] = (
+            f"{op}: % of entries holding 70% (line) / 90% (dots) of the step-to-step |change|", series,
+            "sampling step t (change t-1 -> t)", "% of entries")
+    sweeps = {"attention top-k": "attention", "MLP top-k": "mlp", "full step every": "attention"}
+    series = []
+    for i, (prefix, axis) in enumerate(sweeps.items()):
+        rows = [s for s in results["settings"] if s["name"].startswith(prefix) or s["name"] == "FLUX preset (tiny)"]
+        rows.sort(key=lambda s: s["sparsity"][axis])
+        series.append((f"{prefix} (x: {axis})", [100 * s["sparsity"][axis] for s in rows],
+                       [s["psnr"] for s in rows], COLOURS[i], False))
+    charts["sweep_psnr.png"] = ("PSNR vs dense samples, by the swept setting's average sparsity", series,
+                                "average sparsity over all steps and layers (%)", "PSNR (dB)")
+    return write_charts(out, charts)
 
 
 def _parse(argv):

@@ -11,13 +11,13 @@ import numpy as np
 
 from chipmunk_jax import config as C
 from chipmunk_jax import sampling as SA
-from chipmunk_jax.apps.tiny.sampling import average_sparsity, timed_sample
+from chipmunk_jax.apps.tiny.sampling import SamplerSetup, average_sparsity, timed_sample
 from chipmunk_jax.apps.tiny_video import TOKEN_GRID
 from chipmunk_jax.models import wan
 from chipmunk_jax.selection import static_video_mask
 from chipmunk_jax.validation import positive_int
 
-__all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_sparsity", "sample_videos"]
+__all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_sparsity", "video_setup", "sample_videos"]
 
 
 def tiny_video_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
@@ -32,7 +32,7 @@ def tiny_video_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConf
         the borders) would hold 56%, past the half where ``static_video_mask`` warns that sparse steps keep too
         many keys to pay off.
       attention.counts_multiple_of 128 -> 16: 10% of 1,024 keys is 102; a 128 multiple would make it 12.5%, 16
-        keeps 112 (10.9%).
+        gives 96 (9.4%; ``selection.attention_column_count`` rounds to the nearest multiple).
       attention.first_n_dense_layers 2 -> 1: 2 of Wan's 40 layers are dense; 2 of our 8 would be a quarter.
       invocations_per_step 2 -> 1: the tiny model is sampled without classifier-free guidance (it was trained
         on labels only, with no unconditional branch).
@@ -70,23 +70,29 @@ def video_sparsity(chipmunk: C.ChipmunkConfig, model: wan.WanConfig, num_steps: 
                             static_keys=static_key_share(chipmunk, grid) if chipmunk.attention.enabled else 0.0)
 
 
-def sample_videos(params, model: wan.WanConfig, text, noise, *, num_steps: int,
-                  chipmunk: C.ChipmunkConfig | None = None, key=None):
-    """Euler flow-matching samples from ``noise`` [B, 3, F, H, W] (Wan's latent layout) with FLUX's
+def video_setup(model: wan.WanConfig, text, noise_shape, *, num_steps: int, chipmunk: C.ChipmunkConfig | None = None,
+                key=None) -> SamplerSetup:
+    """The tiny video model's run on noise of ``noise_shape`` [B, 3, F, H, W] (Wan's latent layout) with FLUX's
     resolution-dependent shift for the video tokens (Wan's fixed shifts 3.0 / 5.0 are set for 32k-75k tokens);
     ``text``: the label tokens [B, 12, 64]. ``wan.forward`` moves the tokens into Chipmunk's voxel order and back.
-    ``key`` (default PRNGKey(0)) seeds the static mask (its fold 1) and the sampler's random keys.
-
-    Returns (samples [B, 3, F, H, W] numpy float32, seconds of the second, compiled, run)."""
+    ``key`` (default PRNGKey(0)) seeds the static mask (its fold 1) and the sampler's random keys."""
     positive_int("num_steps", num_steps)
-    noise = np.asarray(noise, np.float32)
-    grid = wan.token_grid(model, noise.shape)
-    batch, num_tokens = noise.shape[0], math.prod(grid)
-    sigmas = SA.flow_sigmas(num_steps, mu=SA.flux_shift(num_tokens))
+    grid = wan.token_grid(model, noise_shape)
+    batch, num_tokens = noise_shape[0], math.prod(grid)
     key = jax.random.PRNGKey(0) if key is None else key
-    den = wan.denoiser(model, chipmunk, grid=grid, dtype=jnp.float32)
-    cond = {"encoder_hidden_states": jnp.asarray(text, jnp.float32)}
     init_cache = None if chipmunk is None else lambda: wan.init_cache(
         model, chipmunk, batch=batch, grid=grid, key=jax.random.fold_in(key, 1), dtype=jnp.float32)
-    return timed_sample(den, chipmunk, sigmas, params, noise, cond, init_cache=init_cache,
+    return SamplerSetup(denoiser=wan.denoiser(model, chipmunk, grid=grid, dtype=jnp.float32), chipmunk=chipmunk,
+                        sigmas=SA.flow_sigmas(num_steps, mu=SA.flux_shift(num_tokens)),
+                        cond={"encoder_hidden_states": jnp.asarray(text, jnp.float32)}, init_cache=init_cache,
                         hidden_shape=(batch, num_tokens, model.inner_dim), key=key)
+
+
+def sample_videos(params, model: wan.WanConfig, text, noise, *, num_steps: int,
+                  chipmunk: C.ChipmunkConfig | None = None, key=None):
+    """Euler flow-matching samples from ``noise`` [B, 3, F, H, W] (``video_setup``).
+
+    Returns (samples [B, 3, F, H, W] numpy float32, seconds of the second, compiled, run)."""
+    noise = np.asarray(noise, np.float32)
+    setup = video_setup(model, text, noise.shape, num_steps=num_steps, chipmunk=chipmunk, key=key)
+    return timed_sample(setup, params, noise)[:2]
