@@ -12,7 +12,8 @@ policy's ``probe_kind`` (the models' ``forward(..., probe=kind)``, the Denoiser'
 order). The policy decides from ``signal`` and its state (``PolicyState``) whether to skip:
   computed step: the model runs fully and the residual ``hidden - base`` is stored;
   skipped step:  ``hidden = base + residual`` of the last computed step, then only the head (final layer).
-The first ``warmup`` steps and the last step are always computed.
+The first ``warmup`` steps and the last step are always computed, and so are Chipmunk's refresh steps when the
+model runs Chipmunk (``Denoiser.sparse``; the sampler passes them to ``StepPolicy.decide`` as ``must_compute``).
 
 Policies (frozen dataclasses, validated on construction):
   ``FirstBlockCache`` (ParaAttention's First Block Cache, as in xDiT): skip while the first block's residual is
