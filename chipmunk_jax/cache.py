@@ -73,9 +73,10 @@ jax.tree_util.register_pytree_node(BranchCaches, lambda b: (tuple(b), None), lam
 
 
 def split_branches(cache, num_branches: int) -> BranchCaches:
-    """``num_branches`` independent copies of ``cache`` (the unstacked twin of ``stack_branches``)."""
+    """``num_branches`` independent copies of ``cache`` (the unstacked twin of ``stack_branches``). Every branch is a
+    new copy, as ``stack_branches`` makes new arrays: the sampler donates its caches, and ``cache`` stays usable."""
     num_branches = positive_int("num_branches", num_branches)
-    return BranchCaches([cache] + [jax.tree_util.tree_map(jnp.copy, cache) for _ in range(num_branches - 1)])
+    return BranchCaches([jax.tree_util.tree_map(jnp.copy, cache) for _ in range(num_branches)])
 
 
 def select_branch(cache, branch):

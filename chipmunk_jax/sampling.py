@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax import parallel
-from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, stack_branches, update_branch
+from chipmunk_jax.cache import BranchCaches, StepCache, select_branch, split_branches, stack_branches, update_branch
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.schedule import (AttentionStep, MLPStep, ModelStep, StepPlan, attention_schedule, mlp_schedule,
                                    model_schedule, step_plan)
@@ -490,8 +490,12 @@ def sample(denoiser: Denoiser, config: ChipmunkConfig, params, latents, cond, ca
         step_cache = init_policy_state(step_policy, num_steps=len(sigmas) - 1, hidden_shape=hidden_shape,
                                        dtype=hidden_dtype)
     if guidance_scale is not None:
-        cache = stack_branches(cache, 2)
-        step_cache = stack_branches(step_cache, 2)
+        # one device: separate branch pytrees (cache.split_branches) that XLA updates in place; a stacked cache is
+        # sliced per call and the branch written back (Wan2.1-14B 720p: 107 GiB of temporaries instead of 14,
+        # benchmarks/RESULTS.md §12.4). A mesh shards the stacked branch axis over "cfg"; policy states stay stacked.
+        layout = stack_branches if mesh is not None else split_branches
+        cache = layout(cache, 2)
+        step_cache = (stack_branches if step_policy is not None else layout)(step_cache, 2)
     run = make_sampler(denoiser, config, sigmas, guidance_scale=guidance_scale, progress=progress,
                        static_step_dispatch=static_step_dispatch, mesh=mesh, step_policy=step_policy)
     return run(params, latents, cond, cache, step_cache, key, uncond)

@@ -324,17 +324,24 @@ def init_cache(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid:
 
 
 def init_branch_caches(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: int, grid: tuple[int, int, int],
-                       key: jax.Array | None = None, dtype=jnp.bfloat16, offload: bool = False):
-    """One cache per CFG branch (``chipmunk.invocations_per_step`` of them: cond, uncond), stacked on a
-    leading axis; the branches share one static mask draw, as the original. Pass
-    ``chipmunk_jax.cache.select_branch(caches, i)`` to ``forward`` and store its new cache back with
-    ``update_branch``. ``offload=True``: separate per-branch caches (``cache.BranchCaches``) with the layer
-    caches in pinned host memory (``cache.offload_layer_caches``): two 720p branches of Wan2.1-14B hold
-    ~66 GiB of caches, more than an 80 GB H100 keeps beside the weights."""
+                       key: jax.Array | None = None, dtype=jnp.bfloat16, offload: bool = False, stacked: bool = False):
+    """One cache per CFG branch (``chipmunk.invocations_per_step`` of them: cond, uncond); the branches share one
+    static mask draw, as the original. Pass ``chipmunk_jax.cache.select_branch(caches, i)`` to ``forward`` and store
+    its new cache back with ``update_branch``.
+
+    Default: separate per-branch pytrees (``cache.BranchCaches``), which XLA updates in place on one device.
+    ``stacked=True``: one array per leaf with a leading branch axis (``cache.stack_branches``), the layout a mesh
+    shards over "cfg"; on one device each call then slices its branch out and writes it back (Wan2.1-14B 720p's
+    50-step sampler: 107 GiB of temporaries instead of 14, benchmarks/RESULTS.md §12.4). ``offload=True``: the
+    per-branch layer caches in pinned host memory (``cache.offload_layer_caches``): two 720p branches of
+    Wan2.1-14B hold ~66 GiB of caches, more than an 80 GB H100 keeps beside the weights."""
     one = init_cache(config, chipmunk, batch=batch, grid=grid, key=key, dtype=dtype)
-    if offload:
-        return offload_layer_caches(split_branches(one, chipmunk.invocations_per_step))
-    return stack_branches(one, chipmunk.invocations_per_step)
+    if offload and stacked:
+        raise ValueError("offload=True keeps the branches as separate pytrees: it cannot be stacked=True")
+    if stacked:
+        return stack_branches(one, chipmunk.invocations_per_step)
+    branches = split_branches(one, chipmunk.invocations_per_step)
+    return offload_layer_caches(branches) if offload else branches
 
 
 # ----------------------------------------------------------------------------------------------

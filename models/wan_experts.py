@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax import memory, sampling
-from chipmunk_jax.cache import init_step_cache, stack_branches
+from chipmunk_jax.cache import init_step_cache, split_branches
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.models import wan
 from chipmunk_jax.models.wan import WanConfig
@@ -257,7 +257,7 @@ def sample_segments(denoisers: tuple[Denoiser, Denoiser], chipmunk: ChipmunkConf
     batch, seq_len, width = hidden_shape
     step_cache = init_step_cache(batch=batch, seq_len=seq_len, width=width, dtype=hidden_dtype)
     if guidance_scale is not None:
-        cache, step_cache = stack_branches(cache, 2), stack_branches(step_cache, 2)
+        cache, step_cache = split_branches(cache, 2), split_branches(step_cache, 2)  # updated in place
     x = latents
     for segment in segments:
         run = sampling.make_sampler(denoisers[segment.expert], chipmunk, sigmas,

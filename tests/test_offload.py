@@ -218,7 +218,8 @@ def test_wan_branch_caches_offloaded():
     latent = (4, 12, 16)  # 4 x 6 x 8 tokens = one voxel group
     grid = wan.token_grid(config, (1, config.in_channels) + latent)
     params = wan.init_params(config, jax.random.key(3), dtype=jnp.float32)
-    stacked = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32)
+    stacked = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32,
+                                     stacked=True)
     split = wan.init_branch_caches(config, chipmunk, batch=1, grid=grid, key=jax.random.key(4), dtype=jnp.float32,
                                    offload=True)
     assert isinstance(split, BranchCaches) and len(split) == 2

@@ -374,9 +374,10 @@ def test_chipmunk_caches_and_input_validation():
         wan.init_cache(config, preset.replace(attention__local_voxels=1), batch=1, grid=GRID)
     with pytest.raises(ValueError, match="group"):
         wan.init_cache(config, chipmunk, batch=1, grid=(1, 4, 4), key=jax.random.key(0))
-    branches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0))
-    with pytest.raises(ValueError, match="select_branch"):
-        wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, plan=plan)
+    for stacked in (True, False):  # both CFG layouts name the fix
+        branches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0), stacked=stacked)
+        with pytest.raises((ValueError, TypeError), match="select_branch"):
+            wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, plan=plan)
 
 
 @pytest.mark.slow
@@ -402,7 +403,8 @@ def test_chipmunk_cfg_branches_keep_separate_caches():
     def branch_inputs(step, branch):
         return chipmunk_inputs(config, step, text_seed=20 + branch)  # cond / uncond text
 
-    caches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
+    caches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32,
+                                    stacked=True)
     assert caches.attention[0].lse.shape[:2] == (2, 1)  # (CFG branches, the stack's one sparse layer)
     alone = [wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32) for _ in range(2)]
     shared = wan.init_cache(config, chipmunk, batch=1, grid=GRID, key=mask_key, dtype=jnp.float32)
@@ -475,5 +477,6 @@ def test_denoiser_in_the_jitted_cfg_sampler_matches_a_python_loop():
         x = x + (sigmas[step + 1] - sigmas[step]) * (v[1] + 5.0 * (v[0] - v[1]))
     assert max_rel_error(out, x) <= 1e-5
     for branch in range(2):
-        assert max_rel_error(step_cache.hidden[branch], hidden[branch]) <= 1e-5, branch
-    assert not np.allclose(step_cache.hidden[0], step_cache.hidden[1])
+        assert max_rel_error(chipmunk_cache.select_branch(step_cache, branch).hidden, hidden[branch]) <= 1e-5, branch
+    assert isinstance(step_cache, chipmunk_cache.BranchCaches)  # one device: the branches updated in place
+    assert not np.allclose(step_cache[0].hidden, step_cache[1].hidden)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chipmunk_jax.cache import init_step_cache, stack_branches
+from chipmunk_jax.cache import init_step_cache, split_branches
 from chipmunk_jax.models import flux
 from chipmunk_jax.pipelines import common
 from chipmunk_jax.pipelines.common import ImagePipelineOutput
@@ -201,7 +201,7 @@ class FluxPipeline(common.Pipeline):
                              f"({num_img} image + {num_txt} text tokens): {e}") from None
         step_cache = init_step_cache(batch=1, seq_len=num_img, width=self.config.inner_dim, dtype=jnp.float32)
         if cfg_scale is not None:
-            cache, step_cache = stack_branches(cache, 2), stack_branches(step_cache, 2)
+            cache, step_cache = split_branches(cache, 2), split_branches(step_cache, 2)  # updated in place
         return self._sample(static=("flux", grid), make_denoiser=make_denoiser, sampler_config=sampler_config,
                             sigmas=sigmas, guidance_scale=cfg_scale, progress=progress, latents=latents, cond=cond,
                             cache=cache, step_cache=step_cache, key=sample_key, uncond=uncond)

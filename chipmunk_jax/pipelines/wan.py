@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipmunk_jax import memory
-from chipmunk_jax.cache import init_step_cache, stack_branches
+from chipmunk_jax.cache import init_step_cache, split_branches
 from chipmunk_jax.models import wan, wan_experts, wan_i2v
 from chipmunk_jax.pipelines import common
 from chipmunk_jax.pipelines.common import SamplerLoop, VideoPipelineOutput
@@ -385,7 +385,7 @@ class WanPipeline(common.Pipeline):
         step_cache = init_step_cache(batch=1, seq_len=int(np.prod(grid)), width=self.config.inner_dim,
                                      dtype=jnp.float32)
         if cfg_scale is not None:
-            cache, step_cache = stack_branches(cache, 2), stack_branches(step_cache, 2)
+            cache, step_cache = split_branches(cache, 2), split_branches(step_cache, 2)  # updated in place
         return self._sample_loops(loops, sampler_config=sampler_config, sigmas=sigmas, progress=progress,
                                   latents=latents, cond=cond, cache=cache, step_cache=step_cache, key=sample_key,
                                   uncond=uncond)
