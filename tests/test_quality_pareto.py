@@ -46,7 +46,8 @@ def test_sweep_settings_cover_every_series():
     from chipmunk_jax.apps.tiny.sampling import tiny_chipmunk_config
 
     subject = pareto.Subject(**{f: None for f in pareto.Subject.__dataclass_fields__} | {
-        "preset_name": "preset", "preset": tiny_chipmunk_config, "mlp_sparsity": True, "reference_settings": ()})
+        "preset_name": "preset", "preset": tiny_chipmunk_config, "mlp_sparsity": True,
+        "reference_settings": lambda num_steps: ()})
     methods = {s.method for s in pareto.sweep_settings(subject, 50)}
     assert methods == {"Chipmunk", "Chipmunk + step cache", "FirstBlockCache", "TeaCache", "MagCache",
                        "Chipmunk + FirstBlockCache", "Chipmunk + TeaCache", "Chipmunk + MagCache"}

@@ -127,6 +127,30 @@ def test_tiny_video_config_fits_chipmunk_voxels():
     assert 0.5 < s["attention_sparse_step"] < 0.9 and 0 < s["attention"] <= 1 and s["skipped_steps"] > 0
 
 
+def test_reference_settings_attend_the_full_presets_share_of_keys():
+    """The Wan presets mapped to the tiny grid attend, per sparse step, the share of the keys the full-size preset
+    attends at its own resolution (static window + static random keys + top-k); HunyuanVideo's maps as it is."""
+    from chipmunk_jax import config as C
+
+    settings = dict(video_sampling.video_reference_settings(50))
+    assert set(settings) == {"Wan 720p density", "Wan 480p preset density", "HunyuanVideo preset"}
+
+    def attended(chipmunk, grid=TOKEN_GRID):
+        return video_sampling.static_key_share(chipmunk, grid) + chipmunk.attention.top_keys
+
+    for name, preset, grid in (("Wan 720p density", C.wan(), video_sampling.WAN_720P_GRID),
+                               ("Wan 480p preset density", C.wan_480p(), video_sampling.WAN_480P_GRID)):
+        tiny = video_sampling.tiny_video_chipmunk_config(50, **settings[name])
+        assert abs(attended(tiny) - attended(preset, grid)) < 2e-3, name
+    assert attended(C.wan(), video_sampling.WAN_720P_GRID) > attended(C.wan_480p(), video_sampling.WAN_480P_GRID)
+    hunyuan = video_sampling.tiny_video_chipmunk_config(50, **settings["HunyuanVideo preset"])
+    assert hunyuan.attention.top_keys == C.hunyuan_video().attention.top_keys
+    assert hunyuan.attention.full_step_schedule == C.hunyuan_video().attention.full_step_schedule
+    short = dict(video_sampling.video_reference_settings(10))["HunyuanVideo preset"]
+    assert short["attention__full_step_schedule"] == (0, 1, 2, 8)  # scaled to the steps, still a valid schedule
+    video_sampling.tiny_video_chipmunk_config(10, **short)
+
+
 def _random_weights(config, seed=0):
     return wan.init_params(config, jax.random.key(seed), jnp.float32)
 

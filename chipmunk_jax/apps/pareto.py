@@ -3,9 +3,10 @@
     python -m chipmunk_jax.apps.pareto [--model image|video] [--images 4] [--seeds 0 1] [--steps 50] [--quick]
                                        [--out benchmarks/quality] [--weights DIR] [--random-weights] [--resume]
 
-For one tiny model (image: the shipped tiny FLUX; video: the tiny Wan, which needs trained weights, or
-``--random-weights`` for a smoke test whose numbers say nothing about quality), from the same noise as the dense run
-on every seed: Chipmunk at the model's preset and swept around it (attention / MLP top-k, full-step interval),
+For one tiny model (image: the shipped tiny FLUX; video: the shipped tiny Wan; ``--random-weights`` for a smoke test
+whose numbers say nothing about quality), from the same noise as the dense run on every seed: Chipmunk at the
+model's preset, at the full-size presets mapped to the tiny grid (video: ``tiny_video.sampling.
+video_reference_settings``) and swept around it (attention / MLP top-k, full-step interval),
 Chipmunk + its static step caching, the step-caching baselines (FirstBlockCache, TeaCache, MagCache;
 docs/algorithm.md §4.5) over a range of thresholds, and Chipmunk with a baseline policy. The executed compute of
 each setting is ``apps.compute.executed_flops`` (schedule, densities, and the policy run's ``computed`` mask) as a
@@ -70,7 +71,7 @@ class Subject:
     cost: compute.ModelCost
     static_keys: Callable[[ChipmunkConfig], float]  # the static mask's key share (apps.compute.executed_flops)
     mlp_sparsity: bool  # whether the preset runs Chipmunk's MLP (and the sweep varies its top-k)
-    reference_settings: tuple  # ((name, preset changes), ...): other Chipmunk settings worth a row
+    reference_settings: Callable[[int], tuple]  # num_steps -> ((name, preset changes), ...): more Chipmunk rows
     params: Any
     weights: str  # where the params came from ("random" for --random-weights)
 
@@ -102,7 +103,7 @@ def image_subject(weights=None, *, random_weights: bool = False) -> Subject:
         setup=setup, frames=D.unpack, psnr=psnr, ssim=ssim, label_check=checker.accuracy, all_key="both",
         cost=compute.model_cost(model, num_tokens=num_tokens, num_text_tokens=D.NUM_TEXT_TOKENS),
         static_keys=lambda chipmunk: 0.0, mlp_sparsity=True,
-        reference_settings=(("FLUX densities, first block dense", {
+        reference_settings=lambda num_steps: (("FLUX densities, first block dense", {
             "attention__first_n_dense_layers": 1, "attention__top_keys": 0.165, "attention__full_step_every": 10,
             "mlp__top_keys": 0.3, "mlp__random_keys": 0.05}),),
         params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params),
@@ -115,7 +116,8 @@ def video_subject(weights=None, *, random_weights: bool = False) -> Subject:
     from chipmunk_jax.apps.tiny_video import dataset as D
     from chipmunk_jax.apps.tiny_video.generate import video_psnr, video_ssim
     from chipmunk_jax.apps.tiny_video.label_check import VideoLabelCheck
-    from chipmunk_jax.apps.tiny_video.sampling import static_key_share, tiny_video_chipmunk_config, video_setup
+    from chipmunk_jax.apps.tiny_video.sampling import (static_key_share, tiny_video_chipmunk_config, video_reference_settings,
+                                                       video_setup)
     from chipmunk_jax.models import wan
 
     if random_weights:
@@ -142,7 +144,7 @@ def video_subject(weights=None, *, random_weights: bool = False) -> Subject:
         all_key="all", cost=compute.model_cost(model, num_tokens=int(np.prod(TOKEN_GRID)),
                                                num_text_tokens=D.NUM_TEXT_TOKENS),
         static_keys=lambda chipmunk: static_key_share(chipmunk) if chipmunk.attention.enabled else 0.0,
-        mlp_sparsity=False, reference_settings=(), params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params),
+        mlp_sparsity=False, reference_settings=video_reference_settings, params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params),
         weights="random" if random_weights else os.fspath(weights or WEIGHTS_DIR))
 
 
@@ -187,7 +189,7 @@ def sweep_settings(subject: Subject, num_steps: int, *, quick: bool = False) -> 
                 Setting("MagCache", "threshold 0.1", policy="MagCache", policy_args=magcache(0.1)),
                 Setting("Chipmunk + FirstBlockCache", "threshold 0.08", off, "FirstBlockCache", {"threshold": 0.08})]
     chipmunk = [Setting("Chipmunk", subject.preset_name, off)]
-    chipmunk += [Setting("Chipmunk", name, {**off, **changes}) for name, changes in subject.reference_settings]
+    chipmunk += [Setting("Chipmunk", name, {**off, **changes}) for name, changes in subject.reference_settings(num_steps)]
     chipmunk += [Setting("Chipmunk", f"attention top-k {v}", {**off, "attention__top_keys": v})
                  for v in (0.05, 0.1, 0.5)]
     if subject.mlp_sparsity:

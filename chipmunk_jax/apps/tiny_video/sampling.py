@@ -17,7 +17,13 @@ from chipmunk_jax.models import wan
 from chipmunk_jax.selection import static_video_mask
 from chipmunk_jax.validation import positive_int
 
-__all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_sparsity", "video_setup", "sample_videos"]
+__all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_reference_settings", "video_sparsity",
+           "video_setup", "sample_videos"]
+
+# the full-size presets' token grids (latent frames, height, width after the (1, 2, 2) patches)
+WAN_720P_GRID = (21, 45, 80)  # 1280x720x81
+WAN_480P_GRID = (21, 30, 52)  # 832x480x81
+HUNYUAN_720P_GRID = (33, 45, 80)  # 1280x720x129
 
 
 def tiny_video_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
@@ -61,6 +67,35 @@ def static_key_share(chipmunk: C.ChipmunkConfig, grid=TOKEN_GRID) -> float:
     mask, _ = static_video_mask(grid, 0, dataclasses.replace(a, random_keys=0.0), voxel=chipmunk.reorder.voxel)
     share = float(np.asarray(mask).mean())
     return min(1.0, share + a.random_keys * (1.0 - share))
+
+
+def video_reference_settings(num_steps: int = 50) -> tuple[tuple[str, dict], ...]:
+    """The full-size video presets on the tiny grid, as (name, ``tiny_video_chipmunk_config`` changes).
+
+    A sparse step of a preset attends its static share of the keys (local voxel window + static random keys,
+    ``static_key_share`` at the preset's own token grid) plus its top-k and dynamic random keys. The tiny grid's
+    windows come in coarse steps (1 voxel: 13% with the static random keys, 3 voxels: 56%), so the Wan presets
+    keep the tiny preset's 1-voxel window and move the difference of the static shares into the top-k: the
+    same share of the keys per sparse step, with more of it chosen dynamically (which favours quality).
+      "Wan 720p density": ``config.wan()`` (window 5 at 720p: 33% static, ~44% attended).
+      "Wan 480p preset density": ``config.wan_480p()`` (window 3 at 480p: 17% static, ~28% attended).
+      "HunyuanVideo preset": ``config.hunyuan_video()`` has no window (each group's own voxel + 1% static random
+        keys: 1.2% at 720p, 7% on the tiny grid's 16 voxels), so it maps as it is: top-k 5%, window 0, its full
+        steps (0, 1, 10, 40 of 50) scaled to ``num_steps``; 1 of 8 layers dense as the tiny Wan preset.
+    """
+    positive_int("num_steps", num_steps)
+    tiny = tiny_video_chipmunk_config(num_steps)
+    tiny_static = static_key_share(tiny)
+    settings = []
+    for name, preset, grid in (("Wan 720p density", C.wan(), WAN_720P_GRID),
+                               ("Wan 480p preset density", C.wan_480p(), WAN_480P_GRID)):
+        extra = static_key_share(preset, grid) - tiny_static
+        settings.append((name, {"attention__top_keys": round(preset.attention.top_keys + max(0.0, extra), 3)}))
+    hunyuan = C.hunyuan_video().attention
+    schedule = sorted({0, 1} | {min(num_steps - 1, round(s * num_steps / 50)) for s in hunyuan.full_step_schedule})
+    settings.append(("HunyuanVideo preset", {"attention__top_keys": hunyuan.top_keys, "attention__local_voxels": 0,
+                                             "attention__full_step_schedule": tuple(schedule)}))
+    return tuple(settings)
 
 
 def video_sparsity(chipmunk: C.ChipmunkConfig, model: wan.WanConfig, num_steps: int,
