@@ -1,7 +1,12 @@
-"""Wan2.1-T2V-14B end to end with classifier-free guidance: per-invocation transformer time of our dense
-JAX model and of the Chipmunk model per step kind (dense, dense + column sums, sparse, skipped = head
-only), the 50-step totals composed from the Wan schedule (2 invocations per step: cond, uncond) with
-and without step caching, and peak GPU memory. Prints a markdown section; --results appends it.
+"""Wan end to end with classifier-free guidance: per-invocation transformer time of our dense JAX model and of
+the Chipmunk model per step kind (dense, dense + column sums, sparse, skipped = head only), the 50-step totals
+composed from the Wan schedule (2 invocations per step: cond, uncond) with and without step caching, and peak GPU
+memory. Prints a markdown section; --results appends it.
+
+--model wan2.1-t2v-14b (default), wan2.2-t2v-a14b or wan2.2-ti2v-5b. Wan 2.2 A14B's two experts have one shape, so
+one expert's params are timed; its schedule adds the full step at the expert switch (``wan_experts.switch_refresh``,
+the switch from ``--shift`` and the release's boundary ratio), and the second expert's weights are reported as
+memory. TI2V-5B: the Wan2.2 VAE's (4, 16, 16) stride, 121 frames, e.g. --sizes 1280x704.
 
 On the device machine (720p needs the H200: 26.6 GiB of weights + one branch's caches ~37 GiB):
   source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py --results $OUT/wan.md
@@ -34,21 +39,49 @@ from chipmunk_jax.timing import log, median_ms, rel_err, peak_gib, emit_section
 from chipmunk_jax import cache as chipmunk_cache
 from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.cache import offload_layer_caches
-from chipmunk_jax.models import wan
+from chipmunk_jax.models import wan, wan_experts
+from chipmunk_jax.sampling import flow_sigmas
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace_profile import compiled_sources, profile, summarise  # noqa: E402
 
-SIZES = {"480p": (832, 480), "720p": (1280, 720)}  # width x height in pixels
-VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames (1 + 4k -> 1 + k), height, width
+SIZES = {"480p": (832, 480), "720p": (1280, 720), "704p": (1280, 704)}  # width x height in pixels
 INVOCATIONS = 2  # CFG: cond + uncond per step
 
 
-def latent_shape(width, height, frames):
-    if (frames - 1) % VAE_STRIDE[0] or height % 16 or width % 16:
-        raise SystemExit(f"frames must be 1 + 4k and width/height multiples of 16, got {width}x{height}x{frames}")
-    return (frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+@dataclasses.dataclass(frozen=True)
+class Model:
+    title: str
+    config: object  # () -> WanConfig
+    vae_stride: tuple[int, int, int]  # frames (1 + 4k -> 1 + k), height, width
+    frames: int  # the release's default frame count
+    boundary: str | None = None  # wan_experts.BOUNDARY_RATIOS key: two experts, switch at the boundary
+    shift: float = 5.0  # flow shift of the sigmas that place the switch (the original Wan2.2 A14B configs: 12.0)
+
+
+MODELS = {
+    "wan2.1-t2v-14b": Model("Wan2.1-T2V-14B", wan.WanConfig.t2v_14b, (4, 8, 8), 81),
+    "wan2.2-t2v-a14b": Model("Wan2.2-T2V-A14B (two 14B experts)", wan.WanConfig.t2v_a14b, (4, 8, 8), 81,
+                             boundary="t2v_a14b", shift=12.0),
+    "wan2.2-ti2v-5b": Model("Wan2.2-TI2V-5B", wan.WanConfig.ti2v_5b, (4, 16, 16), 121),
+}
+
+
+def latent_shape(width, height, frames, vae_stride=(4, 8, 8)):
+    patch = 2 * vae_stride[1]  # the VAE's stride times the transformer's (1, 2, 2) patches
+    if (frames - 1) % vae_stride[0] or height % patch or width % patch:
+        raise SystemExit(f"frames must be 1 + {vae_stride[0]}k and width/height multiples of {patch}, got "
+                         f"{width}x{height}x{frames}")
+    return (frames - 1) // vae_stride[0] + 1, height // vae_stride[1], width // vae_stride[2]
+
+
+def expert_switch(model: Model, num_steps: int, shift: float):
+    """The A14B switch step (the low-noise expert's first step) of ``num_steps`` flow sigmas, None for one expert."""
+    if model.boundary is None:
+        return None
+    sigmas = flow_sigmas(num_steps, shift=shift)
+    return wan_experts.switch_step(sigmas, wan_experts.boundary_timestep(wan_experts.BOUNDARY_RATIOS[model.boundary]))
 
 
 def make_inputs(config, latent, text_len, seed):
@@ -153,9 +186,13 @@ def time_chipmunk(params, config, inputs, rope, latent, chipmunk, reps, kernel_i
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="480p,720p", help="480p, 720p or WxH in pixels, comma separated")
-    parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k)")
-    parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the 14B model's 40")
+    parser.add_argument("--model", choices=tuple(MODELS), default="wan2.1-t2v-14b")
+    parser.add_argument("--sizes", default="480p,720p", help="480p, 720p, 704p or WxH in pixels, comma separated")
+    parser.add_argument("--frames", type=int, default=None, help="video frames (1 + 4k; default: the model's)")
+    parser.add_argument("--shift", type=float, default=None, help="A14B: the flow shift that places the expert "
+                        "switch (default: the original release's 12.0)")
+    parser.add_argument("--preset", choices=("wan", "wan_480p"), default="wan", help="the Chipmunk preset")
+    parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the model's")
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per Chipmunk step kind before timing "
@@ -171,6 +208,11 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="2-block model, 320 tokens: a CPU check of the script")
     parser.add_argument("--results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
+    model = MODELS[args.model]
+    args.frames = model.frames if args.frames is None else args.frames
+    args.shift = model.shift if args.shift is None else args.shift
+    if not args.shift > 0:
+        parser.error("--shift must be > 0")
     for name in ("frames", "text_len", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -179,7 +221,9 @@ def main():
     if args.dense_ms is not None and ("," in args.sizes or args.dense_ms <= 0):
         parser.error("--dense-ms needs one --sizes entry and a positive value")
 
-    chipmunk = chipmunk_config.wan()
+    chipmunk = chipmunk_config.PRESETS[args.preset]()
+    switch = expert_switch(model, chipmunk.num_steps, args.shift)
+    chipmunk = wan_experts.switch_refresh(chipmunk, switch)  # unchanged without a switch
     if args.no_step_cache:
         chipmunk = chipmunk.replace(step_cache__enabled=False)
     if args.tiny:
@@ -187,7 +231,7 @@ def main():
         sizes, frames, text_len, reps, kernel_impl = [(128, 128)], 17, 16, 1, "reference"
         chipmunk = chipmunk.replace(attention__first_n_dense_layers=1)
     else:
-        config = wan.WanConfig.t2v_14b()
+        config = model.config()
         if args.layers is not None:
             if args.layers < 1:
                 parser.error("--layers must be >= 1")
@@ -205,12 +249,13 @@ def main():
     t0 = time.perf_counter()
     params = wan.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
     jax.block_until_ready(params)
+    weights_gib = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30
     log(f"random bf16 params in {time.perf_counter() - t0:.1f} s; peak {peak_gib():.1f} GiB")
 
     rows, profiles = [], []
     trace_root = tempfile.mkdtemp(prefix="wan_profile_") if args.profile else None
     for width, height in sizes:
-        latent = latent_shape(width, height, frames)
+        latent = latent_shape(width, height, frames, (4, 8, 8) if args.tiny else model.vae_stride)
         grid = wan.token_grid(config, (1, config.in_channels) + tuple(latent))
         tokens = int(np.prod(grid))
         inputs = make_inputs(config, latent, text_len, seed=0)
@@ -247,11 +292,15 @@ def main():
                 f"{r['total_cached'] / 1e3:.1f} s ({dense_total / r['total_cached']:.2f}x)")
 
     lines = [
-        f"## Wan2.1-T2V-14B end to end, CFG ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})",
+        f"## {model.title if not args.tiny else 'tiny Wan'} end to end, CFG ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})",
         "",
         "Command: `source benchmarks/gpu_env.sh && python3 -P benchmarks/wan_e2e.py " + " ".join(sys.argv[1:])
         + f"`. Random bf16 weights (torch default inits), {config.num_layers} blocks, batch 1 per invocation, "
-        f"text length {text_len}, Chipmunk preset `config.wan()`"
+        f"text length {text_len}, Chipmunk preset `config.{args.preset}()`"
+        + (f"; two experts, switch at step {switch} of 50 (flow shift {args.shift:g}, boundary ratio "
+           f"{wan_experts.BOUNDARY_RATIOS[model.boundary]}), a full step there (`wan_experts.switch_refresh`), one "
+           f"expert timed (same shapes); the second expert's weights add {weights_gib:.1f} GiB to the peak"
+           if model.boundary else "")
         + (" without step caching" if args.no_step_cache else "")
         + ("; layer caches offloaded to pinned host memory" if args.offload else "")
         + f"; per-invocation times in ms (median of {reps}"
