@@ -24,6 +24,9 @@
 #                                             #   Triton MLP sweep + full steps vs Pallas and dense XLA, the table (~7 min)
 #   bash benchmarks/gpu_plan.sh wan_memory    # issue 20 (~2 min): compiled memory of the Wan 720p CFG Chipmunk sampler with
 #                                             #   the branch caches stacked vs split (no per-call branch slice + write-back)
+#   bash benchmarks/gpu_plan.sh a14b          # issue 26 (~6 min; needs the H200: run(needs_h200=true)): Wan2.2-T2V-A14B
+#                                             #   720p CFG, one expert's step kinds composed with the expert switch's
+#                                             #   full step, dense in the same process
 #   bash benchmarks/gpu_plan.sh nnx           # issue 28 (~4 min; H200): the FLUX.1-dev 50-step Chipmunk sampler (static
 #                                             #   dispatch) through the NNX module's state vs the functional tree, one
 #                                             #   process: compile s (two orders) and wall time (alternating), the ratio
@@ -72,6 +75,13 @@ wan_memory)
     run timeout 200 python3 -P benchmarks/compile_time.py --models wan --modes chipmunk --dispatch static \
       --cfg-caches $layout --results "$OUT/wan_memory.md"
   done
+  ;;
+a14b)
+  # issue 26: both A14B experts have the Wan2.1-14B shape, so one expert's step kinds are timed and the 50 steps
+  # composed with the switch (step 32 of 50 at shift 12, boundary 0.875) made a full step; one 14B expert with one
+  # 720p branch's caches peaks at ~77 GiB, more than an 80 GB H100 holds
+  run timeout 560 python3 -P benchmarks/wan_e2e.py --model wan2.2-t2v-a14b --sizes 720p --reps 1 --warmup 1 \
+    --results "$OUT/a14b.md"
   ;;
 scan_diag)
   # issue 20: why the scanned Chipmunk sampler is slower than the unrolled one (RESULTS.md §12.1): 50 steps with
