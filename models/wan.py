@@ -40,7 +40,7 @@ import numpy as np
 
 from chipmunk_jax import parallel
 from chipmunk_jax.attention import init_attention_cache
-from chipmunk_jax.cache import ModelCache, init_stack_cache, offload_layer_caches, split_branches, stack_branches
+from chipmunk_jax.cache import BranchCaches, ModelCache, init_stack_cache, offload_layer_caches, stack_branches
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.mlp import init_mlp_cache
 from chipmunk_jax.models.block_stack import block_at, check_block_stack, scan_blocks
@@ -335,13 +335,14 @@ def init_branch_caches(config: WanConfig, chipmunk: ChipmunkConfig, *, batch: in
     50-step sampler: 107 GiB of temporaries instead of 14, benchmarks/RESULTS.md §12.4). ``offload=True``: the
     per-branch layer caches in pinned host memory (``cache.offload_layer_caches``): two 720p branches of
     Wan2.1-14B hold ~66 GiB of caches, more than an 80 GB H100 keeps beside the weights."""
-    one = init_cache(config, chipmunk, batch=batch, grid=grid, key=key, dtype=dtype)
     if offload and stacked:
         raise ValueError("offload=True keeps the branches as separate pytrees: it cannot be stacked=True")
+    make = lambda: init_cache(config, chipmunk, batch=batch, grid=grid, key=key, dtype=dtype)  # noqa: E731
     if stacked:
-        return stack_branches(one, chipmunk.invocations_per_step)
-    branches = split_branches(one, chipmunk.invocations_per_step)
-    return offload_layer_caches(branches) if offload else branches
+        return stack_branches(make(), chipmunk.invocations_per_step)
+    # each branch built on its own (the same key: the same static mask), offloaded before the next one exists
+    return BranchCaches(offload_layer_caches(make()) if offload else make()
+                        for _ in range(chipmunk.invocations_per_step))
 
 
 # ----------------------------------------------------------------------------------------------

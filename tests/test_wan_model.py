@@ -378,6 +378,10 @@ def test_chipmunk_caches_and_input_validation():
         branches = wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0), stacked=stacked)
         with pytest.raises((ValueError, TypeError), match="select_branch"):
             wan.forward(params, config, **inputs, chipmunk=chipmunk, cache=branches, plan=plan)
+    assert isinstance(branches, chipmunk_cache.BranchCaches) and len(branches) == 2
+    chex.assert_trees_all_equal(branches[0], branches[1])  # one static mask draw for both branches
+    with pytest.raises(ValueError, match="offload"):
+        wan.init_branch_caches(config, chipmunk, batch=1, grid=GRID, key=jax.random.key(0), offload=True, stacked=True)
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ __all__ = ["tiny_video_chipmunk_config", "static_key_share", "video_reference_se
 # the full-size presets' token grids (latent frames, height, width after the (1, 2, 2) patches)
 WAN_720P_GRID = (21, 45, 80)  # 1280x720x81
 WAN_480P_GRID = (21, 30, 52)  # 832x480x81
-HUNYUAN_720P_GRID = (33, 45, 80)  # 1280x720x129
 
 
 def tiny_video_chipmunk_config(num_steps: int = 50, **changes) -> C.ChipmunkConfig:
