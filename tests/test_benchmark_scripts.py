@@ -89,6 +89,23 @@ def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
     assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
 
 
+def test_wan_e2e_a14b_composes_the_expert_switch(tmp_path):
+    """wan_e2e --model wan2.2-t2v-a14b: the 50 steps composed with the expert switch made a full step, one more
+    refresh (DENSE_COLSUM) than Wan 2.1's schedule, the switch's step from the release's shift and boundary."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    counts = {}
+    for model in ("wan2.1-t2v-14b", "wan2.2-t2v-a14b"):
+        proc = subprocess.run(
+            [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "wan_e2e.py"), "--tiny", "--model", model],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts[model] = re.search(r"- DENSE_COLSUM: [\d.]+ ms x (\d+) / (\d+)", proc.stdout).groups()
+        if model == "wan2.2-t2v-a14b":
+            assert "switch at step 32 of 50 (flow shift 12" in proc.stdout, proc.stdout[-3000:]
+    assert [int(c) + 1 for c in counts["wan2.1-t2v-14b"]] == [int(c) for c in counts["wan2.2-t2v-a14b"]]
+
+
 def test_mlp_benchmark_runs_tiny_on_cpu(tmp_path):
     """mlp.py --cpu-smoke: both kernel families' sweeps (interpreters), the full steps and the table."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
