@@ -149,6 +149,8 @@ def test_reference_settings_attend_the_full_presets_share_of_keys():
     short = dict(video_sampling.video_reference_settings(10))["HunyuanVideo preset"]
     assert short["attention__full_step_schedule"] == (0, 1, 2, 8)  # scaled to the steps, still a valid schedule
     video_sampling.tiny_video_chipmunk_config(10, **short)
+    with pytest.raises(ValueError, match="num_steps"):
+        video_sampling.video_reference_settings(0)
 
 
 def _random_weights(config, seed=0):
