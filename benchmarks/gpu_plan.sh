@@ -27,6 +27,8 @@
 #   bash benchmarks/gpu_plan.sh a14b          # issue 26 (~6 min; needs the H200: run(needs_h200=true)): Wan2.2-T2V-A14B
 #                                             #   720p CFG, one expert's step kinds composed with the expert switch's
 #                                             #   full step, dense in the same process
+#   bash benchmarks/gpu_plan.sh video_profile hunyuan|wan  # issue 23 (H200: run(needs_h200=true); ~6 / ~5 min):
+#                                             #   one model at 720p, every step kind timed and device-profiled
 #   bash benchmarks/gpu_plan.sh nnx           # issue 28 (~4 min; H200): the FLUX.1-dev 50-step Chipmunk sampler (static
 #                                             #   dispatch) through the NNX module's state vs the functional tree, one
 #                                             #   process: compile s (two orders) and wall time (alternating), the ratio
@@ -75,6 +77,17 @@ wan_memory)
     run timeout 200 python3 -P benchmarks/compile_time.py --models wan --modes chipmunk --dispatch static \
       --cfg-caches $layout --results "$OUT/wan_memory.md"
   done
+  ;;
+video_profile)
+  # issue 23: where the refresh (DENSE_COLSUM) and SPARSE steps' time goes at 720p, dense timed and profiled in the
+  # same process (both models' 720p caches need the H200's memory)
+  case "${2:-}" in
+  hunyuan) run timeout 560 python3 -P benchmarks/hunyuan_e2e.py --reps 1 --warmup 1 --profile 1 \
+             --results "$OUT/hy_profile.md" ;;
+  wan) run timeout 560 python3 -P benchmarks/wan_e2e.py --sizes 720p --reps 1 --warmup 1 --profile 1 \
+         --results "$OUT/wan_profile.md" ;;
+  *) echo "usage: bash benchmarks/gpu_plan.sh video_profile hunyuan|wan" >&2; exit 2 ;;
+  esac
   ;;
 a14b)
   # issue 26: both A14B experts have the Wan2.1-14B shape, so one expert's step kinds are timed and the 50 steps

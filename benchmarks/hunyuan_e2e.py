@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -36,6 +38,9 @@ from chipmunk_jax import config as chipmunk_config
 from chipmunk_jax.cache import offload_layer_caches
 from chipmunk_jax.models import hunyuan_video as hv
 from chipmunk_jax.schedule import AttentionStep, ModelStep, attention_schedule, model_schedule, step_plan
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_profile import compiled_sources, profile, summarise  # noqa: E402
 
 
 
@@ -91,7 +96,7 @@ def time_dense(params, config, inputs, text_mask, rope, reps):
 
 
 def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kernel_impl, dense_fn, check, warmup=1,
-                  offload=False):
+                  offload=False, profile_calls=0, trace_root=None):
     grid = hv.token_grid(config, inputs["hidden_states"].shape)
     text_len = int(text_mask.shape[1])
     cache = hv.init_cache(config, chipmunk, batch=1, grid=grid, text_length=text_len, key=jax.random.key(1),
@@ -119,18 +124,25 @@ def time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, reps, kerne
     compile_s = time.perf_counter() - t0
     run(1)
     kinds = {AttentionStep.DENSE: 0, AttentionStep.DENSE_COLSUM: 1, AttentionStep.SPARSE: 2}
-    times, errors = {}, {}
+    times, errors, profiles, sources = {}, {}, [], {}
     for kind, step in kinds.items():
         times[kind.name] = median_ms(lambda: run(step), reps, warmup=warmup)
         if check:
             errors[kind.name] = rel_err(run(step)[0], dense_fn(params, trajectory(inputs, step)))
+        if profile_calls:
+            if not sources:  # one executable serves every step kind (traced step)
+                sources = compiled_sources(jitted, params, trajectory(inputs, step), state["cache"], jnp.int32(step),
+                                           rope)
+            wall, events = profile(lambda: run(step), profile_calls, os.path.join(trace_root, kind.name))
+            profiles += summarise(f"Chipmunk {kind.name} step (step {step})", wall, events, profile_calls, 25,
+                                  sources)
     _, hidden = run(2)
     head = jax.jit(lambda p, h, t: hv.head(p, config, h, hv.timestep_conditioning(
         p, config, timestep=t, pooled_projections=inputs["pooled_projections"], guidance=inputs.get("guidance")),
         grid=grid, chipmunk=chipmunk))
     t = jnp.asarray([500.0], jnp.float32)
     times["SKIPPED"] = median_ms(lambda: jax.block_until_ready(head(params, hidden, t)), max(reps, 5))
-    return times, errors, compile_s
+    return times, errors, compile_s, profiles
 
 
 def compose(chipmunk, times, dense_ms):
@@ -161,9 +173,13 @@ def main():
                         "(chipmunk_jax.memory): what lets 720p fit an 80 GB H100")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per Chipmunk step kind before timing "
                         "(0: the step function is already compiled by steps 0 and 1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="CALLS", help="also profile CALLS calls of the "
+                        "dense step and of each Chipmunk step kind (device time per kernel; trace_profile.py)")
     parser.add_argument("--tiny", action="store_true", help="2+2 blocks, 2 heads, 17x96x128: a CPU check of the script")
     parser.add_argument("--results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
 
     if args.tiny:
         config = hv.HunyuanVideoConfig(num_layers=2, num_single_layers=2, num_refiner_layers=1, num_attention_heads=2,
@@ -188,17 +204,23 @@ def main():
     text_mask = np.ones((1, args.text_len), np.float32)  # concrete: closed over, not traced
     rope = tuple(jnp.asarray(t) for t in hv.pos_embed(config, grid))
 
-    dense_ms, dense_fn, row = args.dense_ms, None, {}
+    dense_ms, dense_fn, row, profiles = args.dense_ms, None, {}, []
+    trace_root = tempfile.mkdtemp(prefix="hunyuan_profile_") if args.profile else None
     if args.phase in ("all", "dense") or args.check:
         ms, compile_s, dense_fn = time_dense(params, config, inputs, text_mask, rope, args.reps)
         if args.phase != "chipmunk":
             dense_ms = ms
         row["dense_peak"] = peak_gib()
         log(f"dense {ms:.1f} ms/step (compile {compile_s:.0f} s), peak {row['dense_peak']:.1f} GiB")
+        if args.profile:
+            wall, events = profile(lambda: jax.block_until_ready(dense_fn(params, inputs)), args.profile,
+                                   os.path.join(trace_root, "dense"))
+            profiles += summarise("dense step", wall, events, args.profile, 25)
     if args.phase in ("all", "chipmunk"):
-        times, errors, compile_s = time_chipmunk(params, config, inputs, text_mask, rope, chipmunk, args.reps,
-                                                 kernel_impl, dense_fn, args.check, warmup=args.warmup,
-                                                 offload=args.offload)
+        times, errors, compile_s, kind_profiles = time_chipmunk(
+            params, config, inputs, text_mask, rope, chipmunk, args.reps, kernel_impl, dense_fn, args.check,
+            warmup=args.warmup, offload=args.offload, profile_calls=args.profile, trace_root=trace_root)
+        profiles += kind_profiles
         row["chipmunk_peak"] = peak_gib()
         log(f"Chipmunk compile {compile_s:.0f} s, peak {row['chipmunk_peak']:.1f} GiB")
         for kind, ms in times.items():
@@ -238,6 +260,8 @@ def main():
             "",
             "Steps per kind with step caching: " + ", ".join(f"{k} {v}" for k, v in c["counts"].items()),
         ]
+    if profiles:
+        lines += ["", f"Device profiles ({args.profile} call(s) each, after the timed calls):", ""] + profiles
     emit_section(lines, args.results)
 
 

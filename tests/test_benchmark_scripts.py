@@ -89,6 +89,19 @@ def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
     assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
 
 
+def test_hunyuan_e2e_profile_runs_tiny_on_cpu(tmp_path):
+    """hunyuan_e2e --profile: the dense step and every Chipmunk step kind get a kernel table."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "hunyuan_e2e.py"), "--tiny", "--profile", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("Device profiles", "### dense step", "### Chipmunk DENSE_COLSUM step",
+                    "### Chipmunk SPARSE step", "| category | ms/call |"):
+        assert heading in proc.stdout, (heading, proc.stdout[-3000:])
+
+
 def test_wan_e2e_a14b_composes_the_expert_switch(tmp_path):
     """wan_e2e --model wan2.2-t2v-a14b: the 50 steps composed with the expert switch made a full step, one more
     refresh (DENSE_COLSUM) than Wan 2.1's schedule, the switch's step from the release's shift and boundary."""
