@@ -29,6 +29,8 @@
 #                                             #   full step, dense in the same process
 #   bash benchmarks/gpu_plan.sh video_profile hunyuan|wan  # issue 23 (H200: run(needs_h200=true); ~6 / ~5 min):
 #                                             #   one model at 720p, every step kind timed and device-profiled
+#   bash benchmarks/gpu_plan.sh flux_torch    # issue 24 (~6 min; needs diffusers, as `pipeline`): our dense FLUX.1-dev
+#                                             #   step at 1024^2 vs diffusers eager and torch.compile, one process
 #   bash benchmarks/gpu_plan.sh nnx           # issue 28 (~4 min; H200): the FLUX.1-dev 50-step Chipmunk sampler (static
 #                                             #   dispatch) through the NNX module's state vs the functional tree, one
 #                                             #   process: compile s (two orders) and wall time (alternating), the ratio
@@ -88,6 +90,13 @@ video_profile)
          --results "$OUT/wan_profile.md" ;;
   *) echo "usage: bash benchmarks/gpu_plan.sh video_profile hunyuan|wan" >&2; exit 2 ;;
   esac
+  ;;
+flux_torch)
+  # issue 24's baseline: the same random bf16 weights in JAX (dense) and in diffusers' FluxTransformer2DModel (eager
+  # SDPA, then torch.compile: minutes of compilation, last so a cut-off run keeps the rest)
+  python3 -c "import diffusers" 2>/dev/null || { echo "no diffusers: install .whl/*.whl first (header)" >&2; exit 2; }
+  run timeout -k 20 560 python3 -P benchmarks/flux_e2e.py --sizes 1024x1024 --torch eager,compile --no-chipmunk \
+    --reps 10 --results "$OUT/flux_torch.md"
   ;;
 a14b)
   # issue 26: both A14B experts have the Wan2.1-14B shape, so one expert's step kinds are timed and the 50 steps
