@@ -75,31 +75,22 @@ def test_flux_profile_runs_tiny_on_cpu(tmp_path):
     assert re.search(r"\| \w+\.py:\d+ \w+ \|", text)  # fusions attributed to model source lines
 
 
-def test_wan_e2e_profile_runs_tiny_on_cpu(tmp_path):
-    """wan_e2e --profile: the dense invocation and every Chipmunk step kind get a kernel table."""
+@pytest.mark.parametrize("script, headings, source_column", [
+    ("wan_e2e.py", (": dense invocation", ": Chipmunk DENSE_COLSUM invocation", ": Chipmunk SPARSE invocation"), True),
+    ("hunyuan_e2e.py", ("### dense step", "### Chipmunk DENSE_COLSUM step", "### Chipmunk SPARSE step"), False),
+])
+def test_video_e2e_profile_runs_tiny_on_cpu(tmp_path, script, headings, source_column):
+    """--profile: the dense call and every Chipmunk step kind get a kernel table."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "wan_e2e.py"), "--tiny", "--profile", "1"],
+        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", script), "--tiny", "--profile", "1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("Device profiles", ": dense invocation", ": Chipmunk DENSE_COLSUM invocation",
-                    ": Chipmunk SPARSE invocation", "| category | ms/call |"):
+    for heading in ("Device profiles", *headings, "| category | ms/call |"):
         assert heading in proc.stdout, (heading, proc.stdout[-3000:])
-    assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
-
-
-def test_hunyuan_e2e_profile_runs_tiny_on_cpu(tmp_path):
-    """hunyuan_e2e --profile: the dense step and every Chipmunk step kind get a kernel table."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "hunyuan_e2e.py"), "--tiny", "--profile", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("Device profiles", "### dense step", "### Chipmunk DENSE_COLSUM step",
-                    "### Chipmunk SPARSE step", "| category | ms/call |"):
-        assert heading in proc.stdout, (heading, proc.stdout[-3000:])
+    if source_column:
+        assert re.search(r"\| \w+\.py:\d+ \w+ \|", proc.stdout)  # the source column
 
 
 def test_wan_e2e_a14b_composes_the_expert_switch(tmp_path):
